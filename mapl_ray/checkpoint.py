@@ -1,0 +1,104 @@
+"""The run folder's ``checkpoint/``: everything a served model needs, nothing unpickled.
+
+Layout (``RUN/checkpoint/``):
+  model.safetensors      network weights and the memory bank buffers (safetensors)
+  optimizer.pt           optimizer + LR-scheduler state (torch state dicts, loadable weights_only=True)
+  pseudo.safetensors     one-class classifier parameters and thresholds (arrays), with pseudo.json
+  state.json             step, encoder name, image size, score normalisation, decision threshold
+A checkpoint is written to ``checkpoint.tmp/`` and swapped in with ``os.replace``, so a crash while
+saving never destroys the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A run folder has no (or an unreadable) checkpoint."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoint"
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> Path:
+    """Atomically write ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder."""
+    final = checkpoint_dir(run_dir)
+    tmp = final.with_name("checkpoint.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+                   tmp / "optimizer.pt")
+    if pseudo is not None:
+        arrays, meta = pseudo
+        save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "pseudo.safetensors"))
+        (tmp / "pseudo.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    old = final.with_name("checkpoint.old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def read_state(run_dir: str | Path) -> dict[str, Any]:
+    """``state.json`` of a run's checkpoint. Raises CheckpointError naming the missing file."""
+    path = checkpoint_dir(run_dir) / "state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {run_dir} holds no checkpoint (did `mapl train` finish a save?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
+    """Load ``model.safetensors`` into ``model`` (strict). Raises CheckpointError on a missing/mismatched file."""
+    path = checkpoint_dir(run_dir) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        sd = load_file(str(path))
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot load {path} into the model: {e}") from e
+
+
+def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Restore optimizer and scheduler from ``optimizer.pt`` (``weights_only=True``)."""
+    path = checkpoint_dir(run_dir) / "optimizer.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: cannot resume training from {run_dir}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob.get("scheduler") is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+
+
+def load_pseudo(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """(arrays, meta) of the pseudo-labeler, or None when the run saved none."""
+    path = checkpoint_dir(run_dir) / "pseudo.safetensors"
+    if not path.is_file():
+        return None
+    return load_np(str(path)), json.loads((path.with_suffix(".json")).read_text())

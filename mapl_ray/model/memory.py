@@ -1,0 +1,194 @@
+"""Memory bank of normal features and the difference information DI* (MAPL eqs. 7-8, MemSeg sec. 3.3).
+
+The bank holds the level 1-3 encoder features of N normal images. For each input the nearest memory
+sample is the one with the smallest sum over levels of the mean squared feature difference; each level
+is scaled by ``1 / sqrt(C_l H_l W_l)`` before flattening, so this sum is exactly the squared L2
+distance between the concatenated vectors and FAISS' ``IndexFlatL2`` finds the same sample. The
+difference information is ``DI_l = (f_l - m_l)^2`` and DI* concatenates it with the input features.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+def faiss_available() -> tuple[bool, int]:
+    """(faiss importable, number of GPUs FAISS can use)."""
+    try:
+        import faiss
+    except ImportError:
+        return False, 0
+    try:
+        return True, int(faiss.get_num_gpus())
+    except AttributeError:  # CPU-only builds lack get_num_gpus in some versions
+        return True, 0
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Choose the nearest-neighbour backend: ``faiss-gpu``, ``faiss-cpu`` or ``torch``.
+
+    ``auto``: FAISS GPU index when the model is on a GPU and FAISS has GPUs; FAISS CPU index when the
+    model is on the CPU; the batched torch path on a GPU without FAISS GPU support (a device-to-host
+    copy per step would cost more than the search).
+
+    Raises:
+        ValueError: unknown backend, or ``faiss`` requested but not importable.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"model.memory_backend must be one of {BACKENDS}, got {requested!r}")
+    has_faiss, n_gpu = faiss_available()
+    if requested == "torch":
+        return "torch"
+    if requested == "faiss":
+        if not has_faiss:
+            raise ValueError("model.memory_backend=faiss but faiss is not installed (pip install faiss-cpu)")
+        return "faiss-gpu" if device.type == "cuda" and n_gpu > 0 else "faiss-cpu"
+    if device.type == "cuda":
+        return "faiss-gpu" if has_faiss and n_gpu > 0 else "torch"
+    return "faiss-cpu" if has_faiss else "torch"
+
+
+def flatten_levels(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate levels into ``(B, D)`` float32 with each level scaled by 1/sqrt(numel per sample)."""
+    parts = [f.float().flatten(1) / float(np.sqrt(f[0].numel())) for f in feats]
+    return torch.cat(parts, dim=1)
+
+
+class MemoryBank(nn.Module):
+    """Features of N normal images (levels 1-3) and the nearest-memory-sample search.
+
+    Buffers ``level{l}`` hold float32 ``(N, C_l, H_l, W_l)``; they are part of the state dict, so the
+    checkpoint carries the bank, and DDP broadcasts it from rank 0 (identical on every worker).
+    """
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.requested_backend = backend
+        self.backend = None  # resolved on first search
+        self._index = None
+        self._index_version = -1
+        self.register_buffer("version", torch.zeros((), dtype=torch.long))
+        self.num_levels = 0
+
+    @property
+    def size(self) -> int:
+        return 0 if self.num_levels == 0 else int(getattr(self, "level0").shape[0])
+
+    def levels(self) -> list[torch.Tensor]:
+        return [getattr(self, f"level{i}") for i in range(self.num_levels)]
+
+    def set(self, feats: list[torch.Tensor]) -> None:
+        """Store ``feats`` (list of ``(N, C_l, H_l, W_l)``) as the bank; invalidates the search index."""
+        if not feats or feats[0].shape[0] < 1:
+            raise ValueError("memory bank needs at least one normal image")
+        for i, f in enumerate(feats):
+            name = f"level{i}"
+            if hasattr(self, name) and getattr(self, name).shape == f.shape:
+                getattr(self, name).copy_(f.detach().float())
+            else:
+                if hasattr(self, name):
+                    delattr(self, name)
+                self.register_buffer(name, f.detach().float().clone())
+        self.num_levels = len(feats)
+        self.version += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Buffers are created lazily by set(); create them from the checkpoint before loading.
+        i = 0
+        while f"{prefix}level{i}" in state_dict:
+            t = state_dict[f"{prefix}level{i}"]
+            if not hasattr(self, f"level{i}") or getattr(self, f"level{i}").shape != t.shape:
+                if hasattr(self, f"level{i}"):
+                    delattr(self, f"level{i}")
+                self.register_buffer(f"level{i}", torch.empty_like(t, device=self.version.device))
+            i += 1
+        if i:
+            self.num_levels = i
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _faiss_index(self, flat_bank: torch.Tensor):
+        import faiss
+
+        version = int(self.version)
+        if self._index is None or self._index_version != version:
+            index = faiss.IndexFlatL2(flat_bank.shape[1])
+            if self.backend == "faiss-gpu":
+                index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index.add(np.ascontiguousarray(flat_bank.cpu().numpy(), dtype=np.float32))
+            self._index, self._index_version = index, version
+        return self._index
+
+    @torch.no_grad()
+    def nearest(self, feats: list[torch.Tensor], exclude_self: bool = True) -> torch.Tensor:
+        """Index of the nearest memory sample for each input.
+
+        Args:
+            feats: level features of the inputs, list of ``(B, C_l, H_l, W_l)`` matching the bank.
+            exclude_self: skip a memory sample at distance 0 (the input *is* that memory sample, as
+                happens when a bank image is drawn as a training normal); DI would be all zero.
+
+        Returns:
+            int64 tensor ``(B,)`` on the inputs' device.
+
+        Raises:
+            RuntimeError: the bank is empty or its shapes do not match ``feats``.
+        """
+        if self.size == 0:
+            raise RuntimeError("memory bank is empty: call set() (or load a checkpoint) first")
+        bank = self.levels()
+        for f, m in zip(feats, bank):
+            if f.shape[1:] != m.shape[1:]:
+                raise RuntimeError(f"memory bank features {tuple(m.shape[1:])} do not match input {tuple(f.shape[1:])}")
+        if self.backend is None:
+            self.backend = resolve_backend(self.requested_backend, feats[0].device)
+        q = flatten_levels(feats)
+        k = min(2, self.size) if exclude_self else 1
+        if self.backend.startswith("faiss"):
+            flat_bank = flatten_levels(bank)
+            dist, idx = self._faiss_index(flat_bank).search(np.ascontiguousarray(q.cpu().numpy()), k)
+            dist = torch.from_numpy(dist).to(q.device)
+            idx = torch.from_numpy(idx).to(q.device)
+        else:
+            dist, idx = self.distances(feats).topk(k, dim=1, largest=False)
+        if k == 2:
+            # an exact self-match has distance ~0 (float rounding): take the second neighbour then
+            self_match = dist[:, 0] <= 1e-7 * (q.pow(2).sum(1) + 1e-12)
+            return torch.where(self_match, idx[:, 1], idx[:, 0])
+        return idx[:, 0]
+
+    def distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Squared L2 distances ``(B, N)`` float32 between inputs and memory samples (batched torch)."""
+        q = flatten_levels(feats)
+        b = flatten_levels(self.levels()).to(q.device)
+        # ||q||^2 + ||b||^2 - 2 q.b in float32: one GEMM instead of a B x N loop
+        d = q.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2.0 * q @ b.T
+        return d.clamp_min_(0)
+
+    def difference(self, feats: list[torch.Tensor], exclude_self: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """DI_l = (f_l - m_l)^2 per level for the nearest memory sample m (eq. 7).
+
+        Returns:
+            (list of float tensors ``(B, C_l, H_l, W_l)``, nearest indices ``(B,)`` int64).
+        """
+        idx = self.nearest(feats, exclude_self=exclude_self)
+        di = []
+        for f, m in zip(feats, self.levels()):
+            mem = m.to(device=f.device, dtype=f.dtype).index_select(0, idx.to(f.device))
+            di.append((f - mem).pow(2))
+        return di, idx
+
+
+def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
+    """Seeded choice of ``min(n, num_normals)`` distinct normal images for the memory bank."""
+    if num_normals < 1:
+        raise ValueError("memory bank needs at least one labeled normal image")
+    if n > num_normals:
+        warnings.warn(f"model.memory_samples={n} > {num_normals} labeled normals; using all of them", stacklevel=2)
+    rng = np.random.default_rng([seed, 7])
+    return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))

@@ -1,0 +1,204 @@
+"""The main job through Ray: prepare the run folder, train with Ray Train's TorchTrainer, calibrate, evaluate.
+
+``ray.init()`` starts local Ray on one machine (the embedded default); with ``RAY_ADDRESS`` set the
+same call joins that cluster. On a multi-node cluster the run folder and the data must be on storage
+every node can read (the images travel through Ray's object store, the checkpoint is written by
+rank 0 into ``RUN/checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..data.io import load_records
+from ..data.layout import LayoutError, scan_category, scan_folder
+from ..data.split import Split, make_split
+from ..model.memory import choose_memory_indices
+from ..training import TrainData
+
+log = logging.getLogger("mapl_ray.pipelines")
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used (it holds another run and ``--resume`` was not given...)."""
+
+
+def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> tuple[Split, dict[str, Any]]:
+    """Create (or, with ``resume``, reopen) the run folder: ``config.yaml`` and ``split.json``.
+
+    Raises:
+        RunFolderError: ``run_dir`` already holds a run and ``resume`` is False (nothing is
+            overwritten), or ``resume`` is True and there is no run to resume.
+        LayoutError: the data set is not in MVTec AD layout (names the path).
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "split.json").is_file():
+            raise RunFolderError(f"cannot resume: {run_dir / 'split.json'} does not exist")
+        return Split.from_json(run_dir / "split.json"), {}
+    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoint").exists():
+        raise RunFolderError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out (nothing was overwritten)"
+        )
+    if not cfg.data.root or not cfg.data.category:
+        raise LayoutError("data.root and data.category are required (mapl train --data ROOT --category NAME)")
+    index = scan_category(cfg.data.root, cfg.data.category)
+    unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
+    split = make_split(index, seed=cfg.data.seed, unlabeled=unlabeled, unlabeled_fraction=cfg.data.unlabeled_fraction,
+                       contamination=cfg.data.contamination, labeled_anomalies=cfg.data.labeled_anomalies)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    split.to_json(run_dir / "split.json")
+    return split, {"defect_types": index.defect_types}
+
+
+def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
+    """Rows of the labeled normals held out for score normalisation and the decision threshold."""
+    n_val = min(n_val, max(0, n_normals - 2))
+    rng = np.random.default_rng([seed, 11])
+    return np.sort(rng.choice(n_normals, size=n_val, replace=False)) if n_val else np.zeros(0, np.int64)
+
+
+def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, dict[str, Any]]:
+    """Decode the training images. Returns (TrainData, validation images uint8 (V, H, W, 3), info)."""
+    size, skip = cfg.data.image_size, cfg.data.skip_bad_images
+    normals = load_records(split.labeled_normal, size, skip_bad=skip)
+    val_idx = validation_indices(len(normals.images), cfg.eval.validation_normals, cfg.data.seed)
+    keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
+    train_normals = normals.images[keep]
+    skipped = list(normals.skipped)
+    unl = anom = None
+    if split.unlabeled:
+        unl = load_records(split.unlabeled, size, skip_bad=skip)
+        skipped += unl.skipped
+    if split.labeled_anomaly:
+        anom = load_records(split.labeled_anomaly, size, skip_bad=skip, with_masks=True)
+        skipped += anom.skipped
+    data = TrainData(
+        normals=train_normals,
+        memory_indices=choose_memory_indices(len(train_normals), cfg.model.memory_samples, cfg.data.seed),
+        unlabeled=None if unl is None else unl.images,
+        anomalies=None if anom is None else anom.images,
+        anomaly_masks=None if anom is None else anom.masks,
+    )
+    info = {
+        "train_normals": int(len(train_normals)),
+        "validation_normals": [normals.records[i].path for i in val_idx],
+        "unlabeled": 0 if unl is None else int(len(unl.images)),
+        "labeled_anomalies": 0 if anom is None else int(len(anom.images)),
+        "memory_samples": int(len(data.memory_indices)),
+        "skipped_images": skipped,
+    }
+    return data, normals.images[val_idx], info
+
+
+def _worker_resources(cfg: Config) -> tuple[int, dict[str, float]]:
+    import ray
+
+    total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    n = cfg.train.num_workers
+    cpus = cfg.train.cpus_per_worker or max(1, (total - (0 if cfg.train.use_gpu else 0)) // n)
+    res = {"CPU": float(cpus)}
+    if cfg.train.use_gpu:
+        res["GPU"] = 1.0
+    return cpus, res
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: rebuild config and data, run :func:`mapl_ray.training.train_model` under DDP."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ..training import train_model
+
+    cfg = Config.from_dict(config["cfg"])
+    torch.set_num_threads(int(config["threads"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data = ray.get(config["data_ref"])
+    device = ray.train.torch.get_device()
+
+    def wrap(model):
+        return ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+
+    def report(metrics):
+        ray.train.report(metrics)
+
+    _, summary = train_model(cfg, data, config["run_dir"], device=device, rank=rank, world_size=world, wrap_model=wrap,
+                             report=report, resume=config["resume"], progress=config.get("progress", True))
+    if rank == 0:
+        Path(config["run_dir"], "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def train_with_ray(cfg: Config, data: TrainData, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
+
+    Returns the rank-0 training summary (wall time, step times, final losses).
+
+    Raises:
+        RuntimeError: a training worker failed (Ray's error, with the worker's traceback).
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, include_dashboard=False)
+    threads, resources = _worker_resources(cfg)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "data_ref": ray.put(data), "run_dir": str(run_dir), "resume": resume,
+                           "threads": threads, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_results")),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray Train failed: {result.error}") from result.error
+    return json.loads((run_dir / "train_summary.json").read_text())
+
+
+def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ray: bool = True,
+                  progress: bool = True) -> dict[str, Any]:
+    """The main job: prepare the run, train (Ray Train), calibrate on validation normals, evaluate on test.
+
+    Writes ``config.yaml``, ``split.json``, ``checkpoint/``, ``metrics.json``, ``report.md``, ``plots/``,
+    ``heatmaps/``, ``train_log.jsonl`` into ``run_dir``. Returns the metrics dict.
+    """
+    from ..evaluate import calibrate, evaluate_run
+
+    run_dir = Path(run_dir)
+    split, _ = prepare_run(cfg, run_dir, resume)
+    if resume:
+        cfg.save(run_dir / "config.yaml")  # e.g. more steps than the stopped run had
+    t0 = time.perf_counter()
+    data, val_images, data_info = load_train_data(cfg, split)
+    load_s = time.perf_counter() - t0
+    (run_dir / "data_info.json").write_text(json.dumps(data_info, indent=2))
+    if use_ray:
+        summary = train_with_ray(cfg, data, run_dir, resume=resume, progress=progress)
+    else:
+        import torch
+
+        from ..training import train_model
+
+        _, summary = train_model(cfg, data, run_dir, device="cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu",
+                                 resume=resume, progress=progress)
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
+    calibrate(run_dir, val_images)
+    summary["data_load_s"] = load_s
+    return evaluate_run(run_dir, extra_info={"training": summary, "data": {k: v for k, v in data_info.items() if k != "validation_normals"}})

@@ -1,0 +1,22 @@
+"""SPADE-style pseudo-labeling for MAPL (Chen & Kang, arXiv 2405.06198, eqs. 3-6, 15-17).
+
+* :func:`partial_matching_threshold` -- threshold selection by partial matching.
+* :class:`OCCEnsemble` / :class:`OCCConfig` -- GMM one-class classifiers with
+  consensus pseudo-labels in {1, 0, -1}; pickle-free state round trip.
+* :func:`labeled_bce`, :func:`pseudo_label_bce` -- image-level losses.
+"""
+
+from mapl_ray.pseudo.losses import labeled_bce, pseudo_label_bce
+from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
+from mapl_ray.pseudo.occ import OCCConfig, OCCEnsemble, gmm_log_likelihood, order_thresholds
+
+__all__ = [
+    "OCCConfig",
+    "OCCEnsemble",
+    "gmm_log_likelihood",
+    "labeled_bce",
+    "order_thresholds",
+    "partial_matching_threshold",
+    "pseudo_label_bce",
+    "quantile_levels",
+]

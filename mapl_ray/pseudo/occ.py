@@ -1,0 +1,526 @@
+"""Ensemble of Gaussian-mixture one-class classifiers with consensus pseudo-labels.
+
+Follows MAPL (Chen & Kang, arXiv 2405.06198, eqs. 3-6), which adopts the
+pseudo-labeler of SPADE (Yoon et al., TMLR 2023):
+
+* K one-class classifiers (OCCs). OCC ``k`` is fitted on the labeled normals
+  plus the ``k``-th of K disjoint subsets of the unlabeled data, so each OCC
+  sees a different slice of the (possibly contaminated) unlabeled set.
+* An OCC's anomaly score is the negative log-likelihood under its
+  :class:`sklearn.mixture.GaussianMixture` (higher = more anomalous).
+* Per OCC, thresholds ``eta_p[k]`` / ``eta_n[k]`` come from partial matching
+  (:func:`mapl_ray.pseudo.matching.partial_matching_threshold`, eqs. 3-4).
+* Consensus vote (eqs. 5-6): pseudo-label 1 if *every* OCC scores a sample
+  above its ``eta_p``, 0 if every OCC scores it below its ``eta_n``, else -1.
+
+Features are standardised and PCA-projected per OCC (fitted on that OCC's
+training data) before the GMM, which keeps the covariance estimates
+well-conditioned for high-dimensional pooled encoder features.
+
+Scoring after ``fit`` does not call scikit-learn: it evaluates the stored
+parameters with numpy (same formula as scikit-learn's
+``GaussianMixture.score_samples``), so an ensemble restored by
+:meth:`OCCEnsemble.from_state` from plain arrays scores bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from scipy.special import logsumexp
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+
+from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
+
+__all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "order_thresholds"]
+
+_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+_STATE_FORMAT = "mapl_ray.pseudo.OCCEnsemble"
+_STATE_VERSION = 1
+# Per-OCC arrays in the state dict; the PCA ones are absent when PCA is off.
+_OCC_KEYS = (
+    "scaler_mean",
+    "scaler_scale",
+    "gmm_weights",
+    "gmm_means",
+    "gmm_covariances",
+    "gmm_precisions_cholesky",
+)
+_PCA_KEYS = ("pca_components", "pca_mean")
+_GLOBAL_KEYS = ("eta_p", "eta_n", "match_distance_p", "match_distance_n", "threshold_swapped")
+
+
+@dataclass
+class OCCConfig:
+    """Settings of :class:`OCCEnsemble`.
+
+    Attributes:
+        num_occs: K, number of one-class classifiers (>= 1). The paper/SPADE use
+            a small ensemble; 2 keeps every OCC's unlabeled share large.
+        n_components: Gaussian components per GMM (>= 1). 1 = a single Gaussian
+            density of normality, the most robust with a few hundred samples.
+        covariance_type: one of ``"full" | "tied" | "diag" | "spherical"``
+            (scikit-learn semantics). Default ``"diag"``: after the PCA
+            projection the OCC's training features are decorrelated, so with one
+            component a diagonal covariance equals the full one at O(D) instead
+            of O(D^2) parameters and cannot become singular. Use ``"full"`` for
+            multi-component mixtures or with ``pca_dim=None``.
+        reg_covar: added to covariance diagonals (scikit-learn ``reg_covar``), > 0.
+            Features are standardised to unit variance, so 1e-3 is a 0.1 %
+            variance floor: negligible for real directions but it stops
+            near-degenerate directions from producing exploding scores.
+        pca_dim: PCA target dimensionality, or ``None`` to skip PCA. The
+            effective value is ``min(pca_dim, D, n_train - 1)`` (at most
+            ``n_train - 1`` directions have non-zero variance on ``n_train``
+            samples). Default 64: pooled encoder features (hundreds of dims) vs.
+            a few hundred training images would otherwise make a GMM fit
+            ill-posed.
+        num_quantiles: number of candidate thresholds per partial matching
+            (evenly spaced quantiles; 99 -> 1 %..99 %), >= 1.
+        min_fraction: minimum share of the unlabeled set on the matched side of a
+            candidate threshold, in [0, 1) (at least 2 samples always).
+        seed: seeds the unlabeled split and the GMM initialisations.
+
+    Raises:
+        ValueError: (on construction) naming the field with an invalid value.
+    """
+
+    num_occs: int = 2
+    n_components: int = 1
+    covariance_type: str = "diag"
+    reg_covar: float = 1e-3
+    pca_dim: int | None = 64
+    num_quantiles: int = 99
+    min_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Coerce numpy scalars etc. to builtins so state_dict's meta is JSON-able.
+        self.num_occs = int(self.num_occs)
+        self.n_components = int(self.n_components)
+        self.covariance_type = str(self.covariance_type)
+        self.reg_covar = float(self.reg_covar)
+        self.pca_dim = None if self.pca_dim is None else int(self.pca_dim)
+        self.num_quantiles = int(self.num_quantiles)
+        self.min_fraction = float(self.min_fraction)
+        self.seed = int(self.seed)
+        if int(self.num_occs) < 1:
+            raise ValueError(f"num_occs: expected an int >= 1, got {self.num_occs}")
+        if int(self.n_components) < 1:
+            raise ValueError(f"n_components: expected an int >= 1, got {self.n_components}")
+        if self.covariance_type not in _COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {self.covariance_type!r}"
+            )
+        if not (float(self.reg_covar) > 0.0 and math.isfinite(float(self.reg_covar))):
+            raise ValueError(f"reg_covar: expected a finite float > 0, got {self.reg_covar}")
+        if self.pca_dim is not None and int(self.pca_dim) < 1:
+            raise ValueError(f"pca_dim: expected None or an int >= 1, got {self.pca_dim}")
+        quantile_levels(int(self.num_quantiles))  # raises if < 1
+        if not (0.0 <= float(self.min_fraction) < 1.0):
+            raise ValueError(f"min_fraction: expected a value in [0, 1), got {self.min_fraction}")
+
+
+def gmm_log_likelihood(
+    x: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    precisions_cholesky: np.ndarray,
+    covariance_type: str,
+) -> np.ndarray:
+    """Per-sample log-likelihood of a Gaussian mixture from its fitted parameters.
+
+    Same quantity as scikit-learn's ``GaussianMixture.score_samples`` (parameter
+    layout of its ``weights_``, ``means_``, ``precisions_cholesky_``), computed
+    in the direct ``||(x - mu) L||^2`` form rather than scikit-learn's expanded
+    one for ``diag``/``spherical`` (no cancellation error far from the mean).
+
+    Args:
+        x: float array ``(n, D)``.
+        weights: ``(C,)`` mixture weights.
+        means: ``(C, D)`` component means.
+        precisions_cholesky: Cholesky factors of the precisions; ``(C, D, D)``
+            for ``"full"``, ``(D, D)`` for ``"tied"``, ``(C, D)`` for ``"diag"``,
+            ``(C,)`` for ``"spherical"``.
+        covariance_type: ``"full" | "tied" | "diag" | "spherical"``.
+
+    Returns:
+        float64 array ``(n,)``: ``log p(x)``.
+
+    Raises:
+        ValueError: if ``covariance_type`` is unknown.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    n_features = x.shape[1]
+    diff = x[:, None, :] - means[None, :, :]  # (n, C, D)
+    if covariance_type == "full":
+        y = np.einsum("ncd,cde->nce", diff, pc)
+        log_det = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
+    elif covariance_type == "tied":
+        y = diff @ pc
+        log_det = np.full(means.shape[0], np.log(np.diagonal(pc)).sum())
+    elif covariance_type == "diag":
+        y = diff * pc[None, :, :]
+        log_det = np.log(pc).sum(axis=1)
+    elif covariance_type == "spherical":
+        y = diff * pc[None, :, None]
+        log_det = n_features * np.log(pc)
+    else:
+        raise ValueError(
+            f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {covariance_type!r}"
+        )
+    log_gauss = -0.5 * (n_features * np.log(2.0 * np.pi) + np.square(y).sum(axis=2)) + log_det
+    return logsumexp(log_gauss + np.log(np.asarray(weights, dtype=np.float64))[None, :], axis=1)
+
+
+def _check_features(x: Any, name: str, n_features: int | None, min_rows: int) -> np.ndarray:
+    """Validate a feature matrix and return it as float64 ``(n, D)``."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D feature array (n, D), got shape {arr.shape}")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(
+            f"{name}: expected {n_features} features per row (as in normal/fit), got {arr.shape[1]}"
+        )
+    if arr.shape[0] < min_rows:
+        raise ValueError(f"{name}: expected at least {min_rows} samples, got {arr.shape[0]}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: features must be finite (found NaN or inf)")
+    return arr
+
+
+def _canonical(a: np.ndarray) -> np.ndarray:
+    # Fitted and restored parameters must share dtype *and* memory layout:
+    # BLAS may round differently for C- vs Fortran-ordered operands, which
+    # would break bit-identical scores after a state round trip.
+    return np.array(a, dtype=np.float64, order="C", copy=True)
+
+
+def order_thresholds(eta_p: float, eta_n: float) -> tuple[float, float, bool]:
+    """Make ``eta_n <= eta_p`` by swapping crossed thresholds.
+
+    If partial matching gives ``eta_n > eta_p``, scores in ``[eta_p, eta_n]``
+    would be claimed by both matchings (positive: above ``eta_p``; negative:
+    below ``eta_n``). Swapping labels a sample only where the two matchings
+    agree -- below ``min`` is "not positive" *and* "negative", above ``max``
+    is "positive" *and* "not negative" -- and leaves the contested band
+    unknown (-1). This is the conservative resolution: it never assigns a label
+    that one of the two matchings contradicts, unlike a midpoint split.
+
+    Returns:
+        ``(eta_p, eta_n, swapped)`` with ``eta_n <= eta_p``.
+    """
+    if eta_n > eta_p:
+        return float(eta_n), float(eta_p), True
+    return float(eta_p), float(eta_n), False
+
+
+class OCCEnsemble:
+    """K Gaussian-mixture OCCs with partial-matching thresholds and consensus voting.
+
+    MAPL eqs. 3-6 / SPADE. Usage::
+
+        ens = OCCEnsemble(OCCConfig(num_occs=2)).fit(normal, unlabeled, positives)
+        pseudo = ens.predict(unlabeled)        # int8 (M,) in {1, 0, -1}
+        arrays, meta = ens.state_dict()        # numeric arrays + JSON-able meta
+        ens2 = OCCEnsemble.from_state(arrays, meta)
+
+    Attributes (after ``fit`` or ``from_state``):
+        fitted: bool.
+        n_features: D.
+        eta_p, eta_n: float64 ``(K,)`` per-OCC thresholds, ``eta_n <= eta_p``.
+        match_distance_p, match_distance_n: float64 ``(K,)`` Wasserstein
+            distances reached by the positive / negative partial matching
+            (``inf`` = no valid candidate); diagnostics only. They stay with
+            their matching even when ``threshold_swapped``.
+        threshold_swapped: bool ``(K,)``, True where matching gave
+            ``eta_n > eta_p`` and :func:`order_thresholds` swapped them.
+        subset_indices: list of K int64 arrays, the rows of ``unlabeled`` each
+            OCC was trained on (disjoint, covering; ``None`` after ``from_state``).
+    """
+
+    def __init__(self, config: OCCConfig | None = None) -> None:
+        self.config = config if config is not None else OCCConfig()
+        self.fitted = False
+        self.n_features: int | None = None
+        self.eta_p = np.empty(0)
+        self.eta_n = np.empty(0)
+        self.match_distance_p = np.empty(0)
+        self.match_distance_n = np.empty(0)
+        self.threshold_swapped = np.empty(0, dtype=bool)
+        self.subset_indices: list[np.ndarray] | None = None
+        self._occs: list[dict[str, np.ndarray]] = []
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        normal: np.ndarray,
+        unlabeled: np.ndarray,
+        positives: np.ndarray,
+        negatives: np.ndarray | None = None,
+    ) -> OCCEnsemble:
+        """Fit the K OCCs and their thresholds.
+
+        Args:
+            normal: float ``(N, D)`` features of labeled normals, N >= 2.
+            unlabeled: float ``(M, D)`` features of unlabeled samples, M >= K.
+                Split by a permutation seeded with ``config.seed`` into K disjoint
+                subsets; OCC k trains on ``normal`` + subset k, but its thresholds
+                are matched on its scores over the *whole* unlabeled set.
+            positives: float ``(P, D)``, P >= 1, labeled anomalies -- or simulated
+                anomalies when none are labeled -- the reference for ``eta_p``.
+            negatives: float ``(Q, D)``, Q >= 1, reference for ``eta_n``; defaults
+                to ``normal``. (Normals are also OCC training data, so their
+                scores are slightly optimistic, which only makes ``eta_n`` more
+                conservative.)
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: naming the argument, if an input is not 2-D, holds NaN/inf,
+                has a different D than ``normal``, or has too few rows; or
+                ``config.n_components`` exceeds an OCC's training-set size.
+        """
+        cfg = self.config
+        k_occs = int(cfg.num_occs)
+        normal = _check_features(normal, "normal", None, 2)
+        d = normal.shape[1]
+        unlabeled = _check_features(unlabeled, "unlabeled", d, k_occs)
+        positives = _check_features(positives, "positives", d, 1)
+        negatives = normal if negatives is None else _check_features(negatives, "negatives", d, 1)
+
+        m = unlabeled.shape[0]
+        perm = np.random.default_rng(cfg.seed).permutation(m)
+        subsets = [np.sort(s) for s in np.array_split(perm, k_occs)]
+        smallest_train = normal.shape[0] + min(s.size for s in subsets)
+        if int(cfg.n_components) > smallest_train:
+            raise ValueError(
+                f"config.n_components: expected <= {smallest_train} (smallest OCC training set), "
+                f"got {cfg.n_components}"
+            )
+
+        occs = []
+        eta_p, eta_n, dist_p, dist_n, swapped = [], [], [], [], []
+        for k, idx in enumerate(subsets):
+            occ = self._fit_one(np.concatenate([normal, unlabeled[idx]], axis=0), seed=cfg.seed + k)
+            occs.append(occ)
+            s_u = self._score_one(occ, unlabeled)
+            t_p, d_p = partial_matching_threshold(
+                s_u, self._score_one(occ, positives), "above", cfg.num_quantiles, cfg.min_fraction
+            )
+            t_n, d_n = partial_matching_threshold(
+                s_u, self._score_one(occ, negatives), "below", cfg.num_quantiles, cfg.min_fraction
+            )
+            t_p, t_n, sw = order_thresholds(t_p, t_n)
+            eta_p.append(t_p)
+            eta_n.append(t_n)
+            dist_p.append(d_p)
+            dist_n.append(d_n)
+            swapped.append(sw)
+
+        self._occs = occs
+        self.n_features = d
+        self.eta_p = np.asarray(eta_p, dtype=np.float64)
+        self.eta_n = np.asarray(eta_n, dtype=np.float64)
+        self.match_distance_p = np.asarray(dist_p, dtype=np.float64)
+        self.match_distance_n = np.asarray(dist_n, dtype=np.float64)
+        self.threshold_swapped = np.asarray(swapped, dtype=bool)
+        self.subset_indices = subsets
+        self.fitted = True
+        return self
+
+    def _fit_one(self, train: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+        cfg = self.config
+        mean = train.mean(axis=0)
+        scale = train.std(axis=0)
+        scale[scale < 1e-12] = 1.0  # constant feature: leave centred, don't divide by 0
+        z = (train - mean) / scale
+        occ: dict[str, np.ndarray] = {"scaler_mean": mean, "scaler_scale": scale}
+        if cfg.pca_dim is not None:
+            dim = max(1, min(int(cfg.pca_dim), z.shape[1], z.shape[0] - 1))
+            pca = PCA(n_components=dim, svd_solver="full").fit(z)
+            occ["pca_components"] = pca.components_
+            occ["pca_mean"] = pca.mean_
+            z = (z - occ["pca_mean"]) @ occ["pca_components"].T
+        gmm = GaussianMixture(
+            n_components=int(cfg.n_components),
+            covariance_type=cfg.covariance_type,
+            reg_covar=float(cfg.reg_covar),
+            random_state=int(seed),
+        ).fit(z)
+        occ["gmm_weights"] = gmm.weights_
+        occ["gmm_means"] = gmm.means_
+        occ["gmm_covariances"] = gmm.covariances_
+        occ["gmm_precisions_cholesky"] = gmm.precisions_cholesky_
+        return {k: _canonical(v) for k, v in occ.items()}
+
+    def _score_one(self, occ: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        z = (x - occ["scaler_mean"]) / occ["scaler_scale"]
+        if "pca_components" in occ:
+            z = (z - occ["pca_mean"]) @ occ["pca_components"].T
+        return -gmm_log_likelihood(
+            z,
+            occ["gmm_weights"],
+            occ["gmm_means"],
+            occ["gmm_precisions_cholesky"],
+            self.config.covariance_type,
+        )
+
+    # ------------------------------------------------------------ inference
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("OCCEnsemble is not fitted: call fit(...) or OCCEnsemble.from_state(...)")
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Anomaly scores of every OCC: negative GMM log-likelihood (higher = more anomalous).
+
+        Args:
+            x: float ``(n, D)`` features (n may be 0).
+
+        Returns:
+            float64 ``(K, n)``.
+
+        Raises:
+            RuntimeError: if not fitted.
+            ValueError: naming ``x``, if not 2-D, wrong D, or NaN/inf.
+        """
+        self._require_fitted()
+        x = _check_features(x, "x", self.n_features, 0)
+        return np.stack([self._score_one(occ, x) for occ in self._occs], axis=0)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Consensus pseudo-labels (MAPL eqs. 5-6).
+
+        1 where every OCC k has ``score_k > eta_p[k]``; 0 where every OCC has
+        ``score_k < eta_n[k]``; -1 (unknown) otherwise. Because
+        ``eta_n <= eta_p`` per OCC, the two cases are mutually exclusive.
+
+        Args:
+            x: float ``(n, D)`` features.
+
+        Returns:
+            int8 ``(n,)`` in {1, 0, -1}.
+
+        Raises:
+            RuntimeError: if not fitted.
+            ValueError: naming ``x``, as in :meth:`scores`.
+        """
+        s = self.scores(x)
+        positive = np.all(s > self.eta_p[:, None], axis=0)
+        negative = np.all(s < self.eta_n[:, None], axis=0)
+        labels = np.full(s.shape[1], -1, dtype=np.int8)
+        labels[negative] = 0
+        labels[positive] = 1
+        return labels
+
+    # ---------------------------------------------------------- persistence
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Export the fitted ensemble as plain numeric arrays plus JSON-able metadata.
+
+        No pickle is needed: ``arrays`` can go to ``safetensors.numpy.save_file``
+        or ``np.savez``, ``meta`` to ``json.dumps`` (or safetensors' ``metadata``
+        after ``json.dumps``).
+
+        Returns:
+            ``(arrays, meta)``. ``arrays`` holds contiguous, >= 1-D arrays:
+            ``eta_p``, ``eta_n``, ``match_distance_p``, ``match_distance_n``
+            (float64 ``(K,)``), ``threshold_swapped`` (bool ``(K,)``), and for each
+            OCC k: ``occ{k}.scaler_mean``, ``occ{k}.scaler_scale`` ``(D,)``,
+            ``occ{k}.pca_components`` ``(d, D)`` and ``occ{k}.pca_mean`` ``(D,)``
+            (only when PCA is on), ``occ{k}.gmm_weights``, ``occ{k}.gmm_means``,
+            ``occ{k}.gmm_covariances``, ``occ{k}.gmm_precisions_cholesky``
+            (scikit-learn layouts). ``meta`` = ``{"format", "version", "config"
+            (OCCConfig as dict), "n_features", "num_occs"}``.
+
+        Raises:
+            RuntimeError: if not fitted.
+        """
+        self._require_fitted()
+        arrays: dict[str, np.ndarray] = {
+            "eta_p": self.eta_p,
+            "eta_n": self.eta_n,
+            "match_distance_p": self.match_distance_p,
+            "match_distance_n": self.match_distance_n,
+            "threshold_swapped": self.threshold_swapped,
+        }
+        for k, occ in enumerate(self._occs):
+            for key, value in occ.items():
+                arrays[f"occ{k}.{key}"] = value
+        arrays = {k: np.ascontiguousarray(np.atleast_1d(v)).copy() for k, v in arrays.items()}
+        meta = {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "config": asdict(self.config),
+            "n_features": int(self.n_features),
+            "num_occs": len(self._occs),
+        }
+        json.dumps(meta)  # fail here, not at save time, if something isn't JSON-able
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> OCCEnsemble:
+        """Rebuild an ensemble from :meth:`state_dict` output.
+
+        The restored ensemble's :meth:`scores` / :meth:`predict` are identical
+        (bit for bit) to the original's, because both evaluate the same stored
+        float64 parameters with :func:`gmm_log_likelihood`.
+
+        Args:
+            arrays: mapping name -> array (e.g. from ``safetensors.numpy.load_file``
+                or ``dict(np.load(path))``).
+            meta: the metadata dict (e.g. ``json.loads`` of the saved string).
+
+        Returns:
+            A fitted :class:`OCCEnsemble` (``subset_indices`` is ``None``).
+
+        Raises:
+            ValueError: naming ``meta`` if its format/version is not recognised,
+                or ``arrays`` if a required key is missing or has a wrong shape.
+        """
+        if meta.get("format") != _STATE_FORMAT or meta.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"meta: expected format={_STATE_FORMAT!r} version={_STATE_VERSION}, "
+                f"got format={meta.get('format')!r} version={meta.get('version')!r}"
+            )
+        known = {f.name for f in fields(OCCConfig)}
+        config = OCCConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        k_occs = int(meta["num_occs"])
+        d = int(meta["n_features"])
+
+        def get(key: str) -> np.ndarray:
+            if key not in arrays:
+                raise ValueError(f"arrays: missing required key {key!r}")
+            return np.asarray(arrays[key])
+
+        ens = cls(config)
+        for key in _GLOBAL_KEYS:
+            if get(key).shape != (k_occs,):
+                raise ValueError(f"arrays: {key!r} should have shape ({k_occs},), got {get(key).shape}")
+        ens.eta_p = get("eta_p").astype(np.float64)
+        ens.eta_n = get("eta_n").astype(np.float64)
+        ens.match_distance_p = get("match_distance_p").astype(np.float64)
+        ens.match_distance_n = get("match_distance_n").astype(np.float64)
+        ens.threshold_swapped = get("threshold_swapped").astype(bool)
+        occs = []
+        for k in range(k_occs):
+            occ = {key: get(f"occ{k}.{key}") for key in _OCC_KEYS}
+            if config.pca_dim is not None:
+                occ.update({key: get(f"occ{k}.{key}") for key in _PCA_KEYS})
+            occ = {key: _canonical(value) for key, value in occ.items()}
+            if occ["scaler_mean"].shape != (d,):
+                raise ValueError(
+                    f"arrays: 'occ{k}.scaler_mean' should have shape ({d},), got {occ['scaler_mean'].shape}"
+                )
+            occs.append(occ)
+        ens._occs = occs
+        ens.n_features = d
+        ens.fitted = True
+        return ens

@@ -1,0 +1,385 @@
+"""The MAPL training loop in plain torch (no Ray): batches, losses, pseudo-labeler schedule, checkpoints.
+
+``train_model`` runs on one process; :mod:`mapl_ray.pipelines.train` runs it inside Ray Train workers
+(DDP through ``wrap_model``). Randomness is derived from ``(seed, rank, step)``, so a resumed run draws
+the same batches as an uninterrupted one.
+
+Per step and worker (paper defaults): ``batch_normal`` labeled normals (an epoch-wise permutation, so
+every labeled normal is used) and ``batch_simulated`` simulated anomalies (eqs. 1-2) made from other
+labeled normals; plus ``batch_unlabeled`` images of the unlabeled pool and ``batch_labeled_anomaly``
+real labeled anomalies when those sets exist. Loss (eq. 14-17):
+``0.6 L1 + 0.4 focal`` on the anomaly map + ``w_l * L_Yl`` (BCE of head q on labeled images) +
+``w_u * L_Yu`` (BCE of q on confidently pseudo-labeled images). Without a user unlabeled pool, the
+simulated images are the unlabeled data of the pseudo-labeler: it keeps those that look anomalous (1),
+flags failed simulations (0) and leaves the rest out (-1), as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model_weights, load_pseudo, load_training_state, read_state, save_checkpoint
+from .config import Config
+from .data.simulation import FOREGROUND_PRESETS, AnomalySimulator, ForegroundConfig
+from .model import MAPLModel, build_encoder, segmentation_loss
+from .pseudo import OCCConfig, OCCEnsemble, labeled_bce, pseudo_label_bce
+
+log = logging.getLogger("mapl_ray.train")
+
+
+@dataclass
+class TrainData:
+    """Decoded training images (uint8 ``(N, H, W, 3)``) of one run.
+
+    ``normals``: labeled normals used for training (validation normals excluded);
+    ``memory_indices``: rows of ``normals`` that form the memory bank; ``unlabeled``: the unlabeled
+    pool or None; ``anomalies`` / ``anomaly_masks`` (uint8 ``(K, H, W)`` in {0, 1}): labeled anomalies.
+    """
+
+    normals: np.ndarray
+    memory_indices: np.ndarray
+    unlabeled: np.ndarray | None = None
+    anomalies: np.ndarray | None = None
+    anomaly_masks: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float32 ``(N, 3, H, W)`` in [0, 1] on ``device``."""
+    t = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def build_model(cfg: Config) -> MAPLModel:
+    """The MAPL network as configured (encoder weights from local files only)."""
+    m = cfg.model
+    encoder = build_encoder(m.encoder, m.weights, m.pretrained)
+    return MAPLModel(encoder, freeze_encoder=m.freeze_encoder and m.encoder != "mapl",
+                     memory_backend=m.memory_backend, coordinate_attention=m.coordinate_attention,
+                     decoder_channels=tuple(m.decoder_channels), head_hidden=m.head_hidden)
+
+
+def build_simulator(cfg: Config) -> AnomalySimulator:
+    """Anomaly simulator with the category's foreground preset and the config's overrides."""
+    s = cfg.simulation
+    preset = s.foreground or cfg.data.category
+    fg = FOREGROUND_PRESETS.get(preset, ForegroundConfig())
+    fg = ForegroundConfig(
+        use_mask=fg.use_mask if s.use_foreground_mask is None else s.use_foreground_mask,
+        threshold=fg.threshold if s.foreground_threshold is None else s.foreground_threshold,
+        inverse=fg.inverse if s.foreground_inverse is None else s.foreground_inverse,
+    )
+    return AnomalySimulator(s.texture_dir, foreground=fg, perlin_scale_range=(0, s.perlin_max_scale),
+                            perlin_threshold=s.perlin_threshold, delta_range=(s.delta_min, s.delta_max),
+                            texture_probability=s.texture_probability, structure_grid=s.structure_grid)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float, lr: float, min_lr: float):
+    """Linear warm-up over ``warmup_fraction * steps``, then cosine to ``min_lr`` at ``steps`` (torch schedulers)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    warm = max(1, int(round(warmup_fraction * steps)))
+    if warm >= steps:
+        return LinearLR(optimizer, start_factor=0.01, total_iters=steps)
+    return SequentialLR(
+        optimizer,
+        [LinearLR(optimizer, start_factor=0.01, total_iters=warm), CosineAnnealingLR(optimizer, T_max=steps - warm, eta_min=min_lr)],
+        milestones=[warm],
+    )
+
+
+def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.ndarray:
+    """Positions ``start .. start+count`` of an endless stream of seeded permutations of ``range(n)``.
+
+    Every index appears once per epoch, so every labeled normal is used; depends only on the
+    arguments (resumable).
+    """
+    pos = np.arange(start, start + count)
+    out = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(pos // n):
+        perm = np.random.default_rng([seed, stream, int(epoch)]).permutation(n)
+        sel = pos // n == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+class BatchMaker:
+    """Draws the per-worker batch of one step (see module docstring)."""
+
+    def __init__(self, cfg: Config, data: TrainData, simulator: AnomalySimulator, rank: int = 0, world_size: int = 1):
+        self.cfg, self.data, self.sim, self.rank, self.world = cfg, data, simulator, rank, world_size
+        t = cfg.train
+        if data.normals.shape[0] < 2:
+            raise ValueError("training needs at least 2 labeled normal images")
+        self.n_normal, self.n_sim = t.batch_normal, t.batch_simulated
+        self.n_unl = t.batch_unlabeled if data.unlabeled is not None and len(data.unlabeled) else 0
+        self.n_anom = t.batch_labeled_anomaly if data.anomalies is not None and len(data.anomalies) else 0
+
+    def _stream(self, step: int, per_rank: int, n: int, stream: int) -> np.ndarray:
+        start = (step * self.world + self.rank) * per_rank
+        return epoch_indices(n, start, per_rank, self.cfg.train.seed, stream)
+
+    def simulate(self, base: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Simulated anomalies from uint8 images ``(B, H, W, 3)``: (images, masks uint8 ``(B, H, W)``)."""
+        imgs, masks = [], []
+        for img in base:
+            out, mask, _ = self.sim(img, rng)
+            imgs.append(out)
+            masks.append(mask)
+        return np.stack(imgs), np.stack(masks)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        """Batch dict: ``images`` uint8 ``(B, H, W, 3)``, ``masks`` uint8 ``(B, H, W)``, ``kind`` int8 ``(B,)``
+        (0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly), ``label`` int8 (0/1, -1 unknown)."""
+        d = self.data
+        n = d.normals.shape[0]
+        rng = np.random.default_rng([self.cfg.train.seed, self.rank, step, 1])
+        normal = d.normals[self._stream(step, self.n_normal, n, 0)]
+        sim_img, sim_mask = self.simulate(d.normals[self._stream(step, self.n_sim, n, 1)], rng)
+        parts = [(normal, np.zeros(normal.shape[:3], np.uint8), 0, 0), (sim_img, sim_mask, 1, 1)]
+        if self.n_unl:
+            u = d.unlabeled[self._stream(step, self.n_unl, len(d.unlabeled), 2)]
+            parts.append((u, np.zeros(u.shape[:3], np.uint8), 2, -1))
+        if self.n_anom:
+            idx = self._stream(step, self.n_anom, len(d.anomalies), 3)
+            parts.append((d.anomalies[idx], d.anomaly_masks[idx], 3, 1))
+        return {
+            "images": np.concatenate([p[0] for p in parts]),
+            "masks": np.concatenate([p[1] for p in parts]),
+            "kind": np.concatenate([np.full(len(p[0]), p[2], np.int8) for p in parts]),
+            "label": np.concatenate([np.full(len(p[0]), p[3], np.int8) for p in parts]),
+        }
+
+
+def compute_losses(out: dict[str, torch.Tensor], masks: torch.Tensor, kind: torch.Tensor, label: torch.Tensor,
+                   pseudo: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """All loss terms of one batch (scalars with gradient).
+
+    Args:
+        out: model output (``logits`` ``(B, 1, H, W)``, ``q`` ``(B,)``).
+        masks: float ``(B, 1, H, W)`` targets of the anomaly map (zeros for normals).
+        kind: int ``(B,)`` 0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly.
+        label: int ``(B,)`` image labels (1 / 0, -1 unknown).
+        pseudo: int ``(B,)`` pseudo-labels from the OCC ensemble (1 / 0 / -1) for unlabeled data.
+
+    The segmentation loss uses images with known masks (normal, simulated, labeled anomaly); L_Yl the
+    labeled images (normal -> 0, labeled anomaly -> 1); L_Yu the pseudo-labeled images (eq. 17):
+    the unlabeled pool, or the simulated images when there is no pool.
+    """
+    L = cfg.loss
+    known = kind != 2
+    seg = segmentation_loss(out["logits"][known], masks[known], L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha)
+    lab = (kind == 0) | (kind == 3)
+    l_yl = labeled_bce(out["q"][lab].float(), label[lab].float())
+    has_pool = bool((kind == 2).any())
+    u_sel = (kind == 2) if has_pool else (kind == 1)
+    l_yu = pseudo_label_bce(out["q"][u_sel].float(), pseudo[u_sel])
+    total = seg["seg"] + L.labeled_bce_weight * l_yl + L.pseudo_bce_weight * l_yu
+    return {"loss": total, "l1": seg["l1"], "focal": seg["focal"], "l_yl": l_yl, "l_yu": l_yu}
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 autocast where asked (``amp='bf16'``, or ``auto`` on CUDA); a no-op context otherwise."""
+    if amp not in ("auto", "off", "bf16"):
+        raise ValueError(f"train.amp must be auto, off or bf16, got {amp!r}")
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class PseudoLabeler:
+    """Fits the OCC ensemble on a schedule from the model's pooled features and labels batches."""
+
+    def __init__(self, cfg: Config, batch_maker: BatchMaker, device: torch.device):
+        self.cfg, self.bm, self.device = cfg, batch_maker, device
+        p = cfg.pseudo
+        self.occ_cfg = OCCConfig(num_occs=p.num_occs, n_components=p.n_components, covariance_type=p.covariance_type,
+                                 pca_dim=p.pca_dim, seed=cfg.train.seed)
+        self.ensemble: OCCEnsemble | None = None
+        self.fitted_step = -1
+
+    def due(self, step: int) -> bool:
+        p = self.cfg.pseudo
+        return p.enabled and step >= p.warmup_steps and (self.ensemble is None or (step - p.warmup_steps) % p.refit_every == 0)
+
+    @torch.no_grad()
+    def _pooled(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), 32):
+            x = to_tensor(images[i : i + 32], self.device)
+            with autocast_context(self.device, self.cfg.train.amp):
+                out.append(model.pooled_features(x).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def fit(self, model: MAPLModel, step: int) -> dict[str, Any]:
+        """Refit the ensemble (same data and seed on every worker, so every worker gets the same ensemble)."""
+        d, p = self.bm.data, self.cfg.pseudo
+        rng = np.random.default_rng([self.cfg.train.seed, step, 2])
+        was = model.training
+        model.eval()
+        cap = min(len(d.normals), 128)
+        normal_idx = rng.choice(len(d.normals), size=cap, replace=False)
+        normals = self._pooled(model, d.normals[normal_idx])
+        base = d.normals[rng.integers(0, len(d.normals), size=2 * p.pool_size)]
+        sims, _ = self.bm.simulate(base, rng)
+        pos_images = sims[: p.pool_size]
+        if d.anomalies is not None and len(d.anomalies):
+            pos_images = np.concatenate([d.anomalies, pos_images])
+        positives = self._pooled(model, pos_images)
+        if d.unlabeled is not None and len(d.unlabeled):
+            unl_images = d.unlabeled if len(d.unlabeled) <= 512 else d.unlabeled[rng.choice(len(d.unlabeled), 512, replace=False)]
+        else:
+            unl_images = sims[p.pool_size :]
+        unlabeled = self._pooled(model, unl_images)
+        model.train(was)
+        self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
+        self.fitted_step = step
+        pl = self.ensemble.predict(unlabeled)
+        return {"pseudo_pos": int((pl == 1).sum()), "pseudo_neg": int((pl == 0).sum()), "pseudo_unknown": int((pl == -1).sum())}
+
+    def predict(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) for pooled features ``(B, D)``; all -1 before the first fit."""
+        if self.ensemble is None:
+            return torch.full((pooled.shape[0],), -1, dtype=torch.long, device=pooled.device)
+        return torch.from_numpy(self.ensemble.predict(pooled.float().cpu().numpy()).astype(np.int64)).to(pooled.device)
+
+
+def unwrap(model: torch.nn.Module) -> MAPLModel:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
+                rank: int = 0, world_size: int = 1, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
+                progress: bool = True) -> tuple[MAPLModel, dict[str, Any]]:
+    """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
+
+    Args:
+        cfg: resolved configuration.
+        data: decoded training images.
+        run_dir: the run folder (checkpoints and ``train_log.jsonl`` go there; rank 0 only).
+        device: torch device of this worker.
+        rank, world_size: this worker's place in the DDP group.
+        wrap_model: e.g. ``ray.train.torch.prepare_model`` (DDP); identity when None.
+        report: called with a metrics dict every ``log_every`` steps on every rank (Ray Train's report).
+        resume: continue from ``RUN/checkpoint`` (weights, optimizer, scheduler, step, pseudo-labeler).
+
+    Returns:
+        (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
+
+    Raises:
+        CheckpointError: ``resume`` without a usable checkpoint.
+    """
+    device = torch.device(device)
+    run_dir = Path(run_dir)
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg).to(device)
+    sim = build_simulator(cfg)
+    bm = BatchMaker(cfg, data, sim, rank, world_size)
+    memory_images = data.normals[data.memory_indices]
+
+    start_step = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = make_scheduler(optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
+    labeler = PseudoLabeler(cfg, bm, device)
+    if resume:
+        state = read_state(run_dir)
+        model.refresh_memory(to_tensor(memory_images[:1], device))  # creates bank buffers of the right shapes
+        load_model_weights(run_dir, model)
+        load_training_state(run_dir, optimizer, scheduler)
+        start_step = int(state["step"])
+        saved = load_pseudo(run_dir)
+        if saved is not None:
+            labeler.ensemble = OCCEnsemble.from_state(*saved)
+            labeler.fitted_step = int(state.get("pseudo_fitted_step", -1))
+        log.info("resumed from %s at step %d", run_dir / "checkpoint", start_step)
+    else:
+        model.refresh_memory(to_tensor(memory_images, device))
+    if t.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = wrap_model(model) if wrap_model else model
+    if t.compile:
+        net = torch.compile(net)
+    net.train()
+
+    def save(step: int) -> None:
+        if rank != 0:
+            return
+        core = unwrap(model)
+        state = {"step": step, "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
+                 "memory_backend": core.memory.backend, "pseudo_fitted_step": labeler.fitted_step}
+        pseudo = labeler.ensemble.state_dict() if labeler.ensemble is not None else None
+        save_checkpoint(run_dir, core, state, optimizer, scheduler, pseudo)
+
+    log_path = run_dir / "train_log.jsonl"
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step_times: list[float] = []
+    last: dict[str, float] = {}
+    pseudo_stats: dict[str, Any] = {}
+    for step in range(start_step, t.steps):
+        ts = time.perf_counter()
+        if labeler.due(step) and labeler.fitted_step != step:
+            pseudo_stats = labeler.fit(unwrap(net), step)
+            net.train()
+        batch = bm(step)
+        x = to_tensor(batch["images"], device)
+        if t.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        masks = torch.from_numpy(batch["masks"]).to(device, non_blocking=True).unsqueeze(1).float()
+        kind = torch.from_numpy(batch["kind"]).to(device)
+        label = torch.from_numpy(batch["label"]).to(device)
+        with autocast_context(device, t.amp):
+            out = net(x)
+        pseudo = labeler.predict(out["pooled"]) if labeler.ensemble is not None else torch.full_like(label, -1, dtype=torch.long)
+        losses = compute_losses(out, masks, kind, label.long(), pseudo, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        core = unwrap(model)
+        if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
+            core.refresh_memory(to_tensor(memory_images, device))
+        step_times.append(time.perf_counter() - ts)
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            last = {k: float(v.detach()) for k, v in losses.items()}  # host sync only when logging
+            rec = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "step_s": float(np.mean(step_times[-t.log_every:])),
+                   **last, **pseudo_stats}
+            if rank == 0:
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                log.info("step %d loss %.4f (l1 %.4f focal %.4f l_yl %.4f l_yu %.4f)", step + 1, last["loss"],
+                         last["l1"], last["focal"], last["l_yl"], last["l_yu"])
+            if report:
+                report(rec)
+        if bar:
+            bar.update(1)
+            if last:
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+            save(step + 1)
+    if bar:
+        bar.close()
+    save(t.steps)
+    wall = time.perf_counter() - t0
+    model = unwrap(model).eval()
+    measured = step_times[min(5, max(0, len(step_times) - 1)):]  # skip warm-up steps
+    summary = {"train_wall_s": wall, "steps_run": t.steps - start_step,
+               "step_s_mean": float(np.mean(measured)) if measured else math.nan,
+               "step_s_median": float(np.median(measured)) if measured else math.nan,
+               "final_losses": last, "pseudo": pseudo_stats, "memory_backend": model.memory.backend}
+    return model, summary
