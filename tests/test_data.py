@@ -474,7 +474,7 @@ def test_simulator_deterministic_and_respects_foreground(tmp_path: Path):
 
 
 def test_structure_source_is_a_permutation_of_pixels():
-    sim = AnomalySimulator(None, structure_grid=4)
+    sim = AnomalySimulator(None, structure_grid=4, structure_augment=False)
     img = _rgb(5, 32, 32)
     s = sim._structure(img, np.random.default_rng(0))
     assert s.shape == img.shape and not (s == img).all()
@@ -519,3 +519,18 @@ def test_real_mvtec_screw_layout_and_foreground():
     assert 0.02 < fg.mean() < 0.3
     border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
     assert border.sum() == 0
+
+
+def test_structure_augment_changes_intensities_but_keeps_outside_mask():
+    """With MemSeg's photometric augmentation the structure source differs from a pure permutation,
+    and the simulated image still equals the input outside the mask."""
+    rng = np.random.default_rng(3)
+    img = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    plain = AnomalySimulator(None, structure_grid=4, structure_augment=False)
+    aug = AnomalySimulator(None, structure_grid=4, structure_augment=True)
+    a = plain._structure(img, np.random.default_rng(0))
+    b = aug._structure(img, np.random.default_rng(0))
+    assert a.shape == b.shape == img.shape and b.dtype == np.uint8
+    assert not np.array_equal(np.sort(a.ravel()), np.sort(b.ravel()))
+    out, mask, _ = aug(img, np.random.default_rng(1))
+    assert np.array_equal(out[mask == 0], img[mask == 0])

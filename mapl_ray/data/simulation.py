@@ -322,6 +322,54 @@ def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
     return fg.astype(np.uint8)
 
 
+def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
+    """``n_ops`` distinct random operations of MemSeg's structure-source augmentation (PIL).
+
+    The list follows MemSeg / MAPL's ``rand_augment``: per-channel gamma contrast, brightness
+    multiply-and-add, sharpness, hue/saturation shift, solarize, posterize, invert, autocontrast,
+    equalize, rotation by -45..45 degrees. It makes the rearranged cells differ from the object in
+    intensity and colour, as real defects do.
+
+    Args:
+        image: uint8 ``[H, W, 3]``.
+    Returns:
+        uint8 ``[H, W, 3]`` (a new array).
+    """
+    from PIL import ImageEnhance, ImageOps
+
+    def gamma(im):
+        a = np.asarray(im).astype(np.float32) / 255.0
+        g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
+        return Image.fromarray(np.clip(255.0 * a ** g, 0, 255).astype(np.uint8))
+
+    def brightness(im):
+        a = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+    def hue_sat(im):
+        hsv = np.asarray(im.convert("HSV")).astype(np.int16)
+        hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
+        hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
+        return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+
+    ops = [
+        gamma,
+        brightness,
+        lambda im: ImageEnhance.Sharpness(im).enhance(rng.uniform(0.0, 2.0)),
+        hue_sat,
+        lambda im: ImageOps.solarize(im, int(rng.integers(32, 129))),
+        lambda im: ImageOps.posterize(im, int(rng.integers(1, 9))),
+        ImageOps.invert,
+        ImageOps.autocontrast,
+        ImageOps.equalize,
+        lambda im: im.rotate(rng.uniform(-45, 45), resample=Image.Resampling.BILINEAR),
+    ]
+    im = Image.fromarray(image)
+    for i in rng.choice(len(ops), size=min(n_ops, len(ops)), replace=False):
+        im = ops[int(i)](im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
 # --------------------------------------------------------------------------------------------
 # Simulator
 # --------------------------------------------------------------------------------------------
@@ -358,6 +406,8 @@ class AnomalySimulator:
         perlin_samples_per_cell: passed to :func:`perlin_noise_2d` (8: noise error < ~0.04,
             3-5x faster for coarse lattices; None: exact per-pixel noise).
         cache_size: maximum number of decoded ``(texture, size)`` entries kept.
+        structure_augment: apply :func:`photometric_augment` to the image before the cells of the
+            structure source are shuffled (MemSeg / MAPL do).
 
     Raises:
         LayoutError: ``texture_dir`` given but missing or holding no image file
@@ -378,6 +428,7 @@ class AnomalySimulator:
         perlin_rotation_range: tuple[float, float] = (-90.0, 90.0),
         perlin_samples_per_cell: int | None = 8,
         cache_size: int = 512,
+        structure_augment: bool = True,
     ) -> None:
         lo, hi = perlin_scale_range
         if not (0 <= int(lo) < int(hi)):
@@ -407,6 +458,7 @@ class AnomalySimulator:
         self.structure_grid = int(structure_grid)
         self.max_tries = int(max_tries)
         self.cache_size = int(cache_size)
+        self.structure_augment = bool(structure_augment)
         self._cache: dict[tuple[str, tuple[int, int]], np.ndarray] = {}
 
     # Ray/multiprocessing pickle the simulator per worker: do not ship the decoded cache.
@@ -434,6 +486,8 @@ class AnomalySimulator:
         Square cells get any of the 8 dihedral transforms; rectangular cells only those that
         keep their shape (identity, 180 degrees, flips).
         """
+        if self.structure_augment:
+            image = photometric_augment(image, rng)
         h, w = image.shape[:2]
         g = self.structure_grid
         ch, cw = -(-h // g), -(-w // g)  # ceil division

@@ -169,26 +169,27 @@ def build_encoder(name: str = "tf_efficientnet_lite0", weights: str | os.PathLik
     import timm
 
     try:
-        full = timm.create_model(name, pretrained=False)
+        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError for unknown names
         raise WeightsError(f"unknown encoder {name!r}: {e}") from e
     if pretrained or weights:
         path = Path(weights) if weights else lite_wheel_weights_path(name)
         sd = _read_state_dict(path)
-        target = full.state_dict()
-        if set(k for k in sd if not k.endswith("num_batches_tracked")) <= set(target):
-            mapped = sd
-        else:
-            mapped = map_state_dict_by_order(sd, target, where=f"weights file {path}")
-        missing, unexpected = full.load_state_dict(mapped, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise WeightsError(f"weights file {path} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
-    missing, _ = body.load_state_dict(full.state_dict(), strict=False)
-    if missing:
-        raise WeightsError(f"feature extractor of {name} lacks weights for {missing[:3]}")
-    cfg = full.pretrained_cfg or {}
+        wanted = body.state_dict()
+        if set(k for k in sd if not k.endswith("num_batches_tracked")) & set(wanted):
+            mapped = sd  # timm parameter names (a full model or the feature extractor only)
+        else:  # another implementation's names: map the full model's tensors by order
+            mapped = map_state_dict_by_order(sd, timm.create_model(name, pretrained=False).state_dict(),
+                                             where=f"weights file {path}")
+        missing = [k for k in wanted if k not in mapped and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise WeightsError(f"weights file {path} does not fit {name}: no tensor for {missing[:3]}")
+        for k in wanted:
+            if k in mapped and tuple(mapped[k].shape) != tuple(wanted[k].shape):
+                raise WeightsError(f"weights file {path}: {k} has shape {tuple(mapped[k].shape)}, "
+                                   f"{name} expects {tuple(wanted[k].shape)}")
+        body.load_state_dict({k: mapped[k] for k in wanted if k in mapped}, strict=False)
+    cfg = body.pretrained_cfg or {}
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     channels = list(body.feature_info.channels())

@@ -41,19 +41,23 @@ class CoordinateAttention(nn.Module):
         return x * torch.sigmoid(self.conv_h(yh)) * torch.sigmoid(self.conv_w(yw.transpose(2, 3)))
 
 
-def spatial_attention(di: list[torch.Tensor]) -> list[torch.Tensor]:
+def spatial_attention(di: list[torch.Tensor], scale: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Spatial attention maps M1..M3 (``(B, 1, H_l, W_l)`` float) from DI_1..DI_3 (eqs. 9-11).
 
-    Each map is divided by its per-image maximum so the product chain neither vanishes nor explodes
-    with the encoder's feature scale (the ordering of locations, which is what the maps encode, is
-    unchanged).
+    ``scale`` ``(3,)``: each level's channel mean of DI is divided by the typical value between normal
+    memory samples (:class:`MemoryBank` ``di_scale``), so the maps do not depend on the encoder's
+    feature scale. The product chain of eqs. 9-11 is then squashed with ``M / (1 + M)`` into [0, 1):
+    normal locations give about 0.5, anomalous ones approach 1, and magnitudes stay comparable across
+    images; an unbounded product reached 1e6 on anomalies and made training diverge.
     """
     means = [d.mean(1, keepdim=True) for d in di]
+    if scale is not None:
+        means = [m / scale[i].to(m.dtype) for i, m in enumerate(means)]
     maps = [None] * len(di)
     maps[-1] = means[-1]
     for i in range(len(di) - 2, -1, -1):
         maps[i] = F.interpolate(maps[i + 1], size=means[i].shape[2:], mode="bilinear", align_corners=False) * means[i]
-    return [m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12) for m in maps]
+    return [m / (1.0 + m) for m in maps]
 
 
 class MSFF(nn.Module):
@@ -134,8 +138,10 @@ class MAPLModel(nn.Module):
 
     def __init__(self, encoder: Encoder, freeze_encoder: bool = True, memory_backend: str = "auto",
                  coordinate_attention: bool = False, decoder_channels: tuple[int, ...] = (96, 64, 48, 32),
-                 head_hidden: int = 64):
+                 head_hidden: int = 64, head_detach: bool = False, normalize_intensity: bool = False):
         super().__init__()
+        self.head_detach = head_detach
+        self.normalize_intensity = normalize_intensity
         self.encoder = encoder
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
@@ -154,8 +160,20 @@ class MAPLModel(nn.Module):
             self.encoder.eval()  # frozen BN statistics: the memory bank stays valid
         return self
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-image intensity standardisation (when enabled): each image is shifted and scaled to
+        mean 0.5 and standard deviation 0.2 over all its pixels and channels, so a global change of
+        illumination or contrast between normal images (the BHAD corruptions, lighting drift on a
+        line) does not look like an anomaly. ``(B, 3, H, W)`` float -> same shape."""
+        if not self.normalize_intensity:
+            return images
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        std = images.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        return (images - mean) / std * 0.2 + 0.5
+
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder features ``[f0..f3]``; without autograd when the encoder is frozen."""
+        """Encoder features ``[f0..f3]`` of preprocessed images; without autograd when the encoder is frozen."""
+        images = self.preprocess(images)
         if self.freeze_encoder:
             with torch.no_grad():
                 return self.encoder(images)
@@ -171,7 +189,7 @@ class MAPLModel(nn.Module):
         self.encoder.eval()
         feats = [[] for _ in range(3)]
         for i in range(0, images.shape[0], batch_size):
-            f = self.encoder(images[i : i + batch_size])
+            f = self.encoder(self.preprocess(images[i : i + batch_size]))
             for lvl in range(3):
                 feats[lvl].append(f[lvl + 1].float())
         self.encoder.train(was_training and not self.freeze_encoder)
@@ -182,10 +200,11 @@ class MAPLModel(nn.Module):
         levels = feats[1:4]
         di, nearest = self.memory.difference(levels)
         di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(levels, di)]  # eq. 8
-        attention = spatial_attention([d.detach() if self.freeze_encoder else d for d in di])
+        attention = spatial_attention([d.detach() if self.freeze_encoder else d for d in di], self.memory.di_scale)
         fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in attention])
         logits = self.decoder(fused, feats[0], images.shape[2:])
-        return {"logits": logits, "q": self.head(fused), "nearest": nearest, "pooled": self._pool(levels, di)}
+        q = self.head([f.detach() for f in fused] if self.head_detach else fused)
+        return {"logits": logits, "q": q, "nearest": nearest, "pooled": self._pool(levels, di)}
 
     @staticmethod
     def _pool(levels: list[torch.Tensor], di: list[torch.Tensor]) -> torch.Tensor:
@@ -200,6 +219,6 @@ class MAPLModel(nn.Module):
         difference information; the same vectors as ``forward(...)["pooled"]``.
         """
         with torch.no_grad():
-            levels = self.encoder(images)[1:4]
+            levels = self.encoder(self.preprocess(images))[1:4]
             di, _ = self.memory.difference(levels)
             return self._pool(levels, di)

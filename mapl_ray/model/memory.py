@@ -74,6 +74,9 @@ class MemoryBank(nn.Module):
         self._index = None
         self._index_version = -1
         self.register_buffer("version", torch.zeros((), dtype=torch.long))
+        # typical per-level mean DI between a memory sample and its nearest other memory sample: the
+        # unit of the attention maps, so a normal image gives maps near 1 whatever the encoder's scale
+        self.register_buffer("di_scale", torch.ones(3))
         self.num_levels = 0
 
     @property
@@ -97,6 +100,18 @@ class MemoryBank(nn.Module):
                 self.register_buffer(name, f.detach().float().clone())
         self.num_levels = len(feats)
         self.version += 1
+        self.di_scale = self._normal_di_scale().to(self.version.device)
+
+    @torch.no_grad()
+    def _normal_di_scale(self) -> torch.Tensor:
+        """Mean over memory samples of the channel-and-space mean DI_l to the nearest other sample ``(L,)``."""
+        bank = self.levels()
+        if self.size < 2:
+            return torch.ones(len(bank))
+        d = self.distances(bank)
+        d.fill_diagonal_(float("inf"))
+        nn_idx = d.argmin(1)
+        return torch.stack([(m - m[nn_idx]).pow(2).mean() for m in bank]).clamp_min(1e-12).cpu()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Buffers are created lazily by set(); create them from the checkpoint before loading.

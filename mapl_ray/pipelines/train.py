@@ -23,7 +23,8 @@ from ..data.io import load_records
 from ..data.layout import LayoutError, scan_category, scan_folder
 from ..data.split import Split, make_split
 from ..model.memory import choose_memory_indices
-from ..training import TrainData
+from ..model.encoder import WeightsError
+from ..training import TrainData, build_simulator
 
 log = logging.getLogger("mapl_ray.pipelines")
 
@@ -32,8 +33,17 @@ class RunFolderError(RuntimeError):
     """The output folder cannot be used (it holds another run and ``--resume`` was not given...)."""
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
+    fields = {"data.root": cfg.data.root, "simulation.texture_dir": cfg.simulation.texture_dir,
+              "data.unlabeled_dir": cfg.data.unlabeled_dir, "model.weights": cfg.model.weights}
+    return cfg.override({k: str(Path(v).expanduser().resolve()) for k, v in fields.items() if v})
+
+
 def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> tuple[Split, dict[str, Any]]:
     """Create (or, with ``resume``, reopen) the run folder: ``config.yaml`` and ``split.json``.
+
+    ``cfg`` paths must be absolute (see :func:`absolute_paths`).
 
     Raises:
         RunFolderError: ``run_dir`` already holds a run and ``resume`` is False (nothing is
@@ -52,6 +62,9 @@ def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> tuple
     if not cfg.data.root or not cfg.data.category:
         raise LayoutError("data.root and data.category are required (mapl train --data ROOT --category NAME)")
     index = scan_category(cfg.data.root, cfg.data.category)
+    build_simulator(cfg)  # fails fast on a missing / empty texture folder, before anything is written
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise WeightsError(f"encoder weights file {cfg.model.weights} does not exist (model.weights / --weights)")
     unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
     split = make_split(index, seed=cfg.data.seed, unlabeled=unlabeled, unlabeled_fraction=cfg.data.unlabeled_fraction,
                        contamination=cfg.data.contamination, labeled_anomalies=cfg.data.labeled_anomalies)
@@ -181,6 +194,7 @@ def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ra
     from ..evaluate import calibrate, evaluate_run
 
     run_dir = Path(run_dir)
+    cfg = absolute_paths(cfg)
     split, _ = prepare_run(cfg, run_dir, resume)
     if resume:
         cfg.save(run_dir / "config.yaml")  # e.g. more steps than the stopped run had

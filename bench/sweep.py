@@ -1,0 +1,113 @@
+"""Design sweep: train several model variants on one category in parallel processes, report test metrics.
+
+Used to choose the defaults (encoder, freezing, image score); every variant runs the same training
+code as ``mapl train`` (without Ray, one process per variant) and the same evaluation.
+
+    python bench/sweep.py --data ROOT --category screw --textures DIR --out OUT \
+        --variant base= --variant lite2=model.encoder=tf_efficientnet_lite2 ...
+
+Writes ``OUT/sweep.json``: per variant the overall metrics, the image AUROC for several top-k image
+scores (computed from the same anomaly maps), train wall time and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_variant(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from mapl_ray.config import Config
+    from mapl_ray.data.io import load_records
+    from mapl_ray.data.split import Split
+    from mapl_ray.eval.metrics import image_auroc, topk_mean
+    from mapl_ray.evaluate import calibrate, evaluate_run
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.train import load_train_data, prepare_run
+    from mapl_ray.training import train_model
+
+    torch.set_num_threads(args.threads)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    cfg = Config().override({"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
+                             "train.use_gpu": torch.cuda.is_available(), **overrides})
+    run = Path(args.run)
+    split, _ = prepare_run(cfg, run)
+    data, val, _ = load_train_data(cfg, split)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, summary = train_model(cfg, data, run, device=device, progress=False)
+    calibrate(run, val, device=device)
+    metrics = evaluate_run(run, device=device)
+    pred = Predictor(run, device=device)
+    test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=False)
+    res = pred.predict_arrays(test.images)
+    labels = np.array([r.label for r in test.records])
+    maps = torch.from_numpy(res["maps"])
+    topk = {str(k): image_auroc(labels, topk_mean(maps, k).numpy()) for k in (1, 10, 50, 100, 300, 1000)}
+    topk["q"] = image_auroc(labels, res["q"])
+    out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": topk,
+           "train_wall_s": summary["train_wall_s"], "step_s_median": summary["step_s_median"], "device": device,
+           "final_losses": summary["final_losses"], "pseudo": summary["pseudo"]}
+    (run / "variant.json").write_text(json.dumps(out, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--textures")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variant", action="append", default=[], help="NAME=key=value,key=value")
+    p.add_argument("--parallel", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--run")
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args()
+    if args.run:
+        run_variant(args)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    queue = []
+    for v in args.variant:
+        name, _, rest = v.partition("=")
+        sets = [kv for kv in rest.split(",") if kv]
+        cmd = [sys.executable, __file__, "--data", args.data, "--category", args.category, "--out", str(out),
+               "--run", str(out / name), "--threads", str(args.threads)]
+        if args.textures:
+            cmd += ["--textures", args.textures]
+        for kv in sets:
+            cmd += ["--set", kv]
+        queue.append((name, cmd))
+    running: list[tuple[str, subprocess.Popen, float]] = []
+    results = {}
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            name, cmd = queue.pop(0)
+            log = open(out / f"{name}.log", "w")
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), time.time()))
+        time.sleep(2)
+        for item in list(running):
+            name, proc, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                vj = out / name / "variant.json"
+                results[name] = json.loads(vj.read_text()) if vj.exists() else {"error": f"exit {proc.returncode}, see {name}.log"}
+                results[name]["wall_s"] = round(time.time() - t0, 1)
+                r = results[name]
+                print(name, json.dumps({k: r.get(k) for k in ("auroc_by_topk", "wall_s", "error")}), flush=True)
+                if "overall" in r:
+                    o = r["overall"]
+                    print(f"   img {o['image_auroc']:.4f} pix {o['pixel_auroc']:.4f} aupro {o['aupro']:.4f} step {r['step_s_median']:.3f}s", flush=True)
+    (out / "sweep.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
