@@ -361,7 +361,7 @@ def unwrap(model: torch.nn.Module) -> MAPLModel:
 def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
                 rank: int = 0, world_size: int = 1, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                 report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-                progress: bool = True) -> tuple[MAPLModel, dict[str, Any]]:
+                progress: bool = True, stop_at: int | None = None) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
     Args:
@@ -373,6 +373,9 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         wrap_model: e.g. ``ray.train.torch.prepare_model`` (DDP); identity when None.
         report: called with a metrics dict every ``log_every`` steps on every rank (Ray Train's report).
         resume: continue from ``RUN/checkpoint`` (weights, optimizer, scheduler, step, pseudo-labeler).
+            When ``train.steps`` changed since the checkpoint, the LR schedule is rebuilt for the new
+            length and fast-forwarded to the saved step.
+        stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -399,10 +402,14 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         state = read_state(run_dir)
         model.refresh_memory(to_tensor(memory_images[:1], device))  # creates bank buffers of the right shapes
         load_model_weights(run_dir, model)
-        extra = load_training_state(run_dir, optimizer, scheduler)
+        start_step = int(state["step"])
+        same_length = int(state.get("total_steps", t.steps)) == t.steps
+        extra = load_training_state(run_dir, optimizer, scheduler if same_length else None)
+        if not same_length:
+            for _ in range(start_step):
+                scheduler.step()
         if ema is not None:
             ema.resume(extra.get("raw_params"))
-        start_step = int(state["step"])
         saved = load_pseudo(run_dir)
         if saved is not None:
             labeler.ensemble = OCCEnsemble.from_state(*saved)
@@ -421,7 +428,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         if rank != 0:
             return
         core = unwrap(model)
-        state = {"step": step, "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
+        state = {"step": step, "total_steps": t.steps, "encoder": cfg.model.encoder, "image_size": cfg.data.image_size,
                  "memory_backend": core.memory.backend, "pseudo_fitted_step": labeler.fitted_step}
         pseudo = labeler.ensemble.state_dict() if labeler.ensemble is not None else None
         if ema is None:
@@ -440,7 +447,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     step_times: list[float] = []
     last: dict[str, float] = {}
     pseudo_stats: dict[str, Any] = {}
-    for step in range(start_step, t.steps):
+    end_step = t.steps if stop_at is None else min(t.steps, stop_at)
+    for step in range(start_step, end_step):
         ts = time.perf_counter()
         if labeler.due(step) and labeler.fitted_step != step:
             pseudo_stats = labeler.fit(unwrap(net), step)
@@ -481,17 +489,17 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             bar.update(1)
             if last:
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
             save(step + 1)
     if bar:
         bar.close()
-    save(t.steps)
+    save(end_step)
     wall = time.perf_counter() - t0
     if ema is not None:
         ema.copy_to_params()
     model = unwrap(model).eval()
     measured = step_times[min(5, max(0, len(step_times) - 1)):]  # skip warm-up steps
-    summary = {"train_wall_s": wall, "steps_run": t.steps - start_step,
+    summary = {"train_wall_s": wall, "steps_run": end_step - start_step,
                "step_s_mean": float(np.mean(measured)) if measured else math.nan,
                "step_s_median": float(np.median(measured)) if measured else math.nan,
                "final_losses": last, "pseudo": pseudo_stats, "memory_backend": model.memory.backend}

@@ -1,0 +1,117 @@
+"""The ``mapl`` command line on real images: predict, evaluate, and errors a new user would hit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import SCREW, TEXTURES, needs_data
+from mapl_ray.cli import main
+
+pytestmark = needs_data
+
+
+def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(root), "--category", "screw", "--textures", str(TEXTURES), "--out", str(out),
+            "--no-ray", "--quiet", "--steps", "2", "--image-size", "64", "--memory-samples", "3",
+            "--set", "model.pretrained=false", "--set", "model.encoder=tf_efficientnet_lite0",
+            "--set", "model.decoder_channels=16,16,16,16", "--set", "eval.validation_normals=3", *extra]
+
+
+def test_trained_run_folder_contract(trained_run):
+    for name in ("config.yaml", "split.json", "metrics.json", "report.md", "train_log.jsonl",
+                 "checkpoint/model.safetensors", "checkpoint/state.json", "checkpoint/optimizer.pt", "plots/roc.png"):
+        assert (trained_run / name).is_file(), name
+    assert list((trained_run / "heatmaps").glob("*.png"))
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        assert 0.0 <= metrics["overall"][key] <= 1.0
+    assert set(metrics["per_defect"]) == {"scratch_head", "thread_top"}
+    state = json.loads((trained_run / "checkpoint" / "state.json").read_text())
+    assert state["threshold"] is not None and "held-out labeled normal" in state["threshold_source"]
+    report = (trained_run / "report.md").read_text()
+    assert "plots/roc.png" in report and "heatmaps/" in report
+
+
+def test_predict_on_real_images(trained_run, capsys, tmp_path):
+    good = sorted((SCREW / "test" / "good").glob("*.png"))[5]
+    bad = sorted((SCREW / "test" / "thread_top").glob("*.png"))[5]
+    assert main(["predict", str(trained_run), str(good), str(bad), "--heatmaps", str(tmp_path / "h")]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["path"] for l in lines] == [str(good), str(bad)]
+    for l in lines:
+        assert isinstance(l["score"], float) and l["label"] in (0, 1)
+        assert Image.open(l["heatmap"]).size[0] > 0
+
+
+def test_evaluate_rewrites_metrics(trained_run, capsys):
+    before = json.loads((trained_run / "metrics.json").read_text())["overall"]["image_auroc"]
+    assert main(["evaluate", str(trained_run)]) == 0
+    after = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert after["image_auroc"] == pytest.approx(before)
+
+
+def test_predict_unreadable_image_names_file(trained_run, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert main(["predict", str(trained_run), str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_wrong_data_path(tmp_path, capsys):
+    assert main(_train_args(tmp_path / "nowhere", tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_mask_and_corrupt_png(small_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    mask = next((root / "screw" / "ground_truth" / "thread_top").glob("*_mask.png"))
+    mask.unlink()
+    assert main(_train_args(root, tmp_path / "r1")) == 2
+    assert mask.name in capsys.readouterr().err
+
+    shutil.rmtree(root)
+    shutil.copytree(small_root, root)
+    corrupt = root / "screw" / "train" / "good" / "000.png"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated PNG
+    assert main(_train_args(root, tmp_path / "r2")) == 2
+    assert "000.png" in capsys.readouterr().err
+
+
+def test_mask_size_mismatch(small_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    mask = next((root / "screw" / "ground_truth" / "scratch_head").glob("*_mask.png"))
+    Image.open(mask).resize((100, 80)).save(mask)
+    assert main(_train_args(root, tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert mask.name in err and "100" in err
+
+
+def test_empty_texture_folder(small_root, tmp_path, capsys):
+    empty = tmp_path / "textures"
+    empty.mkdir()
+    args = _train_args(small_root, tmp_path / "r")
+    args[args.index("--textures") + 1] = str(empty)
+    assert main(args) == 2
+    assert "no texture images found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_folder_is_kept(trained_run, small_root, capsys):
+    before = (trained_run / "checkpoint" / "model.safetensors").read_bytes()
+    assert main(_train_args(small_root, trained_run)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (trained_run / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_unknown_config_field(small_root, tmp_path, capsys):
+    assert main(_train_args(small_root, tmp_path / "r", "--set", "train.stepz=3")) == 2
+    assert "train.stepz" in capsys.readouterr().err

