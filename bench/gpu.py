@@ -1,0 +1,240 @@
+"""GPU benchmark (issue 3): memory-bank step, training and inference throughput, full paper run.
+
+One call on the GPU machine measures, side by side:
+  * the memory-bank step (nearest memory sample + DI* for a batch of 64) against N = 30, 300, 3000
+    memory samples: (a) a naive per-sample Python loop (MemSeg's reference style), (b) the batched
+    torch path, (c) FAISS CPU, (d) FAISS GPU when FAISS has GPUs;
+  * training images/s (forward + backward + AdamW step of the model; inputs already on the GPU) at
+    batch 8, 32, 64 in fp32 and bf16, and the end-to-end step with CPU-side anomaly simulation;
+  * inference images/s at batch 1, 32, 256 (fp32 and bf16) and single-image latency;
+  * a full paper-setting training run (500 steps, pseudo-labeler included) on a category in fp32
+    and bf16 with the test image AUROC of each;
+  * peak GPU memory of each configuration.
+Writes ``--out`` (default ``bench/results/gpu.json``).
+
+    python bench/gpu.py --data ROOT --category screw --textures DIR [--weights FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mapl_ray.config import Config
+from mapl_ray.model.memory import MemoryBank, faiss_available
+from mapl_ray.training import build_model, compute_losses
+
+
+def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of ``fn()`` with CUDA events (host clock + synchronize on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def peak_mb(fn) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def naive_memory_step(feats: list[torch.Tensor], bank: list[torch.Tensor]) -> list[torch.Tensor]:
+    """MemSeg-style reference: Python loops over batch and memory samples, then DI per level."""
+    b, n = feats[0].shape[0], bank[0].shape[0]
+    scores = torch.zeros(b, n, device=feats[0].device)
+    for i in range(b):
+        for j in range(n):
+            scores[i, j] = sum(torch.mean((f[i] - m[j]) ** 2) for f, m in zip(feats, bank))
+    idx = scores.argmin(1)
+    return [torch.cat([f, (f - m[idx]) ** 2], 1) for f, m in zip(feats, bank)]
+
+
+def bench_memory(device: torch.device, shapes, batch: int = 64) -> dict:
+    out: dict = {"ms": {}, "batch": batch, "level_shapes": [list(s) for s in shapes]}
+    has_faiss, n_gpu = faiss_available()
+    g = torch.Generator(device=device).manual_seed(0)
+    feats = [torch.randn(batch, *s, device=device, generator=g) for s in shapes]
+    for n in (30, 300, 3000):
+        bank = [torch.randn(n, *s, device=device, generator=g) for s in shapes]
+        row = {}
+        if n <= 300:  # the loop at N=3000 would take minutes
+            row["naive_loop"] = 1000 * cuda_time(lambda: naive_memory_step(feats, bank), warmup=1, iters=2 if n > 30 else 3)
+        for backend, ok in (("torch", True), ("faiss", has_faiss)):
+            if not ok:
+                continue
+            mb = MemoryBank(backend).to(device)
+            mb.set(bank)
+
+            def step(mb=mb):
+                di, idx = mb.difference(feats, exclude_self=False)
+                return [torch.cat([f, d], 1) for f, d in zip(feats, di)]
+
+            name = {"torch": "batched_torch", "faiss": "faiss_gpu" if (device.type == "cuda" and n_gpu) else "faiss_cpu"}[backend]
+            row[name] = 1000 * cuda_time(step)
+            if backend == "torch":
+                ref = naive_memory_step(feats, bank) if n <= 30 else None
+                if ref is not None:  # same answer as the loop
+                    got = step()
+                    row["batched_matches_naive"] = bool(all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ref, got)))
+        out["ms"][str(n)] = row
+    out["speedup_vs_naive"] = {n: round(r["naive_loop"] / r["batched_torch"], 1) for n, r in out["ms"].items() if "naive_loop" in r}
+    return out
+
+
+def bench_train(cfg: Config, device: torch.device) -> dict:
+    res = {}
+    for amp in ("off", "bf16"):
+        for batch in (8, 32, 64):
+            c = cfg.override({"train.amp": amp})
+            model = build_model(c).to(device).to(memory_format=torch.channels_last)
+            model.refresh_memory(torch.rand(30, 3, 256, 256, device=device))
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=device.type == "cuda")
+            x = torch.rand(batch, 3, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
+            masks = (torch.rand(batch, 1, 256, 256, device=device) > 0.97).float()
+            masks[: batch // 2] = 0
+            kind = torch.tensor([0] * (batch // 2) + [1] * (batch - batch // 2), device=device)
+            label = torch.where(kind == 0, 0, 1)
+            pseudo = torch.full_like(label, -1)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                    out = model(x)
+                loss = compute_losses(out, masks, kind, label, pseudo, c)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            t = cuda_time(step, warmup=5, iters=20)
+            res[f"{'fp32' if amp == 'off' else 'bf16'}_b{batch}"] = {"images_per_s": round(batch / t, 1), "step_ms": round(1000 * t, 2),
+                                                                    "peak_gpu_mem_mb": round(peak_mb(step), 1)}
+            del model, opt
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+    return res
+
+
+def bench_infer(cfg: Config, device: torch.device) -> dict:
+    res = {}
+    model = build_model(cfg).to(device).to(memory_format=torch.channels_last).eval()
+    model.refresh_memory(torch.rand(30, 3, 256, 256, device=device))
+    for amp in ("off", "bf16"):
+        for batch in (1, 32, 256):
+            x = torch.rand(batch, 3, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
+
+            @torch.no_grad()
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                    out = model(x)
+                return torch.sigmoid(out["logits"].float()).flatten(1).topk(100, dim=1).values.mean(1)
+
+            t = cuda_time(step, warmup=5, iters=20)
+            res[f"{'fp32' if amp == 'off' else 'bf16'}_b{batch}"] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 2),
+                                                                    "peak_gpu_mem_mb": round(peak_mb(step), 1)}
+    return res
+
+
+def full_run(cfg: Config, device: str, out_dir: Path, amp: str) -> dict:
+    from mapl_ray.evaluate import calibrate, evaluate_run
+    from mapl_ray.pipelines.train import absolute_paths, load_train_data, prepare_run
+    from mapl_ray.training import train_model
+
+    c = absolute_paths(cfg.override({"train.amp": amp}))
+    run = out_dir / f"full_{amp}"
+    split, _ = prepare_run(c, run)
+    data, val, _ = load_train_data(c, split)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    _, summary = train_model(c, data, run, device=device, progress=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    calibrate(run, val, device=device)
+    m = evaluate_run(run, device=device)["overall"]
+    return {"train_wall_s": round(wall, 2), "step_s_median": summary["step_s_median"], "image_auroc": m["image_auroc"],
+            "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "memory_backend": summary["memory_backend"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--category", default="screw")
+    p.add_argument("--textures")
+    p.add_argument("--weights")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
+    p.add_argument("--runs", default="/tmp/mapl_gpu_runs")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: memory,train,infer,full")
+    args = p.parse_args()
+    skip = set(args.skip.split(","))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures}
+    if args.weights:
+        over["model.weights"] = args.weights
+    cfg = Config().override({k: v for k, v in over.items() if v})
+    result = {"machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
+                          "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
+              "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20"}
+    out = Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
+    if "memory" not in skip:
+        model = build_model(cfg)
+        shapes = [tuple(f.shape[1:]) for f in model.encoder(torch.rand(1, 3, 256, 256))[1:4]]
+        mem = bench_memory(device, shapes)
+        result["memory_step_ms"] = mem["ms"]
+        result["memory_speedup_vs_naive"] = mem["speedup_vs_naive"]
+        save()
+        print("memory", json.dumps(mem["ms"]), flush=True)
+    if "train" not in skip:
+        result["train"] = bench_train(cfg, device)
+        result["train_images_per_s"] = {k: v["images_per_s"] for k, v in result["train"].items()}
+        save()
+        print("train", json.dumps(result["train_images_per_s"]), flush=True)
+    if "infer" not in skip:
+        result["infer"] = bench_infer(cfg, device)
+        result["infer_images_per_s"] = {k: v["images_per_s"] for k, v in result["infer"].items()}
+        save()
+        print("infer", json.dumps(result["infer_images_per_s"]), flush=True)
+    if "full" not in skip and args.data:
+        runs = Path(args.runs)
+        result["full_run"] = {amp: full_run(cfg, device.type, runs, amp) for amp in ("bf16", "off")}
+        result["full_run_s"] = result["full_run"]["bf16"]["train_wall_s"]
+        result["auroc_bf16"] = result["full_run"]["bf16"]["image_auroc"]
+        result["auroc_fp32"] = result["full_run"]["off"]["image_auroc"]
+        save()
+        print("full", json.dumps(result["full_run"]), flush=True)
+    result["peak_gpu_mem_mb"] = {**{f"train_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("train", {}).items()},
+                                 **{f"infer_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("infer", {}).items()}}
+    result["ddp_scaling_2gpu"] = None  # measured on the two-GPU machine through Ray Train (not in this call)
+    save()
+
+
+if __name__ == "__main__":
+    main()
