@@ -57,6 +57,7 @@ class ModelConfig:
     pretrained: bool = True  # False -> random init (tests, from-scratch runs)
     freeze_encoder: bool = True  # frozen encoder: memory bank stays valid between refreshes
     memory_samples: int = 30  # N normal images in the memory bank
+    memory_rotations: int = 8  # each memory image at this many equally spaced rotations (1: as in the paper)
     memory_backend: str = "auto"  # auto | faiss | torch
     coordinate_attention: bool = False  # MSFF option, off by default (MAPL)
     decoder_channels: tuple[int, ...] = (96, 64, 48, 32)  # stride 16, 8, 4, 2

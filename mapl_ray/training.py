@@ -154,6 +154,26 @@ def jitter_intensity(images: np.ndarray, strength: float, rng: np.random.Generat
     return np.clip((x - mean) * c + mean * b, 0, 255).astype(np.uint8)
 
 
+def rotated_copies(images: np.ndarray, k: int) -> np.ndarray:
+    """Each image at ``k`` equally spaced rotations (0, 360/k, ...): uint8 ``(N, H, W, 3)`` -> ``(N k, H, W, 3)``.
+
+    Memory samples at several orientations give rotated objects (screws) a nearest memory sample
+    that is aligned with them, so DI marks the defect rather than the misalignment. Corners uncovered
+    by the rotation are filled with the image's median border colour (PIL ``rotate``).
+    """
+    if k <= 1:
+        return images
+    from PIL import Image
+
+    out = []
+    for img in images:
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        fill = tuple(int(v) for v in np.median(border, axis=0))
+        pil = Image.fromarray(img)
+        out.extend(np.asarray(pil.rotate(360.0 * r / k, resample=Image.Resampling.BILINEAR, fillcolor=fill)) for r in range(k))
+    return np.stack(out)
+
+
 class BatchMaker:
     """Draws the per-worker batch of one step (see module docstring)."""
 
@@ -390,7 +410,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     model = build_model(cfg).to(device)
     sim = build_simulator(cfg)
     bm = BatchMaker(cfg, data, sim, rank, world_size)
-    memory_images = data.normals[data.memory_indices]
+    memory_images = rotated_copies(data.normals[data.memory_indices], cfg.model.memory_rotations)
 
     start_step = 0
     params = [p for p in model.parameters() if p.requires_grad]

@@ -86,3 +86,16 @@ def test_existing_run_is_not_overwritten(small_root, tmp_path):
     assert (run / "split.json").read_text() == before
     with pytest.raises(CheckpointError, match="no checkpoint"):
         read_state(run)
+
+
+def test_rotated_memory_copies():
+    from mapl_ray.training import rotated_copies
+
+    rng = np.random.default_rng(0)
+    imgs = (rng.random((2, 32, 32, 3)) * 255).astype(np.uint8)
+    out = rotated_copies(imgs, 4)
+    assert out.shape == (8, 32, 32, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[0], imgs[0]) and np.array_equal(out[4], imgs[1])  # rotation 0 kept as is
+    # 90-degree steps of a square image are exact pixel permutations (PIL rotates counter-clockwise)
+    assert np.array_equal(out[1], np.rot90(imgs[0], 1))
+    assert rotated_copies(imgs, 1) is imgs

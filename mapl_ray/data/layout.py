@@ -270,6 +270,16 @@ def scan_category(
     return CategoryIndex(root=root_abs, category=category, train_good=train_good, test=test)
 
 
+def find_images(folder: str) -> list[str]:
+    """Image files (:data:`IMAGE_EXTENSIONS`) below ``folder``, recursively, hidden entries skipped, sorted."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        # Prune hidden folders in place so os.walk does not descend into them (.git, .cache...).
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f) and not f.startswith("."))
+    return sorted(found)
+
+
 def scan_folder(path: str | os.PathLike[str]) -> list[ImageRecord]:
     """Recursively list a user's unlabeled image folder.
 
@@ -286,14 +296,10 @@ def scan_folder(path: str | os.PathLike[str]) -> list[ImageRecord]:
     folder = os.path.abspath(os.fspath(path))
     if not os.path.isdir(folder):
         raise LayoutError(f"unlabeled image folder {folder!r} does not exist or is not a folder")
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        # Prune hidden folders in place so os.walk does not descend into them (.git, .cache...).
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+    found = find_images(folder)
     if not found:
         raise LayoutError(
             f"unlabeled image folder {folder!r} contains no image files "
             f"(expected extensions {sorted(IMAGE_EXTENSIONS)})"
         )
-    return [ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in sorted(found)]
+    return [ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in found]

@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from .io import _read_rgb
-from .layout import LayoutError, is_image_file
+from .layout import LayoutError, find_images
 
 __all__ = [
     "FOREGROUND_PRESETS",
@@ -377,13 +377,10 @@ def _list_textures(texture_dir: str) -> list[str]:
     folder = os.path.abspath(texture_dir)
     if not os.path.isdir(folder):
         raise LayoutError(f"no texture images found in {folder!r}: folder does not exist")
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+    found = find_images(folder)
     if not found:
         raise LayoutError(f"no texture images found in {folder!r} (searched recursively)")
-    return sorted(found)
+    return found
 
 
 class AnomalySimulator:

@@ -119,7 +119,7 @@ def _worker_resources(cfg: Config) -> tuple[int, dict[str, float]]:
 
     total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     n = cfg.train.num_workers
-    cpus = cfg.train.cpus_per_worker or max(1, (total - (0 if cfg.train.use_gpu else 0)) // n)
+    cpus = cfg.train.cpus_per_worker or max(1, total // n)
     res = {"CPU": float(cpus)}
     if cfg.train.use_gpu:
         res["GPU"] = 1.0
