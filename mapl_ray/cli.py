@@ -23,7 +23,7 @@ FLAG_FIELDS = {
     "data": "data.root", "category": "data.category", "image_size": "data.image_size",
     "unlabeled": "data.unlabeled_dir", "unlabeled_fraction": "data.unlabeled_fraction",
     "contamination": "data.contamination", "labeled_anomalies": "data.labeled_anomalies",
-    "skip_bad_images": "data.skip_bad_images", "seed": "data.seed", "textures": "simulation.texture_dir",
+    "skip_bad_images": "data.skip_bad_images", "require_masks": "data.require_masks", "seed": "data.seed", "textures": "simulation.texture_dir",
     "encoder": "model.encoder", "weights": "model.weights", "memory_samples": "model.memory_samples",
     "memory_backend": "model.memory_backend", "steps": "train.steps", "lr": "train.lr",
     "num_workers": "train.num_workers", "gpu": "train.use_gpu", "amp": "train.amp", "top_k": "eval.top_k",
@@ -34,9 +34,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.layout import LayoutError
     from .model.encoder import WeightsError
-    from .pipelines.train import RunFolderError
+    from .pipelines.train import RunFolderError, TrainingFailed
 
-    return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, FileNotFoundError)
+    return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, TrainingFailed, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,15 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--contamination", type=float, help="benchmarking: fraction of test anomalies put into the unlabeled pool")
     t.add_argument("--labeled-anomalies", type=int, help="k labeled anomalies per defect type (taken from test)")
     t.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images with a warning")
-    t.add_argument("--encoder", help="timm backbone (default tf_efficientnet_lite0) or 'mapl' (from scratch)")
+    t.add_argument("--encoder", help="timm backbone (default tf_efficientnet_lite2) or 'mapl' (from scratch)")
     t.add_argument("--weights", help="local encoder weights file")
-    t.add_argument("--image-size", type=int)
-    t.add_argument("--memory-samples", type=int)
-    t.add_argument("--memory-backend", choices=["auto", "faiss", "torch"])
-    t.add_argument("--steps", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--top-k", type=int)
+    t.add_argument("--no-masks", dest="require_masks", action="store_false", default=None,
+                   help="image-label-only data: defect images need no ground-truth mask (no pixel metrics for them)")
+    t.add_argument("--image-size", type=int, help="square input size in pixels (default 256)")
+    t.add_argument("--memory-samples", type=int, help="normal images in the memory bank (default 30)")
+    t.add_argument("--memory-backend", choices=["auto", "faiss", "torch"], help="nearest-neighbour search (default auto)")
+    t.add_argument("--steps", type=int, help="training steps (default 500)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 0.003)")
+    t.add_argument("--seed", type=int, help="seed of the split (train.seed via --set)")
+    t.add_argument("--top-k", type=int, help="image score = mean of the top-k anomaly-map pixels (default 100)")
     t.add_argument("--num-workers", type=int, help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
     t.add_argument("--amp", choices=["auto", "off", "bf16"])
@@ -97,7 +99,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if value is not None:
             overrides[fieldname] = value
     if args.resume:
-        allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp"}
+        allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp", "data.skip_bad_images"}
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ConfigError(f"--resume continues the saved configuration; only {sorted(allowed)} may change, got {bad}")

@@ -31,6 +31,7 @@ class DataConfig:
     contamination: float = 0.0  # benchmarking: fraction of test anomalies moved to the unlabeled pool
     labeled_anomalies: int = 0  # k labeled anomalies per defect type, taken from test
     skip_bad_images: bool = False
+    require_masks: bool = True  # False: image-label-only data (defect images without masks)
     seed: int = 0
 
 
@@ -135,6 +136,51 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def validate(self) -> "Config":
+        """Check value ranges; returns self.
+
+        Raises:
+            ConfigError: names the first field out of range and what was expected.
+        """
+        checks = [
+            ("data.image_size", self.data.image_size >= 32, ">= 32 pixels"),
+            ("data.unlabeled_fraction", 0 <= self.data.unlabeled_fraction < 1, "in [0, 1)"),
+            ("data.contamination", 0 <= self.data.contamination < 1, "in [0, 1)"),
+            ("data.labeled_anomalies", self.data.labeled_anomalies >= 0, ">= 0"),
+            ("simulation.delta_min", 0 <= self.simulation.delta_min <= self.simulation.delta_max <= 1,
+             "0 <= delta_min <= delta_max <= 1"),
+            ("model.memory_samples", self.model.memory_samples >= 1, ">= 1"),
+            ("model.memory_rotations", self.model.memory_rotations >= 1, ">= 1"),
+            ("model.memory_backend", self.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),
+            ("pseudo.num_occs", self.pseudo.num_occs >= 1, ">= 1"),
+            ("pseudo.refit_every", self.pseudo.refit_every >= 1, ">= 1"),
+            ("train.steps", self.train.steps >= 1, ">= 1"),
+            ("train.lr", self.train.lr > 0, "> 0"),
+            ("train.min_lr", 0 <= self.train.min_lr <= self.train.lr, "in [0, train.lr]"),
+            ("train.weight_decay", self.train.weight_decay >= 0, ">= 0"),
+            ("train.warmup_fraction", 0 <= self.train.warmup_fraction < 1, "in [0, 1)"),
+            ("train.batch_normal", self.train.batch_normal >= 1, ">= 1"),
+            ("train.batch_simulated", self.train.batch_simulated >= 1, ">= 1"),
+            ("train.batch_unlabeled", self.train.batch_unlabeled >= 0, ">= 0"),
+            ("train.batch_labeled_anomaly", self.train.batch_labeled_anomaly >= 0, ">= 0"),
+            ("train.num_workers", self.train.num_workers >= 1, ">= 1"),
+            ("train.amp", self.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
+            ("train.augment", self.train.augment in ("none", "flip", "rot90"), "none, flip or rot90"),
+            ("train.ema_decay", 0 <= self.train.ema_decay < 1, "in [0, 1)"),
+            ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 1, ">= 1"),
+            ("train.log_every", self.train.log_every >= 1, ">= 1"),
+            ("eval.top_k", self.eval.top_k >= 1, ">= 1"),
+            ("eval.batch_size", self.eval.batch_size >= 1, ">= 1"),
+            ("eval.threshold_quantile", 0 < self.eval.threshold_quantile <= 1, "in (0, 1]"),
+            ("eval.validation_normals", self.eval.validation_normals >= 0, ">= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                section, field_ = name.split(".")
+                raise ConfigError(f"{name} = {getattr(getattr(self, section), field_)!r} is out of range: expected {expected}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML / JSON."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -188,6 +234,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         raise ConfigError(f"{where}: None is not allowed (expected {text})")
     try:
         if typ is bool or text.startswith("bool"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+                raise ValueError(value)
             if isinstance(value, str):
                 low = value.strip().lower()
                 if low in ("true", "1", "yes", "on"):
@@ -197,7 +245,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if typ is int or text.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if typ is float or text.startswith("float"):
@@ -209,7 +257,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if typ is str or text.startswith("str"):
             return str(value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: cannot use {value!r} (expected {text})") from e
+        expected = {"<class 'int'>": "an integer", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
+                    "<class 'str'>": "a string"}.get(text, text)
+        raise ConfigError(f"{where}: cannot use {value!r} (expected {expected})") from e
     return value
 
 

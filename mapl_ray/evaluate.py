@@ -105,6 +105,10 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "eval_s": round(eval_s, 2),
         "device": str(pred.device),
     }
+    if extra_info is None and (run_dir / "metrics.json").is_file():
+        # a re-evaluation keeps what only training knew (timings, skipped images)
+        previous = json.loads((run_dir / "metrics.json").read_text()).get("run", {})
+        extra_info = {k: previous[k] for k in ("training", "data") if k in previous}
     if extra_info:
         info.update(extra_info)
     write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)

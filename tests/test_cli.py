@@ -53,6 +53,8 @@ def test_evaluate_rewrites_metrics(trained_run, capsys):
     assert main(["evaluate", str(trained_run)]) == 0
     after = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert after["image_auroc"] == pytest.approx(before)
+    run_info = json.loads((trained_run / "metrics.json").read_text())["run"]
+    assert "training" in run_info and "skipped_images" in run_info["data"]  # kept from the training run
 
 
 def test_predict_unreadable_image_names_file(trained_run, tmp_path, capsys):

@@ -36,3 +36,21 @@ def test_two_worker_ray_train_lowers_loss(ray_local, small_root, tmp_path):
     assert summary["steps_run"] == 40
     assert (run / "checkpoint" / "model.safetensors").is_file()
     assert not list(run.glob("checkpoint_*"))  # one checkpoint folder, not one per rank
+
+
+def test_worker_errors_are_unwrapped_for_the_cli():
+    from mapl_ray.model.encoder import WeightsError
+    from mapl_ray.pipelines.train import TrainingFailed, _worker_error
+
+    class WorkerGroupError(RuntimeError):  # shape of Ray Train's wrapper: failures by rank
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors:\nTraceback ...\nValueError: boom")
+            self.worker_failures = failures
+
+    ours = WeightsError("unknown encoder 'resnet9000'")
+    assert _worker_error(WorkerGroupError({0: ours, 1: ours})) is ours
+    wrapped = RuntimeError("outer")
+    wrapped.__cause__ = ours
+    assert _worker_error(wrapped) is ours
+    other = _worker_error(WorkerGroupError({0: ZeroDivisionError("x")}))
+    assert isinstance(other, TrainingFailed) and "ValueError: boom" in str(other)

@@ -76,16 +76,27 @@ def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_
 
 
 @needs_data
-def test_existing_run_is_not_overwritten(small_root, tmp_path):
+def test_failed_start_folder_is_reused_and_resume_needs_checkpoint(small_root, tmp_path):
     cfg = tiny_config(small_root)
     run = tmp_path / "run"
-    prepare_run(cfg, run)
-    before = (run / "split.json").read_text()
-    with pytest.raises(RunFolderError, match="already holds a run"):
-        prepare_run(cfg, run)
-    assert (run / "split.json").read_text() == before
+    prepare_run(cfg, run)  # a run that stopped before its first checkpoint leaves config + split
+    with pytest.raises(RunFolderError, match="holds no checkpoint"):
+        prepare_run(cfg, run, resume=True)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         read_state(run)
+    prepare_run(cfg.override({"data.skip_bad_images": True}), run)  # starting again reuses the folder
+    assert "skip_bad_images: true" in (run / "config.yaml").read_text()
+
+
+def test_out_of_range_settings_fail_before_anything_is_written(tmp_path):
+    from mapl_ray.config import Config, ConfigError
+
+    for field, value in (("train.steps", 0), ("train.lr", -1.0), ("train.num_workers", 0), ("eval.top_k", 0),
+                         ("model.memory_samples", 0), ("data.image_size", 8)):
+        cfg = Config().override({"data.root": str(tmp_path), "data.category": "x", field: value})
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            prepare_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_rotated_memory_copies():

@@ -73,6 +73,8 @@ class MemoryBank(nn.Module):
         self.backend = None  # resolved on first search
         self._index = None
         self._index_version = -1
+        self._flat = None
+        self._flat_version = -1
         self.register_buffer("version", torch.zeros((), dtype=torch.long))
         # typical per-level mean DI between a memory sample and its nearest other memory sample: the
         # unit of the attention maps, so a normal image gives maps near 1 whatever the encoder's scale
@@ -127,15 +129,25 @@ class MemoryBank(nn.Module):
             self.num_levels = i
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def _faiss_index(self, flat_bank: torch.Tensor):
+    def _flat_bank(self) -> torch.Tensor:
+        """The bank flattened as in :func:`flatten_levels`, cached until the bank changes."""
+        version = int(self.version)
+        if self._flat is None or self._flat_version != version:
+            self._flat, self._flat_version = flatten_levels(self.levels()), version
+        return self._flat
+
+    def _faiss_index(self):
         import faiss
 
         version = int(self.version)
         if self._index is None or self._index_version != version:
+            flat_bank = self._flat_bank()
             index = faiss.IndexFlatL2(flat_bank.shape[1])
             if self.backend == "faiss-gpu":
                 index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
             index.add(np.ascontiguousarray(flat_bank.cpu().numpy(), dtype=np.float32))
+            # FAISS scans query by query below 20 queries; a training batch is 8: use its BLAS path
+            faiss.cvar.distance_compute_blas_threshold = 1
             self._index, self._index_version = index, version
         return self._index
 
@@ -165,8 +177,7 @@ class MemoryBank(nn.Module):
         q = flatten_levels(feats)
         k = min(2, self.size) if exclude_self else 1
         if self.backend.startswith("faiss"):
-            flat_bank = flatten_levels(bank)
-            dist, idx = self._faiss_index(flat_bank).search(np.ascontiguousarray(q.cpu().numpy()), k)
+            dist, idx = self._faiss_index().search(np.ascontiguousarray(q.cpu().numpy()), k)
             dist = torch.from_numpy(dist).to(q.device)
             idx = torch.from_numpy(idx).to(q.device)
         else:
@@ -180,7 +191,7 @@ class MemoryBank(nn.Module):
     def distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 distances ``(B, N)`` float32 between inputs and memory samples (batched torch)."""
         q = flatten_levels(feats)
-        b = flatten_levels(self.levels()).to(q.device)
+        b = self._flat_bank().to(q.device)
         # ||q||^2 + ||b||^2 - 2 q.b in float32: one GEMM instead of a B x N loop
         d = q.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2.0 * q @ b.T
         return d.clamp_min_(0)

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
-from ..data.io import load_records
+from ..config import Config, ConfigError
+from ..data.io import image_size, load_records
 from ..data.layout import LayoutError, scan_category, scan_folder
 from ..data.split import Split, make_split
+from ..model.encoder import WeightsError, build_encoder
 from ..model.memory import choose_memory_indices
-from ..model.encoder import WeightsError
 from ..training import TrainData, build_simulator
 
 log = logging.getLogger("mapl_ray.pipelines")
@@ -51,31 +51,71 @@ def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> tuple
         LayoutError: the data set is not in MVTec AD layout (names the path).
     """
     run_dir = Path(run_dir)
+    cfg.validate()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {run_dir} exists and is not a folder")
+    has_checkpoint = (run_dir / "checkpoint" / "state.json").is_file()
     if resume:
-        if not (run_dir / "split.json").is_file():
-            raise RunFolderError(f"cannot resume: {run_dir / 'split.json'} does not exist")
+        if not has_checkpoint or not (run_dir / "split.json").is_file():
+            raise RunFolderError(f"cannot resume {run_dir}: it holds no checkpoint yet (the run stopped before its first "
+                                 f"save); start it again without --resume, which reuses the folder")
+        done = int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"])
+        if cfg.train.steps < done:
+            raise RunFolderError(f"cannot resume {run_dir} with train.steps={cfg.train.steps}: the checkpoint is already at step {done}")
         return Split.from_json(run_dir / "split.json"), {}
-    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoint").exists():
+    if has_checkpoint:
         raise RunFolderError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out (nothing was overwritten)"
         )
     if not cfg.data.root or not cfg.data.category:
         raise LayoutError("data.root and data.category are required (mapl train --data ROOT --category NAME)")
-    index = scan_category(cfg.data.root, cfg.data.category)
+    index = scan_category(cfg.data.root, cfg.data.category, require_masks=cfg.data.require_masks)
+    check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
     build_simulator(cfg)  # fails fast on a missing / empty texture folder, before anything is written
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise WeightsError(f"encoder weights file {cfg.model.weights} does not exist (model.weights / --weights)")
+    build_encoder(cfg.model.encoder, cfg.model.weights, cfg.model.pretrained)  # unknown backbone / bad weights
     unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
-    split = make_split(index, seed=cfg.data.seed, unlabeled=unlabeled, unlabeled_fraction=cfg.data.unlabeled_fraction,
-                       contamination=cfg.data.contamination, labeled_anomalies=cfg.data.labeled_anomalies)
+    try:
+        split = make_split(index, seed=cfg.data.seed, unlabeled=unlabeled, unlabeled_fraction=cfg.data.unlabeled_fraction,
+                           contamination=cfg.data.contamination, labeled_anomalies=cfg.data.labeled_anomalies)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    # a folder left by a run that failed before its first checkpoint holds nothing trained: reuse it
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     split.to_json(run_dir / "split.json")
     return split, {"defect_types": index.defect_types}
 
 
+def check_test_masks(records, skip_bad: bool = False) -> None:
+    """Before training: every test image with a mask has a mask of its size (headers only, cheap).
+
+    Raises:
+        LayoutError: a mask whose size differs from its image; ImageReadError: an unreadable header
+            (unless ``skip_bad``, where evaluation skips the image later).
+    """
+    from ..data.layout import ImageReadError
+
+    for r in records:
+        if not r.mask_path:
+            continue
+        try:
+            hw, mhw = image_size(r.path), image_size(r.mask_path)
+        except ImageReadError:
+            if skip_bad:
+                continue
+            raise
+        if hw != mhw:
+            raise LayoutError(f"mask {r.mask_path!r} is {mhw[0]}x{mhw[1]} (HxW) but its image {r.path!r} is "
+                              f"{hw[0]}x{hw[1]}; expected the same size")
+
+
 def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
     """Rows of the labeled normals held out for score normalisation and the decision threshold."""
+    if n_val > max(0, n_normals - 2):
+        log.warning("eval.validation_normals=%d but only %d labeled normals: holding out %d, training on 2",
+                    n_val, n_normals, max(0, n_normals - 2))
     n_val = min(n_val, max(0, n_normals - 2))
     rng = np.random.default_rng([seed, 11])
     return np.sort(rng.choice(n_normals, size=n_val, replace=False)) if n_val else np.zeros(0, np.int64)
@@ -154,6 +194,31 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         Path(config["run_dir"], "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
+class TrainingFailed(RuntimeError):
+    """A Ray Train worker failed with an error that is not one of mapl-ray's input errors."""
+
+
+def _worker_error(err: BaseException) -> BaseException:
+    """The error a training worker raised, unwrapped from Ray's wrappers (for a one-line CLI message)."""
+    from ..checkpoint import CheckpointError
+    from ..data.layout import LayoutError
+
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (LayoutError, WeightsError, CheckpointError, ConfigError)):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return TrainingFailed(f"training failed in a Ray worker: {last}")
+
+
 def train_with_ray(cfg: Config, data: TrainData, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
@@ -178,9 +243,12 @@ def train_with_ray(cfg: Config, data: TrainData, run_dir: str | Path, resume: bo
                                      resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_results")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised: the worker's own error when it is ours, else TrainingFailed
+        raise _worker_error(e) from e
     if result.error:
-        raise RuntimeError(f"Ray Train failed: {result.error}") from result.error
+        raise _worker_error(result.error) from result.error
     return json.loads((run_dir / "train_summary.json").read_text())
 
 
@@ -215,4 +283,9 @@ def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ra
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
     calibrate(run_dir, val_images)
     summary["data_load_s"] = load_s
-    return evaluate_run(run_dir, extra_info={"training": summary, "data": {k: v for k, v in data_info.items() if k != "validation_normals"}})
+    try:
+        return evaluate_run(run_dir, extra_info={"training": summary,
+                                                 "data": {k: v for k, v in data_info.items() if k != "validation_normals"}})
+    except LayoutError as e:
+        raise LayoutError(f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
+                          f"`mapl evaluate {run_dir}`)") from e
