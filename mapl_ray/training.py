@@ -16,6 +16,7 @@ flags failed simulations (0) and leaves the rest out (-1), as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -357,21 +358,17 @@ class WeightEMA:
             for p, r in zip(self.params, raw):
                 p.copy_(r.to(p.device))
 
+    @contextlib.contextmanager
     def swapped(self):
-        ema = self
-
-        class _Swap:
-            def __enter__(self_inner):
-                ema._raw = [p.detach().clone() for p in ema.params]
-                ema.copy_to_params()
-
-            def __exit__(self_inner, *exc):
-                with torch.no_grad():
-                    for p, r in zip(ema.params, ema._raw):
-                        p.copy_(r)
-                return False
-
-        return _Swap()
+        """Within the block the parameters hold the averaged weights; the raw ones are restored after."""
+        self._raw = [p.detach().clone() for p in self.params]
+        self.copy_to_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, self._raw):
+                    p.copy_(r)
 
 
 def unwrap(model: torch.nn.Module) -> MAPLModel:
