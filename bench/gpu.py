@@ -6,9 +6,10 @@ One call on the GPU machine measures, side by side:
     torch path, (c) FAISS CPU, (d) FAISS GPU when FAISS has GPUs;
   * training images/s (forward + backward + AdamW step of the model; inputs already on the GPU) at
     batch 8, 32, 64 in fp32 and bf16, and the end-to-end step with CPU-side anomaly simulation;
-  * inference images/s at batch 1, 32, 256 (fp32 and bf16) and single-image latency;
   * a full paper-setting training run (500 steps, pseudo-labeler included) on a category in fp32
-    and bf16 with the test image AUROC of each;
+    and bf16 with the test image AUROC of each (anomaly simulation in loader processes);
+  * inference images/s at batch 1, 32, 256 (fp32 and bf16, eager and CUDA graphs) through the
+    run's ``Predictor``, and single-image latency;
   * peak GPU memory of each configuration.
 Writes ``--out`` (default ``bench/results/gpu.json``).
 
@@ -123,7 +124,7 @@ def bench_train(cfg: Config, device: torch.device) -> dict:
             def step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                     out = model(x)
-                loss = compute_losses(out, masks, kind, label, pseudo, c)["loss"]
+                loss = compute_losses(out, masks, kind, label, pseudo, c, has_pool=False)["loss"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -136,23 +137,31 @@ def bench_train(cfg: Config, device: torch.device) -> dict:
     return res
 
 
-def bench_infer(cfg: Config, device: torch.device) -> dict:
+def bench_infer(run_dir: Path, device: torch.device) -> dict:
+    """Inference through :class:`mapl_ray.inference.Predictor` (the path of ``mapl evaluate`` / ``predict``
+    / serve) on a trained run: eager vs CUDA graphs, fp32 vs bf16, batch 1 / 32 / 256; image on the GPU."""
+    from mapl_ray.inference import Predictor
+
     res = {}
-    model = build_model(cfg).to(device).to(memory_format=torch.channels_last).eval()
-    model.refresh_memory(torch.rand(30, 3, 256, 256, device=device))
     for amp in ("off", "bf16"):
-        for batch in (1, 32, 256):
-            x = torch.rand(batch, 3, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
+        for graphs in (False, True):
+            pred = Predictor(run_dir, device=device, cuda_graphs=graphs, amp=amp)
+            for batch in (1, 32, 256):
+                x = torch.rand(batch, 3, 256, 256, device=device)
+                name = f"{'fp32' if amp == 'off' else 'bf16'}_{'graph' if graphs else 'eager'}_b{batch}"
 
-            @torch.no_grad()
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                    out = model(x)
-                return torch.sigmoid(out["logits"].float()).flatten(1).topk(100, dim=1).values.mean(1)
+                def step(pred=pred, x=x):
+                    return pred.predict_tensor(x)["scores"]
 
-            t = cuda_time(step, warmup=5, iters=20)
-            res[f"{'fp32' if amp == 'off' else 'bf16'}_b{batch}"] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 2),
-                                                                    "peak_gpu_mem_mb": round(peak_mb(step), 1)}
+                try:
+                    t = cuda_time(step, warmup=5, iters=20)
+                    res[name] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 3),
+                                 "peak_gpu_mem_mb": round(peak_mb(step), 1), "cuda_graphs": pred.cuda_graphs}
+                except Exception as e:  # noqa: BLE001 - recorded in the results, the other configurations still run
+                    res[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(name, res[name], flush=True)
+            del pred
+            torch.cuda.empty_cache() if device.type == "cuda" else None
     return res
 
 
@@ -167,15 +176,21 @@ def full_run(cfg: Config, device: str, out_dir: Path, amp: str) -> dict:
     data, val, _ = load_train_data(c, split)
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     _, summary = train_model(c, data, run, device=device, progress=False)
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     calibrate(run, val, device=device)
+    t1 = time.perf_counter()
     m = evaluate_run(run, device=device)["overall"]
-    return {"train_wall_s": round(wall, 2), "step_s_median": summary["step_s_median"], "image_auroc": m["image_auroc"],
-            "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "memory_backend": summary["memory_backend"]}
+    return {"train_wall_s": round(wall, 2), "loop_wall_s": round(summary["loop_wall_s"], 2),
+            "images_per_s": round(summary["images_per_s"], 1), "step_s_median": summary["step_s_median"],
+            "loader_workers": summary["loader_workers"], "evaluate_s": round(time.perf_counter() - t1, 2),
+            "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
+            "memory_backend": summary["memory_backend"], "peak_gpu_mem_mb": round(peak, 1), "run_dir": str(run)}
 
 
 def main() -> None:
@@ -197,7 +212,8 @@ def main() -> None:
     cfg = Config().override({k: v for k, v in over.items() if v})
     result = {"machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
                           "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
-              "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20"}
+              "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20",
+              "command": "python bench/gpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v)}
     out = Path(args.out)
 
     def save():
@@ -217,22 +233,27 @@ def main() -> None:
         result["train_images_per_s"] = {k: v["images_per_s"] for k, v in result["train"].items()}
         save()
         print("train", json.dumps(result["train_images_per_s"]), flush=True)
-    if "infer" not in skip:
-        result["infer"] = bench_infer(cfg, device)
-        result["infer_images_per_s"] = {k: v["images_per_s"] for k, v in result["infer"].items()}
-        save()
-        print("infer", json.dumps(result["infer_images_per_s"]), flush=True)
+    runs = Path(args.runs)
     if "full" not in skip and args.data:
-        runs = Path(args.runs)
+        # train_wall_s: the whole train_model call (model build, memory bank, 500 steps, pseudo-labeler
+        # refits, final checkpoint); loop_wall_s: the 500 steps alone
         result["full_run"] = {amp: full_run(cfg, device.type, runs, amp) for amp in ("bf16", "off")}
         result["full_run_s"] = result["full_run"]["bf16"]["train_wall_s"]
         result["auroc_bf16"] = result["full_run"]["bf16"]["image_auroc"]
         result["auroc_fp32"] = result["full_run"]["off"]["image_auroc"]
         save()
         print("full", json.dumps(result["full_run"]), flush=True)
+    if "infer" not in skip and args.data:
+        if not (runs / "full_bf16" / "checkpoint").is_dir():
+            full_run(cfg, device.type, runs, "bf16")
+        result["infer"] = bench_infer(runs / "full_bf16", device)
+        result["infer_images_per_s"] = {k: v["images_per_s"] for k, v in result["infer"].items() if "images_per_s" in v}
+        save()
+        print("infer", json.dumps(result["infer_images_per_s"]), flush=True)
     result["peak_gpu_mem_mb"] = {**{f"train_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("train", {}).items()},
-                                 **{f"infer_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("infer", {}).items()}}
-    result["ddp_scaling_2gpu"] = None  # measured on the two-GPU machine through Ray Train (not in this call)
+                                 **{f"infer_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("infer", {}).items() if "peak_gpu_mem_mb" in v},
+                                 **{f"full_run_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("full_run", {}).items()}}
+    result.setdefault("ddp_scaling_2gpu", None)  # bench/ddp.py (Ray Train, two GPUs) fills it in
     save()
 
 

@@ -108,6 +108,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: int | None = None  # None -> all CPUs split between workers
+    loader_workers: int | None = None  # anomaly-simulation processes per worker; None -> 0 on CPU, up to 4 with a GPU
     amp: str = "auto"  # auto | off | bf16
     channels_last: bool = True
     compile: bool = False
@@ -121,6 +122,7 @@ class EvalConfig:
     top_k: int = 100  # image score = mean of the top-k anomaly-map pixels
     q_weight: float = 0.0  # image score += q_weight * sigmoid(q)
     batch_size: int = 16
+    cuda_graphs: bool = True  # replay inference as CUDA graphs on a GPU (torch memory search only)
     heatmaps: int = 12  # heatmap overlays written to the report
     threshold_quantile: float = 0.99  # decision threshold from labeled-normal validation scores
     validation_normals: int = 16  # labeled normals held out of training for normalisation / threshold
@@ -164,6 +166,7 @@ class Config:
             ("train.batch_unlabeled", self.train.batch_unlabeled >= 0, ">= 0"),
             ("train.batch_labeled_anomaly", self.train.batch_labeled_anomaly >= 0, ">= 0"),
             ("train.num_workers", self.train.num_workers >= 1, ">= 1"),
+            ("train.loader_workers", self.train.loader_workers is None or self.train.loader_workers >= 0, ">= 0 or null"),
             ("train.amp", self.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
             ("train.augment", self.train.augment in ("none", "flip", "rot90"), "none, flip or rot90"),
             ("train.ema_decay", 0 <= self.train.ema_decay < 1, "in [0, 1)"),

@@ -32,7 +32,7 @@ from .checkpoint import load_model_weights, load_pseudo, load_training_state, re
 from .config import Config
 from .data.simulation import FOREGROUND_PRESETS, AnomalySimulator, ForegroundConfig
 from .model import MAPLModel, build_encoder, segmentation_loss
-from .pseudo import OCCConfig, OCCEnsemble, labeled_bce, pseudo_label_bce
+from .pseudo import OCCConfig, OCCEnsemble, masked_bce
 
 log = logging.getLogger("mapl_ray.train")
 
@@ -200,6 +200,27 @@ class BatchMaker:
             masks.append(mask)
         return np.stack(imgs), np.stack(masks)
 
+    def pool(self, step: int) -> dict[str, np.ndarray]:
+        """The images the pseudo-labeler is refitted on at ``step`` (seeded by ``(seed, step)``, equal on every rank).
+
+        ``normal_idx``: int64 rows of ``data.normals`` (at most 128); ``sims``: uint8
+        ``(2 pool_size, H, W, 3)`` simulated anomalies; ``unlabeled_idx``: rows of the unlabeled pool
+        (at most 512) or empty.
+        """
+        d, p = self.data, self.cfg.pseudo
+        rng = np.random.default_rng([self.cfg.train.seed, step, 2])
+        normal_idx = rng.choice(len(d.normals), size=min(len(d.normals), 128), replace=False)
+        base = d.normals[rng.integers(0, len(d.normals), size=2 * p.pool_size)]
+        sims, _ = self.simulate(base, rng)
+        unl_idx = np.zeros(0, np.int64)
+        if d.unlabeled is not None and len(d.unlabeled):
+            unl_idx = np.arange(len(d.unlabeled)) if len(d.unlabeled) <= 512 else rng.choice(len(d.unlabeled), 512, replace=False)
+        return {"normal_idx": normal_idx, "sims": sims, "unlabeled_idx": unl_idx}
+
+    def has_pool(self) -> bool:
+        """Whether batches contain unlabeled-pool images (kind 2)."""
+        return self.n_unl > 0
+
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         """Batch dict: ``images`` uint8 ``(B, H, W, 3)``, ``masks`` uint8 ``(B, H, W)``, ``kind`` int8 ``(B,)``
         (0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly), ``label`` int8 (0/1, -1 unknown)."""
@@ -229,8 +250,53 @@ class BatchMaker:
         }
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Training batches as a map-style dataset over step indices, for a ``torch.utils.data.DataLoader``.
+
+    Item ``step`` is ``BatchMaker(step)`` and, on the pseudo-labeler's refit steps, its
+    :meth:`BatchMaker.pool` under ``"pool"``. Every item depends only on ``(seed, rank, step)``, so
+    loader workers can simulate anomalies ahead of the GPU in any order and a resumed run still
+    draws the same batches.
+    """
+
+    def __init__(self, batch_maker: "BatchMaker", is_refit_step: Callable[[int], bool]):
+        self.bm, self.is_refit_step = batch_maker, is_refit_step
+
+    def __len__(self) -> int:
+        return self.bm.cfg.train.steps
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        batch: dict[str, Any] = self.bm(step)
+        if self.is_refit_step(step):
+            batch["pool"] = self.bm.pool(step)
+        return batch
+
+
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """Loader processes for anomaly simulation: ``train.loader_workers``, or by default 0 on the CPU
+    (compute and simulation share the same cores) and up to 4 beside a GPU."""
+    if cfg.train.loader_workers is not None:
+        return int(cfg.train.loader_workers)
+    return 0 if device.type == "cpu" else max(0, min(4, torch.get_num_threads() - 1))
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, ...]:
+    """(images float ``(B, 3, H, W)`` in [0, 1], masks float ``(B, 1, H, W)``, kind, label int64) on ``device``.
+
+    Accepts numpy arrays or (pinned) tensors from the loader; copies are non-blocking.
+    """
+    def dev(a):
+        return torch.as_tensor(a).to(device, non_blocking=True)
+
+    x = dev(batch["images"]).permute(0, 3, 1, 2).float().div_(255.0)  # NHWC storage: already channels-last
+    if not (channels_last and device.type == "cuda"):
+        x = x.contiguous()
+    masks = dev(batch["masks"]).unsqueeze(1).float()
+    return x, masks, dev(batch["kind"]).long(), dev(batch["label"]).long()
+
+
 def compute_losses(out: dict[str, torch.Tensor], masks: torch.Tensor, kind: torch.Tensor, label: torch.Tensor,
-                   pseudo: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+                   pseudo: torch.Tensor, cfg: Config, has_pool: bool | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of one batch (scalars with gradient).
 
     Args:
@@ -239,33 +305,40 @@ def compute_losses(out: dict[str, torch.Tensor], masks: torch.Tensor, kind: torc
         kind: int ``(B,)`` 0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly.
         label: int ``(B,)`` image labels (1 / 0, -1 unknown).
         pseudo: int ``(B,)`` pseudo-labels from the OCC ensemble (1 / 0 / -1) for unlabeled data.
+        has_pool: whether the batch holds unlabeled-pool images (kind 2); known on the host from the
+            batch composition. None: read from ``kind`` (costs a device sync).
 
     The segmentation loss uses images with known masks (normal, simulated, labeled anomaly), except
     simulated images that the pseudo-labeler calls normal (0) when ``pseudo.filter_simulations``:
     simulations that failed to look anomalous (the paper's use of pseudo-labels on simulated data).
     L_Yl uses the labeled images (normal -> 0, labeled anomaly -> 1); L_Yu the pseudo-labeled images
-    (eq. 17): the unlabeled pool, or the simulated images when there is no pool.
+    (eq. 17): the unlabeled pool, or the simulated images when there is no pool. Samples are
+    selected by 0/1 weights rather than boolean indexing, so the step never waits for the GPU.
     """
     L = cfg.loss
     known = kind != 2
     if cfg.pseudo.filter_simulations:
         known = known & ~((kind == 1) & (pseudo == 0))
-    seg = segmentation_loss(out["logits"][known], masks[known], L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha)
+    seg = segmentation_loss(out["logits"], masks, L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha, weights=known)
     lab = (kind == 0) | (kind == 3)
-    l_yl = labeled_bce(out["q"][lab].float(), label[lab].float())
-    has_pool = bool((kind == 2).any())
+    l_yl = masked_bce(out["q"], label, lab)
+    if has_pool is None:
+        has_pool = bool((kind == 2).any())
     u_sel = (kind == 2) if has_pool else (kind == 1)
-    l_yu = pseudo_label_bce(out["q"][u_sel].float(), pseudo[u_sel])
+    l_yu = masked_bce(out["q"], pseudo, u_sel & (pseudo != -1))
     total = seg["seg"] + L.labeled_bce_weight * l_yl + L.pseudo_bce_weight * l_yu
     return {"loss": total, "l1": seg["l1"], "focal": seg["focal"], "l_yl": l_yl, "l_yu": l_yu}
 
 
-def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast where asked (``amp='bf16'``, or ``auto`` on CUDA); a no-op context otherwise."""
+def autocast_context(device: torch.device, amp: str, cache_enabled: bool = True):
+    """bf16 autocast where asked (``amp='bf16'``, or ``auto`` on CUDA); a no-op context otherwise.
+
+    ``cache_enabled=False`` inside CUDA-graph capture (autocast's weight-cast cache must not outlive it).
+    """
     if amp not in ("auto", "off", "bf16"):
         raise ValueError(f"train.amp must be auto, off or bf16, got {amp!r}")
     enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache_enabled)
 
 
 class PseudoLabeler:
@@ -292,25 +365,30 @@ class PseudoLabeler:
                 out.append(model.pooled_features(x).float().cpu().numpy())
         return np.concatenate(out)
 
-    def fit(self, model: MAPLModel, step: int) -> dict[str, Any]:
-        """Refit the ensemble (same data and seed on every worker, so every worker gets the same ensemble)."""
+    def is_refit_step(self, step: int) -> bool:
+        """Steps of the refit schedule (``warmup_steps`` then every ``refit_every``): their pool is prefetched."""
+        p = self.cfg.pseudo
+        return p.enabled and step >= p.warmup_steps and (step - p.warmup_steps) % p.refit_every == 0
+
+    def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Refit the ensemble (same data and seed on every worker, so every worker gets the same ensemble).
+
+        ``pool``: :meth:`BatchMaker.pool` of ``step`` when it was prepared ahead (by a loader
+        worker); drawn here otherwise.
+        """
         d, p = self.bm.data, self.cfg.pseudo
-        rng = np.random.default_rng([self.cfg.train.seed, step, 2])
+        if pool is None:
+            pool = self.bm.pool(step)
+        sims = np.asarray(pool["sims"])
         was = model.training
         model.eval()
-        cap = min(len(d.normals), 128)
-        normal_idx = rng.choice(len(d.normals), size=cap, replace=False)
-        normals = self._pooled(model, d.normals[normal_idx])
-        base = d.normals[rng.integers(0, len(d.normals), size=2 * p.pool_size)]
-        sims, _ = self.bm.simulate(base, rng)
+        normals = self._pooled(model, d.normals[np.asarray(pool["normal_idx"])])
         pos_images = sims[: p.pool_size]
         if d.anomalies is not None and len(d.anomalies):
             pos_images = np.concatenate([d.anomalies, pos_images])
         positives = self._pooled(model, pos_images)
-        if d.unlabeled is not None and len(d.unlabeled):
-            unl_images = d.unlabeled if len(d.unlabeled) <= 512 else d.unlabeled[rng.choice(len(d.unlabeled), 512, replace=False)]
-        else:
-            unl_images = sims[p.pool_size :]
+        unl_idx = np.asarray(pool["unlabeled_idx"])
+        unl_images = d.unlabeled[unl_idx] if len(unl_idx) else sims[p.pool_size :]
         unlabeled = self._pooled(model, unl_images)
         model.train(was)
         self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
@@ -319,10 +397,11 @@ class PseudoLabeler:
         return {"pseudo_pos": int((pl == 1).sum()), "pseudo_neg": int((pl == 0).sum()), "pseudo_unknown": int((pl == -1).sum())}
 
     def predict(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) for pooled features ``(B, D)``; all -1 before the first fit."""
+        """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) for pooled features ``(B, D)``, on their device
+        (no host sync); all -1 before the first fit."""
         if self.ensemble is None:
             return torch.full((pooled.shape[0],), -1, dtype=torch.long, device=pooled.device)
-        return torch.from_numpy(self.ensemble.predict(pooled.float().cpu().numpy()).astype(np.int64)).to(pooled.device)
+        return self.ensemble.predict_torch(pooled.detach())
 
 
 class WeightEMA:
@@ -369,6 +448,21 @@ class WeightEMA:
             with torch.no_grad():
                 for p, r in zip(self.params, self._raw):
                     p.copy_(r)
+
+
+LOSS_KEYS = ("loss", "l1", "focal", "l_yl", "l_yu")
+
+
+def reduce_losses(losses: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    """Loss values averaged over the DDP ranks (one all-reduce), as floats on the host."""
+    vals = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vals)
+            vals /= world_size
+    return dict(zip(LOSS_KEYS, vals.tolist()))
 
 
 def unwrap(model: torch.nn.Module) -> MAPLModel:
@@ -434,6 +528,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         log.info("resumed from %s at step %d", run_dir / "checkpoint", start_step)
     else:
         model.refresh_memory(to_tensor(memory_images, device))
+        if world_size > 1:
+            model.memory.broadcast(0)
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = wrap_model(model) if wrap_model else model
@@ -465,22 +561,23 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     last: dict[str, float] = {}
     pseudo_stats: dict[str, Any] = {}
     end_step = t.steps if stop_at is None else min(t.steps, stop_at)
-    for step in range(start_step, end_step):
+    n_loader = loader_workers(cfg, device)
+    loader = torch.utils.data.DataLoader(
+        StepBatches(bm, labeler.is_refit_step), batch_size=None, sampler=range(start_step, end_step),
+        num_workers=n_loader, pin_memory=device.type == "cuda", prefetch_factor=4 if n_loader else None,
+        persistent_workers=False)
+    has_pool = bm.has_pool()
+    for step, batch in zip(range(start_step, end_step), loader):
         ts = time.perf_counter()
+        pool = batch.pop("pool", None)
         if labeler.due(step) and labeler.fitted_step != step:
-            pseudo_stats = labeler.fit(unwrap(net), step)
+            pseudo_stats = labeler.fit(unwrap(net), step, pool)
             net.train()
-        batch = bm(step)
-        x = to_tensor(batch["images"], device)
-        if t.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        masks = torch.from_numpy(batch["masks"]).to(device, non_blocking=True).unsqueeze(1).float()
-        kind = torch.from_numpy(batch["kind"]).to(device)
-        label = torch.from_numpy(batch["label"]).to(device)
+        x, masks, kind, label = batch_to_device(batch, device, t.channels_last)
         with autocast_context(device, t.amp):
             out = net(x)
-        pseudo = labeler.predict(out["pooled"]) if labeler.ensemble is not None else torch.full_like(label, -1, dtype=torch.long)
-        losses = compute_losses(out, masks, kind, label.long(), pseudo, cfg)
+        pseudo = labeler.predict(out["pooled"]) if labeler.ensemble is not None else torch.full_like(label, -1)
+        losses = compute_losses(out, masks, kind, label, pseudo, cfg, has_pool=has_pool)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -490,9 +587,11 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         core = unwrap(model)
         if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
             core.refresh_memory(to_tensor(memory_images, device))
+            if world_size > 1:
+                core.memory.broadcast(0)
         step_times.append(time.perf_counter() - ts)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            last = {k: float(v.detach()) for k, v in losses.items()}  # host sync only when logging
+            last = reduce_losses(losses, world_size)  # host sync only when logging
             rec = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "step_s": float(np.mean(step_times[-t.log_every:])),
                    **last, **pseudo_stats}
             if rank == 0:
@@ -510,13 +609,19 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             save(step + 1)
     if bar:
         bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    loop_wall = time.perf_counter() - t0
     save(end_step)
     wall = time.perf_counter() - t0
     if ema is not None:
         ema.copy_to_params()
     model = unwrap(model).eval()
     measured = step_times[min(5, max(0, len(step_times) - 1)):]  # skip warm-up steps
-    summary = {"train_wall_s": wall, "steps_run": end_step - start_step,
+    per_worker_batch = len(batch["kind"]) if end_step > start_step else 0
+    summary = {"train_wall_s": wall, "steps_run": end_step - start_step, "loop_wall_s": loop_wall,
+               "world_size": world_size, "per_worker_batch": per_worker_batch, "loader_workers": n_loader,
+               "images_per_s": (end_step - start_step) * per_worker_batch * world_size / max(loop_wall, 1e-9),
                "step_s_mean": float(np.mean(measured)) if measured else math.nan,
                "step_s_median": float(np.median(measured)) if measured else math.nan,
                "final_losses": last, "pseudo": pseudo_stats, "memory_backend": model.memory.backend}

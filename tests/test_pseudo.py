@@ -15,6 +15,7 @@ from mapl_ray.pseudo import (
     OCCConfig,
     OCCEnsemble,
     gmm_log_likelihood,
+    gmm_log_likelihood_torch,
     labeled_bce,
     order_thresholds,
     partial_matching_threshold,
@@ -170,7 +171,28 @@ def test_gmm_log_likelihood_matches_sklearn(covariance_type):
     np.testing.assert_allclose(ours, gmm.score_samples(x), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_gmm_log_likelihood_torch_matches_numpy(covariance_type):
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=(60, 3)), rng.normal(size=(60, 3)) - 3.0])
+    gmm = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(x)
+    ref = gmm_log_likelihood(x, gmm.weights_, gmm.means_, gmm.precisions_cholesky_, covariance_type)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    ours = gmm_log_likelihood_torch(t(x), t(gmm.weights_), t(gmm.means_), t(gmm.precisions_cholesky_), covariance_type)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------ OCC ensemble
+def test_predict_torch_gives_the_numpy_labels(fitted, synthetic):
+    # the training step labels on the device; it must agree with the checked numpy path
+    _, unlabeled, _, _ = synthetic
+    labels = fitted.predict_torch(torch.as_tensor(unlabeled, dtype=torch.float32))
+    assert labels.dtype == torch.int64
+    ref = fitted.predict(unlabeled.astype(np.float32))
+    assert (labels.numpy() == ref).mean() == 1.0
+    assert set(np.unique(ref)) == {-1, 0, 1}  # all three outcomes are exercised
+
+
 def test_ensemble_pseudo_label_quality(fitted, synthetic):
     _, unlabeled, truth, _ = synthetic
     labels = fitted.predict(unlabeled)

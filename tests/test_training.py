@@ -76,6 +76,45 @@ def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_
 
 
 @needs_data
+def test_loader_worker_processes_draw_the_same_batches_as_the_main_process(small_root, tmp_path):
+    # anomaly simulation in 2 loader processes (the GPU path) must not change what is trained on
+    cfg = tiny_config(small_root, **{"train.loader_workers": 0})
+    split, _ = prepare_run(cfg, tmp_path / "inline")
+    data, _, _ = load_train_data(cfg, split)
+    inline, s0 = train_model(cfg, data, tmp_path / "inline", progress=False)
+    cfg2 = cfg.override({"train.loader_workers": 2})
+    prepare_run(cfg2, tmp_path / "workers")
+    workers, s2 = train_model(cfg2, data, tmp_path / "workers", progress=False)
+    assert s0["loader_workers"] == 0 and s2["loader_workers"] == 2
+    for (k, a), b in zip(inline.state_dict().items(), workers.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    assert s2["pseudo"] == s0["pseudo"] and s0["pseudo"]  # the prefetched refit pool is the same pool
+
+
+def test_weighted_losses_equal_the_losses_of_the_selected_samples():
+    from mapl_ray.model import segmentation_loss
+    from mapl_ray.pseudo import masked_bce
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1, 8, 8, generator=g, requires_grad=True)
+    target = (torch.rand(6, 1, 8, 8, generator=g) > 0.8).float()
+    keep = torch.tensor([True, False, True, True, False, True])
+    w = segmentation_loss(logits, target, weights=keep)
+    ref = segmentation_loss(logits[keep], target[keep])
+    for k in ("l1", "focal", "seg"):
+        assert torch.allclose(w[k], ref[k], atol=1e-6), k
+    q = torch.randn(6, generator=g, requires_grad=True)
+    pseudo = torch.tensor([1, -1, 0, 1, -1, 0])
+    sel = pseudo != -1
+    ref_bce = torch.nn.functional.binary_cross_entropy_with_logits(q[sel], pseudo[sel].float())
+    assert torch.allclose(masked_bce(q, pseudo, sel), ref_bce, atol=1e-6)
+    none = masked_bce(q, pseudo, torch.zeros(6, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad  # nothing selected: an attached zero
+    (w["seg"] + masked_bce(q, pseudo, sel)).backward()
+    assert logits.grad[~keep].abs().sum() == 0 and logits.grad[keep].abs().sum() > 0
+
+
+@needs_data
 def test_failed_start_folder_is_reused_and_resume_needs_checkpoint(small_root, tmp_path):
     cfg = tiny_config(small_root)
     run = tmp_path / "run"

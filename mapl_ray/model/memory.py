@@ -73,8 +73,10 @@ class MemoryBank(nn.Module):
         self.backend = None  # resolved on first search
         self._index = None
         self._index_version = -1
-        self._flat = None
+        self._flat: dict[torch.device, torch.Tensor] = {}
         self._flat_version = -1
+        # host-side copy of ``version``: reading the buffer would cost a device sync on every search
+        self._generation = 0
         self.register_buffer("version", torch.zeros((), dtype=torch.long))
         # typical per-level mean DI between a memory sample and its nearest other memory sample: the
         # unit of the attention maps, so a normal image gives maps near 1 whatever the encoder's scale
@@ -102,6 +104,7 @@ class MemoryBank(nn.Module):
                 self.register_buffer(name, f.detach().float().clone())
         self.num_levels = len(feats)
         self.version += 1
+        self._generation += 1
         self.di_scale = self._normal_di_scale().to(self.version.device)
 
     @torch.no_grad()
@@ -127,19 +130,38 @@ class MemoryBank(nn.Module):
             i += 1
         if i:
             self.num_levels = i
+        self._generation += 1
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def _flat_bank(self) -> torch.Tensor:
-        """The bank flattened as in :func:`flatten_levels`, cached until the bank changes."""
-        version = int(self.version)
-        if self._flat is None or self._flat_version != version:
-            self._flat, self._flat_version = flatten_levels(self.levels()), version
-        return self._flat
+    def _flat_bank(self, device: torch.device | None = None) -> torch.Tensor:
+        """The bank flattened as in :func:`flatten_levels` on ``device``, cached until the bank changes."""
+        if self._flat_version != self._generation:
+            self._flat, self._flat_version = {}, self._generation
+        device = torch.device(device) if device is not None else self.level0.device
+        if device not in self._flat:
+            self._flat[device] = flatten_levels(self.levels()).to(device)
+        return self._flat[device]
+
+    @torch.no_grad()
+    def broadcast(self, src: int = 0) -> None:
+        """Copy rank ``src``'s bank to every rank of the default ``torch.distributed`` group (DDP).
+
+        The bank is not a DDP-synchronised buffer (broadcasting it every step would move hundreds of
+        MB); this is called once after each refresh so every worker searches the same memory samples.
+        No-op outside a distributed run.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        for t in [*self.levels(), self.di_scale]:
+            dist.broadcast(t, src)
+        self._generation += 1
 
     def _faiss_index(self):
         import faiss
 
-        version = int(self.version)
+        version = self._generation
         if self._index is None or self._index_version != version:
             flat_bank = self._flat_bank()
             index = faiss.IndexFlatL2(flat_bank.shape[1])
@@ -191,7 +213,7 @@ class MemoryBank(nn.Module):
     def distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 distances ``(B, N)`` float32 between inputs and memory samples (batched torch)."""
         q = flatten_levels(feats)
-        b = self._flat_bank().to(q.device)
+        b = self._flat_bank(q.device)
         # ||q||^2 + ||b||^2 - 2 q.b in float32: one GEMM instead of a B x N loop
         d = q.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2.0 * q @ b.T
         return d.clamp_min_(0)

@@ -183,7 +183,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     def wrap(model):
-        return ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+        # the memory bank is a buffer of hundreds of MB: broadcast once per refresh (MemoryBank.broadcast), not every step
+        return (ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+                if world > 1 else model)
 
     def report(metrics):
         ray.train.report(metrics)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["labeled_bce", "pseudo_label_bce"]
+__all__ = ["labeled_bce", "masked_bce", "pseudo_label_bce"]
 
 
 def _flat_logits(logits: Tensor, name: str = "logits") -> Tensor:
@@ -30,6 +30,27 @@ def _flat_logits(logits: Tensor, name: str = "logits") -> Tensor:
 def _zero_like_loss(logits: Tensor) -> Tensor:
     # A 0 that is still attached to the graph, so `loss = a + b` always backprops.
     return logits.sum() * 0.0
+
+
+def masked_bce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Mean BCE-with-logits over the samples where ``mask`` is true, without host-device syncs.
+
+    The training step's form of eqs. 15-17: no validation and no boolean indexing, so the GPU
+    queue never waits for the host. Inputs are trusted (built by the training loop).
+
+    Args:
+        logits: float ``(B,)`` image-level logits with gradient.
+        targets: ``(B,)`` numbers in {0, 1} where ``mask`` is true (anything elsewhere).
+        mask: bool ``(B,)``.
+
+    Returns:
+        Scalar tensor; a graph-attached 0 when ``mask`` selects nothing.
+    """
+    logits = logits.float().reshape(-1)
+    w = mask.to(logits.dtype)
+    t = targets.to(logits.dtype).clamp(0, 1)
+    per = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
 def labeled_bce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -61,7 +82,7 @@ def labeled_bce(logits: Tensor, targets: Tensor) -> Tensor:
     targets = targets.to(logits.dtype)
     if not bool(((targets == 0) | (targets == 1)).all()):
         raise ValueError("targets: expected values in {0, 1}")
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    return masked_bce(logits, targets, torch.ones_like(targets, dtype=torch.bool))
 
 
 def pseudo_label_bce(logits: Tensor, pseudo_labels: Tensor) -> Tensor:
@@ -97,7 +118,4 @@ def pseudo_label_bce(logits: Tensor, pseudo_labels: Tensor) -> Tensor:
     pseudo_labels = pseudo_labels.long()
     if not bool(((pseudo_labels >= -1) & (pseudo_labels <= 1)).all()):
         raise ValueError("pseudo_labels: expected values in {1, 0, -1}")
-    mask = pseudo_labels != -1
-    if not bool(mask.any()):
-        return _zero_like_loss(logits)
-    return F.binary_cross_entropy_with_logits(logits[mask], pseudo_labels[mask].to(logits.dtype))
+    return masked_bce(logits, pseudo_labels, pseudo_labels != -1)

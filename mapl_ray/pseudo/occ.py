@@ -37,7 +37,7 @@ from sklearn.mixture import GaussianMixture
 
 from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
 
-__all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "order_thresholds"]
+__all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "gmm_log_likelihood_torch", "order_thresholds"]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _STATE_FORMAT = "mapl_ray.pseudo.OCCEnsemble"
@@ -180,6 +180,37 @@ def gmm_log_likelihood(
     return logsumexp(log_gauss + np.log(np.asarray(weights, dtype=np.float64))[None, :], axis=1)
 
 
+def gmm_log_likelihood_torch(x, weights, means, precisions_cholesky, covariance_type: str):
+    """:func:`gmm_log_likelihood` on torch tensors (any device, the dtype of ``x``): ``(n, D)`` -> ``(n,)``.
+
+    Used in the training step so pseudo-labels are computed where the features are, without a
+    device-to-host copy. Same formula and parameter layout as the numpy version.
+
+    Raises:
+        ValueError: if ``covariance_type`` is unknown.
+    """
+    import torch
+
+    n_features = x.shape[1]
+    diff = x[:, None, :] - means[None, :, :]
+    if covariance_type == "full":
+        y = torch.einsum("ncd,cde->nce", diff, precisions_cholesky)
+        log_det = torch.log(torch.diagonal(precisions_cholesky, dim1=1, dim2=2)).sum(dim=1)
+    elif covariance_type == "tied":
+        y = diff @ precisions_cholesky
+        log_det = torch.log(torch.diagonal(precisions_cholesky)).sum().expand(means.shape[0])
+    elif covariance_type == "diag":
+        y = diff * precisions_cholesky[None]
+        log_det = torch.log(precisions_cholesky).sum(dim=1)
+    elif covariance_type == "spherical":
+        y = diff * precisions_cholesky[None, :, None]
+        log_det = n_features * torch.log(precisions_cholesky)
+    else:
+        raise ValueError(f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {covariance_type!r}")
+    log_gauss = -0.5 * (n_features * math.log(2.0 * math.pi) + y.square().sum(dim=2)) + log_det
+    return torch.logsumexp(log_gauss + torch.log(weights)[None, :], dim=1)
+
+
 def _check_features(x: Any, name: str, n_features: int | None, min_rows: int) -> np.ndarray:
     """Validate a feature matrix and return it as float64 ``(n, D)``."""
     arr = np.asarray(x, dtype=np.float64)
@@ -257,6 +288,7 @@ class OCCEnsemble:
         self.threshold_swapped = np.empty(0, dtype=bool)
         self.subset_indices: list[np.ndarray] | None = None
         self._occs: list[dict[str, np.ndarray]] = []
+        self._torch_params: dict[Any, list[dict[str, Any]]] = {}  # (device, dtype) -> per-OCC tensors
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -420,6 +452,39 @@ class OCCEnsemble:
         labels[negative] = 0
         labels[positive] = 1
         return labels
+
+    def predict_torch(self, x):
+        """:meth:`predict` on a torch tensor ``(n, D)`` (any device), without leaving that device.
+
+        Computed in float64 (as the numpy path) where the device supports it; no validation and
+        no host sync, for the training step. Returns int64 ``(n,)`` in {1, 0, -1} on ``x.device``.
+
+        Raises:
+            RuntimeError: if not fitted.
+        """
+        import torch
+
+        self._require_fitted()
+        dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        key = (x.device, dtype)
+        if key not in self._torch_params:  # parameters copied to the device once, not every step
+            self._torch_params[key] = [{k: torch.as_tensor(v, dtype=dtype, device=x.device) for k, v in occ.items()}
+                                       for occ in self._occs]
+            self._torch_params[key].append({"eta_p": torch.as_tensor(self.eta_p, dtype=dtype, device=x.device)[:, None],
+                                            "eta_n": torch.as_tensor(self.eta_n, dtype=dtype, device=x.device)[:, None]})
+        *occs, eta = self._torch_params[key]
+        x = x.to(dtype)
+        scores = []
+        for occ in occs:
+            z = (x - occ["scaler_mean"]) / occ["scaler_scale"]
+            if "pca_components" in occ:
+                z = (z - occ["pca_mean"]) @ occ["pca_components"].T
+            scores.append(-gmm_log_likelihood_torch(z, occ["gmm_weights"], occ["gmm_means"],
+                                                    occ["gmm_precisions_cholesky"], self.config.covariance_type))
+        s = torch.stack(scores)
+        positive = (s > eta["eta_p"]).all(0)
+        negative = (s < eta["eta_n"]).all(0)
+        return torch.where(positive, 1, torch.where(negative, 0, -1)).long()
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -1,0 +1,83 @@
+"""DDP scaling benchmark (issue 3): the `mapl train` job through Ray Train on 1 and 2 GPU workers.
+
+Runs the main job (``run_train_job``: Ray Train ``TorchTrainer``, DDP, then calibration and test
+evaluation) with ``train.num_workers`` 1 and 2 and ``train.use_gpu``, at the same per-worker batch,
+and reports training images/s (all workers; rank 0's loop wall time), the scaling factor 2 vs 1 and
+the test image AUROC of each run. Merges its results into ``--out`` (default
+``bench/results/gpu.json``) under ``ddp`` and ``ddp_scaling_2gpu``.
+
+    python bench/ddp.py --data ROOT --category screw --textures DIR [--weights FILE] [--batches 4,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mapl_ray.config import Config
+from mapl_ray.pipelines.train import run_train_job
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--category", default="screw")
+    p.add_argument("--textures", required=True)
+    p.add_argument("--weights")
+    p.add_argument("--batches", default="4", help="per-worker normal (= simulated) images per step, comma list")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--runs", default="/tmp/mapl_ddp_runs")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
+    args = p.parse_args()
+
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
+            "train.use_gpu": True, "train.steps": args.steps}
+    if args.weights:
+        over["model.weights"] = args.weights
+    base = Config().override(over)
+    rows = {}
+    for half in [int(b) for b in args.batches.split(",")]:
+        for n in [int(w) for w in args.workers.split(",")]:
+            cfg = base.override({"train.num_workers": n, "train.batch_normal": half, "train.batch_simulated": half})
+            name = f"b{2 * half}_w{n}"
+            t0 = time.perf_counter()
+            run = Path(args.runs) / name
+            metrics = run_train_job(cfg, run, progress=False)
+            tr = json.loads((run / "train_summary.json").read_text())  # rank 0's summary
+            rows[name] = {"workers": n, "per_worker_batch": 2 * half, "images_per_s": round(tr["images_per_s"], 1),
+                          "loop_wall_s": round(tr["loop_wall_s"], 2), "train_wall_s": round(tr["train_wall_s"], 2),
+                          "job_wall_s": round(time.perf_counter() - t0, 2), "loader_workers": tr["loader_workers"],
+                          "image_auroc": metrics["overall"]["image_auroc"], "pixel_auroc": metrics["overall"]["pixel_auroc"],
+                          "aupro": metrics["overall"]["aupro"], "memory_backend": tr["memory_backend"]}
+            print(name, json.dumps(rows[name]), flush=True)
+    scaling = {}
+    for half in [int(b) for b in args.batches.split(",")]:
+        one, two = rows.get(f"b{2 * half}_w1"), rows.get(f"b{2 * half}_w2")
+        if one and two:
+            scaling[f"b{2 * half}"] = {"speedup": round(two["images_per_s"] / one["images_per_s"], 3),
+                                       "auroc_diff": round(abs(two["image_auroc"] - one["image_auroc"]), 4)}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["ddp"] = {"machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                                 "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
+                     "settings": f"mapl train path (Ray Train TorchTrainer, DDP), {args.steps} steps, 256x256, "
+                                 "lite2 frozen, amp auto (bf16), per-worker batch = normal + simulated",
+                     "command": "python bench/ddp.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
+                     "runs": rows}
+    result["ddp_scaling_2gpu"] = scaling
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print("scaling", json.dumps(scaling), flush=True)
+
+
+if __name__ == "__main__":
+    main()
