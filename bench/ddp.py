@@ -38,7 +38,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False)
     over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
             "train.use_gpu": True, "train.steps": args.steps}
     if args.weights:
@@ -59,6 +59,14 @@ def main() -> None:
                           "image_auroc": metrics["overall"]["image_auroc"], "pixel_auroc": metrics["overall"]["pixel_auroc"],
                           "aupro": metrics["overall"]["aupro"], "memory_backend": tr["memory_backend"]}
             print(name, json.dumps(rows[name]), flush=True)
+            write(args, rows)
+    write(args, rows)
+
+
+def write(args, rows: dict) -> None:
+    """Merge the runs so far into ``args.out`` (after every run: a later failure keeps the earlier ones)."""
+    import ray
+
     scaling = {}
     for half in [int(b) for b in args.batches.split(",")]:
         one, two = rows.get(f"b{2 * half}_w1"), rows.get(f"b{2 * half}_w2")

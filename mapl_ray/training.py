@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,28 +29,12 @@ import torch
 
 from .checkpoint import load_model_weights, load_pseudo, load_training_state, read_state, save_checkpoint
 from .config import Config
+from .data.batches import BatchMaker, StepBatches, TrainData
 from .data.simulation import FOREGROUND_PRESETS, AnomalySimulator, ForegroundConfig
 from .model import MAPLModel, build_encoder, segmentation_loss
 from .pseudo import OCCConfig, OCCEnsemble, masked_bce
 
 log = logging.getLogger("mapl_ray.train")
-
-
-@dataclass
-class TrainData:
-    """Decoded training images (uint8 ``(N, H, W, 3)``) of one run.
-
-    ``normals``: labeled normals used for training (validation normals excluded);
-    ``memory_indices``: rows of ``normals`` that form the memory bank; ``unlabeled``: the unlabeled
-    pool or None; ``anomalies`` / ``anomaly_masks`` (uint8 ``(K, H, W)`` in {0, 1}): labeled anomalies.
-    """
-
-    normals: np.ndarray
-    memory_indices: np.ndarray
-    unlabeled: np.ndarray | None = None
-    anomalies: np.ndarray | None = None
-    anomaly_masks: np.ndarray | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -100,61 +83,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction
     )
 
 
-def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.ndarray:
-    """Positions ``start .. start+count`` of an endless stream of seeded permutations of ``range(n)``.
-
-    Every index appears once per epoch, so every labeled normal is used; depends only on the
-    arguments (resumable).
-    """
-    pos = np.arange(start, start + count)
-    out = np.empty(count, dtype=np.int64)
-    for epoch in np.unique(pos // n):
-        perm = np.random.default_rng([seed, stream, int(epoch)]).permutation(n)
-        sel = pos // n == epoch
-        out[sel] = perm[pos[sel] % n]
-    return out
-
-
-AUGMENTATIONS = ("none", "flip", "rot90")
-
-
-def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng: np.random.Generator):
-    """Random flips (``flip``) or flips and 90-degree rotations (``rot90``) per image.
-
-    ``images`` uint8 ``(B, H, W, 3)`` with H == W for ``rot90``; ``masks`` ``(B, H, W)`` or None get
-    the same transform. Returns new arrays (the inputs are not modified).
-    """
-    if mode == "none":
-        return images, masks
-    if mode not in AUGMENTATIONS:
-        raise ValueError(f"train.augment must be one of {AUGMENTATIONS}, got {mode!r}")
-    out_i, out_m = images.copy(), None if masks is None else masks.copy()
-    for b in range(len(images)):
-        k = int(rng.integers(4)) if mode == "rot90" else 0
-        flip = bool(rng.integers(2))
-        img = np.rot90(images[b], k, axes=(0, 1))
-        out_i[b] = img[:, ::-1] if flip else img
-        if masks is not None:
-            m = np.rot90(masks[b], k, axes=(0, 1))
-            out_m[b] = m[:, ::-1] if flip else m
-    return out_i, out_m
-
-
-def jitter_intensity(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Random global brightness and contrast change per image, uint8 ``(B, H, W, 3)`` -> same.
-
-    ``out = (x - mean) * c + mean * b`` with ``c, b ~ U(1 - strength, 1 + strength)``: teaches the
-    model that illumination drift between normal images is not a defect.
-    """
-    if strength <= 0:
-        return images
-    x = images.astype(np.float32)
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    c = rng.uniform(1 - strength, 1 + strength, size=(len(x), 1, 1, 1)).astype(np.float32)
-    b = rng.uniform(1 - strength, 1 + strength, size=(len(x), 1, 1, 1)).astype(np.float32)
-    return np.clip((x - mean) * c + mean * b, 0, 255).astype(np.uint8)
-
-
 def rotated_copies(images: np.ndarray, k: int) -> np.ndarray:
     """Each image at ``k`` equally spaced rotations (0, 360/k, ...): uint8 ``(N, H, W, 3)`` -> ``(N k, H, W, 3)``.
 
@@ -173,103 +101,6 @@ def rotated_copies(images: np.ndarray, k: int) -> np.ndarray:
         pil = Image.fromarray(img)
         out.extend(np.asarray(pil.rotate(360.0 * r / k, resample=Image.Resampling.BILINEAR, fillcolor=fill)) for r in range(k))
     return np.stack(out)
-
-
-class BatchMaker:
-    """Draws the per-worker batch of one step (see module docstring)."""
-
-    def __init__(self, cfg: Config, data: TrainData, simulator: AnomalySimulator, rank: int = 0, world_size: int = 1):
-        self.cfg, self.data, self.sim, self.rank, self.world = cfg, data, simulator, rank, world_size
-        t = cfg.train
-        if data.normals.shape[0] < 2:
-            raise ValueError("training needs at least 2 labeled normal images")
-        self.n_normal, self.n_sim = t.batch_normal, t.batch_simulated
-        self.n_unl = t.batch_unlabeled if data.unlabeled is not None and len(data.unlabeled) else 0
-        self.n_anom = t.batch_labeled_anomaly if data.anomalies is not None and len(data.anomalies) else 0
-
-    def _stream(self, step: int, per_rank: int, n: int, stream: int) -> np.ndarray:
-        start = (step * self.world + self.rank) * per_rank
-        return epoch_indices(n, start, per_rank, self.cfg.train.seed, stream)
-
-    def simulate(self, base: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Simulated anomalies from uint8 images ``(B, H, W, 3)``: (images, masks uint8 ``(B, H, W)``)."""
-        imgs, masks = [], []
-        for img in base:
-            out, mask, _ = self.sim(img, rng)
-            imgs.append(out)
-            masks.append(mask)
-        return np.stack(imgs), np.stack(masks)
-
-    def pool(self, step: int) -> dict[str, np.ndarray]:
-        """The images the pseudo-labeler is refitted on at ``step`` (seeded by ``(seed, step)``, equal on every rank).
-
-        ``normal_idx``: int64 rows of ``data.normals`` (at most 128); ``sims``: uint8
-        ``(2 pool_size, H, W, 3)`` simulated anomalies; ``unlabeled_idx``: rows of the unlabeled pool
-        (at most 512) or empty.
-        """
-        d, p = self.data, self.cfg.pseudo
-        rng = np.random.default_rng([self.cfg.train.seed, step, 2])
-        normal_idx = rng.choice(len(d.normals), size=min(len(d.normals), 128), replace=False)
-        base = d.normals[rng.integers(0, len(d.normals), size=2 * p.pool_size)]
-        sims, _ = self.simulate(base, rng)
-        unl_idx = np.zeros(0, np.int64)
-        if d.unlabeled is not None and len(d.unlabeled):
-            unl_idx = np.arange(len(d.unlabeled)) if len(d.unlabeled) <= 512 else rng.choice(len(d.unlabeled), 512, replace=False)
-        return {"normal_idx": normal_idx, "sims": sims, "unlabeled_idx": unl_idx}
-
-    def has_pool(self) -> bool:
-        """Whether batches contain unlabeled-pool images (kind 2)."""
-        return self.n_unl > 0
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        """Batch dict: ``images`` uint8 ``(B, H, W, 3)``, ``masks`` uint8 ``(B, H, W)``, ``kind`` int8 ``(B,)``
-        (0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly), ``label`` int8 (0/1, -1 unknown)."""
-        d = self.data
-        n = d.normals.shape[0]
-        rng = np.random.default_rng([self.cfg.train.seed, self.rank, step, 1])
-        aug = self.cfg.train.augment
-        jit = self.cfg.train.color_jitter
-        normal, _ = augment_images(d.normals[self._stream(step, self.n_normal, n, 0)], None, aug, rng)
-        normal = jitter_intensity(normal, jit, rng)
-        sim_base, _ = augment_images(d.normals[self._stream(step, self.n_sim, n, 1)], None, aug, rng)
-        sim_base = jitter_intensity(sim_base, jit, rng)
-        sim_img, sim_mask = self.simulate(sim_base, rng)
-        parts = [(normal, np.zeros(normal.shape[:3], np.uint8), 0, 0), (sim_img, sim_mask, 1, 1)]
-        if self.n_unl:
-            u = d.unlabeled[self._stream(step, self.n_unl, len(d.unlabeled), 2)]
-            parts.append((u, np.zeros(u.shape[:3], np.uint8), 2, -1))
-        if self.n_anom:
-            idx = self._stream(step, self.n_anom, len(d.anomalies), 3)
-            a_img, a_mask = augment_images(d.anomalies[idx], d.anomaly_masks[idx], aug, rng)
-            parts.append((a_img, a_mask, 3, 1))
-        return {
-            "images": np.concatenate([p[0] for p in parts]),
-            "masks": np.concatenate([p[1] for p in parts]),
-            "kind": np.concatenate([np.full(len(p[0]), p[2], np.int8) for p in parts]),
-            "label": np.concatenate([np.full(len(p[0]), p[3], np.int8) for p in parts]),
-        }
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Training batches as a map-style dataset over step indices, for a ``torch.utils.data.DataLoader``.
-
-    Item ``step`` is ``BatchMaker(step)`` and, on the pseudo-labeler's refit steps, its
-    :meth:`BatchMaker.pool` under ``"pool"``. Every item depends only on ``(seed, rank, step)``, so
-    loader workers can simulate anomalies ahead of the GPU in any order and a resumed run still
-    draws the same batches.
-    """
-
-    def __init__(self, batch_maker: "BatchMaker", is_refit_step: Callable[[int], bool]):
-        self.bm, self.is_refit_step = batch_maker, is_refit_step
-
-    def __len__(self) -> int:
-        return self.bm.cfg.train.steps
-
-    def __getitem__(self, step: int) -> dict[str, Any]:
-        batch: dict[str, Any] = self.bm(step)
-        if self.is_refit_step(step):
-            batch["pool"] = self.bm.pool(step)
-        return batch
 
 
 def loader_workers(cfg: Config, device: torch.device) -> int:
@@ -451,6 +282,7 @@ class WeightEMA:
 
 
 LOSS_KEYS = ("loss", "l1", "focal", "l_yl", "l_yu")
+LOADER_TIMEOUT_S = 300  # a loader process that yields nothing for this long raises instead of hanging the job
 
 
 def reduce_losses(losses: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
@@ -472,7 +304,8 @@ def unwrap(model: torch.nn.Module) -> MAPLModel:
 def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
                 rank: int = 0, world_size: int = 1, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                 report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-                progress: bool = True, stop_at: int | None = None) -> tuple[MAPLModel, dict[str, Any]]:
+                progress: bool = True, stop_at: int | None = None,
+                loader_context: str | None = None) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
     Args:
@@ -482,11 +315,15 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         device: torch device of this worker.
         rank, world_size: this worker's place in the DDP group.
         wrap_model: e.g. ``ray.train.torch.prepare_model`` (DDP); identity when None.
-        report: called with a metrics dict every ``log_every`` steps on every rank (Ray Train's report).
+        report: called on every rank with the metrics dict of every ``train.report_every``-th step
+            and of the last step (Ray Train's report; per-step losses go to ``train_log.jsonl``).
         resume: continue from ``RUN/checkpoint`` (weights, optimizer, scheduler, step, pseudo-labeler).
             When ``train.steps`` changed since the checkpoint, the LR schedule is rebuilt for the new
             length and fast-forwarded to the saved step.
         stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
+        loader_context: multiprocessing start method of the loader processes (None: the platform
+            default, ``fork`` on Linux). Ray workers pass ``forkserver``: forking a Ray worker process
+            (gRPC threads) can deadlock, as Ray Train's data-loading guide warns.
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -562,10 +399,12 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     pseudo_stats: dict[str, Any] = {}
     end_step = t.steps if stop_at is None else min(t.steps, stop_at)
     n_loader = loader_workers(cfg, device)
+    refit_steps = {s for s in range(start_step, end_step) if labeler.is_refit_step(s)}
     loader = torch.utils.data.DataLoader(
-        StepBatches(bm, labeler.is_refit_step), batch_size=None, sampler=range(start_step, end_step),
+        StepBatches(bm, refit_steps), batch_size=None, sampler=range(start_step, end_step),
         num_workers=n_loader, pin_memory=device.type == "cuda", prefetch_factor=4 if n_loader else None,
-        persistent_workers=False)
+        persistent_workers=False, multiprocessing_context=loader_context if n_loader else None,
+        timeout=LOADER_TIMEOUT_S if n_loader else 0)
     has_pool = bm.has_pool()
     for step, batch in zip(range(start_step, end_step), loader):
         ts = time.perf_counter()
@@ -590,16 +429,18 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             if world_size > 1:
                 core.memory.broadcast(0)
         step_times.append(time.perf_counter() - ts)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        do_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        do_report = report is not None and ((t.report_every and (step + 1) % t.report_every == 0) or step + 1 == end_step)
+        if do_log or do_report:  # the same steps on every rank: the all-reduce inside matches up
             last = reduce_losses(losses, world_size)  # host sync only when logging
             rec = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "step_s": float(np.mean(step_times[-t.log_every:])),
                    **last, **pseudo_stats}
-            if rank == 0:
+            if rank == 0 and do_log:
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 log.info("step %d loss %.4f (l1 %.4f focal %.4f l_yl %.4f l_yu %.4f)", step + 1, last["loss"],
                          last["l1"], last["focal"], last["l_yl"], last["l_yu"])
-            if report:
+            if do_report:
                 report(rec)
         if bar:
             bar.update(1)

@@ -179,3 +179,33 @@ def test_bundled_imagenet_weights_classify_a_real_texture():
         x = (torch.from_numpy(im).permute(2, 0, 1)[None] - 0.5) / 0.5
         hits += int(full(x).argmax(1).item() == 815)  # ImageNet class 815: spider web
     assert hits >= 2
+
+
+def _broadcast_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mapl_ray.model import MemoryBank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(rank)  # a different bank on every rank
+    bank = MemoryBank("torch")
+    bank.set([torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g), torch.randn(3, 8, 2, 2, generator=g)])
+    query = [torch.ones(2, 4, 8, 8), torch.ones(2, 6, 4, 4), torch.ones(2, 8, 2, 2)]
+    bank.nearest(query)  # caches the flattened bank: the broadcast must invalidate it
+    bank.broadcast(0)
+    torch.save({"levels": bank.levels(), "scale": bank.di_scale, "nearest": bank.nearest(query),
+                "flat": bank._flat_bank()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_memory_bank_broadcast_makes_every_rank_search_rank0s_bank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_broadcast_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for a, b in zip(r0["levels"], r1["levels"]):
+        assert torch.equal(a, b)
+    assert torch.equal(r0["scale"], r1["scale"]) and torch.equal(r0["flat"], r1["flat"])
+    assert torch.equal(r0["nearest"], r1["nearest"])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(r1["levels"][0], torch.randn(3, 4, 8, 8, generator=g))  # rank 0's bank, not rank 1's

@@ -11,7 +11,8 @@ import torch
 from conftest import needs_data, tiny_config
 from mapl_ray.checkpoint import CheckpointError, load_model_weights, read_state
 from mapl_ray.pipelines.train import load_train_data, prepare_run, RunFolderError
-from mapl_ray.training import BatchMaker, build_model, build_simulator, epoch_indices, make_scheduler, train_model
+from mapl_ray.data.batches import BatchMaker, epoch_indices
+from mapl_ray.training import build_model, build_simulator, make_scheduler, train_model
 
 
 def test_epoch_indices_use_every_normal_once_per_epoch():

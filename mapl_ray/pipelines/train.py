@@ -24,7 +24,8 @@ from ..data.layout import LayoutError, scan_category, scan_folder
 from ..data.split import Split, make_split
 from ..model.encoder import WeightsError, build_encoder
 from ..model.memory import choose_memory_indices
-from ..training import TrainData, build_simulator
+from ..data.batches import TrainData
+from ..training import build_simulator
 
 log = logging.getLogger("mapl_ray.pipelines")
 
@@ -191,7 +192,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     _, summary = train_model(cfg, data, config["run_dir"], device=device, rank=rank, world_size=world, wrap_model=wrap,
-                             report=report, resume=config["resume"], progress=config.get("progress", True))
+                             report=report, resume=config["resume"], progress=config.get("progress", True),
+                             loader_context="forkserver")
     if rank == 0:
         Path(config["run_dir"], "train_summary.json").write_text(json.dumps(summary, indent=2))
 
