@@ -4,6 +4,7 @@
     mapl train --resume --out RUN [--steps N]
     mapl evaluate RUN
     mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
+    mapl serve RUN [--host H] [--port P] [--replicas N]   (Ray Serve HTTP app, see mapl_ray.serving)
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+")
     pr.add_argument("--heatmaps", help="folder for heatmap PNGs (default RUN/predictions)")
     pr.add_argument("--device", default="auto")
+
+    sv = sub.add_parser("serve", help="serve a trained run over HTTP with Ray Serve (POST /predict, GET /health)")
+    sv.add_argument("run")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept other machines)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1, help="Serve replicas (each loads the model)")
+    sv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the Ray cluster has a GPU, else 0")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="requests scored together in one forward pass")
+    sv.add_argument("--device", default="auto")
     return p
 
 
@@ -134,27 +144,73 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def heatmap_name(path: str) -> str:
+    """``<stem>_<8 hex of the absolute path>.png``: the same image always maps to the same file, and
+    images that share a name in different folders (``good/000.png``, ``crack/000.png``) do not collide."""
+    import hashlib
+
+    p = Path(path)
+    return f"{p.stem}_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]}.png"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data.io import load_image
+    from .data.layout import ImageReadError
     from .eval.report import save_heatmap_overlay
     from .inference import Predictor
 
     pred = Predictor(args.run, device=args.device)
-    records, images, maps = pred.predict_paths(args.images)
+    good, images, failed = [], [], {}
+    for path in args.images:  # one unreadable file is reported on its own line; the others are still scored
+        try:
+            images.append(load_image(path, pred.image_size))
+            good.append(path)
+        except ImageReadError as e:
+            failed[path] = str(e)
+    records, maps = pred.predict_images(np.stack(images), good) if images else ([], [])
+    by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
     out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (rec, img, amap) in enumerate(zip(records, images, maps)):
-        stem = Path(rec["path"]).stem
-        heat = out_dir / f"{i:04d}_{stem}.png"
+    for path in args.images:
+        if path in failed:
+            print(json.dumps({"path": path, "error": failed[path]}))
+            continue
+        rec, img, amap = by_path[path]
+        heat = out_dir / heatmap_name(path)
         save_heatmap_overlay(img, amap, heat, title=f"score {rec['score']:.4f}", vmin=0.0, vmax=1.0)
         rec["heatmap"] = str(heat)
         print(json.dumps(rec))
+    if failed:
+        print(f"mapl predict: error: {len(failed)} of {len(args.images)} images could not be read "
+              f"(see their 'error' lines); the others were scored", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from .serving import build_app
+
+    run = Path(args.run)
+    if not (run / "checkpoint" / "state.json").is_file():
+        raise FileNotFoundError(f"{run / 'checkpoint' / 'state.json'} not found: expected a run folder written by `mapl train`")
+    ray.init(include_dashboard=False)  # RAY_ADDRESS points this at a running cluster
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(run, num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                    max_batch_size=args.max_batch_size, device=args.device)
+    print(f"serving {run} on http://{args.host}:{args.port}  (POST /predict with an image body; GET /health)", file=sys.stderr)
+    serve.run(app, name="mapl", route_prefix="/", blocking=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except _known_errors() as e:

@@ -140,22 +140,29 @@ class Predictor:
         stats = self.state.get("normalisation")
         return normalise_scores(scores, stats) if stats else np.asarray(scores, dtype=np.float64)
 
-    def predict_paths(self, paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
-        """Score image files. Returns (records with path/score/normalised score/label, images, maps).
+    def predict_images(self, images: np.ndarray, names: list[str]) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """Score uint8 images ``(N, H, W, 3)`` at the run's size. Returns (records, maps ``(N, H, W)``).
 
-        ``label`` is 1 when the score reaches the run's decision threshold, None if the run has none.
-
-        Raises:
-            ImageReadError: a file is missing or not a readable image (names the file).
+        Each record: ``path`` (the name given), ``score``, ``normalised_score``, ``q`` and ``label``
+        (1 when the score reaches the run's decision threshold, None if the run has none).
         """
-        paths = [str(p) for p in paths]
-        images = np.stack([load_image(p, self.image_size) for p in paths]) if paths else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         res = self.predict_arrays(images)
         norm = self.normalise(res["scores"])
         thr = self.threshold
         records = [
             {"path": p, "score": float(s), "normalised_score": float(n), "q": float(q),
              "label": (int(s >= thr) if thr is not None else None)}
-            for p, s, n, q in zip(paths, res["scores"], norm, res["q"])
+            for p, s, n, q in zip(names, res["scores"], norm, res["q"])
         ]
-        return records, images, res["maps"]
+        return records, res["maps"]
+
+    def predict_paths(self, paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+        """Score image files. Returns (records as in :meth:`predict_images`, images, maps).
+
+        Raises:
+            ImageReadError: a file is missing or not a readable image (names the file).
+        """
+        paths = [str(p) for p in paths]
+        images = np.stack([load_image(p, self.image_size) for p in paths]) if paths else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        records, maps = self.predict_images(images, paths)
+        return records, images, maps

@@ -57,11 +57,28 @@ def test_evaluate_rewrites_metrics(trained_run, capsys):
     assert "training" in run_info and "skipped_images" in run_info["data"]  # kept from the training run
 
 
-def test_predict_unreadable_image_names_file(trained_run, tmp_path, capsys):
+def test_predict_unreadable_image_names_file_and_scores_the_rest(trained_run, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    assert main(["predict", str(trained_run), str(bad)]) == 2
-    assert str(bad) in capsys.readouterr().err
+    good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", str(trained_run), str(bad), str(good), "--heatmaps", str(tmp_path / "h")]) == 2
+    captured = capsys.readouterr()
+    lines = [json.loads(l) for l in captured.out.splitlines()]
+    assert lines[0]["path"] == str(bad) and str(bad) in lines[0]["error"] and "score" not in lines[0]
+    assert lines[1]["path"] == str(good) and isinstance(lines[1]["score"], float)
+    assert "1 of 2 images could not be read" in captured.err
+
+
+def test_predict_heatmaps_of_same_named_images_do_not_collide(trained_run, tmp_path, capsys):
+    a = sorted((SCREW / "test" / "good").glob("*.png"))[0]
+    b = SCREW / "test" / "thread_top" / a.name  # same file name, other folder
+    assert b.is_file()
+    out = tmp_path / "h"
+    assert main(["predict", str(trained_run), str(a), str(b), "--heatmaps", str(out)]) == 0
+    heat = [json.loads(l)["heatmap"] for l in capsys.readouterr().out.splitlines()]
+    assert heat[0] != heat[1] and len(list(out.glob("*.png"))) == 2
+    assert main(["predict", str(trained_run), str(a), "--heatmaps", str(out)]) == 0  # the same image: same file again
+    assert json.loads(capsys.readouterr().out)["heatmap"] == heat[0] and len(list(out.glob("*.png"))) == 2
 
 
 def test_wrong_data_path(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Data layer of mapl-ray: data-set layout, image I/O, semi-supervised splits, anomaly simulation."""
 
-from .io import LoadedImages, image_size, load_image, load_mask, load_records, normalize_size
+from .io import LoadedImages, decode_image, image_size, load_image, load_mask, load_records, normalize_size
 from .layout import (
     IMAGE_EXTENSIONS,
     LABEL_ANOMALOUS,
@@ -25,6 +25,7 @@ from .simulation import (
 from .split import Split, make_split
 
 __all__ = [
+    "decode_image",
     "FOREGROUND_PRESETS",
     "IMAGE_EXTENSIONS",
     "LABEL_ANOMALOUS",

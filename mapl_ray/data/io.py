@@ -21,6 +21,7 @@ from PIL import Image
 from .layout import ImageReadError, ImageRecord, LayoutError
 
 __all__ = [
+    "decode_image",
     "LoadedImages",
     "image_size",
     "load_image",
@@ -97,15 +98,17 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _open_decoded(path: str) -> Image.Image:
-    """Open and fully decode ``path``; wraps every Pillow failure in :class:`ImageReadError`."""
+def _open_decoded(path: str, source=None) -> Image.Image:
+    """Open and fully decode ``path`` (or the file object ``source``, named ``path`` in errors);
+    wraps every Pillow failure in :class:`ImageReadError`."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if source is None else source) as im:
             im.load()  # force the decode here so truncation errors surface now, not later
             # Detach from the file handle: .copy() of a loaded image owns its pixel buffer.
             return im.copy()
     except _PIL_ERRORS as exc:
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+        reason = str(exc) if source is None else str(exc).replace(repr(source), "the uploaded data")
+        raise ImageReadError(path, f"{type(exc).__name__}: {reason}") from exc
 
 
 def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Image.Image:
@@ -114,9 +117,9 @@ def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Imag
     return img.resize((hw[1], hw[0]), resample=resample)
 
 
-def _read_rgb(path: str, hw: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``path`` -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``)."""
-    img = _open_decoded(path)
+def _read_rgb(path: str, hw: tuple[int, int] | None, source=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``)."""
+    img = _open_decoded(path, source)
     orig_hw = (img.height, img.width)
     try:
         rgb = _resize(_to_rgb_image(img), hw, Image.Resampling.BILINEAR)
@@ -145,6 +148,20 @@ def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None 
     """
     hw = normalize_size(size)
     return _read_rgb(os.fspath(path), hw)[0]
+
+
+def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`load_image` for encoded bytes (an HTTP upload): any format Pillow reads, to RGB uint8 ``[H, W, 3]``.
+
+    Raises:
+        ImageReadError: empty or undecodable data; the message names ``name``.
+        ValueError: invalid ``size``.
+    """
+    import io
+
+    if not data:
+        raise ImageReadError(name, "empty body (expected the bytes of an image file)")
+    return _read_rgb(name, normalize_size(size), io.BytesIO(data))[0]
 
 
 def load_mask(

@@ -1,0 +1,72 @@
+"""Ray Serve app: HTTP scoring of a trained run gives the same scores as the Predictor, and clear 400s."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SCREW, needs_data
+
+pytestmark = needs_data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(trained_run):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from mapl_ray.serving import build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(trained_run, device="cpu", max_batch_size=4), name="mapl", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_http_scores_match_the_predictor(served, trained_run):
+    import requests
+
+    from mapl_ray.inference import Predictor
+
+    paths = [sorted((SCREW / "test" / "good").glob("*.png"))[3], sorted((SCREW / "test" / "thread_top").glob("*.png"))[3]]
+    expected, _, maps = Predictor(trained_run, device="cpu").predict_paths(paths)
+    for path, exp, amap in zip(paths, expected, maps):
+        r = requests.post(f"{served}/predict", params={"name": path.name, "heatmap": "true"}, data=path.read_bytes(), timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["name"] == path.name
+        assert got["score"] == pytest.approx(exp["score"], abs=1e-5) and got["label"] == exp["label"]
+        heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["heatmap_png_base64"]))))
+        assert heat.shape == amap.shape and np.abs(heat / 255.0 - amap).max() <= 1 / 255 + 1e-6
+    health = requests.get(f"{served}/health", timeout=30).json()
+    assert health["status"] == "ok" and health["category"] == "screw" and health["threshold"] == expected[0].get("threshold", health["threshold"])
+
+
+def test_http_bad_body_is_a_400_naming_the_upload(served):
+    import requests
+
+    r = requests.post(f"{served}/predict", params={"name": "scan_17.png"}, data=b"not an image", timeout=30)
+    assert r.status_code == 400 and "scan_17.png" in r.json()["detail"]
+    r = requests.post(f"{served}/predict", data=b"", timeout=30)
+    assert r.status_code == 400 and "empty body" in r.json()["detail"]
+
+
+def test_build_app_rejects_a_folder_without_checkpoint(tmp_path):
+    from mapl_ray.serving import build_app
+
+    with pytest.raises(FileNotFoundError, match="state.json"):
+        build_app(tmp_path)
