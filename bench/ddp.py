@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--batches", default="4", help="per-worker normal (= simulated) images per step, comma list")
     p.add_argument("--workers", default="1,2")
     p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--start-method", default="auto", help="train.loader_start_method (auto: forkserver in Ray workers)")
     p.add_argument("--runs", default="/tmp/mapl_ddp_runs")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     args = p.parse_args()
@@ -40,7 +41,7 @@ def main() -> None:
 
     ray.init(include_dashboard=False)
     over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
-            "train.use_gpu": True, "train.steps": args.steps}
+            "train.use_gpu": True, "train.steps": args.steps, "train.loader_start_method": args.start_method}
     if args.weights:
         over["model.weights"] = args.weights
     base = Config().override(over)
@@ -56,6 +57,7 @@ def main() -> None:
             rows[name] = {"workers": n, "per_worker_batch": 2 * half, "images_per_s": round(tr["images_per_s"], 1),
                           "loop_wall_s": round(tr["loop_wall_s"], 2), "train_wall_s": round(tr["train_wall_s"], 2),
                           "job_wall_s": round(time.perf_counter() - t0, 2), "loader_workers": tr["loader_workers"],
+                          "loader_start_method": tr.get("loader_start_method"),
                           "image_auroc": metrics["overall"]["image_auroc"], "pixel_auroc": metrics["overall"]["pixel_auroc"],
                           "aupro": metrics["overall"]["aupro"], "memory_backend": tr["memory_backend"]}
             print(name, json.dumps(rows[name]), flush=True)

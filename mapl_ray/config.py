@@ -109,6 +109,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int | None = None  # None -> all CPUs split between workers
     loader_workers: int | None = None  # anomaly-simulation processes per worker; None -> 0 on CPU, up to 4 with a GPU
+    loader_start_method: str = "auto"  # auto (forkserver in Ray workers, fork otherwise) | fork | forkserver | spawn
     amp: str = "auto"  # auto | off | bf16
     channels_last: bool = True
     compile: bool = False
@@ -170,6 +171,8 @@ class Config:
             ("train.batch_labeled_anomaly", self.train.batch_labeled_anomaly >= 0, ">= 0"),
             ("train.num_workers", self.train.num_workers >= 1, ">= 1"),
             ("train.loader_workers", self.train.loader_workers is None or self.train.loader_workers >= 0, ">= 0 or null"),
+            ("train.loader_start_method", self.train.loader_start_method in ("auto", "fork", "forkserver", "spawn"),
+             "auto, fork, forkserver or spawn"),
             ("train.amp", self.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
             ("train.augment", self.train.augment in ("none", "flip", "rot90"), "none, flip or rot90"),
             ("train.ema_decay", 0 <= self.train.ema_decay < 1, "in [0, 1)"),

@@ -321,9 +321,9 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             When ``train.steps`` changed since the checkpoint, the LR schedule is rebuilt for the new
             length and fast-forwarded to the saved step.
         stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
-        loader_context: multiprocessing start method of the loader processes (None: the platform
-            default, ``fork`` on Linux). Ray workers pass ``forkserver``: forking a Ray worker process
-            (gRPC threads) can deadlock, as Ray Train's data-loading guide warns.
+        loader_context: start method of the loader processes when ``train.loader_start_method`` is
+            ``auto`` (None: the platform default, ``fork`` on Linux). Ray workers pass ``forkserver``:
+            forking a Ray worker process (gRPC threads) can deadlock, as Ray Train's data-loading guide warns.
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -400,6 +400,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     end_step = t.steps if stop_at is None else min(t.steps, stop_at)
     n_loader = loader_workers(cfg, device)
     refit_steps = {s for s in range(start_step, end_step) if labeler.is_refit_step(s)}
+    if t.loader_start_method != "auto":
+        loader_context = t.loader_start_method
     loader = torch.utils.data.DataLoader(
         StepBatches(bm, refit_steps), batch_size=None, sampler=range(start_step, end_step),
         num_workers=n_loader, pin_memory=device.type == "cuda", prefetch_factor=4 if n_loader else None,
@@ -462,6 +464,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     per_worker_batch = len(batch["kind"]) if end_step > start_step else 0
     summary = {"train_wall_s": wall, "steps_run": end_step - start_step, "loop_wall_s": loop_wall,
                "world_size": world_size, "per_worker_batch": per_worker_batch, "loader_workers": n_loader,
+               "loader_start_method": (loader_context or "default") if n_loader else None,
                "images_per_s": (end_step - start_step) * per_worker_batch * world_size / max(loop_wall, 1e-9),
                "step_s_mean": float(np.mean(measured)) if measured else math.nan,
                "step_s_median": float(np.median(measured)) if measured else math.nan,
