@@ -4,7 +4,7 @@
     mapl train --resume --out RUN [--steps N]
     mapl evaluate RUN
     mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
-    mapl serve RUN [--host H] [--port P] [--replicas N]   (Ray Serve HTTP app, see mapl_ray.serving)
+    mapl serve RUN [--host H] [--port P] [--replicas N]   (Ray Serve HTTP app, see mapl_ray.pipelines.serve)
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from .serving import build_app
+    from .pipelines.serve import build_app
 
     run = Path(args.run)
     if not (run / "checkpoint" / "state.json").is_file():

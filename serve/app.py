@@ -5,9 +5,9 @@
     mapl serve runs/screw --port 8000       (the same app from the mapl command)
 
 Then ``curl --data-binary @part.png "http://127.0.0.1:8000/predict?heatmap=true"``. The deployment
-itself lives in :mod:`mapl_ray.serving`.
+itself lives in :mod:`mapl_ray.pipelines.serve`.
 """
 
-from mapl_ray.serving import app_builder as app  # Serve calls app(args) with the key=value arguments
+from mapl_ray.pipelines.serve import app_builder as app  # Serve calls app(args) with the key=value arguments
 
 __all__ = ["app"]

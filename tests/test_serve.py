@@ -26,7 +26,7 @@ def served(trained_run):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from mapl_ray.serving import build_app
+    from mapl_ray.pipelines.serve import build_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
@@ -66,7 +66,7 @@ def test_http_bad_body_is_a_400_naming_the_upload(served):
 
 
 def test_build_app_rejects_a_folder_without_checkpoint(tmp_path):
-    from mapl_ray.serving import build_app
+    from mapl_ray.pipelines.serve import build_app
 
     with pytest.raises(FileNotFoundError, match="state.json"):
         build_app(tmp_path)

@@ -26,8 +26,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 
-from .data.io import decode_image
-from .data.layout import ImageReadError
+from ..data.io import decode_image
+from ..data.layout import ImageReadError
 
 api = FastAPI(title="mapl-ray", description="Surface-defect scoring with a trained MAPL run")
 
@@ -57,7 +57,7 @@ class AnomalyDetector:
     """
 
     def __init__(self, run_dir: str, device: str = "auto", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
-        from .inference import Predictor
+        from ..inference import Predictor
 
         self.run_dir = str(Path(run_dir).resolve())
         self.pred = Predictor(self.run_dir, device=device)
