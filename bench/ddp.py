@@ -39,7 +39,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(include_dashboard=False)
+    from mapl_ray.pipelines.ray_env import init_ray
+
+    init_ray()
     over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
             "train.use_gpu": True, "train.steps": args.steps, "train.loader_start_method": args.start_method}
     if args.weights:

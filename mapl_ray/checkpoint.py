@@ -66,6 +66,23 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
     return final
 
 
+def require_run_folder(run_dir: str | Path) -> Path:
+    """Check that ``run_dir`` is a run folder written by ``mapl train`` (``config.yaml`` and
+    ``checkpoint/state.json``); returns it as a Path.
+
+    Raises:
+        CheckpointError: naming the folder and what is missing.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {run} does not exist (expected a folder written by `mapl train --out {run}`)")
+    missing = [n for n in ("config.yaml", "checkpoint/state.json") if not (run / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{run} is not a trained run folder: {', '.join(missing)} missing "
+                              "(expected the output folder of `mapl train`)")
+    return run
+
+
 def read_state(run_dir: str | Path) -> dict[str, Any]:
     """``state.json`` of a run's checkpoint. Raises CheckpointError naming the missing file."""
     path = checkpoint_dir(run_dir) / "state.json"

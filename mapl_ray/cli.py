@@ -190,20 +190,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
+    import signal
+
     from ray import serve
 
+    from .checkpoint import require_run_folder
+    from .pipelines.ray_env import init_ray
     from .pipelines.serve import build_app
 
-    run = Path(args.run)
-    if not (run / "checkpoint" / "state.json").is_file():
-        raise FileNotFoundError(f"{run / 'checkpoint' / 'state.json'} not found: expected a run folder written by `mapl train`")
-    ray.init(include_dashboard=False)  # RAY_ADDRESS points this at a running cluster
+    run = require_run_folder(args.run)
+    init_ray()  # RAY_ADDRESS points this at a running cluster
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(run, num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                     max_batch_size=args.max_batch_size, device=args.device)
-    print(f"serving {run} on http://{args.host}:{args.port}  (POST /predict with an image body; GET /health)", file=sys.stderr)
-    serve.run(app, name="mapl", route_prefix="/", blocking=True)
+    serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
+    print(f"serving {run} on http://{args.host}:{args.port}  (POST /predict with an image body; GET /health); "
+          "Ctrl-C stops it", file=sys.stderr)
+    def stop(signum, frame):  # SIGTERM (kill, a job scheduler) stops cleanly like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()  # stops the replicas and the HTTP proxy (local Ray stops with this process)
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .checkpoint import load_model_weights, read_state
+from .checkpoint import load_model_weights, read_state, require_run_folder
 from .config import Config
 from .data.io import load_image
 from .eval.metrics import topk_mean
@@ -49,7 +49,7 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = "auto", batch_size: int | None = None,
                  cuda_graphs: bool | None = None, amp: str | None = None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = require_run_folder(run_dir)
         self.cfg = Config.load(self.run_dir / "config.yaml")
         if amp is not None:
             self.cfg = self.cfg.override({"train.amp": amp}).validate()

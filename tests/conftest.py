@@ -19,6 +19,17 @@ TEXTURES = DATA_ROOT / "dtd_subset" / "images"
 needs_data = pytest.mark.skipif(not SCREW.is_dir(), reason=f"real data not found at {SCREW} (set MAPL_DATA)")
 
 
+def pytest_report_header(config):
+    state = "found" if SCREW.is_dir() else "NOT FOUND: the tests on real images will be SKIPPED (set MAPL_DATA=/path/to/data)"
+    return f"mapl-ray real data: {DATA_ROOT} ({state})"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not SCREW.is_dir():  # a green run without the data has not tested training, the CLI or serving
+        terminalreporter.write_line(f"WARNING: real data not found at {SCREW}: the data tests were skipped, "
+                                    "so training, the CLI and serving were not tested (set MAPL_DATA)", red=True, bold=True)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # 2-core CI: keep torch from oversubscribing while Ray or other tests run

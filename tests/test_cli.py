@@ -81,6 +81,14 @@ def test_predict_heatmaps_of_same_named_images_do_not_collide(trained_run, tmp_p
     assert json.loads(capsys.readouterr().out)["heatmap"] == heat[0] and len(list(out.glob("*.png"))) == 2
 
 
+def test_evaluate_and_predict_need_a_run_folder(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist (expected a folder written by `mapl train" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    assert main(["predict", str(tmp_path / "half"), "x.png"]) == 2
+    assert "not a trained run folder: config.yaml, checkpoint/state.json missing" in capsys.readouterr().err
+
+
 def test_wrong_data_path(tmp_path, capsys):
     assert main(_train_args(tmp_path / "nowhere", tmp_path / "run")) == 2
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .layout import ImageReadError, ImageRecord, LayoutError
 
@@ -107,8 +107,13 @@ def _open_decoded(path: str, source=None) -> Image.Image:
             # Detach from the file handle: .copy() of a loaded image owns its pixel buffer.
             return im.copy()
     except _PIL_ERRORS as exc:
-        reason = str(exc) if source is None else str(exc).replace(repr(source), "the uploaded data")
-        raise ImageReadError(path, f"{type(exc).__name__}: {reason}") from exc
+        if source is None:
+            reason = f"{type(exc).__name__}: {exc}"
+        elif isinstance(exc, UnidentifiedImageError):
+            reason = "not an image in a format Pillow reads"
+        else:
+            reason = f"{type(exc).__name__}: {str(exc).replace(repr(source), 'the data')}"
+        raise ImageReadError(path, reason) from exc
 
 
 def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Image.Image:
@@ -150,8 +155,11 @@ def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None 
     return _read_rgb(os.fspath(path), hw)[0]
 
 
-def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int] | None = None) -> np.ndarray:
+def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int] | None = None,
+                 return_original_size: bool = False):
     """:func:`load_image` for encoded bytes (an HTTP upload): any format Pillow reads, to RGB uint8 ``[H, W, 3]``.
+
+    With ``return_original_size`` returns ``(image, (H, W) before resizing)``.
 
     Raises:
         ImageReadError: empty or undecodable data; the message names ``name``.
@@ -161,7 +169,8 @@ def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int
 
     if not data:
         raise ImageReadError(name, "empty body (expected the bytes of an image file)")
-    return _read_rgb(name, normalize_size(size), io.BytesIO(data))[0]
+    image, orig_hw = _read_rgb(name, normalize_size(size), io.BytesIO(data))
+    return (image, orig_hw) if return_original_size else image
 
 
 def load_mask(

@@ -5,9 +5,9 @@ Endpoints (JSON responses):
 * ``POST /predict`` -- body: the bytes of one image file (any format Pillow reads), e.g.
   ``curl --data-binary @part.png http://HOST:8000/predict``. Query parameters: ``name`` (a label
   for the image, echoed back and used in error messages) and ``heatmap=true`` (add the anomaly map
-  as a base64 8-bit grey PNG at the run's image size). Returns ``score``, ``normalised_score``,
-  ``q``, ``label`` (1 = defect when the score reaches the run's threshold, null without one),
-  ``threshold``. An unreadable body answers 400 with the reason.
+  as ``heatmap_png_base64``, an 8-bit grey PNG at the upload's own size). Returns ``score``,
+  ``normalised_score``, ``q``, ``label`` (1 = defect when the score reaches the run's threshold, null
+  without one), ``threshold`` and ``original_size`` ``[H, W]``. An unreadable body answers 400.
 * ``GET /health`` -- the run being served: category, encoder, image size, threshold, device,
   memory-bank backend.
 
@@ -32,12 +32,16 @@ from ..data.layout import ImageReadError
 api = FastAPI(title="mapl-ray", description="Surface-defect scoring with a trained MAPL run")
 
 
-def encode_map_png(amap: np.ndarray) -> str:
-    """Anomaly map float ``(H, W)`` in [0, 1] -> base64 of an 8-bit grey PNG (0 normal .. 255 anomalous)."""
+def encode_map_png(amap: np.ndarray, size: tuple[int, int] | None = None) -> str:
+    """Anomaly map float ``(h, w)`` in [0, 1] -> base64 of an 8-bit grey PNG (0 normal .. 255 anomalous),
+    resized (bilinear) to ``size`` = ``(H, W)`` of the original image when given."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(amap * 255.0), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    img = Image.fromarray(np.clip(np.rint(amap * 255.0), 0, 255).astype(np.uint8))
+    if size is not None and tuple(size) != amap.shape:
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -77,14 +81,14 @@ class AnomalyDetector:
     async def predict(self, request: Request, name: str = "upload", heatmap: bool = False) -> dict[str, Any]:
         data = await request.body()
         try:
-            image = decode_image(data, name, self.pred.image_size)
+            image, (h, w) = decode_image(data, name, self.pred.image_size, return_original_size=True)
         except ImageReadError as e:
             raise HTTPException(status_code=400, detail=f"{e} (send the raw bytes of one image file as the request body)") from e
         rec = await self._score(image)
         amap = rec.pop("_map")
-        out = {"name": name, **rec}
+        out = {"name": name, **rec, "original_size": [h, w]}
         if heatmap:
-            out["heatmap_png_base64"] = encode_map_png(amap)
+            out["heatmap_png_base64"] = encode_map_png(amap, (h, w))
         return out
 
     @api.get("/health")
@@ -102,16 +106,18 @@ def build_app(run_dir: str | Path, num_replicas: int = 1, gpus_per_replica: floa
     ``gpus_per_replica``: None -> 1 when the Ray cluster has a GPU, else 0 (fractions share a GPU).
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no ``checkpoint/`` (checked here, before any replica starts).
+        CheckpointError: ``run_dir`` is not a trained run folder (checked here, before any replica starts).
     """
     import ray
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint" / "state.json").is_file():
-        raise FileNotFoundError(f"{run_dir / 'checkpoint' / 'state.json'} not found: expected a run folder written by `mapl train`")
+    from ..checkpoint import require_run_folder
+
+    run_dir = require_run_folder(run_dir)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return AnomalyDetector.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica}).bind(
+    # enough requests in flight per replica to fill a batch (Serve's default of 5 would cap it)
+    return AnomalyDetector.options(num_replicas=num_replicas, max_ongoing_requests=max(2 * max_batch_size, 8),
+                                   ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica}).bind(
         str(run_dir.resolve()), device=device, max_batch_size=max_batch_size)
 
 

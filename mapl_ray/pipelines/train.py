@@ -236,8 +236,9 @@ def train_with_ray(cfg: Config, data: TrainData, run_dir: str | Path, resume: bo
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False)
+    from .ray_env import init_ray
+
+    init_ray()
     threads, resources = _worker_resources(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
