@@ -402,10 +402,18 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     refit_steps = {s for s in range(start_step, end_step) if labeler.is_refit_step(s)}
     if t.loader_start_method != "auto":
         loader_context = t.loader_start_method
+    mp_context = None
+    if n_loader and loader_context is not None:
+        import multiprocessing
+
+        mp_context = multiprocessing.get_context(loader_context)
+        if loader_context == "forkserver":
+            # the server imports these once; each loader process forks from it instead of importing torch anew
+            mp_context.set_forkserver_preload(["torch", "numpy", "PIL.Image", "mapl_ray.data.batches"])
     loader = torch.utils.data.DataLoader(
         StepBatches(bm, refit_steps), batch_size=None, sampler=range(start_step, end_step),
         num_workers=n_loader, pin_memory=device.type == "cuda", prefetch_factor=4 if n_loader else None,
-        persistent_workers=False, multiprocessing_context=loader_context if n_loader else None,
+        persistent_workers=False, multiprocessing_context=mp_context,
         timeout=LOADER_TIMEOUT_S if n_loader else 0)
     has_pool = bm.has_pool()
     for step, batch in zip(range(start_step, end_step), loader):
