@@ -37,8 +37,6 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     args = p.parse_args()
 
-    import ray
-
     from mapl_ray.pipelines.ray_env import init_ray
 
     init_ray()
