@@ -59,6 +59,27 @@ def test_http_scores_match_the_predictor(served, trained_run):
     assert health["status"] == "ok" and health["category"] == "screw" and health["threshold"] == expected[0].get("threshold", health["threshold"])
 
 
+def test_concurrent_requests_are_batched_without_mixing_results(served, trained_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from mapl_ray.inference import Predictor
+
+    paths = sorted((SCREW / "test" / "good").glob("*.png"))[:3] + sorted((SCREW / "test" / "scratch_head").glob("*.png"))[:3]
+    expected = {r["path"]: r["score"] for r in Predictor(trained_run, device="cpu").predict_paths(paths)[0]}
+
+    def post(path):
+        r = requests.post(f"{served}/predict", params={"name": str(path)}, data=path.read_bytes(), timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        got = list(pool.map(post, paths))
+    for g in got:  # each answer belongs to its own image, whatever batch it was scored in
+        assert g["score"] == pytest.approx(expected[g["name"]], abs=1e-5)
+
+
 def test_http_bad_body_is_a_400_naming_the_upload(served):
     import requests
 
