@@ -7,6 +7,10 @@ the test image AUROC of each run. Merges its results into ``--out`` (default
 ``bench/results/gpu.json``) under ``ddp`` and ``ddp_scaling_2gpu``.
 
     python bench/ddp.py --data ROOT --category screw --textures DIR [--weights FILE] [--batches 4,32]
+                        [--workers 0,1,2] [--start-method auto|fork|forkserver]
+
+``--workers 0`` adds the same job without Ray (``mapl train --no-ray``), the baseline that shows
+what Ray Train itself costs per run.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def main() -> None:
     p.add_argument("--textures", required=True)
     p.add_argument("--weights")
     p.add_argument("--batches", default="4", help="per-worker normal (= simulated) images per step, comma list")
-    p.add_argument("--workers", default="1,2")
+    p.add_argument("--workers", default="1,2",
+                   help="comma list of Ray Train worker counts; 0 = the same job in this process without Ray (a baseline)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--start-method", default="auto", help="train.loader_start_method (auto: forkserver in Ray workers)")
     p.add_argument("--runs", default="/tmp/mapl_ddp_runs")
@@ -48,13 +53,13 @@ def main() -> None:
     rows = {}
     for half in [int(b) for b in args.batches.split(",")]:
         for n in [int(w) for w in args.workers.split(",")]:
-            cfg = base.override({"train.num_workers": n, "train.batch_normal": half, "train.batch_simulated": half})
-            name = f"b{2 * half}_w{n}"
+            cfg = base.override({"train.num_workers": max(n, 1), "train.batch_normal": half, "train.batch_simulated": half})
+            name = f"b{2 * half}_w{n}" if n else f"b{2 * half}_noray"
             t0 = time.perf_counter()
             run = Path(args.runs) / name
-            metrics = run_train_job(cfg, run, progress=False)
+            metrics = run_train_job(cfg, run, progress=False, use_ray=n > 0)
             tr = json.loads((run / "train_summary.json").read_text())  # rank 0's summary
-            rows[name] = {"workers": n, "per_worker_batch": 2 * half, "images_per_s": round(tr["images_per_s"], 1),
+            rows[name] = {"workers": max(n, 1), "ray": n > 0, "per_worker_batch": 2 * half, "images_per_s": round(tr["images_per_s"], 1),
                           "loop_wall_s": round(tr["loop_wall_s"], 2), "train_wall_s": round(tr["train_wall_s"], 2),
                           "job_wall_s": round(time.perf_counter() - t0, 2), "loader_workers": tr["loader_workers"],
                           "loader_start_method": tr.get("loader_start_method"),
