@@ -37,10 +37,11 @@ from .pseudo import OCCConfig, OCCEnsemble, masked_bce
 log = logging.getLogger("mapl_ray.train")
 
 
-def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float32 ``(N, 3, H, W)`` in [0, 1] on ``device``."""
-    t = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-    return t.permute(0, 3, 1, 2).float().div_(255.0)
+def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` (numpy, or a possibly pinned tensor) -> float32 ``(N, 3, H, W)`` in [0, 1]
+    on ``device``, copied non-blocking; the NHWC storage makes the result channels-last."""
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def build_model(cfg: Config) -> MAPLModel:
@@ -119,7 +120,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: 
     def dev(a):
         return torch.as_tensor(a).to(device, non_blocking=True)
 
-    x = dev(batch["images"]).permute(0, 3, 1, 2).float().div_(255.0)  # NHWC storage: already channels-last
+    x = to_tensor(batch["images"], device)
     if not (channels_last and device.type == "cuda"):
         x = x.contiguous()
     masks = dev(batch["masks"]).unsqueeze(1).float()
@@ -184,8 +185,9 @@ class PseudoLabeler:
         self.fitted_step = -1
 
     def due(self, step: int) -> bool:
+        """A refit step, or any step after warm-up while there is no ensemble yet (a run resumed off-schedule)."""
         p = self.cfg.pseudo
-        return p.enabled and step >= p.warmup_steps and (self.ensemble is None or (step - p.warmup_steps) % p.refit_every == 0)
+        return self.is_refit_step(step) or (self.ensemble is None and p.enabled and step >= p.warmup_steps)
 
     @torch.no_grad()
     def _pooled(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
@@ -425,7 +427,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         x, masks, kind, label = batch_to_device(batch, device, t.channels_last)
         with autocast_context(device, t.amp):
             out = net(x)
-        pseudo = labeler.predict(out["pooled"]) if labeler.ensemble is not None else torch.full_like(label, -1)
+        pseudo = labeler.predict(out["pooled"])
         losses = compute_losses(out, masks, kind, label, pseudo, cfg, has_pool=has_pool)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

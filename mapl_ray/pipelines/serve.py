@@ -69,13 +69,9 @@ class AnomalyDetector:
         self._score.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _score(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        res = self.pred.predict_arrays(np.stack(images))
-        norm = self.pred.normalise(res["scores"])
-        thr = self.pred.threshold
-        return [{"score": float(s), "normalised_score": float(n), "q": float(q),
-                 "label": int(s >= thr) if thr is not None else None, "threshold": thr, "_map": m}
-                for s, n, q, m in zip(res["scores"], norm, res["q"], res["maps"])]
+    async def _score(self, requests: list[tuple[np.ndarray, str]]) -> list[tuple[dict[str, Any], np.ndarray]]:
+        records, maps = self.pred.predict_images(np.stack([img for img, _ in requests]), [name for _, name in requests])
+        return list(zip(records, maps))
 
     @api.post("/predict")
     async def predict(self, request: Request, name: str = "upload", heatmap: bool = False) -> dict[str, Any]:
@@ -84,9 +80,8 @@ class AnomalyDetector:
             image, (h, w) = decode_image(data, name, self.pred.image_size, return_original_size=True)
         except ImageReadError as e:
             raise HTTPException(status_code=400, detail=f"{e} (send the raw bytes of one image file as the request body)") from e
-        rec = await self._score(image)
-        amap = rec.pop("_map")
-        out = {"name": name, **rec, "original_size": [h, w]}
+        rec, amap = await self._score((image, name))
+        out = {"name": rec.pop("path"), **rec, "threshold": self.pred.threshold, "original_size": [h, w]}
         if heatmap:
             out["heatmap_png_base64"] = encode_map_png(amap, (h, w))
         return out

@@ -8,13 +8,12 @@
 
 from mapl_ray.pseudo.losses import labeled_bce, masked_bce, pseudo_label_bce
 from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
-from mapl_ray.pseudo.occ import OCCConfig, OCCEnsemble, gmm_log_likelihood, gmm_log_likelihood_torch, order_thresholds
+from mapl_ray.pseudo.occ import OCCConfig, OCCEnsemble, gmm_log_likelihood, order_thresholds
 
 __all__ = [
     "OCCConfig",
     "OCCEnsemble",
     "gmm_log_likelihood",
-    "gmm_log_likelihood_torch",
     "labeled_bce",
     "masked_bce",
     "order_thresholds",

@@ -20,7 +20,8 @@ well-conditioned for high-dimensional pooled encoder features.
 Scoring after ``fit`` does not call scikit-learn: it evaluates the stored
 parameters with numpy (same formula as scikit-learn's
 ``GaussianMixture.score_samples``), so an ensemble restored by
-:meth:`OCCEnsemble.from_state` from plain arrays scores bit-identically.
+:meth:`OCCEnsemble.from_state` from plain arrays scores bit-identically;
+:meth:`OCCEnsemble.predict_torch` evaluates the same formula on torch tensors.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
 from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
 
-__all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "gmm_log_likelihood_torch", "order_thresholds"]
+__all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "order_thresholds"]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _STATE_FORMAT = "mapl_ray.pseudo.OCCEnsemble"
@@ -126,22 +128,19 @@ class OCCConfig:
             raise ValueError(f"min_fraction: expected a value in [0, 1), got {self.min_fraction}")
 
 
-def gmm_log_likelihood(
-    x: np.ndarray,
-    weights: np.ndarray,
-    means: np.ndarray,
-    precisions_cholesky: np.ndarray,
-    covariance_type: str,
-) -> np.ndarray:
+def gmm_log_likelihood(x, weights, means, precisions_cholesky, covariance_type: str):
     """Per-sample log-likelihood of a Gaussian mixture from its fitted parameters.
 
     Same quantity as scikit-learn's ``GaussianMixture.score_samples`` (parameter
     layout of its ``weights_``, ``means_``, ``precisions_cholesky_``), computed
     in the direct ``||(x - mu) L||^2`` form rather than scikit-learn's expanded
     one for ``diag``/``spherical`` (no cancellation error far from the mean).
+    One formula for numpy and torch: with torch tensors (all arguments on the
+    device of ``x``) it runs where the features are, e.g. in the training step
+    without a device-to-host copy.
 
     Args:
-        x: float array ``(n, D)``.
+        x: float ``(n, D)``: a numpy array, or a torch tensor.
         weights: ``(C,)`` mixture weights.
         means: ``(C, D)`` component means.
         precisions_cholesky: Cholesky factors of the precisions; ``(C, D, D)``
@@ -150,65 +149,39 @@ def gmm_log_likelihood(
         covariance_type: ``"full" | "tied" | "diag" | "spherical"``.
 
     Returns:
-        float64 array ``(n,)``: ``log p(x)``.
+        ``(n,)`` ``log p(x)``: float64 numpy for numpy input; a tensor of
+        ``x``'s dtype and device for torch input.
 
     Raises:
         ValueError: if ``covariance_type`` is unknown.
     """
-    x = np.asarray(x, dtype=np.float64)
-    means = np.asarray(means, dtype=np.float64)
-    pc = np.asarray(precisions_cholesky, dtype=np.float64)
+    if isinstance(x, torch.Tensor):
+        xp, pc = torch, precisions_cholesky
+    else:
+        xp = np
+        x, means, weights = (np.asarray(a, dtype=np.float64) for a in (x, means, weights))
+        pc = np.asarray(precisions_cholesky, dtype=np.float64)
     n_features = x.shape[1]
     diff = x[:, None, :] - means[None, :, :]  # (n, C, D)
     if covariance_type == "full":
-        y = np.einsum("ncd,cde->nce", diff, pc)
-        log_det = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
+        y = xp.einsum("ncd,cde->nce", diff, pc)
+        log_det = xp.log(pc.diagonal(0, 1, 2)).sum(1)
     elif covariance_type == "tied":
         y = diff @ pc
-        log_det = np.full(means.shape[0], np.log(np.diagonal(pc)).sum())
+        log_det = xp.log(pc.diagonal()).sum()  # the same for every component (broadcast below)
     elif covariance_type == "diag":
         y = diff * pc[None, :, :]
-        log_det = np.log(pc).sum(axis=1)
+        log_det = xp.log(pc).sum(1)
     elif covariance_type == "spherical":
         y = diff * pc[None, :, None]
-        log_det = n_features * np.log(pc)
+        log_det = n_features * xp.log(pc)
     else:
         raise ValueError(
             f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {covariance_type!r}"
         )
-    log_gauss = -0.5 * (n_features * np.log(2.0 * np.pi) + np.square(y).sum(axis=2)) + log_det
-    return logsumexp(log_gauss + np.log(np.asarray(weights, dtype=np.float64))[None, :], axis=1)
-
-
-def gmm_log_likelihood_torch(x, weights, means, precisions_cholesky, covariance_type: str):
-    """:func:`gmm_log_likelihood` on torch tensors (any device, the dtype of ``x``): ``(n, D)`` -> ``(n,)``.
-
-    Used in the training step so pseudo-labels are computed where the features are, without a
-    device-to-host copy. Same formula and parameter layout as the numpy version.
-
-    Raises:
-        ValueError: if ``covariance_type`` is unknown.
-    """
-    import torch
-
-    n_features = x.shape[1]
-    diff = x[:, None, :] - means[None, :, :]
-    if covariance_type == "full":
-        y = torch.einsum("ncd,cde->nce", diff, precisions_cholesky)
-        log_det = torch.log(torch.diagonal(precisions_cholesky, dim1=1, dim2=2)).sum(dim=1)
-    elif covariance_type == "tied":
-        y = diff @ precisions_cholesky
-        log_det = torch.log(torch.diagonal(precisions_cholesky)).sum().expand(means.shape[0])
-    elif covariance_type == "diag":
-        y = diff * precisions_cholesky[None]
-        log_det = torch.log(precisions_cholesky).sum(dim=1)
-    elif covariance_type == "spherical":
-        y = diff * precisions_cholesky[None, :, None]
-        log_det = n_features * torch.log(precisions_cholesky)
-    else:
-        raise ValueError(f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {covariance_type!r}")
-    log_gauss = -0.5 * (n_features * math.log(2.0 * math.pi) + y.square().sum(dim=2)) + log_det
-    return torch.logsumexp(log_gauss + torch.log(weights)[None, :], dim=1)
+    log_gauss = -0.5 * (n_features * math.log(2.0 * math.pi) + (y * y).sum(2)) + log_det
+    log_joint = log_gauss + xp.log(weights)[None, :]
+    return torch.logsumexp(log_joint, dim=1) if xp is torch else logsumexp(log_joint, axis=1)
 
 
 def _check_features(x: Any, name: str, n_features: int | None, min_rows: int) -> np.ndarray:
@@ -288,7 +261,7 @@ class OCCEnsemble:
         self.threshold_swapped = np.empty(0, dtype=bool)
         self.subset_indices: list[np.ndarray] | None = None
         self._occs: list[dict[str, np.ndarray]] = []
-        self._torch_params: dict[Any, list[dict[str, Any]]] = {}  # (device, dtype) -> per-OCC tensors
+        self._torch_params: dict[Any, tuple] = {}  # (device, dtype) -> (per-OCC tensors, eta_p, eta_n)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -394,7 +367,8 @@ class OCCEnsemble:
         occ["gmm_precisions_cholesky"] = gmm.precisions_cholesky_
         return {k: _canonical(v) for k, v in occ.items()}
 
-    def _score_one(self, occ: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    def _score_one(self, occ: dict[str, Any], x):
+        """Negative log-likelihood of one OCC ``(n,)``: numpy parameters and ``x``, or torch ones on one device."""
         z = (x - occ["scaler_mean"]) / occ["scaler_scale"]
         if "pca_components" in occ:
             z = (z - occ["pca_mean"]) @ occ["pca_components"].T
@@ -445,15 +419,18 @@ class OCCEnsemble:
             RuntimeError: if not fitted.
             ValueError: naming ``x``, as in :meth:`scores`.
         """
-        s = self.scores(x)
-        positive = np.all(s > self.eta_p[:, None], axis=0)
-        negative = np.all(s < self.eta_n[:, None], axis=0)
-        labels = np.full(s.shape[1], -1, dtype=np.int8)
-        labels[negative] = 0
-        labels[positive] = 1
-        return labels
+        labels = self._vote(self.scores(x), self.eta_p[:, None], self.eta_n[:, None])
+        return labels.astype(np.int8)
 
-    def predict_torch(self, x):
+    @staticmethod
+    def _vote(s, eta_p, eta_n):
+        """Consensus of scores ``(K, n)`` (numpy or torch) against per-OCC thresholds ``(K, 1)``: 1 / 0 / -1."""
+        xp = torch if isinstance(s, torch.Tensor) else np
+        positive = (s > eta_p).all(0)
+        negative = (s < eta_n).all(0)
+        return xp.where(positive, 1, xp.where(negative, 0, -1))
+
+    def predict_torch(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`predict` on a torch tensor ``(n, D)`` (any device), without leaving that device.
 
         Computed in float64 (as the numpy path) where the device supports it; no validation and
@@ -462,29 +439,16 @@ class OCCEnsemble:
         Raises:
             RuntimeError: if not fitted.
         """
-        import torch
-
         self._require_fitted()
         dtype = torch.float32 if x.device.type == "mps" else torch.float64
         key = (x.device, dtype)
         if key not in self._torch_params:  # parameters copied to the device once, not every step
-            self._torch_params[key] = [{k: torch.as_tensor(v, dtype=dtype, device=x.device) for k, v in occ.items()}
-                                       for occ in self._occs]
-            self._torch_params[key].append({"eta_p": torch.as_tensor(self.eta_p, dtype=dtype, device=x.device)[:, None],
-                                            "eta_n": torch.as_tensor(self.eta_n, dtype=dtype, device=x.device)[:, None]})
-        *occs, eta = self._torch_params[key]
+            as_t = lambda a: torch.as_tensor(a, dtype=dtype, device=x.device)  # noqa: E731
+            self._torch_params[key] = ([{k: as_t(v) for k, v in occ.items()} for occ in self._occs],
+                                       as_t(self.eta_p)[:, None], as_t(self.eta_n)[:, None])
+        occs, eta_p, eta_n = self._torch_params[key]
         x = x.to(dtype)
-        scores = []
-        for occ in occs:
-            z = (x - occ["scaler_mean"]) / occ["scaler_scale"]
-            if "pca_components" in occ:
-                z = (z - occ["pca_mean"]) @ occ["pca_components"].T
-            scores.append(-gmm_log_likelihood_torch(z, occ["gmm_weights"], occ["gmm_means"],
-                                                    occ["gmm_precisions_cholesky"], self.config.covariance_type))
-        s = torch.stack(scores)
-        positive = (s > eta["eta_p"]).all(0)
-        negative = (s < eta["eta_n"]).all(0)
-        return torch.where(positive, 1, torch.where(negative, 0, -1)).long()
+        return self._vote(torch.stack([self._score_one(occ, x) for occ in occs]), eta_p, eta_n).long()
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
