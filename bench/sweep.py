@@ -28,7 +28,7 @@ def run_variant(args: argparse.Namespace) -> None:
     from mapl_ray.config import Config
     from mapl_ray.data.io import load_records
     from mapl_ray.data.split import Split
-    from mapl_ray.eval.metrics import image_auroc, topk_mean
+    from mapl_ray.eval.metrics import compute_metrics, image_auroc, topk_mean
     from mapl_ray.evaluate import calibrate, evaluate_run
     from mapl_ray.inference import Predictor
     from mapl_ray.pipelines.train import load_train_data, prepare_run
@@ -45,14 +45,19 @@ def run_variant(args: argparse.Namespace) -> None:
     _, summary = train_model(cfg, data, run, device=device, progress=False)
     calibrate(run, val, device=device)
     metrics = evaluate_run(run, device=device)
-    pred = Predictor(run, device=device)
-    test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=False)
-    res = pred.predict_arrays(test.images)
+    test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True)
     labels = np.array([r.label for r in test.records])
-    maps = torch.from_numpy(res["maps"])
-    topk = {str(k): image_auroc(labels, topk_mean(maps, k).numpy()) for k in (1, 10, 50, 100, 300, 1000)}
-    topk["q"] = image_auroc(labels, res["q"])
-    out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": topk,
+    types = [r.defect_type for r in test.records]
+    by_tta = {}
+    for tta in ("none", "flip", "rot90"):  # test-time augmentation: the same trained model, scored three ways
+        res = Predictor(run, device=device, tta=tta).predict_arrays(test.images)
+        maps = torch.from_numpy(res["maps"])
+        topk = {str(k): image_auroc(labels, topk_mean(maps, k).numpy()) for k in (1, 10, 50, 100, 300, 1000)}
+        topk["q"] = image_auroc(labels, res["q"])
+        m = compute_metrics(labels, res["scores"], types, test.masks, res["maps"])["overall"]
+        by_tta[tta] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "auroc_by_topk": topk}
+    out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": by_tta[cfg.eval.tta]["auroc_by_topk"],
+           "by_tta": by_tta,
            "train_wall_s": summary["train_wall_s"], "step_s_median": summary["step_s_median"], "device": device,
            "final_losses": summary["final_losses"], "pseudo": summary["pseudo"]}
     (run / "variant.json").write_text(json.dumps(out, indent=2))
@@ -105,7 +110,10 @@ def main() -> None:
                 print(name, json.dumps({k: r.get(k) for k in ("auroc_by_topk", "wall_s", "error")}), flush=True)
                 if "overall" in r:
                     o = r["overall"]
-                    print(f"   img {o['image_auroc']:.4f} pix {o['pixel_auroc']:.4f} aupro {o['aupro']:.4f} step {r['step_s_median']:.3f}s", flush=True)
+                    print(f"   img {o['image_auroc']:.4f} pix {o['pixel_auroc']:.4f} aupro {o['aupro']:.4f} step {r['step_s_median']:.3f}s "
+                          f"train {r['train_wall_s']:.1f}s", flush=True)
+                    for tta, m in r.get("by_tta", {}).items():
+                        print(f"   tta={tta}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f}", flush=True)
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
 
 

@@ -22,6 +22,36 @@ from .model.memory import resolve_backend
 from .training import autocast_context, build_model, to_tensor
 
 
+def tta_views(mode: str) -> list[tuple[int, bool]]:
+    """Test-time augmentation views as (quarter turns k, horizontal flip) pairs.
+
+    ``none`` -> the identity; ``flip`` -> identity and horizontal flip; ``rot90`` -> the 8 flips and
+    90-degree rotations (the dihedral group D4, the same transforms as ``train.augment=rot90``).
+
+    Raises:
+        ValueError: an unknown mode (names ``eval.tta``).
+    """
+    if mode == "none":
+        return [(0, False)]
+    if mode == "flip":
+        return [(0, False), (0, True)]
+    if mode == "rot90":
+        return [(k, f) for k in range(4) for f in (False, True)]
+    raise ValueError(f"eval.tta must be none, flip or rot90, got {mode!r}")
+
+
+def apply_view(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Rotate ``(..., H, W)`` by ``k`` quarter turns, then flip horizontally when ``flip`` (H == W for odd k)."""
+    y = torch.rot90(x, k, dims=(-2, -1)) if k else x
+    return torch.flip(y, dims=(-1,)) if flip else y
+
+
+def invert_view(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Inverse of :func:`apply_view`: maps computed on a view back onto the original image grid."""
+    y = torch.flip(y, dims=(-1,)) if flip else y
+    return torch.rot90(y, -k, dims=(-2, -1)) if k else y
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if device in (None, "auto"):
@@ -40,6 +70,9 @@ class Predictor:
             as a captured CUDA graph (``torch.cuda.CUDAGraph``): one launch instead of hundreds, which
             is what bounds single-image latency. Default: ``eval.cuda_graphs``.
         amp: ``auto`` / ``off`` / ``bf16`` for inference; default: the run's ``train.amp``.
+        tta: test-time augmentation (``none`` / ``flip`` / ``rot90``, see :func:`tta_views`): every
+            image is scored in each view, the maps are mapped back and averaged (as is ``q``); costs
+            one forward pass per view. Default: ``eval.tta``.
 
     Raises:
         CheckpointError / ConfigError: the run folder is incomplete or unreadable (names the file).
@@ -48,11 +81,14 @@ class Predictor:
     MAX_GRAPHS = 8  # batch shapes captured per predictor (each holds its own static buffers)
 
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = "auto", batch_size: int | None = None,
-                 cuda_graphs: bool | None = None, amp: str | None = None):
+                 cuda_graphs: bool | None = None, amp: str | None = None, tta: str | None = None):
         self.run_dir = require_run_folder(run_dir)
         self.cfg = Config.load(self.run_dir / "config.yaml")
         if amp is not None:
             self.cfg = self.cfg.override({"train.amp": amp}).validate()
+        if tta is not None:
+            self.cfg = self.cfg.override({"eval.tta": tta}).validate()
+        self.views = tta_views(self.cfg.eval.tta)
         self.state = read_state(self.run_dir)
         self.device = resolve_device(device)
         # all weights (encoder included) come from the checkpoint: no pretrained file needed to serve
@@ -91,10 +127,18 @@ class Predictor:
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor, cache: bool = True) -> dict[str, torch.Tensor]:
+        views, b = self.views, x.shape[0]
+        if len(views) > 1:  # all views in one batch: one forward pass (one CUDA graph)
+            x = torch.cat([apply_view(x, k, f) for k, f in views])
+            if self.device.type == "cuda" and self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.cfg.train.amp, cache_enabled=cache):
             out = self.model(x)
         maps = torch.sigmoid(out["logits"].float())[:, 0]
         q = torch.sigmoid(out["q"].float())
+        if len(views) > 1:
+            maps = torch.stack([invert_view(maps[i * b:(i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
+            q = q.view(len(views), b).mean(0)
         return {"maps": maps, "q": q, "scores": self.score(maps, q)}
 
     def _replay(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,52 @@
+"""Test-time augmentation in the Predictor: views invert exactly, TTA maps are the mean of single-view
+maps, and with all 8 flips / rotations the image score does not depend on the input's orientation."""
+
+import numpy as np
+import pytest
+import torch
+
+from mapl_ray.data.io import load_image
+from mapl_ray.inference import Predictor, apply_view, invert_view, tta_views
+
+
+def test_views_invert_exactly_and_are_distinct():
+    x = torch.rand(2, 3, 8, 8)
+    for mode, n in (("none", 1), ("flip", 2), ("rot90", 8)):
+        views = tta_views(mode)
+        assert len(views) == n
+        outs = [apply_view(x, k, f) for k, f in views]
+        for (k, f), y in zip(views, outs):
+            assert torch.equal(invert_view(y, k, f), x)
+        # every view is a different image (no transform counted twice)
+        assert len({tuple(o.flatten().tolist()) for o in outs}) == n
+    with pytest.raises(ValueError, match="eval.tta"):
+        tta_views("rot45")
+
+
+def _test_images(trained_run, n=4):
+    from mapl_ray.data.split import Split
+
+    split = Split.from_json(trained_run / "split.json")
+    paths = [r.path for r in split.test[:n]]
+    return torch.from_numpy(np.stack([load_image(p, 64) for p in paths])).permute(0, 3, 1, 2).float() / 255
+
+
+def test_flip_tta_is_the_mean_of_the_two_single_view_maps(trained_run):
+    x = _test_images(trained_run)
+    single = Predictor(trained_run, device="cpu", tta="none")
+    plain = single.predict_tensor(x)["maps"]
+    flipped = torch.flip(single.predict_tensor(torch.flip(x, dims=(-1,)))["maps"], dims=(-1,))
+    tta = Predictor(trained_run, device="cpu", tta="flip").predict_tensor(x)
+    torch.testing.assert_close(tta["maps"], (plain + flipped) / 2, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, flipped, atol=1e-4)  # the model itself is not flip-invariant
+
+
+def test_rot90_tta_score_does_not_depend_on_input_orientation(trained_run):
+    x = _test_images(trained_run)
+    turned = torch.rot90(x, 1, dims=(-2, -1))
+    tta = Predictor(trained_run, device="cpu", tta="rot90")
+    a, b = tta.predict_tensor(x), tta.predict_tensor(turned)
+    torch.testing.assert_close(b["scores"], a["scores"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b["maps"], torch.rot90(a["maps"], 1, dims=(-2, -1)), atol=1e-5, rtol=1e-4)
+    single = Predictor(trained_run, device="cpu", tta="none")
+    assert not torch.allclose(single.predict_tensor(turned)["scores"], single.predict_tensor(x)["scores"], atol=1e-4)
