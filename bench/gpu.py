@@ -143,35 +143,38 @@ def bench_infer(run_dir: Path, device: torch.device) -> dict:
     from mapl_ray.inference import Predictor
 
     res = {}
-    for amp in ("off", "bf16"):
-        for graphs in (False, True):
-            pred = Predictor(run_dir, device=device, cuda_graphs=graphs, amp=amp)
-            for batch in (1, 32, 256):
-                x = torch.rand(batch, 3, 256, 256, device=device)
-                name = f"{'fp32' if amp == 'off' else 'bf16'}_{'graph' if graphs else 'eager'}_b{batch}"
+    # the raw model (tta none) in every mode, then the default scoring (8-view test-time augmentation)
+    modes = [(amp, graphs, "none") for amp in ("off", "bf16") for graphs in (False, True)]
+    modes += [("bf16", False, "rot90"), ("bf16", True, "rot90")]
+    for amp, graphs, tta in modes:
+        pred = Predictor(run_dir, device=device, cuda_graphs=graphs, amp=amp, tta=tta)
+        for batch in (1, 32, 256):
+            x = torch.rand(batch, 3, 256, 256, device=device)
+            name = (f"{'fp32' if amp == 'off' else 'bf16'}_{'graph' if graphs else 'eager'}_b{batch}"
+                    + ("_tta8" if tta == "rot90" else ""))
 
-                def step(pred=pred, x=x):
-                    return pred.predict_tensor(x)["scores"]
+            def step(pred=pred, x=x):
+                return pred.predict_tensor(x)["scores"]
 
-                try:
-                    t = cuda_time(step, warmup=5, iters=20)
-                    res[name] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 3),
-                                 "peak_gpu_mem_mb": round(peak_mb(step), 1), "cuda_graphs": pred.cuda_graphs}
-                except Exception as e:  # noqa: BLE001 - recorded in the results, the other configurations still run
-                    res[name] = {"error": f"{type(e).__name__}: {e}"}
-                print(name, res[name], flush=True)
-            del pred
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            try:
+                t = cuda_time(step, warmup=5, iters=20)
+                res[name] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 3),
+                             "peak_gpu_mem_mb": round(peak_mb(step), 1), "cuda_graphs": pred.cuda_graphs}
+            except Exception as e:  # noqa: BLE001 - recorded in the results, the other configurations still run
+                res[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(name, res[name], flush=True)
+        del pred
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     return res
 
 
-def full_run(cfg: Config, device: str, out_dir: Path, amp: str) -> dict:
+def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0) -> dict:
     from mapl_ray.evaluate import calibrate, evaluate_run
     from mapl_ray.pipelines.train import absolute_paths, load_train_data, prepare_run
     from mapl_ray.training import train_model
 
-    c = absolute_paths(cfg.override({"train.amp": amp}))
-    run = out_dir / f"full_{amp}"
+    c = absolute_paths(cfg.override({"train.amp": amp, "train.seed": seed}))
+    run = out_dir / (f"full_{amp}" + (f"_s{seed}" if seed else ""))
     split, _ = prepare_run(c, run)
     data, val, _ = load_train_data(c, split)
     if device == "cuda":
@@ -189,7 +192,8 @@ def full_run(cfg: Config, device: str, out_dir: Path, amp: str) -> dict:
     return {"train_wall_s": round(wall, 2), "loop_wall_s": round(summary["loop_wall_s"], 2),
             "images_per_s": round(summary["images_per_s"], 1), "step_s_median": summary["step_s_median"],
             "loader_workers": summary["loader_workers"], "evaluate_s": round(time.perf_counter() - t1, 2),
-            "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
+            "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "seed": seed,
+            "train_augment": c.train.augment, "eval_tta": c.eval.tta,
             "memory_backend": summary["memory_backend"], "peak_gpu_mem_mb": round(peak, 1), "run_dir": str(run)}
 
 
@@ -202,6 +206,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     p.add_argument("--runs", default="/tmp/mapl_gpu_runs")
     p.add_argument("--skip", default="", help="comma list of parts to skip: memory,train,infer,full")
+    p.add_argument("--seeds", default="0", help="training seeds of the full bf16 / fp32 runs (comma list)")
     args = p.parse_args()
     skip = set(args.skip.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,11 +215,13 @@ def main() -> None:
     if args.weights:
         over["model.weights"] = args.weights
     cfg = Config().override({k: v for k, v in over.items() if v})
-    result = {"machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
-                          "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
-              "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20",
-              "command": "python bench/gpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v)}
     out = Path(args.out)
+    # merge: a call that skips parts keeps the earlier results of those parts
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
+                               "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
+                   "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20",
+                   "command": "python bench/gpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v)})
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,10 +244,21 @@ def main() -> None:
     if "full" not in skip and args.data:
         # train_wall_s: the whole train_model call (model build, memory bank, 500 steps, pseudo-labeler
         # refits, final checkpoint); loop_wall_s: the 500 steps alone
-        result["full_run"] = {amp: full_run(cfg, device.type, runs, amp) for amp in ("bf16", "off")}
+        seeds = [int(x) for x in args.seeds.split(",")]
+        full_run(cfg.override({"train.steps": 20}), device.type, runs / "warmup", "bf16")  # CUDA / cuDNN first use, untimed
+        by_seed = {(amp, sd): full_run(cfg, device.type, runs, amp, sd) for sd in seeds for amp in ("bf16", "off")}
+        result["full_run"] = {amp: by_seed[(amp, seeds[0])] for amp in ("bf16", "off")}
         result["full_run_s"] = result["full_run"]["bf16"]["train_wall_s"]
         result["auroc_bf16"] = result["full_run"]["bf16"]["image_auroc"]
         result["auroc_fp32"] = result["full_run"]["off"]["image_auroc"]
+        # one pair of runs differs by the seed-to-seed spread; the same seeds in both dtypes show the dtype's own effect
+        diffs = [by_seed[("bf16", sd)]["image_auroc"] - by_seed[("off", sd)]["image_auroc"] for sd in seeds]
+        result["full_run_seeds"] = {
+            "seeds": seeds, "auroc_bf16": [by_seed[("bf16", sd)]["image_auroc"] for sd in seeds],
+            "auroc_fp32": [by_seed[("off", sd)]["image_auroc"] for sd in seeds],
+            "train_wall_s_bf16": [by_seed[("bf16", sd)]["train_wall_s"] for sd in seeds],
+            "paired_diff_bf16_minus_fp32": diffs, "mean_diff": sum(diffs) / len(diffs),
+            "mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs)}
         save()
         print("full", json.dumps(result["full_run"]), flush=True)
     if "infer" not in skip and args.data:

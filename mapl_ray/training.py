@@ -306,8 +306,7 @@ def unwrap(model: torch.nn.Module) -> MAPLModel:
 def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
                 rank: int = 0, world_size: int = 1, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                 report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-                progress: bool = True, stop_at: int | None = None,
-                loader_context: str | None = None) -> tuple[MAPLModel, dict[str, Any]]:
+                progress: bool = True, stop_at: int | None = None) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
     Args:
@@ -323,9 +322,6 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             When ``train.steps`` changed since the checkpoint, the LR schedule is rebuilt for the new
             length and fast-forwarded to the saved step.
         stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
-        loader_context: start method of the loader processes when ``train.loader_start_method`` is
-            ``auto`` (None: the platform default, ``fork`` on Linux). Ray workers pass ``forkserver``:
-            forking a Ray worker process (gRPC threads) can deadlock, as Ray Train's data-loading guide warns.
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -402,8 +398,10 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     end_step = t.steps if stop_at is None else min(t.steps, stop_at)
     n_loader = loader_workers(cfg, device)
     refit_steps = {s for s in range(start_step, end_step) if labeler.is_refit_step(s)}
-    if t.loader_start_method != "auto":
-        loader_context = t.loader_start_method
+    # auto = the platform default (fork on Linux), in Ray workers too: on the H200 forkserver took 8.7 s to
+    # the first batch and 35.5 s for the 500-step loop against 0.13 s and 24.4 s with fork (bench/results/gpu.json,
+    # ddp.runs). A stuck fork child cannot hang the job: the loader's timeout raises instead.
+    loader_context = None if t.loader_start_method == "auto" else t.loader_start_method
     mp_context = None
     if n_loader and loader_context is not None:
         import multiprocessing
@@ -418,8 +416,11 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         persistent_workers=False, multiprocessing_context=mp_context,
         timeout=LOADER_TIMEOUT_S if n_loader else 0)
     has_pool = bm.has_pool()
+    waits: list[float] = []  # seconds the loop waited for each batch (the first includes loader start-up)
+    t_ready = time.perf_counter()
     for step, batch in zip(range(start_step, end_step), loader):
         ts = time.perf_counter()
+        waits.append(ts - t_ready)
         pool = batch.pop("pool", None)
         if labeler.due(step) and labeler.fitted_step != step:
             pseudo_stats = labeler.fit(unwrap(net), step, pool)
@@ -460,6 +461,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
             save(step + 1)
+        t_ready = time.perf_counter()
     if bar:
         bar.close()
     if device.type == "cuda":
@@ -478,5 +480,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
                "images_per_s": (end_step - start_step) * per_worker_batch * world_size / max(loop_wall, 1e-9),
                "step_s_mean": float(np.mean(measured)) if measured else math.nan,
                "step_s_median": float(np.median(measured)) if measured else math.nan,
+               "first_batch_s": waits[0] if waits else math.nan,
+               # time spent waiting for batches after the first: > 0 means the loader, not the GPU, set the pace
+               "loader_wait_s": float(np.sum(waits[1:])) if waits else math.nan,
                "final_losses": last, "pseudo": pseudo_stats, "memory_backend": model.memory.backend}
     return model, summary

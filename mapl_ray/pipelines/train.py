@@ -192,8 +192,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     _, summary = train_model(cfg, data, config["run_dir"], device=device, rank=rank, world_size=world, wrap_model=wrap,
-                             report=report, resume=config["resume"], progress=config.get("progress", True),
-                             loader_context="forkserver")
+                             report=report, resume=config["resume"], progress=config.get("progress", True))
     if rank == 0:
         Path(config["run_dir"], "train_summary.json").write_text(json.dumps(summary, indent=2))
 
