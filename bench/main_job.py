@@ -110,7 +110,8 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["machine"] = machine()
     results["settings"] = "paper defaults: 500 steps, batch 4 normal + 4 simulated, 256x256, AdamW lr 0.003, " \
-                          "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU"
+                          "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU; " \
+                          "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation)"
     for cat in args.categories.split(","):
         out = Path(args.out) / f"{cat}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"== {cat} -> {out}", flush=True)

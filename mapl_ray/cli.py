@@ -100,7 +100,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN (the run folder to continue)")
-        cfg = Config.load(Path(args.out) / "config.yaml")
+        cfg = Config.load_run(Path(args.out) / "config.yaml")
     else:
         cfg = Config.load(args.config) if args.config else Config()
     overrides: dict[str, Any] = {}

@@ -228,6 +228,22 @@ class Config:
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data or {}, source=str(p))
 
+    @classmethod
+    def load_run(cls, path: str | Path) -> "Config":
+        """Read a run folder's ``config.yaml``: like :meth:`load`, except that a field the file lacks
+        because the run predates it takes the value that reproduces the run (``RUN_FIELDS_ADDED``), not
+        today's default: a run calibrated without test-time augmentation keeps scoring without it.
+
+        Raises:
+            ConfigError: as :meth:`load`.
+        """
+        p = Path(path)
+        cfg = cls.load(p)
+        data = yaml.safe_load(p.read_text()) or {}
+        absent = {k: v for k, v in RUN_FIELDS_ADDED.items()
+                  if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
+        return cfg.override(absent) if absent else cfg
+
     def override(self, dotted: dict[str, Any]) -> "Config":
         """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated)."""
         data = self.to_dict()
@@ -240,6 +256,10 @@ class Config:
                 raise ConfigError(f"override {key!r} names no configuration field")
             data[section][name] = value
         return Config.from_dict(data, source="overrides")
+
+
+# Fields added after run folders were first written, with the value that reproduces the older runs.
+RUN_FIELDS_ADDED: dict[str, Any] = {"eval.tta": "none"}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

@@ -83,7 +83,7 @@ class Predictor:
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = "auto", batch_size: int | None = None,
                  cuda_graphs: bool | None = None, amp: str | None = None, tta: str | None = None):
         self.run_dir = require_run_folder(run_dir)
-        self.cfg = Config.load(self.run_dir / "config.yaml")
+        self.cfg = Config.load_run(self.run_dir / "config.yaml")
         if amp is not None:
             self.cfg = self.cfg.override({"train.amp": amp}).validate()
         if tta is not None:

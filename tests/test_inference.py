@@ -50,3 +50,25 @@ def test_rot90_tta_score_does_not_depend_on_input_orientation(trained_run):
     torch.testing.assert_close(b["maps"], torch.rot90(a["maps"], 1, dims=(-2, -1)), atol=1e-5, rtol=1e-4)
     single = Predictor(trained_run, device="cpu", tta="none")
     assert not torch.allclose(single.predict_tensor(turned)["scores"], single.predict_tensor(x)["scores"], atol=1e-4)
+
+
+def test_run_written_before_tta_existed_keeps_scoring_without_it(trained_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from mapl_ray.config import Config
+
+    old = tmp_path / "old_run"
+    shutil.copytree(trained_run, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    del cfg["eval"]["tta"]  # as in a config.yaml written before eval.tta was added
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    x = _test_images(trained_run)
+    pred = Predictor(old, device="cpu")
+    assert pred.cfg.eval.tta == "none"
+    torch.testing.assert_close(pred.predict_tensor(x)["scores"],
+                               Predictor(trained_run, device="cpu", tta="none").predict_tensor(x)["scores"])
+    # a user's partial config file still gets today's default
+    (tmp_path / "user.yaml").write_text("eval:\n  top_k: 10\n")
+    assert Config.load(tmp_path / "user.yaml").eval.tta == "rot90"
