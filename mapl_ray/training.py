@@ -466,6 +466,9 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if rank == 0 and cfg.pseudo.enabled and labeler.ensemble is None:
+        log.warning("the pseudo-labeler was never fitted: training stopped at step %d, before pseudo.warmup_steps = %d; "
+                    "the run has no pseudo-labeler state and L_Yu was not used", end_step, cfg.pseudo.warmup_steps)
     loop_wall = time.perf_counter() - t0
     save(end_step)
     wall = time.perf_counter() - t0

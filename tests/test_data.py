@@ -135,6 +135,9 @@ def test_scan_category_missing_pieces_raise_layout_error(tmp_path: Path):
     (cat / "test").rmdir()
     with pytest.raises(LayoutError, match=r"test' is missing"):
         scan_category(tmp_path, "widget")
+    # a mistyped category names the categories that exist
+    with pytest.raises(LayoutError, match=r"widgte.*categories under .*: widget$"):
+        scan_category(tmp_path, "widgte")
 
 
 def test_defect_image_without_mask_is_a_layout_error(mvtec: Path):

@@ -150,3 +150,15 @@ def test_rotated_memory_copies():
     # 90-degree steps of a square image are exact pixel permutations (PIL rotates counter-clockwise)
     assert np.array_equal(out[1], np.rot90(imgs[0], 1))
     assert rotated_copies(imgs, 1) is imgs
+
+
+def test_run_shorter_than_the_pseudo_warmup_says_the_pseudo_labeler_was_never_fitted(small_root, tmp_path, caplog):
+    cfg = tiny_config(small_root, **{"train.steps": 2, "pseudo.warmup_steps": 5})
+    run = tmp_path / "run"
+    split, _ = prepare_run(cfg, run)
+    data, _, _ = load_train_data(cfg, split)
+    with caplog.at_level("WARNING", logger="mapl_ray.train"):
+        train_model(cfg, data, run, progress=False)
+    assert any("pseudo-labeler was never fitted" in r.getMessage() for r in caplog.records)
+    assert read_state(run)["pseudo_fitted_step"] == -1
+    assert not (run / "checkpoint" / "pseudo.safetensors").exists()

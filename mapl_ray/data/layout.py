@@ -231,9 +231,13 @@ def scan_category(
     root_abs = os.path.abspath(os.fspath(root))
     cat_dir = os.path.join(root_abs, category)
     if not os.path.isdir(cat_dir):
+        # a mistyped category is the common case: name the ones that are there
+        found = sorted(d for d in os.listdir(root_abs) if os.path.isdir(os.path.join(root_abs, d, "train"))) \
+            if os.path.isdir(root_abs) else []
+        hint = f"; categories under {root_abs!r}: {', '.join(found)}" if found else ""
         raise LayoutError(
             f"category folder {cat_dir!r} does not exist (expected MVTec layout "
-            f"<root>/<category>/train/good, test/<type>, ground_truth/<type>)"
+            f"<root>/<category>/train/good, test/<type>, ground_truth/<type>){hint}"
         )
     train_dir = os.path.join(cat_dir, "train", "good")
     if not os.path.isdir(train_dir):
