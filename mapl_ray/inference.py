@@ -2,6 +2,8 @@
 
 Image score (issue 2 / MemSeg practice): mean of the ``top_k`` largest pixels of the anomaly map
 (sigmoid of the decoder logits), plus ``q_weight * sigmoid(q)`` of the image head when configured.
+With ``eval.tta`` the map is the mean over flipped / rotated views of the image, each mapped back
+(test-time augmentation; the default ``rot90`` uses all 8 views).
 A decision threshold and a z-score normalisation are fitted on held-out labeled normals after
 training (never on test data) and stored in ``checkpoint/state.json``.
 """
