@@ -17,6 +17,10 @@ from typing import Any, get_type_hints
 import yaml
 
 
+# train.augment and eval.tta: no transform, horizontal flips, or flips and 90-degree rotations (D4)
+ORIENTATION_MODES = ("none", "flip", "rot90")
+
+
 class ConfigError(ValueError):
     """A configuration file or override names an unknown field or holds a value of the wrong type."""
 
@@ -179,7 +183,7 @@ class Config:
             ("train.loader_start_method", self.train.loader_start_method in ("auto", "fork", "forkserver", "spawn"),
              "auto, fork, forkserver or spawn"),
             ("train.amp", self.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
-            ("train.augment", self.train.augment in ("none", "flip", "rot90"), "none, flip or rot90"),
+            ("train.augment", self.train.augment in ORIENTATION_MODES, "none, flip or rot90"),
             ("train.ema_decay", 0 <= self.train.ema_decay < 1, "in [0, 1)"),
             ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
             ("train.checkpoint_every", self.train.checkpoint_every >= 1, ">= 1"),
@@ -187,7 +191,7 @@ class Config:
             ("train.report_every", self.train.report_every >= 0, ">= 0"),
             ("eval.top_k", self.eval.top_k >= 1, ">= 1"),
             ("eval.batch_size", self.eval.batch_size >= 1, ">= 1"),
-            ("eval.tta", self.eval.tta in ("none", "flip", "rot90"), "none, flip or rot90"),
+            ("eval.tta", self.eval.tta in ORIENTATION_MODES, "none, flip or rot90"),
             ("eval.threshold_quantile", 0 < self.eval.threshold_quantile <= 1, "in (0, 1]"),
             ("eval.validation_normals", self.eval.validation_normals >= 0, ">= 0"),
         ]
@@ -218,15 +222,7 @@ class Config:
             ConfigError: the file is missing, is not YAML mapping, or names an unknown field.
         """
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
-        return cls.from_dict(data or {}, source=str(p))
+        return cls.from_dict(_read_mapping(p), source=str(p))
 
     @classmethod
     def load_run(cls, path: str | Path) -> "Config":
@@ -238,8 +234,8 @@ class Config:
             ConfigError: as :meth:`load`.
         """
         p = Path(path)
-        cfg = cls.load(p)
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_mapping(p)
+        cfg = cls.from_dict(data, source=str(p))
         absent = {k: v for k, v in RUN_FIELDS_ADDED.items()
                   if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
@@ -256,6 +252,19 @@ class Config:
                 raise ConfigError(f"override {key!r} names no configuration field")
             data[section][name] = value
         return Config.from_dict(data, source="overrides")
+
+
+def _read_mapping(p: Path) -> dict[str, Any]:
+    """The YAML mapping in config file ``p`` ({} for an empty file); ConfigError otherwise."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data or {}
 
 
 # Fields added after run folders were first written, with the value that reproduces the older runs.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model_weights, read_state, require_run_folder
-from .config import Config
+from .config import ORIENTATION_MODES, Config
 from .data.io import load_image
 from .eval.metrics import topk_mean
 from .model.memory import resolve_backend
@@ -39,7 +39,7 @@ def tta_views(mode: str) -> list[tuple[int, bool]]:
         return [(0, False), (0, True)]
     if mode == "rot90":
         return [(k, f) for k in range(4) for f in (False, True)]
-    raise ValueError(f"eval.tta must be none, flip or rot90, got {mode!r}")
+    raise ValueError(f"eval.tta must be one of {ORIENTATION_MODES}, got {mode!r}")
 
 
 def apply_view(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:

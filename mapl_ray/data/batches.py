@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import ORIENTATION_MODES, Config
 from .simulation import AnomalySimulator
 
 
@@ -50,9 +50,6 @@ def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.
     return out
 
 
-AUGMENTATIONS = ("none", "flip", "rot90")
-
-
 def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng: np.random.Generator):
     """Random flips (``flip``) or flips and 90-degree rotations (``rot90``) per image.
 
@@ -61,8 +58,8 @@ def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng:
     """
     if mode == "none":
         return images, masks
-    if mode not in AUGMENTATIONS:
-        raise ValueError(f"train.augment must be one of {AUGMENTATIONS}, got {mode!r}")
+    if mode not in ORIENTATION_MODES:
+        raise ValueError(f"train.augment must be one of {ORIENTATION_MODES}, got {mode!r}")
     out_i, out_m = images.copy(), None if masks is None else masks.copy()
     for b in range(len(images)):
         k = int(rng.integers(4)) if mode == "rot90" else 0
