@@ -41,6 +41,9 @@ def main() -> None:
     p.add_argument("--start-method", default="auto",
                    help="comma list of train.loader_start_method values (auto: forkserver in Ray workers); each is run")
     p.add_argument("--loader-workers", type=int, help="train.loader_workers (default: up to 4 beside a GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="keep train.cuda_graphs on (it applies to 1-GPU runs only: DDP steps are eager); "
+                        "default off, so 1 and 2 workers run the same eager step")
     p.add_argument("--key", default="ddp", help="key of --out under which the runs are stored")
     p.add_argument("--runs", default="/tmp/mapl_ddp_runs")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
@@ -50,7 +53,7 @@ def main() -> None:
 
     init_ray()
     over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
-            "train.use_gpu": True, "train.steps": args.steps}
+            "train.use_gpu": True, "train.steps": args.steps, "train.cuda_graphs": args.cuda_graphs}
     if args.weights:
         over["model.weights"] = args.weights
     if args.loader_workers is not None:
@@ -74,7 +77,8 @@ def main() -> None:
                       "first_batch_s": round(tr.get("first_batch_s", float("nan")), 2),
                       "loader_wait_s": round(tr.get("loader_wait_s", float("nan")), 2),
                       "image_auroc": metrics["overall"]["image_auroc"], "pixel_auroc": metrics["overall"]["pixel_auroc"],
-                      "aupro": metrics["overall"]["aupro"], "memory_backend": tr["memory_backend"]}
+                      "aupro": metrics["overall"]["aupro"], "memory_backend": tr["memory_backend"],
+                      "cuda_graph_step": tr.get("cuda_graph_step", False)}
         print(name, json.dumps(rows[name]), flush=True)
         write(args, rows)
     write(args, rows)

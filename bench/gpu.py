@@ -168,13 +168,13 @@ def bench_infer(run_dir: Path, device: torch.device) -> dict:
     return res
 
 
-def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0) -> dict:
+def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0, tag: str = "") -> dict:
     from mapl_ray.evaluate import calibrate, evaluate_run
     from mapl_ray.pipelines.train import absolute_paths, load_train_data, prepare_run
     from mapl_ray.training import train_model
 
     c = absolute_paths(cfg.override({"train.amp": amp, "train.seed": seed}))
-    run = out_dir / (f"full_{amp}" + (f"_s{seed}" if seed else ""))
+    run = out_dir / (f"full_{amp}" + (f"_s{seed}" if seed else "") + tag)
     split, _ = prepare_run(c, run)
     data, val, _ = load_train_data(c, split)
     if device == "cuda":
@@ -191,7 +191,10 @@ def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0) -
     m = evaluate_run(run, device=device)["overall"]
     return {"train_wall_s": round(wall, 2), "loop_wall_s": round(summary["loop_wall_s"], 2),
             "images_per_s": round(summary["images_per_s"], 1), "step_s_median": summary["step_s_median"],
-            "loader_workers": summary["loader_workers"], "evaluate_s": round(time.perf_counter() - t1, 2),
+            "loader_workers": summary["loader_workers"], "loader_wait_s": round(summary["loader_wait_s"], 2),
+            "first_batch_s": round(summary["first_batch_s"], 2), "pseudo_fit_s": round(summary["pseudo_fit_s"], 2),
+            "cuda_graph_step": summary["cuda_graph_step"], "graph_captures": summary["graph_captures"],
+            "eager_steps": summary["eager_steps"], "evaluate_s": round(time.perf_counter() - t1, 2),
             "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "seed": seed,
             "train_augment": c.train.augment, "eval_tta": c.eval.tta,
             "memory_backend": summary["memory_backend"], "peak_gpu_mem_mb": round(peak, 1), "run_dir": str(run)}
@@ -207,6 +210,9 @@ def main() -> None:
     p.add_argument("--runs", default="/tmp/mapl_gpu_runs")
     p.add_argument("--skip", default="", help="comma list of parts to skip: memory,train,infer,full")
     p.add_argument("--seeds", default="0", help="training seeds of the full bf16 / fp32 runs (comma list)")
+    p.add_argument("--eager", action="store_true",
+                   help="also run the first seed's full bf16 run with train.cuda_graphs=false (side by side)")
+    p.add_argument("--set", default="", help="comma list of config overrides key=value for every run")
     args = p.parse_args()
     skip = set(args.skip.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,6 +220,7 @@ def main() -> None:
     over = {"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures}
     if args.weights:
         over["model.weights"] = args.weights
+    over.update(dict(kv.split("=", 1) for kv in args.set.split(",") if kv))
     cfg = Config().override({k: v for k, v in over.items() if v})
     out = Path(args.out)
     # merge: a call that skips parts keeps the earlier results of those parts
@@ -258,7 +265,12 @@ def main() -> None:
             "auroc_fp32": [by_seed[("off", sd)]["image_auroc"] for sd in seeds],
             "train_wall_s_bf16": [by_seed[("bf16", sd)]["train_wall_s"] for sd in seeds],
             "paired_diff_bf16_minus_fp32": diffs, "mean_diff": sum(diffs) / len(diffs),
-            "mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs)}
+            "mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs),
+            "mean_bf16": float(np.mean([by_seed[("bf16", sd)]["image_auroc"] for sd in seeds])),
+            "mean_fp32": float(np.mean([by_seed[("off", sd)]["image_auroc"] for sd in seeds]))}
+        if args.eager:
+            result["full_run_eager"] = full_run(cfg.override({"train.cuda_graphs": False}), device.type, runs, "bf16",
+                                                seeds[0], tag="_eager")
         save()
         print("full", json.dumps(result["full_run"]), flush=True)
     if "infer" not in skip and args.data:

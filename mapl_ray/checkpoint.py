@@ -28,6 +28,18 @@ class CheckpointError(RuntimeError):
     """A run folder has no (or an unreadable) checkpoint."""
 
 
+def _scalars_to_floats(obj: Any) -> Any:
+    """0-dim tensors (a CUDA-graph run's device learning rates) -> floats, in nested dicts / lists, so
+    ``optimizer.pt`` resumes on any device and with either training step."""
+    if isinstance(obj, torch.Tensor) and obj.ndim == 0 and obj.is_floating_point():
+        return float(obj.item())
+    if isinstance(obj, dict):
+        return {k: _scalars_to_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scalars_to_floats(v) for v in obj]
+    return obj
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoint"
 
@@ -48,7 +60,9 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        opt_sd = optimizer.state_dict()
+        opt_sd["param_groups"] = [_scalars_to_floats(g) for g in opt_sd["param_groups"]]
+        torch.save({"optimizer": opt_sd, "scheduler": _scalars_to_floats(scheduler.state_dict()) if scheduler else None,
                     **(extra or {})}, tmp / "optimizer.pt")
     if pseudo is not None:
         arrays, meta = pseudo

@@ -119,6 +119,9 @@ class TrainConfig:
     amp: str = "auto"  # auto | off | bf16
     channels_last: bool = True
     compile: bool = False
+    # record the training step (forward, losses, backward, AdamW step) once as a CUDA graph and replay it:
+    # one GPU, torch memory search, no torch.compile; eager elsewhere. The eager step was host-bound on the H200.
+    cuda_graphs: bool = True
     checkpoint_every: int = 100
     log_every: int = 10
     # steps between ray.train.report calls (0: only the last step). Each call synchronises all workers

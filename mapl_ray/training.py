@@ -31,7 +31,7 @@ from .checkpoint import load_model_weights, load_pseudo, load_training_state, re
 from .config import Config
 from .data.batches import BatchMaker, StepBatches, TrainData
 from .data.simulation import FOREGROUND_PRESETS, AnomalySimulator, ForegroundConfig
-from .model import MAPLModel, build_encoder, segmentation_loss
+from .model import MAPLModel, build_encoder, resolve_backend, segmentation_loss
 from .pseudo import OCCConfig, OCCEnsemble, masked_bce
 
 log = logging.getLogger("mapl_ray.train")
@@ -283,6 +283,91 @@ class WeightEMA:
                     p.copy_(r)
 
 
+class CudaGraphStep:
+    """The training step recorded once as a CUDA graph and replayed (``torch.cuda.CUDAGraph``, "whole-network
+    capture" in the PyTorch CUDA-graphs notes).
+
+    ``step_fn(x, masks, kind, label, capturing)`` runs forward, losses, backward and ``optimizer.step()``
+    and returns the loss dict; the caller's optimizer must be built with ``capturable=True`` and a
+    device tensor learning rate (:func:`device_lr`), so replays follow the LR schedule. Eagerly launched,
+    the step's many small kernels kept the H200 waiting on the host (about 26 ms per step at batch 8);
+    a replay launches them together.
+
+    What a graph bakes in is named by ``key`` (the pseudo-labeler's fit step and the memory-bank version):
+    when it changes, the next step runs eagerly (which also builds any new device tensors outside the
+    capture) and the one after is captured anew. The first ``warmup`` steps run eagerly on a side stream
+    (lazy initialisation, cuDNN algorithm choice, optimizer state) before the first capture. A batch of
+    another shape than the captured one runs eagerly.
+    """
+
+    def __init__(self, step_fn: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                 device: torch.device, warmup: int = 3):
+        self.step_fn, self.optimizer, self.device, self.warmup = step_fn, optimizer, device, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: Any = None
+        self.static_in: tuple[torch.Tensor, ...] = ()
+        self.static_out: dict[str, torch.Tensor] = {}
+        self.eager_steps = 0
+        self.captures = 0
+        self.failed: str | None = None  # why capture failed: the run then stays eager
+        self._last_key: Any = object()
+        self._side = torch.cuda.Stream(device)
+
+    def _eager(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        self.eager_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            out = self.step_fn(*inputs, capturing=False)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
+        return out
+
+    def __call__(self, key: Any, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step on ``inputs`` (device tensors); returns the loss dict (valid until the next call)."""
+        shapes = tuple(t.shape for t in inputs)
+        same_shape = bool(self.static_in) and shapes == tuple(t.shape for t in self.static_in)
+        if self.graph is not None and key == self.key and same_shape:
+            for dst, src in zip(self.static_in, inputs):
+                dst.copy_(src, non_blocking=True)
+            self.graph.replay()
+            return self.static_out
+        if self.failed or self.eager_steps < self.warmup or key != self._last_key:
+            self._last_key = key  # new baked-in state: one eager step first, capture on the next
+            self.graph = None
+            return self._eager(inputs)
+        self.graph, self.static_out = None, {}  # free the old graph's memory pool before capturing again
+        self.static_in = tuple(t.clone() for t in inputs)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the loader's pin-memory thread may allocate pinned memory during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.static_out = self.step_fn(*self.static_in, capturing=True)
+        except RuntimeError as e:  # nothing ran during the capture: the step is redone eagerly
+            self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
+            log.warning("CUDA-graph capture of the training step failed (%s); training continues eagerly", self.failed)
+            self.static_in, self.static_out = (), {}
+            torch.cuda.synchronize(self.device)
+            return self._eager(inputs)
+        self.graph, self.key = graph, key
+        self.captures += 1
+        graph.replay()  # capture records without running: this replay is the step itself
+        return self.static_out
+
+
+def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make every param group's learning rate a 0-dim float32 tensor on ``device`` (in place).
+
+    A captured optimizer step reads the LR from that tensor, and the torch LR schedulers update a tensor
+    LR in place; a float LR would be frozen into the graph. Called after building the optimizer and
+    again after ``load_state_dict`` (which brings back the saved value).
+    """
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        value = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+        group["lr"] = torch.tensor(value, dtype=torch.float32, device=device)
+
+
 LOSS_KEYS = ("loss", "l1", "focal", "l_yl", "l_yu")
 LOADER_TIMEOUT_S = 300  # a loader process that yields nothing for this long raises instead of hanging the job
 
@@ -340,7 +425,13 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
 
     start_step = 0
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    graphed = bool(t.cuda_graphs and device.type == "cuda" and world_size == 1 and not t.compile
+                   and resolve_backend(model.memory.requested_backend, device) == "torch")
+    # a captured step needs a capturable optimizer with a device LR; fused AdamW: a few kernels, not one per tensor
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                  **({"fused": True, "capturable": True} if graphed else {}))
+    if graphed:
+        device_lr(optimizer, device)
     scheduler = make_scheduler(optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
     labeler = PseudoLabeler(cfg, bm, device)
     ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
@@ -351,6 +442,8 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         start_step = int(state["step"])
         same_length = int(state.get("total_steps", t.steps)) == t.steps
         extra = load_training_state(run_dir, optimizer, scheduler if same_length else None)
+        if graphed:
+            device_lr(optimizer, device)
         if not same_length:
             for _ in range(start_step):
                 scheduler.step()
@@ -416,6 +509,22 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         persistent_workers=False, multiprocessing_context=mp_context,
         timeout=LOADER_TIMEOUT_S if n_loader else 0)
     has_pool = bm.has_pool()
+
+    def step_fn(x, masks, kind, label, capturing: bool = False) -> dict[str, torch.Tensor]:
+        """Forward, losses, backward and optimizer step (gradients zeroed by the caller)."""
+        with autocast_context(device, t.amp, cache_enabled=not capturing):
+            out = net(x)
+        pseudo = labeler.predict(out["pooled"])
+        losses = compute_losses(out, masks, kind, label, pseudo, cfg, has_pool=has_pool)
+        losses["loss"].backward()
+        optimizer.step()
+        # detached: a loss held until the next step would keep this step's autograd graph (and its
+        # gradient-accumulation nodes, bound to this step's stream) alive into the next capture
+        return {k: v.detach() for k, v in losses.items()}
+
+    graph_step = CudaGraphStep(step_fn, optimizer, device) if graphed else None
+    memory_version = 0
+    fit_s = 0.0  # seconds spent refitting the pseudo-labeler (pooled features + GMM fits)
     waits: list[float] = []  # seconds the loop waited for each batch (the first includes loader start-up)
     t_ready = time.perf_counter()
     for step, batch in zip(range(start_step, end_step), loader):
@@ -423,22 +532,23 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         waits.append(ts - t_ready)
         pool = batch.pop("pool", None)
         if labeler.due(step) and labeler.fitted_step != step:
+            t_fit = time.perf_counter()
             pseudo_stats = labeler.fit(unwrap(net), step, pool)
+            fit_s += time.perf_counter() - t_fit
             net.train()
-        x, masks, kind, label = batch_to_device(batch, device, t.channels_last)
-        with autocast_context(device, t.amp):
-            out = net(x)
-        pseudo = labeler.predict(out["pooled"])
-        losses = compute_losses(out, masks, kind, label, pseudo, cfg, has_pool=has_pool)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        inputs = batch_to_device(batch, device, t.channels_last)
+        if graph_step is not None:
+            losses = graph_step((labeler.fitted_step, memory_version), *inputs)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            losses = step_fn(*inputs)
         scheduler.step()
         if ema is not None:
             ema.update()
         core = unwrap(model)
         if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
             core.refresh_memory(to_tensor(memory_images, device))
+            memory_version += 1
             if world_size > 1:
                 core.memory.broadcast(0)
         step_times.append(time.perf_counter() - ts)
@@ -446,7 +556,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         do_report = report is not None and ((t.report_every and (step + 1) % t.report_every == 0) or step + 1 == end_step)
         if do_log or do_report:  # the same steps on every rank: the all-reduce inside matches up
             last = reduce_losses(losses, world_size)  # host sync only when logging
-            rec = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "step_s": float(np.mean(step_times[-t.log_every:])),
+            rec = {"step": step + 1, "lr": float(scheduler.get_last_lr()[0]), "step_s": float(np.mean(step_times[-t.log_every:])),
                    **last, **pseudo_stats}
             if rank == 0 and do_log:
                 with log_path.open("a") as fh:
@@ -486,5 +596,9 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
                "first_batch_s": waits[0] if waits else math.nan,
                # time spent waiting for batches after the first: > 0 means the loader, not the GPU, set the pace
                "loader_wait_s": float(np.sum(waits[1:])) if waits else math.nan,
-               "final_losses": last, "pseudo": pseudo_stats, "memory_backend": model.memory.backend}
+               "final_losses": last, "pseudo": pseudo_stats, "memory_backend": model.memory.backend,
+               "pseudo_fit_s": fit_s, "cuda_graph_step": graphed,
+               "graph_captures": graph_step.captures if graph_step else 0,
+               "graph_capture_error": graph_step.failed if graph_step else None,
+               "eager_steps": graph_step.eager_steps if graph_step else end_step - start_step}
     return model, summary
