@@ -33,6 +33,7 @@ def run_variant(args: argparse.Namespace) -> None:
     from mapl_ray.inference import Predictor
     from mapl_ray.pipelines.train import load_train_data, prepare_run
     from mapl_ray.training import train_model
+    from scipy.stats import spearmanr
 
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -42,12 +43,30 @@ def run_variant(args: argparse.Namespace) -> None:
     split, _ = prepare_run(cfg, run)
     data, val, _ = load_train_data(cfg, split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, summary = train_model(cfg, data, run, device=device, progress=False)
-    calibrate(run, val, device=device)
-    metrics = evaluate_run(run, device=device)
     test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True)
     labels = np.array([r.label for r in test.records])
     types = [r.defect_type for r in test.records]
+    curve = []
+    grey = test.images.reshape(len(test.images), -1).mean(1)  # mean grey level per test image
+    if args.curve:
+        # the test-set image AUROC along training: train in chunks (each resumes the checkpoint; a resumed
+        # run ends with the same weights as a straight one) and score the test split after each chunk
+        done = 0
+        while done < cfg.train.steps:
+            done = min(cfg.train.steps, done + args.curve)
+            _, summary = train_model(cfg, data, run, device=device, progress=False, resume=done > args.curve, stop_at=done)
+            row = {"step": done}
+            for tta in dict.fromkeys(("none", cfg.eval.tta)):
+                scores = Predictor(run, device=device, tta=tta).predict_arrays(test.images)["scores"]
+                row[f"image_auroc_tta_{tta}"] = image_auroc(labels, scores)
+                # how far the image score just follows global brightness (a confound in some test splits)
+                row[f"brightness_spearman_tta_{tta}"] = float(spearmanr(scores, grey).statistic)
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+    else:
+        _, summary = train_model(cfg, data, run, device=device, progress=False)
+    calibrate(run, val, device=device)
+    metrics = evaluate_run(run, device=device)
     by_tta = {}
     for tta in ("none", "flip", "rot90"):  # test-time augmentation: the same trained model, scored three ways
         res = Predictor(run, device=device, tta=tta).predict_arrays(test.images)
@@ -59,7 +78,7 @@ def run_variant(args: argparse.Namespace) -> None:
     out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": by_tta[cfg.eval.tta]["auroc_by_topk"],
            "by_tta": by_tta,
            "train_wall_s": summary["train_wall_s"], "step_s_median": summary["step_s_median"], "device": device,
-           "final_losses": summary["final_losses"], "pseudo": summary["pseudo"]}
+           "final_losses": summary["final_losses"], "pseudo": summary["pseudo"], **({"curve": curve} if curve else {})}
     (run / "variant.json").write_text(json.dumps(out, indent=2))
 
 
@@ -74,6 +93,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--curve", type=int, default=0,
+                   help="also score the test split every this many steps (image AUROC along training)")
     args = p.parse_args()
     if args.run:
         run_variant(args)
@@ -85,7 +106,7 @@ def main() -> None:
         name, _, rest = v.partition("=")
         sets = [kv for kv in rest.split(",") if kv]
         cmd = [sys.executable, __file__, "--data", args.data, "--category", args.category, "--out", str(out),
-               "--run", str(out / name), "--threads", str(args.threads)]
+               "--run", str(out / name), "--threads", str(args.threads), "--curve", str(args.curve)]
         if args.textures:
             cmd += ["--textures", args.textures]
         for kv in sets:

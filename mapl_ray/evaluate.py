@@ -112,4 +112,24 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     if extra_info:
         info.update(extra_info)
     write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)
+    write_scores(run_dir / "scores.csv", [r.path for r in loaded.records], types, labels, res["scores"], thr)
     return metrics
+
+
+def write_scores(path: Path, paths: list[str], types: list[str], labels: np.ndarray, scores: np.ndarray,
+                 threshold: float | None) -> Path:
+    """Per-image results of an evaluation as CSV, highest score first: ``path, defect_type, label, score,
+    anomalous`` (``anomalous`` = score >= the run's decision threshold; empty without one).
+
+    Lets a user see which good images were flagged and which defects were missed.
+    """
+    import csv
+
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "defect_type", "label", "score", "anomalous"])
+        for i in order:
+            decided = "" if threshold is None else int(scores[i] >= threshold)
+            w.writerow([paths[i], types[i], int(labels[i]), f"{float(scores[i]):.8g}", decided])
+    return path

@@ -35,6 +35,17 @@ def test_trained_run_folder_contract(trained_run):
     assert state["threshold"] is not None and "held-out labeled normal" in state["threshold_source"]
     report = (trained_run / "report.md").read_text()
     assert "plots/roc.png" in report and "heatmaps/" in report
+    # per-image scores: every test image once, highest score first, and they give the reported image AUROC
+    import csv
+    from sklearn.metrics import roc_auc_score
+
+    rows = list(csv.DictReader((trained_run / "scores.csv").open()))
+    split = json.loads((trained_run / "split.json").read_text())
+    assert len(rows) == len(split["test"]) and len({r["path"] for r in rows}) == len(rows)
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert roc_auc_score([int(r["label"]) for r in rows], scores) == pytest.approx(metrics["overall"]["image_auroc"], abs=1e-4)
+    assert all(r["anomalous"] == str(int(float(r["score"]) >= state["threshold"])) for r in rows)
 
 
 def test_predict_on_real_images(trained_run, capsys, tmp_path):
