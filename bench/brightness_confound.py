@@ -39,7 +39,13 @@ def main() -> None:
         import sys
 
         out["runs_command"] = "python bench/brightness_confound.py " + " ".join(sys.argv[1:])
-    for run in args.runs:
+    from mapl_ray.checkpoint import CheckpointError, require_run_folder
+
+    try:
+        runs = [require_run_folder(r) for r in args.runs]  # every folder checked before any scoring
+    except CheckpointError as e:
+        raise SystemExit(f"brightness_confound.py: error: {e}") from None
+    for run in runs:
         out.setdefault("runs", {})[str(run)] = score_run(Path(run))
         print(run, json.dumps(out["runs"][str(run)]))
         path.write_text(json.dumps(out, indent=2))

@@ -100,7 +100,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN (the run folder to continue)")
-        cfg = Config.load_run(Path(args.out) / "config.yaml")
+        from .checkpoint import require_run_folder
+
+        cfg = Config.load_run(require_run_folder(args.out) / "config.yaml")
     else:
         cfg = Config.load(args.config) if args.config else Config()
     overrides: dict[str, Any] = {}
@@ -131,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     o = metrics["overall"]
     print(json.dumps({"run": str(out), "image_auroc": o.get("image_auroc"), "pixel_auroc": o.get("pixel_auroc"),
                       "aupro": o.get("aupro"), "f1_max": o.get("f1_max"), "wall_s": round(time.perf_counter() - t0, 1)}))
-    print(f"run folder: {out}  (metrics.json, report.md, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
+    print(f"run folder: {out}  (metrics.json, report.md, scores.csv, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
     return 0
 
 
@@ -140,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run, device=args.device)
     print(json.dumps(metrics["overall"]))
-    print(f"wrote {Path(args.run) / 'metrics.json'} and {Path(args.run) / 'report.md'}", file=sys.stderr)
+    run = Path(args.run)
+    print(f"wrote {run / 'metrics.json'}, {run / 'report.md'} and {run / 'scores.csv'}", file=sys.stderr)
     return 0
 
 
@@ -183,8 +186,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rec["heatmap"] = str(heat)
         print(json.dumps(rec))
     if failed:
+        rest = "the others were scored" if len(failed) < len(args.images) else "nothing was scored"
         print(f"mapl predict: error: {len(failed)} of {len(args.images)} images could not be read "
-              f"(see their 'error' lines); the others were scored", file=sys.stderr)
+              f"(see their 'error' lines); {rest}", file=sys.stderr)
         return 2
     return 0
 

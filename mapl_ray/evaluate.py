@@ -111,8 +111,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         extra_info = {k: previous[k] for k in ("training", "data") if k in previous}
     if extra_info:
         info.update(extra_info)
-    write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)
     write_scores(run_dir / "scores.csv", [r.path for r in loaded.records], types, labels, res["scores"], thr)
+    write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)
     return metrics
 
 

@@ -445,8 +445,13 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         if graphed:
             device_lr(optimizer, device)
         if not same_length:
-            for _ in range(start_step):
-                scheduler.step()
+            import warnings
+
+            with warnings.catch_warnings():
+                # torch warns about scheduler.step() without optimizer.step(); replaying the schedule is the intent
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                for _ in range(start_step):
+                    scheduler.step()
         if ema is not None:
             ema.resume(extra.get("raw_params"))
         saved = load_pseudo(run_dir)

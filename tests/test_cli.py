@@ -34,7 +34,7 @@ def test_trained_run_folder_contract(trained_run):
     state = json.loads((trained_run / "checkpoint" / "state.json").read_text())
     assert state["threshold"] is not None and "held-out labeled normal" in state["threshold_source"]
     report = (trained_run / "report.md").read_text()
-    assert "plots/roc.png" in report and "heatmaps/" in report
+    assert "plots/roc.png" in report and "heatmaps/" in report and "(scores.csv)" in report
     # per-image scores: every test image once, highest score first, and they give the reported image AUROC
     import csv
     from sklearn.metrics import roc_auc_score
@@ -103,8 +103,14 @@ def test_evaluate_and_predict_need_a_run_folder(tmp_path, capsys):
 def test_wrong_data_path(tmp_path, capsys):
     assert main(_train_args(tmp_path / "nowhere", tmp_path / "run")) == 2
     err = capsys.readouterr().err
-    assert "nowhere" in err and "does not exist" in err
+    assert "data root" in err and "nowhere" in err and "does not exist" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notrun").mkdir()
+    assert main(["train", "--resume", "--out", str(tmp_path / "notrun"), "--steps", "5"]) == 2
+    assert "is not a trained run folder" in capsys.readouterr().err
 
 
 def test_missing_mask_and_corrupt_png(small_root, tmp_path, capsys):

@@ -491,7 +491,7 @@ def test_simulator_texture_folder_errors(tmp_path: Path):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(LayoutError, match="no texture images found in .*empty"):
         AnomalySimulator(tmp_path / "empty")
-    with pytest.raises(LayoutError, match="no texture images found in .*absent"):
+    with pytest.raises(LayoutError, match="texture folder .*absent.* does not exist"):
         AnomalySimulator(tmp_path / "absent")
     bad = tmp_path / "badtex"
     bad.mkdir()

@@ -223,3 +223,16 @@ def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
     moved = sum((eager[0].state_dict()[k].cpu() - init[k]).abs().sum() for k in trained)
     gap = sum((graphed[0].state_dict()[k].cpu() - eager[0].state_dict()[k].cpu()).abs().sum() for k in trained)
     assert gap < 0.05 * moved, (float(gap), float(moved))
+
+
+def test_resumed_run_keeps_the_earlier_training_summary(tmp_path):
+    from mapl_ray.pipelines.train import write_train_summary
+
+    write_train_summary(tmp_path, {"steps_run": 30, "train_wall_s": 25.0}, resumed=False)
+    write_train_summary(tmp_path, {"steps_run": 10, "train_wall_s": 9.0}, resumed=True)
+    write_train_summary(tmp_path, {"steps_run": 5, "train_wall_s": 4.0}, resumed=True)
+    s = json.loads((tmp_path / "train_summary.json").read_text())
+    assert s["steps_run"] == 5 and [e["steps_run"] for e in s["earlier_segments"]] == [30, 10]
+    assert s["steps_run_total"] == 45 and s["train_wall_s_total"] == 38.0
+    write_train_summary(tmp_path, {"steps_run": 7, "train_wall_s": 1.0}, resumed=False)  # a fresh run starts over
+    assert json.loads((tmp_path / "train_summary.json").read_text())["steps_run_total"] == 7

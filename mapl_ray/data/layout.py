@@ -230,6 +230,9 @@ def scan_category(
     """
     root_abs = os.path.abspath(os.fspath(root))
     cat_dir = os.path.join(root_abs, category)
+    if not os.path.isdir(root_abs):
+        raise LayoutError(f"data root {os.fspath(root)!r} does not exist (resolved to {root_abs!r}; expected the folder "
+                          f"that holds <category>/train/good, e.g. .../mvtec_ad)")
     if not os.path.isdir(cat_dir):
         # a mistyped category is the common case: name the ones that are there
         found = sorted(d for d in os.listdir(root_abs) if os.path.isdir(os.path.join(root_abs, d, "train"))) \

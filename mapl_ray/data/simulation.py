@@ -376,7 +376,8 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
 def _list_textures(texture_dir: str) -> list[str]:
     folder = os.path.abspath(texture_dir)
     if not os.path.isdir(folder):
-        raise LayoutError(f"no texture images found in {folder!r}: folder does not exist")
+        raise LayoutError(f"texture folder {os.fspath(texture_dir)!r} does not exist (resolved to {folder!r}; "
+                          "simulation.texture_dir / --textures)")
     found = find_images(folder)
     if not found:
         raise LayoutError(f"no texture images found in {folder!r} (searched recursively)")

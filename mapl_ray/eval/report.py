@@ -260,7 +260,7 @@ def write_report(
       AUROC, pixel AUROC, AUPRO, F1-max in percent with 1 decimal, "–" when
       not computed), the notes of ``metrics``, every ``info`` key/value (nested
       dicts flattened with dotted keys) as a table, and links to every
-      ``plots/*.png`` and ``heatmaps/*.png`` present in ``run_dir`` (also those
+      ``scores.csv`` (when present), ``plots/*.png`` and ``heatmaps/*.png`` present in ``run_dir`` (also those
       written earlier by other code).
 
     Args:
@@ -341,6 +341,8 @@ def write_report(
             )
 
     md = _render_markdown(payload, threshold)
+    if (run_dir / "scores.csv").is_file():
+        md += "\nPer-image scores, labels and decisions: [scores.csv](scores.csv).\n"
     md += _links_section("Plots", run_dir, plots_dir)
     md += _links_section("Heatmaps", run_dir, heat_dir, embed=True)
     path = run_dir / "report.md"

@@ -194,7 +194,22 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     _, summary = train_model(cfg, data, config["run_dir"], device=device, rank=rank, world_size=world, wrap_model=wrap,
                              report=report, resume=config["resume"], progress=config.get("progress", True))
     if rank == 0:
-        Path(config["run_dir"], "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_train_summary(Path(config["run_dir"]), summary, resumed=config["resume"])
+
+
+def write_train_summary(run_dir: Path, summary: dict[str, Any], resumed: bool) -> None:
+    """Write ``train_summary.json``. After ``--resume`` the summaries of the earlier segments are kept
+    under ``earlier_segments`` (oldest first) and ``steps_run_total`` / ``train_wall_s_total`` add them up."""
+    path = run_dir / "train_summary.json"
+    earlier: list[dict[str, Any]] = []
+    if resumed and path.is_file():
+        old = json.loads(path.read_text())
+        earlier = old.pop("earlier_segments", []) + [{k: v for k, v in old.items() if not k.endswith("_total")}]
+    segments = earlier + [summary]
+    summary["earlier_segments"] = earlier
+    summary["steps_run_total"] = sum(int(s.get("steps_run", 0)) for s in segments)
+    summary["train_wall_s_total"] = sum(float(s.get("train_wall_s", 0.0)) for s in segments)
+    path.write_text(json.dumps(summary, indent=2))
 
 
 class TrainingFailed(RuntimeError):
@@ -283,12 +298,13 @@ def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ra
 
         _, summary = train_model(cfg, data, run_dir, device="cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu",
                                  resume=resume, progress=progress)
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_train_summary(run_dir, summary, resumed=resume)
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
     calibrate(run_dir, val_images)
     summary["data_load_s"] = load_s
     try:
-        return evaluate_run(run_dir, extra_info={"training": summary,
+        training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
+        return evaluate_run(run_dir, extra_info={"training": training,
                                                  "data": {k: v for k, v in data_info.items() if k != "validation_normals"}})
     except LayoutError as e:
         raise LayoutError(f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
