@@ -297,7 +297,8 @@ class CudaGraphStep:
     when it changes, the next step runs eagerly (which also builds any new device tensors outside the
     capture) and the one after is captured anew. The first ``warmup`` steps run eagerly on a side stream
     (lazy initialisation, cuDNN algorithm choice, optimizer state) before the first capture. A batch of
-    another shape than the captured one runs eagerly.
+    another shape than the captured one is captured anew (the loop's batches all have one shape).
+    If a capture fails, the step runs eagerly and so does the rest of the run (``failed`` says why).
     """
 
     def __init__(self, step_fn: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
