@@ -46,7 +46,7 @@ def main() -> None:
     except CheckpointError as e:
         raise SystemExit(f"brightness_confound.py: error: {e}") from None
     for run in runs:
-        out.setdefault("runs", {})[str(run)] = score_run(Path(run))
+        out.setdefault("runs", {})[str(run)] = score_run(run)
         print(run, json.dumps(out["runs"][str(run)]))
         path.write_text(json.dumps(out, indent=2))
     for cat, ds in ({} if args.skip_data else CATEGORIES).items():
@@ -72,14 +72,13 @@ def brightness_matched(images: np.ndarray, target: float) -> np.ndarray:
 
 def score_run(run: Path) -> dict:
     """Image AUROC of a run on its test split as is and brightness-matched (the run's own scoring, TTA included)."""
-    import torch
     from scipy.stats import spearmanr
 
+    from mapl_ray.checkpoint import read_state
     from mapl_ray.config import Config
     from mapl_ray.data.split import Split
     from mapl_ray.inference import Predictor
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = Config.load_run(run / "config.yaml")
     split = Split.from_json(run / "split.json")
     test = load_records(split.test, cfg.data.image_size)
@@ -90,7 +89,7 @@ def score_run(run: Path) -> dict:
     raw = pred.predict_arrays(test.images)["scores"]
     matched = pred.predict_arrays(brightness_matched(test.images, target))["scores"]
     grey = test.images.reshape(len(labels), -1).mean(1)
-    return {"encoder": cfg.model.encoder, "steps_trained": int(json.loads((run / "checkpoint" / "state.json").read_text())["step"]),
+    return {"encoder": cfg.model.encoder, "steps_trained": int(read_state(run)["step"]),
             "eval_tta": cfg.eval.tta, "target_mean_grey": round(target, 2),
             "image_auroc": image_auroc(labels, raw), "image_auroc_brightness_matched": image_auroc(labels, matched),
             "score_brightness_spearman": float(spearmanr(raw, grey).statistic)}

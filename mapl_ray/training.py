@@ -305,13 +305,12 @@ class CudaGraphStep:
                  device: torch.device, warmup: int = 3):
         self.step_fn, self.optimizer, self.device, self.warmup = step_fn, optimizer, device, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.key: Any = None
+        self.key: Any = object()  # baked-in state of the last step (of the graph, once captured)
         self.static_in: tuple[torch.Tensor, ...] = ()
         self.static_out: dict[str, torch.Tensor] = {}
         self.eager_steps = 0
         self.captures = 0
         self.failed: str | None = None  # why capture failed: the run then stays eager
-        self._last_key: Any = object()
         self._side = torch.cuda.Stream(device)
 
     def _eager(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -332,8 +331,8 @@ class CudaGraphStep:
                 dst.copy_(src, non_blocking=True)
             self.graph.replay()
             return self.static_out
-        if self.failed or self.eager_steps < self.warmup or key != self._last_key:
-            self._last_key = key  # new baked-in state: one eager step first, capture on the next
+        if self.failed or self.eager_steps < self.warmup or key != self.key:
+            self.key = key  # new baked-in state: one eager step first, capture on the next
             self.graph = None
             return self._eager(inputs)
         self.graph, self.static_out = None, {}  # free the old graph's memory pool before capturing again
@@ -350,7 +349,7 @@ class CudaGraphStep:
             self.static_in, self.static_out = (), {}
             torch.cuda.synchronize(self.device)
             return self._eager(inputs)
-        self.graph, self.key = graph, key
+        self.graph = graph
         self.captures += 1
         graph.replay()  # capture records without running: this replay is the step itself
         return self.static_out
@@ -529,7 +528,6 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         return {k: v.detach() for k, v in losses.items()}
 
     graph_step = CudaGraphStep(step_fn, optimizer, device) if graphed else None
-    memory_version = 0
     fit_s = 0.0  # seconds spent refitting the pseudo-labeler (pooled features + GMM fits)
     waits: list[float] = []  # seconds the loop waited for each batch (the first includes loader start-up)
     t_ready = time.perf_counter()
@@ -544,7 +542,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             net.train()
         inputs = batch_to_device(batch, device, t.channels_last)
         if graph_step is not None:
-            losses = graph_step((labeler.fitted_step, memory_version), *inputs)
+            losses = graph_step((labeler.fitted_step, model.memory.generation), *inputs)
         else:
             optimizer.zero_grad(set_to_none=True)
             losses = step_fn(*inputs)
@@ -554,7 +552,6 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
         core = unwrap(model)
         if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
             core.refresh_memory(to_tensor(memory_images, device))
-            memory_version += 1
             if world_size > 1:
                 core.memory.broadcast(0)
         step_times.append(time.perf_counter() - ts)

@@ -84,6 +84,11 @@ class MemoryBank(nn.Module):
         self.num_levels = 0
 
     @property
+    def generation(self) -> int:
+        """Host-side counter that changes whenever the bank's contents change (set, load, broadcast)."""
+        return self._generation
+
+    @property
     def size(self) -> int:
         return 0 if self.num_levels == 0 else int(getattr(self, "level0").shape[0])
 
