@@ -78,12 +78,14 @@ def score_run(run: Path) -> dict:
     from mapl_ray.config import Config
     from mapl_ray.data.split import Split
     from mapl_ray.inference import Predictor
+    from mapl_ray.training import build_pose_estimator
 
     cfg = Config.load_run(run / "config.yaml")
     split = Split.from_json(run / "split.json")
-    test = load_records(split.test, cfg.data.image_size)
+    align = build_pose_estimator(cfg)
+    test = load_records(split.test, cfg.data.image_size, align=align)
     labels = np.array([r.label for r in test.records])
-    normals = load_records(split.labeled_normal, cfg.data.image_size).images
+    normals = load_records(split.labeled_normal, cfg.data.image_size, align=align).images
     target = float(normals.mean())
     pred = Predictor(run)
     raw = pred.predict_arrays(test.images)["scores"]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 CATEGORIES = {"screw": "mvtec_ad", "magnetic_tile": "magnetic_tile", "metal_plate": "mpdd", "leather": "mvtec_ad"}
 
@@ -84,6 +85,7 @@ def run_category(category: str, data_root: Path, textures: Path, out: Path, extr
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     summary = json.loads((out / "train_summary.json").read_text())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
     o = metrics["overall"]
     return {
         "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro"], "f1_max": o["f1_max"],
@@ -92,6 +94,8 @@ def run_category(category: str, data_root: Path, textures: Path, out: Path, extr
         "step_s_mean": round(summary["step_s_mean"], 3), "job_wall_s": round(wall, 1),
         "peak_rss_mb": round(peak["with_ray"], 1), "peak_rss_mb_job_tree": round(peak["tree"], 1),
         "memory_backend": summary.get("memory_backend"), "command": " ".join(cmd), "run": str(out),
+        "config": {k: cfg[s][k] for s, k in (("data", "align"), ("train", "augment"), ("eval", "tta"),
+                                              ("model", "memory_rotations"), ("model", "memory_samples"))},
     }
 
 
@@ -111,7 +115,10 @@ def main() -> None:
     results["machine"] = machine()
     results["settings"] = "paper defaults: 500 steps, batch 4 normal + 4 simulated, 256x256, AdamW lr 0.003, " \
                           "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU; " \
-                          "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation)"
+                          "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation), except where the " \
+                          "category preset (mapl_ray.config.CATEGORY_PRESETS) changes them: screw is pose-normalised " \
+                          "(data.align=principal_axis) with train.augment=none, eval.tta=none, model.memory_rotations=1; " \
+                          "each category's 'config' lists what its run used"
     for cat in args.categories.split(","):
         out = Path(args.out) / f"{cat}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"== {cat} -> {out}", flush=True)

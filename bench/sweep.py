@@ -1,7 +1,9 @@
 """Design sweep: train several model variants on one category in parallel processes, report test metrics.
 
 Used to choose the defaults (encoder, freezing, image score); every variant runs the same training
-code as ``mapl train`` (without Ray, one process per variant) and the same evaluation.
+code as ``mapl train`` (without Ray, one process per variant) and the same evaluation. Variants start
+from the plain defaults, without the category preset that ``mapl train`` applies
+(``mapl_ray.config.CATEGORY_PRESETS``): name its fields in a variant to get it.
 
     python bench/sweep.py --data ROOT --category screw --textures DIR --out OUT \
         --variant base= --variant lite2=model.encoder=tf_efficientnet_lite2 ...
@@ -32,7 +34,7 @@ def run_variant(args: argparse.Namespace) -> None:
     from mapl_ray.evaluate import calibrate, evaluate_run
     from mapl_ray.inference import Predictor
     from mapl_ray.pipelines.train import load_train_data, prepare_run
-    from mapl_ray.training import train_model
+    from mapl_ray.training import build_pose_estimator, train_model
     from scipy.stats import spearmanr
 
     torch.set_num_threads(args.threads)
@@ -43,7 +45,8 @@ def run_variant(args: argparse.Namespace) -> None:
     split, _ = prepare_run(cfg, run)
     data, val, _ = load_train_data(cfg, split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True)
+    test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True,
+                        align=build_pose_estimator(cfg))
     labels = np.array([r.label for r in test.records])
     types = [r.defect_type for r in test.records]
     curve = []

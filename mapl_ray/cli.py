@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, category_preset, config_file_keys
 
 # CLI flag -> configuration field (the YAML holds every hyperparameter; flags override it)
 FLAG_FIELDS = {
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
     t.add_argument("--amp", choices=["auto", "off", "bf16"])
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
+    t.add_argument("--no-category-preset", dest="category_preset", action="store_false",
+                   help="ignore the category's preset defaults (mapl_ray.config.CATEGORY_PRESETS, e.g. screw's pose normalisation)")
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -96,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Config from (the resumed run's config.yaml | --config | defaults) + flags + --set overrides."""
+    """Config from (the resumed run's config.yaml | category preset + --config | defaults) + flags + --set
+    overrides. The category preset (:data:`~mapl_ray.config.CATEGORY_PRESETS`) fills only the fields that
+    neither the file nor a flag sets."""
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN (the run folder to continue)")
@@ -105,6 +109,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg = Config.load_run(require_run_folder(args.out) / "config.yaml")
     else:
         cfg = Config.load(args.config) if args.config else Config()
+        file_keys = config_file_keys(args.config) if args.config else set()
     overrides: dict[str, Any] = {}
     for flag, fieldname in FLAG_FIELDS.items():
         value = getattr(args, flag, None)
@@ -120,6 +125,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
+    if not args.resume and getattr(args, "category_preset", True):
+        category = str(overrides.get("data.category", cfg.data.category))
+        preset = category_preset(category, file_keys | set(overrides))
+        if preset:
+            print(f"mapl train: category {category!r} preset: " + ", ".join(f"{k}={v}" for k, v in preset.items())
+                  + " (--no-category-preset skips it)", file=sys.stderr)
+            cfg = cfg.override(preset)
     return cfg.override(overrides) if overrides else cfg
 
 
@@ -165,14 +177,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Predictor
 
     pred = Predictor(args.run, device=args.device)
-    good, images, failed = [], [], {}
+    good, images, poses, failed = [], [], [], {}
     for path in args.images:  # one unreadable file is reported on its own line; the others are still scored
         try:
-            images.append(load_image(path, pred.image_size))
+            image, pose = pred.load_image(path)
+            images.append(image)
+            poses.append(pose)
             good.append(path)
         except ImageReadError as e:
             failed[path] = str(e)
     records, maps = pred.predict_images(np.stack(images), good) if images else ([], [])
+    if pred.pose_estimator is not None:  # heatmaps on the images as they are, not as the model saw them
+        images = [load_image(p, pred.image_size) for p in good]
+        maps = [pred.to_original_frame(m, pose) for m, pose in zip(maps, poses)]
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
     out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,10 @@ import yaml
 ORIENTATION_MODES = ("none", "flip", "rot90")
 
 
+#: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
+ALIGN_MODES = ("none", "principal_axis")
+
+
 class ConfigError(ValueError):
     """A configuration file or override names an unknown field or holds a value of the wrong type."""
 
@@ -37,6 +41,10 @@ class DataConfig:
     skip_bad_images: bool = False
     require_masks: bool = True  # False: image-label-only data (defect images without masks)
     seed: int = 0
+    # none | principal_axis: turn each image, when decoded, so its object (found with the simulation's
+    # foreground threshold) lies centred and horizontal, wider end left (mapl_ray.data.pose). For parts
+    # photographed at any angle (screw); pair with train.augment=none, eval.tta=none, model.memory_rotations=1.
+    align: str = "none"
 
 
 @dataclass
@@ -165,6 +173,7 @@ class Config:
             ("data.unlabeled_fraction", 0 <= self.data.unlabeled_fraction < 1, "in [0, 1)"),
             ("data.contamination", 0 <= self.data.contamination < 1, "in [0, 1)"),
             ("data.labeled_anomalies", self.data.labeled_anomalies >= 0, ">= 0"),
+            ("data.align", self.data.align in ALIGN_MODES, "none or principal_axis"),
             ("simulation.delta_min", 0 <= self.simulation.delta_min <= self.simulation.delta_max <= 1,
              "0 <= delta_min <= delta_max <= 1"),
             ("model.memory_samples", self.model.memory_samples >= 1, ">= 1"),
@@ -268,6 +277,34 @@ def _read_mapping(p: Path) -> dict[str, Any]:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data or {}
+
+
+#: Per-category defaults, applied when a run starts, under the configuration file and the flags (which
+#: win); ``mapl train --no-category-preset`` skips them. ``screw``: the parts lie at any angle, so the
+#: images are pose-normalised (``data.align``), and the rotation augmentation, test-time augmentation and
+#: rotated memory copies that stood in for that are off (with the images aligned they would show the
+#: network poses it never meets, mirrored screws among them). bench/results/design_sweep_screw.json,
+#: sweep12, compares the two on the H200.
+CATEGORY_PRESETS: dict[str, dict[str, Any]] = {
+    "screw": {"data.align": "principal_axis", "train.augment": "none", "eval.tta": "none",
+              "model.memory_rotations": 1},
+}
+
+
+def config_file_keys(path: str | Path) -> set[str]:
+    """``{"section.field", ...}`` that the YAML configuration file ``path`` sets.
+
+    Raises:
+        ConfigError: the file is missing or not a YAML mapping.
+    """
+    data = _read_mapping(Path(path))
+    return {f"{s}.{f}" for s, fields in data.items() if isinstance(fields, dict) for f in fields}
+
+
+def category_preset(category: str, explicit: set[str] = frozenset()) -> dict[str, Any]:
+    """The :data:`CATEGORY_PRESETS` overrides for ``category`` (``{}`` for one without a preset), less
+    the fields in ``explicit`` (set by the user's file or flags, which win)."""
+    return {k: v for k, v in CATEGORY_PRESETS.get(category, {}).items() if k not in explicit}
 
 
 # Fields added after run folders were first written, with the value that reproduces the older runs.

@@ -73,7 +73,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     cfg = pred.cfg
     split = Split.from_json(run_dir / "split.json")
     t0 = time.perf_counter()
-    loaded = load_records(split.test, cfg.data.image_size, skip_bad=cfg.data.skip_bad_images, with_masks=True)
+    loaded = load_records(split.test, cfg.data.image_size, skip_bad=cfg.data.skip_bad_images, with_masks=True,
+                          align=pred.pose_estimator)
     res = pred.predict_arrays(loaded.images)
     eval_s = time.perf_counter() - t0
     labels = np.array([r.label for r in loaded.records], dtype=np.int64)

@@ -19,9 +19,10 @@ import torch
 from .checkpoint import load_model_weights, read_state, require_run_folder
 from .config import ORIENTATION_MODES, Config
 from .data.io import load_image
+from .data.pose import Pose
 from .eval.metrics import topk_mean
 from .model.memory import resolve_backend
-from .training import autocast_context, build_model, to_tensor
+from .training import autocast_context, build_model, build_pose_estimator, to_tensor
 
 
 def tta_views(mode: str) -> list[tuple[int, bool]]:
@@ -91,6 +92,9 @@ class Predictor:
         if tta is not None:
             self.cfg = self.cfg.override({"eval.tta": tta}).validate()
         self.views = tta_views(self.cfg.eval.tta)
+        #: ``data.align``'s pose estimator (None without pose normalisation); images are turned with it
+        #: when decoded (:meth:`load_image`) and maps turned back with :meth:`to_original_frame`.
+        self.pose_estimator = build_pose_estimator(self.cfg)
         self.state = read_state(self.run_dir)
         self.device = resolve_device(device)
         # all weights (encoder included) come from the checkpoint: no pretrained file needed to serve
@@ -202,13 +206,36 @@ class Predictor:
         ]
         return records, res["maps"]
 
+    def load_image(self, path: str | Path) -> tuple[np.ndarray, Pose | None]:
+        """Decode ``path`` as the model expects it: uint8 ``(H, W, 3)`` at the run's size, turned into the
+        object's canonical pose when the run uses ``data.align``; and that pose (None if none was applied).
+
+        Raises:
+            ImageReadError: a file is missing or not a readable image (names the file).
+        """
+        return load_image(path, self.image_size, align=self.pose_estimator, return_pose=True)
+
+    @staticmethod
+    def to_original_frame(amap: np.ndarray, pose: Pose | None) -> np.ndarray:
+        """An anomaly map ``(H, W)`` computed on an aligned image, turned back onto the image as it was
+        (unchanged when ``pose`` is None)."""
+        return amap if pose is None else pose.invert_map(amap)
+
     def predict_paths(self, paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
-        """Score image files. Returns (records as in :meth:`predict_images`, images, maps).
+        """Score image files. Returns (records as in :meth:`predict_images`, images, maps), the images
+        uint8 ``(N, H, W, 3)`` and maps ``(N, H, W)`` at the run's size in the files' own frame (a run
+        with ``data.align`` scores the aligned image and turns its map back).
 
         Raises:
             ImageReadError: a file is missing or not a readable image (names the file).
         """
         paths = [str(p) for p in paths]
-        images = np.stack([load_image(p, self.image_size) for p in paths]) if paths else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-        records, maps = self.predict_images(images, paths)
+        if not paths:
+            return [], np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0, self.image_size, self.image_size), np.float32)
+        loaded = [self.load_image(p) for p in paths]
+        records, maps = self.predict_images(np.stack([img for img, _ in loaded]), paths)
+        if self.pose_estimator is None:
+            return records, np.stack([img for img, _ in loaded]), maps
+        images = np.stack([load_image(p, self.image_size) for p in paths])  # as the files are, for overlays
+        maps = np.stack([self.to_original_frame(m, pose) for m, (_, pose) in zip(maps, loaded)])
         return records, images, maps

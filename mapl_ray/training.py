@@ -17,6 +17,7 @@ flags failed simulations (0) and leaves the rest out (-1), as in the paper.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model_weights, load_pseudo, load_training_state, read_state, save_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .data.batches import BatchMaker, StepBatches, TrainData
+from .data.pose import PoseEstimator
 from .data.simulation import FOREGROUND_PRESETS, AnomalySimulator, ForegroundConfig
 from .model import MAPLModel, build_encoder, resolve_backend, segmentation_loss
 from .pseudo import OCCConfig, OCCEnsemble, masked_bce
@@ -42,6 +44,42 @@ def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "c
     on ``device``, copied non-blocking; the NHWC storage makes the result channels-last."""
     t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def resolve_foreground(cfg: Config) -> ForegroundConfig:
+    """The object definition for ``cfg``: the category's (or ``simulation.foreground``'s) preset in
+    :data:`~mapl_ray.data.simulation.FOREGROUND_PRESETS` with the config's explicit overrides; the
+    preset's opening / closing / hole filling are kept. Used by the simulation and the pose estimator."""
+    s = cfg.simulation
+    preset = s.foreground or cfg.data.category
+    fg = FOREGROUND_PRESETS.get(preset, ForegroundConfig())
+    return dataclasses.replace(
+        fg,
+        use_mask=fg.use_mask if s.use_foreground_mask is None else s.use_foreground_mask,
+        threshold=fg.threshold if s.foreground_threshold is None else s.foreground_threshold,
+        inverse=fg.inverse if s.foreground_inverse is None else s.foreground_inverse,
+    )
+
+
+def build_pose_estimator(cfg: Config) -> PoseEstimator | None:
+    """The pose estimator ``data.align`` asks for (None for ``"none"``); it finds the object with the
+    simulation's threshold (:func:`resolve_foreground`).
+
+    Raises:
+        ConfigError: ``data.align=principal_axis`` for a category without an object threshold
+            (no foreground preset that uses a mask, no ``simulation.foreground_threshold``).
+    """
+    if cfg.data.align == "none":
+        return None
+    fg = resolve_foreground(cfg)
+    if not fg.use_mask and cfg.simulation.foreground_threshold is None:
+        raise ConfigError(
+            f"data.align={cfg.data.align} needs the grey level that separates the object from the "
+            f"background, and category {cfg.data.category!r} has no foreground preset that uses one: set "
+            "simulation.foreground_threshold (0-255) and simulation.foreground_inverse (true for a dark "
+            "object on a bright background)"
+        )
+    return PoseEstimator(fg.threshold, fg.inverse)
 
 
 def build_model(cfg: Config) -> MAPLModel:
@@ -57,13 +95,7 @@ def build_model(cfg: Config) -> MAPLModel:
 def build_simulator(cfg: Config) -> AnomalySimulator:
     """Anomaly simulator with the category's foreground preset and the config's overrides."""
     s = cfg.simulation
-    preset = s.foreground or cfg.data.category
-    fg = FOREGROUND_PRESETS.get(preset, ForegroundConfig())
-    fg = ForegroundConfig(
-        use_mask=fg.use_mask if s.use_foreground_mask is None else s.use_foreground_mask,
-        threshold=fg.threshold if s.foreground_threshold is None else s.foreground_threshold,
-        inverse=fg.inverse if s.foreground_inverse is None else s.foreground_inverse,
-    )
+    fg = resolve_foreground(cfg)
     return AnomalySimulator(s.texture_dir, foreground=fg, perlin_scale_range=(0, s.perlin_max_scale),
                             perlin_threshold=s.perlin_threshold, delta_range=(s.delta_min, s.delta_max),
                             texture_probability=s.texture_probability, structure_grid=s.structure_grid,

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .layout import ImageReadError, ImageRecord, LayoutError
+from .pose import Pose, PoseEstimator
 
 __all__ = [
     "decode_image",
@@ -122,44 +123,59 @@ def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Imag
     return img.resize((hw[1], hw[0]), resample=resample)
 
 
-def _read_rgb(path: str, hw: tuple[int, int] | None, source=None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``)."""
+def _read_rgb(path: str, hw: tuple[int, int] | None, source=None,
+              align: PoseEstimator | None = None) -> tuple[np.ndarray, tuple[int, int], Pose | None]:
+    """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``, pose).
+
+    With ``align`` the image is turned into its object's canonical pose at its own resolution, before
+    resizing; the pose is None without ``align`` or when no object was found."""
     img = _open_decoded(path, source)
     orig_hw = (img.height, img.width)
+    pose = None
     try:
-        rgb = _resize(_to_rgb_image(img), hw, Image.Resampling.BILINEAR)
-        arr = np.asarray(rgb, dtype=np.uint8)
+        rgb = _to_rgb_image(img)
+        if align is not None:
+            pose = align(rgb)
+            if pose is not None:
+                rgb = pose.apply(rgb, Image.Resampling.BILINEAR)
+        rgb = _resize(rgb, hw, Image.Resampling.BILINEAR)
+        arr = np.array(rgb, dtype=np.uint8)  # a copy: writable, unlike asarray's view of Pillow's buffer
     except _PIL_ERRORS as exc:  # e.g. a mode Pillow cannot convert
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
-    return np.ascontiguousarray(arr), orig_hw
+    return np.ascontiguousarray(arr), orig_hw, pose
 
 
-def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None = None,
+               align: PoseEstimator | None = None, return_pose: bool = False):
     """Decode an image file to RGB.
 
     Args:
         path: image file (any format Pillow reads).
         size: output size: int ``s`` -> ``(s, s)``, ``(H, W)`` tuple, or None to keep the
             original size. Resized with Pillow BILINEAR.
+        align: turn the image into its object's canonical pose first (:mod:`mapl_ray.data.pose`).
+        return_pose: also return the :class:`~mapl_ray.data.pose.Pose` applied (None if none was).
 
     Returns:
-        ``uint8`` array ``[H, W, 3]``, RGB. Grayscale, palette, CMYK and 16-bit images are
-        converted (16-bit rescaled by 1/257); alpha is dropped.
+        ``uint8`` array ``[H, W, 3]``, RGB (with ``return_pose``: ``(array, pose)``). Grayscale,
+        palette, CMYK and 16-bit images are converted (16-bit rescaled by 1/257); alpha is dropped.
 
     Raises:
         ImageReadError: missing, unreadable, corrupt or truncated file; the message names the
             path and Pillow's reason, the Pillow exception is chained as ``__cause__``.
         ValueError: invalid ``size``.
     """
-    hw = normalize_size(size)
-    return _read_rgb(os.fspath(path), hw)[0]
+    image, _, pose = _read_rgb(os.fspath(path), normalize_size(size), align=align)
+    return (image, pose) if return_pose else image
 
 
 def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int] | None = None,
-                 return_original_size: bool = False):
+                 return_original_size: bool = False, align: PoseEstimator | None = None,
+                 return_pose: bool = False):
     """:func:`load_image` for encoded bytes (an HTTP upload): any format Pillow reads, to RGB uint8 ``[H, W, 3]``.
 
-    With ``return_original_size`` returns ``(image, (H, W) before resizing)``.
+    With ``return_original_size`` and / or ``return_pose`` returns a tuple: the image, then
+    ``(H, W)`` before resizing, then the pose applied by ``align`` (see :func:`load_image`).
 
     Raises:
         ImageReadError: empty or undecodable data; the message names ``name``.
@@ -169,14 +185,16 @@ def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int
 
     if not data:
         raise ImageReadError(name, "empty body (expected the bytes of an image file)")
-    image, orig_hw = _read_rgb(name, normalize_size(size), io.BytesIO(data))
-    return (image, orig_hw) if return_original_size else image
+    image, orig_hw, pose = _read_rgb(name, normalize_size(size), io.BytesIO(data), align=align)
+    out = (image,) + ((orig_hw,) if return_original_size else ()) + ((pose,) if return_pose else ())
+    return out if len(out) > 1 else image
 
 
 def load_mask(
     path: str | os.PathLike[str],
     size: int | tuple[int, int] | None = None,
     expected_hw: tuple[int, int] | None = None,
+    pose: Pose | None = None,
 ) -> np.ndarray:
     """Decode a ground-truth mask to {0, 1}.
 
@@ -189,6 +207,8 @@ def load_mask(
         size: output ``(H, W)`` (or int for square), resized NEAREST; None keeps the size.
         expected_hw: original ``(H, W)`` of the image the mask belongs to, checked against the
             mask's original size *before* resizing.
+        pose: the pose its image was turned into (:func:`load_image` ``align``); the mask is turned
+            the same way (NEAREST) before resizing.
 
     Returns:
         ``uint8`` array ``[H, W]`` with values in {0, 1}.
@@ -213,6 +233,9 @@ def load_mask(
         raise ImageReadError(p, f"{type(exc).__name__}: {exc}") from exc
     thr = 0 if grey.max(initial=0) == 1 else 127
     binary = (grey > thr).astype(np.uint8)
+    if pose is not None:
+        binary = np.asarray(pose.apply(Image.fromarray(binary, mode="L"), Image.Resampling.NEAREST, fill=0),
+                            dtype=np.uint8)
     if hw is not None and hw != mask_hw:
         # NEAREST on the {0,1} array keeps it binary (Pillow mode "L" round-trips uint8 exactly).
         binary = np.asarray(
@@ -247,23 +270,26 @@ class LoadedImages:
             (zeros for records without ``mask_path``), else None.
         records: the N records kept, aligned with ``images`` / ``masks``.
         skipped: ``(path, reason)`` of each record dropped because a file was unreadable.
+        poses: with ``align``, the pose each kept image was turned into (None: no object found,
+            image kept as it was); None without ``align``.
     """
 
     images: np.ndarray
     masks: np.ndarray | None
     records: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    poses: list[Pose | None] | None = None
 
 
 def _load_one(
-    rec: ImageRecord, hw: tuple[int, int] | None, with_masks: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    img, orig_hw = _read_rgb(rec.path, hw)
+    rec: ImageRecord, hw: tuple[int, int] | None, with_masks: bool, align: PoseEstimator | None
+) -> tuple[np.ndarray, np.ndarray | None, Pose | None]:
+    img, orig_hw, pose = _read_rgb(rec.path, hw, align=align)
     if not with_masks:
-        return img, None
+        return img, None, pose
     if rec.mask_path is None:
-        return img, np.zeros(img.shape[:2], dtype=np.uint8)
-    return img, load_mask(rec.mask_path, hw, expected_hw=orig_hw)
+        return img, np.zeros(img.shape[:2], dtype=np.uint8), pose
+    return img, load_mask(rec.mask_path, hw, expected_hw=orig_hw, pose=pose), pose
 
 
 def load_records(
@@ -273,6 +299,7 @@ def load_records(
     with_masks: bool = False,
     *,
     threads: int = DEFAULT_THREADS,
+    align: PoseEstimator | None = None,
 ) -> LoadedImages:
     """Decode many records in parallel (thread pool; Pillow decodes without the GIL).
 
@@ -283,6 +310,8 @@ def load_records(
             is dropped with ``warnings.warn`` naming the file and listed in ``skipped``.
         with_masks: also load ``mask_path`` masks (zeros where a record has none).
         threads: worker threads (default 4).
+        align: turn each image (and its mask) into its object's canonical pose
+            (:mod:`mapl_ray.data.pose`); the poses are returned in ``poses``.
 
     Returns:
         :class:`LoadedImages`. With no record kept, ``images`` has shape ``[0, H, W, 3]``
@@ -309,19 +338,21 @@ def load_records(
             images=np.zeros((0, out_hw[0], out_hw[1], 3), dtype=np.uint8),
             masks=np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8) if with_masks else None,
             records=[],
+            poses=[] if align is not None else None,
         )
 
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(records)))) as pool:
-        futures = [pool.submit(_load_one, r, hw, with_masks) for r in records]
+        futures = [pool.submit(_load_one, r, hw, with_masks, align) for r in records]
         # Collect in record order so "the first bad image" is deterministic.
         kept_imgs: list[np.ndarray] = []
         kept_masks: list[np.ndarray] = []
         kept: list[ImageRecord] = []
+        poses: list[Pose | None] = []
         skipped: list[tuple[str, str]] = []
         try:
             for rec, fut in zip(records, futures):
                 try:
-                    img, mask = fut.result()
+                    img, mask, pose = fut.result()
                 except ImageReadError as exc:
                     if not skip_bad:
                         raise
@@ -333,6 +364,7 @@ def load_records(
                 if mask is not None:
                     kept_masks.append(mask)
                 kept.append(rec)
+                poses.append(pose)
         finally:
             for f in futures:
                 f.cancel()  # do not keep decoding after an error
@@ -353,4 +385,5 @@ def load_records(
     if with_masks:
         masks = (np.stack(kept_masks) if kept_masks
                  else np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8))
-    return LoadedImages(images=images, masks=masks, records=kept, skipped=skipped)
+    return LoadedImages(images=images, masks=masks, records=kept, skipped=skipped,
+                        poses=poses if align is not None else None)

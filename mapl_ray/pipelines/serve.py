@@ -77,13 +77,14 @@ class AnomalyDetector:
     async def predict(self, request: Request, name: str = "upload", heatmap: bool = False) -> dict[str, Any]:
         data = await request.body()
         try:
-            image, (h, w) = decode_image(data, name, self.pred.image_size, return_original_size=True)
+            image, (h, w), pose = decode_image(data, name, self.pred.image_size, return_original_size=True,
+                                               align=self.pred.pose_estimator, return_pose=True)
         except ImageReadError as e:
             raise HTTPException(status_code=400, detail=f"{e} (send the raw bytes of one image file as the request body)") from e
         rec, amap = await self._score((image, name))
         out = {"name": rec.pop("path"), **rec, "threshold": self.pred.threshold, "original_size": [h, w]}
         if heatmap:
-            out["heatmap_png_base64"] = encode_map_png(amap, (h, w))
+            out["heatmap_png_base64"] = encode_map_png(self.pred.to_original_frame(amap, pose), (h, w))
         return out
 
     @api.get("/health")

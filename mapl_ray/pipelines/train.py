@@ -25,7 +25,7 @@ from ..data.split import Split, make_split
 from ..model.encoder import WeightsError, build_encoder
 from ..model.memory import choose_memory_indices
 from ..data.batches import TrainData
-from ..training import build_simulator
+from ..training import build_pose_estimator, build_simulator
 
 log = logging.getLogger("mapl_ray.pipelines")
 
@@ -125,17 +125,18 @@ def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
 def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, dict[str, Any]]:
     """Decode the training images. Returns (TrainData, validation images uint8 (V, H, W, 3), info)."""
     size, skip = cfg.data.image_size, cfg.data.skip_bad_images
-    normals = load_records(split.labeled_normal, size, skip_bad=skip)
+    align = build_pose_estimator(cfg)
+    normals = load_records(split.labeled_normal, size, skip_bad=skip, align=align)
     val_idx = validation_indices(len(normals.images), cfg.eval.validation_normals, cfg.data.seed)
     keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
     train_normals = normals.images[keep]
     skipped = list(normals.skipped)
     unl = anom = None
     if split.unlabeled:
-        unl = load_records(split.unlabeled, size, skip_bad=skip)
+        unl = load_records(split.unlabeled, size, skip_bad=skip, align=align)
         skipped += unl.skipped
     if split.labeled_anomaly:
-        anom = load_records(split.labeled_anomaly, size, skip_bad=skip, with_masks=True)
+        anom = load_records(split.labeled_anomaly, size, skip_bad=skip, with_masks=True, align=align)
         skipped += anom.skipped
     data = TrainData(
         normals=train_normals,
@@ -152,6 +153,10 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, d
         "memory_samples": int(len(data.memory_indices)),
         "skipped_images": skipped,
     }
+    if align is not None:  # images kept as they were because no object was found in them
+        info["align"] = cfg.data.align
+        info["no_pose_found"] = [r.path for ld in (normals, unl, anom) if ld is not None
+                                 for r, p in zip(ld.records, ld.poses) if p is None]
     return data, normals.images[val_idx], info
 
 

@@ -1,0 +1,178 @@
+"""Pose normalisation (data.align): estimator geometry, masks and maps following their images, the
+category preset, and an aligned run whose maps come back in the files' own frame."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mapl_ray.config import Config, ConfigError
+from mapl_ray.data.io import decode_image, load_image, load_records
+from mapl_ray.data.layout import scan_category
+from mapl_ray.data.pose import PoseEstimator
+from mapl_ray.training import build_pose_estimator
+
+from conftest import SCREW, needs_data, tiny_config
+
+
+def part_image(angle_deg: float, centre=(110.0, 90.0), size=200) -> tuple[np.ndarray, np.ndarray]:
+    """A dark bar with a wide head at its +u end (a screw seen from the side) on a bright background,
+    turned by ``angle_deg`` (clockwise on screen, y down). Returns (grey uint8 [H, W], head mask uint8)."""
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    t = math.radians(angle_deg)
+    x, y = xs - centre[0], ys - centre[1]
+    u = x * math.cos(t) + y * math.sin(t)
+    v = -x * math.sin(t) + y * math.cos(t)
+    head = (u > 45) & (u < 65) & (np.abs(v) < 15)
+    obj = ((np.abs(u) < 60) & (np.abs(v) < 5)) | head
+    return np.where(obj, 50, 200).astype(np.uint8), head.astype(np.uint8)
+
+
+def moments(fg: np.ndarray) -> tuple[float, float, float, float, float]:
+    ys, xs = np.nonzero(fg)
+    xs, ys = xs + 0.5, ys + 0.5
+    cx, cy = xs.mean(), ys.mean()
+    dx, dy = xs - cx, ys - cy
+    return cx, cy, (dx * dx).mean(), (dy * dy).mean(), (dx * dy).mean()
+
+
+@pytest.mark.parametrize("angle", [0, 30, 90, 135, 200, 300])
+def test_pose_centres_the_part_horizontal_with_the_wide_end_left(angle):
+    grey, _ = part_image(angle)
+    img = Image.fromarray(grey).convert("RGB")
+    pose = PoseEstimator(128, inverse=True)(img)
+    assert pose is not None and pose.fill == (200, 200, 200)  # the background colour fills the corners
+    aligned = np.asarray(pose.apply(img))[..., 0]
+    fg = aligned < 128
+    cx, cy, sxx, syy, sxy = moments(fg)
+    assert abs(cx - 100) < 1.5 and abs(cy - 100) < 1.5  # centroid on the image centre
+    assert sxx > 20 * syy and abs(sxy) < 0.05 * sxx  # principal axis horizontal
+    cols = np.nonzero(fg.any(0))[0]
+    left, right = fg[:, cols.min() + 3].sum(), fg[:, cols.max() - 3].sum()
+    assert left > 2 * right  # the wide end (head) is on the left
+
+
+def test_invert_map_brings_a_map_back_onto_the_original_image():
+    grey, head = part_image(135)
+    img = Image.fromarray(grey).convert("RGB")
+    pose = PoseEstimator(128, inverse=True)(img)
+    # a "map" that is 1 on the head in the aligned frame must land on the head of the original image
+    aligned_head = np.asarray(pose.apply(Image.fromarray(head * 255), Image.Resampling.NEAREST), np.float32) / 255
+    back = pose.invert_map(aligned_head)
+    assert back.shape == head.shape and back.dtype == np.float32
+    inter = ((back > 0.5) & (head > 0)).sum()
+    assert inter / ((back > 0.5) | (head > 0)).sum() > 0.9
+    assert back.min() == pytest.approx(0.0)  # uncovered pixels take the map's minimum
+
+
+def test_no_object_leaves_the_image_as_it_is(tmp_path):
+    p = tmp_path / "blank.png"
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(p)
+    est = PoseEstimator(128, inverse=True)
+    img, pose = load_image(p, 32, align=est, return_pose=True)
+    assert pose is None and np.array_equal(img, load_image(p, 32))
+    data = p.read_bytes()
+    out, hw, pose2 = decode_image(data, "blank.png", 32, return_original_size=True, align=est, return_pose=True)
+    assert pose2 is None and hw == (40, 40) and np.array_equal(out, img)
+
+
+def test_estimator_rejects_bad_settings():
+    with pytest.raises(ValueError, match="threshold"):
+        PoseEstimator(300, True)
+    with pytest.raises(ValueError, match="min_fraction"):
+        PoseEstimator(100, True, min_fraction=0.6)
+
+
+def test_masks_are_turned_with_their_images(tmp_path):
+    cat = tmp_path / "part"
+    for d in ("train/good", "test/good", "test/bent", "ground_truth/bent"):
+        (cat / d).mkdir(parents=True)
+    for i, a in enumerate((10, 250)):
+        Image.fromarray(part_image(a)[0]).save(cat / "train" / "good" / f"{i:03d}.png")
+        Image.fromarray(part_image(a + 40)[0]).save(cat / "test" / "good" / f"{i:03d}.png")
+    grey, head = part_image(160)
+    Image.fromarray(grey).save(cat / "test" / "bent" / "000.png")
+    Image.fromarray(head * 255).save(cat / "ground_truth" / "bent" / "000_mask.png")
+    idx = scan_category(tmp_path, "part")
+    est = PoseEstimator(128, inverse=True)
+    out = load_records(idx.test, 100, with_masks=True, align=est)
+    assert out.poses is not None and len(out.poses) == len(out.records) and all(p is not None for p in out.poses)
+    i = [r.defect_type for r in out.records].index("bent")
+    mask, obj = out.masks[i].astype(bool), out.images[i][..., 0] < 128
+    assert mask.sum() > 0 and (mask & obj).sum() / mask.sum() > 0.9  # still on the part
+    assert np.nonzero(mask)[1].mean() < 40  # on the head, now at the left
+    same = decode_image((cat / "test" / "bent" / "000.png").read_bytes(), "b", 100, align=est)
+    assert np.array_equal(same, out.images[i])  # an upload is aligned exactly like a file
+    assert load_records(idx.test, 100).poses is None
+
+
+@needs_data
+def test_real_screws_all_point_the_same_way():
+    """Every screw image ends up head-left: each aligned image matches the mean aligned screw better
+    than that mean turned by 180 degrees (the mass balance along the axis failed 7 of 472)."""
+    paths = sorted((SCREW / "train" / "good").glob("*.png"))[::8] + sorted((SCREW / "test" / "good").glob("*.png"))
+    est = PoseEstimator(130, inverse=True)
+    imgs = np.stack([load_image(p, 96, align=est)[..., 0].astype(np.float32) for p in paths])
+    z = imgs - imgs.mean((1, 2), keepdims=True)
+    mean = z.mean(0)
+    turned = mean[::-1, ::-1]
+    same = (z * mean).sum((1, 2))
+    flipped = (z * turned).sum((1, 2))
+    wrong = [str(p.name) for p, s, f in zip(paths, same, flipped) if f >= s]
+    assert not wrong, f"screws aligned head-right: {wrong}"
+
+
+def test_align_needs_an_object_threshold():
+    cfg = Config().override({"data.category": "magnetic_tile", "data.align": "principal_axis"})
+    with pytest.raises(ConfigError, match="simulation.foreground_threshold"):
+        build_pose_estimator(cfg)
+    est = build_pose_estimator(cfg.override({"simulation.foreground_threshold": 90, "simulation.foreground_inverse": True}))
+    assert est.threshold == 90 and est.inverse
+    assert build_pose_estimator(Config().override({"data.category": "screw"})) is None
+    with pytest.raises(ConfigError, match="data.align"):
+        Config().override({"data.align": "pca"}).validate()
+
+
+def test_screw_preset_is_applied_under_the_users_settings(tmp_path):
+    from mapl_ray.cli import build_parser, resolve_config
+
+    def cfg(*argv):
+        return resolve_config(build_parser().parse_args(["train", "--data", "d", *argv]))
+
+    c = cfg("--category", "screw")
+    assert (c.data.align, c.train.augment, c.eval.tta, c.model.memory_rotations) == ("principal_axis", "none", "none", 1)
+    c = cfg("--category", "screw", "--set", "train.augment=rot90")
+    assert c.train.augment == "rot90" and c.data.align == "principal_axis"  # a flag wins over the preset
+    yml = tmp_path / "c.yaml"
+    yml.write_text("eval:\n  tta: flip\n")
+    c = cfg("--category", "screw", "--config", str(yml))
+    assert c.eval.tta == "flip" and c.data.align == "principal_axis"  # so does the user's file
+    c = cfg("--category", "screw", "--no-category-preset")
+    assert c.data.align == "none" and c.train.augment == Config().train.augment
+    assert cfg("--category", "metal_plate").data.align == "none"
+
+
+@needs_data
+def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path):
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.train import run_train_job
+
+    run = tmp_path / "run"
+    run_train_job(tiny_config(small_root, **{"data.align": "principal_axis", "model.memory_rotations": 1,
+                                             "train.augment": "none", "eval.tta": "none"}), run,
+                  use_ray=False, progress=False)
+    assert (run / "metrics.json").is_file()
+    pred = Predictor(run, device="cpu")
+    path = sorted((small_root / "screw" / "test" / "thread_top").glob("*.png"))[0]
+    records, images, maps = pred.predict_paths([path])
+    aligned, pose = pred.load_image(path)
+    assert pose is not None
+    own = pred.predict_arrays(aligned[None])
+    assert records[0]["score"] == pytest.approx(float(own["scores"][0]), abs=1e-6)  # scored on the aligned image
+    assert np.allclose(maps[0], pose.invert_map(own["maps"][0]), atol=1e-6)  # map turned back
+    assert np.array_equal(images[0], load_image(path, pred.image_size))  # overlays use the file as it is
+    assert not np.allclose(maps[0], own["maps"][0], atol=1e-3)
