@@ -106,6 +106,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "eval_s": round(eval_s, 2),
         "device": str(pred.device),
     }
+    if cfg.data.align != "none":
+        info["pose_normalisation"] = (f"data.align={cfg.data.align}: test images and their masks were turned to the "
+                                      "object's canonical pose; pixel metrics and heatmaps are in that frame")
     if extra_info is None and (run_dir / "metrics.json").is_file():
         # a re-evaluation keeps what only training knew (timings, skipped images)
         previous = json.loads((run_dir / "metrics.json").read_text()).get("run", {})

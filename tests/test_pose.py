@@ -165,7 +165,9 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
     run_train_job(tiny_config(small_root, **{"data.align": "principal_axis", "model.memory_rotations": 1,
                                              "train.augment": "none", "eval.tta": "none"}), run,
                   use_ray=False, progress=False)
-    assert (run / "metrics.json").is_file()
+    import json
+
+    assert "canonical pose" in json.loads((run / "metrics.json").read_text())["run"]["pose_normalisation"]
     pred = Predictor(run, device="cpu")
     path = sorted((small_root / "screw" / "test" / "thread_top").glob("*.png"))[0]
     records, images, maps = pred.predict_paths([path])
