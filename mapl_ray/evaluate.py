@@ -76,17 +76,23 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     loaded = load_records(split.test, cfg.data.image_size, skip_bad=cfg.data.skip_bad_images, with_masks=True,
                           align=pred.pose_estimator)
     res = pred.predict_arrays(loaded.images)
+    images, masks, maps = loaded.images, loaded.masks, res["maps"]
+    if pred.pose_estimator is not None:
+        # pixel metrics and heatmaps on the images as they are: maps turned back, masks as stored
+        plain = load_records(loaded.records, cfg.data.image_size, with_masks=True)
+        images, masks = plain.images, plain.masks
+        maps = np.stack([pred.to_original_frame(m, pose) for m, pose in zip(maps, loaded.poses)]) if len(maps) else maps
     eval_s = time.perf_counter() - t0
     labels = np.array([r.label for r in loaded.records], dtype=np.int64)
     types = [r.defect_type for r in loaded.records]
-    metrics = compute_metrics(labels, res["scores"], types, loaded.masks, res["maps"])
+    metrics = compute_metrics(labels, res["scores"], types, masks, maps)
     thr = pred.threshold
     if thr is not None:
         decided = res["scores"] >= thr
         metrics["overall"]["threshold"] = float(thr)
         metrics["overall"]["accuracy_at_threshold"] = float((decided == labels.astype(bool)).mean())
     sample = [
-        {"image": loaded.images[i], "map": res["maps"][i], "mask": loaded.masks[i], "path": loaded.records[i].path,
+        {"image": images[i], "map": maps[i], "mask": masks[i], "path": loaded.records[i].path,
          "defect_type": types[i], "score": float(res["scores"][i]), "label": int(labels[i])}
         for i in _sample_indices(labels, types, cfg.eval.heatmaps, cfg.data.seed)
     ]
@@ -107,8 +113,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "device": str(pred.device),
     }
     if cfg.data.align != "none":
-        info["pose_normalisation"] = (f"data.align={cfg.data.align}: test images and their masks were turned to the "
-                                      "object's canonical pose; pixel metrics and heatmaps are in that frame")
+        info["pose_normalisation"] = (f"data.align={cfg.data.align}: test images were scored in the object's canonical "
+                                      "pose and their anomaly maps turned back; pixel metrics and heatmaps are in "
+                                      "the images' own frame")
     if extra_info is None and (run_dir / "metrics.json").is_file():
         # a re-evaluation keeps what only training knew (timings, skipped images)
         previous = json.loads((run_dir / "metrics.json").read_text()).get("run", {})

@@ -48,12 +48,28 @@ def test_pose_centres_the_part_horizontal_with_the_wide_end_left(angle):
     assert pose is not None and pose.fill == (200, 200, 200)  # the background colour fills the corners
     aligned = np.asarray(pose.apply(img))[..., 0]
     fg = aligned < 128
-    cx, cy, sxx, syy, sxy = moments(fg)
-    assert abs(cx - 100) < 1.5 and abs(cy - 100) < 1.5  # centroid on the image centre
+    _, _, sxx, syy, sxy = moments(fg)
     assert sxx > 20 * syy and abs(sxy) < 0.05 * sxx  # principal axis horizontal
-    cols = np.nonzero(fg.any(0))[0]
+    cols, rows = np.nonzero(fg.any(0))[0], np.nonzero(fg.any(1))[0]
+    assert abs((cols.min() + cols.max() + 1) / 2 - 100) < 1.5  # the part's extent is centred
+    assert abs((rows.min() + rows.max() + 1) / 2 - 100) < 1.5
+    assert cols.min() > 5 and cols.max() < 194  # nothing cut off at the frame
+    assert abs(fg.sum() - (grey < 128).sum()) < 0.06 * fg.sum()  # same size (up to rasterising a diagonal)
     left, right = fg[:, cols.min() + 3].sum(), fg[:, cols.max() - 3].sum()
     assert left > 2 * right  # the wide end (head) is on the left
+
+
+def test_a_part_too_long_for_the_frame_is_shrunk_to_fit():
+    # a bar of 250 px along the diagonal of a 200 px image: horizontal it would not fit
+    ys, xs = np.mgrid[0:200, 0:200] + 0.5
+    u, v = ((xs - 100) + (ys - 100)) / math.sqrt(2), (-(xs - 100) + (ys - 100)) / math.sqrt(2)
+    obj = ((np.abs(u) < 125) & (np.abs(v) < 4)) | ((u > 105) & (u < 125) & (np.abs(v) < 12))
+    img = Image.fromarray(np.where(obj, 50, 200).astype(np.uint8)).convert("RGB")
+    pose = PoseEstimator(128, inverse=True, margin=0.05)(img)
+    assert pose.scale == pytest.approx(0.9 * 200 / 250, rel=0.03)
+    fg = np.asarray(pose.apply(img))[..., 0] < 128
+    cols = np.nonzero(fg.any(0))[0]
+    assert cols.min() >= 8 and cols.max() <= 191  # inside, with the margin
 
 
 def test_invert_map_brings_a_map_back_onto_the_original_image():
@@ -85,6 +101,8 @@ def test_estimator_rejects_bad_settings():
         PoseEstimator(300, True)
     with pytest.raises(ValueError, match="min_fraction"):
         PoseEstimator(100, True, min_fraction=0.6)
+    with pytest.raises(ValueError, match="margin"):
+        PoseEstimator(100, True, margin=0.5)
 
 
 def test_masks_are_turned_with_their_images(tmp_path):
@@ -167,7 +185,7 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
                   use_ray=False, progress=False)
     import json
 
-    assert "canonical pose" in json.loads((run / "metrics.json").read_text())["run"]["pose_normalisation"]
+    assert "own frame" in json.loads((run / "metrics.json").read_text())["run"]["pose_normalisation"]
     pred = Predictor(run, device="cpu")
     path = sorted((small_root / "screw" / "test" / "thread_top").glob("*.png"))[0]
     records, images, maps = pred.predict_paths([path])
@@ -178,3 +196,16 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
     assert np.allclose(maps[0], pose.invert_map(own["maps"][0]), atol=1e-6)  # map turned back
     assert np.array_equal(images[0], load_image(path, pred.image_size))  # overlays use the file as it is
     assert not np.allclose(maps[0], own["maps"][0], atol=1e-3)
+
+    # evaluate's pixel metrics are those of predict's maps against the masks as stored
+    from mapl_ray.data.split import Split
+    from mapl_ray.eval.metrics import compute_metrics
+
+    test = Split.from_json(run / "split.json").test
+    recs, _, test_maps = pred.predict_paths([r.path for r in test])
+    plain = load_records(test, pred.image_size, with_masks=True)
+    m = compute_metrics(np.array([r.label for r in test]), np.array([r["score"] for r in recs]),
+                        [r.defect_type for r in test], plain.masks, test_maps)
+    saved = json.loads((run / "metrics.json").read_text())["overall"]
+    assert m["overall"]["pixel_auroc"] == pytest.approx(saved["pixel_auroc"], abs=1e-6)
+    assert m["overall"]["aupro"] == pytest.approx(saved["aupro"], abs=1e-6)

@@ -6,12 +6,12 @@ sample position by position, which means little when the two objects point in di
 :class:`PoseEstimator` finds the object by grey-level thresholding (the same object definition as the
 anomaly simulation's foreground mask), takes its centroid and principal axis from the image moments,
 and picks the axis direction that points at the wider end (a screw's head). :meth:`Pose.apply` then
-rotates the image about the centroid so the object lies centred and horizontal, wider end to the
-left; masks get the same transform, and :meth:`Pose.invert_map` brings an anomaly map computed in the
-aligned frame back onto the original image.
+turns the image so the object lies horizontal, wider end to the left, with the middle of its extent on
+the image centre (shrinking a part too long for the frame); masks get the same transform, and
+:meth:`Pose.invert_map` brings an anomaly map computed in the aligned frame back onto the original image.
 
 This runs when images are decoded, at the file's own resolution, before resizing to the network's
-input size (one interpolation instead of two). Resampling is Pillow's ``Image.rotate``.
+input size (one interpolation instead of two). Resampling is Pillow's ``Image.transform`` (affine).
 """
 
 from __future__ import annotations
@@ -29,29 +29,50 @@ __all__ = ["Pose", "PoseEstimator"]
 class Pose:
     """Where an image's object is and how to turn it into the canonical pose.
 
+    The transform (a similarity, applied with Pillow's ``Image.transform``) maps an input pixel ``p``
+    to ``scale * M(angle) (p - c) + centre``: the middle of the object's extent ``c`` lands on the image
+    centre, and the object turns counter-clockwise by ``angle``.
+
     Attributes:
-        cx, cy: object centroid as fractions of the image width / height (0..1, resolution-free).
-        angle: degrees counter-clockwise (Pillow's ``rotate`` convention) that bring the axis from the
-            centroid to the object's wider end to point left (-x).
+        cx, cy: middle of the object's extent along and across its axis, as fractions of the image
+            width / height (resolution-free; the centroid would push a long part's thin end out of
+            the frame).
+        angle: degrees counter-clockwise (Pillow's ``rotate`` convention) that bring the direction
+            towards the object's wider end to point left (-x).
+        scale: 1, or less for a part too long to fit the frame once horizontal (it is shrunk to fit).
         fill: RGB background colour (median of the background pixels) for the corners the rotation
             uncovers.
+        size: ``(W, H)`` of the image the pose was estimated on; :meth:`invert_map` works at this
+            size, so a map goes back exactly even when resizing to the network's input changed the
+            aspect ratio.
     """
 
     cx: float
     cy: float
     angle: float
+    scale: float = 1.0
     fill: tuple[int, int, int] = (0, 0, 0)
+    size: tuple[int, int] | None = None
+
+    def _matrix(self, w: int, h: int, inverse: bool) -> tuple[float, ...]:
+        # Pillow's AFFINE data maps output pixel coordinates to input ones (as Image.rotate builds it).
+        a = math.radians(self.angle)
+        c, s = math.cos(a), math.sin(a)
+        px, py, ox, oy = self.cx * w, self.cy * h, w / 2, h / 2
+        if not inverse:  # aligned (output) -> original (input): p = M^T (q - centre) / scale + c
+            k = 1.0 / self.scale
+            return (k * c, -k * s, px - k * (c * ox - s * oy), k * s, k * c, py - k * (s * ox + c * oy))
+        k = self.scale  # original (output) -> aligned (input): q = scale M (p - c) + centre
+        return (k * c, k * s, ox - k * (c * px + s * py), -k * s, k * c, oy - k * (-s * px + c * py))
 
     def apply(self, img: Image.Image, resample: int = Image.Resampling.BILINEAR, fill=None) -> Image.Image:
-        """``img`` (any size, any mode) rotated about the centroid by :attr:`angle` and shifted so the
-        centroid lands on the image centre; the same size as ``img``. ``fill`` defaults to
-        :attr:`fill` for RGB images and 0 otherwise (masks)."""
-        w, h = img.size
-        cx, cy = self.cx * w, self.cy * h
+        """``img`` (any size, any mode) in the canonical pose, the same size as ``img``. ``fill``
+        defaults to :attr:`fill` for RGB images and 0 otherwise (masks)."""
         if fill is None:
             fill = self.fill if img.mode == "RGB" else 0
-        return img.rotate(self.angle, resample=resample, center=(cx, cy),
-                          translate=(w / 2 - cx, h / 2 - cy), fillcolor=fill)
+        w, h = img.size
+        return img.transform((w, h), Image.Transform.AFFINE, self._matrix(w, h, inverse=False),
+                             resample=resample, fillcolor=fill)
 
     def invert_map(self, amap: np.ndarray) -> np.ndarray:
         """An anomaly map ``[H, W]`` float computed on the aligned image, resampled (bilinear) onto the
@@ -60,12 +81,18 @@ class Pose:
         a = np.asarray(amap, dtype=np.float32)
         h, w = a.shape
         img = Image.fromarray(a, mode="F")
-        back = img.rotate(-self.angle, resample=Image.Resampling.BILINEAR, center=(w / 2, h / 2),
-                          translate=(self.cx * w - w / 2, self.cy * h - h / 2), fillcolor=float(a.min()))
+        size = tuple(self.size) if self.size else (w, h)
+        if size != (w, h):
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        back = img.transform(size, Image.Transform.AFFINE, self._matrix(*size, inverse=True),
+                             resample=Image.Resampling.BILINEAR, fillcolor=float(a.min()))
+        if size != (w, h):
+            back = back.resize((w, h), Image.Resampling.BILINEAR)
         return np.asarray(back, dtype=np.float32)
 
     def to_dict(self) -> dict:
-        return {"cx": self.cx, "cy": self.cy, "angle": self.angle, "fill": list(self.fill)}
+        return {"cx": self.cx, "cy": self.cy, "angle": self.angle, "scale": self.scale, "fill": list(self.fill),
+                "size": list(self.size) if self.size else None}
 
 
 class PoseEstimator:
@@ -83,19 +110,25 @@ class PoseEstimator:
             ``1 - min_fraction``) has no reliable pose: :meth:`__call__` returns None and the image is
             used as it is.
         analysis_size: the moments are computed on a copy reduced to at most this many pixels a side.
+        margin: free border, as a fraction of the frame, that the turned part keeps on each side; a
+            part that would not fit is shrunk (:attr:`Pose.scale` < 1).
 
     Raises:
-        ValueError: ``threshold`` outside [0, 255], ``min_fraction`` outside [0, 0.5) or
-            ``analysis_size`` < 16.
+        ValueError: ``threshold`` outside [0, 255], ``min_fraction`` or ``margin`` outside [0, 0.5),
+            or ``analysis_size`` < 16.
     """
 
-    def __init__(self, threshold: float, inverse: bool, min_fraction: float = 0.002, analysis_size: int = 256):
+    def __init__(self, threshold: float, inverse: bool, min_fraction: float = 0.002, analysis_size: int = 256,
+                 margin: float = 0.02):
         if not 0 <= threshold <= 255:
             raise ValueError(f"pose threshold must be a grey level in [0, 255], got {threshold}")
         if not 0 <= min_fraction < 0.5:
             raise ValueError(f"pose min_fraction must be in [0, 0.5), got {min_fraction}")
         if analysis_size < 16:
             raise ValueError(f"pose analysis_size must be >= 16, got {analysis_size}")
+        if not 0 <= margin < 0.5:
+            raise ValueError(f"pose margin must be in [0, 0.5), got {margin}")
+        self.margin = float(margin)
         self.threshold = float(threshold)
         self.inverse = bool(inverse)
         self.min_fraction = float(min_fraction)
@@ -127,8 +160,17 @@ class PoseEstimator:
         # mass balance along the axis got 7 of 472 screw images wrong, this none.
         if (perp * perp * proj).sum() < 0:
             axis += math.pi  # point the axis at the wider end
+            proj, perp = -proj, -perp
+        # extent along and across the axis (0.2 % quantiles: a few dark specks do not stretch it)
+        lo, hi = np.quantile(proj, [0.002, 0.998])
+        plo, phi = np.quantile(perp, [0.002, 0.998])
+        ux, uy = math.cos(axis), math.sin(axis)
+        mx = cx + (lo + hi) / 2 * ux - (plo + phi) / 2 * uy
+        my = cy + (lo + hi) / 2 * uy + (plo + phi) / 2 * ux
+        room = 1.0 - 2 * self.margin
+        scale = min(1.0, room * w / max(hi - lo, 1e-6), room * h / max(phi - plo, 1e-6))
         # Pillow rotates counter-clockwise on screen; with y pointing down a direction at angle
         # `axis` ends at `axis - a`, which must be pi (left).
         angle = (math.degrees(axis) - 180.0) % 360.0
         fill = tuple(int(v) for v in np.median(rgb[~fg], axis=0)) if n < h * w else (0, 0, 0)
-        return Pose(cx / w, cy / h, angle, fill)
+        return Pose(mx / w, my / h, angle, scale, fill, img.size)
