@@ -65,14 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-backend", choices=["auto", "faiss", "torch"], help="nearest-neighbour search (default auto)")
     t.add_argument("--steps", type=int, help="training steps (default 500)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 0.003)")
-    t.add_argument("--seed", type=int, help="seed of the split (train.seed via --set)")
+    t.add_argument("--seed", type=int, help="data.seed: the split, validation normals and memory-bank choice "
+                   "(the training seed is train.seed: --set train.seed=N)")
     t.add_argument("--top-k", type=int, help="image score = mean of the top-k anomaly-map pixels (default 100)")
     t.add_argument("--num-workers", type=int, help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
     t.add_argument("--amp", choices=["auto", "off", "bf16"])
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
     t.add_argument("--no-category-preset", dest="category_preset", action="store_false",
-                   help="ignore the category's preset defaults (mapl_ray.config.CATEGORY_PRESETS, e.g. screw's pose normalisation)")
+                   help="ignore the category's preset defaults (mapl_ray.config.CATEGORY_PRESETS, e.g. screw's pose "
+                        "normalisation data.align=principal_axis); precedence: preset < --config file < flags and --set")
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -125,13 +127,17 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
-    if not args.resume and getattr(args, "category_preset", True):
+    if not args.resume:
         category = str(overrides.get("data.category", cfg.data.category))
-        preset = category_preset(category, file_keys | set(overrides))
-        if preset:
-            print(f"mapl train: category {category!r} preset: " + ", ".join(f"{k}={v}" for k, v in preset.items())
-                  + " (--no-category-preset skips it)", file=sys.stderr)
-            cfg = cfg.override(preset)
+        if not getattr(args, "category_preset", True):
+            if category_preset(category):
+                print(f"mapl train: category {category!r} preset skipped (--no-category-preset)", file=sys.stderr)
+        else:
+            preset = category_preset(category, file_keys | set(overrides))
+            if preset:
+                print(f"mapl train: category {category!r} preset: " + ", ".join(f"{k}={v}" for k, v in preset.items())
+                      + " (--no-category-preset skips it)", file=sys.stderr)
+                cfg = cfg.override(preset)
     return cfg.override(overrides) if overrides else cfg
 
 

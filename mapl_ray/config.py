@@ -166,7 +166,7 @@ class Config:
         """Check value ranges; returns self.
 
         Raises:
-            ConfigError: names the first field out of range and what was expected.
+            ConfigError: names the first field with a value not allowed and what was expected.
         """
         checks = [
             ("data.image_size", self.data.image_size >= 32, ">= 32 pixels"),
@@ -210,7 +210,7 @@ class Config:
         for name, ok, expected in checks:
             if not ok:
                 section, field_ = name.split(".")
-                raise ConfigError(f"{name} = {getattr(getattr(self, section), field_)!r} is out of range: expected {expected}")
+                raise ConfigError(f"{name} = {getattr(getattr(self, section), field_)!r} is not allowed: expected {expected}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -209,3 +209,13 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
     saved = json.loads((run / "metrics.json").read_text())["overall"]
     assert m["overall"]["pixel_auroc"] == pytest.approx(saved["pixel_auroc"], abs=1e-6)
     assert m["overall"]["aupro"] == pytest.approx(saved["aupro"], abs=1e-6)
+
+
+@needs_data
+def test_align_without_an_object_threshold_stops_before_the_run_folder_is_written(small_root, tmp_path):
+    from mapl_ray.pipelines.train import prepare_run
+
+    cfg = tiny_config(small_root, **{"data.align": "principal_axis", "simulation.use_foreground_mask": False})
+    with pytest.raises(ConfigError, match="foreground_threshold"):
+        prepare_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -333,8 +333,10 @@ def write_report(
             parts = [f"{defect}/{src.stem}"]
             if entry.get("score") is not None:
                 parts.append(f"score={float(entry['score']):.4g}")
-            if entry.get("label") is not None:
-                parts.append("anomalous" if int(entry["label"]) else "good")
+            if entry.get("label") is not None:  # ground truth, then the run's decision at its threshold
+                parts.append("truth: " + ("defect" if int(entry["label"]) else "good"))
+            if threshold is not None and entry.get("score") is not None:
+                parts.append("decision: " + ("defect" if float(entry["score"]) >= float(threshold) else "good"))
             save_heatmap_overlay(
                 entry["image"], maps[i], heat_dir / f"{name}.png", mask=entry.get("mask"),
                 title="  ".join(parts), vmin=vmin, vmax=vmax,

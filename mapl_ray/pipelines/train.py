@@ -73,6 +73,7 @@ def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> tuple
     index = scan_category(cfg.data.root, cfg.data.category, require_masks=cfg.data.require_masks)
     check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
     build_simulator(cfg)  # fails fast on a missing / empty texture folder, before anything is written
+    build_pose_estimator(cfg)  # and on data.align without an object threshold
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise WeightsError(f"encoder weights file {cfg.model.weights} does not exist (model.weights / --weights)")
     build_encoder(cfg.model.encoder, cfg.model.weights, cfg.model.pretrained)  # unknown backbone / bad weights
