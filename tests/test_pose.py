@@ -220,3 +220,21 @@ def test_align_without_an_object_threshold_stops_before_the_run_folder_is_writte
     with pytest.raises(ConfigError, match="foreground_threshold"):
         prepare_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@needs_data
+def test_training_images_without_an_object_are_kept_and_reported(tmp_path, caplog):
+    from conftest import copy_small_category
+
+    from mapl_ray.pipelines.train import load_train_data, prepare_run
+
+    root = copy_small_category(tmp_path / "data")
+    blank = root / "screw" / "train" / "good" / "blank.png"
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(blank)
+    cfg = tiny_config(root, **{"data.align": "principal_axis"})
+    split, _ = prepare_run(cfg, tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        data, val, info = load_train_data(cfg, split)
+    assert info["no_pose_found"] == [str(blank)]
+    assert "no object found in 1 training images" in caplog.text
+    assert len(data.normals) + len(val) == 15  # the blank image is still used

@@ -115,11 +115,6 @@ class Pose:
             back = back.resize((w, h), Image.Resampling.BILINEAR)
         return np.asarray(back, dtype=np.float32)
 
-    def to_dict(self) -> dict:
-        return {"cx": self.cx, "cy": self.cy, "angle": self.angle, "scale": self.scale, "object_threshold": self.object_threshold,
-                "object_inverse": self.object_inverse, "fill": list(self.fill),
-                "size": list(self.size) if self.size else None}
-
 
 class PoseEstimator:
     """Estimates each image's :class:`Pose` from its grey-level object mask.

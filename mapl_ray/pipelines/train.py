@@ -158,6 +158,10 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, d
         info["align"] = cfg.data.align
         info["no_pose_found"] = [r.path for ld in (normals, unl, anom) if ld is not None
                                  for r, p in zip(ld.records, ld.poses) if p is None]
+        if info["no_pose_found"]:
+            log.warning("data.align: no object found in %d training images (kept as they are; check "
+                        "simulation.foreground_threshold / foreground_inverse), e.g. %s; all are listed in data_info.json",
+                        len(info["no_pose_found"]), info["no_pose_found"][:3])
     return data, normals.images[val_idx], info
 
 
