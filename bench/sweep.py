@@ -31,7 +31,7 @@ def run_variant(args: argparse.Namespace) -> None:
     from mapl_ray.data.io import load_records
     from mapl_ray.data.split import Split
     from mapl_ray.eval.metrics import compute_metrics, image_auroc, topk_mean
-    from mapl_ray.evaluate import calibrate, evaluate_run
+    from mapl_ray.evaluate import calibrate, evaluate_run, score_test_split
     from mapl_ray.inference import Predictor
     from mapl_ray.pipelines.train import load_train_data, prepare_run
     from mapl_ray.training import build_pose_estimator, train_model
@@ -72,11 +72,12 @@ def run_variant(args: argparse.Namespace) -> None:
     metrics = evaluate_run(run, device=device)
     by_tta = {}
     for tta in ("none", "flip", "rot90"):  # test-time augmentation: the same trained model, scored three ways
-        res = Predictor(run, device=device, tta=tta).predict_arrays(test.images)
-        maps = torch.from_numpy(res["maps"])
-        topk = {str(k): image_auroc(labels, topk_mean(maps, k).numpy()) for k in (1, 10, 50, 100, 300, 1000)}
+        # pixel metrics in the files' own frame, as evaluate_run computes them (maps turned back under data.align)
+        _, res, masks, maps = score_test_split(Predictor(run, device=device, tta=tta), test.records)
+        scored = torch.from_numpy(res["maps"])
+        topk = {str(k): image_auroc(labels, topk_mean(scored, k).numpy()) for k in (1, 10, 50, 100, 300, 1000)}
         topk["q"] = image_auroc(labels, res["q"])
-        m = compute_metrics(labels, res["scores"], types, test.masks, res["maps"])["overall"]
+        m = compute_metrics(labels, res["scores"], types, masks, maps)["overall"]
         by_tta[tta] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "auroc_by_topk": topk}
     out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": by_tta[cfg.eval.tta]["auroc_by_topk"],
            "by_tta": by_tta,

@@ -177,7 +177,6 @@ def heatmap_name(path: str) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .data.io import load_image
     from .data.layout import ImageReadError
     from .eval.report import save_heatmap_overlay
     from .inference import Predictor
@@ -193,9 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except ImageReadError as e:
             failed[path] = str(e)
     records, maps = pred.predict_images(np.stack(images), good) if images else ([], [])
-    if pred.pose_estimator is not None:  # heatmaps on the images as they are, not as the model saw them
-        images = [load_image(p, pred.image_size) for p in good]
-        maps = [pred.to_original_frame(m, pose) for m, pose in zip(maps, poses)]
+    images, maps = pred.in_files_frame(good, images, maps, poses)  # heatmaps on the images as they are
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
     out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)

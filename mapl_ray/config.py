@@ -284,7 +284,7 @@ def _read_mapping(p: Path) -> dict[str, Any]:
 #: images are pose-normalised (``data.align``), and the rotation augmentation, test-time augmentation and
 #: rotated memory copies that stood in for that are off (with the images aligned they would show the
 #: network poses it never meets, mirrored screws among them). bench/results/design_sweep_screw.json,
-#: sweep12, compares the two on the H200.
+#: sweep12_pose to sweep15_mirrored_margin, compare the two on the H200.
 CATEGORY_PRESETS: dict[str, dict[str, Any]] = {
     "screw": {"data.align": "principal_axis", "train.augment": "none", "eval.tta": "none",
               "model.memory_rotations": 1},

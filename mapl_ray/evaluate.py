@@ -60,6 +60,28 @@ def _sample_indices(labels: np.ndarray, defect_types: list[str], n: int, seed: i
     return sorted(int(i) for i in picks[:n])
 
 
+def score_test_split(pred: Predictor, records: list, skip_bad: bool = False):
+    """Score test records with a trained run, for metrics.
+
+    Returns ``(loaded, res, masks, maps)``: the :class:`~mapl_ray.data.io.LoadedImages` as scored,
+    :meth:`Predictor.predict_arrays`'s output on them, and masks and maps in the files' own frame. Under
+    ``data.align`` the images are scored in their canonical pose, the masks are read as stored and the
+    maps are turned back; ``loaded.images`` is then in the files' frame too, for overlays.
+
+    Raises:
+        ImageReadError / LayoutError: a test image or mask is unreadable (unless ``skip_bad``) or misfits.
+    """
+    loaded = load_records(records, pred.image_size, skip_bad=skip_bad, with_masks=True, align=pred.pose_estimator)
+    res = pred.predict_arrays(loaded.images)
+    masks, maps = loaded.masks, res["maps"]
+    if pred.pose_estimator is not None:
+        plain = load_records(loaded.records, pred.image_size, with_masks=True)
+        masks = plain.masks
+        maps = np.stack([pred.to_original_frame(m, pose) for m, pose in zip(maps, loaded.poses)]) if len(maps) else maps
+        loaded.images = plain.images
+    return loaded, res, masks, maps
+
+
 def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score the run's test split; write ``metrics.json``, ``report.md``, ``plots/``, ``heatmaps/``.
 
@@ -73,15 +95,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     cfg = pred.cfg
     split = Split.from_json(run_dir / "split.json")
     t0 = time.perf_counter()
-    loaded = load_records(split.test, cfg.data.image_size, skip_bad=cfg.data.skip_bad_images, with_masks=True,
-                          align=pred.pose_estimator)
-    res = pred.predict_arrays(loaded.images)
-    images, masks, maps = loaded.images, loaded.masks, res["maps"]
-    if pred.pose_estimator is not None:
-        # pixel metrics and heatmaps on the images as they are: maps turned back, masks as stored
-        plain = load_records(loaded.records, cfg.data.image_size, with_masks=True)
-        images, masks = plain.images, plain.masks
-        maps = np.stack([pred.to_original_frame(m, pose) for m, pose in zip(maps, loaded.poses)]) if len(maps) else maps
+    # pixel metrics and heatmaps on the images as they are stored (maps turned back under data.align)
+    loaded, res, masks, maps = score_test_split(pred, split.test, skip_bad=cfg.data.skip_bad_images)
     eval_s = time.perf_counter() - t0
     labels = np.array([r.label for r in loaded.records], dtype=np.int64)
     types = [r.defect_type for r in loaded.records]
@@ -92,7 +107,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         metrics["overall"]["threshold"] = float(thr)
         metrics["overall"]["accuracy_at_threshold"] = float((decided == labels.astype(bool)).mean())
     sample = [
-        {"image": images[i], "map": maps[i], "mask": masks[i], "path": loaded.records[i].path,
+        {"image": loaded.images[i], "map": maps[i], "mask": masks[i], "path": loaded.records[i].path,
          "defect_type": types[i], "score": float(res["scores"][i]), "label": int(labels[i])}
         for i in _sample_indices(labels, types, cfg.eval.heatmaps, cfg.data.seed)
     ]

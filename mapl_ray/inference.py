@@ -221,6 +221,19 @@ class Predictor:
         (unchanged when ``pose`` is None)."""
         return amap if pose is None else pose.invert_map(amap)
 
+    def in_files_frame(self, paths: list[str], images: list[np.ndarray] | np.ndarray, maps: list[np.ndarray] | np.ndarray,
+                       poses: list[Pose | None]) -> tuple[list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]:
+        """Images and maps as :meth:`load_image` / scoring gave them -> the files' own frame, for overlays:
+        unchanged without ``data.align``; else the files decoded again unturned and each map turned back.
+
+        Raises:
+            ImageReadError: a file can no longer be read (names the file).
+        """
+        if self.pose_estimator is None:
+            return images, maps
+        return ([load_image(p, self.image_size) for p in paths],
+                [self.to_original_frame(m, pose) for m, pose in zip(maps, poses)])
+
     def predict_paths(self, paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
         """Score image files. Returns (records as in :meth:`predict_images`, images, maps), the images
         uint8 ``(N, H, W, 3)`` and maps ``(N, H, W)`` at the run's size in the files' own frame (a run
@@ -232,10 +245,7 @@ class Predictor:
         paths = [str(p) for p in paths]
         if not paths:
             return [], np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0, self.image_size, self.image_size), np.float32)
-        loaded = [self.load_image(p) for p in paths]
-        records, maps = self.predict_images(np.stack([img for img, _ in loaded]), paths)
-        if self.pose_estimator is None:
-            return records, np.stack([img for img, _ in loaded]), maps
-        images = np.stack([load_image(p, self.image_size) for p in paths])  # as the files are, for overlays
-        maps = np.stack([self.to_original_frame(m, pose) for m, (_, pose) in zip(maps, loaded)])
-        return records, images, maps
+        images, poses = zip(*(self.load_image(p) for p in paths))
+        records, maps = self.predict_images(np.stack(images), paths)
+        images, maps = self.in_files_frame(paths, images, maps, poses)
+        return records, np.stack(images), np.stack(maps)

@@ -45,7 +45,8 @@ class Pose:
             aspect ratio.
         object_threshold, object_inverse: the object's grey-level rule (:class:`PoseEstimator`); in
             the mirrored margin :meth:`apply` replaces object pixels (mirror images of a part that
-            touches the border) by ``fill``, the median background colour.
+            touches the border) by ``fill``.
+        fill: RGB median background colour (of the pixels outside the object).
     """
 
     cx: float
@@ -90,7 +91,8 @@ class Pose:
         arr = np.asarray(img)
         big = np.pad(arr, ((pad, pad), (pad, pad), (0, 0))[: arr.ndim], mode="reflect")
         if self.object_threshold is not None and arr.ndim == 3 and pad:
-            grey = np.asarray(Image.fromarray(big).convert("L"))
+            # the object mask of the original, mirrored like the image (grey is per pixel)
+            grey = np.pad(np.asarray(img.convert("L")), pad, mode="reflect")
             ghost = grey <= self.object_threshold if self.object_inverse else grey > self.object_threshold
             ghost[pad:pad + h, pad:pad + w] = False  # the image itself stays as it is
             big[ghost] = self.fill
