@@ -95,7 +95,9 @@ def run_category(category: str, data_root: Path, textures: Path, out: Path, extr
         "peak_rss_mb": round(peak["with_ray"], 1), "peak_rss_mb_job_tree": round(peak["tree"], 1),
         "memory_backend": summary.get("memory_backend"), "command": " ".join(cmd), "run": str(out),
         "config": {k: cfg[s][k] for s, k in (("data", "align"), ("train", "augment"), ("eval", "tta"),
-                                              ("model", "memory_rotations"), ("model", "memory_samples"))},
+                                              ("model", "memory_rotations"), ("model", "memory_samples"),
+                                              ("model", "memory_banks"))},
+        "eval_s": metrics["run"].get("eval_s"),
     }
 
 
@@ -117,7 +119,8 @@ def main() -> None:
                           "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU; " \
                           "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation), except where the " \
                           "category preset (mapl_ray.config.CATEGORY_PRESETS) changes them: screw is pose-normalised " \
-                          "(data.align=principal_axis) with train.augment=none, eval.tta=none, model.memory_rotations=1; " \
+                          "(data.align=principal_axis) with train.augment=none, eval.tta=none, model.memory_rotations=1 and a " \
+                          "memory-bank ensemble (model.memory_banks=10); " \
                           "each category's 'config' lists what its run used"
     for cat in args.categories.split(","):
         out = Path(args.out) / f"{cat}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -9,7 +9,9 @@ from the plain defaults, without the category preset that ``mapl train`` applies
         --variant base= --variant lite2=model.encoder=tf_efficientnet_lite2 ...
 
 Writes ``OUT/sweep.json``: per variant the overall metrics, the image AUROC for several top-k image
-scores (computed from the same anomaly maps), train wall time and the device.
+scores (computed from the same anomaly maps), for each test-time augmentation and, for a run with a
+memory-bank ensemble, for its first 1..K banks (with the brightness-matched image AUROC), train wall
+time and the device.
 """
 
 from __future__ import annotations
@@ -79,8 +81,22 @@ def run_variant(args: argparse.Namespace) -> None:
         topk["q"] = image_auroc(labels, res["q"])
         m = compute_metrics(labels, res["scores"], types, masks, maps)["overall"]
         by_tta[tta] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "auroc_by_topk": topk}
+    # memory-bank ensemble (model.memory_banks): the same trained model scored with its first k banks averaged,
+    # as is and brightness-matched (bench/brightness_confound.py: a confound in this copy of screw)
+    from brightness_confound import brightness_matched
+
+    by_banks = {}
+    n_banks = len(Predictor(run, device="cpu").model.banks)
+    if n_banks > 1:
+        matched = brightness_matched(test.images, float(data.normals.mean()))
+        for k in range(1, n_banks + 1):
+            pred = Predictor(run, device=device, memory_banks=k)
+            _, res, masks, maps = score_test_split(pred, test.records)
+            m = compute_metrics(labels, res["scores"], types, masks, maps)["overall"]
+            by_banks[str(k)] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
+                                "image_auroc_brightness_matched": image_auroc(labels, pred.predict_arrays(matched)["scores"])}
     out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": by_tta[cfg.eval.tta]["auroc_by_topk"],
-           "by_tta": by_tta,
+           "by_tta": by_tta, **({"by_banks": by_banks} if by_banks else {}),
            "train_wall_s": summary["train_wall_s"], "step_s_median": summary["step_s_median"], "device": device,
            "final_losses": summary["final_losses"], "pseudo": summary["pseudo"], **({"curve": curve} if curve else {})}
     (run / "variant.json").write_text(json.dumps(out, indent=2))
@@ -139,6 +155,10 @@ def main() -> None:
                           f"train {r['train_wall_s']:.1f}s", flush=True)
                     for tta, m in r.get("by_tta", {}).items():
                         print(f"   tta={tta}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f}", flush=True)
+                    for k, m in r.get("by_banks", {}).items():
+                        print(f"   banks={k}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f} "
+                              f"matched {m['image_auroc_brightness_matched']:.4f}", flush=True)
+                (out / "sweep.json").write_text(json.dumps(results, indent=2))  # so far: a killed sweep keeps what finished
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
 
 

@@ -26,6 +26,7 @@ FLAG_FIELDS = {
     "contamination": "data.contamination", "labeled_anomalies": "data.labeled_anomalies",
     "skip_bad_images": "data.skip_bad_images", "require_masks": "data.require_masks", "seed": "data.seed", "textures": "simulation.texture_dir",
     "encoder": "model.encoder", "weights": "model.weights", "memory_samples": "model.memory_samples",
+    "memory_banks": "model.memory_banks",
     "memory_backend": "model.memory_backend", "steps": "train.steps", "lr": "train.lr",
     "num_workers": "train.num_workers", "gpu": "train.use_gpu", "amp": "train.amp", "top_k": "eval.top_k",
 }
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-label-only data: defect images need no ground-truth mask (no pixel metrics for them)")
     t.add_argument("--image-size", type=int, help="square input size in pixels (default 256)")
     t.add_argument("--memory-samples", type=int, help="normal images in the memory bank (default 30)")
+    t.add_argument("--memory-banks", type=int,
+                   help="memory banks of --memory-samples different normal images each; anomaly maps are averaged "
+                        "over them at inference (default 1, screw's preset 10; limited by the training normals)")
     t.add_argument("--memory-backend", choices=["auto", "faiss", "torch"], help="nearest-neighbour search (default auto)")
     t.add_argument("--steps", type=int, help="training steps (default 500)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 0.003)")

@@ -119,6 +119,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "steps": cfg.train.steps,
         "batch": f"{cfg.train.batch_normal} normal + {cfg.train.batch_simulated} simulated",
         "memory_backend": pred.state.get("memory_backend"),
+        # maps averaged over this many memory banks (model.memory_banks; the checkpoint holds them)
+        "memory_banks": len(pred.model.banks),
         "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels" + (f" + {cfg.eval.q_weight} * q" if cfg.eval.q_weight else ""),
         "validation": pred.state.get("threshold_source", "none"),
         "split": split.summary(),

@@ -3,7 +3,8 @@
 Image score (issue 2 / MemSeg practice): mean of the ``top_k`` largest pixels of the anomaly map
 (sigmoid of the decoder logits), plus ``q_weight * sigmoid(q)`` of the image head when configured.
 With ``eval.tta`` the map is the mean over flipped / rotated views of the image, each mapped back
-(test-time augmentation; the default ``rot90`` uses all 8 views).
+(test-time augmentation; the default ``rot90`` uses all 8 views). A run with a memory-bank
+ensemble (``model.memory_banks``) averages the maps over its banks (:meth:`MAPLModel.predict`).
 A decision threshold and a z-score normalisation are fitted on held-out labeled normals after
 training (never on test data) and stored in ``checkpoint/state.json``.
 """
@@ -76,6 +77,9 @@ class Predictor:
         tta: test-time augmentation (``none`` / ``flip`` / ``rot90``, see :func:`tta_views`): every
             image is scored in each view, the maps are mapped back and averaged (as is ``q``); costs
             one forward pass per view. Default: ``eval.tta``.
+        memory_banks: average the maps over the first this many banks of the run's memory-bank
+            ensemble (``model.memory_banks``; each costs one decoder pass). Default: all the
+            checkpoint holds.
 
     Raises:
         CheckpointError / ConfigError: the run folder is incomplete or unreadable (names the file).
@@ -84,7 +88,8 @@ class Predictor:
     MAX_GRAPHS = 8  # batch shapes captured per predictor (each holds its own static buffers)
 
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = "auto", batch_size: int | None = None,
-                 cuda_graphs: bool | None = None, amp: str | None = None, tta: str | None = None):
+                 cuda_graphs: bool | None = None, amp: str | None = None, tta: str | None = None,
+                 memory_banks: int | None = None):
         self.run_dir = require_run_folder(run_dir)
         self.cfg = Config.load_run(self.run_dir / "config.yaml")
         if amp is not None:
@@ -108,8 +113,12 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batch_size = batch_size or self.cfg.eval.batch_size
         self.image_size = size
-        mem = self.model.memory
-        mem.backend = resolve_backend(mem.requested_backend, self.device)
+        if memory_banks is not None and not 1 <= memory_banks <= len(self.model.banks):
+            raise ValueError(f"memory_banks={memory_banks}: the run {self.run_dir} holds {len(self.model.banks)} memory bank(s)")
+        self.memory_banks = memory_banks
+        mem = self.model.memory  # all banks share the backend choice
+        for bank in self.model.banks:
+            bank.backend = resolve_backend(bank.requested_backend, self.device)
         want = self.cfg.eval.cuda_graphs if cuda_graphs is None else cuda_graphs
         # a FAISS search copies to the host: it cannot be captured
         self.cuda_graphs = bool(want and self.device.type == "cuda" and mem.backend == "torch")
@@ -139,9 +148,8 @@ class Predictor:
             if self.device.type == "cuda" and self.cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.cfg.train.amp, cache_enabled=cache):
-            out = self.model(x)
-        maps = torch.sigmoid(out["logits"].float())[:, 0]
-        q = torch.sigmoid(out["q"].float())
+            out = self.model.predict(x, self.memory_banks)
+        maps, q = out["maps"], out["q"]
         if len(views) > 1:
             maps = torch.stack([invert_view(maps[i * b:(i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
             q = q.view(len(views), b).mean(0)

@@ -454,6 +454,15 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     sim = build_simulator(cfg)
     bm = BatchMaker(cfg, data, sim, rank, world_size)
     memory_images = rotated_copies(data.normals[data.memory_indices], cfg.model.memory_rotations)
+    # banks 1.. of the memory-bank ensemble: filled with bank 0, never searched during training
+    bank_images = [memory_images] + [rotated_copies(data.normals[idx], cfg.model.memory_rotations)
+                                     for idx in data.extra_memory_indices]
+
+    def refresh_banks(core: MAPLModel) -> None:
+        for i, imgs in enumerate(bank_images):
+            core.refresh_memory(to_tensor(imgs, device), bank=i)
+            if world_size > 1:
+                core.banks[i].broadcast(0)
 
     start_step = 0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -492,9 +501,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             labeler.fitted_step = int(state.get("pseudo_fitted_step", -1))
         log.info("resumed from %s at step %d", run_dir / "checkpoint", start_step)
     else:
-        model.refresh_memory(to_tensor(memory_images, device))
-        if world_size > 1:
-            model.memory.broadcast(0)
+        refresh_banks(model)
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = wrap_model(model) if wrap_model else model
@@ -583,9 +590,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
             ema.update()
         core = unwrap(model)
         if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
-            core.refresh_memory(to_tensor(memory_images, device))
-            if world_size > 1:
-                core.memory.broadcast(0)
+            refresh_banks(core)
         step_times.append(time.perf_counter() - ts)
         do_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         do_report = report is not None and ((t.report_every and (step + 1) % t.report_every == 0) or step + 1 == end_step)

@@ -63,7 +63,7 @@ def tiny_config(root: Path, **overrides) -> Config:
     base = {
         "data.root": str(root), "data.category": "screw", "data.image_size": 64,
         "simulation.texture_dir": str(TEXTURES), "model.encoder": "tf_efficientnet_lite0", "model.pretrained": False,
-        "model.memory_samples": 4, "model.memory_rotations": 2, "model.decoder_channels": "32,24,16,16", "model.head_hidden": 16,
+        "model.memory_samples": 4, "model.memory_rotations": 2, "model.memory_banks": 2, "model.decoder_channels": "32,24,16,16", "model.head_hidden": 16,
         "pseudo.warmup_steps": 2, "pseudo.refit_every": 3, "pseudo.pool_size": 8, "pseudo.pca_dim": 8,
         "train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "eval.validation_normals": 3,
         "eval.top_k": 10, "eval.heatmaps": 4, "eval.batch_size": 8,

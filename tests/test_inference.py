@@ -72,3 +72,29 @@ def test_run_written_before_tta_existed_keeps_scoring_without_it(trained_run, tm
     # a user's partial config file still gets today's default
     (tmp_path / "user.yaml").write_text("eval:\n  top_k: 10\n")
     assert Config.load(tmp_path / "user.yaml").eval.tta == "rot90"
+
+
+def test_memory_bank_ensemble_holds_the_listed_normals_and_averages_their_maps(trained_run):
+    import json
+
+    from mapl_ray.training import rotated_copies, to_tensor
+
+    info = json.loads((trained_run / "data_info.json").read_text())
+    banks = info["memory_banks"]
+    assert [len(b) for b in banks] == [4, 4]  # tiny_config: model.memory_banks=2 of 4 samples
+    assert not set(banks[0]) & set(banks[1])
+    assert not set(banks[0] + banks[1]) & set(info["validation_normals"])
+    pred = Predictor(trained_run, device="cpu", tta="none")
+    assert len(pred.model.banks) == 2
+    # bank 1 holds the encoder features of its listed images (each at memory_rotations=2 orientations)
+    imgs = rotated_copies(np.stack([load_image(p, 64) for p in banks[1]]), 2)
+    with torch.no_grad():
+        feats = pred.model.encoder(pred.model.preprocess(to_tensor(imgs, "cpu")))[1:4]
+    for want, got in zip(feats, pred.model.banks[1].levels()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    x = _test_images(trained_run)
+    both = pred.predict_tensor(x)
+    first = Predictor(trained_run, device="cpu", tta="none", memory_banks=1).predict_tensor(x)
+    assert not torch.allclose(both["maps"], first["maps"], atol=1e-4)
+    with pytest.raises(ValueError, match="memory_banks=3.*holds 2 memory bank"):
+        Predictor(trained_run, device="cpu", memory_banks=3)

@@ -209,3 +209,54 @@ def test_memory_bank_broadcast_makes_every_rank_search_rank0s_bank(tmp_path):
     assert torch.equal(r0["nearest"], r1["nearest"])
     g = torch.Generator().manual_seed(0)
     assert torch.equal(r1["levels"][0], torch.randn(3, 4, 8, 8, generator=g))  # rank 0's bank, not rank 1's
+
+
+def test_choose_memory_banks_disjoint_and_bank0_unchanged():
+    from mapl_ray.model import choose_memory_banks, choose_memory_indices
+
+    banks = choose_memory_banks(100, 30, 3, seed=5)
+    assert [len(b) for b in banks] == [30, 30, 30]
+    assert np.array_equal(banks[0], choose_memory_indices(100, 30, 5))  # the training bank does not depend on K
+    assert len(np.unique(np.concatenate(banks))) == 90  # disjoint
+    assert np.array_equal(banks[2], choose_memory_banks(100, 30, 3, seed=5)[2])  # seeded
+    with pytest.warns(UserWarning, match="model.memory_banks=4 needs 120 training normals.*give 3 bank"):
+        assert len(choose_memory_banks(100, 30, 4, seed=5)) == 3
+    with pytest.raises(ValueError, match="model.memory_banks"):
+        choose_memory_banks(100, 30, 0, seed=5)
+
+
+def test_memory_bank_ensemble_averages_per_bank_maps_and_survives_a_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = MAPLModel(build_encoder("tf_efficientnet_lite0", pretrained=False), memory_backend="torch").eval()
+    normals, x = torch.rand(6, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    model.refresh_memory(normals[:3])
+    single = model.predict(x)
+    with torch.no_grad():
+        out0 = model(x)
+    assert torch.allclose(single["maps"], torch.sigmoid(out0["logits"])[:, 0], atol=1e-6)
+    assert torch.allclose(single["q"], torch.sigmoid(out0["q"]), atol=1e-6)
+    model.refresh_memory(normals[3:], bank=1)
+    with pytest.raises(IndexError, match="memory bank 3"):
+        model.refresh_memory(normals[3:], bank=3)
+    ens = model.predict(x)
+    other = MAPLModel(build_encoder("tf_efficientnet_lite0", pretrained=False), memory_backend="torch").eval()
+    other.load_state_dict(model.state_dict())
+    other.memory.set([m.clone() for m in model.extra_memory[0].levels()])  # bank 1 as the only bank
+    bank1 = other.predict(x, num_banks=1)
+    assert not torch.allclose(bank1["maps"], single["maps"])
+    assert torch.allclose(ens["maps"], (single["maps"] + bank1["maps"]) / 2, atol=1e-6)
+    assert torch.allclose(ens["q"], (single["q"] + bank1["q"]) / 2, atol=1e-6)
+    assert torch.allclose(model.predict(x, num_banks=1)["maps"], single["maps"])
+    # a checkpoint carries every bank; a fresh model grows them on load, and loses them for a one-bank one
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    fresh = MAPLModel(build_encoder("tf_efficientnet_lite0", pretrained=False), memory_backend="torch").eval()
+    fresh.refresh_memory(torch.zeros(1, 3, 64, 64))
+    fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    assert len(fresh.banks) == 2
+    assert torch.allclose(fresh.predict(x)["maps"], ens["maps"], atol=1e-6)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("extra_memory.")}
+    fresh.load_state_dict(sd)
+    assert len(fresh.banks) == 1
+    assert torch.allclose(fresh.predict(x)["maps"], single["maps"], atol=1e-6)

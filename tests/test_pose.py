@@ -163,7 +163,8 @@ def test_screw_preset_is_applied_under_the_users_settings(tmp_path):
         return resolve_config(build_parser().parse_args(["train", "--data", "d", *argv]))
 
     c = cfg("--category", "screw")
-    assert (c.data.align, c.train.augment, c.eval.tta, c.model.memory_rotations) == ("principal_axis", "none", "none", 1)
+    assert (c.data.align, c.train.augment, c.eval.tta, c.model.memory_rotations, c.model.memory_banks) == (
+        "principal_axis", "none", "none", 1, 10)
     c = cfg("--category", "screw", "--set", "train.augment=rot90")
     assert c.train.augment == "rot90" and c.data.align == "principal_axis"  # a flag wins over the preset
     yml = tmp_path / "c.yaml"

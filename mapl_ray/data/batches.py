@@ -23,12 +23,15 @@ class TrainData:
     """Decoded training images (uint8 ``(N, H, W, 3)``) of one run.
 
     ``normals``: labeled normals used for training (validation normals excluded);
-    ``memory_indices``: rows of ``normals`` that form the memory bank; ``unlabeled``: the unlabeled
+    ``memory_indices``: rows of ``normals`` that form the memory bank the network trains with;
+    ``extra_memory_indices``: rows of the further banks of the memory-bank ensemble (used at
+    inference only, ``model.memory_banks - 1`` of them at most); ``unlabeled``: the unlabeled
     pool or None; ``anomalies`` / ``anomaly_masks`` (uint8 ``(K, H, W)`` in {0, 1}): labeled anomalies.
     """
 
     normals: np.ndarray
     memory_indices: np.ndarray
+    extra_memory_indices: list[np.ndarray] = field(default_factory=list)
     unlabeled: np.ndarray | None = None
     anomalies: np.ndarray | None = None
     anomaly_masks: np.ndarray | None = None

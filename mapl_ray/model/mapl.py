@@ -134,6 +134,12 @@ class MAPLModel(nn.Module):
     The memory bank must be filled first (:meth:`refresh_memory`). With a frozen encoder
     (``freeze_encoder=True``) the encoder runs in eval mode without gradients, so the bank stays
     consistent with it; with a trainable encoder, call :meth:`refresh_memory` on a schedule.
+
+    Memory-bank ensemble: ``memory`` (bank 0) is the bank the network trains with; ``extra_memory``
+    holds further banks of other normal images, filled with ``refresh_memory(images, bank=i)``.
+    :meth:`predict` averages the anomaly maps and head probabilities over all banks, so the result
+    depends less on which normal images happen to form the memory bank (on screw, the choice of the
+    30 images moved image AUROC as much as the training seed; bench/results/design_sweep_screw.json).
     """
 
     def __init__(self, encoder: Encoder, freeze_encoder: bool = True, memory_backend: str = "auto",
@@ -148,6 +154,8 @@ class MAPLModel(nn.Module):
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
         self.memory = MemoryBank(memory_backend)
+        self.memory_backend = memory_backend
+        self.extra_memory = nn.ModuleList()  # banks 1.. of the memory-bank ensemble (inference only)
         c = encoder.channels
         msff_out = [c[1], c[2], c[3]]
         self.msff = MSFF([2 * c[1], 2 * c[2], 2 * c[3]], msff_out, coordinate_attention)
@@ -179,12 +187,25 @@ class MAPLModel(nn.Module):
                 return self.encoder(images)
         return self.encoder(images)
 
-    @torch.no_grad()
-    def refresh_memory(self, images: torch.Tensor, batch_size: int = 16) -> None:
-        """Recompute the memory bank from ``images`` ``(N, 3, H, W)`` float in [0, 1] with the current encoder.
+    @property
+    def banks(self) -> list[MemoryBank]:
+        """All memory banks: ``[memory, *extra_memory]`` (bank 0 is the one training uses)."""
+        return [self.memory, *self.extra_memory]
 
-        Runs the encoder in eval mode (BatchNorm running statistics) and restores the training mode.
+    @torch.no_grad()
+    def refresh_memory(self, images: torch.Tensor, batch_size: int = 16, bank: int = 0) -> None:
+        """Recompute memory bank ``bank`` from ``images`` ``(N, 3, H, W)`` float in [0, 1] with the current encoder.
+
+        ``bank`` 0 is the training bank; ``bank == len(banks)`` appends a new ensemble bank. Runs the
+        encoder in eval mode (BatchNorm running statistics) and restores the training mode.
+
+        Raises:
+            IndexError: ``bank`` would leave a gap (greater than the number of banks).
         """
+        if bank > len(self.extra_memory) + 1 or bank < 0:
+            raise IndexError(f"memory bank {bank} cannot be filled: the model has {len(self.banks)} banks")
+        if bank == len(self.extra_memory) + 1:
+            self.extra_memory.append(MemoryBank(self.memory_backend).to(self.memory.version.device))
         was_training = self.encoder.training
         self.encoder.eval()
         feats = [[] for _ in range(3)]
@@ -193,18 +214,54 @@ class MAPLModel(nn.Module):
             for lvl in range(3):
                 feats[lvl].append(f[lvl + 1].float())
         self.encoder.train(was_training and not self.freeze_encoder)
-        self.memory.set([torch.cat(x) for x in feats])
+        self.banks[bank].set([torch.cat(x) for x in feats])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # ensemble banks exist only in checkpoints that hold them: create as many as the checkpoint has
+        # (a checkpoint from before the ensemble loads with none) before the children load their buffers
+        n = 0
+        while f"{prefix}extra_memory.{n}.version" in state_dict:
+            n += 1
+        while len(self.extra_memory) < n:
+            self.extra_memory.append(MemoryBank(self.memory_backend).to(self.memory.version.device))
+        del self.extra_memory[n:]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _heads(self, feats: list[torch.Tensor], bank: MemoryBank, out_size) -> dict[str, torch.Tensor]:
+        levels = feats[1:4]
+        di, nearest = bank.difference(levels)
+        di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(levels, di)]  # eq. 8
+        attention = spatial_attention([d.detach() if self.freeze_encoder else d for d in di], bank.di_scale)
+        fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in attention])
+        logits = self.decoder(fused, feats[0], out_size)
+        q = self.head([f.detach() for f in fused] if self.head_detach else fused)
+        return {"logits": logits, "q": q, "nearest": nearest, "di": di}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encode(images)
-        levels = feats[1:4]
-        di, nearest = self.memory.difference(levels)
-        di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(levels, di)]  # eq. 8
-        attention = spatial_attention([d.detach() if self.freeze_encoder else d for d in di], self.memory.di_scale)
-        fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in attention])
-        logits = self.decoder(fused, feats[0], images.shape[2:])
-        q = self.head([f.detach() for f in fused] if self.head_detach else fused)
-        return {"logits": logits, "q": q, "nearest": nearest, "pooled": self._pool(levels, di)}
+        out = self._heads(feats, self.memory, images.shape[2:])
+        return {"logits": out["logits"], "q": out["q"], "nearest": out["nearest"], "pooled": self._pool(feats[1:4], out["di"])}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, num_banks: int | None = None) -> dict[str, torch.Tensor]:
+        """Anomaly probabilities averaged over the memory-bank ensemble (the encoder runs once).
+
+        Args:
+            images: float32 ``(B, 3, H, W)`` in [0, 1].
+            num_banks: use the first this many banks (default: all).
+
+        Returns:
+            ``"maps"`` float32 ``(B, H, W)`` in [0, 1] (mean of the per-bank sigmoid maps) and ``"q"``
+            float32 ``(B,)`` (mean of the per-bank head probabilities).
+        """
+        feats = self.encode(images)
+        banks = self.banks[: num_banks or None]
+        maps = q = 0.0
+        for bank in banks:
+            out = self._heads(feats, bank, images.shape[2:])
+            maps = maps + torch.sigmoid(out["logits"].float())[:, 0]
+            q = q + torch.sigmoid(out["q"].float())
+        return {"maps": maps / len(banks), "q": q / len(banks)}
 
     @staticmethod
     def _pool(levels: list[torch.Tensor], di: list[torch.Tensor]) -> torch.Tensor:

@@ -245,3 +245,29 @@ def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
         warnings.warn(f"model.memory_samples={n} > {num_normals} labeled normals; using all of them", stacklevel=2)
     rng = np.random.default_rng([seed, 7])
     return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))
+
+
+def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list[np.ndarray]:
+    """Rows of the normal images for a memory-bank ensemble: bank 0 as :func:`choose_memory_indices`
+    (so the training bank does not depend on ``banks``), then further banks of ``n`` images each,
+    disjoint from each other and from bank 0, seeded.
+
+    Only as many further banks as the remaining normals fill completely are made (a bank of other
+    images than the rest would weigh differently in the average); a warning says when there are fewer
+    than ``banks``.
+
+    Returns:
+        list of sorted int64 arrays, the first of ``min(n, num_normals)`` rows, the others of ``n``.
+
+    Raises:
+        ValueError: no normal images, or ``banks`` < 1.
+    """
+    if banks < 1:
+        raise ValueError(f"model.memory_banks must be >= 1, got {banks}")
+    first = choose_memory_indices(num_normals, n, seed)
+    rest = np.random.default_rng([seed, 8]).permutation(np.setdiff1d(np.arange(num_normals), first))
+    extra = min(banks - 1, len(rest) // n)
+    if extra < banks - 1:
+        warnings.warn(f"model.memory_banks={banks} needs {banks * n} training normals for banks of "
+                      f"model.memory_samples={n}; {num_normals} give {extra + 1} bank(s)", stacklevel=2)
+    return [first, *(np.sort(rest[i * n:(i + 1) * n]) for i in range(extra))]

@@ -92,7 +92,8 @@ class AnomalyDetector:
         cfg = self.pred.cfg
         return {"status": "ok", "run": self.run_dir, "category": cfg.data.category, "encoder": cfg.model.encoder,
                 "image_size": self.pred.image_size, "threshold": self.pred.threshold, "device": str(self.pred.device),
-                "memory_backend": self.pred.model.memory.backend, "cuda_graphs": self.pred.cuda_graphs}
+                "memory_backend": self.pred.model.memory.backend,
+                "memory_banks": len(self.pred.model.banks), "cuda_graphs": self.pred.cuda_graphs}
 
 
 def build_app(run_dir: str | Path, num_replicas: int = 1, gpus_per_replica: float | None = None,

@@ -23,7 +23,7 @@ from ..data.io import image_size, load_records
 from ..data.layout import LayoutError, scan_category, scan_folder
 from ..data.split import Split, make_split
 from ..model.encoder import WeightsError, build_encoder
-from ..model.memory import choose_memory_indices
+from ..model.memory import choose_memory_banks
 from ..data.batches import TrainData
 from ..training import build_pose_estimator, build_simulator
 
@@ -139,9 +139,11 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, d
     if split.labeled_anomaly:
         anom = load_records(split.labeled_anomaly, size, skip_bad=skip, with_masks=True, align=align)
         skipped += anom.skipped
+    banks = choose_memory_banks(len(train_normals), cfg.model.memory_samples, cfg.model.memory_banks, cfg.data.seed)
     data = TrainData(
         normals=train_normals,
-        memory_indices=choose_memory_indices(len(train_normals), cfg.model.memory_samples, cfg.data.seed),
+        memory_indices=banks[0],
+        extra_memory_indices=banks[1:],
         unlabeled=None if unl is None else unl.images,
         anomalies=None if anom is None else anom.images,
         anomaly_masks=None if anom is None else anom.masks,
@@ -152,6 +154,8 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, d
         "unlabeled": 0 if unl is None else int(len(unl.images)),
         "labeled_anomalies": 0 if anom is None else int(len(anom.images)),
         "memory_samples": int(len(data.memory_indices)),
+        # the normal images of each memory bank (bank 0 trains the network; all are averaged at inference)
+        "memory_banks": [[normals.records[keep[i]].path for i in idx] for idx in banks],
         "skipped_images": skipped,
     }
     if align is not None:  # images kept as they were because no object was found in them
