@@ -10,6 +10,8 @@ One call on the GPU machine measures, side by side:
     and bf16 with the test image AUROC of each (anomaly simulation in loader processes);
   * inference images/s at batch 1, 32, 256 (fp32 and bf16, eager and CUDA graphs) through the
     run's ``Predictor``, and single-image latency;
+  * the memory-bank ensemble (the category's preset, screw: 10 banks): a full run and inference
+    images/s with 1, 5 and 10 banks;
   * peak GPU memory of each configuration.
 Writes ``--out`` (default ``bench/results/gpu.json``).
 
@@ -168,6 +170,30 @@ def bench_infer(run_dir: Path, device: torch.device) -> dict:
     return res
 
 
+def bench_infer_banks(run_dir: Path, device: torch.device) -> dict:
+    """Inference cost of the memory-bank ensemble: the run's ``Predictor`` (bf16, CUDA graphs, its own
+    test-time augmentation) with its first 1, 5 and all banks, batch 1 / 32 / 256."""
+    from mapl_ray.inference import Predictor
+
+    res = {}
+    n = len(Predictor(run_dir, device="cpu").model.banks)
+    for k in sorted({1, min(5, n), n}):
+        pred = Predictor(run_dir, device=device, amp="bf16", memory_banks=k)
+        for batch in (1, 32, 256):
+            x = torch.rand(batch, 3, 256, 256, device=device)
+
+            def step(pred=pred, x=x):
+                return pred.predict_tensor(x)["scores"]
+
+            t = cuda_time(step, warmup=5, iters=20)
+            res[f"banks{k}_b{batch}"] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 3),
+                                         "peak_gpu_mem_mb": round(peak_mb(step), 1), "cuda_graphs": pred.cuda_graphs}
+            print(f"banks{k}_b{batch}", res[f"banks{k}_b{batch}"], flush=True)
+        del pred
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return res
+
+
 def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0, tag: str = "") -> dict:
     from mapl_ray.evaluate import calibrate, evaluate_run
     from mapl_ray.pipelines.train import absolute_paths, load_train_data, prepare_run
@@ -208,7 +234,7 @@ def main() -> None:
     p.add_argument("--weights")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     p.add_argument("--runs", default="/tmp/mapl_gpu_runs")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: memory,train,infer,full")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: memory,train,infer,full,banks")
     p.add_argument("--seeds", default="0", help="training seeds of the full bf16 / fp32 runs (comma list)")
     p.add_argument("--eager", action="store_true",
                    help="also run the first seed's full bf16 run with train.cuda_graphs=false (side by side)")
@@ -280,6 +306,15 @@ def main() -> None:
         result["infer_images_per_s"] = {k: v["images_per_s"] for k, v in result["infer"].items() if "images_per_s" in v}
         save()
         print("infer", json.dumps(result["infer_images_per_s"]), flush=True)
+    if "banks" not in skip and args.data:
+        # the screw preset (pose normalisation, one view, 10 memory banks): training and inference cost
+        from mapl_ray.config import CATEGORY_PRESETS
+
+        c = cfg.override(CATEGORY_PRESETS.get(args.category, {"model.memory_banks": 10}))
+        result["memory_bank_ensemble"] = {"preset": CATEGORY_PRESETS.get(args.category), "command": result["command"],
+                                          "full_run": full_run(c, device.type, runs, "bf16", tag="_banks"),
+                                          "infer": bench_infer_banks(runs / "full_bf16_banks", device)}
+        save()
     result["peak_gpu_mem_mb"] = {**{f"train_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("train", {}).items()},
                                  **{f"infer_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("infer", {}).items() if "peak_gpu_mem_mb" in v},
                                  **{f"full_run_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("full_run", {}).items()}}
