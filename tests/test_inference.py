@@ -84,6 +84,8 @@ def test_memory_bank_ensemble_holds_the_listed_normals_and_averages_their_maps(t
     assert [len(b) for b in banks] == [4, 4]  # tiny_config: model.memory_banks=2 of 4 samples
     assert not set(banks[0]) & set(banks[1])
     assert not set(banks[0] + banks[1]) & set(info["validation_normals"])
+    # the report gets the count, not 8 paths in one table cell
+    assert json.loads((trained_run / "metrics.json").read_text())["run"]["data"]["memory_banks"] == "2 bank(s) of 4 images"
     pred = Predictor(trained_run, device="cpu", tta="none")
     assert len(pred.model.banks) == 2
     # bank 1 holds the encoder features of its listed images (each at memory_rotations=2 orientations)

@@ -9,13 +9,14 @@ difference information is ``DI_l = (f_l - m_l)^2`` and DI* concatenates it with 
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 import numpy as np
 import torch
 from torch import nn
 
 BACKENDS = ("auto", "faiss", "torch")
+log = logging.getLogger("mapl_ray.model")
 
 
 def faiss_available() -> tuple[bool, int]:
@@ -242,7 +243,7 @@ def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
     if num_normals < 1:
         raise ValueError("memory bank needs at least one labeled normal image")
     if n > num_normals:
-        warnings.warn(f"model.memory_samples={n} > {num_normals} labeled normals; using all of them", stacklevel=2)
+        log.warning("model.memory_samples=%d > %d labeled normals; using all of them", n, num_normals)
     rng = np.random.default_rng([seed, 7])
     return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))
 
@@ -252,9 +253,8 @@ def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list
     (so the training bank does not depend on ``banks``), then further banks of ``n`` images each,
     disjoint from each other and from bank 0, seeded.
 
-    Only as many further banks as the remaining normals fill completely are made (a bank of other
-    images than the rest would weigh differently in the average); a warning says when there are fewer
-    than ``banks``.
+    Only as many further banks as the remaining normals fill completely are made (a smaller bank
+    would weigh differently in the average); a logged warning says when there are fewer than ``banks``.
 
     Returns:
         list of sorted int64 arrays, the first of ``min(n, num_normals)`` rows, the others of ``n``.
@@ -268,6 +268,6 @@ def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list
     rest = np.random.default_rng([seed, 8]).permutation(np.setdiff1d(np.arange(num_normals), first))
     extra = min(banks - 1, len(rest) // n)
     if extra < banks - 1:
-        warnings.warn(f"model.memory_banks={banks} needs {banks * n} training normals for banks of "
-                      f"model.memory_samples={n}; {num_normals} give {extra + 1} bank(s)", stacklevel=2)
+        log.warning("model.memory_banks=%d needs %d training normals for banks of model.memory_samples=%d; "
+                    "%d give %d bank(s), used as such (data_info.json lists them)", banks, banks * n, n, num_normals, extra + 1)
     return [first, *(np.sort(rest[i * n:(i + 1) * n]) for i in range(extra))]

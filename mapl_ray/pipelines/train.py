@@ -123,6 +123,15 @@ def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_normals, size=n_val, replace=False)) if n_val else np.zeros(0, np.int64)
 
 
+def data_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """``data_info.json`` for the report: image lists become counts (data_info.json keeps the paths)."""
+    out = {k: v for k, v in info.items() if k != "validation_normals"}
+    if "memory_banks" in out:
+        banks = out["memory_banks"]  # all of one size (choose_memory_banks makes only full banks)
+        out["memory_banks"] = f"{len(banks)} bank(s) of {len(banks[0])} images"
+    return out
+
+
 def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, dict[str, Any]]:
     """Decode the training images. Returns (TrainData, validation images uint8 (V, H, W, 3), info)."""
     size, skip = cfg.data.image_size, cfg.data.skip_bad_images
@@ -319,7 +328,7 @@ def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ra
     try:
         training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
         return evaluate_run(run_dir, extra_info={"training": training,
-                                                 "data": {k: v for k, v in data_info.items() if k != "validation_normals"}})
+                                                 "data": data_summary(data_info)})
     except LayoutError as e:
         raise LayoutError(f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
                           f"`mapl evaluate {run_dir}`)") from e
