@@ -1,7 +1,7 @@
 """Rescore trained run folders with a memory-bank ensemble built after the fact (``model.memory_banks``).
 
 For each run: the further banks are drawn from the run's own training normals as ``mapl train`` draws
-them (:func:`mapl_ray.model.choose_memory_banks`, bank 0 = the run's bank), filled with the run's
+them (``load_train_data`` with ``model.memory_banks``; bank 0 is the run's bank), filled with the run's
 encoder, and the test split is scored with the first 1..K banks (the run's own test-time augmentation).
 The trained weights are not changed, so this asks whether a run trained with one bank would gain from
 the ensemble. Large test splits can be subsampled (``--max-test``, seeded) to keep 8-view scoring short.
@@ -28,13 +28,13 @@ def score_run(run: Path, banks: int, max_test: int | None) -> dict:
     from mapl_ray.data.split import Split
     from mapl_ray.eval.metrics import image_auroc
     from mapl_ray.inference import Predictor
-    from mapl_ray.model import choose_memory_banks
     from mapl_ray.pipelines.train import load_train_data
-    from mapl_ray.training import build_pose_estimator, rotated_copies, to_tensor
+    from mapl_ray.training import build_pose_estimator, memory_bank_images, to_tensor
 
     cfg = Config.load_run(run / "config.yaml")
     split = Split.from_json(run / "split.json")
-    data, _, _ = load_train_data(cfg, split)
+    # the banks mapl train would draw with model.memory_banks=banks (bank 0 is the run's own bank either way)
+    data, _, _ = load_train_data(cfg.override({"model.memory_banks": banks}), split)
     test = load_records(split.test, cfg.data.image_size, align=build_pose_estimator(cfg))
     labels = np.array([r.label for r in test.records])
     images = test.images
@@ -44,14 +44,12 @@ def score_run(run: Path, banks: int, max_test: int | None) -> dict:
     pred = Predictor(run, device="cpu")
     if len(pred.model.banks) != 1:
         raise SystemExit(f"bank_ensemble.py: {run} already holds {len(pred.model.banks)} memory banks")
-    chosen = choose_memory_banks(len(data.normals), cfg.model.memory_samples, banks, cfg.data.seed)
-    if not np.array_equal(chosen[0], data.memory_indices):
-        raise SystemExit(f"bank_ensemble.py: {run}: bank 0 does not match the run's memory bank")
-    for i, idx in enumerate(chosen[1:], start=1):
-        pred.model.refresh_memory(to_tensor(rotated_copies(data.normals[idx], cfg.model.memory_rotations), "cpu"), bank=i)
+    bank_images = memory_bank_images(cfg, data)
+    for i, imgs in enumerate(bank_images[1:], start=1):
+        pred.model.refresh_memory(to_tensor(imgs, "cpu"), bank=i)
     out = {"test_images": int(len(labels)), "test_anomalous": int(labels.sum()), "eval_tta": cfg.eval.tta,
            "memory_rotations": cfg.model.memory_rotations, "image_auroc_by_banks": {}, "eval_s_by_banks": {}}
-    for k in range(1, len(chosen) + 1):
+    for k in range(1, len(bank_images) + 1):
         pred.memory_banks = k
         t0 = time.perf_counter()
         scores = pred.predict_arrays(images)["scores"]

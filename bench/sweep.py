@@ -86,7 +86,7 @@ def run_variant(args: argparse.Namespace) -> None:
     from brightness_confound import brightness_matched
 
     by_banks = {}
-    n_banks = len(Predictor(run, device="cpu").model.banks)
+    n_banks = 1 + len(data.extra_memory_indices)
     if n_banks > 1:
         matched = brightness_matched(test.images, float(data.normals.mean()))
         for k in range(1, n_banks + 1):

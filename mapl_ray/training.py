@@ -82,6 +82,14 @@ def build_pose_estimator(cfg: Config) -> PoseEstimator | None:
     return PoseEstimator(fg.threshold, fg.inverse)
 
 
+def memory_bank_images(cfg: Config, data: TrainData) -> list[np.ndarray]:
+    """The images of each memory bank, uint8 ``(N * model.memory_rotations, H, W, 3)`` per bank: bank 0
+    (``data.memory_indices``, the one training searches), then the ensemble's further banks
+    (``data.extra_memory_indices``), filled with bank 0 and used at inference only."""
+    return [rotated_copies(data.normals[idx], cfg.model.memory_rotations)
+            for idx in (data.memory_indices, *data.extra_memory_indices)]
+
+
 def build_model(cfg: Config) -> MAPLModel:
     """The MAPL network as configured (encoder weights from local files only)."""
     m = cfg.model
@@ -453,10 +461,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     model = build_model(cfg).to(device)
     sim = build_simulator(cfg)
     bm = BatchMaker(cfg, data, sim, rank, world_size)
-    memory_images = rotated_copies(data.normals[data.memory_indices], cfg.model.memory_rotations)
-    # banks 1.. of the memory-bank ensemble: filled with bank 0, never searched during training
-    bank_images = [memory_images] + [rotated_copies(data.normals[idx], cfg.model.memory_rotations)
-                                     for idx in data.extra_memory_indices]
+    bank_images = memory_bank_images(cfg, data)
 
     def refresh_banks(core: MAPLModel) -> None:
         for i, imgs in enumerate(bank_images):
@@ -478,7 +483,7 @@ def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch
     ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
     if resume:
         state = read_state(run_dir)
-        model.refresh_memory(to_tensor(memory_images[:1], device))  # creates bank buffers of the right shapes
+        model.refresh_memory(to_tensor(bank_images[0][:1], device))  # creates bank buffers of the right shapes
         load_model_weights(run_dir, model)
         start_step = int(state["step"])
         same_length = int(state.get("total_steps", t.steps)) == t.steps

@@ -154,7 +154,6 @@ class MAPLModel(nn.Module):
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
         self.memory = MemoryBank(memory_backend)
-        self.memory_backend = memory_backend
         self.extra_memory = nn.ModuleList()  # banks 1.. of the memory-bank ensemble (inference only)
         c = encoder.channels
         msff_out = [c[1], c[2], c[3]]
@@ -205,7 +204,7 @@ class MAPLModel(nn.Module):
         if bank > len(self.extra_memory) + 1 or bank < 0:
             raise IndexError(f"memory bank {bank} cannot be filled: the model has {len(self.banks)} banks")
         if bank == len(self.extra_memory) + 1:
-            self.extra_memory.append(MemoryBank(self.memory_backend).to(self.memory.version.device))
+            self.extra_memory.append(MemoryBank(self.memory.requested_backend).to(self.memory.version.device))
         was_training = self.encoder.training
         self.encoder.eval()
         feats = [[] for _ in range(3)]
@@ -223,7 +222,7 @@ class MAPLModel(nn.Module):
         while f"{prefix}extra_memory.{n}.version" in state_dict:
             n += 1
         while len(self.extra_memory) < n:
-            self.extra_memory.append(MemoryBank(self.memory_backend).to(self.memory.version.device))
+            self.extra_memory.append(MemoryBank(self.memory.requested_backend).to(self.memory.version.device))
         del self.extra_memory[n:]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
