@@ -25,11 +25,12 @@ import torch
 def score_run(run: Path, banks: int, max_test: int | None) -> dict:
     from mapl_ray.config import Config
     from mapl_ray.data.io import load_records
+    from mapl_ray.data.pose import build_pose_estimator
     from mapl_ray.data.split import Split
+    from mapl_ray.data.train_data import load_train_data, memory_bank_images
     from mapl_ray.eval.metrics import image_auroc
     from mapl_ray.inference import Predictor
-    from mapl_ray.pipelines.train import load_train_data
-    from mapl_ray.training import build_pose_estimator, memory_bank_images, to_tensor
+    from mapl_ray.tensors import to_tensor
 
     cfg = Config.load_run(run / "config.yaml")
     split = Split.from_json(run / "split.json")

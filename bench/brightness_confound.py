@@ -39,7 +39,7 @@ def main() -> None:
         import sys
 
         out["runs_command"] = "python bench/brightness_confound.py " + " ".join(sys.argv[1:])
-    from mapl_ray.checkpoint import CheckpointError, require_run_folder
+    from mapl_ray.runfolder import CheckpointError, require_run_folder
 
     try:
         runs = [require_run_folder(r) for r in args.runs]  # every folder checked before any scoring
@@ -74,11 +74,11 @@ def score_run(run: Path) -> dict:
     """Image AUROC of a run on its test split as is and brightness-matched (the run's own scoring, TTA included)."""
     from scipy.stats import spearmanr
 
-    from mapl_ray.checkpoint import read_state
     from mapl_ray.config import Config
+    from mapl_ray.data.pose import build_pose_estimator
     from mapl_ray.data.split import Split
     from mapl_ray.inference import Predictor
-    from mapl_ray.training import build_pose_estimator
+    from mapl_ray.runfolder import read_state
 
     cfg = Config.load_run(run / "config.yaml")
     split = Split.from_json(run / "split.json")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mapl_ray.config import Config
-from mapl_ray.pipelines.train import run_train_job
+from mapl_ray.main_job import run_train_job
 
 
 def main() -> None:

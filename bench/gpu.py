@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from mapl_ray.config import Config
+from mapl_ray.model import build_model
+from mapl_ray.model.losses import compute_losses
 from mapl_ray.model.memory import MemoryBank, faiss_available
-from mapl_ray.training import build_model, compute_losses
 
 
 def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -195,13 +196,14 @@ def bench_infer_banks(run_dir: Path, device: torch.device) -> dict:
 
 
 def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0, tag: str = "") -> dict:
-    from mapl_ray.evaluate import calibrate, evaluate_run
-    from mapl_ray.pipelines.train import absolute_paths, load_train_data, prepare_run
-    from mapl_ray.training import train_model
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.engine.loop import train_model
+    from mapl_ray.eval.evaluate import calibrate, evaluate_run
+    from mapl_ray.main_job import absolute_paths, prepare_run
 
     c = absolute_paths(cfg.override({"train.amp": amp, "train.seed": seed}))
     run = out_dir / (f"full_{amp}" + (f"_s{seed}" if seed else "") + tag)
-    split, _ = prepare_run(c, run)
+    split = prepare_run(c, run)
     data, val, _ = load_train_data(c, split)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -308,10 +310,10 @@ def main() -> None:
         print("infer", json.dumps(result["infer_images_per_s"]), flush=True)
     if "banks" not in skip and args.data:
         # the screw preset (pose normalisation, one view, 10 memory banks): training and inference cost
-        from mapl_ray.config import CATEGORY_PRESETS
+        from mapl_ray.presets import category_preset
 
-        c = cfg.override(CATEGORY_PRESETS.get(args.category, {"model.memory_banks": 10}))
-        result["memory_bank_ensemble"] = {"preset": CATEGORY_PRESETS.get(args.category), "command": result["command"],
+        c = cfg.override(category_preset(args.category) or {"model.memory_banks": 10})
+        result["memory_bank_ensemble"] = {"preset": category_preset(args.category), "command": result["command"],
                                           "full_run": full_run(c, device.type, runs, "bf16", tag="_banks"),
                                           "infer": bench_infer_banks(runs / "full_bf16_banks", device)}
         save()

@@ -94,7 +94,7 @@ def repack_wheels(src: Path, dst: Path) -> None:
                     continue
                 data = zi.read(info)
                 if info.filename.endswith(".dist-info/RECORD"):
-                    data = "".join(l + "\n" for l in data.decode().splitlines() if not _drop(l.split(",")[0])).encode()
+                    data = "".join(row + "\n" for row in data.decode().splitlines() if not _drop(row.split(",")[0])).encode()
                 info.compress_type = zipfile.ZIP_LZMA
                 zo.writestr(info, data)
 

@@ -118,7 +118,7 @@ def main() -> None:
     results["settings"] = "paper defaults: 500 steps, batch 4 normal + 4 simulated, 256x256, AdamW lr 0.003, " \
                           "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU; " \
                           "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation), except where the " \
-                          "category preset (mapl_ray.config.CATEGORY_PRESETS) changes them: screw is pose-normalised " \
+                          "category preset (mapl_ray.presets.CATEGORY_PRESETS) changes them: screw is pose-normalised " \
                           "(data.align=principal_axis) with train.augment=none, eval.tta=none, model.memory_rotations=1 and a " \
                           "memory-bank ensemble (model.memory_banks=10); " \
                           "each category's 'config' lists what its run used"

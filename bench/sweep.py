@@ -3,7 +3,7 @@
 Used to choose the defaults (encoder, freezing, image score); every variant runs the same training
 code as ``mapl train`` (without Ray, one process per variant) and the same evaluation. Variants start
 from the plain defaults, without the category preset that ``mapl train`` applies
-(``mapl_ray.config.CATEGORY_PRESETS``): name its fields in a variant to get it.
+(``mapl_ray.presets.CATEGORY_PRESETS``): name its fields in a variant to get it.
 
     python bench/sweep.py --data ROOT --category screw --textures DIR --out OUT \
         --variant base= --variant lite2=model.encoder=tf_efficientnet_lite2 ...
@@ -28,23 +28,25 @@ from pathlib import Path
 def run_variant(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
+    from scipy.stats import spearmanr
 
     from mapl_ray.config import Config
     from mapl_ray.data.io import load_records
+    from mapl_ray.data.pose import build_pose_estimator
     from mapl_ray.data.split import Split
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.engine.loop import train_model
+    from mapl_ray.eval.evaluate import calibrate, evaluate_run, score_test_split
     from mapl_ray.eval.metrics import compute_metrics, image_auroc, topk_mean
-    from mapl_ray.evaluate import calibrate, evaluate_run, score_test_split
     from mapl_ray.inference import Predictor
-    from mapl_ray.pipelines.train import load_train_data, prepare_run
-    from mapl_ray.training import build_pose_estimator, train_model
-    from scipy.stats import spearmanr
+    from mapl_ray.main_job import prepare_run
 
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     cfg = Config().override({"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
                              "train.use_gpu": torch.cuda.is_available(), **overrides})
     run = Path(args.run)
-    split, _ = prepare_run(cfg, run)
+    split = prepare_run(cfg, run)
     data, val, _ = load_train_data(cfg, split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True,

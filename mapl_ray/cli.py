@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, category_preset, config_file_keys
+from .config import Config, ConfigError, config_file_keys
+from .presets import category_preset
 
 # CLI flag -> configuration field (the YAML holds every hyperparameter; flags override it)
 FLAG_FIELDS = {
@@ -33,10 +34,10 @@ FLAG_FIELDS = {
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
     from .data.layout import LayoutError
     from .model.encoder import WeightsError
-    from .pipelines.train import RunFolderError, TrainingFailed
+    from .pipelines.ray_train import TrainingFailed
+    from .runfolder import CheckpointError, RunFolderError
 
     return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, TrainingFailed, FileNotFoundError)
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=["auto", "off", "bf16"])
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
     t.add_argument("--no-category-preset", dest="category_preset", action="store_false",
-                   help="ignore the category's preset defaults (mapl_ray.config.CATEGORY_PRESETS, e.g. screw's pose "
+                   help="ignore the category's preset defaults (mapl_ray.presets.CATEGORY_PRESETS, e.g. screw's pose "
                         "normalisation data.align=principal_axis); precedence: preset < --config file < flags and --set")
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Config from (the resumed run's config.yaml | category preset + --config | defaults) + flags + --set
-    overrides. The category preset (:data:`~mapl_ray.config.CATEGORY_PRESETS`) fills only the fields that
+    overrides. The category preset (:data:`~mapl_ray.presets.CATEGORY_PRESETS`) fills only the fields that
     neither the file nor a flag sets."""
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN (the run folder to continue)")
-        from .checkpoint import require_run_folder
+        from .runfolder import load_run_config
 
-        cfg = Config.load_run(require_run_folder(args.out) / "config.yaml")
+        cfg = load_run_config(args.out)
     else:
         cfg = Config.load(args.config) if args.config else Config()
         file_keys = config_file_keys(args.config) if args.config else set()
@@ -146,7 +147,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipelines.train import run_train_job
+    from .main_job import run_train_job
 
     cfg = resolve_config(args)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -160,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from .eval.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run, device=args.device)
     print(json.dumps(metrics["overall"]))
@@ -222,9 +223,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from .checkpoint import require_run_folder
     from .pipelines.ray_env import init_ray
     from .pipelines.serve import build_app
+    from .runfolder import require_run_folder
 
     run = require_run_folder(args.run)
     init_ray()  # RAY_ADDRESS points this at a running cluster

@@ -16,7 +16,6 @@ from typing import Any, get_type_hints
 
 import yaml
 
-
 # train.augment and eval.tta: no transform, horizontal flips, or flips and 90-degree rotations (D4)
 ORIENTATION_MODES = ("none", "flip", "rot90")
 
@@ -41,9 +40,8 @@ class DataConfig:
     skip_bad_images: bool = False
     require_masks: bool = True  # False: image-label-only data (defect images without masks)
     seed: int = 0
-    # none | principal_axis: turn each image, when decoded, so its object (found with the simulation's
-    # foreground threshold) lies centred and horizontal, wider end left (mapl_ray.data.pose). For parts
-    # photographed at any angle (screw); pair with train.augment=none, eval.tta=none, model.memory_rotations=1.
+    # none | principal_axis: turn each image when decoded so its object lies centred and horizontal
+    # (mapl_ray.data.pose); pair with train.augment=none, eval.tta=none, model.memory_rotations=1
     align: str = "none"
 
 
@@ -78,8 +76,8 @@ class ModelConfig:
     coordinate_attention: bool = False  # MSFF option, off by default (MAPL)
     decoder_channels: tuple[int, ...] = (96, 64, 48, 32)  # stride 16, 8, 4, 2
     head_hidden: int = 64
-    normalize_intensity: bool = False  # per-image intensity standardisation before the encoder (hurt screw AUROC in the sweep)
-    head_detach: bool = True  # BCE terms train the image head only; through the trunk they destabilised the maps
+    normalize_intensity: bool = False  # per-image intensity standardisation before the encoder
+    head_detach: bool = True  # True: the BCE terms (L_Yl, L_Yu) train the image head only, not the maps
 
 
 @dataclass
@@ -89,6 +87,9 @@ class PseudoConfig:
     n_components: int = 1
     covariance_type: str = "full"
     pca_dim: int | None = 32
+    reg_covar: float = 1e-3  # GMM covariance floor on standardised features (scikit-learn reg_covar)
+    num_quantiles: int = 99  # candidate thresholds of partial matching (quantiles of the unlabeled scores)
+    min_fraction: float = 0.05  # least share of the unlabeled set on the matched side of a threshold
     refit_every: int = 100  # steps between pseudo-labeler refits
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
@@ -118,9 +119,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     memory_refresh_every: int = 100  # steps; only matters when the encoder trains
     ema_decay: float = 0.0  # > 0: evaluate / save an exponential moving average of the weights
-    # none | flip | rot90 (flips + 90-degree rotations of training images). rot90 with eval.tta=rot90 raised
-    # screw image AUROC from 0.88 +- 0.03 to 0.94 +- 0.01 (bench/results/design_sweep_screw.json, sweep8)
-    augment: str = "rot90"
+    augment: str = "rot90"  # none | flip | rot90 (flips and 90-degree rotations of training images)
     color_jitter: float = 0.0  # max relative brightness / contrast change of training images (0: off)
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
@@ -130,14 +129,11 @@ class TrainConfig:
     amp: str = "auto"  # auto | off | bf16
     channels_last: bool = True
     compile: bool = False
-    # record the training step (forward, losses, backward, AdamW step) once as a CUDA graph and replay it:
-    # one GPU, torch memory search, no torch.compile; eager elsewhere. The eager step was host-bound on the H200.
+    # replay the whole step as a CUDA graph (one GPU, torch memory search, no torch.compile; eager elsewhere)
     cuda_graphs: bool = True
     checkpoint_every: int = 100
     log_every: int = 10
-    # steps between ray.train.report calls (0: only the last step). Each call synchronises all workers
-    # with the Train controller (about 2 s measured, Ray 2.60), so it is not made at every log step.
-    report_every: int = 0
+    report_every: int = 0  # steps between ray.train.report calls (0: only the last; each synchronises all workers)
     seed: int = 0
 
 
@@ -147,9 +143,7 @@ class EvalConfig:
     q_weight: float = 0.0  # image score += q_weight * sigmoid(q)
     batch_size: int = 16
     cuda_graphs: bool = True  # replay inference as CUDA graphs on a GPU (torch memory search only)
-    # test-time augmentation: none | flip | rot90 (the 8 flips and 90-degree rotations; maps averaged).
-    # Costs one forward pass per view; pairs with train.augment=rot90.
-    tta: str = "rot90"
+    tta: str = "rot90"  # test-time augmentation: none | flip | rot90 (8 views, maps averaged; one pass per view)
     heatmaps: int = 12  # heatmap overlays written to the report
     threshold_quantile: float = 0.99  # decision threshold from labeled-normal validation scores
     validation_normals: int = 16  # labeled normals held out of training for normalisation / threshold
@@ -165,7 +159,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check value ranges; returns self.
 
         Raises:
@@ -184,6 +178,13 @@ class Config:
             ("model.memory_banks", self.model.memory_banks >= 1, ">= 1"),
             ("model.memory_backend", self.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),
             ("pseudo.num_occs", self.pseudo.num_occs >= 1, ">= 1"),
+            ("pseudo.n_components", self.pseudo.n_components >= 1, ">= 1"),
+            ("pseudo.covariance_type", self.pseudo.covariance_type in ("full", "tied", "diag", "spherical"),
+             "full, tied, diag or spherical"),
+            ("pseudo.pca_dim", self.pseudo.pca_dim is None or self.pseudo.pca_dim >= 1, ">= 1 or null"),
+            ("pseudo.reg_covar", self.pseudo.reg_covar > 0, "> 0"),
+            ("pseudo.num_quantiles", self.pseudo.num_quantiles >= 1, ">= 1"),
+            ("pseudo.min_fraction", 0 <= self.pseudo.min_fraction < 1, "in [0, 1)"),
             ("pseudo.refit_every", self.pseudo.refit_every >= 1, ">= 1"),
             ("train.steps", self.train.steps >= 1, ">= 1"),
             ("train.lr", self.train.lr > 0, "> 0"),
@@ -226,12 +227,12 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
         """Build a Config from a nested dict; unknown sections/fields raise ConfigError naming them."""
         return _build(cls, data or {}, source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Config":
+    def load(cls, path: str | Path) -> Config:
         """Read a YAML file written by :meth:`save` (or a partial one: missing fields keep defaults).
 
         Raises:
@@ -241,7 +242,7 @@ class Config:
         return cls.from_dict(_read_mapping(p), source=str(p))
 
     @classmethod
-    def load_run(cls, path: str | Path) -> "Config":
+    def load_run(cls, path: str | Path) -> Config:
         """Read a run folder's ``config.yaml``: like :meth:`load`, except that a field the file lacks
         because the run predates it takes the value that reproduces the run (``RUN_FIELDS_ADDED``), not
         today's default: a run calibrated without test-time augmentation keeps scoring without it.
@@ -256,7 +257,7 @@ class Config:
                   if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
 
-    def override(self, dotted: dict[str, Any]) -> "Config":
+    def override(self, dotted: dict[str, Any]) -> Config:
         """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated)."""
         data = self.to_dict()
         for key, value in dotted.items():
@@ -283,20 +284,6 @@ def _read_mapping(p: Path) -> dict[str, Any]:
     return data or {}
 
 
-#: Per-category defaults, applied when a run starts, under the configuration file and the flags (which
-#: win); ``mapl train --no-category-preset`` skips them. ``screw``: the parts lie at any angle, so the
-#: images are pose-normalised (``data.align``), and the rotation augmentation, test-time augmentation and
-#: rotated memory copies that stood in for that are off (with the images aligned they would show the
-#: network poses it never meets, mirrored screws among them). bench/results/design_sweep_screw.json,
-#: sweep12_pose to sweep15_mirrored_margin, compare the two on the H200. With one view and one rotation,
-#: 10 memory banks (all of screw's 304 training normals) cost less than the 8 views x 8 rotations of the
-#: defaults and raised image AUROC from 0.959 to 0.987 (mean of 8 runs; sweep16, sweep18).
-CATEGORY_PRESETS: dict[str, dict[str, Any]] = {
-    "screw": {"data.align": "principal_axis", "train.augment": "none", "eval.tta": "none",
-              "model.memory_rotations": 1, "model.memory_banks": 10},
-}
-
-
 def config_file_keys(path: str | Path) -> set[str]:
     """``{"section.field", ...}`` that the YAML configuration file ``path`` sets.
 
@@ -305,12 +292,6 @@ def config_file_keys(path: str | Path) -> set[str]:
     """
     data = _read_mapping(Path(path))
     return {f"{s}.{f}" for s, fields in data.items() if isinstance(fields, dict) for f in fields}
-
-
-def category_preset(category: str, explicit: set[str] = frozenset()) -> dict[str, Any]:
-    """The :data:`CATEGORY_PRESETS` overrides for ``category`` (``{}`` for one without a preset), less
-    the fields in ``explicit`` (set by the user's file or flags, which win)."""
-    return {k: v for k, v in CATEGORY_PRESETS.get(category, {}).items() if k not in explicit}
 
 
 # Fields added after run folders were first written, with the value that reproduces the older runs.

@@ -1,66 +1,27 @@
-"""Scoring with a trained run: anomaly maps, image scores, decisions (used by evaluate, predict, serve).
+"""Scoring with a trained run folder: :class:`Predictor` loads the network from ``checkpoint/`` and gives
+anomaly maps, image scores and decisions (used by evaluate, predict, score and serve).
 
-Image score (issue 2 / MemSeg practice): mean of the ``top_k`` largest pixels of the anomaly map
-(sigmoid of the decoder logits), plus ``q_weight * sigmoid(q)`` of the image head when configured.
-With ``eval.tta`` the map is the mean over flipped / rotated views of the image, each mapped back
-(test-time augmentation; the default ``rot90`` uses all 8 views). A run with a memory-bank
-ensemble (``model.memory_banks``) averages the maps over its banks (:meth:`MAPLModel.predict`).
-A decision threshold and a z-score normalisation are fitted on held-out labeled normals after
-training (never on test data) and stored in ``checkpoint/state.json``.
+The map and the score are :mod:`mapl_ray.model.anomaly_map`'s (top-k mean of the map, test-time
+augmentation, memory-bank averaging). The decision threshold and the z-score normalisation were
+fitted on held-out labeled normals after training (never on test data) and are read from
+``checkpoint/state.json``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import load_model_weights, read_state, require_run_folder
-from .config import ORIENTATION_MODES, Config
 from .data.io import load_image
-from .data.pose import Pose
-from .eval.metrics import topk_mean
-from .model.memory import resolve_backend
-from .training import autocast_context, build_model, build_pose_estimator, to_tensor
-
-
-def tta_views(mode: str) -> list[tuple[int, bool]]:
-    """Test-time augmentation views as (quarter turns k, horizontal flip) pairs.
-
-    ``none`` -> the identity; ``flip`` -> identity and horizontal flip; ``rot90`` -> the 8 flips and
-    90-degree rotations (the dihedral group D4, the same transforms as ``train.augment=rot90``).
-
-    Raises:
-        ValueError: an unknown mode (names ``eval.tta``).
-    """
-    if mode == "none":
-        return [(0, False)]
-    if mode == "flip":
-        return [(0, False), (0, True)]
-    if mode == "rot90":
-        return [(k, f) for k in range(4) for f in (False, True)]
-    raise ValueError(f"eval.tta must be one of {ORIENTATION_MODES}, got {mode!r}")
-
-
-def apply_view(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """Rotate ``(..., H, W)`` by ``k`` quarter turns, then flip horizontally when ``flip`` (H == W for odd k)."""
-    y = torch.rot90(x, k, dims=(-2, -1)) if k else x
-    return torch.flip(y, dims=(-1,)) if flip else y
-
-
-def invert_view(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """Inverse of :func:`apply_view`: maps computed on a view back onto the original image grid."""
-    y = torch.flip(y, dims=(-1,)) if flip else y
-    return torch.rot90(y, -k, dims=(-2, -1)) if k else y
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from .data.pose import Pose, build_pose_estimator
+from .model import build_model, resolve_backend
+from .model.anomaly_map import anomaly_maps, image_scores, tta_views
+from .runfolder import load_model_weights, load_run_config, read_state
+from .tensors import resolve_device, to_tensor
 
 
 class Predictor:
@@ -90,8 +51,8 @@ class Predictor:
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = "auto", batch_size: int | None = None,
                  cuda_graphs: bool | None = None, amp: str | None = None, tta: str | None = None,
                  memory_banks: int | None = None):
-        self.run_dir = require_run_folder(run_dir)
-        self.cfg = Config.load_run(self.run_dir / "config.yaml")
+        self.run_dir = Path(run_dir)
+        self.cfg = load_run_config(self.run_dir)
         if amp is not None:
             self.cfg = self.cfg.override({"train.amp": amp}).validate()
         if tta is not None:
@@ -142,18 +103,9 @@ class Predictor:
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor, cache: bool = True) -> dict[str, torch.Tensor]:
-        views, b = self.views, x.shape[0]
-        if len(views) > 1:  # all views in one batch: one forward pass (one CUDA graph)
-            x = torch.cat([apply_view(x, k, f) for k, f in views])
-            if self.device.type == "cuda" and self.cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.device, self.cfg.train.amp, cache_enabled=cache):
-            out = self.model.predict(x, self.memory_banks)
-        maps, q = out["maps"], out["q"]
-        if len(views) > 1:
-            maps = torch.stack([invert_view(maps[i * b:(i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
-            q = q.view(len(views), b).mean(0)
-        return {"maps": maps, "q": q, "scores": self.score(maps, q)}
+        out = anomaly_maps(self.model, x, self.views, self.memory_banks, self.cfg.train.amp,
+                           self.cfg.train.channels_last, cache)
+        return {**out, "scores": self.score(out["maps"], out["q"])}
 
     def _replay(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward pass through the CUDA graph captured for ``x.shape`` (captured on first use)."""
@@ -177,7 +129,7 @@ class Predictor:
 
     def score(self, maps: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Image score ``(B,)``: top-k mean of each map plus ``q_weight * q``."""
-        return topk_mean(maps, self.cfg.eval.top_k) + self.cfg.eval.q_weight * q
+        return image_scores(maps, q, self.cfg.eval.top_k, self.cfg.eval.q_weight)
 
     def predict_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Score uint8 images ``(N, H, W, 3)`` (already at the run's image size) in batches.

@@ -82,7 +82,7 @@ def small_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(small_root, tmp_path_factory) -> Path:
     """A run folder trained for a few steps without Ray (shared by predict / evaluate tests)."""
-    from mapl_ray.pipelines.train import run_train_job
+    from mapl_ray.main_job import run_train_job
 
     run = tmp_path_factory.mktemp("runs") / "run"
     run_train_job(tiny_config(small_root), run, use_ray=False, progress=False)

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SCREW, TEXTURES, needs_data
 from PIL import Image
 
-from conftest import SCREW, TEXTURES, needs_data
 from mapl_ray.cli import main
 
 pytestmark = needs_data
@@ -37,6 +37,7 @@ def test_trained_run_folder_contract(trained_run):
     assert "plots/roc.png" in report and "heatmaps/" in report and "(scores.csv)" in report
     # per-image scores: every test image once, highest score first, and they give the reported image AUROC
     import csv
+
     from sklearn.metrics import roc_auc_score
 
     rows = list(csv.DictReader((trained_run / "scores.csv").open()))
@@ -52,11 +53,11 @@ def test_predict_on_real_images(trained_run, capsys, tmp_path):
     good = sorted((SCREW / "test" / "good").glob("*.png"))[5]
     bad = sorted((SCREW / "test" / "thread_top").glob("*.png"))[5]
     assert main(["predict", str(trained_run), str(good), str(bad), "--heatmaps", str(tmp_path / "h")]) == 0
-    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert [l["path"] for l in lines] == [str(good), str(bad)]
-    for l in lines:
-        assert isinstance(l["score"], float) and l["label"] in (0, 1)
-        assert Image.open(l["heatmap"]).size[0] > 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [rec["path"] for rec in lines] == [str(good), str(bad)]
+    for rec in lines:
+        assert isinstance(rec["score"], float) and rec["label"] in (0, 1)
+        assert Image.open(rec["heatmap"]).size[0] > 0
 
 
 def test_evaluate_rewrites_metrics(trained_run, capsys):
@@ -74,7 +75,7 @@ def test_predict_unreadable_image_names_file_and_scores_the_rest(trained_run, tm
     good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
     assert main(["predict", str(trained_run), str(bad), str(good), "--heatmaps", str(tmp_path / "h")]) == 2
     captured = capsys.readouterr()
-    lines = [json.loads(l) for l in captured.out.splitlines()]
+    lines = [json.loads(line) for line in captured.out.splitlines()]
     assert lines[0]["path"] == str(bad) and str(bad) in lines[0]["error"] and "score" not in lines[0]
     assert lines[1]["path"] == str(good) and isinstance(lines[1]["score"], float)
     assert "1 of 2 images could not be read" in captured.err
@@ -86,7 +87,7 @@ def test_predict_heatmaps_of_same_named_images_do_not_collide(trained_run, tmp_p
     assert b.is_file()
     out = tmp_path / "h"
     assert main(["predict", str(trained_run), str(a), str(b), "--heatmaps", str(out)]) == 0
-    heat = [json.loads(l)["heatmap"] for l in capsys.readouterr().out.splitlines()]
+    heat = [json.loads(line)["heatmap"] for line in capsys.readouterr().out.splitlines()]
     assert heat[0] != heat[1] and len(list(out.glob("*.png"))) == 2
     assert main(["predict", str(trained_run), str(a), "--heatmaps", str(out)]) == 0  # the same image: same file again
     assert json.loads(capsys.readouterr().out)["heatmap"] == heat[0] and len(list(out.glob("*.png"))) == 2

@@ -18,9 +18,9 @@ from mapl_ray.eval import (
     pixel_auroc,
     pro_curve,
     threshold_from_normals,
-    topk_mean,
     write_report,
 )
+from mapl_ray.model.anomaly_map import topk_mean
 
 LABELS = np.array([0, 0, 1, 1])
 SCORES = np.array([0.1, 0.4, 0.35, 0.8])

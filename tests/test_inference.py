@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mapl_ray.data.io import load_image
-from mapl_ray.inference import Predictor, apply_view, invert_view, tta_views
+from mapl_ray.inference import Predictor
+from mapl_ray.model.anomaly_map import apply_view, invert_view, tta_views
 
 
 def test_views_invert_exactly_and_are_distinct():
@@ -77,7 +78,8 @@ def test_run_written_before_tta_existed_keeps_scoring_without_it(trained_run, tm
 def test_memory_bank_ensemble_holds_the_listed_normals_and_averages_their_maps(trained_run):
     import json
 
-    from mapl_ray.training import rotated_copies, to_tensor
+    from mapl_ray.data.augment import rotated_copies
+    from mapl_ray.tensors import to_tensor
 
     info = json.loads((trained_run / "data_info.json").read_text())
     banks = info["memory_banks"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_feats
+
 from mapl_ray.config import Config
 from mapl_ray.model import MAPLModel, MemoryBank, WeightsError, build_encoder, focal_loss, spatial_attention
 from mapl_ray.model.encoder import map_state_dict_by_order
+from mapl_ray.model.losses import compute_losses
 from mapl_ray.model.memory import flatten_levels, resolve_backend
-from mapl_ray.training import compute_losses
 
 
 def brute_force_nearest(feats, bank, exclude_self=False):
@@ -100,7 +100,7 @@ def test_memory_bank_matches_current_encoder_after_refresh():
         for p in model.encoder.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model.eval()
-    stale = [l.clone() for l in model.memory.levels()]
+    stale = [lvl.clone() for lvl in model.memory.levels()]
     fresh = model.encoder(images)[1:4]
     assert not torch.allclose(stale[0], fresh[0])
     model.train()
@@ -212,7 +212,7 @@ def test_memory_bank_broadcast_makes_every_rank_search_rank0s_bank(tmp_path):
 
 
 def test_choose_memory_banks_disjoint_and_bank0_unchanged(caplog):
-    from mapl_ray.model import choose_memory_banks, choose_memory_indices
+    from mapl_ray.data.train_data import choose_memory_banks, choose_memory_indices
 
     banks = choose_memory_banks(100, 30, 3, seed=5)
     assert [len(b) for b in banks] == [30, 30, 30]

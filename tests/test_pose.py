@@ -4,19 +4,16 @@ category preset, and an aligned run whose maps come back in the files' own frame
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SCREW, needs_data, tiny_config
 from PIL import Image
 
 from mapl_ray.config import Config, ConfigError
 from mapl_ray.data.io import decode_image, load_image, load_records
 from mapl_ray.data.layout import scan_category
-from mapl_ray.data.pose import PoseEstimator
-from mapl_ray.training import build_pose_estimator
-
-from conftest import SCREW, needs_data, tiny_config
+from mapl_ray.data.pose import PoseEstimator, build_pose_estimator
 
 
 def part_image(angle_deg: float, centre=(110.0, 90.0), size=200) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +176,7 @@ def test_screw_preset_is_applied_under_the_users_settings(tmp_path):
 @needs_data
 def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path):
     from mapl_ray.inference import Predictor
-    from mapl_ray.pipelines.train import run_train_job
+    from mapl_ray.main_job import run_train_job
 
     run = tmp_path / "run"
     run_train_job(tiny_config(small_root, **{"data.align": "principal_axis", "model.memory_rotations": 1,
@@ -215,7 +212,7 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
 
 @needs_data
 def test_align_without_an_object_threshold_stops_before_the_run_folder_is_written(small_root, tmp_path):
-    from mapl_ray.pipelines.train import prepare_run
+    from mapl_ray.main_job import prepare_run
 
     cfg = tiny_config(small_root, **{"data.align": "principal_axis", "simulation.use_foreground_mask": False})
     with pytest.raises(ConfigError, match="foreground_threshold"):
@@ -227,13 +224,14 @@ def test_align_without_an_object_threshold_stops_before_the_run_folder_is_writte
 def test_training_images_without_an_object_are_kept_and_reported(tmp_path, caplog):
     from conftest import copy_small_category
 
-    from mapl_ray.pipelines.train import load_train_data, prepare_run
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
 
     root = copy_small_category(tmp_path / "data")
     blank = root / "screw" / "train" / "good" / "blank.png"
     Image.fromarray(np.full((64, 64), 200, np.uint8)).save(blank)
     cfg = tiny_config(root, **{"data.align": "principal_axis"})
-    split, _ = prepare_run(cfg, tmp_path / "run")
+    split = prepare_run(cfg, tmp_path / "run")
     with caplog.at_level("WARNING"):
         data, val, info = load_train_data(cfg, split)
     assert info["no_pose_found"] == [str(blank)]

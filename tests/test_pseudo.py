@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.mixture import GaussianMixture
 
+from mapl_ray.model.losses import masked_bce
 from mapl_ray.pseudo import (
     OCCConfig,
     OCCEnsemble,
     gmm_log_likelihood,
-    labeled_bce,
     order_thresholds,
     partial_matching_threshold,
-    pseudo_label_bce,
     quantile_levels,
 )
 
@@ -362,60 +361,39 @@ def test_config_validation(kwargs, name):
         OCCConfig(**kwargs)
 
 
-# ------------------------------------------------------------------ losses
-def test_labeled_bce_value_and_gradient():
+# ------------------------------------------------------------------ losses (eqs. 15-17)
+def test_masked_bce_on_labeled_images_equals_bce_and_has_gradient():
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0], requires_grad=True)
     targets = torch.tensor([1, 0, 0, 1])
-    loss = labeled_bce(logits, targets)
+    loss = masked_bce(logits, targets, torch.ones(4, dtype=torch.bool))
     assert loss.ndim == 0
     assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, targets.float()))
     loss.backward()
     assert logits.grad is not None and torch.all(logits.grad != 0)
 
 
-def test_labeled_bce_accepts_column_logits_and_validates():
-    logits = torch.zeros(3, 1, requires_grad=True)
-    labeled_bce(logits, torch.tensor([0, 1, 1])).backward()
-    assert torch.all(logits.grad != 0)
-    with pytest.raises(ValueError, match="targets"):
-        labeled_bce(torch.zeros(3), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="targets"):
-        labeled_bce(torch.zeros(2), torch.tensor([0, 2]))
-    with pytest.raises(ValueError, match="logits"):
-        labeled_bce(torch.zeros(2, 2), torch.tensor([0, 1]))
-
-
-def test_pseudo_label_bce_ignores_unknown():
+def test_masked_bce_ignores_unknown_pseudo_labels():
     logits = torch.tensor([1.5, -0.5, 3.0, 0.2, -2.0], requires_grad=True)
     pseudo = torch.tensor([1, -1, 0, -1, 0], dtype=torch.int8)
-    loss = pseudo_label_bce(logits, pseudo)
     keep = pseudo != -1
+    loss = masked_bce(logits, pseudo, keep)
     expected = F.binary_cross_entropy_with_logits(logits[keep], pseudo[keep].float())
     assert torch.allclose(loss, expected)
     # Changing the logits of unknown samples must not change the loss.
     other = logits.detach().clone()
     other[~keep] = 100.0
-    assert torch.allclose(pseudo_label_bce(other, pseudo), expected.detach())
+    assert torch.allclose(masked_bce(other, pseudo, keep), expected.detach())
     loss.backward()
     assert torch.all(logits.grad[keep] != 0)
     assert torch.all(logits.grad[~keep] == 0)
 
 
-def test_pseudo_label_bce_all_unknown_is_graph_attached_zero():
+def test_masked_bce_selecting_nothing_is_graph_attached_zero():
     logits = torch.randn(4, requires_grad=True)
-    loss = pseudo_label_bce(logits, torch.full((4,), -1))
+    loss = masked_bce(logits, torch.full((4,), -1), torch.zeros(4, dtype=torch.bool))
     assert loss.item() == 0.0 and loss.grad_fn is not None
-    (loss + labeled_bce(logits, torch.tensor([1, 0, 1, 0]))).backward()
+    (loss + masked_bce(logits, torch.tensor([1, 0, 1, 0]), torch.ones(4, dtype=torch.bool))).backward()
     assert torch.all(logits.grad != 0)
-
-
-def test_pseudo_label_bce_validates():
-    with pytest.raises(ValueError, match="pseudo_labels"):
-        pseudo_label_bce(torch.zeros(3), torch.tensor([1, 0]))
-    with pytest.raises(ValueError, match="pseudo_labels"):
-        pseudo_label_bce(torch.zeros(2), torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="pseudo_labels"):
-        pseudo_label_bce(torch.zeros(2), torch.tensor([1.0, 0.0]))
 
 
 def test_losses_train_end_to_end_with_ensemble_labels(fitted, synthetic):
@@ -429,7 +407,7 @@ def test_losses_train_end_to_end_with_ensemble_labels(fitted, synthetic):
     head = torch.nn.Linear(1, 1).double()
     for _ in range(100):  # plain gradient descent (torch.optim's first step is slow to import)
         head.zero_grad()
-        pseudo_label_bce(head(feats), pseudo).backward()
+        masked_bce(head(feats), pseudo, pseudo != -1).backward()
         with torch.no_grad():
             for param in head.parameters():
                 param -= 1.0 * param.grad

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import needs_data, tiny_config
 
 pytestmark = needs_data
@@ -20,15 +19,17 @@ def ray_local():
 
 
 def test_two_worker_ray_train_lowers_loss(ray_local, small_root, tmp_path):
-    from mapl_ray.pipelines.train import load_train_data, prepare_run, train_with_ray
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+    from mapl_ray.pipelines.ray_train import train_with_ray
 
     cfg = tiny_config(small_root, **{"train.steps": 40, "train.num_workers": 2, "train.cpus_per_worker": 1,
                                      "train.lr": 0.01, "train.checkpoint_every": 100})
     run = tmp_path / "run"
-    split, _ = prepare_run(cfg, run)
+    split = prepare_run(cfg, run)
     data, _, _ = load_train_data(cfg, split)
     summary = train_with_ray(cfg, data, run, progress=False)
-    log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))  # rank 0 logs once per step, not once per worker
     first = log[0]["l1"] + log[0]["focal"]
     last = sum(r["l1"] + r["focal"] for r in log[-4:]) / 4
@@ -40,7 +41,7 @@ def test_two_worker_ray_train_lowers_loss(ray_local, small_root, tmp_path):
 
 def test_worker_errors_are_unwrapped_for_the_cli():
     from mapl_ray.model.encoder import WeightsError
-    from mapl_ray.pipelines.train import TrainingFailed, _worker_error
+    from mapl_ray.pipelines.ray_train import TrainingFailed, _worker_error
 
     class WorkerGroupError(RuntimeError):  # shape of Ray Train's wrapper: failures by rank
         def __init__(self, failures):

@@ -8,9 +8,8 @@ import socket
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import SCREW, needs_data
+from PIL import Image
 
 pytestmark = needs_data
 
@@ -90,8 +89,8 @@ def test_http_bad_body_is_a_400_naming_the_upload(served):
 
 
 def test_build_app_rejects_a_folder_without_checkpoint(tmp_path):
-    from mapl_ray.checkpoint import CheckpointError
     from mapl_ray.pipelines.serve import build_app
+    from mapl_ray.runfolder import CheckpointError
 
     with pytest.raises(CheckpointError, match="not a trained run folder"):
         build_app(tmp_path)

@@ -7,12 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import needs_data, tiny_config
-from mapl_ray.checkpoint import CheckpointError, load_model_weights, read_state
-from mapl_ray.pipelines.train import load_train_data, prepare_run, RunFolderError
+
 from mapl_ray.data.batches import BatchMaker, epoch_indices
-from mapl_ray.training import build_model, build_simulator, make_scheduler, train_model
+from mapl_ray.data.simulation import build_simulator
+from mapl_ray.data.train_data import load_train_data
+from mapl_ray.engine.loop import train_model
+from mapl_ray.engine.schedule import make_scheduler
+from mapl_ray.main_job import prepare_run
+from mapl_ray.model import build_model
+from mapl_ray.runfolder import CheckpointError, RunFolderError, load_model_weights, read_state
 
 
 def test_epoch_indices_use_every_normal_once_per_epoch():
@@ -42,7 +46,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 @needs_data
 def test_batch_holds_configured_mix_and_simulated_masks(small_root, tmp_path):
     cfg = tiny_config(small_root, **{"train.batch_normal": 3, "train.batch_simulated": 5})
-    split, _ = prepare_run(cfg, tmp_path / "run")
+    split = prepare_run(cfg, tmp_path / "run")
     data, _, _ = load_train_data(cfg, split)
     batch = BatchMaker(cfg, data, build_simulator(cfg))(0)
     assert list(batch["kind"]) == [0] * 3 + [1] * 5
@@ -54,7 +58,7 @@ def test_batch_holds_configured_mix_and_simulated_masks(small_root, tmp_path):
 @needs_data
 def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_path):
     cfg = tiny_config(small_root)
-    split, _ = prepare_run(cfg, tmp_path / "straight")
+    split = prepare_run(cfg, tmp_path / "straight")
     data, _, _ = load_train_data(cfg, split)
     straight, _ = train_model(cfg, data, tmp_path / "straight", progress=False)
 
@@ -72,7 +76,7 @@ def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_
     resumed, _ = train_model(cfg, data, tmp_path / "resumed", resume=True, progress=False)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -80,7 +84,7 @@ def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_
 def test_loader_worker_processes_draw_the_same_batches_as_the_main_process(small_root, tmp_path):
     # anomaly simulation in 2 loader processes (the GPU path) must not change what is trained on
     cfg = tiny_config(small_root, **{"train.loader_workers": 0})
-    split, _ = prepare_run(cfg, tmp_path / "inline")
+    split = prepare_run(cfg, tmp_path / "inline")
     data, _, _ = load_train_data(cfg, split)
     inline, s0 = train_model(cfg, data, tmp_path / "inline", progress=False)
     cfg2 = cfg.override({"train.loader_workers": 2})
@@ -94,7 +98,7 @@ def test_loader_worker_processes_draw_the_same_batches_as_the_main_process(small
 
 def test_weighted_losses_equal_the_losses_of_the_selected_samples():
     from mapl_ray.model import segmentation_loss
-    from mapl_ray.pseudo import masked_bce
+    from mapl_ray.model.losses import masked_bce
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 1, 8, 8, generator=g, requires_grad=True)
@@ -140,7 +144,7 @@ def test_out_of_range_settings_fail_before_anything_is_written(tmp_path):
 
 
 def test_rotated_memory_copies():
-    from mapl_ray.training import rotated_copies
+    from mapl_ray.data.augment import rotated_copies
 
     rng = np.random.default_rng(0)
     imgs = (rng.random((2, 32, 32, 3)) * 255).astype(np.uint8)
@@ -155,7 +159,7 @@ def test_rotated_memory_copies():
 def test_run_shorter_than_the_pseudo_warmup_says_the_pseudo_labeler_was_never_fitted(small_root, tmp_path, caplog):
     cfg = tiny_config(small_root, **{"train.steps": 2, "pseudo.warmup_steps": 5})
     run = tmp_path / "run"
-    split, _ = prepare_run(cfg, run)
+    split = prepare_run(cfg, run)
     data, _, _ = load_train_data(cfg, split)
     with caplog.at_level("WARNING", logger="mapl_ray.train"):
         train_model(cfg, data, run, progress=False)
@@ -165,8 +169,8 @@ def test_run_shorter_than_the_pseudo_warmup_says_the_pseudo_labeler_was_never_fi
 
 
 def test_device_learning_rate_follows_the_schedule_and_its_checkpoint_resumes_anywhere(tmp_path):
-    from mapl_ray.checkpoint import load_training_state, save_checkpoint
-    from mapl_ray.training import device_lr
+    from mapl_ray.engine.step import device_lr
+    from mapl_ray.runfolder import load_training_state, save_checkpoint
 
     model = torch.nn.Linear(3, 1)
     tensor_opt = torch.optim.AdamW(model.parameters(), lr=0.003, foreach=False)
@@ -205,10 +209,10 @@ def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
     for graphs in (True, False):
         cfg = tiny_config(small_root, **over, **{"train.cuda_graphs": graphs})
         run = tmp_path / f"graphs_{graphs}"
-        split, _ = prepare_run(cfg, run)
+        split = prepare_run(cfg, run)
         data, _, _ = load_train_data(cfg, split)
         model, summary = train_model(cfg, data, run, device="cuda", progress=False)
-        losses = [json.loads(l)["loss"] for l in (run / "train_log.jsonl").read_text().splitlines()]
+        losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
         results[graphs] = (model, summary, losses)
     graphed, eager = results[True], results[False]
     assert graphed[1]["cuda_graph_step"] and graphed[1]["graph_captures"] == 3 and graphed[1]["eager_steps"] == 6
@@ -226,7 +230,7 @@ def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
 
 
 def test_resumed_run_keeps_the_earlier_training_summary(tmp_path):
-    from mapl_ray.pipelines.train import write_train_summary
+    from mapl_ray.runfolder import write_train_summary
 
     write_train_summary(tmp_path, {"steps_run": 30, "train_wall_s": 25.0}, resumed=False)
     write_train_summary(tmp_path, {"steps_run": 10, "train_wall_s": 9.0}, resumed=True)

@@ -1,5 +1,7 @@
-"""Data layer of mapl-ray: data-set layout, image I/O, semi-supervised splits, anomaly simulation."""
+"""Data layer of mapl-ray: data-set layout, image I/O, semi-supervised splits, pose normalisation,
+anomaly simulation (Perlin noise, foreground masks), augmentation and training batches."""
 
+from .foreground import FOREGROUND_PRESETS, ForegroundConfig, foreground_mask, rgb_to_grey
 from .io import LoadedImages, decode_image, image_size, load_image, load_mask, load_records, normalize_size
 from .layout import (
     IMAGE_EXTENSIONS,
@@ -14,14 +16,8 @@ from .layout import (
     scan_category,
     scan_folder,
 )
-from .simulation import (
-    FOREGROUND_PRESETS,
-    AnomalySimulator,
-    ForegroundConfig,
-    foreground_mask,
-    perlin_noise_2d,
-    rgb_to_grey,
-)
+from .perlin import perlin_noise_2d
+from .simulation import AnomalySimulator
 from .split import Split, make_split
 
 __all__ = [

@@ -8,34 +8,15 @@ with ``spawn`` / ``forkserver`` import only this, numpy, Pillow and torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import ORIENTATION_MODES, Config
+from ..config import Config
+from .augment import augment_images, jitter_intensity
 from .simulation import AnomalySimulator
-
-
-@dataclass
-class TrainData:
-    """Decoded training images (uint8 ``(N, H, W, 3)``) of one run.
-
-    ``normals``: labeled normals used for training (validation normals excluded);
-    ``memory_indices``: rows of ``normals`` that form the memory bank the network trains with;
-    ``extra_memory_indices``: rows of the further banks of the memory-bank ensemble (used at
-    inference only, ``model.memory_banks - 1`` of them at most); ``unlabeled``: the unlabeled
-    pool or None; ``anomalies`` / ``anomaly_masks`` (uint8 ``(K, H, W)`` in {0, 1}): labeled anomalies.
-    """
-
-    normals: np.ndarray
-    memory_indices: np.ndarray
-    extra_memory_indices: list[np.ndarray] = field(default_factory=list)
-    unlabeled: np.ndarray | None = None
-    anomalies: np.ndarray | None = None
-    anomaly_masks: np.ndarray | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+from .train_data import TrainData
 
 
 def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.ndarray:
@@ -53,41 +34,8 @@ def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.
     return out
 
 
-def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng: np.random.Generator):
-    """Random flips (``flip``) or flips and 90-degree rotations (``rot90``) per image.
-
-    ``images`` uint8 ``(B, H, W, 3)`` with H == W for ``rot90``; ``masks`` ``(B, H, W)`` or None get
-    the same transform. Returns new arrays (the inputs are not modified).
-    """
-    if mode == "none":
-        return images, masks
-    if mode not in ORIENTATION_MODES:
-        raise ValueError(f"train.augment must be one of {ORIENTATION_MODES}, got {mode!r}")
-    out_i, out_m = images.copy(), None if masks is None else masks.copy()
-    for b in range(len(images)):
-        k = int(rng.integers(4)) if mode == "rot90" else 0
-        flip = bool(rng.integers(2))
-        img = np.rot90(images[b], k, axes=(0, 1))
-        out_i[b] = img[:, ::-1] if flip else img
-        if masks is not None:
-            m = np.rot90(masks[b], k, axes=(0, 1))
-            out_m[b] = m[:, ::-1] if flip else m
-    return out_i, out_m
 
 
-def jitter_intensity(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Random global brightness and contrast change per image, uint8 ``(B, H, W, 3)`` -> same.
-
-    ``out = (x - mean) * c + mean * b`` with ``c, b ~ U(1 - strength, 1 + strength)``: teaches the
-    model that illumination drift between normal images is not a defect.
-    """
-    if strength <= 0:
-        return images
-    x = images.astype(np.float32)
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    c = rng.uniform(1 - strength, 1 + strength, size=(len(x), 1, 1, 1)).astype(np.float32)
-    b = rng.uniform(1 - strength, 1 + strength, size=(len(x), 1, 1, 1)).astype(np.float32)
-    return np.clip((x - mean) * c + mean * b, 0, 255).astype(np.uint8)
 
 
 class BatchMaker:
@@ -174,7 +122,7 @@ class StepBatches(torch.utils.data.Dataset):
     draws the same batches.
     """
 
-    def __init__(self, batch_maker: "BatchMaker", refit_steps: set[int]):
+    def __init__(self, batch_maker: BatchMaker, refit_steps: set[int]):
         self.bm, self.refit_steps = batch_maker, frozenset(refit_steps)  # plain data: picklable for spawn/forkserver
 
     def __len__(self) -> int:

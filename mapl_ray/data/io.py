@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -387,3 +387,24 @@ def load_records(
                  else np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8))
     return LoadedImages(images=images, masks=masks, records=kept, skipped=skipped,
                         poses=poses if align is not None else None)
+
+
+def check_test_masks(records, skip_bad: bool = False) -> None:
+    """Before training: every test image with a mask has a mask of its size (headers only, cheap).
+
+    Raises:
+        LayoutError: a mask whose size differs from its image; ImageReadError: an unreadable header
+            (unless ``skip_bad``, where evaluation skips the image later).
+    """
+    for r in records:
+        if not r.mask_path:
+            continue
+        try:
+            hw, mhw = image_size(r.path), image_size(r.mask_path)
+        except ImageReadError:
+            if skip_bad:
+                continue
+            raise
+        if hw != mhw:
+            raise LayoutError(f"mask {r.mask_path!r} is {mhw[0]}x{mhw[1]} (HxW) but its image {r.path!r} is "
+                              f"{hw[0]}x{hw[1]}; expected the same size")

@@ -125,7 +125,7 @@ class ImageRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImageRecord":
+    def from_dict(cls, d: dict[str, Any]) -> ImageRecord:
         """Inverse of :meth:`to_dict`.
 
         Raises:
@@ -245,11 +245,7 @@ def scan_category(
     train_dir = os.path.join(cat_dir, "train", "good")
     if not os.path.isdir(train_dir):
         raise LayoutError(f"{train_dir!r} is missing: expected a folder of normal training images")
-    train_paths = _list_images(train_dir)
-    if not train_paths:
-        raise LayoutError(
-            f"{train_dir!r} contains no image files (expected extensions {sorted(IMAGE_EXTENSIONS)})"
-        )
+    train_paths = _require_images(_list_images(train_dir), repr(train_dir))
     test_dir = os.path.join(cat_dir, "test")
     if not os.path.isdir(test_dir):
         raise LayoutError(f"{test_dir!r} is missing: expected test/good and test/<defect_type> folders")
@@ -275,6 +271,13 @@ def scan_category(
             test.append(ImageRecord(p, LABEL_ANOMALOUS, dtype, mask))
     test.sort(key=lambda r: r.path)
     return CategoryIndex(root=root_abs, category=category, train_good=train_good, test=test)
+
+
+def _require_images(paths: list[str], where: str) -> list[str]:
+    """``paths``, or LayoutError saying that ``where`` holds no image file."""
+    if not paths:
+        raise LayoutError(f"{where} contains no image files (expected extensions {sorted(IMAGE_EXTENSIONS)})")
+    return paths
 
 
 def find_images(folder: str) -> list[str]:
@@ -303,10 +306,5 @@ def scan_folder(path: str | os.PathLike[str]) -> list[ImageRecord]:
     folder = os.path.abspath(os.fspath(path))
     if not os.path.isdir(folder):
         raise LayoutError(f"unlabeled image folder {folder!r} does not exist or is not a folder")
-    found = find_images(folder)
-    if not found:
-        raise LayoutError(
-            f"unlabeled image folder {folder!r} contains no image files "
-            f"(expected extensions {sorted(IMAGE_EXTENSIONS)})"
-        )
+    found = _require_images(find_images(folder), f"unlabeled image folder {folder!r}")
     return [ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in found]

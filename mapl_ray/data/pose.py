@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..config import Config, ConfigError
+from .foreground import resolve_foreground
+
 __all__ = ["Pose", "PoseEstimator"]
 
 
@@ -197,3 +200,24 @@ class PoseEstimator:
         angle = (math.degrees(axis) - 180.0) % 360.0
         fill = tuple(int(v) for v in np.median(rgb[~fg], axis=0))
         return Pose(mx / w, my / h, angle, scale, img.size, self.threshold, self.inverse, fill)
+
+
+def build_pose_estimator(cfg: Config) -> PoseEstimator | None:
+    """The pose estimator ``data.align`` asks for (None for ``"none"``); it finds the object with the
+    simulation's threshold (:func:`resolve_foreground`).
+
+    Raises:
+        ConfigError: ``data.align=principal_axis`` for a category without an object threshold
+            (no foreground preset that uses a mask, no ``simulation.foreground_threshold``).
+    """
+    if cfg.data.align == "none":
+        return None
+    fg = resolve_foreground(cfg)
+    if not fg.use_mask and cfg.simulation.foreground_threshold is None:
+        raise ConfigError(
+            f"data.align={cfg.data.align} needs the grey level that separates the object from the "
+            f"background, and category {cfg.data.category!r} has no foreground preset that uses one: set "
+            "simulation.foreground_threshold (0-255) and simulation.foreground_inverse (true for a dark "
+            "object on a bright background)"
+        )
+    return PoseEstimator(fg.threshold, fg.inverse)

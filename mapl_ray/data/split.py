@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,14 +87,11 @@ class Split:
                 if k in seen:
                     raise ValueError(f"{r.path!r} appears in both Split.{seen[k]} and Split.{name}")
                 seen[k] = name
-        test_keys: set[str] = set()
-        for r in self.test:
-            k = _key(r.path)
-            if k in seen:
-                raise ValueError(f"{r.path!r} is in Split.{seen[k]} and in Split.test (train/test leak)")
-            if k in test_keys:
-                raise ValueError(f"{r.path!r} appears twice in Split.test")
-            test_keys.add(k)
+        clash = _first_clash(self.test, seen)
+        if clash and clash[1]:
+            raise ValueError(f"{clash[0].path!r} is in Split.{clash[1]} and in Split.test (train/test leak)")
+        if clash:
+            raise ValueError(f"{clash[0].path!r} appears twice in Split.test")
         for key in _TRUE_KEYS:
             if key in self.params and len(self.params[key]) != len(self.unlabeled):
                 raise ValueError(
@@ -142,7 +140,7 @@ class Split:
             raise
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> "Split":
+    def from_json(cls, path: str | os.PathLike[str]) -> Split:
         """Read a file written by :meth:`to_json` and validate it.
 
         Raises:
@@ -183,6 +181,20 @@ class Split:
                 f"split file {path!r}: stored counts {counts} do not match its lists {split.summary()}"
             )
         return split
+
+
+def _first_clash(records: Sequence[ImageRecord], placed: dict[str, str]) -> tuple[ImageRecord, str | None] | None:
+    """The first record whose file is already in ``placed`` (``(record, where)``) or repeats an earlier
+    record (``(record, None)``); None when the records are new and distinct."""
+    keys: set[str] = set()
+    for r in records:
+        k = _key(r.path)
+        if k in placed:
+            return r, placed[k]
+        if k in keys:
+            return r, None
+        keys.add(k)
+    return None
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -240,78 +252,15 @@ def make_split(
             leaving no labeled normal; a user ``unlabeled`` image that is duplicated or is
             already a train/good or test image; a non-int ``seed``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    uf = _check_fraction("unlabeled_fraction", unlabeled_fraction)
-    cf = _check_fraction("contamination", contamination)
-    if isinstance(labeled_anomalies, bool) or not isinstance(labeled_anomalies, (int, np.integer)):
-        raise ValueError(f"labeled_anomalies must be an int >= 0, got {labeled_anomalies!r}")
-    k = int(labeled_anomalies)
-    if k < 0:
-        raise ValueError(f"labeled_anomalies must be >= 0, got {k}")
-    user = list(unlabeled) if unlabeled is not None else []
-    for i, r in enumerate(user):
-        if not isinstance(r, ImageRecord):
-            raise ValueError(f"unlabeled[{i}] is a {type(r).__name__}, expected ImageRecord")
-
+    uf, cf, k, user = _check_split_args(seed, unlabeled_fraction, contamination, labeled_anomalies, unlabeled)
     rng = np.random.default_rng(int(seed))
     train = list(index.train_good)
     test_good = [r for r in index.test if r.label != LABEL_ANOMALOUS]
     anomalies = [r for r in index.test if r.label == LABEL_ANOMALOUS]
-
-    # 1. hide part of train/good in the pool
-    n_move = int(round(uf * len(train)))
-    if n_move >= len(train):
-        raise ValueError(
-            f"unlabeled_fraction={uf} moves {n_move} of {len(train)} train/good images to the pool, "
-            f"leaving no labeled normal image"
-        )
-    moved_idx = set(rng.choice(len(train), size=n_move, replace=False).tolist()) if n_move else set()
-    labeled_normal = [r for i, r in enumerate(train) if i not in moved_idx]
-    pool: list[ImageRecord] = [r for i, r in enumerate(train) if i in moved_idx]
-
-    # 2. k labeled anomalies per defect type
-    labeled_anomaly: list[ImageRecord] = []
-    taken: set[int] = set()
-    if k:
-        for dtype in index.defect_types:
-            idx = [i for i, r in enumerate(anomalies) if r.defect_type == dtype]
-            if len(idx) <= k:
-                raise ValueError(
-                    f"labeled_anomalies={k} but defect type {dtype!r} has only {len(idx)} test "
-                    f"image(s); need at least {k + 1} so the type stays in test"
-                )
-            pick = rng.choice(len(idx), size=k, replace=False)
-            chosen = sorted(idx[j] for j in pick.tolist())
-            taken.update(chosen)
-            labeled_anomaly.extend(anomalies[i] for i in chosen)
-
-    # 3. contaminate the pool with real anomalies
-    remaining = [i for i in range(len(anomalies)) if i not in taken]
-    n_contam = int(round(cf * len(anomalies)))
-    if cf > 0 and not anomalies:
-        raise ValueError(f"contamination={cf} but category {index.category!r} has no test anomalies")
-    if n_contam and n_contam >= len(remaining):
-        raise ValueError(
-            f"contamination={cf} moves {n_contam} test anomalies to the pool but only "
-            f"{len(remaining)} remain after labeled_anomalies={k}; at least one must stay in test"
-        )
-    contam_pos = set(rng.choice(len(remaining), size=n_contam, replace=False).tolist()) if n_contam else set()
-    contam = {remaining[j] for j in contam_pos}
-    pool.extend(anomalies[i] for i in sorted(contam))
-    test_anomalies = [anomalies[i] for i in remaining if i not in contam]
-
-    # 4. user images, checked against everything already placed
-    placed = {_key(r.path): "train/good" for r in train}
-    placed.update({_key(r.path): "test" for r in index.test})
-    user_keys: set[str] = set()
-    for r in user:
-        kk = _key(r.path)
-        if kk in placed:
-            raise ValueError(f"unlabeled image {r.path!r} is also a {placed[kk]} image of the category")
-        if kk in user_keys:
-            raise ValueError(f"unlabeled image {r.path!r} is listed twice")
-        user_keys.add(kk)
+    labeled_normal, pool = _hide_train_good(train, uf, rng)
+    labeled_anomaly, taken = _take_labeled_anomalies(index, anomalies, k, rng)
+    test_anomalies = _contaminate(index, anomalies, taken, cf, k, pool, rng)
+    _check_user_unlabeled(user, train, index.test)
     pool.extend(user)
     order = rng.permutation(len(pool))
     pool = [pool[i] for i in order.tolist()]
@@ -337,3 +286,83 @@ def make_split(
     )
     split.validate()
     return split
+
+
+def _check_split_args(seed, unlabeled_fraction, contamination, labeled_anomalies, unlabeled):
+    """Validated ``(unlabeled_fraction, contamination, labeled_anomalies, user records)`` of :func:`make_split`."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    uf = _check_fraction("unlabeled_fraction", unlabeled_fraction)
+    cf = _check_fraction("contamination", contamination)
+    if isinstance(labeled_anomalies, bool) or not isinstance(labeled_anomalies, (int, np.integer)):
+        raise ValueError(f"labeled_anomalies must be an int >= 0, got {labeled_anomalies!r}")
+    k = int(labeled_anomalies)
+    if k < 0:
+        raise ValueError(f"labeled_anomalies must be >= 0, got {k}")
+    user = list(unlabeled) if unlabeled is not None else []
+    for i, r in enumerate(user):
+        if not isinstance(r, ImageRecord):
+            raise ValueError(f"unlabeled[{i}] is a {type(r).__name__}, expected ImageRecord")
+    return uf, cf, k, user
+
+
+def _hide_train_good(train: list[ImageRecord], uf: float, rng: np.random.Generator):
+    """Step 1: ``(labeled normals, pool)`` after moving ``round(uf * len(train))`` train/good images to the pool."""
+    n_move = int(round(uf * len(train)))
+    if n_move >= len(train):
+        raise ValueError(
+            f"unlabeled_fraction={uf} moves {n_move} of {len(train)} train/good images to the pool, "
+            f"leaving no labeled normal image"
+        )
+    moved_idx = set(rng.choice(len(train), size=n_move, replace=False).tolist()) if n_move else set()
+    return ([r for i, r in enumerate(train) if i not in moved_idx], [r for i, r in enumerate(train) if i in moved_idx])
+
+
+def _take_labeled_anomalies(index: CategoryIndex, anomalies: list[ImageRecord], k: int, rng: np.random.Generator):
+    """Step 2: ``(labeled anomalies, their rows in anomalies)``, ``k`` per defect type."""
+    labeled_anomaly: list[ImageRecord] = []
+    taken: set[int] = set()
+    if not k:
+        return labeled_anomaly, taken
+    for dtype in index.defect_types:
+        idx = [i for i, r in enumerate(anomalies) if r.defect_type == dtype]
+        if len(idx) <= k:
+            raise ValueError(
+                f"labeled_anomalies={k} but defect type {dtype!r} has only {len(idx)} test "
+                f"image(s); need at least {k + 1} so the type stays in test"
+            )
+        pick = rng.choice(len(idx), size=k, replace=False)
+        chosen = sorted(idx[j] for j in pick.tolist())
+        taken.update(chosen)
+        labeled_anomaly.extend(anomalies[i] for i in chosen)
+    return labeled_anomaly, taken
+
+
+def _contaminate(index: CategoryIndex, anomalies: list[ImageRecord], taken: set[int], cf: float, k: int,
+                 pool: list[ImageRecord], rng: np.random.Generator) -> list[ImageRecord]:
+    """Step 3: move ``round(cf * len(anomalies))`` remaining test anomalies into ``pool`` (in place);
+    returns the test anomalies left."""
+    remaining = [i for i in range(len(anomalies)) if i not in taken]
+    n_contam = int(round(cf * len(anomalies)))
+    if cf > 0 and not anomalies:
+        raise ValueError(f"contamination={cf} but category {index.category!r} has no test anomalies")
+    if n_contam and n_contam >= len(remaining):
+        raise ValueError(
+            f"contamination={cf} moves {n_contam} test anomalies to the pool but only "
+            f"{len(remaining)} remain after labeled_anomalies={k}; at least one must stay in test"
+        )
+    contam_pos = set(rng.choice(len(remaining), size=n_contam, replace=False).tolist()) if n_contam else set()
+    contam = {remaining[j] for j in contam_pos}
+    pool.extend(anomalies[i] for i in sorted(contam))
+    return [anomalies[i] for i in remaining if i not in contam]
+
+
+def _check_user_unlabeled(user: list[ImageRecord], train: list[ImageRecord], test: list[ImageRecord]) -> None:
+    """Step 4: a user's unlabeled image may be neither a category image nor listed twice."""
+    placed = {_key(r.path): "train/good" for r in train}
+    placed.update({_key(r.path): "test" for r in test})
+    clash = _first_clash(user, placed)
+    if clash and clash[1]:
+        raise ValueError(f"unlabeled image {clash[0].path!r} is also a {clash[1]} image of the category")
+    if clash:
+        raise ValueError(f"unlabeled image {clash[0].path!r} is listed twice")

@@ -10,7 +10,6 @@ from .metrics import (
     pixel_auroc,
     pro_curve,
     threshold_from_normals,
-    topk_mean,
 )
 from .report import save_heatmap_overlay, save_roc_plot, save_score_histogram, write_report
 
@@ -24,7 +23,6 @@ __all__ = [
     "pixel_auroc",
     "pro_curve",
     "threshold_from_normals",
-    "topk_mean",
     "save_heatmap_overlay",
     "save_roc_plot",
     "save_score_histogram",

@@ -10,8 +10,8 @@ Conventions used throughout this module
 * ``maps``: anomaly maps, (N, H, W) float, same shape as ``masks``; higher = more anomalous.
 * A pixel / image is predicted anomalous when its score is ``>= threshold``
   (the scikit-learn convention).
-* Torch tensors are accepted wherever arrays are (they are moved to CPU numpy),
-  except in :func:`topk_mean`, which keeps torch tensors as tensors.
+* Torch tensors are accepted wherever arrays are (they are moved to CPU numpy).
+  The image score itself (top-k mean of a map) is :func:`mapl_ray.model.anomaly_map.topk_mean`.
 
 Every function raises ``ValueError`` naming the offending argument on bad input
 (wrong shape, non-binary labels, only one class present, NaN/inf scores).
@@ -33,7 +33,6 @@ __all__ = [
     "f1_max",
     "pro_curve",
     "aupro",
-    "topk_mean",
     "compute_metrics",
     "fit_normalisation",
     "normalise_scores",
@@ -75,15 +74,19 @@ def _check_finite(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
+def _paired(a: Any, b: Any, names: tuple[str, str], ndim: int, shape: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two arrays of ``ndim`` dimensions and one shape, as numpy; ValueError naming the argument otherwise."""
+    x, y = _to_numpy(a, names[0]), _to_numpy(b, names[1])
+    for arr, name in ((x, names[0]), (y, names[1])):
+        if arr.ndim != ndim:
+            raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
+    if x.shape != y.shape:
+        raise ValueError(f"{names[0]} and {names[1]}: shape mismatch {x.shape} vs {y.shape}")
+    return x, y
+
+
 def _image_inputs(labels: Any, scores: Any, *, need_both_classes: bool = True):
-    y = _to_numpy(labels, "labels")
-    s = _to_numpy(scores, "scores")
-    if y.ndim != 1:
-        raise ValueError(f"labels: expected shape (N,), got {y.shape}")
-    if s.ndim != 1:
-        raise ValueError(f"scores: expected shape (N,), got {s.shape}")
-    if y.shape != s.shape:
-        raise ValueError(f"labels and scores: shape mismatch {y.shape} vs {s.shape}")
+    y, s = _paired(labels, scores, ("labels", "scores"), 1, "(N,)")
     if y.size == 0:
         raise ValueError("labels: expected at least one image, got an empty array")
     y = _check_binary(y, "labels")
@@ -97,17 +100,8 @@ def _image_inputs(labels: Any, scores: Any, *, need_both_classes: bool = True):
 
 
 def _pixel_inputs(masks: Any, maps: Any):
-    m = _to_numpy(masks, "masks")
-    a = _to_numpy(maps, "maps")
-    if m.ndim != 3:
-        raise ValueError(f"masks: expected shape (N, H, W), got {m.shape}")
-    if a.ndim != 3:
-        raise ValueError(f"maps: expected shape (N, H, W), got {a.shape}")
-    if m.shape != a.shape:
-        raise ValueError(f"masks and maps: shape mismatch {m.shape} vs {a.shape}")
-    m = _check_binary(m, "masks")
-    a = _check_finite(a, "maps")
-    return m, a
+    m, a = _paired(masks, maps, ("masks", "maps"), 3, "(N, H, W)")
+    return _check_binary(m, "masks"), _check_finite(a, "maps")
 
 
 # --------------------------------------------------------------------------- #
@@ -382,47 +376,6 @@ def aupro(
     return float(min(1.0, max(0.0, area)))
 
 
-# --------------------------------------------------------------------------- #
-# image score from an anomaly map
-# --------------------------------------------------------------------------- #
-def topk_mean(maps: Any, k: int):
-    """Image score = mean of the ``k`` largest pixels of each anomaly map.
-
-    Args:
-        maps: (N, H, W) ``np.ndarray`` or ``torch.Tensor`` (any device).
-        k: number of top pixels, int >= 1; clipped to ``H * W``.
-
-    Returns:
-        (N,) of the same type as ``maps``: numpy float (input float dtype kept,
-        ints promoted to float64) or a torch float tensor on the same device
-        (differentiable through ``torch.topk``).
-
-    Raises:
-        ValueError: ``maps`` not 3-D, or ``k`` not an int >= 1.
-
-    Source: top-k mean pooling of anomaly maps, a common image-score rule
-    (e.g. MemSeg / anomalib post-processing); ``torch.topk`` / ``np.partition``.
-    """
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k!r}")
-    k = int(k)
-    if hasattr(maps, "topk") and hasattr(maps, "flatten"):  # torch.Tensor
-        if maps.dim() != 3:
-            raise ValueError(f"maps: expected shape (N, H, W), got {tuple(maps.shape)}")
-        flat = maps.flatten(1)
-        if not flat.is_floating_point():
-            flat = flat.float()
-        k = min(k, flat.shape[1])
-        return flat.topk(k, dim=1).values.mean(dim=1)
-    arr = np.asarray(maps)
-    if arr.ndim != 3:
-        raise ValueError(f"maps: expected shape (N, H, W), got {arr.shape}")
-    flat = arr.reshape(arr.shape[0], -1)
-    if not np.issubdtype(flat.dtype, np.floating):
-        flat = flat.astype(np.float64)
-    k = min(k, flat.shape[1])
-    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k:]
-    return top.mean(axis=1)
 
 
 # --------------------------------------------------------------------------- #

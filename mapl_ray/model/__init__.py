@@ -1,11 +1,12 @@
-"""MAPL network: encoder, memory bank, attention, MSFF, decoder, image head, losses."""
+"""MAPL network: encoder, memory bank, attention, MSFF, decoder, image head; losses; anomaly maps and scores."""
 
 from .encoder import Encoder, LeakyEncoder, WeightsError, build_encoder, lite_wheel_weights_path
-from .losses import focal_loss, l1_loss, segmentation_loss
-from .mapl import MAPLModel, spatial_attention
-from .memory import MemoryBank, choose_memory_banks, choose_memory_indices, resolve_backend
+from .losses import compute_losses, focal_loss, l1_loss, masked_bce, segmentation_loss
+from .memory import MemoryBank, resolve_backend
+from .network import MAPLModel, build_model, spatial_attention
 
 __all__ = [
-    "Encoder", "LeakyEncoder", "WeightsError", "build_encoder", "lite_wheel_weights_path", "focal_loss", "l1_loss",
-    "segmentation_loss", "MAPLModel", "spatial_attention", "MemoryBank", "choose_memory_indices", "choose_memory_banks", "resolve_backend",
+    "Encoder", "LeakyEncoder", "WeightsError", "build_encoder", "lite_wheel_weights_path", "compute_losses",
+    "focal_loss", "l1_loss", "masked_bce", "segmentation_loss", "MAPLModel", "build_model", "spatial_attention",
+    "MemoryBank", "resolve_backend",
 ]

@@ -1,9 +1,16 @@
-"""Segmentation losses on the anomaly map: 0.6 L1 + 0.4 focal (MemSeg sec. 3.6, MAPL eq. 14)."""
+"""The losses of MAPL: 0.6 L1 + 0.4 focal on the anomaly map (MemSeg sec. 3.6, MAPL eq. 14) and BCE of the
+image head on labeled (L_Yl) and pseudo-labeled (L_Yu) images (MAPL eqs. 15-17), assembled per batch.
+
+Every term is computed on logits with the autograd graph intact (a loss built from detached scores
+trains nothing), and samples are selected by 0/1 weights rather than boolean indexing, so the
+training step never waits for the GPU."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..config import Config
 
 
 def _reduce(per_pixel: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -59,3 +66,59 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, l1_weight: flo
     l1 = l1_loss(logits, target, weights)
     focal = focal_loss(logits, target, gamma, alpha, weights)
     return {"l1": l1, "focal": focal, "seg": l1_weight * l1 + focal_weight * focal}
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the samples where ``mask`` is true, without host-device syncs.
+
+    The training step's form of eqs. 15-17: no validation and no boolean indexing, so the GPU
+    queue never waits for the host. Inputs are trusted (built by the training loop).
+
+    Args:
+        logits: float ``(B,)`` image-level logits with gradient.
+        targets: ``(B,)`` numbers in {0, 1} where ``mask`` is true (anything elsewhere).
+        mask: bool ``(B,)``.
+
+    Returns:
+        Scalar tensor; a graph-attached 0 when ``mask`` selects nothing.
+    """
+    logits = logits.float().reshape(-1)
+    w = mask.to(logits.dtype)
+    t = targets.to(logits.dtype).clamp(0, 1)
+    per = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    return (per * w).sum() / w.sum().clamp_min(1.0)
+
+
+def compute_losses(out: dict[str, torch.torch.Tensor], masks: torch.torch.Tensor, kind: torch.torch.Tensor, label: torch.torch.Tensor,
+                   pseudo: torch.Tensor, cfg: Config, has_pool: bool | None = None) -> dict[str, torch.Tensor]:
+    """All loss terms of one batch (scalars with gradient).
+
+    Args:
+        out: model output (``logits`` ``(B, 1, H, W)``, ``q`` ``(B,)``).
+        masks: float ``(B, 1, H, W)`` targets of the anomaly map (zeros for normals).
+        kind: int ``(B,)`` 0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly.
+        label: int ``(B,)`` image labels (1 / 0, -1 unknown).
+        pseudo: int ``(B,)`` pseudo-labels from the OCC ensemble (1 / 0 / -1) for unlabeled data.
+        has_pool: whether the batch holds unlabeled-pool images (kind 2); known on the host from the
+            batch composition. None: read from ``kind`` (costs a device sync).
+
+    The segmentation loss uses images with known masks (normal, simulated, labeled anomaly), except
+    simulated images that the pseudo-labeler calls normal (0) when ``pseudo.filter_simulations``:
+    simulations that failed to look anomalous (the paper's use of pseudo-labels on simulated data).
+    L_Yl uses the labeled images (normal -> 0, labeled anomaly -> 1); L_Yu the pseudo-labeled images
+    (eq. 17): the unlabeled pool, or the simulated images when there is no pool. Samples are
+    selected by 0/1 weights rather than boolean indexing, so the step never waits for the GPU.
+    """
+    L = cfg.loss
+    known = kind != 2
+    if cfg.pseudo.filter_simulations:
+        known = known & ~((kind == 1) & (pseudo == 0))
+    seg = segmentation_loss(out["logits"], masks, L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha, weights=known)
+    lab = (kind == 0) | (kind == 3)
+    l_yl = masked_bce(out["q"], label, lab)
+    if has_pool is None:
+        has_pool = bool((kind == 2).any())
+    u_sel = (kind == 2) if has_pool else (kind == 1)
+    l_yu = masked_bce(out["q"], pseudo, u_sel & (pseudo != -1))
+    total = seg["seg"] + L.labeled_bce_weight * l_yl + L.pseudo_bce_weight * l_yu
+    return {"loss": total, "l1": seg["l1"], "focal": seg["focal"], "l_yl": l_yl, "l_yu": l_yu}

@@ -91,7 +91,7 @@ class MemoryBank(nn.Module):
 
     @property
     def size(self) -> int:
-        return 0 if self.num_levels == 0 else int(getattr(self, "level0").shape[0])
+        return 0 if self.num_levels == 0 else int(self.level0.shape[0])
 
     def levels(self) -> list[torch.Tensor]:
         return [getattr(self, f"level{i}") for i in range(self.num_levels)]
@@ -238,36 +238,5 @@ class MemoryBank(nn.Module):
         return di, idx
 
 
-def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
-    """Seeded choice of ``min(n, num_normals)`` distinct normal images for the memory bank."""
-    if num_normals < 1:
-        raise ValueError("memory bank needs at least one labeled normal image")
-    if n > num_normals:
-        log.warning("model.memory_samples=%d > %d labeled normals; using all of them", n, num_normals)
-    rng = np.random.default_rng([seed, 7])
-    return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))
 
 
-def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list[np.ndarray]:
-    """Rows of the normal images for a memory-bank ensemble: bank 0 as :func:`choose_memory_indices`
-    (so the training bank does not depend on ``banks``), then further banks of ``n`` images each,
-    disjoint from each other and from bank 0, seeded.
-
-    Only as many further banks as the remaining normals fill completely are made (a smaller bank
-    would weigh differently in the average); a logged warning says when there are fewer than ``banks``.
-
-    Returns:
-        list of sorted int64 arrays, the first of ``min(n, num_normals)`` rows, the others of ``n``.
-
-    Raises:
-        ValueError: no normal images, or ``banks`` < 1.
-    """
-    if banks < 1:
-        raise ValueError(f"model.memory_banks must be >= 1, got {banks}")
-    first = choose_memory_indices(num_normals, n, seed)
-    rest = np.random.default_rng([seed, 8]).permutation(np.setdiff1d(np.arange(num_normals), first))
-    extra = min(banks - 1, len(rest) // n)
-    if extra < banks - 1:
-        log.warning("model.memory_banks=%d needs %d training normals for banks of model.memory_samples=%d; "
-                    "%d give %d bank(s), used as such (data_info.json lists them)", banks, banks * n, n, num_normals, extra + 1)
-    return [first, *(np.sort(rest[i * n:(i + 1) * n]) for i in range(extra))]

@@ -107,7 +107,7 @@ def build_app(run_dir: str | Path, num_replicas: int = 1, gpus_per_replica: floa
     """
     import ray
 
-    from ..checkpoint import require_run_folder
+    from ..runfolder import require_run_folder
 
     run_dir = require_run_folder(run_dir)
     if gpus_per_replica is None:

@@ -37,11 +37,13 @@ from scipy.special import logsumexp
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
+from mapl_ray.config import PseudoConfig
 from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
 
 __all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "order_thresholds"]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+_DEFAULTS = PseudoConfig()
 _STATE_FORMAT = "mapl_ray.pseudo.OCCEnsemble"
 _STATE_VERSION = 1
 # Per-OCC arrays in the state dict; the PCA ones are absent when PCA is off.
@@ -59,29 +61,22 @@ _GLOBAL_KEYS = ("eta_p", "eta_n", "match_distance_p", "match_distance_n", "thres
 
 @dataclass
 class OCCConfig:
-    """Settings of :class:`OCCEnsemble`.
+    """Settings of :class:`OCCEnsemble`. The defaults are the run configuration's
+    (:class:`mapl_ray.config.PseudoConfig`, the one place they are set); the training loop builds this
+    with :meth:`from_config`.
 
     Attributes:
-        num_occs: K, number of one-class classifiers (>= 1). The paper/SPADE use
-            a small ensemble; 2 keeps every OCC's unlabeled share large.
-        n_components: Gaussian components per GMM (>= 1). 1 = a single Gaussian
-            density of normality, the most robust with a few hundred samples.
+        num_occs: K, number of one-class classifiers (>= 1).
+        n_components: Gaussian components per GMM (>= 1).
         covariance_type: one of ``"full" | "tied" | "diag" | "spherical"``
-            (scikit-learn semantics). Default ``"diag"``: after the PCA
-            projection the OCC's training features are decorrelated, so with one
-            component a diagonal covariance equals the full one at O(D) instead
-            of O(D^2) parameters and cannot become singular. Use ``"full"`` for
-            multi-component mixtures or with ``pca_dim=None``.
-        reg_covar: added to covariance diagonals (scikit-learn ``reg_covar``), > 0.
-            Features are standardised to unit variance, so 1e-3 is a 0.1 %
-            variance floor: negligible for real directions but it stops
-            near-degenerate directions from producing exploding scores.
-        pca_dim: PCA target dimensionality, or ``None`` to skip PCA. The
-            effective value is ``min(pca_dim, D, n_train - 1)`` (at most
-            ``n_train - 1`` directions have non-zero variance on ``n_train``
-            samples). Default 64: pooled encoder features (hundreds of dims) vs.
-            a few hundred training images would otherwise make a GMM fit
-            ill-posed.
+            (scikit-learn semantics).
+        reg_covar: added to covariance diagonals (scikit-learn ``reg_covar``), > 0. Features are
+            standardised to unit variance, so 1e-3 is a 0.1 % variance floor: negligible for real
+            directions but it stops near-degenerate directions from producing exploding scores.
+        pca_dim: PCA target dimensionality, or ``None`` to skip PCA. The effective value is
+            ``min(pca_dim, D, n_train - 1)`` (at most ``n_train - 1`` directions have non-zero
+            variance on ``n_train`` samples); pooled encoder features have hundreds of dimensions
+            against a few hundred training images, which would make a GMM fit ill-posed.
         num_quantiles: number of candidate thresholds per partial matching
             (evenly spaced quantiles; 99 -> 1 %..99 %), >= 1.
         min_fraction: minimum share of the unlabeled set on the matched side of a
@@ -92,14 +87,19 @@ class OCCConfig:
         ValueError: (on construction) naming the field with an invalid value.
     """
 
-    num_occs: int = 2
-    n_components: int = 1
-    covariance_type: str = "diag"
-    reg_covar: float = 1e-3
-    pca_dim: int | None = 64
-    num_quantiles: int = 99
-    min_fraction: float = 0.05
+    num_occs: int = _DEFAULTS.num_occs
+    n_components: int = _DEFAULTS.n_components
+    covariance_type: str = _DEFAULTS.covariance_type
+    reg_covar: float = _DEFAULTS.reg_covar
+    pca_dim: int | None = _DEFAULTS.pca_dim
+    num_quantiles: int = _DEFAULTS.num_quantiles
+    min_fraction: float = _DEFAULTS.min_fraction
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, pseudo: PseudoConfig, seed: int) -> OCCConfig:
+        """The ensemble settings of a run's ``pseudo`` section, seeded with ``seed`` (``train.seed``)."""
+        return cls(**{f.name: getattr(pseudo, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
 
     def __post_init__(self) -> None:
         # Coerce numpy scalars etc. to builtins so state_dict's meta is JSON-able.

@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import Encoder
+from ..config import Config, ModelConfig
+from .encoder import Encoder, build_encoder
 from .memory import MemoryBank
+
+_DEFAULTS = ModelConfig()  # the constructor's defaults are the configuration's (one set of defaults)
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
@@ -142,9 +145,10 @@ class MAPLModel(nn.Module):
     30 images moved image AUROC as much as the training seed; bench/results/design_sweep_screw.json).
     """
 
-    def __init__(self, encoder: Encoder, freeze_encoder: bool = True, memory_backend: str = "auto",
-                 coordinate_attention: bool = False, decoder_channels: tuple[int, ...] = (96, 64, 48, 32),
-                 head_hidden: int = 64, head_detach: bool = False, normalize_intensity: bool = False):
+    def __init__(self, encoder: Encoder, freeze_encoder: bool = _DEFAULTS.freeze_encoder,
+                 memory_backend: str = _DEFAULTS.memory_backend, coordinate_attention: bool = _DEFAULTS.coordinate_attention,
+                 decoder_channels: tuple[int, ...] = _DEFAULTS.decoder_channels, head_hidden: int = _DEFAULTS.head_hidden,
+                 head_detach: bool = _DEFAULTS.head_detach, normalize_intensity: bool = _DEFAULTS.normalize_intensity):
         super().__init__()
         self.head_detach = head_detach
         self.normalize_intensity = normalize_intensity
@@ -161,7 +165,7 @@ class MAPLModel(nn.Module):
         self.decoder = Decoder(msff_out, c[0], decoder_channels)
         self.head = ImageHead(msff_out, head_hidden)
 
-    def train(self, mode: bool = True) -> "MAPLModel":
+    def train(self, mode: bool = True) -> MAPLModel:
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()  # frozen BN statistics: the memory bank stays valid
@@ -278,3 +282,13 @@ class MAPLModel(nn.Module):
             levels = self.encoder(self.preprocess(images))[1:4]
             di, _ = self.memory.difference(levels)
             return self._pool(levels, di)
+
+
+def build_model(cfg: Config) -> MAPLModel:
+    """The MAPL network as configured (encoder weights from local files only)."""
+    m = cfg.model
+    encoder = build_encoder(m.encoder, m.weights, m.pretrained)
+    return MAPLModel(encoder, freeze_encoder=m.freeze_encoder and m.encoder != "mapl",
+                     memory_backend=m.memory_backend, coordinate_attention=m.coordinate_attention,
+                     decoder_channels=tuple(m.decoder_channels), head_hidden=m.head_hidden, head_detach=m.head_detach,
+                     normalize_intensity=m.normalize_intensity)

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import checkpoint_dir
-from .data.io import load_records
-from .data.split import Split
-from .eval.metrics import compute_metrics, fit_normalisation, threshold_from_normals
-from .eval.report import write_report
-from .inference import Predictor
+from ..data.io import load_records
+from ..data.split import Split
+from ..inference import Predictor
+from ..runfolder import SPLIT_FILE, checkpoint_dir
+from .metrics import compute_metrics, fit_normalisation, threshold_from_normals
+from .report import write_report
 
 
 def calibrate(run_dir: str | Path, validation_images: np.ndarray, device: str = "auto") -> dict[str, Any]:
@@ -93,7 +93,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     run_dir = Path(run_dir)
     pred = Predictor(run_dir, device=device)
     cfg = pred.cfg
-    split = Split.from_json(run_dir / "split.json")
+    split = Split.from_json(run_dir / SPLIT_FILE)
     t0 = time.perf_counter()
     # pixel metrics and heatmaps on the images as they are stored (maps turned back under data.align)
     loaded, res, masks, maps = score_test_split(pred, split.test, skip_bad=cfg.data.skip_bad_images)

@@ -1,6 +1,11 @@
-"""The run folder's ``checkpoint/``: everything a served model needs, nothing unpickled.
+"""The run folder: the contract between train, evaluate, predict, serve (and tune), in one module.
 
-Layout (``RUN/checkpoint/``):
+``RUN/``: ``config.yaml`` (the resolved configuration), ``split.json`` (which files were labeled normal /
+unlabeled / labeled anomaly / test, and the seed), ``checkpoint/`` (below), ``data_info.json`` (the
+images used), ``train_log.jsonl``, ``train_summary.json``, ``metrics.json``, ``report.md``,
+``scores.csv``, ``plots/``, ``heatmaps/``.
+
+``RUN/checkpoint/``: everything a served model needs, nothing unpickled:
   model.safetensors      network weights and the memory bank buffers (safetensors)
   optimizer.pt           optimizer + LR-scheduler state (torch state dicts, loadable weights_only=True)
   pseudo.safetensors     one-class classifier parameters and thresholds (arrays), with pseudo.json
@@ -23,9 +28,19 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
+from .config import Config
+from .data.split import Split
+
 
 class CheckpointError(RuntimeError):
     """A run folder has no (or an unreadable) checkpoint."""
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used (it holds another run and ``--resume`` was not given...)."""
+
+
+CONFIG_FILE, SPLIT_FILE, DATA_INFO_FILE, SUMMARY_FILE = "config.yaml", "split.json", "data_info.json", "train_summary.json"
 
 
 def _scalars_to_floats(obj: Any) -> Any:
@@ -90,11 +105,29 @@ def require_run_folder(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run folder {run} does not exist (expected a folder written by `mapl train --out {run}`)")
-    missing = [n for n in ("config.yaml", "checkpoint/state.json") if not (run / n).is_file()]
+    missing = [n for n in (CONFIG_FILE, "checkpoint/state.json") if not (run / n).is_file()]
     if missing:
         raise CheckpointError(f"{run} is not a trained run folder: {', '.join(missing)} missing "
                               "(expected the output folder of `mapl train`)")
     return run
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved configuration of a trained run (``config.yaml``; fields added since the run was
+    written take the values that reproduce it, :meth:`Config.load_run`).
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a trained run folder; ConfigError: an unreadable ``config.yaml``.
+    """
+    return Config.load_run(require_run_folder(run_dir) / CONFIG_FILE)
+
+
+def write_run_start(run_dir: str | Path, cfg: Config, split: Split) -> None:
+    """Create ``run_dir`` with ``config.yaml`` and ``split.json``: what a run is before it trains."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_FILE)
+    split.to_json(run_dir / SPLIT_FILE)
 
 
 def read_state(run_dir: str | Path) -> dict[str, Any]:
@@ -138,3 +171,51 @@ def load_pseudo(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, A
     if not path.is_file():
         return None
     return load_np(str(path)), json.loads((path.with_suffix(".json")).read_text())
+
+
+def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
+    """Check that ``run_dir`` may receive a run; returns whether it holds a checkpoint to resume.
+
+    A folder left by a run that failed before its first checkpoint holds nothing trained and is reused.
+
+    Args:
+        run_dir: the output folder (``--out``).
+        resume: continue the run in ``run_dir`` (``--resume``).
+        steps: ``train.steps`` of the (resumed) run.
+
+    Raises:
+        RunFolderError: ``run_dir`` is a file; it already holds a run and ``resume`` is False (nothing
+            is overwritten); ``resume`` with no checkpoint yet, or with fewer steps than it has done.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {run_dir} exists and is not a folder")
+    has_checkpoint = (checkpoint_dir(run_dir) / "state.json").is_file()
+    if resume:
+        if not has_checkpoint or not (run_dir / SPLIT_FILE).is_file():
+            raise RunFolderError(f"cannot resume {run_dir}: it holds no checkpoint yet (the run stopped before its first "
+                                 f"save); start it again without --resume, which reuses the folder")
+        done = int(read_state(run_dir)["step"])
+        if steps < done:
+            raise RunFolderError(f"cannot resume {run_dir} with train.steps={steps}: the checkpoint is already at step {done}")
+        return True
+    if has_checkpoint:
+        raise RunFolderError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out (nothing was overwritten)"
+        )
+    return False
+
+
+def write_train_summary(run_dir: Path, summary: dict[str, Any], resumed: bool) -> None:
+    """Write ``train_summary.json``. After ``--resume`` the summaries of the earlier segments are kept
+    under ``earlier_segments`` (oldest first) and ``steps_run_total`` / ``train_wall_s_total`` add them up."""
+    path = run_dir / SUMMARY_FILE
+    earlier: list[dict[str, Any]] = []
+    if resumed and path.is_file():
+        old = json.loads(path.read_text())
+        earlier = old.pop("earlier_segments", []) + [{k: v for k, v in old.items() if not k.endswith("_total")}]
+    segments = earlier + [summary]
+    summary["earlier_segments"] = earlier
+    summary["steps_run_total"] = sum(int(s.get("steps_run", 0)) for s in segments)
+    summary["train_wall_s_total"] = sum(float(s.get("train_wall_s", 0.0)) for s in segments)
+    path.write_text(json.dumps(summary, indent=2))

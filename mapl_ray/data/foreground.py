@@ -1,0 +1,178 @@
+"""The object (foreground) mask: where anomalies may be simulated and where pose normalisation
+finds the part (MemSeg's target foreground mask; MAPL eq. 1), with per-category presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..config import Config
+
+__all__ = ["FOREGROUND_PRESETS", "ForegroundConfig", "check_rgb_image", "foreground_mask", "resolve_foreground", "rgb_to_grey"]
+
+
+@dataclass(frozen=True)
+class ForegroundConfig:
+    """How to find the object (foreground) in which anomalies may be simulated.
+
+    Attributes:
+        use_mask: False -> the whole image is foreground (textures, full-frame surfaces).
+        threshold: grey level 0..255 separating object and background.
+        inverse: False -> foreground = grey > threshold (bright object on dark background);
+            True -> foreground = grey <= threshold (dark object on bright background).
+            Note MemSeg's ``bg_reverse`` has the opposite sense: ``inverse = not bg_reverse``.
+        open_iterations: binary opening (3x3 cross, edge-padded) iterations, removes speckles.
+        close_iterations: binary closing iterations, bridges gaps such as screw threads.
+        fill_holes: fill enclosed background (``scipy.ndimage.binary_fill_holes``); leave off
+            for objects with real holes (a drilled plate).
+    """
+
+    use_mask: bool = False
+    threshold: int = 100
+    inverse: bool = False
+    open_iterations: int = 0
+    close_iterations: int = 0
+    fill_holes: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.threshold) <= 255:
+            raise ValueError(f"ForegroundConfig.threshold must be in [0, 255], got {self.threshold}")
+        if self.open_iterations < 0 or self.close_iterations < 0:
+            raise ValueError(
+                f"ForegroundConfig open/close iterations must be >= 0, got "
+                f"{self.open_iterations}/{self.close_iterations}"
+            )
+
+
+_OBJ = ForegroundConfig  # short alias for the table below
+#: Per-category foreground settings. screw / metal_plate / magnetic_tile / solar_cell / leather
+#: were chosen by looking at the images of the data sets in shared/data (grey levels noted per row);
+#: the ``# MemSeg`` / ``# MAPL`` rows are the reference repos' ``anomaly_mask.json`` values converted
+#: to ``inverse = not bg_reverse`` and were not checked against images here.
+FOREGROUND_PRESETS: dict[str, ForegroundConfig] = {
+    # Dark grey screw (grey ~60-150) on a bright, slightly uneven background (~190-225).
+    # 130 keeps the specular shaft; opening/closing/fill make it one solid blob.
+    "screw": _OBJ(True, 130, True, open_iterations=1, close_iterations=2, fill_holes=True),
+    # Dark plate (~30-60) on a bright background (~165-200); the drilled hole is background.
+    "metal_plate": _OBJ(True, 100, True, open_iterations=1, close_iterations=1, fill_holes=False),
+    # Full-frame surfaces: the whole image is object.
+    "magnetic_tile": _OBJ(False),
+    "solar_cell": _OBJ(False),
+    "leather": _OBJ(False),
+    "carpet": _OBJ(False),
+    "grid": _OBJ(False),
+    "tile": _OBJ(False),
+    "wood": _OBJ(False),
+    # MemSeg (TooTouch/MemSeg anomaly_mask.json), converted
+    "bottle": _OBJ(True, 250, True),
+    "cable": _OBJ(True, 150, False),
+    "capsule": _OBJ(True, 120, True),
+    "hazelnut": _OBJ(True, 50, False),
+    "metal_nut": _OBJ(True, 40, False),
+    "pill": _OBJ(True, 100, False),
+    "toothbrush": _OBJ(True, 30, False),
+    "transistor": _OBJ(True, 90, True),
+    "zipper": _OBJ(True, 100, True),
+    # MAPL (jzc777/MAPL anomaly_mask.json), converted
+    "bracket_black": _OBJ(True, 81, True),
+    "cashew": _OBJ(True, 107, False),
+}
+
+
+def rgb_to_grey(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma of a uint8 ``[H, W, 3]`` image -> uint8 ``[H, W]``.
+
+    Uses Pillow's fixed-point formula ``(19595 R + 38470 G + 7471 B + 2^15) >> 16`` so the
+    result equals ``Image.convert("L")`` bit for bit.
+    """
+    c = image.astype(np.uint32)
+    return ((c[..., 0] * 19595 + c[..., 1] * 38470 + c[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def check_rgb_image(image: Any, what: str = "image") -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+                else type(image).__name__)
+        raise ValueError(f"{what} must be a uint8 array of shape [H, W, 3], got {desc}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{what} must be non-empty, got shape {image.shape}")
+
+
+def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
+    """``n`` binary dilations with the 3x3 cross (as ``scipy.ndimage.binary_dilation`` with
+    ``generate_binary_structure(2, 1)``), via array shifts: ~10x faster than scipy here.
+    Pixels outside the image count as equal to their nearest edge pixel (edge padding), so an
+    object touching the border is not eaten by the following erosion of a closing/opening."""
+    m = np.pad(mask, n, mode="edge")
+    for _ in range(n):
+        d = m.copy()
+        d[1:] |= m[:-1]
+        d[:-1] |= m[1:]
+        d[:, 1:] |= m[:, :-1]
+        d[:, :-1] |= m[:, 1:]
+        m = d
+    return m[n:-n, n:-n] if n else m
+
+
+def _erode(mask: np.ndarray, n: int) -> np.ndarray:
+    """``n`` binary erosions with the 3x3 cross, edge-padded (dual of :func:`_dilate`)."""
+    return ~_dilate(~mask, n)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions not 4-connected to the border (= ``binary_fill_holes``),
+    via one ``scipy.ndimage.label`` pass instead of scipy's iterated dilation (~5x faster)."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[border] = True
+    keep[0] = True  # label 0 = the object itself
+    return mask | ~keep[lab]
+
+
+def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
+    """Object mask by grey-level thresholding (MemSeg's target foreground mask).
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB.
+        cfg: see :class:`ForegroundConfig`.
+
+    Returns:
+        uint8 ``[H, W]`` in {0, 1}; all ones when ``cfg.use_mask`` is False.
+
+    Raises:
+        ValueError: ``image`` is not uint8 ``[H, W, 3]``.
+    """
+    check_rgb_image(image)
+    if not cfg.use_mask:
+        return np.ones(image.shape[:2], dtype=np.uint8)
+    grey = rgb_to_grey(image)
+    fg = grey <= cfg.threshold if cfg.inverse else grey > cfg.threshold
+    if cfg.open_iterations:
+        fg = _dilate(_erode(fg, cfg.open_iterations), cfg.open_iterations)
+    if cfg.close_iterations:
+        fg = _erode(_dilate(fg, cfg.close_iterations), cfg.close_iterations)
+    if cfg.fill_holes:
+        fg = _fill_holes(fg)
+    return fg.astype(np.uint8)
+
+
+def resolve_foreground(cfg: Config) -> ForegroundConfig:
+    """The object definition for ``cfg``: the category's (or ``simulation.foreground``'s) preset in
+    :data:`~mapl_ray.data.simulation.FOREGROUND_PRESETS` with the config's explicit overrides; the
+    preset's opening / closing / hole filling are kept. Used by the simulation and the pose estimator."""
+    s = cfg.simulation
+    preset = s.foreground or cfg.data.category
+    fg = FOREGROUND_PRESETS.get(preset, ForegroundConfig())
+    return dataclasses.replace(
+        fg,
+        use_mask=fg.use_mask if s.use_foreground_mask is None else s.use_foreground_mask,
+        threshold=fg.threshold if s.foreground_threshold is None else s.foreground_threshold,
+        inverse=fg.inverse if s.foreground_inverse is None else s.foreground_inverse,
+    )

@@ -1,0 +1,63 @@
+"""Batches for the training loop: loader processes that simulate anomalies ahead of the step, and the
+copy of a batch to the device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..data.batches import BatchMaker, StepBatches
+from ..tensors import to_tensor
+
+LOADER_TIMEOUT_S = 300  # a loader process that yields nothing for this long raises instead of hanging the job
+
+
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """Loader processes for anomaly simulation: ``train.loader_workers``, or by default 0 on the CPU
+    (compute and simulation share the same cores) and up to 4 beside a GPU."""
+    if cfg.train.loader_workers is not None:
+        return int(cfg.train.loader_workers)
+    return 0 if device.type == "cpu" else max(0, min(4, torch.get_num_threads() - 1))
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, ...]:
+    """(images float ``(B, 3, H, W)`` in [0, 1], masks float ``(B, 1, H, W)``, kind, label int64) on ``device``.
+
+    Accepts numpy arrays or (pinned) tensors from the loader; copies are non-blocking.
+    """
+    def dev(a):
+        return torch.as_tensor(a).to(device, non_blocking=True)
+
+    x = to_tensor(batch["images"], device)
+    if not (channels_last and device.type == "cuda"):
+        x = x.contiguous()
+    masks = dev(batch["masks"]).unsqueeze(1).float()
+    return x, masks, dev(batch["kind"]).long(), dev(batch["label"]).long()
+
+
+def make_loader(bm: BatchMaker, refit_steps: set[int], start: int, end: int, n_loader: int, cfg: Config,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` over steps ``start .. end`` of :class:`~mapl_ray.data.batches.StepBatches`:
+    ``n_loader`` processes simulate anomalies ahead of the step (0: in this process), pinned memory
+    beside a GPU, and a timeout so a stuck loader process raises instead of hanging the job.
+
+    ``train.loader_start_method`` ``auto`` is the platform default (fork on Linux), in Ray workers
+    too: on the H200 ``forkserver`` took 8.7 s to the first batch against 0.13 s with ``fork``
+    (``bench/results/gpu.json``, ``ddp.runs``).
+    """
+    method = cfg.train.loader_start_method
+    mp_context = None
+    if n_loader and method != "auto":
+        import multiprocessing
+
+        mp_context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            # the server imports these once; each loader process forks from it instead of importing torch anew
+            mp_context.set_forkserver_preload(["torch", "numpy", "PIL.Image", "mapl_ray.data.batches"])
+    return torch.utils.data.DataLoader(
+        StepBatches(bm, refit_steps), batch_size=None, sampler=range(start, end),
+        num_workers=n_loader, pin_memory=device.type == "cuda", prefetch_factor=4 if n_loader else None,
+        persistent_workers=False, multiprocessing_context=mp_context,
+        timeout=LOADER_TIMEOUT_S if n_loader else 0)

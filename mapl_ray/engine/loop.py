@@ -1,0 +1,313 @@
+"""The MAPL training loop in plain torch (no Ray): one process, one device, optionally one DDP rank.
+
+:mod:`mapl_ray.pipelines.ray_train` runs :func:`train_model` inside Ray Train workers (DDP through
+``wrap_model``). Randomness is derived from ``(seed, rank, step)``, so a resumed run draws the same
+batches as an uninterrupted one.
+
+Per step and worker (paper defaults): ``batch_normal`` labeled normals (an epoch-wise permutation, so
+every labeled normal is used) and ``batch_simulated`` simulated anomalies (eqs. 1-2) made from other
+labeled normals; plus ``batch_unlabeled`` images of the unlabeled pool and ``batch_labeled_anomaly``
+real labeled anomalies when those sets exist (:mod:`mapl_ray.data.batches`). The loss is
+:func:`mapl_ray.model.losses.compute_losses` (eqs. 14-17); the pseudo-labels come from
+:class:`mapl_ray.pseudo.labeler.PseudoLabeler`, refitted on a schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data.batches import BatchMaker
+from ..data.simulation import build_simulator
+from ..data.train_data import TrainData, memory_bank_images
+from ..model import MAPLModel, build_model, compute_losses, resolve_backend
+from ..pseudo.labeler import PseudoLabeler
+from ..pseudo.occ import OCCEnsemble
+from ..runfolder import load_model_weights, load_pseudo, load_training_state, read_state, save_checkpoint
+from ..tensors import autocast_context, to_tensor
+from .ema import WeightEMA
+from .loader import batch_to_device, loader_workers, make_loader
+from .schedule import fast_forward, make_scheduler
+from .step import CudaGraphStep, device_lr, reduce_losses
+
+log = logging.getLogger("mapl_ray.train")
+
+
+def unwrap(model: torch.nn.Module) -> MAPLModel:
+    """The network inside a DDP (or other) wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+class Trainer:
+    """The state of one training run on one worker: network, optimizer, schedule, pseudo-labeler, EMA.
+
+    Args: as :func:`train_model`.
+    """
+
+    def __init__(self, cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1,
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 report: Callable[[dict[str, Any]], None] | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.wrap_model, self.report = wrap_model, report
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.bm = BatchMaker(cfg, data, build_simulator(cfg), rank, world_size)
+        self.bank_images = memory_bank_images(cfg, data)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.graphed = bool(t.cuda_graphs and self.device.type == "cuda" and world_size == 1 and not t.compile
+                            and resolve_backend(self.model.memory.requested_backend, self.device) == "torch")
+        # a captured step needs a capturable optimizer with a device LR; fused AdamW: a few kernels, not one per tensor
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                           **({"fused": True, "capturable": True} if self.graphed else {}))
+        if self.graphed:
+            device_lr(self.optimizer, self.device)
+        self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
+        self.labeler = PseudoLabeler(cfg, self.bm, self.device)
+        self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
+        self.start_step = 0
+
+    def refresh_banks(self, core: MAPLModel) -> None:
+        """Recompute every memory bank with the encoder as it is now (broadcast from rank 0 under DDP)."""
+        for i, imgs in enumerate(self.bank_images):
+            core.refresh_memory(to_tensor(imgs, self.device), bank=i)
+            if self.world_size > 1:
+                core.banks[i].broadcast(0)
+
+    def resume(self) -> None:
+        """Continue from ``RUN/checkpoint``: weights, optimizer, LR schedule, step, EMA, pseudo-labeler.
+
+        When ``train.steps`` changed since the checkpoint, the LR schedule is rebuilt for the new length
+        and fast-forwarded to the saved step.
+
+        Raises:
+            CheckpointError: no usable checkpoint.
+        """
+        state = read_state(self.run_dir)
+        self.model.refresh_memory(to_tensor(self.bank_images[0][:1], self.device))  # bank buffers of the right shapes
+        load_model_weights(self.run_dir, self.model)
+        self.start_step = int(state["step"])
+        same_length = int(state.get("total_steps", self.cfg.train.steps)) == self.cfg.train.steps
+        extra = load_training_state(self.run_dir, self.optimizer, self.scheduler if same_length else None)
+        if self.graphed:
+            device_lr(self.optimizer, self.device)
+        if not same_length:
+            fast_forward(self.scheduler, self.start_step)
+        if self.ema is not None:
+            self.ema.resume(extra.get("raw_params"))
+        saved = load_pseudo(self.run_dir)
+        if saved is not None:
+            self.labeler.ensemble = OCCEnsemble.from_state(*saved)
+            self.labeler.fitted_step = int(state.get("pseudo_fitted_step", -1))
+        log.info("resumed from %s at step %d", self.run_dir / "checkpoint", self.start_step)
+
+    def save(self, step: int) -> None:
+        """Rank 0 writes ``RUN/checkpoint`` (the EMA weights when ``train.ema_decay`` > 0, the raw ones
+        in ``optimizer.pt`` to resume from)."""
+        if self.rank != 0:
+            return
+        core = unwrap(self.model)
+        state = {"step": step, "total_steps": self.cfg.train.steps, "encoder": self.cfg.model.encoder,
+                 "image_size": self.cfg.data.image_size, "memory_backend": core.memory.backend,
+                 "pseudo_fitted_step": self.labeler.fitted_step}
+        pseudo = self.labeler.ensemble.state_dict() if self.labeler.ensemble is not None else None
+        args = (self.run_dir, core, state, self.optimizer, self.scheduler, pseudo)
+        if self.ema is None:
+            save_checkpoint(*args)
+            return
+        with self.ema.swapped():  # serve the averaged weights; keep the raw ones to resume from
+            save_checkpoint(*args, extra={"raw_params": self.ema.raw_copy()})
+
+    def _net(self) -> torch.nn.Module:
+        """The network as the loop runs it: channels-last on CUDA, wrapped (DDP), compiled when asked."""
+        t = self.cfg.train
+        if t.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        net = self.wrap_model(self.model) if self.wrap_model else self.model
+        if t.compile:
+            net = torch.compile(net)
+        net.train()
+        return net
+
+    def _step_fn(self, net: torch.nn.Module):
+        """Forward, losses, backward and optimizer step of one batch (gradients zeroed by the caller)."""
+        cfg, labeler, optimizer, has_pool = self.cfg, self.labeler, self.optimizer, self.bm.has_pool()
+
+        def step_fn(x, masks, kind, label, capturing: bool = False) -> dict[str, torch.Tensor]:
+            with autocast_context(self.device, cfg.train.amp, cache_enabled=not capturing):
+                out = net(x)
+            pseudo = labeler.predict(out["pooled"])
+            losses = compute_losses(out, masks, kind, label, pseudo, cfg, has_pool=has_pool)
+            losses["loss"].backward()
+            optimizer.step()
+            # detached: a loss held until the next step would keep this step's autograd graph (and its
+            # gradient-accumulation nodes, bound to this step's stream) alive into the next capture
+            return {k: v.detach() for k, v in losses.items()}
+
+        return step_fn
+
+    def _log(self, step: int, end_step: int, losses: dict[str, torch.Tensor], step_times: list[float],
+             pseudo_stats: dict[str, Any]) -> dict[str, float] | None:
+        """Every ``log_every`` steps: losses to ``train_log.jsonl``; every ``report_every`` and at the end: ``report``.
+        Returns the reduced losses when they were read (a host sync), else None."""
+        t = self.cfg.train
+        do_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        do_report = self.report is not None and ((t.report_every and (step + 1) % t.report_every == 0)
+                                                 or step + 1 == end_step)
+        if not (do_log or do_report):
+            return None
+        last = reduce_losses(losses, self.world_size)  # the same steps on every rank: the all-reduce matches up
+        rec = {"step": step + 1, "lr": float(self.scheduler.get_last_lr()[0]),
+               "step_s": float(np.mean(step_times[-t.log_every:])), **last, **pseudo_stats}
+        if self.rank == 0 and do_log:
+            with (self.run_dir / "train_log.jsonl").open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            log.info("step %d loss %.4f (l1 %.4f focal %.4f l_yl %.4f l_yu %.4f)", step + 1, last["loss"],
+                     last["l1"], last["focal"], last["l_yl"], last["l_yu"])
+        if do_report:
+            self.report(rec)
+        return last
+
+    def run(self, end_step: int, progress: bool = True) -> tuple[MAPLModel, dict[str, Any]]:
+        """Train from ``start_step`` to ``end_step``, saving every ``checkpoint_every`` steps and at the end."""
+        t, labeler, device = self.cfg.train, self.labeler, self.device
+        net = self._net()
+        step_fn = self._step_fn(net)
+        graph_step = CudaGraphStep(step_fn, self.optimizer, device) if self.graphed else None
+        n_loader = loader_workers(self.cfg, device)
+        refit = {s for s in range(self.start_step, end_step) if labeler.is_refit_step(s)}
+        loader = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device)
+        bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
+        t0 = time.perf_counter()
+        times = {"step": [], "wait": [], "fit": 0.0}
+        last: dict[str, float] = {}
+        pseudo_stats: dict[str, Any] = {}
+        batch: dict[str, Any] = {}
+        t_ready = time.perf_counter()
+        for step, batch in zip(range(self.start_step, end_step), loader):
+            ts = time.perf_counter()
+            times["wait"].append(ts - t_ready)
+            pool = batch.pop("pool", None)
+            if labeler.due(step) and labeler.fitted_step != step:
+                t_fit = time.perf_counter()
+                pseudo_stats = labeler.fit(unwrap(net), step, pool)
+                times["fit"] += time.perf_counter() - t_fit
+                net.train()
+            inputs = batch_to_device(batch, device, t.channels_last)
+            if graph_step is not None:
+                losses = graph_step((labeler.fitted_step, self.model.memory.generation), *inputs)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                losses = step_fn(*inputs)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            core = unwrap(self.model)
+            if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
+                self.refresh_banks(core)
+            times["step"].append(time.perf_counter() - ts)
+            last = self._log(step, end_step, losses, times["step"], pseudo_stats) or last
+            _update_bar(bar, last)
+            if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
+                self.save(step + 1)
+            t_ready = time.perf_counter()
+        return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
+
+    def _finish(self, end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar):
+        """Final save, EMA weights in place, and the training summary."""
+        if bar:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
+            log.warning("the pseudo-labeler was never fitted: training stopped at step %d, before pseudo.warmup_steps = %d; "
+                        "the run has no pseudo-labeler state and L_Yu was not used", end_step, self.cfg.pseudo.warmup_steps)
+        loop_wall = time.perf_counter() - t0
+        self.save(end_step)
+        wall = time.perf_counter() - t0
+        if self.ema is not None:
+            self.ema.copy_to_params()
+        model = unwrap(self.model).eval()
+        steps_run = end_step - self.start_step
+        per_worker_batch = len(batch["kind"]) if steps_run > 0 else 0
+        loader_context = self.cfg.train.loader_start_method
+        summary = {"train_wall_s": wall, "steps_run": steps_run, "loop_wall_s": loop_wall,
+                   "world_size": self.world_size, "per_worker_batch": per_worker_batch, "loader_workers": n_loader,
+                   "loader_start_method": (loader_context if loader_context != "auto" else "default") if n_loader else None,
+                   "images_per_s": steps_run * per_worker_batch * self.world_size / max(loop_wall, 1e-9),
+                   **_timing_summary(times), "final_losses": last, "pseudo": pseudo_stats,
+                   "memory_backend": model.memory.backend, "pseudo_fit_s": times["fit"], "cuda_graph_step": self.graphed,
+                   "graph_captures": graph_step.captures if graph_step else 0,
+                   "graph_capture_error": graph_step.failed if graph_step else None,
+                   "eager_steps": graph_step.eager_steps if graph_step else steps_run}
+        return model, summary
+
+
+def _timing_summary(times: dict[str, Any]) -> dict[str, float]:
+    """Step-time statistics (the first 5 steps are warm-up) and the time spent waiting for batches."""
+    measured = times["step"][min(5, max(0, len(times["step"]) - 1)):]
+    waits = times["wait"]
+    return {"step_s_mean": float(np.mean(measured)) if measured else math.nan,
+            "step_s_median": float(np.median(measured)) if measured else math.nan,
+            "first_batch_s": waits[0] if waits else math.nan,
+            # time spent waiting for batches after the first: > 0 means the loader, not the GPU, set the pace
+            "loader_wait_s": float(np.sum(waits[1:])) if waits else math.nan}
+
+
+def _progress_bar(show: bool, total: int, initial: int):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, last: dict[str, float]) -> None:
+    if bar:
+        bar.update(1)
+        if last:
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+
+
+def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
+                rank: int = 0, world_size: int = 1, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
+                progress: bool = True, stop_at: int | None = None) -> tuple[MAPLModel, dict[str, Any]]:
+    """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
+
+    Args:
+        cfg: resolved configuration.
+        data: decoded training images.
+        run_dir: the run folder (checkpoints and ``train_log.jsonl`` go there; rank 0 only).
+        device: torch device of this worker.
+        rank, world_size: this worker's place in the DDP group.
+        wrap_model: e.g. ``ray.train.torch.prepare_model`` (DDP); identity when None.
+        report: called on every rank with the metrics dict of every ``train.report_every``-th step
+            and of the last step (Ray Train's report; per-step losses go to ``train_log.jsonl``).
+        resume: continue from ``RUN/checkpoint`` (:meth:`Trainer.resume`).
+        stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
+
+    Returns:
+        (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
+
+    Raises:
+        CheckpointError: ``resume`` without a usable checkpoint.
+    """
+    trainer = Trainer(cfg, data, run_dir, device, rank, world_size, wrap_model, report)
+    if resume:
+        trainer.resume()
+    else:
+        trainer.refresh_banks(trainer.model)
+    end_step = cfg.train.steps if stop_at is None else min(cfg.train.steps, stop_at)
+    return trainer.run(end_step, progress)

@@ -1,0 +1,127 @@
+"""The main job: check the inputs, open the run folder, decode the training set, train (Ray Train by
+default, or in this process), calibrate on held-out labeled normals, evaluate on the test split.
+
+``ray.init()`` starts local Ray on one machine (the embedded default); with ``RAY_ADDRESS`` set the
+same call joins that cluster (:mod:`mapl_ray.pipelines.ray_train`). The test split is read only by
+the evaluation at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError
+from .data.io import check_test_masks
+from .data.layout import LayoutError, scan_category, scan_folder
+from .data.pose import build_pose_estimator
+from .data.simulation import build_simulator
+from .data.split import Split, make_split
+from .data.train_data import data_summary, load_train_data
+from .model.encoder import WeightsError, build_encoder
+from .runfolder import DATA_INFO_FILE, SPLIT_FILE, open_run_folder, write_run_start, write_train_summary
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
+    fields = {"data.root": cfg.data.root, "simulation.texture_dir": cfg.simulation.texture_dir,
+              "data.unlabeled_dir": cfg.data.unlabeled_dir, "model.weights": cfg.model.weights}
+    return cfg.override({k: str(Path(v).expanduser().resolve()) for k, v in fields.items() if v})
+
+
+def check_inputs(cfg: Config) -> Split:
+    """Check every input of a new run before anything is written, and draw its split (``cfg`` validated).
+
+    Raises:
+        LayoutError: the data set is not in MVTec AD layout, a mask misfits its image, the texture
+            folder is missing or empty (each names the path).
+        ConfigError: settings that cannot work together (e.g. ``data.align`` without an object
+            threshold, more labeled anomalies than the test split holds).
+        WeightsError: a missing or unusable encoder weights file, or an unknown backbone.
+    """
+    if not cfg.data.root or not cfg.data.category:
+        raise LayoutError("data.root and data.category are required (mapl train --data ROOT --category NAME)")
+    index = scan_category(cfg.data.root, cfg.data.category, require_masks=cfg.data.require_masks)
+    check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
+    build_simulator(cfg)  # a missing / empty texture folder
+    build_pose_estimator(cfg)  # data.align without an object threshold
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise WeightsError(f"encoder weights file {cfg.model.weights} does not exist (model.weights / --weights)")
+    build_encoder(cfg.model.encoder, cfg.model.weights, cfg.model.pretrained)  # unknown backbone / bad weights
+    unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
+    try:
+        return make_split(index, seed=cfg.data.seed, unlabeled=unlabeled, unlabeled_fraction=cfg.data.unlabeled_fraction,
+                          contamination=cfg.data.contamination, labeled_anomalies=cfg.data.labeled_anomalies)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> Split:
+    """Open the run folder: a new run checks its inputs and writes ``config.yaml`` and ``split.json``;
+    ``resume`` reads the stopped run's split. ``cfg`` paths must be absolute (:func:`absolute_paths`).
+
+    Raises:
+        RunFolderError: see :func:`~mapl_ray.runfolder.open_run_folder`; and the errors of :func:`check_inputs`.
+    """
+    cfg.validate()
+    if open_run_folder(run_dir, resume, cfg.train.steps):
+        return Split.from_json(Path(run_dir) / SPLIT_FILE)
+    split = check_inputs(cfg)
+    write_run_start(run_dir, cfg, split)
+    return split
+
+
+def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ray: bool = True,
+                  progress: bool = True) -> dict[str, Any]:
+    """The main job: prepare the run, train, calibrate on validation normals, evaluate on test.
+
+    Writes ``config.yaml``, ``split.json``, ``data_info.json``, ``checkpoint/``, ``train_log.jsonl``,
+    ``train_summary.json``, ``metrics.json``, ``report.md``, ``scores.csv``, ``plots/``, ``heatmaps/``
+    into ``run_dir``. Returns the metrics dict.
+
+    Raises:
+        RunFolderError, LayoutError, ConfigError, WeightsError: bad input, before anything is trained.
+        TrainingFailed: a training worker failed for another reason.
+    """
+    from .eval.evaluate import calibrate, evaluate_run
+
+    run_dir = Path(run_dir)
+    cfg = absolute_paths(cfg)
+    split = prepare_run(cfg, run_dir, resume)
+    if resume:
+        cfg.save(run_dir / "config.yaml")  # e.g. more steps than the stopped run had
+    t0 = time.perf_counter()
+    data, val_images, data_info = load_train_data(cfg, split)
+    load_s = time.perf_counter() - t0
+    (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
+    if use_ray:
+        from .pipelines.ray_train import train_with_ray
+
+        summary = train_with_ray(cfg, data, run_dir, resume=resume, progress=progress)
+    else:
+        summary = train_in_process(cfg, data, run_dir, resume=resume, progress=progress)
+    shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
+    calibrate(run_dir, val_images)
+    summary["data_load_s"] = load_s
+    try:
+        training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
+        return evaluate_run(run_dir, extra_info={"training": training, "data": data_summary(data_info)})
+    except LayoutError as e:
+        raise LayoutError(f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
+                          f"`mapl evaluate {run_dir}`)") from e
+
+
+def train_in_process(cfg: Config, data, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train in this process without Ray (``--no-ray``): the first GPU with ``train.use_gpu``, else the CPU.
+    Writes ``train_summary.json``; returns the summary."""
+    import torch
+
+    from .engine.loop import train_model
+
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    _, summary = train_model(cfg, data, run_dir, device=device, resume=resume, progress=progress)
+    write_train_summary(run_dir, summary, resumed=resume)
+    return summary

@@ -1,0 +1,31 @@
+"""Small torch helpers shared by training and inference: image arrays to tensors, device choice, autocast."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` (numpy, or a possibly pinned tensor) -> float32 ``(N, 3, H, W)`` in [0, 1]
+    on ``device``, copied non-blocking; the NHWC storage makes the result channels-last."""
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def autocast_context(device: torch.device, amp: str, cache_enabled: bool = True):
+    """bf16 autocast where asked (``amp='bf16'``, or ``auto`` on CUDA); a no-op context otherwise.
+
+    ``cache_enabled=False`` inside CUDA-graph capture (autocast's weight-cast cache must not outlive it).
+    """
+    if amp not in ("auto", "off", "bf16"):
+        raise ValueError(f"train.amp must be auto, off or bf16, got {amp!r}")
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache_enabled)
