@@ -48,8 +48,14 @@ def score_run(run: Path, banks: int, max_test: int | None) -> dict:
     bank_images = memory_bank_images(cfg, data)
     for i, imgs in enumerate(bank_images[1:], start=1):
         pred.model.refresh_memory(to_tensor(imgs, "cpu"), bank=i)
-    out = {"test_images": int(len(labels)), "test_anomalous": int(labels.sum()), "eval_tta": cfg.eval.tta,
-           "memory_rotations": cfg.model.memory_rotations, "image_auroc_by_banks": {}, "eval_s_by_banks": {}}
+    out = {
+        "test_images": int(len(labels)),
+        "test_anomalous": int(labels.sum()),
+        "eval_tta": cfg.eval.tta,
+        "memory_rotations": cfg.model.memory_rotations,
+        "image_auroc_by_banks": {},
+        "eval_s_by_banks": {},
+    }
     for k in range(1, len(bank_images) + 1):
         pred.memory_banks = k
         t0 = time.perf_counter()
@@ -70,13 +76,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = Path(__file__).resolve().parent / "results" / "bank_ensemble.json"
     out = json.loads(path.read_text()) if path.is_file() else {}
-    out["what"] = ("test image AUROC of trained one-bank runs rescored with a memory-bank ensemble built afterwards "
-                   "from their own training normals (bench/bank_ensemble.py)")
+    out["what"] = (
+        "test image AUROC of trained one-bank runs rescored with a memory-bank ensemble built afterwards "
+        "from their own training normals (bench/bank_ensemble.py)"
+    )
     out["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32"
     for run in args.runs:
         r = score_run(Path(run), args.banks, args.max_test)
-        out.setdefault("runs", {})[str(run)] = {"command": f"python bench/bank_ensemble.py {run} --banks {args.banks}"
-                                                + (f" --max-test {args.max_test}" if args.max_test else ""), **r}
+        out.setdefault("runs", {})[str(run)] = {
+            "command": f"python bench/bank_ensemble.py {run} --banks {args.banks}"
+            + (f" --max-test {args.max_test}" if args.max_test else ""),
+            **r,
+        }
         path.write_text(json.dumps(out, indent=2))
 
 

@@ -55,10 +55,12 @@ def main() -> None:
         train = load_records(index.train_good, 256)
         labels = np.array([r.label for r in test.records])
         means = test.images.reshape(len(labels), -1).mean(1)
-        out[cat] = {"brightness_only_auroc": image_auroc(labels, means),
-                    "mean_grey_train_good": float(train.images.mean()),
-                    "mean_grey_test_good": float(means[labels == 0].mean()),
-                    "mean_grey_test_defective": float(means[labels == 1].mean())}
+        out[cat] = {
+            "brightness_only_auroc": image_auroc(labels, means),
+            "mean_grey_train_good": float(train.images.mean()),
+            "mean_grey_test_good": float(means[labels == 0].mean()),
+            "mean_grey_test_defective": float(means[labels == 1].mean()),
+        }
         print(cat, json.dumps(out[cat]))
     path.write_text(json.dumps(out, indent=2))
 
@@ -91,10 +93,15 @@ def score_run(run: Path) -> dict:
     raw = pred.predict_arrays(test.images)["scores"]
     matched = pred.predict_arrays(brightness_matched(test.images, target))["scores"]
     grey = test.images.reshape(len(labels), -1).mean(1)
-    return {"encoder": cfg.model.encoder, "steps_trained": int(read_state(run)["step"]),
-            "eval_tta": cfg.eval.tta, "target_mean_grey": round(target, 2),
-            "image_auroc": image_auroc(labels, raw), "image_auroc_brightness_matched": image_auroc(labels, matched),
-            "score_brightness_spearman": float(spearmanr(raw, grey).statistic)}
+    return {
+        "encoder": cfg.model.encoder,
+        "steps_trained": int(read_state(run)["step"]),
+        "eval_tta": cfg.eval.tta,
+        "target_mean_grey": round(target, 2),
+        "image_auroc": image_auroc(labels, raw),
+        "image_auroc_brightness_matched": image_auroc(labels, matched),
+        "score_brightness_spearman": float(spearmanr(raw, grey).statistic),
+    }
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def bench_memory(device: torch.device, shapes, batch: int = 64) -> dict:
         bank = [torch.randn(n, *s, device=device, generator=g) for s in shapes]
         row = {}
         if n <= 300:  # the loop at N=3000 would take minutes
-            row["naive_loop"] = 1000 * cuda_time(lambda: naive_memory_step(feats, bank), warmup=1, iters=2 if n > 30 else 3)
+            row["naive_loop"] = 1000 * cuda_time(
+                lambda: naive_memory_step(feats, bank), warmup=1, iters=2 if n > 30 else 3
+            )
         for backend, ok in (("torch", True), ("faiss", has_faiss)):
             if not ok:
                 continue
@@ -96,7 +98,10 @@ def bench_memory(device: torch.device, shapes, batch: int = 64) -> dict:
                 di, idx = mb.difference(feats, exclude_self=False)
                 return [torch.cat([f, d], 1) for f, d in zip(feats, di)]
 
-            name = {"torch": "batched_torch", "faiss": "faiss_gpu" if (device.type == "cuda" and n_gpu) else "faiss_cpu"}[backend]
+            name = {
+                "torch": "batched_torch",
+                "faiss": "faiss_gpu" if (device.type == "cuda" and n_gpu) else "faiss_cpu",
+            }[backend]
             row[name] = 1000 * cuda_time(step)
             if backend == "torch":
                 ref = naive_memory_step(feats, bank) if n <= 30 else None
@@ -104,7 +109,9 @@ def bench_memory(device: torch.device, shapes, batch: int = 64) -> dict:
                     got = step()
                     row["batched_matches_naive"] = bool(all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ref, got)))
         out["ms"][str(n)] = row
-    out["speedup_vs_naive"] = {n: round(r["naive_loop"] / r["batched_torch"], 1) for n, r in out["ms"].items() if "naive_loop" in r}
+    out["speedup_vs_naive"] = {
+        n: round(r["naive_loop"] / r["batched_torch"], 1) for n, r in out["ms"].items() if "naive_loop" in r
+    }
     return out
 
 
@@ -116,7 +123,9 @@ def bench_train(cfg: Config, device: torch.device) -> dict:
             model = build_model(c).to(device).to(memory_format=torch.channels_last)
             model.refresh_memory(torch.rand(30, 3, 256, 256, device=device))
             model.train()
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=device.type == "cuda")
+            opt = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=device.type == "cuda"
+            )
             x = torch.rand(batch, 3, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
             masks = (torch.rand(batch, 1, 256, 256, device=device) > 0.97).float()
             masks[: batch // 2] = 0
@@ -133,8 +142,11 @@ def bench_train(cfg: Config, device: torch.device) -> dict:
                 opt.step()
 
             t = cuda_time(step, warmup=5, iters=20)
-            res[f"{'fp32' if amp == 'off' else 'bf16'}_b{batch}"] = {"images_per_s": round(batch / t, 1), "step_ms": round(1000 * t, 2),
-                                                                    "peak_gpu_mem_mb": round(peak_mb(step), 1)}
+            res[f"{'fp32' if amp == 'off' else 'bf16'}_b{batch}"] = {
+                "images_per_s": round(batch / t, 1),
+                "step_ms": round(1000 * t, 2),
+                "peak_gpu_mem_mb": round(peak_mb(step), 1),
+            }
             del model, opt
             torch.cuda.empty_cache() if device.type == "cuda" else None
     return res
@@ -153,16 +165,21 @@ def bench_infer(run_dir: Path, device: torch.device) -> dict:
         pred = Predictor(run_dir, device=device, cuda_graphs=graphs, amp=amp, tta=tta)
         for batch in (1, 32, 256):
             x = torch.rand(batch, 3, 256, 256, device=device)
-            name = (f"{'fp32' if amp == 'off' else 'bf16'}_{'graph' if graphs else 'eager'}_b{batch}"
-                    + ("_tta8" if tta == "rot90" else ""))
+            name = f"{'fp32' if amp == 'off' else 'bf16'}_{'graph' if graphs else 'eager'}_b{batch}" + (
+                "_tta8" if tta == "rot90" else ""
+            )
 
             def step(pred=pred, x=x):
                 return pred.predict_tensor(x)["scores"]
 
             try:
                 t = cuda_time(step, warmup=5, iters=20)
-                res[name] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 3),
-                             "peak_gpu_mem_mb": round(peak_mb(step), 1), "cuda_graphs": pred.cuda_graphs}
+                res[name] = {
+                    "images_per_s": round(batch / t, 1),
+                    "ms_per_batch": round(1000 * t, 3),
+                    "peak_gpu_mem_mb": round(peak_mb(step), 1),
+                    "cuda_graphs": pred.cuda_graphs,
+                }
             except Exception as e:  # noqa: BLE001 - recorded in the results, the other configurations still run
                 res[name] = {"error": f"{type(e).__name__}: {e}"}
             print(name, res[name], flush=True)
@@ -187,8 +204,12 @@ def bench_infer_banks(run_dir: Path, device: torch.device) -> dict:
                 return pred.predict_tensor(x)["scores"]
 
             t = cuda_time(step, warmup=5, iters=20)
-            res[f"banks{k}_b{batch}"] = {"images_per_s": round(batch / t, 1), "ms_per_batch": round(1000 * t, 3),
-                                         "peak_gpu_mem_mb": round(peak_mb(step), 1), "cuda_graphs": pred.cuda_graphs}
+            res[f"banks{k}_b{batch}"] = {
+                "images_per_s": round(batch / t, 1),
+                "ms_per_batch": round(1000 * t, 3),
+                "peak_gpu_mem_mb": round(peak_mb(step), 1),
+                "cuda_graphs": pred.cuda_graphs,
+            }
             print(f"banks{k}_b{batch}", res[f"banks{k}_b{batch}"], flush=True)
         del pred
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -217,15 +238,29 @@ def full_run(cfg: Config, device: str, out_dir: Path, amp: str, seed: int = 0, t
     calibrate(run, val, device=device)
     t1 = time.perf_counter()
     m = evaluate_run(run, device=device)["overall"]
-    return {"train_wall_s": round(wall, 2), "loop_wall_s": round(summary["loop_wall_s"], 2),
-            "images_per_s": round(summary["images_per_s"], 1), "step_s_median": summary["step_s_median"],
-            "loader_workers": summary["loader_workers"], "loader_wait_s": round(summary["loader_wait_s"], 2),
-            "first_batch_s": round(summary["first_batch_s"], 2), "pseudo_fit_s": round(summary["pseudo_fit_s"], 2),
-            "cuda_graph_step": summary["cuda_graph_step"], "graph_captures": summary["graph_captures"],
-            "eager_steps": summary["eager_steps"], "evaluate_s": round(time.perf_counter() - t1, 2),
-            "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "seed": seed,
-            "train_augment": c.train.augment, "eval_tta": c.eval.tta,
-            "memory_backend": summary["memory_backend"], "peak_gpu_mem_mb": round(peak, 1), "run_dir": str(run)}
+    return {
+        "train_wall_s": round(wall, 2),
+        "loop_wall_s": round(summary["loop_wall_s"], 2),
+        "images_per_s": round(summary["images_per_s"], 1),
+        "step_s_median": summary["step_s_median"],
+        "loader_workers": summary["loader_workers"],
+        "loader_wait_s": round(summary["loader_wait_s"], 2),
+        "first_batch_s": round(summary["first_batch_s"], 2),
+        "pseudo_fit_s": round(summary["pseudo_fit_s"], 2),
+        "cuda_graph_step": summary["cuda_graph_step"],
+        "graph_captures": summary["graph_captures"],
+        "eager_steps": summary["eager_steps"],
+        "evaluate_s": round(time.perf_counter() - t1, 2),
+        "image_auroc": m["image_auroc"],
+        "pixel_auroc": m["pixel_auroc"],
+        "aupro": m["aupro"],
+        "seed": seed,
+        "train_augment": c.train.augment,
+        "eval_tta": c.eval.tta,
+        "memory_backend": summary["memory_backend"],
+        "peak_gpu_mem_mb": round(peak, 1),
+        "run_dir": str(run),
+    }
 
 
 def main() -> None:
@@ -238,8 +273,11 @@ def main() -> None:
     p.add_argument("--runs", default="/tmp/mapl_gpu_runs")
     p.add_argument("--skip", default="", help="comma list of parts to skip: memory,train,infer,full,banks")
     p.add_argument("--seeds", default="0", help="training seeds of the full bf16 / fp32 runs (comma list)")
-    p.add_argument("--eager", action="store_true",
-                   help="also run the first seed's full bf16 run with train.cuda_graphs=false (side by side)")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="also run the first seed's full bf16 run with train.cuda_graphs=false (side by side)",
+    )
     p.add_argument("--set", default="", help="comma list of config overrides key=value for every run")
     args = p.parse_args()
     skip = set(args.skip.split(","))
@@ -253,10 +291,18 @@ def main() -> None:
     out = Path(args.out)
     # merge: a call that skips parts keeps the earlier results of those parts
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result.update({"machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
-                               "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
-                   "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20",
-                   "command": "python bench/gpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v)})
+    result.update(
+        {
+            "machine": {
+                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "host": platform.node(),
+            },
+            "settings": "256x256, encoder tf_efficientnet_lite2 (frozen), channels_last; CUDA events, median of 20",
+            "command": "python bench/gpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
+        }
+    )
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +326,9 @@ def main() -> None:
         # train_wall_s: the whole train_model call (model build, memory bank, 500 steps, pseudo-labeler
         # refits, final checkpoint); loop_wall_s: the 500 steps alone
         seeds = [int(x) for x in args.seeds.split(",")]
-        full_run(cfg.override({"train.steps": 20}), device.type, runs / "warmup", "bf16")  # CUDA / cuDNN first use, untimed
+        full_run(
+            cfg.override({"train.steps": 20}), device.type, runs / "warmup", "bf16"
+        )  # CUDA / cuDNN first use, untimed
         by_seed = {(amp, sd): full_run(cfg, device.type, runs, amp, sd) for sd in seeds for amp in ("bf16", "off")}
         result["full_run"] = {amp: by_seed[(amp, seeds[0])] for amp in ("bf16", "off")}
         result["full_run_s"] = result["full_run"]["bf16"]["train_wall_s"]
@@ -289,16 +337,20 @@ def main() -> None:
         # one pair of runs differs by the seed-to-seed spread; the same seeds in both dtypes show the dtype's own effect
         diffs = [by_seed[("bf16", sd)]["image_auroc"] - by_seed[("off", sd)]["image_auroc"] for sd in seeds]
         result["full_run_seeds"] = {
-            "seeds": seeds, "auroc_bf16": [by_seed[("bf16", sd)]["image_auroc"] for sd in seeds],
+            "seeds": seeds,
+            "auroc_bf16": [by_seed[("bf16", sd)]["image_auroc"] for sd in seeds],
             "auroc_fp32": [by_seed[("off", sd)]["image_auroc"] for sd in seeds],
             "train_wall_s_bf16": [by_seed[("bf16", sd)]["train_wall_s"] for sd in seeds],
-            "paired_diff_bf16_minus_fp32": diffs, "mean_diff": sum(diffs) / len(diffs),
+            "paired_diff_bf16_minus_fp32": diffs,
+            "mean_diff": sum(diffs) / len(diffs),
             "mean_abs_diff": sum(abs(d) for d in diffs) / len(diffs),
             "mean_bf16": float(np.mean([by_seed[("bf16", sd)]["image_auroc"] for sd in seeds])),
-            "mean_fp32": float(np.mean([by_seed[("off", sd)]["image_auroc"] for sd in seeds]))}
+            "mean_fp32": float(np.mean([by_seed[("off", sd)]["image_auroc"] for sd in seeds])),
+        }
         if args.eager:
-            result["full_run_eager"] = full_run(cfg.override({"train.cuda_graphs": False}), device.type, runs, "bf16",
-                                                seeds[0], tag="_eager")
+            result["full_run_eager"] = full_run(
+                cfg.override({"train.cuda_graphs": False}), device.type, runs, "bf16", seeds[0], tag="_eager"
+            )
         save()
         print("full", json.dumps(result["full_run"]), flush=True)
     if "infer" not in skip and args.data:
@@ -313,13 +365,18 @@ def main() -> None:
         from mapl_ray.presets import category_preset
 
         c = cfg.override(category_preset(args.category) or {"model.memory_banks": 10})
-        result["memory_bank_ensemble"] = {"preset": category_preset(args.category), "command": result["command"],
-                                          "full_run": full_run(c, device.type, runs, "bf16", tag="_banks"),
-                                          "infer": bench_infer_banks(runs / "full_bf16_banks", device)}
+        result["memory_bank_ensemble"] = {
+            "preset": category_preset(args.category),
+            "command": result["command"],
+            "full_run": full_run(c, device.type, runs, "bf16", tag="_banks"),
+            "infer": bench_infer_banks(runs / "full_bf16_banks", device),
+        }
         save()
-    result["peak_gpu_mem_mb"] = {**{f"train_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("train", {}).items()},
-                                 **{f"infer_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("infer", {}).items() if "peak_gpu_mem_mb" in v},
-                                 **{f"full_run_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("full_run", {}).items()}}
+    result["peak_gpu_mem_mb"] = {
+        **{f"train_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("train", {}).items()},
+        **{f"infer_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("infer", {}).items() if "peak_gpu_mem_mb" in v},
+        **{f"full_run_{k}": v["peak_gpu_mem_mb"] for k, v in result.get("full_run", {}).items()},
+    }
     result.setdefault("ddp_scaling_2gpu", None)  # bench/ddp.py (Ray Train, two GPUs) fills it in
     save()
 

@@ -94,7 +94,9 @@ def repack_wheels(src: Path, dst: Path) -> None:
                     continue
                 data = zi.read(info)
                 if info.filename.endswith(".dist-info/RECORD"):
-                    data = "".join(row + "\n" for row in data.decode().splitlines() if not _drop(row.split(",")[0])).encode()
+                    data = "".join(
+                        row + "\n" for row in data.decode().splitlines() if not _drop(row.split(",")[0])
+                    ).encode()
                 info.compress_type = zipfile.ZIP_LZMA
                 zo.writestr(info, data)
 
@@ -124,8 +126,15 @@ def main() -> None:
             shutil.copy(whl, faiss / whl.name)
     else:
         print(f"{wheels} not found: run ../shared/gpu/prepare-wheels.sh {wheels} first for the Ray wheels")
-    for folder in sorted({*(data / i.split('/')[0] for i in args.categories.split(",")), data / "dtd256", data / "w",
-                          here / ".whl_gpu", here / ".whl_faiss"}):
+    for folder in sorted(
+        {
+            *(data / i.split("/")[0] for i in args.categories.split(",")),
+            data / "dtd256",
+            data / "w",
+            here / ".whl_gpu",
+            here / ".whl_faiss",
+        }
+    ):
         if folder.exists():
             print(f"{folder.relative_to(here)}: {size_mib(folder):.1f} MiB")
 

@@ -51,14 +51,32 @@ def ray_rss_mb() -> float:
 
 
 def machine() -> dict:
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "gpu": "none"}
+    return {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": "none",
+    }
 
 
 def run_category(category: str, data_root: Path, textures: Path, out: Path, extra: list[str]) -> dict:
-    cmd = ["mapl", "train", "--data", str(data_root / CATEGORIES[category]), "--category", category,
-           "--textures", str(textures), "--out", str(out), "--quiet", *extra]
+    cmd = [
+        "mapl",
+        "train",
+        "--data",
+        str(data_root / CATEGORIES[category]),
+        "--category",
+        category,
+        "--textures",
+        str(textures),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
@@ -88,15 +106,31 @@ def run_category(category: str, data_root: Path, textures: Path, out: Path, extr
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     o = metrics["overall"]
     return {
-        "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro"], "f1_max": o["f1_max"],
+        "image_auroc": o["image_auroc"],
+        "pixel_auroc": o["pixel_auroc"],
+        "aupro": o["aupro"],
+        "f1_max": o["f1_max"],
         "per_defect_image_auroc": {k: v["image_auroc"] for k, v in metrics["per_defect"].items()},
-        "train_wall_s": round(summary["train_wall_s"], 1), "step_s_median": round(summary["step_s_median"], 3),
-        "step_s_mean": round(summary["step_s_mean"], 3), "job_wall_s": round(wall, 1),
-        "peak_rss_mb": round(peak["with_ray"], 1), "peak_rss_mb_job_tree": round(peak["tree"], 1),
-        "memory_backend": summary.get("memory_backend"), "command": " ".join(cmd), "run": str(out),
-        "config": {k: cfg[s][k] for s, k in (("data", "align"), ("train", "augment"), ("eval", "tta"),
-                                              ("model", "memory_rotations"), ("model", "memory_samples"),
-                                              ("model", "memory_banks"))},
+        "train_wall_s": round(summary["train_wall_s"], 1),
+        "step_s_median": round(summary["step_s_median"], 3),
+        "step_s_mean": round(summary["step_s_mean"], 3),
+        "job_wall_s": round(wall, 1),
+        "peak_rss_mb": round(peak["with_ray"], 1),
+        "peak_rss_mb_job_tree": round(peak["tree"], 1),
+        "memory_backend": summary.get("memory_backend"),
+        "command": " ".join(cmd),
+        "run": str(out),
+        "config": {
+            k: cfg[s][k]
+            for s, k in (
+                ("data", "align"),
+                ("train", "augment"),
+                ("eval", "tta"),
+                ("model", "memory_rotations"),
+                ("model", "memory_samples"),
+                ("model", "memory_banks"),
+            )
+        },
         "eval_s": metrics["run"].get("eval_s"),
     }
 
@@ -115,13 +149,15 @@ def main() -> None:
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["machine"] = machine()
-    results["settings"] = "paper defaults: 500 steps, batch 4 normal + 4 simulated, 256x256, AdamW lr 0.003, " \
-                          "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU; " \
-                          "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation), except where the " \
-                          "category preset (mapl_ray.presets.CATEGORY_PRESETS) changes them: screw is pose-normalised " \
-                          "(data.align=principal_axis) with train.augment=none, eval.tta=none, model.memory_rotations=1 and a " \
-                          "memory-bank ensemble (model.memory_banks=10); " \
-                          "each category's 'config' lists what its run used"
+    results["settings"] = (
+        "paper defaults: 500 steps, batch 4 normal + 4 simulated, 256x256, AdamW lr 0.003, "
+        "30 memory samples, 2 GMM OCCs; encoder tf_efficientnet_lite2 (frozen, ImageNet); fp32 on CPU; "
+        "defaults train.augment=rot90, eval.tta=rot90 (8-view test-time augmentation), except where the "
+        "category preset (mapl_ray.presets.CATEGORY_PRESETS) changes them: screw is pose-normalised "
+        "(data.align=principal_axis) with train.augment=none, eval.tta=none, model.memory_rotations=1 and a "
+        "memory-bank ensemble (model.memory_banks=10); "
+        "each category's 'config' lists what its run used"
+    )
     for cat in args.categories.split(","):
         out = Path(args.out) / f"{cat}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"== {cat} -> {out}", flush=True)

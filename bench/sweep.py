@@ -43,14 +43,22 @@ def run_variant(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    cfg = Config().override({"data.root": args.data, "data.category": args.category, "simulation.texture_dir": args.textures,
-                             "train.use_gpu": torch.cuda.is_available(), **overrides})
+    cfg = Config().override(
+        {
+            "data.root": args.data,
+            "data.category": args.category,
+            "simulation.texture_dir": args.textures,
+            "train.use_gpu": torch.cuda.is_available(),
+            **overrides,
+        }
+    )
     run = Path(args.run)
     split = prepare_run(cfg, run)
     data, val, _ = load_train_data(cfg, split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    test = load_records(Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True,
-                        align=build_pose_estimator(cfg))
+    test = load_records(
+        Split.from_json(run / "split.json").test, cfg.data.image_size, with_masks=True, align=build_pose_estimator(cfg)
+    )
     labels = np.array([r.label for r in test.records])
     types = [r.defect_type for r in test.records]
     curve = []
@@ -61,7 +69,9 @@ def run_variant(args: argparse.Namespace) -> None:
         done = 0
         while done < cfg.train.steps:
             done = min(cfg.train.steps, done + args.curve)
-            _, summary = train_model(cfg, data, run, device=device, progress=False, resume=done > args.curve, stop_at=done)
+            _, summary = train_model(
+                cfg, data, run, device=device, progress=False, resume=done > args.curve, stop_at=done
+            )
             row = {"step": done}
             for tta in dict.fromkeys(("none", cfg.eval.tta)):
                 scores = Predictor(run, device=device, tta=tta).predict_arrays(test.images)["scores"]
@@ -82,7 +92,12 @@ def run_variant(args: argparse.Namespace) -> None:
         topk = {str(k): image_auroc(labels, topk_mean(scored, k).numpy()) for k in (1, 10, 50, 100, 300, 1000)}
         topk["q"] = image_auroc(labels, res["q"])
         m = compute_metrics(labels, res["scores"], types, masks, maps)["overall"]
-        by_tta[tta] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"], "auroc_by_topk": topk}
+        by_tta[tta] = {
+            "image_auroc": m["image_auroc"],
+            "pixel_auroc": m["pixel_auroc"],
+            "aupro": m["aupro"],
+            "auroc_by_topk": topk,
+        }
     # memory-bank ensemble (model.memory_banks): the same trained model scored with its first k banks averaged,
     # as is and brightness-matched (bench/brightness_confound.py: a confound in this copy of screw)
     from brightness_confound import brightness_matched
@@ -95,12 +110,25 @@ def run_variant(args: argparse.Namespace) -> None:
             pred = Predictor(run, device=device, memory_banks=k)
             _, res, masks, maps = score_test_split(pred, test.records)
             m = compute_metrics(labels, res["scores"], types, masks, maps)["overall"]
-            by_banks[str(k)] = {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
-                                "image_auroc_brightness_matched": image_auroc(labels, pred.predict_arrays(matched)["scores"])}
-    out = {"overrides": overrides, "overall": metrics["overall"], "auroc_by_topk": by_tta[cfg.eval.tta]["auroc_by_topk"],
-           "by_tta": by_tta, **({"by_banks": by_banks} if by_banks else {}),
-           "train_wall_s": summary["train_wall_s"], "step_s_median": summary["step_s_median"], "device": device,
-           "final_losses": summary["final_losses"], "pseudo": summary["pseudo"], **({"curve": curve} if curve else {})}
+            by_banks[str(k)] = {
+                "image_auroc": m["image_auroc"],
+                "pixel_auroc": m["pixel_auroc"],
+                "aupro": m["aupro"],
+                "image_auroc_brightness_matched": image_auroc(labels, pred.predict_arrays(matched)["scores"]),
+            }
+    out = {
+        "overrides": overrides,
+        "overall": metrics["overall"],
+        "auroc_by_topk": by_tta[cfg.eval.tta]["auroc_by_topk"],
+        "by_tta": by_tta,
+        **({"by_banks": by_banks} if by_banks else {}),
+        "train_wall_s": summary["train_wall_s"],
+        "step_s_median": summary["step_s_median"],
+        "device": device,
+        "final_losses": summary["final_losses"],
+        "pseudo": summary["pseudo"],
+        **({"curve": curve} if curve else {}),
+    }
     (run / "variant.json").write_text(json.dumps(out, indent=2))
 
 
@@ -115,8 +143,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run")
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--curve", type=int, default=0,
-                   help="also score the test split every this many steps (image AUROC along training)")
+    p.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        help="also score the test split every this many steps (image AUROC along training)",
+    )
     args = p.parse_args()
     if args.run:
         run_variant(args)
@@ -127,8 +159,22 @@ def main() -> None:
     for v in args.variant:
         name, _, rest = v.partition("=")
         sets = [kv for kv in rest.split(",") if kv]
-        cmd = [sys.executable, __file__, "--data", args.data, "--category", args.category, "--out", str(out),
-               "--run", str(out / name), "--threads", str(args.threads), "--curve", str(args.curve)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--data",
+            args.data,
+            "--category",
+            args.category,
+            "--out",
+            str(out),
+            "--run",
+            str(out / name),
+            "--threads",
+            str(args.threads),
+            "--curve",
+            str(args.curve),
+        ]
         if args.textures:
             cmd += ["--textures", args.textures]
         for kv in sets:
@@ -140,27 +186,42 @@ def main() -> None:
         while queue and len(running) < args.parallel:
             name, cmd = queue.pop(0)
             log = open(out / f"{name}.log", "w")
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), time.time()))
+            running.append(
+                (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), time.time())
+            )
         time.sleep(2)
         for item in list(running):
             name, proc, t0 = item
             if proc.poll() is not None:
                 running.remove(item)
                 vj = out / name / "variant.json"
-                results[name] = json.loads(vj.read_text()) if vj.exists() else {"error": f"exit {proc.returncode}, see {name}.log"}
+                results[name] = (
+                    json.loads(vj.read_text()) if vj.exists() else {"error": f"exit {proc.returncode}, see {name}.log"}
+                )
                 results[name]["wall_s"] = round(time.time() - t0, 1)
                 r = results[name]
                 print(name, json.dumps({k: r.get(k) for k in ("auroc_by_topk", "wall_s", "error")}), flush=True)
                 if "overall" in r:
                     o = r["overall"]
-                    print(f"   img {o['image_auroc']:.4f} pix {o['pixel_auroc']:.4f} aupro {o['aupro']:.4f} step {r['step_s_median']:.3f}s "
-                          f"train {r['train_wall_s']:.1f}s", flush=True)
+                    print(
+                        f"   img {o['image_auroc']:.4f} pix {o['pixel_auroc']:.4f} aupro {o['aupro']:.4f} step {r['step_s_median']:.3f}s "
+                        f"train {r['train_wall_s']:.1f}s",
+                        flush=True,
+                    )
                     for tta, m in r.get("by_tta", {}).items():
-                        print(f"   tta={tta}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f}", flush=True)
+                        print(
+                            f"   tta={tta}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f}",
+                            flush=True,
+                        )
                     for k, m in r.get("by_banks", {}).items():
-                        print(f"   banks={k}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f} "
-                              f"matched {m['image_auroc_brightness_matched']:.4f}", flush=True)
-                (out / "sweep.json").write_text(json.dumps(results, indent=2))  # so far: a killed sweep keeps what finished
+                        print(
+                            f"   banks={k}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} aupro {m['aupro']:.4f} "
+                            f"matched {m['image_auroc_brightness_matched']:.4f}",
+                            flush=True,
+                        )
+                (out / "sweep.json").write_text(
+                    json.dumps(results, indent=2)
+                )  # so far: a killed sweep keeps what finished
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
 
 

@@ -1,10 +1,10 @@
 """``mapl`` command line: train, evaluate, predict.
 
-    mapl train --data ROOT --category NAME [--config YAML] [--out RUN] [flags] [--set section.field=value ...]
-    mapl train --resume --out RUN [--steps N]
-    mapl evaluate RUN
-    mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
-    mapl serve RUN [--host H] [--port P] [--replicas N]   (Ray Serve HTTP app, see mapl_ray.pipelines.serve)
+mapl train --data ROOT --category NAME [--config YAML] [--out RUN] [flags] [--set section.field=value ...]
+mapl train --resume --out RUN [--steps N]
+mapl evaluate RUN
+mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
+mapl serve RUN [--host H] [--port P] [--replicas N]   (Ray Serve HTTP app, see mapl_ray.pipelines.serve)
 """
 
 from __future__ import annotations
@@ -22,14 +22,28 @@ from .presets import category_preset
 
 # CLI flag -> configuration field (the YAML holds every hyperparameter; flags override it)
 FLAG_FIELDS = {
-    "data": "data.root", "category": "data.category", "image_size": "data.image_size",
-    "unlabeled": "data.unlabeled_dir", "unlabeled_fraction": "data.unlabeled_fraction",
-    "contamination": "data.contamination", "labeled_anomalies": "data.labeled_anomalies",
-    "skip_bad_images": "data.skip_bad_images", "require_masks": "data.require_masks", "seed": "data.seed", "textures": "simulation.texture_dir",
-    "encoder": "model.encoder", "weights": "model.weights", "memory_samples": "model.memory_samples",
+    "data": "data.root",
+    "category": "data.category",
+    "image_size": "data.image_size",
+    "unlabeled": "data.unlabeled_dir",
+    "unlabeled_fraction": "data.unlabeled_fraction",
+    "contamination": "data.contamination",
+    "labeled_anomalies": "data.labeled_anomalies",
+    "skip_bad_images": "data.skip_bad_images",
+    "require_masks": "data.require_masks",
+    "seed": "data.seed",
+    "textures": "simulation.texture_dir",
+    "encoder": "model.encoder",
+    "weights": "model.weights",
+    "memory_samples": "model.memory_samples",
     "memory_banks": "model.memory_banks",
-    "memory_backend": "model.memory_backend", "steps": "train.steps", "lr": "train.lr",
-    "num_workers": "train.num_workers", "gpu": "train.use_gpu", "amp": "train.amp", "top_k": "eval.top_k",
+    "memory_backend": "model.memory_backend",
+    "steps": "train.steps",
+    "lr": "train.lr",
+    "num_workers": "train.num_workers",
+    "gpu": "train.use_gpu",
+    "amp": "train.amp",
+    "top_k": "eval.top_k",
 }
 
 
@@ -43,9 +57,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mapl`` argument parser (one sub-command per job)."""
     p = argparse.ArgumentParser(prog="mapl", description="MAPL surface-defect detection on Ray")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    _add_run_parsers(sub)
+    return p
 
+
+def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train and evaluate on a category in MVTec AD layout")
     t.add_argument("--data", help="dataset root (MVTec AD layout: ROOT/CATEGORY/train/good ...)")
     t.add_argument("--category", help="category folder name, e.g. screw")
@@ -54,35 +74,61 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its checkpoint")
     t.add_argument("--textures", help="folder of texture images for anomaly simulation (e.g. DTD)")
     t.add_argument("--unlabeled", help="folder of unlabeled images (the unlabeled pool)")
-    t.add_argument("--unlabeled-fraction", type=float, help="benchmarking: fraction of train/good used as unlabeled pool")
-    t.add_argument("--contamination", type=float, help="benchmarking: fraction of test anomalies put into the unlabeled pool")
+    t.add_argument(
+        "--unlabeled-fraction", type=float, help="benchmarking: fraction of train/good used as unlabeled pool"
+    )
+    t.add_argument(
+        "--contamination", type=float, help="benchmarking: fraction of test anomalies put into the unlabeled pool"
+    )
     t.add_argument("--labeled-anomalies", type=int, help="k labeled anomalies per defect type (taken from test)")
     t.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images with a warning")
     t.add_argument("--encoder", help="timm backbone (default tf_efficientnet_lite2) or 'mapl' (from scratch)")
     t.add_argument("--weights", help="local encoder weights file")
-    t.add_argument("--no-masks", dest="require_masks", action="store_false", default=None,
-                   help="image-label-only data: defect images need no ground-truth mask (no pixel metrics for them)")
+    t.add_argument(
+        "--no-masks",
+        dest="require_masks",
+        action="store_false",
+        default=None,
+        help="image-label-only data: defect images need no ground-truth mask (no pixel metrics for them)",
+    )
     t.add_argument("--image-size", type=int, help="square input size in pixels (default 256)")
     t.add_argument("--memory-samples", type=int, help="normal images in the memory bank (default 30)")
-    t.add_argument("--memory-banks", type=int,
-                   help="memory banks of --memory-samples different normal images each; anomaly maps are averaged "
-                        "over them at inference (default 1, screw's preset 10; limited by the training normals)")
-    t.add_argument("--memory-backend", choices=["auto", "faiss", "torch"], help="nearest-neighbour search (default auto)")
+    t.add_argument(
+        "--memory-banks",
+        type=int,
+        help="memory banks of --memory-samples different normal images each; anomaly maps are averaged "
+        "over them at inference (default 1, screw's preset 10; limited by the training normals)",
+    )
+    t.add_argument(
+        "--memory-backend", choices=["auto", "faiss", "torch"], help="nearest-neighbour search (default auto)"
+    )
     t.add_argument("--steps", type=int, help="training steps (default 500)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 0.003)")
-    t.add_argument("--seed", type=int, help="data.seed: the split, validation normals and memory-bank choice "
-                   "(the training seed is train.seed: --set train.seed=N)")
+    t.add_argument(
+        "--seed",
+        type=int,
+        help="data.seed: the split, validation normals and memory-bank choice "
+        "(the training seed is train.seed: --set train.seed=N)",
+    )
     t.add_argument("--top-k", type=int, help="image score = mean of the top-k anomaly-map pixels (default 100)")
     t.add_argument("--num-workers", type=int, help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
     t.add_argument("--amp", choices=["auto", "off", "bf16"])
-    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field")
-    t.add_argument("--no-category-preset", dest="category_preset", action="store_false",
-                   help="ignore the category's preset defaults (mapl_ray.presets.CATEGORY_PRESETS, e.g. screw's pose "
-                        "normalisation data.align=principal_axis); precedence: preset < --config file < flags and --set")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field"
+    )
+    t.add_argument(
+        "--no-category-preset",
+        dest="category_preset",
+        action="store_false",
+        help="ignore the category's preset defaults (mapl_ray.presets.CATEGORY_PRESETS, e.g. screw's pose "
+        "normalisation data.align=principal_axis); precedence: preset < --config file < flags and --set",
+    )
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_run_parsers(sub) -> None:
     e = sub.add_parser("evaluate", help="(re)compute metrics.json and report.md of a run on its test split")
     e.add_argument("run")
     e.add_argument("--device", default="auto")
@@ -101,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the Ray cluster has a GPU, else 0")
     sv.add_argument("--max-batch-size", type=int, default=32, help="requests scored together in one forward pass")
     sv.add_argument("--device", default="auto")
-    return p
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -126,7 +171,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp", "data.skip_bad_images"}
         bad = sorted(set(overrides) - allowed)
         if bad:
-            raise ConfigError(f"--resume continues the saved configuration; only {sorted(allowed)} may change, got {bad}")
+            raise ConfigError(
+                f"--resume continues the saved configuration; only {sorted(allowed)} may change, got {bad}"
+            )
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
@@ -140,8 +187,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
         else:
             preset = category_preset(category, file_keys | set(overrides))
             if preset:
-                print(f"mapl train: category {category!r} preset: " + ", ".join(f"{k}={v}" for k, v in preset.items())
-                      + " (--no-category-preset skips it)", file=sys.stderr)
+                print(
+                    f"mapl train: category {category!r} preset: "
+                    + ", ".join(f"{k}={v}" for k, v in preset.items())
+                    + " (--no-category-preset skips it)",
+                    file=sys.stderr,
+                )
                 cfg = cfg.override(preset)
     return cfg.override(overrides) if overrides else cfg
 
@@ -150,12 +201,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .main_job import run_train_job
 
     cfg = resolve_config(args)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     t0 = time.perf_counter()
     metrics = run_train_job(cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet)
     o = metrics["overall"]
-    print(json.dumps({"run": str(out), "image_auroc": o.get("image_auroc"), "pixel_auroc": o.get("pixel_auroc"),
-                      "aupro": o.get("aupro"), "f1_max": o.get("f1_max"), "wall_s": round(time.perf_counter() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "run": str(out),
+                "image_auroc": o.get("image_auroc"),
+                "pixel_auroc": o.get("pixel_auroc"),
+                "aupro": o.get("aupro"),
+                "f1_max": o.get("f1_max"),
+                "wall_s": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
     print(f"run folder: {out}  (metrics.json, report.md, scores.csv, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
     return 0
 
@@ -212,8 +275,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(rec))
     if failed:
         rest = "the others were scored" if len(failed) < len(args.images) else "nothing was scored"
-        print(f"mapl predict: error: {len(failed)} of {len(args.images)} images could not be read "
-              f"(see their 'error' lines); {rest}", file=sys.stderr)
+        print(
+            f"mapl predict: error: {len(failed)} of {len(args.images)} images could not be read "
+            f"(see their 'error' lines); {rest}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -230,11 +296,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run = require_run_folder(args.run)
     init_ray()  # RAY_ADDRESS points this at a running cluster
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(run, num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-                    max_batch_size=args.max_batch_size, device=args.device)
+    app = build_app(
+        run,
+        num_replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        device=args.device,
+    )
     serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
-    print(f"serving {run} on http://{args.host}:{args.port}  (POST /predict with an image body; GET /health); "
-          "Ctrl-C stops it", file=sys.stderr)
+    print(
+        f"serving {run} on http://{args.host}:{args.port}  (POST /predict with an image body; GET /health); "
+        "Ctrl-C stops it",
+        file=sys.stderr,
+    )
+
     def stop(signum, frame):  # SIGTERM (kill, a job scheduler) stops cleanly like Ctrl-C
         raise KeyboardInterrupt
 

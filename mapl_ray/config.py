@@ -171,16 +171,22 @@ class Config:
             ("data.contamination", 0 <= self.data.contamination < 1, "in [0, 1)"),
             ("data.labeled_anomalies", self.data.labeled_anomalies >= 0, ">= 0"),
             ("data.align", self.data.align in ALIGN_MODES, "none or principal_axis"),
-            ("simulation.delta_min", 0 <= self.simulation.delta_min <= self.simulation.delta_max <= 1,
-             "0 <= delta_min <= delta_max <= 1"),
+            (
+                "simulation.delta_min",
+                0 <= self.simulation.delta_min <= self.simulation.delta_max <= 1,
+                "0 <= delta_min <= delta_max <= 1",
+            ),
             ("model.memory_samples", self.model.memory_samples >= 1, ">= 1"),
             ("model.memory_rotations", self.model.memory_rotations >= 1, ">= 1"),
             ("model.memory_banks", self.model.memory_banks >= 1, ">= 1"),
             ("model.memory_backend", self.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),
             ("pseudo.num_occs", self.pseudo.num_occs >= 1, ">= 1"),
             ("pseudo.n_components", self.pseudo.n_components >= 1, ">= 1"),
-            ("pseudo.covariance_type", self.pseudo.covariance_type in ("full", "tied", "diag", "spherical"),
-             "full, tied, diag or spherical"),
+            (
+                "pseudo.covariance_type",
+                self.pseudo.covariance_type in ("full", "tied", "diag", "spherical"),
+                "full, tied, diag or spherical",
+            ),
             ("pseudo.pca_dim", self.pseudo.pca_dim is None or self.pseudo.pca_dim >= 1, ">= 1 or null"),
             ("pseudo.reg_covar", self.pseudo.reg_covar > 0, "> 0"),
             ("pseudo.num_quantiles", self.pseudo.num_quantiles >= 1, ">= 1"),
@@ -196,9 +202,16 @@ class Config:
             ("train.batch_unlabeled", self.train.batch_unlabeled >= 0, ">= 0"),
             ("train.batch_labeled_anomaly", self.train.batch_labeled_anomaly >= 0, ">= 0"),
             ("train.num_workers", self.train.num_workers >= 1, ">= 1"),
-            ("train.loader_workers", self.train.loader_workers is None or self.train.loader_workers >= 0, ">= 0 or null"),
-            ("train.loader_start_method", self.train.loader_start_method in ("auto", "fork", "forkserver", "spawn"),
-             "auto, fork, forkserver or spawn"),
+            (
+                "train.loader_workers",
+                self.train.loader_workers is None or self.train.loader_workers >= 0,
+                ">= 0 or null",
+            ),
+            (
+                "train.loader_start_method",
+                self.train.loader_start_method in ("auto", "fork", "forkserver", "spawn"),
+                "auto, fork, forkserver or spawn",
+            ),
             ("train.amp", self.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
             ("train.augment", self.train.augment in ORIENTATION_MODES, "none, flip or rot90"),
             ("train.ema_decay", 0 <= self.train.ema_decay < 1, "in [0, 1)"),
@@ -215,7 +228,9 @@ class Config:
         for name, ok, expected in checks:
             if not ok:
                 section, field_ = name.split(".")
-                raise ConfigError(f"{name} = {getattr(getattr(self, section), field_)!r} is not allowed: expected {expected}")
+                raise ConfigError(
+                    f"{name} = {getattr(getattr(self, section), field_)!r} is not allowed: expected {expected}"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,8 +268,7 @@ class Config:
         p = Path(path)
         data = _read_mapping(p)
         cfg = cls.from_dict(data, source=str(p))
-        absent = {k: v for k, v in RUN_FIELDS_ADDED.items()
-                  if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
+        absent = {k: v for k, v in RUN_FIELDS_ADDED.items() if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
 
     def override(self, dotted: dict[str, Any]) -> Config:
@@ -329,8 +343,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if typ is str or text.startswith("str"):
             return str(value)
     except (TypeError, ValueError) as e:
-        expected = {"<class 'int'>": "an integer", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
-                    "<class 'str'>": "a string"}.get(text, text)
+        expected = {
+            "<class 'int'>": "an integer",
+            "<class 'float'>": "a number",
+            "<class 'bool'>": "true or false",
+            "<class 'str'>": "a string",
+        }.get(text, text)
         raise ConfigError(f"{where}: cannot use {value!r} (expected {expected})") from e
     return value
 

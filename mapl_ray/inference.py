@@ -48,9 +48,16 @@ class Predictor:
 
     MAX_GRAPHS = 8  # batch shapes captured per predictor (each holds its own static buffers)
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device | None = "auto", batch_size: int | None = None,
-                 cuda_graphs: bool | None = None, amp: str | None = None, tta: str | None = None,
-                 memory_banks: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        device: str | torch.device | None = "auto",
+        batch_size: int | None = None,
+        cuda_graphs: bool | None = None,
+        amp: str | None = None,
+        tta: str | None = None,
+        memory_banks: int | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.cfg = load_run_config(self.run_dir)
         if amp is not None:
@@ -75,7 +82,9 @@ class Predictor:
         self.batch_size = batch_size or self.cfg.eval.batch_size
         self.image_size = size
         if memory_banks is not None and not 1 <= memory_banks <= len(self.model.banks):
-            raise ValueError(f"memory_banks={memory_banks}: the run {self.run_dir} holds {len(self.model.banks)} memory bank(s)")
+            raise ValueError(
+                f"memory_banks={memory_banks}: the run {self.run_dir} holds {len(self.model.banks)} memory bank(s)"
+            )
         self.memory_banks = memory_banks
         mem = self.model.memory  # all banks share the backend choice
         for bank in self.model.banks:
@@ -103,8 +112,9 @@ class Predictor:
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor, cache: bool = True) -> dict[str, torch.Tensor]:
-        out = anomaly_maps(self.model, x, self.views, self.memory_banks, self.cfg.train.amp,
-                           self.cfg.train.channels_last, cache)
+        out = anomaly_maps(
+            self.model, x, self.views, self.memory_banks, self.cfg.train.amp, self.cfg.train.channels_last, cache
+        )
         return {**out, "scores": self.score(out["maps"], out["q"])}
 
     def _replay(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,8 +170,13 @@ class Predictor:
         norm = self.normalise(res["scores"])
         thr = self.threshold
         records = [
-            {"path": p, "score": float(s), "normalised_score": float(n), "q": float(q),
-             "label": (int(s >= thr) if thr is not None else None)}
+            {
+                "path": p,
+                "score": float(s),
+                "normalised_score": float(n),
+                "q": float(q),
+                "label": (int(s >= thr) if thr is not None else None),
+            }
             for p, s, n, q in zip(names, res["scores"], norm, res["q"])
         ]
         return records, res["maps"]
@@ -181,8 +196,13 @@ class Predictor:
         (unchanged when ``pose`` is None)."""
         return amap if pose is None else pose.invert_map(amap)
 
-    def in_files_frame(self, paths: list[str], images: list[np.ndarray] | np.ndarray, maps: list[np.ndarray] | np.ndarray,
-                       poses: list[Pose | None]) -> tuple[list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]:
+    def in_files_frame(
+        self,
+        paths: list[str],
+        images: list[np.ndarray] | np.ndarray,
+        maps: list[np.ndarray] | np.ndarray,
+        poses: list[Pose | None],
+    ) -> tuple[list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]:
         """Images and maps as :meth:`load_image` / scoring gave them -> the files' own frame, for overlays:
         unchanged without ``data.align``; else the files decoded again unturned and each map turned back.
 
@@ -191,8 +211,10 @@ class Predictor:
         """
         if self.pose_estimator is None:
             return images, maps
-        return ([load_image(p, self.image_size) for p in paths],
-                [self.to_original_frame(m, pose) for m, pose in zip(maps, poses)])
+        return (
+            [load_image(p, self.image_size) for p in paths],
+            [self.to_original_frame(m, pose) for m, pose in zip(maps, poses)],
+        )
 
     def predict_paths(self, paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
         """Score image files. Returns (records as in :meth:`predict_images`, images, maps), the images
@@ -204,7 +226,11 @@ class Predictor:
         """
         paths = [str(p) for p in paths]
         if not paths:
-            return [], np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0, self.image_size, self.image_size), np.float32)
+            return (
+                [],
+                np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
+                np.zeros((0, self.image_size, self.image_size), np.float32),
+            )
         images, poses = zip(*(self.load_image(p) for p in paths))
         records, maps = self.predict_images(np.stack(images), paths)
         images, maps = self.in_files_frame(paths, images, maps, poses)

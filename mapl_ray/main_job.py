@@ -27,8 +27,12 @@ from .runfolder import DATA_INFO_FILE, SPLIT_FILE, open_run_folder, write_run_st
 
 def absolute_paths(cfg: Config) -> Config:
     """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
-    fields = {"data.root": cfg.data.root, "simulation.texture_dir": cfg.simulation.texture_dir,
-              "data.unlabeled_dir": cfg.data.unlabeled_dir, "model.weights": cfg.model.weights}
+    fields = {
+        "data.root": cfg.data.root,
+        "simulation.texture_dir": cfg.simulation.texture_dir,
+        "data.unlabeled_dir": cfg.data.unlabeled_dir,
+        "model.weights": cfg.model.weights,
+    }
     return cfg.override({k: str(Path(v).expanduser().resolve()) for k, v in fields.items() if v})
 
 
@@ -53,8 +57,14 @@ def check_inputs(cfg: Config) -> Split:
     build_encoder(cfg.model.encoder, cfg.model.weights, cfg.model.pretrained)  # unknown backbone / bad weights
     unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
     try:
-        return make_split(index, seed=cfg.data.seed, unlabeled=unlabeled, unlabeled_fraction=cfg.data.unlabeled_fraction,
-                          contamination=cfg.data.contamination, labeled_anomalies=cfg.data.labeled_anomalies)
+        return make_split(
+            index,
+            seed=cfg.data.seed,
+            unlabeled=unlabeled,
+            unlabeled_fraction=cfg.data.unlabeled_fraction,
+            contamination=cfg.data.contamination,
+            labeled_anomalies=cfg.data.labeled_anomalies,
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -74,8 +84,9 @@ def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> Split
     return split
 
 
-def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ray: bool = True,
-                  progress: bool = True) -> dict[str, Any]:
+def run_train_job(
+    cfg: Config, run_dir: str | Path, resume: bool = False, use_ray: bool = True, progress: bool = True
+) -> dict[str, Any]:
     """The main job: prepare the run, train, calibrate on validation normals, evaluate on test.
 
     Writes ``config.yaml``, ``split.json``, ``data_info.json``, ``checkpoint/``, ``train_log.jsonl``,
@@ -110,8 +121,10 @@ def run_train_job(cfg: Config, run_dir: str | Path, resume: bool = False, use_ra
         training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
         return evaluate_run(run_dir, extra_info={"training": training, "data": data_summary(data_info)})
     except LayoutError as e:
-        raise LayoutError(f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
-                          f"`mapl evaluate {run_dir}`)") from e
+        raise LayoutError(
+            f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
+            f"`mapl evaluate {run_dir}`)"
+        ) from e
 
 
 def train_in_process(cfg: Config, data, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -44,8 +44,13 @@ CATEGORY_PRESETS: dict[str, CategoryPreset] = {
     # screws lie at any angle: the images are pose-normalised, so the rotation augmentation, the
     # rotation TTA and the rotated memory copies that stood in for alignment are off
     "screw": CategoryPreset(
-        settings={"data.align": "principal_axis", "train.augment": "none", "eval.tta": "none",
-                  "model.memory_rotations": 1, "model.memory_banks": 10},
+        settings={
+            "data.align": "principal_axis",
+            "train.augment": "none",
+            "eval.tta": "none",
+            "model.memory_rotations": 1,
+            "model.memory_banks": 10,
+        },
         provenance={
             "data.align": f"{_SCREW_SWEEPS}: sweep12_pose to sweep15_mirrored_margin (8 H200 runs each)",
             "train.augment": f"{_SCREW_SWEEPS}: sweep12_pose (aligned images need no rotation augmentation)",

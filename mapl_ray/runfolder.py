@@ -40,7 +40,12 @@ class RunFolderError(RuntimeError):
     """The output folder cannot be used (it holds another run and ``--resume`` was not given...)."""
 
 
-CONFIG_FILE, SPLIT_FILE, DATA_INFO_FILE, SUMMARY_FILE = "config.yaml", "split.json", "data_info.json", "train_summary.json"
+CONFIG_FILE, SPLIT_FILE, DATA_INFO_FILE, SUMMARY_FILE = (
+    "config.yaml",
+    "split.json",
+    "data_info.json",
+    "train_summary.json",
+)
 
 
 def _scalars_to_floats(obj: Any) -> Any:
@@ -59,10 +64,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoint"
 
 
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Atomically write ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder.
 
     ``extra``: more training state stored in ``optimizer.pt`` (tensors / lists / numbers only).
@@ -77,8 +87,14 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
     if optimizer is not None:
         opt_sd = optimizer.state_dict()
         opt_sd["param_groups"] = [_scalars_to_floats(g) for g in opt_sd["param_groups"]]
-        torch.save({"optimizer": opt_sd, "scheduler": _scalars_to_floats(scheduler.state_dict()) if scheduler else None,
-                    **(extra or {})}, tmp / "optimizer.pt")
+        torch.save(
+            {
+                "optimizer": opt_sd,
+                "scheduler": _scalars_to_floats(scheduler.state_dict()) if scheduler else None,
+                **(extra or {}),
+            },
+            tmp / "optimizer.pt",
+        )
     if pseudo is not None:
         arrays, meta = pseudo
         save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "pseudo.safetensors"))
@@ -104,11 +120,15 @@ def require_run_folder(run_dir: str | Path) -> Path:
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise CheckpointError(f"run folder {run} does not exist (expected a folder written by `mapl train --out {run}`)")
+        raise CheckpointError(
+            f"run folder {run} does not exist (expected a folder written by `mapl train --out {run}`)"
+        )
     missing = [n for n in (CONFIG_FILE, "checkpoint/state.json") if not (run / n).is_file()]
     if missing:
-        raise CheckpointError(f"{run} is not a trained run folder: {', '.join(missing)} missing "
-                              "(expected the output folder of `mapl train`)")
+        raise CheckpointError(
+            f"{run} is not a trained run folder: {', '.join(missing)} missing "
+            "(expected the output folder of `mapl train`)"
+        )
     return run
 
 
@@ -193,11 +213,15 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
     has_checkpoint = (checkpoint_dir(run_dir) / "state.json").is_file()
     if resume:
         if not has_checkpoint or not (run_dir / SPLIT_FILE).is_file():
-            raise RunFolderError(f"cannot resume {run_dir}: it holds no checkpoint yet (the run stopped before its first "
-                                 f"save); start it again without --resume, which reuses the folder")
+            raise RunFolderError(
+                f"cannot resume {run_dir}: it holds no checkpoint yet (the run stopped before its first "
+                f"save); start it again without --resume, which reuses the folder"
+            )
         done = int(read_state(run_dir)["step"])
         if steps < done:
-            raise RunFolderError(f"cannot resume {run_dir} with train.steps={steps}: the checkpoint is already at step {done}")
+            raise RunFolderError(
+                f"cannot resume {run_dir} with train.steps={steps}: the checkpoint is already at step {done}"
+            )
         return True
     if has_checkpoint:
         raise RunFolderError(

@@ -20,14 +20,22 @@ needs_data = pytest.mark.skipif(not SCREW.is_dir(), reason=f"real data not found
 
 
 def pytest_report_header(config):
-    state = "found" if SCREW.is_dir() else "NOT FOUND: the tests on real images will be SKIPPED (set MAPL_DATA=/path/to/data)"
+    state = (
+        "found"
+        if SCREW.is_dir()
+        else "NOT FOUND: the tests on real images will be SKIPPED (set MAPL_DATA=/path/to/data)"
+    )
     return f"mapl-ray real data: {DATA_ROOT} ({state})"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not SCREW.is_dir():  # a green run without the data has not tested training, the CLI or serving
-        terminalreporter.write_line(f"WARNING: real data not found at {SCREW}: the data tests were skipped, "
-                                    "so training, the CLI and serving were not tested (set MAPL_DATA)", red=True, bold=True)
+        terminalreporter.write_line(
+            f"WARNING: real data not found at {SCREW}: the data tests were skipped, "
+            "so training, the CLI and serving were not tested (set MAPL_DATA)",
+            red=True,
+            bold=True,
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +47,13 @@ def _few_threads():
     torch.set_num_threads(n)
 
 
-def copy_small_category(dst: Path, n_train: int = 14, n_good: int = 3, n_per_defect: int = 2,
-                        defects: tuple[str, ...] = ("scratch_head", "thread_top")) -> Path:
+def copy_small_category(
+    dst: Path,
+    n_train: int = 14,
+    n_good: int = 3,
+    n_per_defect: int = 2,
+    defects: tuple[str, ...] = ("scratch_head", "thread_top"),
+) -> Path:
     """A small MVTec-layout copy of real screw images under ``dst/screw``; returns ``dst``."""
     cat = dst / "screw"
     (cat / "train" / "good").mkdir(parents=True)
@@ -54,19 +67,37 @@ def copy_small_category(dst: Path, n_train: int = 14, n_good: int = 3, n_per_def
         (cat / "ground_truth" / d).mkdir(parents=True)
         for f in sorted((SCREW / "test" / d).glob("*.png"))[:n_per_defect]:
             shutil.copy(f, cat / "test" / d / f.name)
-            shutil.copy(SCREW / "ground_truth" / d / f"{f.stem}_mask.png", cat / "ground_truth" / d / f"{f.stem}_mask.png")
+            shutil.copy(
+                SCREW / "ground_truth" / d / f"{f.stem}_mask.png", cat / "ground_truth" / d / f"{f.stem}_mask.png"
+            )
     return dst
 
 
 def tiny_config(root: Path, **overrides) -> Config:
     """Small, fast settings on 64x64 images with a random-init EfficientNet-Lite0 (no weights file)."""
     base = {
-        "data.root": str(root), "data.category": "screw", "data.image_size": 64,
-        "simulation.texture_dir": str(TEXTURES), "model.encoder": "tf_efficientnet_lite0", "model.pretrained": False,
-        "model.memory_samples": 4, "model.memory_rotations": 2, "model.memory_banks": 2, "model.decoder_channels": "32,24,16,16", "model.head_hidden": 16,
-        "pseudo.warmup_steps": 2, "pseudo.refit_every": 3, "pseudo.pool_size": 8, "pseudo.pca_dim": 8,
-        "train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "eval.validation_normals": 3,
-        "eval.top_k": 10, "eval.heatmaps": 4, "eval.batch_size": 8,
+        "data.root": str(root),
+        "data.category": "screw",
+        "data.image_size": 64,
+        "simulation.texture_dir": str(TEXTURES),
+        "model.encoder": "tf_efficientnet_lite0",
+        "model.pretrained": False,
+        "model.memory_samples": 4,
+        "model.memory_rotations": 2,
+        "model.memory_banks": 2,
+        "model.decoder_channels": "32,24,16,16",
+        "model.head_hidden": 16,
+        "pseudo.warmup_steps": 2,
+        "pseudo.refit_every": 3,
+        "pseudo.pool_size": 8,
+        "pseudo.pca_dim": 8,
+        "train.steps": 6,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
+        "eval.validation_normals": 3,
+        "eval.top_k": 10,
+        "eval.heatmaps": 4,
+        "eval.batch_size": 8,
     }
     base.update(overrides)
     return Config().override(base)

@@ -16,15 +16,48 @@ pytestmark = needs_data
 
 
 def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(root), "--category", "screw", "--textures", str(TEXTURES), "--out", str(out),
-            "--no-ray", "--quiet", "--steps", "2", "--image-size", "64", "--memory-samples", "3",
-            "--set", "model.pretrained=false", "--set", "model.encoder=tf_efficientnet_lite0",
-            "--set", "model.decoder_channels=16,16,16,16", "--set", "eval.validation_normals=3", *extra]
+    return [
+        "train",
+        "--data",
+        str(root),
+        "--category",
+        "screw",
+        "--textures",
+        str(TEXTURES),
+        "--out",
+        str(out),
+        "--no-ray",
+        "--quiet",
+        "--steps",
+        "2",
+        "--image-size",
+        "64",
+        "--memory-samples",
+        "3",
+        "--set",
+        "model.pretrained=false",
+        "--set",
+        "model.encoder=tf_efficientnet_lite0",
+        "--set",
+        "model.decoder_channels=16,16,16,16",
+        "--set",
+        "eval.validation_normals=3",
+        *extra,
+    ]
 
 
 def test_trained_run_folder_contract(trained_run):
-    for name in ("config.yaml", "split.json", "metrics.json", "report.md", "train_log.jsonl",
-                 "checkpoint/model.safetensors", "checkpoint/state.json", "checkpoint/optimizer.pt", "plots/roc.png"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "metrics.json",
+        "report.md",
+        "train_log.jsonl",
+        "checkpoint/model.safetensors",
+        "checkpoint/state.json",
+        "checkpoint/optimizer.pt",
+        "plots/roc.png",
+    ):
         assert (trained_run / name).is_file(), name
     assert list((trained_run / "heatmaps").glob("*.png"))
     metrics = json.loads((trained_run / "metrics.json").read_text())
@@ -45,7 +78,9 @@ def test_trained_run_folder_contract(trained_run):
     assert len(rows) == len(split["test"]) and len({r["path"] for r in rows}) == len(rows)
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
-    assert roc_auc_score([int(r["label"]) for r in rows], scores) == pytest.approx(metrics["overall"]["image_auroc"], abs=1e-4)
+    assert roc_auc_score([int(r["label"]) for r in rows], scores) == pytest.approx(
+        metrics["overall"]["image_auroc"], abs=1e-4
+    )
     assert all(r["anomalous"] == str(int(float(r["score"]) >= state["threshold"])) for r in rows)
 
 

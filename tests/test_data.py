@@ -53,12 +53,13 @@ def _rgb(seed: int, h: int = 24, w: int = 32) -> np.ndarray:
 
 def _mask(h: int = 24, w: int = 32, box=(4, 10, 6, 14)) -> np.ndarray:
     m = np.zeros((h, w), dtype=np.uint8)
-    m[box[0]:box[1], box[2]:box[3]] = 255
+    m[box[0] : box[1], box[2] : box[3]] = 255
     return m
 
 
-def _build_category(root: Path, name: str = "widget", n_train: int = 6, n_test_good: int = 3,
-                    defects: dict[str, int] | None = None) -> Path:
+def _build_category(
+    root: Path, name: str = "widget", n_train: int = 6, n_test_good: int = 3, defects: dict[str, int] | None = None
+) -> Path:
     """MVTec-layout category with RGB 24x32 images, masks for every defect image, plus noise
     files that must be ignored (hidden files, a .txt)."""
     defects = {"crack": 4, "dent": 3} if defects is None else defects
@@ -114,8 +115,9 @@ def test_scan_category_indexes_sorted_labeled_records(mvtec: Path):
             assert r.label == 0 and r.mask_path is None
         else:
             assert r.label == 1
-            assert r.mask_path == str(mvtec / "widget" / "ground_truth" / r.defect_type
-                                      / (Path(r.path).stem + "_mask.png"))
+            assert r.mask_path == str(
+                mvtec / "widget" / "ground_truth" / r.defect_type / (Path(r.path).stem + "_mask.png")
+            )
     assert scan_category(mvtec, "widget") == idx  # deterministic
 
 
@@ -292,8 +294,10 @@ def test_load_records_skip_bad_counts_and_mask_mismatch_always_raises(mvtec: Pat
 
 
 def test_load_records_same_size_required_without_resize(tmp_path: Path):
-    recs = [ImageRecord(str(_save(tmp_path / "a.png", _rgb(1, 10, 10))), 0, "good"),
-            ImageRecord(str(_save(tmp_path / "b.png", _rgb(1, 12, 10))), 0, "good")]
+    recs = [
+        ImageRecord(str(_save(tmp_path / "a.png", _rgb(1, 10, 10))), 0, "good"),
+        ImageRecord(str(_save(tmp_path / "b.png", _rgb(1, 12, 10))), 0, "good"),
+    ]
     with pytest.raises(LayoutError, match="b.png"):
         load_records(recs, None)
     assert load_records(recs[:1], None).images.shape == (1, 10, 10, 3)
@@ -306,12 +310,15 @@ def test_load_records_same_size_required_without_resize(tmp_path: Path):
 def big_index(tmp_path: Path):
     """Record-only index (make_split opens no file): 40 train/good, 10 test/good, crack x12, dent x8."""
     from mapl_ray.data import CategoryIndex
+
     root = str(tmp_path)
     train = [ImageRecord(f"{root}/c/train/good/{i:03d}.png", 0, "good") for i in range(40)]
     test = [ImageRecord(f"{root}/c/test/good/{i:03d}.png", 0, "good") for i in range(10)]
     for t, n in (("crack", 12), ("dent", 8)):
-        test += [ImageRecord(f"{root}/c/test/{t}/{i:03d}.png", 1, t, f"{root}/c/ground_truth/{t}/{i:03d}_mask.png")
-                 for i in range(n)]
+        test += [
+            ImageRecord(f"{root}/c/test/{t}/{i:03d}.png", 1, t, f"{root}/c/ground_truth/{t}/{i:03d}_mask.png")
+            for i in range(n)
+        ]
     return CategoryIndex(root=root, category="c", train_good=train, test=sorted(test, key=lambda r: r.path))
 
 
@@ -322,8 +329,14 @@ def _train_paths(s: Split) -> set[str]:
 def test_make_split_counts_disjointness_and_hidden_labels(big_index):
     s = make_split(big_index, seed=3, unlabeled_fraction=0.25, contamination=0.1, labeled_anomalies=2)
     assert s.summary() == {
-        "labeled_normal": 30, "unlabeled": 10 + 2, "labeled_anomaly": 4, "test": 10 + 20 - 4 - 2,
-        "test_good": 10, "test_anomalous": 14, "unlabeled_normal": 10, "unlabeled_anomalous": 2,
+        "labeled_normal": 30,
+        "unlabeled": 10 + 2,
+        "labeled_anomaly": 4,
+        "test": 10 + 20 - 4 - 2,
+        "test_good": 10,
+        "test_anomalous": 14,
+        "unlabeled_normal": 10,
+        "unlabeled_anomalous": 2,
         "unlabeled_unknown": 0,
     }
     assert not _train_paths(s) & {r.path for r in s.test}
@@ -355,12 +368,14 @@ def test_make_split_pool_order_does_not_reveal_labels(big_index):
 
 
 def test_make_split_validation_errors(big_index):
-    for kw, field in [({"unlabeled_fraction": 1.0}, "unlabeled_fraction"),
-                      ({"unlabeled_fraction": -0.1}, "unlabeled_fraction"),
-                      ({"contamination": 1.5}, "contamination"),
-                      ({"labeled_anomalies": -1}, "labeled_anomalies"),
-                      ({"labeled_anomalies": 8}, "labeled_anomalies=8 .*'dent' has only 8"),
-                      ({"contamination": 0.9, "labeled_anomalies": 7}, "contamination")]:
+    for kw, field in [
+        ({"unlabeled_fraction": 1.0}, "unlabeled_fraction"),
+        ({"unlabeled_fraction": -0.1}, "unlabeled_fraction"),
+        ({"contamination": 1.5}, "contamination"),
+        ({"labeled_anomalies": -1}, "labeled_anomalies"),
+        ({"labeled_anomalies": 8}, "labeled_anomalies=8 .*'dent' has only 8"),
+        ({"contamination": 0.9, "labeled_anomalies": 7}, "contamination"),
+    ]:
         with pytest.raises(ValueError, match=field):
             make_split(big_index, 0, **kw)
     with pytest.raises(ValueError, match="unlabeled_fraction"):
@@ -506,15 +521,16 @@ def test_simulator_texture_folder_errors(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------
 # real data
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not (DATA_ROOT / "mvtec_ad" / "screw").is_dir(),
-                    reason=f"real MVTec AD screw not found under {DATA_ROOT} (set MAPL_DATA)")
+@pytest.mark.skipif(
+    not (DATA_ROOT / "mvtec_ad" / "screw").is_dir(),
+    reason=f"real MVTec AD screw not found under {DATA_ROOT} (set MAPL_DATA)",
+)
 def test_real_mvtec_screw_layout_and_foreground():
     idx = scan_category(DATA_ROOT / "mvtec_ad", "screw")
     assert len(idx.train_good) == 320
     assert sum(r.label == 0 for r in idx.test) == 41
     assert sum(r.label == 1 for r in idx.test) == 111
-    assert idx.defect_types == ["manipulated_front", "scratch_head", "scratch_neck",
-                                "thread_side", "thread_top"]
+    assert idx.defect_types == ["manipulated_front", "scratch_head", "scratch_neck", "thread_side", "thread_top"]
     assert all(r.mask_path and os.path.isfile(r.mask_path) for r in idx.test if r.label == 1)
     # The screw preset must select the (dark) screw, not the bright background.
     img = load_image(idx.train_good[0].path, 128)

@@ -107,7 +107,7 @@ def _blob_masks(rng, n=4, size=24):
     for i in range(n):
         r, c = rng.integers(2, size - 8, 2)
         h, w = rng.integers(1, 7, 2)
-        masks[i, r:r + h, c:c + w] = 1
+        masks[i, r : r + h, c : c + w] = 1
     masks[0, 0, 0] = masks[0, 1, 1] = 1  # a diagonal pair: one region under 8-connectivity
     return masks
 
@@ -342,9 +342,7 @@ def test_write_report(tmp_path):
         }
         for i in (0, 2, 4)
     ]
-    report = write_report(
-        tmp_path / "run", metrics, info, labels=labels, scores=scores, threshold=1.2, sample=sample
-    )
+    report = write_report(tmp_path / "run", metrics, info, labels=labels, scores=scores, threshold=1.2, sample=sample)
     run = tmp_path / "run"
     loaded = json.loads((run / "metrics.json").read_text())
     assert loaded["overall"] == pytest.approx(metrics["overall"])
@@ -355,8 +353,13 @@ def test_write_report(tmp_path):
     assert f"{100 * metrics['overall']['image_auroc']:.1f}" in text
     assert f"{100 * metrics['per_defect']['hole']['aupro']:.1f}" in text
     assert "config.backbone" in text and "resnet18" in text
-    pngs = ["plots/roc.png", "plots/score_histogram.png", "heatmaps/good_000.png",
-            "heatmaps/crack_002.png", "heatmaps/hole_004.png"]
+    pngs = [
+        "plots/roc.png",
+        "plots/score_histogram.png",
+        "heatmaps/good_000.png",
+        "heatmaps/crack_002.png",
+        "heatmaps/hole_004.png",
+    ]
     for rel in pngs:
         assert rel in text
         with Image.open(run / rel) as im:

@@ -68,8 +68,9 @@ def test_run_written_before_tta_existed_keeps_scoring_without_it(trained_run, tm
     x = _test_images(trained_run)
     pred = Predictor(old, device="cpu")
     assert pred.cfg.eval.tta == "none"
-    torch.testing.assert_close(pred.predict_tensor(x)["scores"],
-                               Predictor(trained_run, device="cpu", tta="none").predict_tensor(x)["scores"])
+    torch.testing.assert_close(
+        pred.predict_tensor(x)["scores"], Predictor(trained_run, device="cpu", tta="none").predict_tensor(x)["scores"]
+    )
     # a user's partial config file still gets today's default
     (tmp_path / "user.yaml").write_text("eval:\n  top_k: 10\n")
     assert Config.load(tmp_path / "user.yaml").eval.tta == "rot90"
@@ -87,7 +88,9 @@ def test_memory_bank_ensemble_holds_the_listed_normals_and_averages_their_maps(t
     assert not set(banks[0]) & set(banks[1])
     assert not set(banks[0] + banks[1]) & set(info["validation_normals"])
     # the report gets the count, not 8 paths in one table cell
-    assert json.loads((trained_run / "metrics.json").read_text())["run"]["data"]["memory_banks"] == "2 bank(s) of 4 images"
+    assert (
+        json.loads((trained_run / "metrics.json").read_text())["run"]["data"]["memory_banks"] == "2 bank(s) of 4 images"
+    )
     pred = Predictor(trained_run, device="cpu", tta="none")
     assert len(pred.model.banks) == 2
     # bank 1 holds the encoder features of its listed images (each at memory_rotations=2 orientations)

@@ -121,8 +121,13 @@ def test_focal_loss_hand_computed():
 @pytest.mark.parametrize("head_detach", [True, False])
 def test_every_loss_term_has_gradient(head_detach):
     torch.manual_seed(0)
-    model = MAPLModel(build_encoder("tf_efficientnet_lite0", pretrained=False), memory_backend="torch",
-                      decoder_channels=(16, 16, 16, 16), head_hidden=8, head_detach=head_detach)
+    model = MAPLModel(
+        build_encoder("tf_efficientnet_lite0", pretrained=False),
+        memory_backend="torch",
+        decoder_channels=(16, 16, 16, 16),
+        head_hidden=8,
+        head_detach=head_detach,
+    )
     model.refresh_memory(torch.rand(3, 3, 64, 64))
     model.train()
     x = torch.rand(6, 3, 64, 64)
@@ -170,8 +175,12 @@ def test_bundled_imagenet_weights_classify_a_real_texture():
     if not files:
         pytest.skip("texture images not found")
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    full.load_state_dict(map_state_dict_by_order(_read_state_dict(lite_wheel_weights_path("tf_efficientnet_lite0")),
-                                                 full.state_dict(), "lite0"), strict=False)
+    full.load_state_dict(
+        map_state_dict_by_order(
+            _read_state_dict(lite_wheel_weights_path("tf_efficientnet_lite0")), full.state_dict(), "lite0"
+        ),
+        strict=False,
+    )
     full.eval()
     hits = 0
     for f in files[:4]:
@@ -189,12 +198,20 @@ def _broadcast_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(rank)  # a different bank on every rank
     bank = MemoryBank("torch")
-    bank.set([torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g), torch.randn(3, 8, 2, 2, generator=g)])
+    bank.set(
+        [
+            torch.randn(3, 4, 8, 8, generator=g),
+            torch.randn(3, 6, 4, 4, generator=g),
+            torch.randn(3, 8, 2, 2, generator=g),
+        ]
+    )
     query = [torch.ones(2, 4, 8, 8), torch.ones(2, 6, 4, 4), torch.ones(2, 8, 2, 2)]
     bank.nearest(query)  # caches the flattened bank: the broadcast must invalidate it
     bank.broadcast(0)
-    torch.save({"levels": bank.levels(), "scale": bank.di_scale, "nearest": bank.nearest(query),
-                "flat": bank._flat_bank()}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {"levels": bank.levels(), "scale": bank.di_scale, "nearest": bank.nearest(query), "flat": bank._flat_bank()},
+        f"{out_dir}/rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 

@@ -146,7 +146,9 @@ def test_align_needs_an_object_threshold():
     cfg = Config().override({"data.category": "magnetic_tile", "data.align": "principal_axis"})
     with pytest.raises(ConfigError, match="simulation.foreground_threshold"):
         build_pose_estimator(cfg)
-    est = build_pose_estimator(cfg.override({"simulation.foreground_threshold": 90, "simulation.foreground_inverse": True}))
+    est = build_pose_estimator(
+        cfg.override({"simulation.foreground_threshold": 90, "simulation.foreground_inverse": True})
+    )
     assert est.threshold == 90 and est.inverse
     assert build_pose_estimator(Config().override({"data.category": "screw"})) is None
     with pytest.raises(ConfigError, match="data.align"):
@@ -161,7 +163,12 @@ def test_screw_preset_is_applied_under_the_users_settings(tmp_path):
 
     c = cfg("--category", "screw")
     assert (c.data.align, c.train.augment, c.eval.tta, c.model.memory_rotations, c.model.memory_banks) == (
-        "principal_axis", "none", "none", 1, 10)
+        "principal_axis",
+        "none",
+        "none",
+        1,
+        10,
+    )
     c = cfg("--category", "screw", "--set", "train.augment=rot90")
     assert c.train.augment == "rot90" and c.data.align == "principal_axis"  # a flag wins over the preset
     yml = tmp_path / "c.yaml"
@@ -179,9 +186,20 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
     from mapl_ray.main_job import run_train_job
 
     run = tmp_path / "run"
-    run_train_job(tiny_config(small_root, **{"data.align": "principal_axis", "model.memory_rotations": 1,
-                                             "train.augment": "none", "eval.tta": "none"}), run,
-                  use_ray=False, progress=False)
+    run_train_job(
+        tiny_config(
+            small_root,
+            **{
+                "data.align": "principal_axis",
+                "model.memory_rotations": 1,
+                "train.augment": "none",
+                "eval.tta": "none",
+            },
+        ),
+        run,
+        use_ray=False,
+        progress=False,
+    )
     import json
 
     assert "own frame" in json.loads((run / "metrics.json").read_text())["run"]["pose_normalisation"]
@@ -203,8 +221,13 @@ def test_an_aligned_run_gives_maps_in_the_images_own_frame(small_root, tmp_path)
     test = Split.from_json(run / "split.json").test
     recs, _, test_maps = pred.predict_paths([r.path for r in test])
     plain = load_records(test, pred.image_size, with_masks=True)
-    m = compute_metrics(np.array([r.label for r in test]), np.array([r["score"] for r in recs]),
-                        [r.defect_type for r in test], plain.masks, test_maps)
+    m = compute_metrics(
+        np.array([r.label for r in test]),
+        np.array([r["score"] for r in recs]),
+        [r.defect_type for r in test],
+        plain.masks,
+        test_maps,
+    )
     saved = json.loads((run / "metrics.json").read_text())["overall"]
     assert m["overall"]["pixel_auroc"] == pytest.approx(saved["pixel_auroc"], abs=1e-6)
     assert m["overall"]["aupro"] == pytest.approx(saved["aupro"], abs=1e-6)

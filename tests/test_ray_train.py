@@ -23,8 +23,16 @@ def test_two_worker_ray_train_lowers_loss(ray_local, small_root, tmp_path):
     from mapl_ray.main_job import prepare_run
     from mapl_ray.pipelines.ray_train import train_with_ray
 
-    cfg = tiny_config(small_root, **{"train.steps": 40, "train.num_workers": 2, "train.cpus_per_worker": 1,
-                                     "train.lr": 0.01, "train.checkpoint_every": 100})
+    cfg = tiny_config(
+        small_root,
+        **{
+            "train.steps": 40,
+            "train.num_workers": 2,
+            "train.cpus_per_worker": 1,
+            "train.lr": 0.01,
+            "train.checkpoint_every": 100,
+        },
+    )
     run = tmp_path / "run"
     split = prepare_run(cfg, run)
     data, _, _ = load_train_data(cfg, split)

@@ -41,10 +41,15 @@ def test_http_scores_match_the_predictor(served, trained_run):
 
     from mapl_ray.inference import Predictor
 
-    paths = [sorted((SCREW / "test" / "good").glob("*.png"))[3], sorted((SCREW / "test" / "thread_top").glob("*.png"))[3]]
+    paths = [
+        sorted((SCREW / "test" / "good").glob("*.png"))[3],
+        sorted((SCREW / "test" / "thread_top").glob("*.png"))[3],
+    ]
     expected, _, maps = Predictor(trained_run, device="cpu").predict_paths(paths)
     for path, exp, amap in zip(paths, expected, maps):
-        r = requests.post(f"{served}/predict", params={"name": path.name, "heatmap": "true"}, data=path.read_bytes(), timeout=60)
+        r = requests.post(
+            f"{served}/predict", params={"name": path.name, "heatmap": "true"}, data=path.read_bytes(), timeout=60
+        )
         assert r.status_code == 200, r.text
         got = r.json()
         assert got["name"] == path.name
@@ -55,7 +60,11 @@ def test_http_scores_match_the_predictor(served, trained_run):
         small = np.asarray(heat.resize(amap.shape[::-1], Image.Resampling.BILINEAR)) / 255.0
         assert np.abs(small - amap).mean() < 0.02  # the same map, resampled
     health = requests.get(f"{served}/health", timeout=30).json()
-    assert health["status"] == "ok" and health["category"] == "screw" and health["threshold"] == expected[0].get("threshold", health["threshold"])
+    assert (
+        health["status"] == "ok"
+        and health["category"] == "screw"
+        and health["threshold"] == expected[0].get("threshold", health["threshold"])
+    )
 
 
 def test_concurrent_requests_are_batched_without_mixing_results(served, trained_run):
@@ -65,7 +74,10 @@ def test_concurrent_requests_are_batched_without_mixing_results(served, trained_
 
     from mapl_ray.inference import Predictor
 
-    paths = sorted((SCREW / "test" / "good").glob("*.png"))[:3] + sorted((SCREW / "test" / "scratch_head").glob("*.png"))[:3]
+    paths = (
+        sorted((SCREW / "test" / "good").glob("*.png"))[:3]
+        + sorted((SCREW / "test" / "scratch_head").glob("*.png"))[:3]
+    )
     expected = {r["path"]: r["score"] for r in Predictor(trained_run, device="cpu").predict_paths(paths)[0]}
 
     def post(path):

@@ -23,7 +23,7 @@ def test_epoch_indices_use_every_normal_once_per_epoch():
     n = 7
     stream = epoch_indices(n, 0, 3 * n, seed=0, stream=0)
     for e in range(3):
-        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+        assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
     # any window of the stream is reproducible on its own (resume draws the same batches)
     assert np.array_equal(epoch_indices(n, 5, 9, 0, 0), stream[5:14])
 
@@ -135,8 +135,14 @@ def test_failed_start_folder_is_reused_and_resume_needs_checkpoint(small_root, t
 def test_out_of_range_settings_fail_before_anything_is_written(tmp_path):
     from mapl_ray.config import Config, ConfigError
 
-    for field, value in (("train.steps", 0), ("train.lr", -1.0), ("train.num_workers", 0), ("eval.top_k", 0),
-                         ("model.memory_samples", 0), ("data.image_size", 8)):
+    for field, value in (
+        ("train.steps", 0),
+        ("train.lr", -1.0),
+        ("train.num_workers", 0),
+        ("eval.top_k", 0),
+        ("model.memory_samples", 0),
+        ("data.image_size", 8),
+    ):
         cfg = Config().override({"data.root": str(tmp_path), "data.category": "x", field: value})
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             prepare_run(cfg, tmp_path / "run")

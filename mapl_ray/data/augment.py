@@ -61,5 +61,7 @@ def rotated_copies(images: np.ndarray, k: int) -> np.ndarray:
         border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
         fill = tuple(int(v) for v in np.median(border, axis=0))
         pil = Image.fromarray(img)
-        out.extend(np.asarray(pil.rotate(360.0 * r / k, resample=Image.Resampling.BILINEAR, fillcolor=fill)) for r in range(k))
+        out.extend(
+            np.asarray(pil.rotate(360.0 * r / k, resample=Image.Resampling.BILINEAR, fillcolor=fill)) for r in range(k)
+        )
     return np.stack(out)

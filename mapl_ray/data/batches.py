@@ -34,10 +34,6 @@ def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.
     return out
 
 
-
-
-
-
 class BatchMaker:
     """Draws the per-worker batch of one step (see module docstring)."""
 
@@ -77,7 +73,11 @@ class BatchMaker:
         sims, _ = self.simulate(base, rng)
         unl_idx = np.zeros(0, np.int64)
         if d.unlabeled is not None and len(d.unlabeled):
-            unl_idx = np.arange(len(d.unlabeled)) if len(d.unlabeled) <= 512 else rng.choice(len(d.unlabeled), 512, replace=False)
+            unl_idx = (
+                np.arange(len(d.unlabeled))
+                if len(d.unlabeled) <= 512
+                else rng.choice(len(d.unlabeled), 512, replace=False)
+            )
         return {"normal_idx": normal_idx, "sims": sims, "unlabeled_idx": unl_idx}
 
     def has_pool(self) -> bool:

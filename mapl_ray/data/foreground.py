@@ -12,7 +12,14 @@ from scipy import ndimage as ndi
 
 from ..config import Config
 
-__all__ = ["FOREGROUND_PRESETS", "ForegroundConfig", "check_rgb_image", "foreground_mask", "resolve_foreground", "rgb_to_grey"]
+__all__ = [
+    "FOREGROUND_PRESETS",
+    "ForegroundConfig",
+    "check_rgb_image",
+    "foreground_mask",
+    "resolve_foreground",
+    "rgb_to_grey",
+]
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,7 @@ def rgb_to_grey(image: np.ndarray) -> np.ndarray:
 
 def check_rgb_image(image: Any, what: str = "image") -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
-                else type(image).__name__)
+        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"{what} must be a uint8 array of shape [H, W, 3], got {desc}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{what} must be non-empty, got shape {image.shape}")

@@ -34,7 +34,13 @@ __all__ = [
 # Exceptions Pillow raises for missing, unidentified, truncated or corrupt files. PNG chunk/CRC
 # errors surface as SyntaxError, short headers as struct.error / EOFError.
 _PIL_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    TypeError,
     Image.DecompressionBombError,
 )
 
@@ -54,8 +60,10 @@ def normalize_size(size: int | tuple[int, int] | None, what: str = "size") -> tu
         return None
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         hw = (int(size), int(size))
-    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
+    elif (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
     ):
         hw = (int(size[0]), int(size[1]))
     else:
@@ -123,8 +131,9 @@ def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Imag
     return img.resize((hw[1], hw[0]), resample=resample)
 
 
-def _read_rgb(path: str, hw: tuple[int, int] | None, source=None,
-              align: PoseEstimator | None = None) -> tuple[np.ndarray, tuple[int, int], Pose | None]:
+def _read_rgb(
+    path: str, hw: tuple[int, int] | None, source=None, align: PoseEstimator | None = None
+) -> tuple[np.ndarray, tuple[int, int], Pose | None]:
     """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``, pose).
 
     With ``align`` the image is turned into its object's canonical pose at its own resolution, before
@@ -145,8 +154,12 @@ def _read_rgb(path: str, hw: tuple[int, int] | None, source=None,
     return np.ascontiguousarray(arr), orig_hw, pose
 
 
-def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None = None,
-               align: PoseEstimator | None = None, return_pose: bool = False):
+def load_image(
+    path: str | os.PathLike[str],
+    size: int | tuple[int, int] | None = None,
+    align: PoseEstimator | None = None,
+    return_pose: bool = False,
+):
     """Decode an image file to RGB.
 
     Args:
@@ -169,9 +182,14 @@ def load_image(path: str | os.PathLike[str], size: int | tuple[int, int] | None 
     return (image, pose) if return_pose else image
 
 
-def decode_image(data: bytes, name: str = "<upload>", size: int | tuple[int, int] | None = None,
-                 return_original_size: bool = False, align: PoseEstimator | None = None,
-                 return_pose: bool = False):
+def decode_image(
+    data: bytes,
+    name: str = "<upload>",
+    size: int | tuple[int, int] | None = None,
+    return_original_size: bool = False,
+    align: PoseEstimator | None = None,
+    return_pose: bool = False,
+):
     """:func:`load_image` for encoded bytes (an HTTP upload): any format Pillow reads, to RGB uint8 ``[H, W, 3]``.
 
     With ``return_original_size`` and / or ``return_pose`` returns a tuple: the image, then
@@ -234,8 +252,9 @@ def load_mask(
     thr = 0 if grey.max(initial=0) == 1 else 127
     binary = (grey > thr).astype(np.uint8)
     if pose is not None:
-        binary = np.asarray(pose.apply(Image.fromarray(binary, mode="L"), Image.Resampling.NEAREST, fill=0),
-                            dtype=np.uint8)
+        binary = np.asarray(
+            pose.apply(Image.fromarray(binary, mode="L"), Image.Resampling.NEAREST, fill=0), dtype=np.uint8
+        )
     if hw is not None and hw != mask_hw:
         # NEAREST on the {0,1} array keeps it binary (Pillow mode "L" round-trips uint8 exactly).
         binary = np.asarray(
@@ -357,8 +376,9 @@ def load_records(
                     if not skip_bad:
                         raise
                     skipped.append((exc.path, exc.reason))
-                    warnings.warn(f"skipping unreadable file {exc.path!r} (record {rec.path!r}): "
-                                  f"{exc.reason}", stacklevel=2)
+                    warnings.warn(
+                        f"skipping unreadable file {exc.path!r} (record {rec.path!r}): {exc.reason}", stacklevel=2
+                    )
                     continue
                 kept_imgs.append(img)
                 if mask is not None:
@@ -379,14 +399,13 @@ def load_records(
                     f"pass size= to resize them"
                 )
     out_hw = hw if hw is not None else (kept_imgs[0].shape[:2] if kept_imgs else (0, 0))
-    images = (np.stack(kept_imgs) if kept_imgs
-              else np.zeros((0, out_hw[0], out_hw[1], 3), dtype=np.uint8))
+    images = np.stack(kept_imgs) if kept_imgs else np.zeros((0, out_hw[0], out_hw[1], 3), dtype=np.uint8)
     masks = None
     if with_masks:
-        masks = (np.stack(kept_masks) if kept_masks
-                 else np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8))
-    return LoadedImages(images=images, masks=masks, records=kept, skipped=skipped,
-                        poses=poses if align is not None else None)
+        masks = np.stack(kept_masks) if kept_masks else np.zeros((0, out_hw[0], out_hw[1]), dtype=np.uint8)
+    return LoadedImages(
+        images=images, masks=masks, records=kept, skipped=skipped, poses=poses if align is not None else None
+    )
 
 
 def check_test_masks(records, skip_bad: bool = False) -> None:
@@ -406,5 +425,7 @@ def check_test_masks(records, skip_bad: bool = False) -> None:
                 continue
             raise
         if hw != mhw:
-            raise LayoutError(f"mask {r.mask_path!r} is {mhw[0]}x{mhw[1]} (HxW) but its image {r.path!r} is "
-                              f"{hw[0]}x{hw[1]}; expected the same size")
+            raise LayoutError(
+                f"mask {r.mask_path!r} is {mhw[0]}x{mhw[1]} (HxW) but its image {r.path!r} is "
+                f"{hw[0]}x{hw[1]}; expected the same size"
+            )

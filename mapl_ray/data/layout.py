@@ -32,9 +32,7 @@ __all__ = [
 ]
 
 #: Lower-case file extensions (with dot) of formats Pillow decodes; matched case-insensitively.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 LABEL_NORMAL = 0
 LABEL_ANOMALOUS = 1
@@ -106,18 +104,14 @@ class ImageRecord:
             raise ValueError(f"ImageRecord.path must be a non-empty str, got {self.path!r}")
         # bool is an int subclass; reject it so True is never silently read as "anomalous".
         if isinstance(self.label, bool) or self.label not in _VALID_LABELS:
-            raise ValueError(
-                f"ImageRecord.label for {self.path!r} must be one of {_VALID_LABELS}, got {self.label!r}"
-            )
+            raise ValueError(f"ImageRecord.label for {self.path!r} must be one of {_VALID_LABELS}, got {self.label!r}")
         if not isinstance(self.defect_type, str) or not self.defect_type:
             raise ValueError(
-                f"ImageRecord.defect_type for {self.path!r} must be a non-empty str, "
-                f"got {self.defect_type!r}"
+                f"ImageRecord.defect_type for {self.path!r} must be a non-empty str, got {self.defect_type!r}"
             )
         if self.mask_path is not None and (not isinstance(self.mask_path, str) or not self.mask_path):
             raise ValueError(
-                f"ImageRecord.mask_path for {self.path!r} must be None or a non-empty str, "
-                f"got {self.mask_path!r}"
+                f"ImageRecord.mask_path for {self.path!r} must be None or a non-empty str, got {self.mask_path!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +136,9 @@ class ImageRecord:
         if unknown:
             raise ValueError(f"ImageRecord dict {d!r} has unknown field(s) {sorted(unknown)}")
         return cls(
-            path=d["path"], label=d["label"], defect_type=d["defect_type"],
+            path=d["path"],
+            label=d["label"],
+            defect_type=d["defect_type"],
             mask_path=d.get("mask_path"),
         )
 
@@ -207,9 +203,7 @@ def _mask_lookup(gt_dir: str) -> dict[str, str]:
     }
 
 
-def scan_category(
-    root: str | os.PathLike[str], category: str, *, require_masks: bool = True
-) -> CategoryIndex:
+def scan_category(root: str | os.PathLike[str], category: str, *, require_masks: bool = True) -> CategoryIndex:
     """Index an MVTec-AD-layout category folder without opening any image.
 
     Args:
@@ -231,12 +225,17 @@ def scan_category(
     root_abs = os.path.abspath(os.fspath(root))
     cat_dir = os.path.join(root_abs, category)
     if not os.path.isdir(root_abs):
-        raise LayoutError(f"data root {os.fspath(root)!r} does not exist (resolved to {root_abs!r}; expected the folder "
-                          f"that holds <category>/train/good, e.g. .../mvtec_ad)")
+        raise LayoutError(
+            f"data root {os.fspath(root)!r} does not exist (resolved to {root_abs!r}; expected the folder "
+            f"that holds <category>/train/good, e.g. .../mvtec_ad)"
+        )
     if not os.path.isdir(cat_dir):
         # a mistyped category is the common case: name the ones that are there
-        found = sorted(d for d in os.listdir(root_abs) if os.path.isdir(os.path.join(root_abs, d, "train"))) \
-            if os.path.isdir(root_abs) else []
+        found = (
+            sorted(d for d in os.listdir(root_abs) if os.path.isdir(os.path.join(root_abs, d, "train")))
+            if os.path.isdir(root_abs)
+            else []
+        )
         hint = f"; categories under {root_abs!r}: {', '.join(found)}" if found else ""
         raise LayoutError(
             f"category folder {cat_dir!r} does not exist (expected MVTec layout "

@@ -18,8 +18,12 @@ def _fade(t: np.ndarray) -> np.ndarray:
 
 
 def _perlin_at(
-    ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], res: tuple[int, int],
-    rng: np.random.Generator, angle: float,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    shape: tuple[int, int],
+    res: tuple[int, int],
+    rng: np.random.Generator,
+    angle: float,
 ) -> np.ndarray:
     """Perlin noise of an ``shape`` image sampled at pixel rows ``ys`` x columns ``xs``."""
     h, w = shape

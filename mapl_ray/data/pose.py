@@ -72,8 +72,9 @@ class Pose:
         k = self.scale  # original (output) -> aligned (input): q = scale M (p - c) + centre
         return (k * c, k * s, ox - k * (c * px + s * py), -k * s, k * c, oy - k * (-s * px + c * py))
 
-    def apply(self, img: Image.Image, resample: int = Image.Resampling.BILINEAR, reflect: bool | None = None,
-              fill=0) -> Image.Image:
+    def apply(
+        self, img: Image.Image, resample: int = Image.Resampling.BILINEAR, reflect: bool | None = None, fill=0
+    ) -> Image.Image:
         """``img`` (any size, any mode) in the canonical pose, the same size as ``img``.
 
         Where the turned frame reaches past the image, ``reflect`` (default: for RGB images) mirrors the
@@ -97,12 +98,13 @@ class Pose:
             # the object mask of the original, mirrored like the image (grey is per pixel)
             grey = np.pad(np.asarray(img.convert("L")), pad, mode="reflect")
             ghost = grey <= self.object_threshold if self.object_inverse else grey > self.object_threshold
-            ghost[pad:pad + h, pad:pad + w] = False  # the image itself stays as it is
+            ghost[pad : pad + h, pad : pad + w] = False  # the image itself stays as it is
             big[ghost] = self.fill
         big = Image.fromarray(big)
         m = (m[0], m[1], m[2] + pad, m[3], m[4], m[5] + pad)
-        return big.transform((w, h), Image.Transform.AFFINE, m, resample=resample,
-                             fillcolor=self.fill if img.mode == "RGB" else fill)
+        return big.transform(
+            (w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=self.fill if img.mode == "RGB" else fill
+        )
 
     def invert_map(self, amap: np.ndarray) -> np.ndarray:
         """An anomaly map ``[H, W]`` float computed on the aligned image, resampled (bilinear) onto the
@@ -114,8 +116,13 @@ class Pose:
         size = tuple(self.size) if self.size else (w, h)
         if size != (w, h):
             img = img.resize(size, Image.Resampling.BILINEAR)
-        back = img.transform(size, Image.Transform.AFFINE, self._matrix(*size, inverse=True),
-                             resample=Image.Resampling.BILINEAR, fillcolor=float(a.min()))
+        back = img.transform(
+            size,
+            Image.Transform.AFFINE,
+            self._matrix(*size, inverse=True),
+            resample=Image.Resampling.BILINEAR,
+            fillcolor=float(a.min()),
+        )
         if size != (w, h):
             back = back.resize((w, h), Image.Resampling.BILINEAR)
         return np.asarray(back, dtype=np.float32)
@@ -144,8 +151,14 @@ class PoseEstimator:
             or ``analysis_size`` < 16.
     """
 
-    def __init__(self, threshold: float, inverse: bool, min_fraction: float = 0.002, analysis_size: int = 256,
-                 margin: float = 0.02):
+    def __init__(
+        self,
+        threshold: float,
+        inverse: bool,
+        min_fraction: float = 0.002,
+        analysis_size: int = 256,
+        margin: float = 0.02,
+    ):
         if not 0 <= threshold <= 255:
             raise ValueError(f"pose threshold must be a grey level in [0, 255], got {threshold}")
         if not 0 <= min_fraction < 0.5:

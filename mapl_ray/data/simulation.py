@@ -51,7 +51,7 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
     def gamma(im):
         a = np.asarray(im).astype(np.float32) / 255.0
         g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
-        return Image.fromarray(np.clip(255.0 * a ** g, 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(255.0 * a**g, 0, 255).astype(np.uint8))
 
     def brightness(im):
         a = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
@@ -84,8 +84,10 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
 def _list_textures(texture_dir: str) -> list[str]:
     folder = os.path.abspath(texture_dir)
     if not os.path.isdir(folder):
-        raise LayoutError(f"texture folder {os.fspath(texture_dir)!r} does not exist (resolved to {folder!r}; "
-                          "simulation.texture_dir / --textures)")
+        raise LayoutError(
+            f"texture folder {os.fspath(texture_dir)!r} does not exist (resolved to {folder!r}; "
+            "simulation.texture_dir / --textures)"
+        )
     found = find_images(folder)
     if not found:
         raise LayoutError(f"no texture images found in {folder!r} (searched recursively)")
@@ -223,9 +225,7 @@ class AnomalySimulator:
         return noise, noise > self.perlin_threshold
 
     # -- main -----------------------------------------------------------------------------------
-    def __call__(
-        self, image: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Simulate one anomaly on ``image``.
 
         Args:
@@ -303,7 +303,13 @@ def build_simulator(cfg: Config) -> AnomalySimulator:
     """Anomaly simulator with the category's foreground preset and the config's overrides."""
     s = cfg.simulation
     fg = resolve_foreground(cfg)
-    return AnomalySimulator(s.texture_dir, foreground=fg, perlin_scale_range=(0, s.perlin_max_scale),
-                            perlin_threshold=s.perlin_threshold, delta_range=(s.delta_min, s.delta_max),
-                            texture_probability=s.texture_probability, structure_grid=s.structure_grid,
-                            structure_augment=s.structure_augment)
+    return AnomalySimulator(
+        s.texture_dir,
+        foreground=fg,
+        perlin_scale_range=(0, s.perlin_max_scale),
+        perlin_threshold=s.perlin_threshold,
+        delta_range=(s.delta_min, s.delta_max),
+        texture_probability=s.texture_probability,
+        structure_grid=s.structure_grid,
+        structure_augment=s.structure_augment,
+    )

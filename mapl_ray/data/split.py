@@ -70,16 +70,13 @@ class Split:
                 or in both a training set and ``test``; a ``params["unlabeled_true_*"]`` list is
                 not aligned with ``unlabeled``.
         """
-        expected = {"labeled_normal": LABEL_NORMAL, "labeled_anomaly": LABEL_ANOMALOUS,
-                    "unlabeled": LABEL_UNKNOWN}
+        expected = {"labeled_normal": LABEL_NORMAL, "labeled_anomaly": LABEL_ANOMALOUS, "unlabeled": LABEL_UNKNOWN}
         for name in _LISTS:
             for i, r in enumerate(getattr(self, name)):
                 if not isinstance(r, ImageRecord):
                     raise ValueError(f"Split.{name}[{i}] is a {type(r).__name__}, expected ImageRecord")
                 if name in expected and r.label != expected[name]:
-                    raise ValueError(
-                        f"Split.{name}[{i}] ({r.path!r}) has label {r.label}, expected {expected[name]}"
-                    )
+                    raise ValueError(f"Split.{name}[{i}] ({r.path!r}) has label {r.label}, expected {expected[name]}")
         seen: dict[str, str] = {}
         for name in ("labeled_normal", "unlabeled", "labeled_anomaly"):
             for r in getattr(self, name):
@@ -177,9 +174,7 @@ class Split:
             raise ValueError(f"split file {path!r}: {exc}") from exc
         counts = doc.get("counts")
         if counts is not None and counts != split.summary():
-            raise ValueError(
-                f"split file {path!r}: stored counts {counts} do not match its lists {split.summary()}"
-            )
+            raise ValueError(f"split file {path!r}: stored counts {counts} do not match its lists {split.summary()}")
         return split
 
 
@@ -338,8 +333,15 @@ def _take_labeled_anomalies(index: CategoryIndex, anomalies: list[ImageRecord], 
     return labeled_anomaly, taken
 
 
-def _contaminate(index: CategoryIndex, anomalies: list[ImageRecord], taken: set[int], cf: float, k: int,
-                 pool: list[ImageRecord], rng: np.random.Generator) -> list[ImageRecord]:
+def _contaminate(
+    index: CategoryIndex,
+    anomalies: list[ImageRecord],
+    taken: set[int],
+    cf: float,
+    k: int,
+    pool: list[ImageRecord],
+    rng: np.random.Generator,
+) -> list[ImageRecord]:
     """Step 3: move ``round(cf * len(anomalies))`` remaining test anomalies into ``pool`` (in place);
     returns the test anomalies left."""
     remaining = [i for i in range(len(anomalies)) if i not in taken]

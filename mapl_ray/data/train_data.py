@@ -68,16 +68,27 @@ def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list
     rest = np.random.default_rng([seed, 8]).permutation(np.setdiff1d(np.arange(num_normals), first))
     extra = min(banks - 1, len(rest) // n)
     if extra < banks - 1:
-        log.warning("model.memory_banks=%d needs %d training normals for banks of model.memory_samples=%d; "
-                    "%d give %d bank(s), used as such (data_info.json lists them)", banks, banks * n, n, num_normals, extra + 1)
-    return [first, *(np.sort(rest[i * n:(i + 1) * n]) for i in range(extra))]
+        log.warning(
+            "model.memory_banks=%d needs %d training normals for banks of model.memory_samples=%d; "
+            "%d give %d bank(s), used as such (data_info.json lists them)",
+            banks,
+            banks * n,
+            n,
+            num_normals,
+            extra + 1,
+        )
+    return [first, *(np.sort(rest[i * n : (i + 1) * n]) for i in range(extra))]
 
 
 def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
     """Rows of the labeled normals held out for score normalisation and the decision threshold."""
     if n_val > max(0, n_normals - 2):
-        log.warning("eval.validation_normals=%d but only %d labeled normals: holding out %d, training on 2",
-                    n_val, n_normals, max(0, n_normals - 2))
+        log.warning(
+            "eval.validation_normals=%d but only %d labeled normals: holding out %d, training on 2",
+            n_val,
+            n_normals,
+            max(0, n_normals - 2),
+        )
     n_val = min(n_val, max(0, n_normals - 2))
     rng = np.random.default_rng([seed, 11])
     return np.sort(rng.choice(n_normals, size=n_val, replace=False)) if n_val else np.zeros(0, np.int64)
@@ -120,12 +131,16 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, d
     }
     if align is not None:  # images kept as they were because no object was found in them
         info["align"] = cfg.data.align
-        info["no_pose_found"] = [r.path for ld in (normals, unl, anom) if ld is not None
-                                 for r, p in zip(ld.records, ld.poses) if p is None]
+        info["no_pose_found"] = [
+            r.path for ld in (normals, unl, anom) if ld is not None for r, p in zip(ld.records, ld.poses) if p is None
+        ]
         if info["no_pose_found"]:
-            log.warning("data.align: no object found in %d training images (kept as they are; check "
-                        "simulation.foreground_threshold / foreground_inverse), e.g. %s; all are listed in data_info.json",
-                        len(info["no_pose_found"]), info["no_pose_found"][:3])
+            log.warning(
+                "data.align: no object found in %d training images (kept as they are; check "
+                "simulation.foreground_threshold / foreground_inverse), e.g. %s; all are listed in data_info.json",
+                len(info["no_pose_found"]),
+                info["no_pose_found"][:3],
+            )
     return data, normals.images[val_idx], info
 
 
@@ -142,5 +157,7 @@ def memory_bank_images(cfg: Config, data: TrainData) -> list[np.ndarray]:
     """The images of each memory bank, uint8 ``(N * model.memory_rotations, H, W, 3)`` per bank: bank 0
     (``data.memory_indices``, the one training searches), then the ensemble's further banks
     (``data.extra_memory_indices``), filled with bank 0 and used at inference only."""
-    return [rotated_copies(data.normals[idx], cfg.model.memory_rotations)
-            for idx in (data.memory_indices, *data.extra_memory_indices)]
+    return [
+        rotated_copies(data.normals[idx], cfg.model.memory_rotations)
+        for idx in (data.memory_indices, *data.extra_memory_indices)
+    ]

@@ -27,6 +27,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: 
 
     Accepts numpy arrays or (pinned) tensors from the loader; copies are non-blocking.
     """
+
     def dev(a):
         return torch.as_tensor(a).to(device, non_blocking=True)
 
@@ -37,8 +38,9 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: 
     return x, masks, dev(batch["kind"]).long(), dev(batch["label"]).long()
 
 
-def make_loader(bm: BatchMaker, refit_steps: set[int], start: int, end: int, n_loader: int, cfg: Config,
-                device: torch.device) -> torch.utils.data.DataLoader:
+def make_loader(
+    bm: BatchMaker, refit_steps: set[int], start: int, end: int, n_loader: int, cfg: Config, device: torch.device
+) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over steps ``start .. end`` of :class:`~mapl_ray.data.batches.StepBatches`:
     ``n_loader`` processes simulate anomalies ahead of the step (0: in this process), pinned memory
     beside a GPU, and a timeout so a stuck loader process raises instead of hanging the job.
@@ -57,7 +59,13 @@ def make_loader(bm: BatchMaker, refit_steps: set[int], start: int, end: int, n_l
             # the server imports these once; each loader process forks from it instead of importing torch anew
             mp_context.set_forkserver_preload(["torch", "numpy", "PIL.Image", "mapl_ray.data.batches"])
     return torch.utils.data.DataLoader(
-        StepBatches(bm, refit_steps), batch_size=None, sampler=range(start, end),
-        num_workers=n_loader, pin_memory=device.type == "cuda", prefetch_factor=4 if n_loader else None,
-        persistent_workers=False, multiprocessing_context=mp_context,
-        timeout=LOADER_TIMEOUT_S if n_loader else 0)
+        StepBatches(bm, refit_steps),
+        batch_size=None,
+        sampler=range(start, end),
+        num_workers=n_loader,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if n_loader else None,
+        persistent_workers=False,
+        multiprocessing_context=mp_context,
+        timeout=LOADER_TIMEOUT_S if n_loader else 0,
+    )

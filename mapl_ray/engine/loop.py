@@ -53,10 +53,17 @@ class Trainer:
     Args: as :func:`train_model`.
     """
 
-    def __init__(self, cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1,
-                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 report: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        data: TrainData,
+        run_dir: str | Path,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        report: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self.wrap_model, self.report = wrap_model, report
@@ -66,11 +73,20 @@ class Trainer:
         self.bm = BatchMaker(cfg, data, build_simulator(cfg), rank, world_size)
         self.bank_images = memory_bank_images(cfg, data)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.graphed = bool(t.cuda_graphs and self.device.type == "cuda" and world_size == 1 and not t.compile
-                            and resolve_backend(self.model.memory.requested_backend, self.device) == "torch")
+        self.graphed = bool(
+            t.cuda_graphs
+            and self.device.type == "cuda"
+            and world_size == 1
+            and not t.compile
+            and resolve_backend(self.model.memory.requested_backend, self.device) == "torch"
+        )
         # a captured step needs a capturable optimizer with a device LR; fused AdamW: a few kernels, not one per tensor
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
-                                           **({"fused": True, "capturable": True} if self.graphed else {}))
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            **({"fused": True, "capturable": True} if self.graphed else {}),
+        )
         if self.graphed:
             device_lr(self.optimizer, self.device)
         self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
@@ -118,9 +134,14 @@ class Trainer:
         if self.rank != 0:
             return
         core = unwrap(self.model)
-        state = {"step": step, "total_steps": self.cfg.train.steps, "encoder": self.cfg.model.encoder,
-                 "image_size": self.cfg.data.image_size, "memory_backend": core.memory.backend,
-                 "pseudo_fitted_step": self.labeler.fitted_step}
+        state = {
+            "step": step,
+            "total_steps": self.cfg.train.steps,
+            "encoder": self.cfg.model.encoder,
+            "image_size": self.cfg.data.image_size,
+            "memory_backend": core.memory.backend,
+            "pseudo_fitted_step": self.labeler.fitted_step,
+        }
         pseudo = self.labeler.ensemble.state_dict() if self.labeler.ensemble is not None else None
         args = (self.run_dir, core, state, self.optimizer, self.scheduler, pseudo)
         if self.ema is None:
@@ -157,24 +178,43 @@ class Trainer:
 
         return step_fn
 
-    def _log(self, step: int, end_step: int, losses: dict[str, torch.Tensor], step_times: list[float],
-             pseudo_stats: dict[str, Any]) -> dict[str, float] | None:
+    def _log(
+        self,
+        step: int,
+        end_step: int,
+        losses: dict[str, torch.Tensor],
+        step_times: list[float],
+        pseudo_stats: dict[str, Any],
+    ) -> dict[str, float] | None:
         """Every ``log_every`` steps: losses to ``train_log.jsonl``; every ``report_every`` and at the end: ``report``.
         Returns the reduced losses when they were read (a host sync), else None."""
         t = self.cfg.train
         do_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
-        do_report = self.report is not None and ((t.report_every and (step + 1) % t.report_every == 0)
-                                                 or step + 1 == end_step)
+        do_report = self.report is not None and (
+            (t.report_every and (step + 1) % t.report_every == 0) or step + 1 == end_step
+        )
         if not (do_log or do_report):
             return None
         last = reduce_losses(losses, self.world_size)  # the same steps on every rank: the all-reduce matches up
-        rec = {"step": step + 1, "lr": float(self.scheduler.get_last_lr()[0]),
-               "step_s": float(np.mean(step_times[-t.log_every:])), **last, **pseudo_stats}
+        rec = {
+            "step": step + 1,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "step_s": float(np.mean(step_times[-t.log_every :])),
+            **last,
+            **pseudo_stats,
+        }
         if self.rank == 0 and do_log:
             with (self.run_dir / "train_log.jsonl").open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            log.info("step %d loss %.4f (l1 %.4f focal %.4f l_yl %.4f l_yu %.4f)", step + 1, last["loss"],
-                     last["l1"], last["focal"], last["l_yl"], last["l_yu"])
+            log.info(
+                "step %d loss %.4f (l1 %.4f focal %.4f l_yl %.4f l_yu %.4f)",
+                step + 1,
+                last["loss"],
+                last["l1"],
+                last["focal"],
+                last["l_yl"],
+                last["l_yu"],
+            )
         if do_report:
             self.report(rec)
         return last
@@ -231,8 +271,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
-            log.warning("the pseudo-labeler was never fitted: training stopped at step %d, before pseudo.warmup_steps = %d; "
-                        "the run has no pseudo-labeler state and L_Yu was not used", end_step, self.cfg.pseudo.warmup_steps)
+            log.warning(
+                "the pseudo-labeler was never fitted: training stopped at step %d, before pseudo.warmup_steps = %d; "
+                "the run has no pseudo-labeler state and L_Yu was not used",
+                end_step,
+                self.cfg.pseudo.warmup_steps,
+            )
         loop_wall = time.perf_counter() - t0
         self.save(end_step)
         wall = time.perf_counter() - t0
@@ -242,27 +286,39 @@ class Trainer:
         steps_run = end_step - self.start_step
         per_worker_batch = len(batch["kind"]) if steps_run > 0 else 0
         loader_context = self.cfg.train.loader_start_method
-        summary = {"train_wall_s": wall, "steps_run": steps_run, "loop_wall_s": loop_wall,
-                   "world_size": self.world_size, "per_worker_batch": per_worker_batch, "loader_workers": n_loader,
-                   "loader_start_method": (loader_context if loader_context != "auto" else "default") if n_loader else None,
-                   "images_per_s": steps_run * per_worker_batch * self.world_size / max(loop_wall, 1e-9),
-                   **_timing_summary(times), "final_losses": last, "pseudo": pseudo_stats,
-                   "memory_backend": model.memory.backend, "pseudo_fit_s": times["fit"], "cuda_graph_step": self.graphed,
-                   "graph_captures": graph_step.captures if graph_step else 0,
-                   "graph_capture_error": graph_step.failed if graph_step else None,
-                   "eager_steps": graph_step.eager_steps if graph_step else steps_run}
+        summary = {
+            "train_wall_s": wall,
+            "steps_run": steps_run,
+            "loop_wall_s": loop_wall,
+            "world_size": self.world_size,
+            "per_worker_batch": per_worker_batch,
+            "loader_workers": n_loader,
+            "loader_start_method": (loader_context if loader_context != "auto" else "default") if n_loader else None,
+            "images_per_s": steps_run * per_worker_batch * self.world_size / max(loop_wall, 1e-9),
+            **_timing_summary(times),
+            "final_losses": last,
+            "pseudo": pseudo_stats,
+            "memory_backend": model.memory.backend,
+            "pseudo_fit_s": times["fit"],
+            "cuda_graph_step": self.graphed,
+            "graph_captures": graph_step.captures if graph_step else 0,
+            "graph_capture_error": graph_step.failed if graph_step else None,
+            "eager_steps": graph_step.eager_steps if graph_step else steps_run,
+        }
         return model, summary
 
 
 def _timing_summary(times: dict[str, Any]) -> dict[str, float]:
     """Step-time statistics (the first 5 steps are warm-up) and the time spent waiting for batches."""
-    measured = times["step"][min(5, max(0, len(times["step"]) - 1)):]
+    measured = times["step"][min(5, max(0, len(times["step"]) - 1)) :]
     waits = times["wait"]
-    return {"step_s_mean": float(np.mean(measured)) if measured else math.nan,
-            "step_s_median": float(np.median(measured)) if measured else math.nan,
-            "first_batch_s": waits[0] if waits else math.nan,
-            # time spent waiting for batches after the first: > 0 means the loader, not the GPU, set the pace
-            "loader_wait_s": float(np.sum(waits[1:])) if waits else math.nan}
+    return {
+        "step_s_mean": float(np.mean(measured)) if measured else math.nan,
+        "step_s_median": float(np.median(measured)) if measured else math.nan,
+        "first_batch_s": waits[0] if waits else math.nan,
+        # time spent waiting for batches after the first: > 0 means the loader, not the GPU, set the pace
+        "loader_wait_s": float(np.sum(waits[1:])) if waits else math.nan,
+    }
 
 
 def _progress_bar(show: bool, total: int, initial: int):
@@ -280,10 +336,19 @@ def _update_bar(bar, last: dict[str, float]) -> None:
             bar.set_postfix(loss=f"{last['loss']:.4f}")
 
 
-def train_model(cfg: Config, data: TrainData, run_dir: str | Path, device: torch.device | str = "cpu",
-                rank: int = 0, world_size: int = 1, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-                progress: bool = True, stop_at: int | None = None) -> tuple[MAPLModel, dict[str, Any]]:
+def train_model(
+    cfg: Config,
+    data: TrainData,
+    run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
     Args:

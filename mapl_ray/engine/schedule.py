@@ -14,7 +14,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction
         return LinearLR(optimizer, start_factor=0.01, total_iters=steps)
     return SequentialLR(
         optimizer,
-        [LinearLR(optimizer, start_factor=0.01, total_iters=warm), CosineAnnealingLR(optimizer, T_max=steps - warm, eta_min=min_lr)],
+        [
+            LinearLR(optimizer, start_factor=0.01, total_iters=warm),
+            CosineAnnealingLR(optimizer, T_max=steps - warm, eta_min=min_lr),
+        ],
         milestones=[warm],
     )
 

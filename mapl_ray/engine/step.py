@@ -30,8 +30,13 @@ class CudaGraphStep:
     If a capture fails, the step runs eagerly and so does the rest of the run (``failed`` says why).
     """
 
-    def __init__(self, step_fn: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                 device: torch.device, warmup: int = 3):
+    def __init__(
+        self,
+        step_fn: Callable[..., dict[str, torch.Tensor]],
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        warmup: int = 3,
+    ):
         self.step_fn, self.optimizer, self.device, self.warmup = step_fn, optimizer, device, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: Any = object()  # baked-in state of the last step (of the graph, once captured)

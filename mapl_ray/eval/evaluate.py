@@ -37,8 +37,10 @@ def calibrate(run_dir: str | Path, validation_images: np.ndarray, device: str = 
         scores = pred.predict_arrays(validation_images)["scores"]
         state["normalisation"] = fit_normalisation(scores)
         state["threshold"] = threshold_from_normals(scores, pred.cfg.eval.threshold_quantile)
-        state["threshold_source"] = (f"{pred.cfg.eval.threshold_quantile:.2f} quantile of {len(scores)} held-out labeled "
-                                     f"normal images (no test data)")
+        state["threshold_source"] = (
+            f"{pred.cfg.eval.threshold_quantile:.2f} quantile of {len(scores)} held-out labeled "
+            f"normal images (no test data)"
+        )
     else:
         state["threshold"] = None
         state["threshold_source"] = "none: fewer than 2 held-out labeled normal images"
@@ -107,8 +109,15 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         metrics["overall"]["threshold"] = float(thr)
         metrics["overall"]["accuracy_at_threshold"] = float((decided == labels.astype(bool)).mean())
     sample = [
-        {"image": loaded.images[i], "map": maps[i], "mask": masks[i], "path": loaded.records[i].path,
-         "defect_type": types[i], "score": float(res["scores"][i]), "label": int(labels[i])}
+        {
+            "image": loaded.images[i],
+            "map": maps[i],
+            "mask": masks[i],
+            "path": loaded.records[i].path,
+            "defect_type": types[i],
+            "score": float(res["scores"][i]),
+            "label": int(labels[i]),
+        }
         for i in _sample_indices(labels, types, cfg.eval.heatmaps, cfg.data.seed)
     ]
     info = {
@@ -121,7 +130,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "memory_backend": pred.state.get("memory_backend"),
         # maps averaged over this many memory banks (model.memory_banks; the checkpoint holds them)
         "memory_banks": len(pred.model.banks),
-        "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels" + (f" + {cfg.eval.q_weight} * q" if cfg.eval.q_weight else ""),
+        "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels"
+        + (f" + {cfg.eval.q_weight} * q" if cfg.eval.q_weight else ""),
         "validation": pred.state.get("threshold_source", "none"),
         "split": split.summary(),
         "test_images_scored": int(len(labels)),
@@ -130,9 +140,11 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "device": str(pred.device),
     }
     if cfg.data.align != "none":
-        info["pose_normalisation"] = (f"data.align={cfg.data.align}: test images were scored in the object's canonical "
-                                      "pose and their anomaly maps turned back; pixel metrics and heatmaps are in "
-                                      "the images' own frame")
+        info["pose_normalisation"] = (
+            f"data.align={cfg.data.align}: test images were scored in the object's canonical "
+            "pose and their anomaly maps turned back; pixel metrics and heatmaps are in "
+            "the images' own frame"
+        )
     if extra_info is None and (run_dir / "metrics.json").is_file():
         # a re-evaluation keeps what only training knew (timings, skipped images)
         previous = json.loads((run_dir / "metrics.json").read_text()).get("run", {})
@@ -144,8 +156,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     return metrics
 
 
-def write_scores(path: Path, paths: list[str], types: list[str], labels: np.ndarray, scores: np.ndarray,
-                 threshold: float | None) -> Path:
+def write_scores(
+    path: Path, paths: list[str], types: list[str], labels: np.ndarray, scores: np.ndarray, threshold: float | None
+) -> Path:
     """Per-image results of an evaluation as CSV, highest score first: ``path, defect_type, label, score,
     anomalous`` (``anomalous`` = score >= the run's decision threshold; empty without one).
 

@@ -93,9 +93,7 @@ def _image_inputs(labels: Any, scores: Any, *, need_both_classes: bool = True):
     s = _check_finite(s, "scores")
     if need_both_classes and (y.all() or not y.any()):
         only = "anomalous (1)" if y.all() else "normal (0)"
-        raise ValueError(
-            f"labels: expected both normal (0) and anomalous (1) images, only {only} present"
-        )
+        raise ValueError(f"labels: expected both normal (0) and anomalous (1) images, only {only} present")
     return y, s
 
 
@@ -374,8 +372,6 @@ def aupro(
     fpr, pro, _ = pro_curve(masks, maps, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
     area = _partial_area(fpr, pro, float(fpr_limit)) / float(fpr_limit)
     return float(min(1.0, max(0.0, area)))
-
-
 
 
 # --------------------------------------------------------------------------- #

@@ -338,8 +338,13 @@ def write_report(
             if threshold is not None and entry.get("score") is not None:
                 parts.append("decision: " + ("defect" if float(entry["score"]) >= float(threshold) else "good"))
             save_heatmap_overlay(
-                entry["image"], maps[i], heat_dir / f"{name}.png", mask=entry.get("mask"),
-                title="  ".join(parts), vmin=vmin, vmax=vmax,
+                entry["image"],
+                maps[i],
+                heat_dir / f"{name}.png",
+                mask=entry.get("mask"),
+                title="  ".join(parts),
+                vmin=vmin,
+                vmax=vmax,
             )
 
     md = _render_markdown(payload, threshold)

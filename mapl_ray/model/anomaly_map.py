@@ -84,12 +84,19 @@ def topk_mean(maps: Any, k: int):
     if not np.issubdtype(flat.dtype, np.floating):
         flat = flat.astype(np.float64)
     k = min(k, flat.shape[1])
-    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k:]
+    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k :]
     return top.mean(axis=1)
 
 
-def anomaly_maps(model: MAPLModel, x: torch.Tensor, views: list[tuple[int, bool]], num_banks: int | None = None,
-                 amp: str = "auto", channels_last: bool = False, cache: bool = True) -> dict[str, torch.Tensor]:
+def anomaly_maps(
+    model: MAPLModel,
+    x: torch.Tensor,
+    views: list[tuple[int, bool]],
+    num_banks: int | None = None,
+    amp: str = "auto",
+    channels_last: bool = False,
+    cache: bool = True,
+) -> dict[str, torch.Tensor]:
     """Anomaly maps and head probabilities of images, averaged over the TTA ``views`` and memory banks.
 
     Args:
@@ -113,7 +120,7 @@ def anomaly_maps(model: MAPLModel, x: torch.Tensor, views: list[tuple[int, bool]
         out = model.predict(x, num_banks)
     maps, q = out["maps"], out["q"]
     if len(views) > 1:
-        maps = torch.stack([invert_view(maps[i * b:(i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
+        maps = torch.stack([invert_view(maps[i * b : (i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
         q = q.view(len(views), b).mean(0)
     return {"maps": maps, "q": q}
 

@@ -146,8 +146,9 @@ def map_state_dict_by_order(source: dict[str, torch.Tensor], target: dict[str, t
     return out
 
 
-def build_encoder(name: str = "tf_efficientnet_lite0", weights: str | os.PathLike | None = None,
-                  pretrained: bool = True) -> Encoder:
+def build_encoder(
+    name: str = "tf_efficientnet_lite0", weights: str | os.PathLike | None = None, pretrained: bool = True
+) -> Encoder:
     """Create the encoder.
 
     Args:
@@ -179,15 +180,18 @@ def build_encoder(name: str = "tf_efficientnet_lite0", weights: str | os.PathLik
         if set(k for k in sd if not k.endswith("num_batches_tracked")) & set(wanted):
             mapped = sd  # timm parameter names (a full model or the feature extractor only)
         else:  # another implementation's names: map the full model's tensors by order
-            mapped = map_state_dict_by_order(sd, timm.create_model(name, pretrained=False).state_dict(),
-                                             where=f"weights file {path}")
+            mapped = map_state_dict_by_order(
+                sd, timm.create_model(name, pretrained=False).state_dict(), where=f"weights file {path}"
+            )
         missing = [k for k in wanted if k not in mapped and not k.endswith("num_batches_tracked")]
         if missing:
             raise WeightsError(f"weights file {path} does not fit {name}: no tensor for {missing[:3]}")
         for k in wanted:
             if k in mapped and tuple(mapped[k].shape) != tuple(wanted[k].shape):
-                raise WeightsError(f"weights file {path}: {k} has shape {tuple(mapped[k].shape)}, "
-                                   f"{name} expects {tuple(wanted[k].shape)}")
+                raise WeightsError(
+                    f"weights file {path}: {k} has shape {tuple(mapped[k].shape)}, "
+                    f"{name} expects {tuple(wanted[k].shape)}"
+                )
         body.load_state_dict({k: mapped[k] for k in wanted if k in mapped}, strict=False)
     cfg = body.pretrained_cfg or {}
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))

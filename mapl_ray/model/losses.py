@@ -26,8 +26,13 @@ def _reduce(per_pixel: torch.Tensor, weights: torch.Tensor | None) -> torch.Tens
     return (per_sample * w).sum() / w.sum().clamp_min(1.0)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 4.0, alpha: float | None = None,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 4.0,
+    alpha: float | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Binary focal loss (Lin et al., ICCV 2017), mean over pixels.
 
     Args:
@@ -56,8 +61,15 @@ def l1_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | 
     return _reduce((torch.sigmoid(logits.float()) - target).abs(), weights)
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, l1_weight: float = 0.6, focal_weight: float = 0.4,
-                      gamma: float = 4.0, alpha: float | None = None, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    l1_weight: float = 0.6,
+    focal_weight: float = 0.4,
+    gamma: float = 4.0,
+    alpha: float | None = None,
+    weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """``{"l1", "focal", "seg"}`` with ``seg = l1_weight * l1 + focal_weight * focal`` (scalars).
 
     ``weights``: optional per-sample weights ``(B,)``; with 0/1 weights the result equals the loss of
@@ -89,8 +101,15 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
-def compute_losses(out: dict[str, torch.torch.Tensor], masks: torch.torch.Tensor, kind: torch.torch.Tensor, label: torch.torch.Tensor,
-                   pseudo: torch.Tensor, cfg: Config, has_pool: bool | None = None) -> dict[str, torch.Tensor]:
+def compute_losses(
+    out: dict[str, torch.torch.Tensor],
+    masks: torch.torch.Tensor,
+    kind: torch.torch.Tensor,
+    label: torch.torch.Tensor,
+    pseudo: torch.Tensor,
+    cfg: Config,
+    has_pool: bool | None = None,
+) -> dict[str, torch.Tensor]:
     """All loss terms of one batch (scalars with gradient).
 
     Args:
@@ -113,7 +132,9 @@ def compute_losses(out: dict[str, torch.torch.Tensor], masks: torch.torch.Tensor
     known = kind != 2
     if cfg.pseudo.filter_simulations:
         known = known & ~((kind == 1) & (pseudo == 0))
-    seg = segmentation_loss(out["logits"], masks, L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha, weights=known)
+    seg = segmentation_loss(
+        out["logits"], masks, L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha, weights=known
+    )
     lab = (kind == 0) | (kind == 3)
     l_yl = masked_bce(out["q"], label, lab)
     if has_pool is None:

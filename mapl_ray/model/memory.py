@@ -124,7 +124,9 @@ class MemoryBank(nn.Module):
         nn_idx = d.argmin(1)
         return torch.stack([(m - m[nn_idx]).pow(2).mean() for m in bank]).clamp_min(1e-12).cpu()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Buffers are created lazily by set(); create them from the checkpoint before loading.
         i = 0
         while f"{prefix}level{i}" in state_dict:
@@ -137,7 +139,9 @@ class MemoryBank(nn.Module):
         if i:
             self.num_levels = i
         self._generation += 1
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _flat_bank(self, device: torch.device | None = None) -> torch.Tensor:
         """The bank flattened as in :func:`flatten_levels` on ``device``, cached until the bank changes."""
@@ -224,7 +228,9 @@ class MemoryBank(nn.Module):
         d = q.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2.0 * q @ b.T
         return d.clamp_min_(0)
 
-    def difference(self, feats: list[torch.Tensor], exclude_self: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def difference(
+        self, feats: list[torch.Tensor], exclude_self: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """DI_l = (f_l - m_l)^2 per level for the nearest memory sample m (eq. 7).
 
         Returns:
@@ -236,7 +242,3 @@ class MemoryBank(nn.Module):
             mem = m.to(device=f.device, dtype=f.dtype).index_select(0, idx.to(f.device))
             di.append((f - mem).pow(2))
         return di, idx
-
-
-
-

@@ -22,7 +22,9 @@ _DEFAULTS = ModelConfig()  # the constructor's defaults are the configuration's 
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
 
 
 class CoordinateAttention(nn.Module):
@@ -77,7 +79,9 @@ class MSFF(nn.Module):
             for ci, co in zip(in_channels, out_channels)
         )
         # top-down paths: level l+1 -> level l
-        self.lateral = nn.ModuleList(conv_bn_relu(out_channels[i + 1], out_channels[i], 1) for i in range(len(out_channels) - 1))
+        self.lateral = nn.ModuleList(
+            conv_bn_relu(out_channels[i + 1], out_channels[i], 1) for i in range(len(out_channels) - 1)
+        )
 
     def forward(self, xs: list[torch.Tensor], attention: list[torch.Tensor]) -> list[torch.Tensor]:
         ys = [blk(x) for blk, x in zip(self.blocks, xs)]
@@ -145,10 +149,17 @@ class MAPLModel(nn.Module):
     30 images moved image AUROC as much as the training seed; bench/results/design_sweep_screw.json).
     """
 
-    def __init__(self, encoder: Encoder, freeze_encoder: bool = _DEFAULTS.freeze_encoder,
-                 memory_backend: str = _DEFAULTS.memory_backend, coordinate_attention: bool = _DEFAULTS.coordinate_attention,
-                 decoder_channels: tuple[int, ...] = _DEFAULTS.decoder_channels, head_hidden: int = _DEFAULTS.head_hidden,
-                 head_detach: bool = _DEFAULTS.head_detach, normalize_intensity: bool = _DEFAULTS.normalize_intensity):
+    def __init__(
+        self,
+        encoder: Encoder,
+        freeze_encoder: bool = _DEFAULTS.freeze_encoder,
+        memory_backend: str = _DEFAULTS.memory_backend,
+        coordinate_attention: bool = _DEFAULTS.coordinate_attention,
+        decoder_channels: tuple[int, ...] = _DEFAULTS.decoder_channels,
+        head_hidden: int = _DEFAULTS.head_hidden,
+        head_detach: bool = _DEFAULTS.head_detach,
+        normalize_intensity: bool = _DEFAULTS.normalize_intensity,
+    ):
         super().__init__()
         self.head_detach = head_detach
         self.normalize_intensity = normalize_intensity
@@ -219,7 +230,9 @@ class MAPLModel(nn.Module):
         self.encoder.train(was_training and not self.freeze_encoder)
         self.banks[bank].set([torch.cat(x) for x in feats])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # ensemble banks exist only in checkpoints that hold them: create as many as the checkpoint has
         # (a checkpoint from before the ensemble loads with none) before the children load their buffers
         n = 0
@@ -228,7 +241,9 @@ class MAPLModel(nn.Module):
         while len(self.extra_memory) < n:
             self.extra_memory.append(MemoryBank(self.memory.requested_backend).to(self.memory.version.device))
         del self.extra_memory[n:]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _heads(self, feats: list[torch.Tensor], bank: MemoryBank, out_size) -> dict[str, torch.Tensor]:
         levels = feats[1:4]
@@ -243,7 +258,12 @@ class MAPLModel(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encode(images)
         out = self._heads(feats, self.memory, images.shape[2:])
-        return {"logits": out["logits"], "q": out["q"], "nearest": out["nearest"], "pooled": self._pool(feats[1:4], out["di"])}
+        return {
+            "logits": out["logits"],
+            "q": out["q"],
+            "nearest": out["nearest"],
+            "pooled": self._pool(feats[1:4], out["di"]),
+        }
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, num_banks: int | None = None) -> dict[str, torch.Tensor]:
@@ -288,7 +308,13 @@ def build_model(cfg: Config) -> MAPLModel:
     """The MAPL network as configured (encoder weights from local files only)."""
     m = cfg.model
     encoder = build_encoder(m.encoder, m.weights, m.pretrained)
-    return MAPLModel(encoder, freeze_encoder=m.freeze_encoder and m.encoder != "mapl",
-                     memory_backend=m.memory_backend, coordinate_attention=m.coordinate_attention,
-                     decoder_channels=tuple(m.decoder_channels), head_hidden=m.head_hidden, head_detach=m.head_detach,
-                     normalize_intensity=m.normalize_intensity)
+    return MAPLModel(
+        encoder,
+        freeze_encoder=m.freeze_encoder and m.encoder != "mapl",
+        memory_backend=m.memory_backend,
+        coordinate_attention=m.coordinate_attention,
+        decoder_channels=tuple(m.decoder_channels),
+        head_hidden=m.head_hidden,
+        head_detach=m.head_detach,
+        normalize_intensity=m.normalize_intensity,
+    )

@@ -32,7 +32,10 @@ def init_ray(**kwargs) -> None:
     quiet_logs()
     if ray.is_initialized():
         return
-    opts = {"include_dashboard": False, "log_to_driver": True,
-            "runtime_env": {"worker_process_setup_hook": "mapl_ray.pipelines.ray_env.quiet_logs"}}
+    opts = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "runtime_env": {"worker_process_setup_hook": "mapl_ray.pipelines.ray_env.quiet_logs"},
+    }
     opts.update(kwargs)
     ray.init(**opts)

@@ -50,14 +50,29 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def wrap(model):
         # the memory bank is a buffer of hundreds of MB: broadcast once per refresh (MemoryBank.broadcast), not every step
-        return (ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
-                if world > 1 else model)
+        return (
+            ray.train.torch.prepare_model(
+                model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
+            )
+            if world > 1
+            else model
+        )
 
     def report(metrics):
         ray.train.report(metrics)
 
-    _, summary = train_model(cfg, data, config["run_dir"], device=device, rank=rank, world_size=world, wrap_model=wrap,
-                             report=report, resume=config["resume"], progress=config.get("progress", True))
+    _, summary = train_model(
+        cfg,
+        data,
+        config["run_dir"],
+        device=device,
+        rank=rank,
+        world_size=world,
+        wrap_model=wrap,
+        report=report,
+        resume=config["resume"],
+        progress=config.get("progress", True),
+    )
     if rank == 0:
         write_train_summary(Path(config["run_dir"]), summary, resumed=config["resume"])
 
@@ -84,7 +99,9 @@ def _worker_error(err: BaseException) -> BaseException:
     return TrainingFailed(f"training failed in a Ray worker: {last}")
 
 
-def train_with_ray(cfg: Config, data: TrainData, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_with_ray(
+    cfg: Config, data: TrainData, run_dir: str | Path, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
     Returns the rank-0 training summary (wall time, step times, final losses).
@@ -101,10 +118,17 @@ def train_with_ray(cfg: Config, data: TrainData, run_dir: str | Path, resume: bo
     threads, resources = _worker_resources(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "data_ref": ray.put(data), "run_dir": str(run_dir), "resume": resume,
-                           "threads": threads, "progress": progress},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "data_ref": ray.put(data),
+            "run_dir": str(run_dir),
+            "resume": resume,
+            "threads": threads,
+            "progress": progress,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_results")),
     )
     try:

@@ -60,7 +60,9 @@ class AnomalyDetector:
         CheckpointError / ConfigError: the run folder is incomplete (at replica start; names the file).
     """
 
-    def __init__(self, run_dir: str, device: str = "auto", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+    def __init__(
+        self, run_dir: str, device: str = "auto", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005
+    ):
         from ..inference import Predictor
 
         self.run_dir = str(Path(run_dir).resolve())
@@ -77,10 +79,18 @@ class AnomalyDetector:
     async def predict(self, request: Request, name: str = "upload", heatmap: bool = False) -> dict[str, Any]:
         data = await request.body()
         try:
-            image, (h, w), pose = decode_image(data, name, self.pred.image_size, return_original_size=True,
-                                               align=self.pred.pose_estimator, return_pose=True)
+            image, (h, w), pose = decode_image(
+                data,
+                name,
+                self.pred.image_size,
+                return_original_size=True,
+                align=self.pred.pose_estimator,
+                return_pose=True,
+            )
         except ImageReadError as e:
-            raise HTTPException(status_code=400, detail=f"{e} (send the raw bytes of one image file as the request body)") from e
+            raise HTTPException(
+                status_code=400, detail=f"{e} (send the raw bytes of one image file as the request body)"
+            ) from e
         rec, amap = await self._score((image, name))
         out = {"name": rec.pop("path"), **rec, "threshold": self.pred.threshold, "original_size": [h, w]}
         if heatmap:
@@ -90,14 +100,27 @@ class AnomalyDetector:
     @api.get("/health")
     def health(self) -> dict[str, Any]:
         cfg = self.pred.cfg
-        return {"status": "ok", "run": self.run_dir, "category": cfg.data.category, "encoder": cfg.model.encoder,
-                "image_size": self.pred.image_size, "threshold": self.pred.threshold, "device": str(self.pred.device),
-                "memory_backend": self.pred.model.memory.backend,
-                "memory_banks": len(self.pred.model.banks), "cuda_graphs": self.pred.cuda_graphs}
+        return {
+            "status": "ok",
+            "run": self.run_dir,
+            "category": cfg.data.category,
+            "encoder": cfg.model.encoder,
+            "image_size": self.pred.image_size,
+            "threshold": self.pred.threshold,
+            "device": str(self.pred.device),
+            "memory_backend": self.pred.model.memory.backend,
+            "memory_banks": len(self.pred.model.banks),
+            "cuda_graphs": self.pred.cuda_graphs,
+        }
 
 
-def build_app(run_dir: str | Path, num_replicas: int = 1, gpus_per_replica: float | None = None,
-              max_batch_size: int = 32, device: str = "auto"):
+def build_app(
+    run_dir: str | Path,
+    num_replicas: int = 1,
+    gpus_per_replica: float | None = None,
+    max_batch_size: int = 32,
+    device: str = "auto",
+):
     """The Serve application for ``run_dir`` (``serve.run(build_app(...))``).
 
     ``gpus_per_replica``: None -> 1 when the Ray cluster has a GPU, else 0 (fractions share a GPU).
@@ -113,9 +136,11 @@ def build_app(run_dir: str | Path, num_replicas: int = 1, gpus_per_replica: floa
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     # enough requests in flight per replica to fill a batch (Serve's default of 5 would cap it)
-    return AnomalyDetector.options(num_replicas=num_replicas, max_ongoing_requests=max(2 * max_batch_size, 8),
-                                   ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica}).bind(
-        str(run_dir.resolve()), device=device, max_batch_size=max_batch_size)
+    return AnomalyDetector.options(
+        num_replicas=num_replicas,
+        max_ongoing_requests=max(2 * max_batch_size, 8),
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
+    ).bind(str(run_dir.resolve()), device=device, max_batch_size=max_batch_size)
 
 
 def app_builder(args: dict[str, str]):
@@ -123,6 +148,10 @@ def app_builder(args: dict[str, str]):
     if "run_dir" not in args:
         raise ValueError("missing argument run_dir=RUN (the run folder written by `mapl train`)")
     gpus = args.get("gpus_per_replica")
-    return build_app(args["run_dir"], num_replicas=int(args.get("num_replicas", 1)),
-                     gpus_per_replica=None if gpus is None else float(gpus),
-                     max_batch_size=int(args.get("max_batch_size", 32)), device=args.get("device", "auto"))
+    return build_app(
+        args["run_dir"],
+        num_replicas=int(args.get("num_replicas", 1)),
+        gpus_per_replica=None if gpus is None else float(gpus),
+        max_batch_size=int(args.get("max_batch_size", 32)),
+        device=args.get("device", "auto"),
+    )

@@ -68,7 +68,11 @@ class PseudoLabeler:
         self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
         self.fitted_step = step
         pl = self.ensemble.predict(unlabeled)
-        return {"pseudo_pos": int((pl == 1).sum()), "pseudo_neg": int((pl == 0).sum()), "pseudo_unknown": int((pl == -1).sum())}
+        return {
+            "pseudo_pos": int((pl == 1).sum()),
+            "pseudo_neg": int((pl == 0).sum()),
+            "pseudo_unknown": int((pl == -1).sum()),
+        }
 
     def predict(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) for pooled features ``(B, D)``, on their device

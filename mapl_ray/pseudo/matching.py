@@ -44,9 +44,7 @@ def quantile_levels(quantiles: np.ndarray | int) -> np.ndarray:
         return np.arange(1, n + 1, dtype=np.float64) / (n + 1)
     levels = np.asarray(quantiles, dtype=np.float64)
     if levels.ndim != 1 or levels.size == 0:
-        raise ValueError(
-            f"quantiles: expected a non-empty 1-D array of levels in (0, 1), got shape {levels.shape}"
-        )
+        raise ValueError(f"quantiles: expected a non-empty 1-D array of levels in (0, 1), got shape {levels.shape}")
     if not np.all((levels > 0.0) & (levels < 1.0)):  # also rejects NaN
         raise ValueError("quantiles: every level must lie strictly inside (0, 1)")
     return np.unique(levels)

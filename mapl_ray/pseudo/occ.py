@@ -116,9 +116,7 @@ class OCCConfig:
         if int(self.n_components) < 1:
             raise ValueError(f"n_components: expected an int >= 1, got {self.n_components}")
         if self.covariance_type not in _COVARIANCE_TYPES:
-            raise ValueError(
-                f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {self.covariance_type!r}"
-            )
+            raise ValueError(f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {self.covariance_type!r}")
         if not (float(self.reg_covar) > 0.0 and math.isfinite(float(self.reg_covar))):
             raise ValueError(f"reg_covar: expected a finite float > 0, got {self.reg_covar}")
         if self.pca_dim is not None and int(self.pca_dim) < 1:
@@ -176,9 +174,7 @@ def gmm_log_likelihood(x, weights, means, precisions_cholesky, covariance_type: 
         y = diff * pc[None, :, None]
         log_det = n_features * xp.log(pc)
     else:
-        raise ValueError(
-            f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {covariance_type!r}"
-        )
+        raise ValueError(f"covariance_type: expected one of {_COVARIANCE_TYPES}, got {covariance_type!r}")
     log_gauss = -0.5 * (n_features * math.log(2.0 * math.pi) + (y * y).sum(2)) + log_det
     log_joint = log_gauss + xp.log(weights)[None, :]
     return torch.logsumexp(log_joint, dim=1) if xp is torch else logsumexp(log_joint, axis=1)
@@ -190,9 +186,7 @@ def _check_features(x: Any, name: str, n_features: int | None, min_rows: int) ->
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D feature array (n, D), got shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
-        raise ValueError(
-            f"{name}: expected {n_features} features per row (as in normal/fit), got {arr.shape[1]}"
-        )
+        raise ValueError(f"{name}: expected {n_features} features per row (as in normal/fit), got {arr.shape[1]}")
     if arr.shape[0] < min_rows:
         raise ValueError(f"{name}: expected at least {min_rows} samples, got {arr.shape[0]}")
     if not np.all(np.isfinite(arr)):
@@ -308,8 +302,7 @@ class OCCEnsemble:
         smallest_train = normal.shape[0] + min(s.size for s in subsets)
         if int(cfg.n_components) > smallest_train:
             raise ValueError(
-                f"config.n_components: expected <= {smallest_train} (smallest OCC training set), "
-                f"got {cfg.n_components}"
+                f"config.n_components: expected <= {smallest_train} (smallest OCC training set), got {cfg.n_components}"
             )
 
         occs = []
@@ -444,8 +437,11 @@ class OCCEnsemble:
         key = (x.device, dtype)
         if key not in self._torch_params:  # parameters copied to the device once, not every step
             as_t = lambda a: torch.as_tensor(a, dtype=dtype, device=x.device)  # noqa: E731
-            self._torch_params[key] = ([{k: as_t(v) for k, v in occ.items()} for occ in self._occs],
-                                       as_t(self.eta_p)[:, None], as_t(self.eta_n)[:, None])
+            self._torch_params[key] = (
+                [{k: as_t(v) for k, v in occ.items()} for occ in self._occs],
+                as_t(self.eta_p)[:, None],
+                as_t(self.eta_n)[:, None],
+            )
         occs, eta_p, eta_n = self._torch_params[key]
         x = x.to(dtype)
         return self._vote(torch.stack([self._score_one(occ, x) for occ in occs]), eta_p, eta_n).long()
