@@ -15,6 +15,7 @@ from typing import Any
 from ..config import Config, ConfigError
 from ..data.layout import LayoutError
 from ..data.train_data import TrainData
+from ..data.validation import ValidationSet
 from ..model.encoder import WeightsError
 from ..runfolder import SUMMARY_FILE, CheckpointError, write_train_summary
 from .ray_env import init_ray
@@ -45,7 +46,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    data = ray.get(config["data_ref"])
+    data, validation = ray.get(config["data_ref"])
     device = ray.train.torch.get_device()
 
     def wrap(model):
@@ -72,6 +73,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         report=report,
         resume=config["resume"],
         progress=config.get("progress", True),
+        validation=validation,
     )
     if rank == 0:
         write_train_summary(Path(config["run_dir"]), summary, resumed=config["resume"])
@@ -100,7 +102,12 @@ def _worker_error(err: BaseException) -> BaseException:
 
 
 def train_with_ray(
-    cfg: Config, data: TrainData, run_dir: str | Path, resume: bool = False, progress: bool = True
+    cfg: Config,
+    data: TrainData,
+    validation: ValidationSet | None,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
@@ -120,7 +127,7 @@ def train_with_ray(
         _train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
-            "data_ref": ray.put(data),
+            "data_ref": ray.put((data, validation)),
             "run_dir": str(run_dir),
             "resume": resume,
             "threads": threads,
