@@ -141,10 +141,8 @@ def main() -> None:
         result["ranking"] = rank(result["runs"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        print(
-            f"{trial.name}: {record.get('error') or ('val %.3f test %.3f' % (record['validation_image_auroc'] or 0, record['image_auroc'] or 0))}",
-            flush=True,
-        )
+        val, test = record.get("validation_image_auroc") or 0, record.get("image_auroc") or 0
+        print(f"{trial.name}: {record.get('error') or f'val {val:.3f} test {test:.3f}'}", flush=True)
 
     run_grid(make_trials(args), args.runs, args.gpus_per_trial, args.cpus_per_trial, on_result=save)
     print(
