@@ -34,7 +34,7 @@ def category_base(
         **(category_preset(category) if preset else {}),
     }
     if weights:
-        base["model.weights"] = weights
+        base["model.weights"] = str(Path(weights).resolve())
     return base
 
 

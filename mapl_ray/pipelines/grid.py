@@ -97,7 +97,8 @@ def run_grid(
     init_ray()
     trials = list(trials)
     task = ray.remote(_run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)
-    pending = {task.remote(t.config, str(Path(out_dir) / t.name), cpus_per_trial): i for i, t in enumerate(trials)}
+    out_dir = Path(out_dir).resolve()
+    pending = {task.remote(t.config, str(out_dir / t.name), cpus_per_trial): i for i, t in enumerate(trials)}
     records: list[dict[str, Any] | None] = [None] * len(trials)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
