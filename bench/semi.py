@@ -44,19 +44,37 @@ SETTINGS = {
 }
 
 
+def chosen_defaults(path: str | None, category: str) -> tuple[dict, bool, dict]:
+    """``(clean overrides, use the category preset, pseudo overrides)`` that bench/defaults.py chose on
+    validation for ``category`` (its ``chosen_clean`` and ``chosen_pool`` variants); the current
+    defaults without a file."""
+    if not path:
+        return {}, True, {}
+    from defaults import POOL, VARIANTS
+
+    ranking = json.loads(Path(path).read_text())["ranking"].get(category, {})
+    clean, preset = VARIANTS[ranking["chosen_clean"]] if ranking.get("chosen_clean") else ({}, True)
+    pool = VARIANTS[ranking["chosen_pool"]][0] if ranking.get("chosen_pool") else {}
+    return clean, preset, {k: v for k, v in pool.items() if k not in POOL}
+
+
 def make_trials(args: argparse.Namespace, extra: dict[str, str]) -> list[Trial]:
     trials = []
     for category in args.categories.split(","):
-        base = category_base(category, args.data_root, args.textures, args.steps, args.cpus_per_trial, args.weights)
+        clean, preset, pseudo = chosen_defaults(args.defaults_from, category)
+        base = category_base(
+            category, args.data_root, args.textures, args.steps, args.cpus_per_trial, args.weights, preset
+        )
         for setting in args.settings.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                over = {**base, **SETTINGS[setting], "data.seed": seed, "train.seed": seed, **extra}
+                chosen = {**clean, **(pseudo if setting != "clean" else {})}
+                over = {**base, **chosen, **SETTINGS[setting], "data.seed": seed, "train.seed": seed, **extra}
                 cfg = Config().override(over).validate()
                 trials.append(
                     Trial(
                         f"{category}-{setting}-{seed}",
                         cfg.to_dict(),
-                        {"category": category, "setting": setting, "seed": seed},
+                        {"category": category, "setting": setting, "seed": seed, "chosen": chosen},
                     )
                 )
     return trials
@@ -112,6 +130,11 @@ def main() -> None:
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--cpus-per-trial", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument(
+        "--defaults-from",
+        help="bench/defaults.py's JSON: run each category with the variants it chose "
+        "on validation (its ranking's chosen_clean, and chosen_pool's pseudo settings for the pool settings)",
+    )
     p.add_argument("--runs", default="/tmp/mapl-semi", help="folder for the run folders")
     p.add_argument("--out", default=str(HERE / "results" / "semi.json"))
     args = p.parse_args()

@@ -158,7 +158,10 @@ class EvalConfig:
     q_weight: float | None = None  # image score += q_weight * sigmoid(q); None: chosen on validation
     q_weight_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)  # the candidates validation chooses from
     validate_every: int = 0  # steps between validation passes during training (0: only at the end)
-    validation_simulations: int = 2  # simulated anomalies per validation normal (validation seed, held-out textures)
+    validation_simulations: int = 4  # simulated anomalies per validation normal (validation seed, held-out textures)
+    # validation anomalies are blended with transparency delta ~ U[simulation.delta_min, this]: subtle ones, so the
+    # objective does not saturate at 1.0 for every reasonable model (then it could rank nothing)
+    validation_delta_max: float = 0.5
     validation_anomalies: float = 0.4  # share of each defect type's labeled anomalies held out for validation
     batch_size: int = 16
     cuda_graphs: bool = True  # replay inference as CUDA graphs on a GPU (torch memory search only)
@@ -349,6 +352,11 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("eval.validate_every", c.eval.validate_every >= 0, ">= 0"),
         ("eval.validation_simulations", c.eval.validation_simulations >= 0, ">= 0"),
         ("eval.validation_anomalies", 0 <= c.eval.validation_anomalies < 1, "in [0, 1)"),
+        (
+            "eval.validation_delta_max",
+            c.simulation.delta_min <= c.eval.validation_delta_max <= 1,
+            "in [simulation.delta_min, 1]",
+        ),
     ]
 
 

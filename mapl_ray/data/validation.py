@@ -1,8 +1,9 @@
 """The validation set: labeled data only, never a test file.
 
 It holds the labeled normals held out of training (``eval.validation_normals``), simulated anomalies
-made on them with a validation seed and textures held out of training
-(:func:`~mapl_ray.data.simulation.split_textures`), and the labeled anomalies held out of training
+made on them with a validation seed, textures held out of training
+(:func:`~mapl_ray.data.simulation.split_textures`) and a lower opacity than in training
+(``eval.validation_delta_max``: subtle anomalies keep the objective from saturating), and the labeled anomalies held out of training
 when the user gave some (``eval.validation_anomalies`` of each defect type). Its image AUROC is the
 objective every choice of a setting is made on (:mod:`mapl_ray.eval.validation`); its normals set
 the decision threshold.
@@ -106,7 +107,8 @@ def build_validation_set(
         "simulated_anomalies": int(len(sims)),
         "labeled_anomalies": int(n_anom),
         "simulation": f"{cfg.eval.validation_simulations} per normal, validation seed, textures held out of training "
-        f"(simulation.validation_textures = {cfg.simulation.validation_textures})",
+        f"(simulation.validation_textures = {cfg.simulation.validation_textures}), transparency delta in "
+        f"[{cfg.simulation.delta_min}, {cfg.eval.validation_delta_max}]",
         "test_files": 0,
     }
     return ValidationSet(
@@ -125,7 +127,7 @@ def _simulate(cfg: Config, normals: np.ndarray, paths: list[str]) -> tuple[np.nd
     k = cfg.eval.validation_simulations
     if not len(normals) or not k:
         return np.zeros((0, h, h, 3), np.uint8), np.zeros((0, h, h), np.uint8), []
-    sim = build_simulator(cfg, part="validation")
+    sim = build_simulator(cfg.override({"simulation.delta_max": cfg.eval.validation_delta_max}), part="validation")
     rng = np.random.default_rng([cfg.data.seed, 23])
     images, masks, names = [], [], []
     for i, img in enumerate(normals):
