@@ -73,3 +73,14 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def val_test_correlation(records: list[dict]) -> dict:
+    """Spearman correlation of validation and test image AUROC over all runs and within each category
+    (categories differ in how close their simulated anomalies come to their real defects)."""
+    ok = [r for r in records if "error" not in r]
+    out = {"all": spearman([r.get("validation_image_auroc") for r in ok], [r.get("image_auroc") for r in ok])}
+    for cat in sorted({r["category"] for r in ok}):
+        rs = [r for r in ok if r["category"] == cat]
+        out[cat] = spearman([r.get("validation_image_auroc") for r in rs], [r.get("image_auroc") for r in rs])
+    return out

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import category_base, machine, spearman, stats  # noqa: E402
+from common import category_base, machine, stats, val_test_correlation  # noqa: E402
 
 from mapl_ray.config import Config  # noqa: E402
 from mapl_ray.pipelines.grid import Trial, run_grid  # noqa: E402
@@ -104,9 +104,7 @@ def rank(records: list[dict]) -> dict:
             "chosen_clean": clean[0] if clean else None,
             "chosen_pool": pool[0] if pool else None,
         }
-    out["spearman_val_test"] = spearman(
-        [r.get("validation_image_auroc") for r in ok], [r.get("image_auroc") for r in ok]
-    )
+    out["spearman_val_test"] = val_test_correlation(ok)
     return out
 
 

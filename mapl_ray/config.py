@@ -100,8 +100,8 @@ class PseudoConfig:
     num_quantiles: int = 99  # candidate thresholds of partial matching (quantiles of the unlabeled scores)
     min_fraction: float = 0.05  # least share of the unlabeled set on the matched side of a threshold
     refit_every: int = 100  # steps between pseudo-labeler refits
-    # what the one-class classifiers see: "map" (statistics of the network's current anomaly map),
-    # "pooled" (pooled encoder features and memory differences) or "both"
+    # what the one-class classifiers see: "map" (statistics of the network's current anomaly map; ranked first on
+    # validation, bench/results/defaults.json), "pooled" (pooled encoder features and memory differences) or "both"
     features: str = "map"
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)

@@ -124,6 +124,10 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
     assert stats["pseudo_pos"] == 1 and stats["pseudo_neg"] == 5 and stats["pseudo_unknown"] == 2
     assert stats["pseudo_label_precision"] == 1.0 and stats["pseudo_label_recall"] == 0.5
     assert stats["anomalies_in_normal_stream"] == 1 and stats["normal_stream_purity"] == 4 / 5
+    known[:] = [-1, 1, -1, -1, 0, -1, -1, -1]  # a later refit confident about two images only
+    again = lab.fit(model, 150)
+    assert list(lab.history[150]) == [0, 1, 1, -1, 0, 0, -1, 0]  # unknown keeps the earlier label
+    assert again["refit_unknown"] == 6
 
 
 def test_label_quality_without_truth_counts_only():

@@ -3,7 +3,10 @@
 On a schedule (``pseudo.warmup_steps``, then every ``pseudo.refit_every`` steps) it refits the OCC
 ensemble on features of the labeled normals, the unlabeled pool (or, without a pool, simulated
 images standing in for it) and positives (labeled anomalies and simulated anomalies), then labels
-*every* pool image 1 / 0 / -1. Those labels steer the batches (:class:`~mapl_ray.data.batches.BatchMaker`)
+*every* pool image 1 / 0 / -1. A refit that leaves an image unknown keeps the image's previous label
+(-1 before its first confident one): a label changes only on the ensemble's consensus, so one refit
+whose thresholds land badly cannot empty the normal stream (seen on screw with 6 labeled normals:
+refits alternated between 323 and 4 pool images labeled normal). Those labels steer the batches (:class:`~mapl_ray.data.batches.BatchMaker`)
 from ``pseudo.label_lag`` steps after the refit on: a fixed lag, longer than loader processes
 prepare batches ahead, so a batch does not depend on their number, and a resumed run draws the same
 batches. In the step, :meth:`PseudoLabeler.predict` labels the batch's simulated images on the device
@@ -147,12 +150,13 @@ class PseudoLabeler:
         model.train(was)
         self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
         self.fitted_step = step
-        labels = self.ensemble.predict(unlabeled).astype(np.int8)
+        raw = self.ensemble.predict(unlabeled).astype(np.int8)
         if not d.pool_size:
-            return label_quality(labels, None)
+            return label_quality(raw, None)
+        labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
         self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}
         self.history[step] = labels
-        return {"refit_step": step, **label_quality(labels, d.unlabeled_truth)}
+        return {"refit_step": step, "refit_unknown": int((raw == -1).sum()), **label_quality(labels, d.unlabeled_truth)}
 
     def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) of a batch from its forward output, on its device
