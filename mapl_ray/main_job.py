@@ -48,7 +48,12 @@ def check_inputs(cfg: Config) -> Split:
     """
     if not cfg.data.root or not cfg.data.category:
         raise LayoutError("data.root and data.category are required (mapl train --data ROOT --category NAME)")
-    index = scan_category(cfg.data.root, cfg.data.category, require_masks=cfg.data.require_masks)
+    index = scan_category(
+        cfg.data.root,
+        cfg.data.category,
+        require_masks=cfg.data.require_masks,
+        allow_empty_train=bool(cfg.data.unlabeled_dir),
+    )
     check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
     build_simulator(cfg)  # a missing / empty texture folder
     build_pose_estimator(cfg)  # data.align without an object threshold

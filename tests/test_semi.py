@@ -208,3 +208,23 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     assert 0 <= v["image_auroc"] <= 1 and v["q_weight"] in Config().eval.q_weight_grid and v["test_files"] == 0
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["q_weight"] == v["q_weight"]
+
+
+@needs_data
+def test_training_from_unlabeled_images_alone(small_root, tmp_path, caplog):
+    import shutil
+
+    from mapl_ray.main_job import run_train_job
+
+    cat = tmp_path / "data" / "screw"
+    shutil.copytree(small_root / "screw", cat)
+    pool = tmp_path / "pool"
+    shutil.move(str(cat / "train" / "good"), pool)  # train/good is gone: only unlabeled line images
+    cfg = tiny_config(cat.parent, **{"data.unlabeled_dir": str(pool), "eval.validation_normals": 4})
+    with caplog.at_level("WARNING"):
+        metrics = run_train_job(cfg, tmp_path / "run", use_ray=False, progress=False)
+    assert "no labeled normal images" in caplog.text and "presumed normals" in caplog.text
+    info = json.loads((tmp_path / "run" / "data_info.json").read_text())
+    assert info["train_normals"] == 0 and info["unlabeled"] == 14 - 4 and len(info["validation_normals"]) == 4
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["threshold"] is not None and metrics["overall"]["image_auroc"] is not None

@@ -261,7 +261,7 @@ def make_split(
         uf = (len(train) - int(labeled_normals)) / len(train) if train else 0.0
     test_good = [r for r in index.test if r.label != LABEL_ANOMALOUS]
     anomalies = [r for r in index.test if r.label == LABEL_ANOMALOUS]
-    labeled_normal, pool = _hide_train_good(train, uf, rng, allow_none=labeled_normals is not None)
+    labeled_normal, pool = _hide_train_good(train, uf, rng, allow_none=labeled_normals is not None or bool(user))
     labeled_anomaly, taken = _take_labeled_anomalies(index, anomalies, k, rng)
     share = _check_fraction("pool_anomaly_share", pool_anomaly_share)
     if share > 0 and anomalies:
@@ -319,7 +319,7 @@ def _hide_train_good(train: list[ImageRecord], uf: float, rng: np.random.Generat
     """Step 1: ``(labeled normals, pool)`` after moving ``round(uf * len(train))`` train/good images to the
     pool; all of them only when ``allow_none`` (training from the pool alone)."""
     n_move = int(round(uf * len(train)))
-    if n_move >= len(train) and not (allow_none and n_move == len(train)):
+    if n_move >= len(train) and not (allow_none and n_move == len(train)):  # all moved, or none there
         raise ValueError(
             f"unlabeled_fraction={uf} moves {n_move} of {len(train)} train/good images to the pool, "
             f"leaving no labeled normal image"

@@ -175,9 +175,14 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
         for name in ("labeled_normal", "unlabeled", "labeled_anomaly")
     }
     normals, unl, anom = loaded["labeled_normal"], loaded["unlabeled"], loaded["labeled_anomaly"]
-    if normals is None or not len(normals.images):
+    presumed = normals is None or not len(normals.images)
+    if presumed:  # all of them validate; training starts from the pool as normal data
         normals = _presumed_normals(cfg, unl)
-    val_idx = validation_indices(len(normals.images), cfg.eval.validation_normals, cfg.data.seed)
+    val_idx = (
+        np.arange(len(normals.images))
+        if presumed
+        else validation_indices(len(normals.images), cfg.eval.validation_normals, cfg.data.seed)
+    )
     keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
     held = (
         held_out_anomalies([r.defect_type for r in anom.records], cfg.eval.validation_anomalies, cfg.data.seed)
