@@ -465,3 +465,22 @@ def test_mapl_serve_refuses_bad_settings_before_starting_ray(trained_run, capsys
     assert "unknown serve setting(s) max_pixel" in capsys.readouterr().err
     assert main(["serve", str(trained_run), "--token-file", "/nonexistent/token"]) == 2
     assert "token_file" in capsys.readouterr().err
+
+
+def test_padded_batches_give_the_unpadded_answers(trained_run):
+    """On a GPU each batch is padded to a captured CUDA-graph size; the same code on CPU must give
+    each image its own answer, unchanged by the padding."""
+    from mapl_ray.data.io import load_image
+    from mapl_ray.pipelines.serve import Scorer
+    from mapl_ray.serving.settings import ServeSettings
+
+    s = ServeSettings(run_dir=str(trained_run), device="cpu").resolve(cluster_has_gpu=False, image_size=64)
+    scorer = Scorer.func_or_class(s.to_dict())  # the replica's class, outside Serve
+    paths = [screw("good", 0), screw("thread_top", 0), screw("scratch_head", 1)]
+    items = [(load_image(p, 64), str(p)) for p in paths]
+    plain = scorer._forward(items)
+    scorer.buckets = [1, 2, 4, 8]  # 3 images -> one pass of 4
+    padded = scorer._forward(items)
+    assert len(padded) == 3 and [r["path"] for r, _ in padded] == [str(p) for p in paths]
+    for (r0, m0), (r1, m1) in zip(plain, padded):
+        assert r1["score"] == pytest.approx(r0["score"], abs=1e-6) and np.allclose(m0, m1, atol=1e-6)
