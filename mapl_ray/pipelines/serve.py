@@ -22,6 +22,7 @@ Routes: ``POST /v1/predict``, ``GET /healthz``, ``GET /readyz``, ``GET /v1/model
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -302,9 +303,9 @@ class Ingress:
         self.scorer = scorer
         token = load_token(self.s.token_env, self.s.token_file)
         if token_digest(token) != self.s.token_sha256:
-            raise ValueError(f"the bearer token this replica reads ({'$' + self.s.token_env if not self.s.token_file else 'token_file'}) "
-                             "differs from the one the deploying process read: set it on every node, or use token_file "
-                             "on shared storage")
+            source = "token_file" if self.s.token_file else f"${self.s.token_env}"
+            raise ValueError(f"the bearer token this replica reads ({source}) differs from the one the deploying "
+                             "process read: set it on every node, or use token_file on shared storage")
         api.state.auth_token = token
         self._info: Optional[dict] = None
         self._app = serve.get_replica_context().app_name
@@ -319,13 +320,14 @@ class Ingress:
         try:
             running = await asyncio.wait_for(asyncio.to_thread(self._scorers_running), 5.0)
         except Exception as e:  # noqa: BLE001 - the controller unreachable is "not ready", said in the answer
+            logger.warning("readiness: cannot ask Serve's controller: %r", e)
             return JSONResponse({"ready": False, "model_replicas_running": 0,
                                  "detail": f"cannot ask Serve's controller ({type(e).__name__})"}, status_code=503)
         if running:
             return {"ready": True, "model_replicas_running": running, "detail": "model loaded and warmed up"}
         return JSONResponse({"ready": False, "model_replicas_running": 0,
                              "detail": "no model replica running (starting or restarting)"},
-                            status_code=503, headers={"Retry-After": str(max(1, round(self.s.retry_after_s)))})
+                            status_code=503, headers=self._retry_after())
 
     def _scorers_running(self) -> int:
         app = serve.status().applications.get(self._app)
@@ -401,7 +403,7 @@ class Ingress:
                 raise ApiError(503, "queue_full", f"the model queue is full (max_queued_requests="
                                f"{self.s.max_queued_requests} waiting images); retry after {self.s.retry_after_s:g} s",
                                limit=("max_queued_requests", None, self.s.max_queued_requests),
-                               headers={"Retry-After": str(max(1, round(self.s.retry_after_s)))}) from None
+                               headers=self._retry_after()) from None
             except RayActorError as e:  # the replica died (crash, OOM, killed): Serve starts another
                 died = True
                 logger.warning("model replica died while scoring %r (%s); retrying", name, type(e).__name__)
@@ -433,7 +435,11 @@ class Ingress:
 
     def _unavailable(self, why: str) -> ApiError:
         return ApiError(503, "replica_unavailable", f"{why}; retry after {self.s.retry_after_s:g} s",
-                        headers={"Retry-After": str(max(1, round(self.s.retry_after_s)))})
+                        headers=self._retry_after())
+
+    def _retry_after(self) -> dict:
+        """``Retry-After`` header: whole seconds (RFC 9110), at least 1."""
+        return {"Retry-After": str(max(1, math.ceil(self.s.retry_after_s)))}
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -461,11 +467,12 @@ def build_app(run_dir: "str | Path", **settings: Any):
     has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
     s = s.resolve(has_gpu, Config.load_run(run / "config.yaml").data.image_size)
     s.token_sha256 = token_digest(load_token(s.token_env, s.token_file))
+    logs = {"enable_access_log": s.access_log}
     scorer = Scorer.options(num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
-                            max_queued_requests=s.max_queued_requests,
+                            max_queued_requests=s.max_queued_requests, logging_config=logs,
                             ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica})
     # the front only awaits: many requests in flight per replica
-    ingress = Ingress.options(num_replicas=s.ingress_replicas, max_ongoing_requests=1000,
+    ingress = Ingress.options(num_replicas=s.ingress_replicas, max_ongoing_requests=1000, logging_config=logs,
                               ray_actor_options={"num_cpus": 0})
     return ingress.bind(scorer.bind(s.to_dict()), s.to_dict())
 

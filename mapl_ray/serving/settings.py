@@ -56,6 +56,8 @@ class ServeSettings:
         animated: ``first`` (score frame 1 of an animated image and say so) or ``refuse`` (422).
         max_batch_images: most images in one request (JSON batch or multipart), 413.
         max_regions: most defect regions returned per image (the largest maxima first).
+        access_log: Serve's per-request access log lines in the replica logs (turn off at hundreds of
+            requests per second: each line costs the front and the model replica CPU time).
         token_env: environment variable holding the bearer token (read where the HTTP front runs).
         token_file: file holding the bearer token (takes precedence over ``token_env``).
         token_sha256: SHA-256 of the token the deploying process saw; a front replica that reads a
@@ -87,6 +89,7 @@ class ServeSettings:
     animated: str = "first"
     max_batch_images: int = 32
     max_regions: int = 50
+    access_log: bool = True
     token_env: str = "MAPL_SERVE_TOKEN"
     token_file: str | None = None
     token_sha256: str | None = field(default=None, repr=False)
@@ -178,6 +181,12 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if base == "bool":
+            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.strip().lower() in ("true", "1", "yes", "on")
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError
         if base == "str":
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
