@@ -484,3 +484,16 @@ def test_padded_batches_give_the_unpadded_answers(trained_run):
     assert len(padded) == 3 and [r["path"] for r, _ in padded] == [str(p) for p in paths]
     for (r0, m0), (r1, m1) in zip(plain, padded):
         assert r1["score"] == pytest.approx(r0["score"], abs=1e-6) and np.allclose(m0, m1, atol=1e-6)
+
+
+def test_serve_config_file_holds_valid_settings(trained_run):
+    """serve/config.yaml's application args are all ServeSettings fields with valid values."""
+    import yaml
+
+    from mapl_ray.pipelines.serve import app_builder
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "serve.app:app"
+    app_builder({**app["args"], "run_dir": str(trained_run)})  # raises on an unknown key or a bad value

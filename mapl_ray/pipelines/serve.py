@@ -237,7 +237,7 @@ class Scorer:
         record, amap = await self._score((d.image, name))
         return {"result": await asyncio.to_thread(self._result, record, amap, d, opts)}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=1)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
         return await asyncio.to_thread(self._forward, items)
 

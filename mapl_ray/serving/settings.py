@@ -37,7 +37,8 @@ class ServeSettings:
         ingress_replicas: HTTP front replicas (no model; they parse, check and forward requests).
         max_batch_size: most images in one forward pass (``@serve.batch``); None: 32 on a GPU, 1 on
             CPU (where batching was slower than one image at a time).
-        batch_wait_timeout_s: how long the first image of a batch waits for others.
+        batch_wait_timeout_s: how long the first image of a batch waits for others: a lone request pays
+            it in full (latency at low load); under load the queue fills a batch at once.
         max_ongoing_requests: images a model replica holds at once (decoding, waiting in its batch
             queue, in the forward pass); None: ``max(8, 2 * max_batch_size)``, so one batch fills while
             one runs and waiting images queue in the replica (first come, first served) rather than in
@@ -76,7 +77,7 @@ class ServeSettings:
     torch_threads: int | None = None
     ingress_replicas: int = 1
     max_batch_size: int | None = None
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int | None = None
     max_queued_requests: int = 64
     retry_after_s: float = 1.0
