@@ -7,6 +7,8 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
   ``--concurrency`` (default 1, 8, 32): p50 / p95 / p99 latency, images/s, 5xx and other errors, and
   ``GET /healthz`` latency measured meanwhile from a separate process (p50 / p99 / max);
 * ``batching_gain``: images/s with batching on / off at each concurrency, same run, same images;
+* an oversized upload: 1 GiB announced in ``Content-Length``, zeros streamed until the answer comes
+  (the 413 must come before the body is sent);
 * a fault test per ``--fault-replicas`` (default 1 and 2 model replicas): load at concurrency 8, the
   process of one model replica killed with SIGKILL after ``--fault-after`` s; errors seen (by status),
   ``recovery_s`` (kill -> Serve reports the replacement replica running), ``stall_s`` (longest time
@@ -32,6 +34,7 @@ import multiprocessing as mp
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 import time
@@ -163,6 +166,34 @@ def deploy(run: Path, name: str, **settings) -> str:
         serve.delete(name)
     serve.run(build_app(run, **settings), name=name, route_prefix="/")
     return name
+
+
+def oversized_upload(url: str, announced: int = 2**30, chunk: int = 1 << 20, timeout_s: float = 60.0) -> dict:
+    """Announce a body of ``announced`` bytes and stream zeros until the server answers: with a body
+    limit enforced on ``Content-Length`` the answer (413) comes before the body was sent."""
+    import select
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=timeout_s)
+    t0 = time.monotonic()
+    sock.sendall(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: image/png\r\n"
+                 f"Content-Length: {announced}\r\n\r\n".encode())
+    sent, block = 0, b"\0" * chunk
+    try:
+        while sent < announced and time.monotonic() - t0 < timeout_s:
+            if select.select([sock], [], [], 0)[0]:  # the answer arrived: stop sending
+                break
+            sock.sendall(block)
+            sent += chunk
+    except OSError:  # the server closed the connection after answering
+        pass
+    sock.settimeout(timeout_s)
+    head = sock.recv(65536).decode("latin-1", "replace")
+    sock.close()
+    status = int(head.split(" ", 2)[1]) if head.startswith("HTTP/") else None
+    return {"announced_bytes": announced, "status": status, "answer_s": round(time.monotonic() - t0, 3),
+            "bytes_sent_before_answer": sent}
 
 
 def scorer_pids(app: str) -> list[int]:
@@ -376,6 +407,9 @@ def main(argv=None) -> int:
     entry["batching_gain"] = {c: round(entry["batching_on"]["concurrency"][c]["images_per_s"]
                                        / max(1e-9, entry["batching_off"]["concurrency"][c]["images_per_s"]), 3)
                               for c in entry["batching_on"]["concurrency"]}
+    entry["oversized_upload"] = oversized_upload(url)  # 1 GiB announced against the 20 MiB default limit
+    print("oversized upload", entry["oversized_upload"], flush=True)
+    save()
     entry["fault"] = []
     for reps in [int(x) for x in args.fault_replicas.split(",") if x]:
         deploy(run, "bench", num_replicas=reps, max_batch_size=modes[default_mode], **common, **resources(reps))

@@ -145,7 +145,7 @@ def test_settings_resolve_batching_by_device_and_validate():
     s = ServeSettings.from_args({"run_dir": "r", "max_batch_size": "auto", "num_replicas": "2"})
     cpu, gpu = s.resolve(cluster_has_gpu=False, image_size=256), s.resolve(cluster_has_gpu=True, image_size=256)
     assert (cpu.gpus_per_replica, cpu.max_batch_size) == (0.0, 1) and (gpu.gpus_per_replica, gpu.max_batch_size) == (1.0, 32)
-    assert cpu.min_side == 32 and gpu.max_ongoing_requests == 64 and cpu.num_replicas == 2
+    assert cpu.min_side == 32 and (cpu.max_ongoing_requests, gpu.max_ongoing_requests) == (32, 64) and cpu.num_replicas == 2
     assert s.resolve(True, 256).decode_limits() == DecodeLimits(40_000_000, 32, 4.0, "first")
     assert ServeSettings(run_dir="r", device="cpu").resolve(True, 64).gpus_per_replica == 0.0
     assert ServeSettings(run_dir="r", max_batch_size=8).resolve(False, 64).max_batch_size == 8  # explicit wins

@@ -68,9 +68,9 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
 
 
 def _too_large(size: int | None, limit: int) -> ApiError:
-    said = f"{size:,} bytes" if size is not None else "more bytes"
-    return ApiError(413, "body_too_large", f"the request body has {said} than the limit max_body_bytes={limit:,} "
-                    "allows (send fewer or smaller images per request)", limit=("max_body_bytes", size, limit))
+    said = f"has {size:,} bytes, more than" if size is not None else "is longer than"
+    return ApiError(413, "body_too_large", f"the request body {said} the limit max_body_bytes={limit:,} "
+                    "(send fewer or smaller images per request)", limit=("max_body_bytes", size, limit))
 
 
 def parse_uploads(content_type: str | None, body: bytes, name: str | None, max_images: int) -> list[Upload]:
