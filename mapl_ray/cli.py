@@ -4,7 +4,8 @@ mapl train --data ROOT --category NAME [--config YAML] [--out RUN] [flags] [--se
 mapl train --resume --out RUN [--steps N]
 mapl evaluate RUN
 mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
-mapl serve RUN [--host H] [--port P] [--replicas N]   (Ray Serve HTTP app, see mapl_ray.pipelines.serve)
+mapl serve RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--set key=value ...]
+                                        (Ray Serve HTTP app, see docs/serving.md)
 """
 
 from __future__ import annotations
@@ -139,14 +140,36 @@ def _add_run_parsers(sub) -> None:
     pr.add_argument("--heatmaps", help="folder for heatmap PNGs (default RUN/predictions)")
     pr.add_argument("--device", default="auto")
 
-    sv = sub.add_parser("serve", help="serve a trained run over HTTP with Ray Serve (POST /predict, GET /health)")
+    sv = sub.add_parser(
+        "serve", help="serve a trained run over HTTP with Ray Serve (POST /v1/predict; docs/serving.md)"
+    )
     sv.add_argument("run")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept other machines)")
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 accepts other machines, set a token then)",
+    )
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--replicas", type=int, default=1, help="Serve replicas (each loads the model)")
+    sv.add_argument(
+        "--replicas", type=int, help="model replicas (each loads the model; 2 keep serving while one restarts)"
+    )
     sv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the Ray cluster has a GPU, else 0")
-    sv.add_argument("--max-batch-size", type=int, default=32, help="requests scored together in one forward pass")
-    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-batch-size", type=int, help="images per forward pass (default: 32 on a GPU, 1 on CPU)")
+    sv.add_argument("--device", help="auto (default), cpu or cuda")
+    sv.add_argument(
+        "--token-file",
+        help="file holding the bearer token (else $MAPL_SERVE_TOKEN when set); every "
+        "route but /healthz then needs 'Authorization: Bearer <token>'",
+    )
+    sv.add_argument(
+        "--set",
+        dest="serve_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any serve setting (max_body_bytes, max_pixels, min_side, max_aspect, request_timeout_s, "
+        "max_queued_requests, ...; see docs/serving.md); repeatable",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -284,6 +307,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``mapl serve`` flags and ``--set key=value`` pairs as keyword arguments of
+    :func:`~mapl_ray.pipelines.serve.build_app` (validated there, by ServeSettings)."""
+    out: dict[str, Any] = {}
+    for item in args.serve_overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set max_pixels=20000000")
+        out[key.strip()] = value.strip()
+    flags = {
+        "num_replicas": args.replicas,
+        "gpus_per_replica": args.gpus_per_replica,
+        "max_batch_size": args.max_batch_size,
+        "device": args.device,
+        "token_file": args.token_file,
+    }
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
@@ -292,21 +335,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .pipelines.ray_env import init_ray
     from .pipelines.serve import build_app
     from .runfolder import require_run_folder
+    from .serving.auth import load_token
+    from .serving.settings import ServeSettings
 
     run = require_run_folder(args.run)
+    settings = serve_settings(args)
+    try:  # a bad --set value or token file is a user's mistake: say so before Ray starts
+        s = ServeSettings.from_args({**settings, "run_dir": str(run)})
+        load_token(s.token_env, s.token_file)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     init_ray()  # RAY_ADDRESS points this at a running cluster
+    app = build_app(run, **settings)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(
-        run,
-        num_replicas=args.replicas,
-        gpus_per_replica=args.gpus_per_replica,
-        max_batch_size=args.max_batch_size,
-        device=args.device,
-    )
     serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
     print(
-        f"serving {run} on http://{args.host}:{args.port}  (POST /predict with an image body; GET /health); "
-        "Ctrl-C stops it",
+        f"serving {run.name} on http://{args.host}:{args.port}: POST /v1/predict (Content-Type image/png, "
+        "multipart or JSON), GET /healthz /readyz /v1/model /docs; Ctrl-C stops it",
         file=sys.stderr,
     )
 

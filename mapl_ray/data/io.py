@@ -4,6 +4,12 @@ Conventions: images are ``uint8`` ``[H, W, 3]`` RGB, masks ``uint8`` ``[H, W]`` 
 sizes are given as ``(H, W)`` (numpy order, *not* Pillow's ``(W, H)``). Resizing uses
 Pillow's BILINEAR filter for images (as the MAPL reference code, ``Image.resize``) and
 NEAREST for masks so they stay binary.
+
+Every decode applies the file's EXIF orientation (tag 0x0112, ``PIL.ImageOps.exif_transpose``), as
+photo viewers do: a camera that stores a portrait shot as landscape pixels plus "rotate 90" is
+scored, trained on and masked in the orientation a person sees. Untrusted bytes (HTTP uploads) go
+through :func:`decode_upload`, which checks :class:`DecodeLimits` on the header before any pixel
+is decoded.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .layout import ImageReadError, ImageRecord, LayoutError
 from .pose import Pose, PoseEstimator
 
 __all__ = [
+    "DecodeLimits",
+    "DecodedUpload",
+    "ImageLimitError",
     "decode_image",
+    "decode_upload",
     "LoadedImages",
     "image_size",
     "load_image",
@@ -48,6 +58,131 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 #: Threads used by :func:`load_records`; PIL releases the GIL while decoding.
 DEFAULT_THREADS = 4
+
+_EXIF_ORIENTATION = 0x0112
+#: EXIF orientations that turn the image by 90 degrees (width and height swap).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+ANIMATED_POLICIES = ("first", "refuse")
+
+
+class ImageLimitError(ImageReadError):
+    """An image is refused by a :class:`DecodeLimits` rule (found on its header, before decoding).
+
+    Attributes:
+        limit: the :class:`DecodeLimits` field that refused it (``max_pixels``, ``min_side``,
+            ``max_aspect``, ``animated``).
+        value: what the image has (pixels, shortest side, aspect ratio, frames; None when unknown).
+        allowed: the limit's value.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reason: str,
+        limit: str,
+        value: float | None = None,
+        allowed: float | str | None = None,
+    ) -> None:
+        super().__init__(path, reason)
+        self.limit, self.value, self.allowed = limit, value, allowed
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.limit, self.value, self.allowed))
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an untrusted image may be; checked on the header (size, frames) before any pixel is decoded.
+
+    Attributes:
+        max_pixels: most ``W * H`` pixels (decompression bombs: a 0.4 MB PNG can hold 12000x12000
+            pixels, 1 GB decoded). None: only Pillow's own limit (``Image.MAX_IMAGE_PIXELS`` x 2).
+        min_side: fewest pixels on the shorter side (a 1x1 "image" would be upscaled and scored).
+        max_aspect: largest long side / short side ratio (the model squashes every image to a square).
+        animated: ``"first"`` scores the first frame of an animated GIF / PNG / WebP / multi-page
+            TIFF (the frame count is reported), ``"refuse"`` refuses such files.
+
+    Raises:
+        ValueError: a non-positive limit, ``max_aspect`` < 1 or an unknown ``animated`` policy.
+    """
+
+    max_pixels: int | None = None
+    min_side: int | None = None
+    max_aspect: float | None = None
+    animated: str = "first"
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "min_side"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"DecodeLimits.{name} must be a positive int or None, got {v!r}")
+        if self.max_aspect is not None and not (isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1):
+            raise ValueError(f"DecodeLimits.max_aspect must be a number >= 1 or None, got {self.max_aspect!r}")
+        if self.animated not in ANIMATED_POLICIES:
+            raise ValueError(f"DecodeLimits.animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
+
+    def check(self, name: str, width: int, height: int, frames: int = 1) -> None:
+        """Raise :class:`ImageLimitError` (naming ``name`` and the limit) when a ``width`` x ``height``
+        image of ``frames`` frames breaks a rule; the rules are orientation-free."""
+        pixels, short, long_ = width * height, min(width, height), max(width, height)
+        if self.max_pixels is not None and pixels > self.max_pixels:
+            raise ImageLimitError(
+                name,
+                f"{width}x{height} (WxH) is {pixels:,} pixels, more than the limit max_pixels={self.max_pixels:,}",
+                "max_pixels",
+                pixels,
+                self.max_pixels,
+            )
+        if short < 1:
+            raise ImageLimitError(name, f"{width}x{height} (WxH) has no pixels", "min_side", short, self.min_side or 1)
+        if self.min_side is not None and short < self.min_side:
+            raise ImageLimitError(
+                name,
+                f"{width}x{height} (WxH): the shorter side is {short} px, below the limit min_side={self.min_side}",
+                "min_side",
+                short,
+                self.min_side,
+            )
+        if self.max_aspect is not None and long_ / short > self.max_aspect:
+            raise ImageLimitError(
+                name,
+                f"{width}x{height} (WxH) has aspect ratio {long_ / short:.2f}, above the limit "
+                f"max_aspect={self.max_aspect:g}",
+                "max_aspect",
+                long_ / short,
+                self.max_aspect,
+            )
+        if frames > 1 and self.animated == "refuse":
+            raise ImageLimitError(
+                name,
+                f"an animated / multi-frame image ({frames} frames) and animated='refuse' (send one still frame)",
+                "animated",
+                frames,
+                self.animated,
+            )
+
+
+@dataclass
+class DecodedUpload:
+    """Result of :func:`decode_upload`.
+
+    Attributes:
+        image: ``uint8`` ``[H, W, 3]`` RGB at the requested size (aligned when ``align`` was given).
+        original_size: ``(H, W)`` of the image as seen, i.e. after its EXIF orientation, before resizing.
+        pose: the pose ``align`` turned it into (None without ``align`` or when no object was found).
+        format: Pillow's format name (``"PNG"``, ``"JPEG"``...).
+        mode: Pillow's mode of the stored pixels (``"RGB"``, ``"P"``, ``"I;16"``...), before conversion.
+        frames: frames in the file (only the first is decoded).
+        orientation: the EXIF orientation applied (1: none).
+    """
+
+    image: np.ndarray
+    original_size: tuple[int, int]
+    pose: Pose | None
+    format: str | None
+    mode: str
+    frames: int
+    orientation: int
 
 
 def normalize_size(size: int | tuple[int, int] | None, what: str = "size") -> tuple[int, int] | None:
@@ -107,14 +242,44 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _open_decoded(path: str, source=None) -> Image.Image:
-    """Open and fully decode ``path`` (or the file object ``source``, named ``path`` in errors);
-    wraps every Pillow failure in :class:`ImageReadError`."""
+def _exif_orientation(im: Image.Image, header_only: bool = False) -> int:
+    """EXIF orientation tag (1..8) of an opened image, 1 when absent or not a valid value.
+
+    ``header_only``: do not decode a PNG to look for an eXIf chunk after the pixel data (Pillow's
+    ``getexif`` would); such a late chunk is then ignored (the PNG spec puts eXIf before IDAT)."""
+    if header_only and im.format == "PNG" and "exif" not in im.info:
+        return 1
+    value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _open_decoded(path: str, source=None, limits: DecodeLimits | None = None) -> tuple[Image.Image, dict]:
+    """Open and fully decode ``path`` (or the file object ``source``, named ``path`` in errors), turned by
+    its EXIF orientation; returns the image and ``{"format", "mode", "frames", "orientation"}`` of the file.
+
+    ``limits`` are checked on the header, before decoding. Every Pillow failure is wrapped in
+    :class:`ImageReadError`; a limit (or Pillow's decompression-bomb check, when ``limits`` are given)
+    raises :class:`ImageLimitError`.
+    """
     try:
         with Image.open(path if source is None else source) as im:
+            frames = int(getattr(im, "n_frames", 1))
+            if limits is not None:
+                limits.check(path, im.width, im.height, frames)
+            orientation = _exif_orientation(im)
             im.load()  # force the decode here so truncation errors surface now, not later
-            # Detach from the file handle: .copy() of a loaded image owns its pixel buffer.
-            return im.copy()
+            info = {"format": im.format, "mode": im.mode, "frames": frames, "orientation": orientation}
+            # exif_transpose returns a new image (a plain copy at orientation 1) that owns its pixel
+            # buffer, detached from the file handle
+            return ImageOps.exif_transpose(im), info
+    except ImageReadError:  # an ImageLimitError from limits.check
+        raise
+    except Image.DecompressionBombError as exc:
+        if limits is None:
+            raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise ImageLimitError(
+            path, f"{exc} (Pillow's decompression-bomb limit)", "max_pixels", None, limits.max_pixels
+        ) from exc
     except _PIL_ERRORS as exc:
         if source is None:
             reason = f"{type(exc).__name__}: {exc}"
@@ -132,13 +297,18 @@ def _resize(img: Image.Image, hw: tuple[int, int] | None, resample: int) -> Imag
 
 
 def _read_rgb(
-    path: str, hw: tuple[int, int] | None, source=None, align: PoseEstimator | None = None
-) -> tuple[np.ndarray, tuple[int, int], Pose | None]:
-    """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``, pose).
+    path: str,
+    hw: tuple[int, int] | None,
+    source=None,
+    align: PoseEstimator | None = None,
+    limits: DecodeLimits | None = None,
+) -> tuple[np.ndarray, tuple[int, int], Pose | None, dict]:
+    """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``, pose,
+    file info of :func:`_open_decoded`).
 
     With ``align`` the image is turned into its object's canonical pose at its own resolution, before
     resizing; the pose is None without ``align`` or when no object was found."""
-    img = _open_decoded(path, source)
+    img, info = _open_decoded(path, source, limits)
     orig_hw = (img.height, img.width)
     pose = None
     try:
@@ -151,7 +321,7 @@ def _read_rgb(
         arr = np.array(rgb, dtype=np.uint8)  # a copy: writable, unlike asarray's view of Pillow's buffer
     except _PIL_ERRORS as exc:  # e.g. a mode Pillow cannot convert
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
-    return np.ascontiguousarray(arr), orig_hw, pose
+    return np.ascontiguousarray(arr), orig_hw, pose, info
 
 
 def load_image(
@@ -178,7 +348,7 @@ def load_image(
             path and Pillow's reason, the Pillow exception is chained as ``__cause__``.
         ValueError: invalid ``size``.
     """
-    image, _, pose = _read_rgb(os.fspath(path), normalize_size(size), align=align)
+    image, _, pose, _ = _read_rgb(os.fspath(path), normalize_size(size), align=align)
     return (image, pose) if return_pose else image
 
 
@@ -199,13 +369,42 @@ def decode_image(
         ImageReadError: empty or undecodable data; the message names ``name``.
         ValueError: invalid ``size``.
     """
+    d = decode_upload(data, name, size, align=align)
+    out = (d.image,) + ((d.original_size,) if return_original_size else ()) + ((d.pose,) if return_pose else ())
+    return out if len(out) > 1 else d.image
+
+
+def decode_upload(
+    data: bytes,
+    name: str = "<upload>",
+    size: int | tuple[int, int] | None = None,
+    align: PoseEstimator | None = None,
+    limits: DecodeLimits | None = None,
+) -> DecodedUpload:
+    """Decode untrusted encoded bytes (an HTTP upload) as :func:`load_image` decodes a file, refusing
+    what breaks ``limits`` on the header, before any pixel is decoded.
+
+    Args:
+        data: the bytes of one image file (any format Pillow reads; EXIF orientation applied).
+        name: how errors name the image (the upload's file name).
+        size: output size as in :func:`load_image`.
+        align: pose estimator as in :func:`load_image`.
+        limits: the :class:`DecodeLimits` to enforce (None: Pillow's own decompression-bomb limit only).
+
+    Returns:
+        :class:`DecodedUpload` (the RGB uint8 image and what the file was).
+
+    Raises:
+        ImageLimitError: a limit refused the image (names ``name`` and the limit).
+        ImageReadError: empty, truncated, corrupt or not an image; the message names ``name``.
+        ValueError: invalid ``size``.
+    """
     import io
 
     if not data:
         raise ImageReadError(name, "empty body (expected the bytes of an image file)")
-    image, orig_hw, pose = _read_rgb(name, normalize_size(size), io.BytesIO(data), align=align)
-    out = (image,) + ((orig_hw,) if return_original_size else ()) + ((pose,) if return_pose else ())
-    return out if len(out) > 1 else image
+    image, orig_hw, pose, info = _read_rgb(name, normalize_size(size), io.BytesIO(data), align=align, limits=limits)
+    return DecodedUpload(image=image, original_size=orig_hw, pose=pose, **info)
 
 
 def load_mask(
@@ -238,7 +437,7 @@ def load_mask(
     """
     p = os.fspath(path)
     hw = normalize_size(size)
-    img = _open_decoded(p)
+    img, _ = _open_decoded(p)
     mask_hw = (img.height, img.width)
     if expected_hw is not None and tuple(expected_hw) != mask_hw:
         raise LayoutError(
@@ -265,7 +464,8 @@ def load_mask(
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Original ``(H, W)`` of an image, read from its header (pixels are not decoded).
+    """Original ``(H, W)`` of an image as decoded (after its EXIF orientation), read from its header
+    (pixels are not decoded).
 
     Raises:
         ImageReadError: missing file or unidentifiable header.
@@ -274,6 +474,9 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     try:
         with Image.open(p) as im:
             w, h = im.size
+            # Pillow turns TIFFs by their orientation tag itself, size included
+            if im.format != "TIFF" and _exif_orientation(im, header_only=True) in _SWAPPING_ORIENTATIONS:
+                w, h = h, w
     except _PIL_ERRORS as exc:
         raise ImageReadError(p, f"{type(exc).__name__}: {exc}") from exc
     return (h, w)
@@ -303,7 +506,7 @@ class LoadedImages:
 def _load_one(
     rec: ImageRecord, hw: tuple[int, int] | None, with_masks: bool, align: PoseEstimator | None
 ) -> tuple[np.ndarray, np.ndarray | None, Pose | None]:
-    img, orig_hw, pose = _read_rgb(rec.path, hw, align=align)
+    img, orig_hw, pose, _ = _read_rgb(rec.path, hw, align=align)
     if not with_masks:
         return img, None, pose
     if rec.mask_path is None:

@@ -1,157 +1,581 @@
-"""HTTP scoring of a trained run with Ray Serve (FastAPI ingress, dynamic request batching).
+"""HTTP scoring of a trained run with Ray Serve: a FastAPI front and a model deployment with dynamic batching.
 
-Endpoints (JSON responses):
+Two deployments make one application (:func:`build_app`):
 
-* ``POST /predict`` -- body: the bytes of one image file (any format Pillow reads), e.g.
-  ``curl --data-binary @part.png http://HOST:8000/predict``. Query parameters: ``name`` (a label
-  for the image, echoed back and used in error messages) and ``heatmap=true`` (add the anomaly map
-  as ``heatmap_png_base64``, an 8-bit grey PNG at the upload's own size). Returns ``score``,
-  ``normalised_score``, ``q``, ``label`` (1 = defect when the score reaches the run's threshold, null
-  without one), ``threshold`` and ``original_size`` ``[H, W]``. An unreadable body answers 400.
-* ``GET /health`` -- the run being served: category, encoder, image size, threshold, device,
-  memory-bank backend.
+* ``Ingress`` (FastAPI, no model, no GPU): bearer token, bounded body read, content-type dispatch,
+  per-request time limit, JSON errors, metrics. It stays responsive under load (``GET /healthz``
+  answers in milliseconds) and keeps answering JSON when a model replica dies: it retries the
+  image on another (or the restarted) replica until the request's time limit.
+* ``Scorer`` (the :class:`~mapl_ray.inference.Predictor` of the run): decodes the upload with the
+  limits (:func:`~mapl_ray.data.io.decode_upload`), scores it in a ``@serve.batch`` of concurrent
+  images (one forward pass; GPU batches padded to a few fixed sizes so each replays a captured CUDA
+  graph), and makes the heatmap / regions. Decoding, the forward pass and encoding run in worker
+  threads, never on the replica's event loop. Its ``max_queued_requests`` bounds the wait: a full
+  queue is a 503 with ``Retry-After`` at once.
 
-Concurrent requests are grouped by ``ray.serve.batch`` into one forward pass of up to
-``max_batch_size`` images; scoring is :class:`mapl_ray.inference.Predictor`, the same path as
-``mapl evaluate`` / ``mapl predict`` (CUDA graphs on a GPU).
+Routes: ``POST /v1/predict``, ``GET /healthz``, ``GET /readyz``, ``GET /v1/model``, ``GET /docs``,
+``GET /openapi.json`` (see docs/serving.md). Metrics (Prometheus, through Ray's metrics agent):
+``mapl_requests`` (route, code), ``mapl_request_latency_ms`` (route), ``mapl_errors`` (kind),
+``mapl_batch_size``.
 """
 
-# no `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at runtime
-import base64
-import io
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime
+import asyncio
+import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from ..data.io import decode_image
+from ..data.io import decode_upload
 from ..data.layout import ImageReadError
+from ..serving.auth import check_bearer, load_token, token_digest
+from ..serving.errors import ApiError, decode_error
+from ..serving.inputs import parse_uploads, read_body
+from ..serving.maps import defect_regions, encode_map_png
+from ..serving.model_info import model_version, training_metrics
+from ..serving.schema import (
+    HealthResponse,
+    ModelInfo,
+    PredictResponse,
+    ReadyResponse,
+    add_components,
+    error_responses,
+    predict_request_body,
+)
+from ..serving.settings import ServeSettings
 
-api = FastAPI(title="mapl-ray", description="Surface-defect scoring with a trained MAPL run")
+logger = logging.getLogger("mapl_ray.serve")
+
+#: Routes reported by name in the metrics (any other path is counted as ``other``).
+ROUTES = ("/v1/predict", "/healthz", "/readyz", "/v1/model", "/docs", "/openapi.json")
+#: Routes answered without the bearer token.
+OPEN_ROUTES = frozenset({"/healthz"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+api = FastAPI(
+    title="mapl-ray",
+    version="1",
+    description="Surface-defect scoring with a trained MAPL run (anomaly score, decision, heatmap, "
+    "defect regions). Errors are JSON: {error, status, detail[, limit]}.",
+)
+api.state.auth_token = None  # set by Ingress.__init__ in the replica process
 
 
-def encode_map_png(amap: np.ndarray, size: tuple[int, int] | None = None) -> str:
-    """Anomaly map float ``(h, w)`` in [0, 1] -> base64 of an 8-bit grey PNG (0 normal .. 255 anomalous),
-    resized (bilinear) to ``size`` = ``(H, W)`` of the original image when given."""
-    from PIL import Image
+# ----------------------------------------------------------------------------------------- metrics
+class _Metrics:
+    """Ray Serve metrics of this process (exported by Ray's metrics agent in Prometheus format)."""
 
-    buf = io.BytesIO()
-    img = Image.fromarray(np.clip(np.rint(amap * 255.0), 0, 255).astype(np.uint8))
-    if size is not None and tuple(size) != amap.shape:
-        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "mapl_requests", description="HTTP requests answered, by route and status code", tag_keys=("route", "code")
+        )
+        self.latency = metrics.Histogram(
+            "mapl_request_latency_ms",
+            description="time to answer a request (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000],
+            tag_keys=("route",),
+        )
+        self.errors = metrics.Counter(
+            "mapl_errors", description="error answers by kind (see ErrorResponse.error)", tag_keys=("kind",)
+        )
+        self.batch_size = metrics.Histogram(
+            "mapl_batch_size", description="images per forward pass", boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
+        )
 
 
+_METRICS: _Metrics | None = None
+
+
+def _metrics() -> _Metrics:
+    global _METRICS
+    if _METRICS is None:  # created in the replica process, where Serve tags them with the deployment
+        _METRICS = _Metrics()
+    return _METRICS
+
+
+# ------------------------------------------------------------------------------ errors and middleware
+def error_response(err: ApiError) -> JSONResponse:
+    """The JSON answer for ``err`` (counted in ``mapl_errors`` by kind)."""
+    _metrics().errors.inc(tags={"kind": err.kind})
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405 from routing
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        detail = f"no route {request.url.path} (routes: POST /v1/predict, GET /healthz, /readyz, /v1/model, /docs)"
+    return error_response(ApiError(exc.status_code, kind, detail, headers=getattr(exc, "headers", None)))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return error_response(ApiError(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}"))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+    return error_response(
+        ApiError(500, "internal", f"internal error ({type(exc).__name__}); the server log has the traceback")
+    )
+
+
+def _route(scope: dict) -> str:
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):  # Serve apps under a route prefix
+        path = path[len(root) :] or "/"
+    return path
+
+
+class GuardMiddleware:
+    """ASGI middleware of the front: the bearer token on every route but ``/healthz``, and the request
+    count / latency metrics of every answer (errors included)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = _route(scope)
+        t0 = time.perf_counter()
+        code = [500]
+
+        async def send_and_record(message) -> None:
+            if message["type"] == "http.response.start":
+                code[0] = message["status"]
+            await send(message)
+
+        try:
+            if route not in OPEN_ROUTES:
+                headers = dict(scope.get("headers") or [])
+                auth = headers.get(b"authorization")
+                check_bearer(auth.decode("latin-1") if auth is not None else None, scope["app"].state.auth_token)
+            await self.app(scope, receive, send_and_record)
+        except ApiError as e:
+            await error_response(e)(scope, receive, send_and_record)
+        finally:
+            m = _metrics()
+            name = route if route in ROUTES else "other"
+            m.requests.inc(tags={"route": name, "code": str(code[0])})
+            m.latency.observe((time.perf_counter() - t0) * 1000.0, tags={"route": name})
+
+
+api.add_middleware(GuardMiddleware)
+
+
+def _openapi() -> dict:
+    """The OpenAPI schema with ``POST /v1/predict``'s request body, the batch model and the bearer scheme."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        add_components(schema)
+        schema["components"].setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "required on every route but /healthz when the server has a token",
+        }
+        schema["security"] = [{"bearer": []}, {}]
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+# ------------------------------------------------------------------------------------ model replica
 @serve.deployment(ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
-class AnomalyDetector:
-    """A Ray Serve replica holding one trained run.
+class Scorer:
+    """A model replica: decodes uploads, scores them in dynamic batches, makes heatmaps and regions.
 
     Args:
-        run_dir: run folder written by ``mapl train`` (``config.yaml``, ``checkpoint/``).
-        device: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
-        max_batch_size: most requests scored in one forward pass.
-        batch_wait_timeout_s: how long a request waits for others to share its batch.
+        settings: :meth:`ServeSettings.to_dict` after :meth:`ServeSettings.resolve`.
 
     Raises:
         CheckpointError / ConfigError: the run folder is incomplete (at replica start; names the file).
     """
 
-    def __init__(
-        self, run_dir: str, device: str = "auto", max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005
-    ):
+    def __init__(self, settings: dict):
+        import torch
+
         from ..inference import Predictor
 
-        self.run_dir = str(Path(run_dir).resolve())
-        self.pred = Predictor(self.run_dir, device=device)
-        self._score.set_max_batch_size(max_batch_size)
-        self._score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        s = self.settings = ServeSettings(**settings)
+        torch.set_num_threads(s.torch_threads)  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs reserved
+        self.pred = Predictor(s.run_dir, device=s.device, batch_size=s.max_batch_size)
+        self.limits = s.decode_limits()
+        self.version = model_version(s.run_dir)
+        # a CUDA-graph predictor captures one graph per batch shape: pad batches to a few sizes
+        sizes = {s.max_batch_size} | {2**k for k in range(8) if 2**k < s.max_batch_size}
+        self.buckets = sorted(sizes) if self.pred.cuda_graphs else None
+        self._score.set_max_batch_size(s.max_batch_size)
+        self._score.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        size = self.pred.image_size
+        for b in self.buckets or [1]:  # warm-up (and graph capture) before the replica takes requests
+            self.pred.predict_images(np.zeros((b, size, size, 3), np.uint8), [""] * b)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _score(self, requests: list[tuple[np.ndarray, str]]) -> list[tuple[dict[str, Any], np.ndarray]]:
-        records, maps = self.pred.predict_images(np.stack([img for img, _ in requests]), [name for _, name in requests])
-        return list(zip(records, maps))
-
-    @api.post("/predict")
-    async def predict(self, request: Request, name: str = "upload", heatmap: bool = False) -> dict[str, Any]:
-        data = await request.body()
-        try:
-            image, (h, w), pose = decode_image(
-                data,
-                name,
-                self.pred.image_size,
-                return_original_size=True,
-                align=self.pred.pose_estimator,
-                return_pose=True,
-            )
-        except ImageReadError as e:
-            raise HTTPException(
-                status_code=400, detail=f"{e} (send the raw bytes of one image file as the request body)"
-            ) from e
-        rec, amap = await self._score((image, name))
-        out = {"name": rec.pop("path"), **rec, "threshold": self.pred.threshold, "original_size": [h, w]}
-        if heatmap:
-            out["heatmap_png_base64"] = encode_map_png(self.pred.to_original_frame(amap, pose), (h, w))
-        return out
-
-    @api.get("/health")
-    def health(self) -> dict[str, Any]:
-        cfg = self.pred.cfg
+    def info(self) -> dict:
+        """What is served (``GET /v1/model`` without the front's limits)."""
+        cfg, state = self.pred.cfg, self.pred.state
         return {
-            "status": "ok",
-            "run": self.run_dir,
+            "run_id": Path(self.settings.run_dir).name,
+            "model_version": self.version,
             "category": cfg.data.category,
             "encoder": cfg.model.encoder,
             "image_size": self.pred.image_size,
             "threshold": self.pred.threshold,
+            "threshold_source": state.get("threshold_source"),
+            "metrics": training_metrics(self.settings.run_dir),
             "device": str(self.pred.device),
-            "memory_backend": self.pred.model.memory.backend,
             "memory_banks": len(self.pred.model.banks),
-            "cuda_graphs": self.pred.cuda_graphs,
+            "tta": cfg.eval.tta,
         }
 
+    async def predict(self, data: bytes, name: str, opts: dict) -> dict:
+        """One image: ``{"result": ImageResult fields}`` or ``{"error": ApiError.to_dict()}`` for an image
+        the decoder refused (the front turns it into the 4xx)."""
+        try:
+            d = await asyncio.to_thread(
+                decode_upload, data, name, self.pred.image_size, self.pred.pose_estimator, self.limits
+            )
+        except ImageReadError as e:
+            return {"error": decode_error(e).to_dict()}
+        record, amap = await self._score((d.image, name))
+        return {"result": await asyncio.to_thread(self._result, record, amap, d, opts)}
 
-def build_app(
-    run_dir: str | Path,
-    num_replicas: int = 1,
-    gpus_per_replica: float | None = None,
-    max_batch_size: int = 32,
-    device: str = "auto",
-):
-    """The Serve application for ``run_dir`` (``serve.run(build_app(...))``).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
+    async def _score(self, items: list) -> list:
+        return await asyncio.to_thread(self._forward, items)
 
-    ``gpus_per_replica``: None -> 1 when the Ray cluster has a GPU, else 0 (fractions share a GPU).
+    def _forward(self, items: list) -> list:
+        """Images ``[(uint8 (S, S, 3), name)]`` -> ``[(record, map (S, S))]`` in one forward pass."""
+        n = len(items)
+        images = np.stack([img for img, _ in items])
+        names = [name for _, name in items]
+        if self.buckets is not None:
+            pad = next(b for b in self.buckets if b >= n) - n
+            if pad:
+                images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+                names += [""] * pad
+        records, maps = self.pred.predict_images(images, names)
+        _metrics().batch_size.observe(n)
+        return list(zip(records[:n], maps[:n]))
+
+    def _result(self, record: dict, amap: np.ndarray, d, opts: dict) -> dict:
+        h, w = d.original_size
+        label = record["label"]
+        warnings = []
+        if d.frames > 1:
+            warnings.append(f"animated / multi-frame image ({d.frames} frames): only the first frame was scored")
+        if d.mode in SIXTEEN_BIT_MODES:
+            warnings.append(f"{d.mode} (16-bit) image: rescaled to 8 bits (value / 257), as in training")
+        out = {
+            "name": record["path"],
+            "score": record["score"],
+            "normalised_score": record["normalised_score"],
+            "q": record["q"],
+            "label": label,
+            "anomalous": None if label is None else bool(label),
+            "threshold": self.pred.threshold,
+            "image_size": [h, w],
+            "source": {"format": d.format, "mode": d.mode, "frames": d.frames, "exif_orientation": d.orientation},
+            "model_version": self.version,
+            "warnings": warnings,
+        }
+        if opts.get("heatmap") or opts.get("regions"):
+            amap = self.pred.to_original_frame(amap, d.pose)  # the map on the image as sent
+        if opts.get("heatmap"):
+            out["heatmap_png_base64"] = encode_map_png(amap, (h, w))
+        if opts.get("regions"):
+            t = opts.get("region_threshold")
+            t = self.pred.threshold if t is None else t
+            if t is None:
+                warnings.append("no regions: the run has no decision threshold; pass region_threshold")
+            else:
+                out["regions"], out["regions_total"] = defect_regions(amap, t, (h, w), self.settings.max_regions)
+                out["region_threshold"] = t
+        return out
+
+
+# ------------------------------------------------------------------------------------------- front
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """The HTTP front: checks and forwards requests to the ``Scorer`` deployment; holds no model.
+
+    Args:
+        scorer: handle of the ``Scorer`` deployment.
+        settings: :meth:`ServeSettings.to_dict` after :meth:`ServeSettings.resolve`.
+
+    Raises:
+        ValueError: the token file cannot be read, or the token read here differs from the one the
+            deploying process saw (the replica does not start rather than serve without auth).
+    """
+
+    def __init__(self, scorer, settings: dict):
+        self.s = ServeSettings(**settings)
+        self.scorer = scorer
+        token = load_token(self.s.token_env, self.s.token_file)
+        if token_digest(token) != self.s.token_sha256:
+            source = "token_file" if self.s.token_file else f"${self.s.token_env}"
+            raise ValueError(
+                f"the bearer token this replica reads ({source}) differs from the one the deploying "
+                "process read: set it on every node, or use token_file on shared storage"
+            )
+        api.state.auth_token = token
+        self._info: dict | None = None
+        self._app = serve.get_replica_context().app_name
+
+    @api.get("/healthz", response_model=HealthResponse, summary="liveness: the HTTP front answers")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get(
+        "/readyz",
+        response_model=ReadyResponse,
+        summary="readiness: a model replica is loaded and warmed up",
+        responses={401: error_responses(401)[401], 503: {"model": ReadyResponse, "description": "not ready"}},
+    )
+    async def readyz(self):
+        try:
+            running = await asyncio.wait_for(asyncio.to_thread(self._scorers_running), 5.0)
+        except Exception as e:  # noqa: BLE001 - the controller unreachable is "not ready", said in the answer
+            logger.warning("readiness: cannot ask Serve's controller: %r", e)
+            return JSONResponse(
+                {
+                    "ready": False,
+                    "model_replicas_running": 0,
+                    "detail": f"cannot ask Serve's controller ({type(e).__name__})",
+                },
+                status_code=503,
+            )
+        if running:
+            return {"ready": True, "model_replicas_running": running, "detail": "model loaded and warmed up"}
+        return JSONResponse(
+            {
+                "ready": False,
+                "model_replicas_running": 0,
+                "detail": "no model replica running (starting or restarting)",
+            },
+            status_code=503,
+            headers=self._retry_after(),
+        )
+
+    def _scorers_running(self) -> int:
+        app = serve.status().applications.get(self._app)
+        dep = app.deployments.get("Scorer") if app is not None else None
+        return 0 if dep is None else int(dep.replica_states.get("RUNNING", 0))
+
+    @api.get(
+        "/v1/model",
+        response_model=ModelInfo,
+        summary="the served run: id, version, threshold, training metrics",
+        responses=error_responses(401, 503),
+    )
+    async def model(self) -> dict:
+        if self._info is None:
+            try:
+                self._info = await asyncio.wait_for(self._call(self.scorer.info), min(10.0, self.s.request_timeout_s))
+            except asyncio.TimeoutError:
+                raise self._unavailable("no model replica answered within 10 s") from None
+        return {**self._info, "limits": self.s.public_limits()}
+
+    @api.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        response_model_exclude_unset=True,
+        summary="score images: anomaly score, decision, optional heatmap and defect regions",
+        responses=error_responses(400, 401, 408, 413, 415, 422, 500, 503, 504),
+        openapi_extra={"requestBody": predict_request_body()},
+    )
+    async def predict(
+        self,
+        request: Request,
+        name: str | None = Query(None, max_length=256, description="label of a raw-body image"),
+        heatmap: bool = Query(False, description="add the anomaly map as a base64 PNG"),
+        regions: bool = Query(False, description="add the defect regions (bounding boxes)"),
+        region_threshold: float | None = Query(
+            None, ge=0.0, le=1.0, description="map value regions are cut at (default: the run's threshold)"
+        ),
+    ) -> dict:
+        try:
+            body = await asyncio.wait_for(
+                read_body(request.stream(), request.headers.get("content-length"), self.s.max_body_bytes),
+                self.s.body_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                "body_timeout",
+                f"the request body did not arrive within body_timeout_s={self.s.body_timeout_s:g} s",
+            ) from None
+        except ClientDisconnect:  # nobody is left to answer; counted, not logged as a server error
+            raise ApiError(
+                400, "client_disconnected", "the client closed the connection before sending the whole body"
+            ) from None
+        deadline = time.monotonic() + self.s.request_timeout_s
+        ctype = request.headers.get("content-type")
+        if len(body) > 1 << 20:  # parsing megabytes of JSON / base64 / multipart: off the event loop
+            uploads = await asyncio.to_thread(parse_uploads, ctype, body, name, self.s.max_batch_images)
+        else:
+            uploads = parse_uploads(ctype, body, name, self.s.max_batch_images)
+        del body
+        opts = {"heatmap": heatmap, "regions": regions, "region_threshold": region_threshold}
+        answers = await asyncio.gather(
+            *(self._score(u.data, u.name, opts, deadline) for u in uploads), return_exceptions=True
+        )
+        for i, a in enumerate(answers):  # the first failed image (in request order) answers for the request
+            if isinstance(a, ApiError):
+                label = f"images[{i}]" + ("" if uploads[i].name == f"images[{i}]" else f" ({uploads[i].name})")
+                raise a.prefixed(f"{label}: " if len(uploads) > 1 else "")
+            if isinstance(a, BaseException):
+                raise a
+        return {"results": answers}
+
+    async def _score(self, data: bytes, name: str, opts: dict, deadline: float) -> dict:
+        """One image through a model replica, retried on another (or the restarted) replica when the one
+        holding it dies, until ``deadline``."""
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import BackPressureError
+
+        died = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._timeout(died)
+            response = self.scorer.predict.remote(data, name, opts)
+            try:
+                out = await asyncio.wait_for(self._call(response), remaining)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise self._timeout(died) from None
+            except BackPressureError:
+                raise ApiError(
+                    503,
+                    "queue_full",
+                    f"the model queue is full (max_queued_requests="
+                    f"{self.s.max_queued_requests} waiting images); retry after {self.s.retry_after_s:g} s",
+                    limit=("max_queued_requests", None, self.s.max_queued_requests),
+                    headers=self._retry_after(),
+                ) from None
+            except RayActorError as e:  # the replica died (crash, OOM, killed): Serve starts another
+                died = True
+                logger.warning("model replica died while scoring %r (%s); retrying", name, type(e).__name__)
+                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+                continue
+            except RayTaskError as e:
+                logger.error("model replica failed on %r: %s", name, e)
+                raise ApiError(
+                    500,
+                    "internal",
+                    f"the model replica failed on {name!r} "
+                    f"({type(e.cause).__name__ if getattr(e, 'cause', None) else type(e).__name__}); "
+                    "the server log has the traceback",
+                ) from None
+            if "error" in out:
+                raise ApiError.from_dict(out["error"])
+            return out["result"]
+
+    @staticmethod
+    async def _call(response):
+        """Await a Serve call (a handle method, or a ``DeploymentResponse`` already sent)."""
+        if callable(getattr(response, "remote", None)):
+            response = response.remote()
+        return await response
+
+    def _timeout(self, died: bool) -> ApiError:
+        if died:
+            return self._unavailable(
+                f"the model replica died and none took the image within request_timeout_s="
+                f"{self.s.request_timeout_s:g} s"
+            )
+        return ApiError(
+            504,
+            "timeout",
+            f"not answered within request_timeout_s={self.s.request_timeout_s:g} s "
+            "(the server is overloaded or the image is very large)",
+            limit=("request_timeout_s", None, self.s.request_timeout_s),
+        )
+
+    def _unavailable(self, why: str) -> ApiError:
+        return ApiError(
+            503, "replica_unavailable", f"{why}; retry after {self.s.retry_after_s:g} s", headers=self._retry_after()
+        )
+
+    def _retry_after(self) -> dict:
+        """``Retry-After`` header: whole seconds (RFC 9110), at least 1."""
+        return {"Retry-After": str(max(1, math.ceil(self.s.retry_after_s)))}
+
+
+# ------------------------------------------------------------------------------------------ builders
+def build_app(run_dir: "str | Path", **settings: Any):
+    """The Serve application for ``run_dir`` (``serve.run(build_app(run))``).
+
+    Args:
+        run_dir: run folder written by ``mapl train``.
+        **settings: any :class:`~mapl_ray.serving.settings.ServeSettings` field (``num_replicas``,
+            ``gpus_per_replica``, ``max_batch_size``, ``max_body_bytes``...). The GPU share and batching
+            default from the connected Ray cluster (a GPU: 1 GPU per replica, batches of 32; none: CPU,
+            one image at a time).
 
     Raises:
         CheckpointError: ``run_dir`` is not a trained run folder (checked here, before any replica starts).
+        ValueError: an unknown or invalid setting, or an unreadable ``token_file``.
     """
     import ray
 
+    from ..config import Config
     from ..runfolder import require_run_folder
 
-    run_dir = require_run_folder(run_dir)
-    if gpus_per_replica is None:
-        gpus_per_replica = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    # enough requests in flight per replica to fill a batch (Serve's default of 5 would cap it)
-    return AnomalyDetector.options(
-        num_replicas=num_replicas,
-        max_ongoing_requests=max(2 * max_batch_size, 8),
-        ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
-    ).bind(str(run_dir.resolve()), device=device, max_batch_size=max_batch_size)
+    run = require_run_folder(run_dir).resolve()
+    s = ServeSettings.from_args({**settings, "run_dir": str(run)})
+    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    s = s.resolve(has_gpu, Config.load_run(run / "config.yaml").data.image_size)
+    s.token_sha256 = token_digest(load_token(s.token_env, s.token_file))
+    logs = {"enable_access_log": s.access_log}
+    scorer = Scorer.options(
+        num_replicas=s.num_replicas,
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        logging_config=logs,
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+    )
+    # the front only awaits: many requests in flight per replica
+    ingress = Ingress.options(
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=1000,
+        logging_config=logs,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(scorer.bind(s.to_dict()), s.to_dict())
 
 
-def app_builder(args: dict[str, str]):
-    """Builder for the ``serve`` CLI / Serve config files: ``serve run serve.app:app run_dir=RUN [num_replicas=N]``."""
+def app_builder(args: dict):
+    """Builder for Serve config files and the ``serve`` CLI: ``serve run serve.app:app run_dir=RUN [key=value ...]``
+    with any :class:`~mapl_ray.serving.settings.ServeSettings` field."""
+    args = dict(args)
     if "run_dir" not in args:
         raise ValueError("missing argument run_dir=RUN (the run folder written by `mapl train`)")
-    gpus = args.get("gpus_per_replica")
-    return build_app(
-        args["run_dir"],
-        num_replicas=int(args.get("num_replicas", 1)),
-        gpus_per_replica=None if gpus is None else float(gpus),
-        max_batch_size=int(args.get("max_batch_size", 32)),
-        device=args.get("device", "auto"),
-    )
+    return build_app(args.pop("run_dir"), **args)

@@ -1,0 +1,491 @@
+"""Load test of the HTTP service (issues 18 / 19): latency, throughput, batching gain, health under load, fault.
+
+One command deploys ``mapl_ray.pipelines.serve.build_app`` on local Ray (127.0.0.1), drives it with a
+real HTTP client (aiohttp, bounded in requests and seconds per step) and measures:
+
+* for batching off (``max_batch_size=1``) and on (``--batch-on``, default 32), at each concurrency of
+  ``--concurrency`` (default 1, 8, 32): p50 / p95 / p99 latency, images/s, 5xx and other errors, and
+  ``GET /healthz`` latency measured meanwhile from a separate process (p50 / p99 / max);
+* ``batching_gain``: images/s with batching on / off at each concurrency, same run, same images;
+* an oversized upload: 1 GiB announced in ``Content-Length``, zeros streamed until the answer comes
+  (the 413 must come before the body is sent);
+* a fault test per ``--fault-replicas`` (default 1 and 2 model replicas): load at concurrency 8, the
+  process of one model replica killed with SIGKILL after ``--fault-after`` s; errors seen (by status),
+  ``recovery_s`` (kill -> Serve reports the replacement replica running), ``stall_s`` (longest time
+  without a successful answer after the kill), the slowest request (no request may hang: every
+  request either answers or hits the client timeout, request_timeout_s + 15 s).
+
+The images are the run's test split (PNG bytes as on disk), sent raw with ``Content-Type: image/png``.
+Without ``--run`` a run is trained first (the category's preset, ``--steps`` steps, ``--set`` overrides).
+Writes ``--out`` (default bench/results/serve_load.json) under ``machines[<this machine>]``, keeping
+the other machines' entries.
+
+    python bench/serve_load.py --run RUN [--requests 400] [--seconds 30]
+    python bench/serve_load.py --data ROOT --category screw --textures DIR [--weights FILE] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import multiprocessing as mp
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------------------- the client
+async def drive(
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    timeout_s: float,
+    log: list | None = None,
+) -> dict:
+    """``concurrency`` clients POST the images (round robin) until ``max_requests`` were sent or
+    ``max_seconds`` passed. Returns the latencies (s) of answered requests, statuses and timing.
+
+    ``log`` (optional) receives ``(t_sent, t_done, status)`` per request on the ``time.monotonic`` clock.
+    """
+    import aiohttp
+
+    counter = itertools.count()
+    t0 = time.monotonic()
+    stop = t0 + max_seconds
+    rows: list[tuple[float, float, object]] = []
+    conn = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess:
+
+        async def client() -> None:
+            while True:
+                i = next(counter)
+                if i >= max_requests or time.monotonic() >= stop:
+                    return
+                sent = time.monotonic()
+                try:
+                    async with sess.post(url, data=bodies[i % len(bodies)], headers={"Content-Type": "image/png"}) as r:
+                        await r.read()
+                        status: object = r.status
+                except asyncio.TimeoutError:
+                    status = "client_timeout"
+                except aiohttp.ClientError as e:
+                    status = type(e).__name__
+                done = time.monotonic()
+                rows.append((sent, done, status))
+                if log is not None:
+                    log.append((sent, done, status))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.monotonic() - t0
+    return {"rows": rows, "wall_s": wall, "t0": t0}
+
+
+def summarise(run: dict) -> dict:
+    rows = run["rows"]
+    ok = np.array([d - s for s, d, st in rows if st == 200]) * 1000.0
+    statuses = [st for _, _, st in rows]
+    out = {
+        "requests": len(rows),
+        "ok": int(len(ok)),
+        "errors_5xx": sum(1 for st in statuses if isinstance(st, int) and st >= 500),
+        "errors_other": sum(1 for st in statuses if st != 200 and not (isinstance(st, int) and st >= 500)),
+        "images_per_s": round(len(ok) / run["wall_s"], 2) if run["wall_s"] > 0 else 0.0,
+    }
+    for q in (50, 95, 99):
+        out[f"p{q}_ms"] = round(float(np.percentile(ok, q)), 2) if len(ok) else None
+    codes: dict[str, int] = {}
+    for st in statuses:
+        if st != 200:
+            codes[str(st)] = codes.get(str(st), 0) + 1
+    if codes:
+        out["error_codes"] = codes
+    return out
+
+
+def probe_health(url: str, period_s: float, conn, stop) -> None:
+    """Separate process: ``GET url`` every ``period_s`` until ``stop`` is set; sends the latencies (s)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    lat, errors = [], 0
+    while not stop.is_set():
+        t = time.monotonic()
+        try:
+            c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            c.request("GET", u.path)
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.status == 200:
+                lat.append(time.monotonic() - t)
+            else:
+                errors += 1
+        except OSError:
+            errors += 1
+        time.sleep(max(0.0, period_s - (time.monotonic() - t)))
+    conn.send((lat, errors))
+
+
+class HealthProbe:
+    """``GET /healthz`` from another process while the load runs (the client's own event loop and GIL
+    would otherwise add their delays to the health latency)."""
+
+    def __init__(self, url: str, period_s: float = 0.02):
+        ctx = mp.get_context("spawn")
+        self.stop = ctx.Event()
+        self.recv, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=probe_health, args=(url, period_s, send, self.stop), daemon=True)
+
+    def __enter__(self) -> HealthProbe:
+        self.proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        lat, errors = self.recv.recv()
+        self.proc.join(10)
+        lat = np.array(lat) * 1000.0
+        self.result = {
+            "healthz_p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+            "healthz_p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+            "healthz_max_ms": round(float(lat.max()), 2) if len(lat) else None,
+            "healthz_probes": int(len(lat)),
+            "healthz_errors": errors,
+        }
+
+
+# ------------------------------------------------------------------------------------------- serving
+def deploy(run: Path, name: str, **settings) -> str:
+    """Deploy the app ``name`` at ``/`` and wait until it is ready. A previous app of that name is deleted
+    first: a rolling update would start the new replicas while the old ones still hold the CPUs."""
+    from ray import serve
+
+    from mapl_ray.pipelines.serve import build_app
+
+    if name in serve.status().applications:
+        serve.delete(name)
+    serve.run(build_app(run, **settings), name=name, route_prefix="/")
+    return name
+
+
+def oversized_upload(url: str, announced: int = 2**30, chunk: int = 1 << 20, timeout_s: float = 60.0) -> dict:
+    """Announce a body of ``announced`` bytes and stream zeros until the server answers: with a body
+    limit enforced on ``Content-Length`` the answer (413) comes before the body was sent."""
+    import select
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=timeout_s)
+    t0 = time.monotonic()
+    sock.sendall(
+        f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {announced}\r\n\r\n".encode()
+    )
+    sent, block = 0, b"\0" * chunk
+    try:
+        while sent < announced and time.monotonic() - t0 < timeout_s:
+            if select.select([sock], [], [], 0)[0]:  # the answer arrived: stop sending
+                break
+            sock.sendall(block)
+            sent += chunk
+    except OSError:  # the server closed the connection after answering
+        pass
+    sock.settimeout(timeout_s)
+    head = sock.recv(65536).decode("latin-1", "replace")
+    sock.close()
+    status = int(head.split(" ", 2)[1]) if head.startswith("HTTP/") else None
+    return {
+        "announced_bytes": announced,
+        "status": status,
+        "answer_s": round(time.monotonic() - t0, 3),
+        "bytes_sent_before_answer": sent,
+    }
+
+
+def scorer_pids(app: str) -> list[int]:
+    """PIDs of the model replicas of ``app`` (Serve names its replica actors ``SERVE_REPLICA::app#Scorer#id``)."""
+    import ray
+
+    pids = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if f"{app}#Scorer#" in a["name"]:
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
+            try:
+                pids.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
+            except Exception:  # noqa: BLE001 - a replica already gone has no pid to report
+                continue
+    return pids
+
+
+def running_scorers(app: str) -> int:
+    from ray import serve
+
+    a = serve.status().applications.get(app)
+    d = a.deployments.get("Scorer") if a else None
+    return int(d.replica_states.get("RUNNING", 0)) if d else 0
+
+
+def fault_test(
+    url: str, bodies: list[bytes], app: str, replicas: int, after_s: float, seconds: float, timeout_s: float
+) -> dict:
+    """Load at concurrency 8; SIGKILL one model replica after ``after_s``; see what the clients got."""
+    log: list = []
+    state: dict = {}
+
+    def killer() -> None:
+        time.sleep(after_s)
+        pids = scorer_pids(app)
+        state["killed_at"] = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+        state["killed_pid"] = pids[0]
+        while time.monotonic() - state["killed_at"] < seconds:  # until Serve runs a replacement
+            time.sleep(0.2)
+            live = set(scorer_pids(app)) - {pids[0]}  # a replica still starting has no pid to give yet
+            if len(live) >= replicas and running_scorers(app) >= replicas:
+                state["recovered_at"] = time.monotonic()
+                return
+
+    t = threading.Thread(target=killer)
+    t.start()
+    run = asyncio.run(drive(url, bodies, 8, 10**9, seconds, timeout_s, log))
+    t.join()
+    k = state.get("killed_at")
+    after = sorted((d, st) for s, d, st in log if k is not None and d >= k)
+    errors: dict[str, int] = {}
+    for _, st in after:
+        if st != 200:
+            errors[str(st)] = errors.get(str(st), 0) + 1
+    stall = None
+    if k is not None:  # the longest time after the kill with no successful answer
+        ok_times = [k] + [d for d, st in after if st == 200] + [run["t0"] + run["wall_s"]]
+        stall = max(b - a for a, b in zip(ok_times, ok_times[1:]))
+    lat = [d - s for s, d, _ in log]
+    return {
+        "replicas": replicas,
+        "requests": len(log),
+        "errors": errors,
+        "errors_total": sum(errors.values()),
+        "recovery_s": round(state["recovered_at"] - k, 2) if "recovered_at" in state else None,
+        "stall_s": round(stall, 2) if stall is not None else None,
+        "max_latency_s": round(max(lat), 2) if lat else None,
+        "client_timeouts": sum(1 for _, _, st in log if st == "client_timeout"),
+        "summary": summarise(run),
+    }
+
+
+# ------------------------------------------------------------------------------------------- the run
+def train_run(args) -> Path:
+    from mapl_ray.config import Config, category_preset
+    from mapl_ray.main_job import run_train_job
+
+    out = Path(args.train_out)
+    if (out / "checkpoint" / "state.json").is_file():
+        return out
+    over = {
+        **category_preset(args.category),
+        "data.root": args.data,
+        "data.category": args.category,
+        "data.image_size": args.image_size,
+        "simulation.texture_dir": args.textures,
+        "train.steps": args.steps,
+    }
+    if args.weights:
+        over["model.weights"] = args.weights
+    for item in args.set:
+        k, _, v = item.partition("=")
+        over[k] = v
+    run_train_job(Config().override(over).validate(), out, use_ray=False, progress=False)
+    return out
+
+
+def test_images(run: Path, n: int) -> tuple[list[bytes], list[list[int]]]:
+    """Up to ``n`` PNG files of the run's test split, as bytes, alternating good and defective."""
+    from PIL import Image
+
+    split = json.loads((run / "split.json").read_text())
+    good = [r["path"] for r in split["test"] if r["label"] == 0]
+    bad = [r["path"] for r in split["test"] if r["label"] != 0]
+    paths = [p for pair in itertools.zip_longest(good, bad) for p in pair if p is not None][:n]
+    if not paths:
+        raise SystemExit(f"{run}/split.json lists no test images")
+    sizes = []
+    for p in paths:
+        with Image.open(p) as im:
+            sizes.append([im.height, im.width])
+    return [Path(p).read_bytes() for p in paths], sizes
+
+
+def machine_key() -> tuple[str, dict]:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        return f"{info['gpu']} ({os.cpu_count()} CPU cores)", info
+    return f"CPU only ({os.cpu_count()} cores, {platform.machine()})", info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", help="trained run folder (else one is trained from --data/--category/--textures)")
+    p.add_argument("--data"), p.add_argument("--category", default="screw"), p.add_argument("--textures")
+    p.add_argument("--weights"), p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--set", action="append", default=[], help="training config override key=value (repeatable)")
+    p.add_argument("--train-out", default="/tmp/mapl_serve_load_run")
+    p.add_argument("--images", type=int, default=32, help="distinct test images sent (round robin)")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", type=int, default=400, help="most requests per step")
+    p.add_argument("--seconds", type=float, default=30.0, help="most seconds per step")
+    p.add_argument("--batch-on", type=int, default=32, help="max_batch_size of the batching-on runs")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas of the load steps")
+    p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: 2 with a GPU, else 1)")
+    p.add_argument("--cpus-per-replica", type=float, help="default: 1 with a GPU, else all cores / replicas")
+    p.add_argument("--request-timeout-s", type=float, default=30.0)
+    p.add_argument("--fault-replicas", default="1,2", help="model replicas of each fault test ('' skips it)")
+    p.add_argument("--fault-after", type=float, default=3.0)
+    p.add_argument("--fault-seconds", type=float, default=40.0)
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="keep Serve's per-request access log (off here: it costs the replicas CPU at high request rates)",
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from mapl_ray.config import Config
+    from mapl_ray.pipelines.ray_env import init_ray
+
+    run = Path(args.run) if args.run else train_run(args)
+    cfg = Config.load_run(run / "config.yaml")
+    bodies, sizes = test_images(run, args.images)
+    key, minfo = machine_key()
+    load_before = os.getloadavg()
+    init_ray()
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    base = f"http://127.0.0.1:{args.port}"
+    url = f"{base}/v1/predict"
+    fronts = args.ingress_replicas or (2 if has_gpu else 1)
+
+    def resources(reps: int) -> dict:
+        """Per model replica: a share of the one GPU, or of the CPU cores when there is none."""
+        if has_gpu:
+            return {"gpus_per_replica": 1.0 / reps, "cpus_per_replica": args.cpus_per_replica or 1.0}
+        return {
+            "gpus_per_replica": 0.0,
+            "cpus_per_replica": args.cpus_per_replica or max(0.5, (os.cpu_count() or 2) / reps),
+        }
+
+    common = {
+        "device": "auto",
+        "request_timeout_s": args.request_timeout_s,
+        "max_queued_requests": 256,
+        "ingress_replicas": fronts,
+        "access_log": args.access_log,
+    }
+    conc = [int(c) for c in args.concurrency.split(",") if c]
+    timeout_s = args.request_timeout_s + 15.0
+    modes = {"batching_off": 1, "batching_on": args.batch_on}
+    default_mode = "batching_on" if has_gpu else "batching_off"  # what ServeSettings chooses by device
+    entry = {
+        "machine": minfo,
+        "command": "python bench/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {
+            "run_image_size": cfg.data.image_size,
+            "encoder": cfg.model.encoder,
+            "memory_banks": cfg.model.memory_banks,
+            "tta": cfg.eval.tta,
+            "align": cfg.data.align,
+            "category": cfg.data.category,
+            "images_sent": len(bodies),
+            "image_sizes_sent": sorted({tuple(s) for s in map(tuple, sizes)}),
+            "requests_per_step": args.requests,
+            "seconds_per_step": args.seconds,
+            "model_replicas": args.replicas,
+            **resources(args.replicas),
+            "ingress_replicas": fronts,
+            "access_log": args.access_log,
+            "request_timeout_s": args.request_timeout_s,
+            "client": "aiohttp on 127.0.0.1, raw image/png bodies",
+            "healthz_probe": "separate process, GET /healthz every 20 ms during each step",
+        },
+        "default_batching": default_mode,
+        "complete": False,
+    }
+    out = Path(args.out)
+
+    def save() -> None:  # after every step: a run stopped by a time limit still leaves its numbers
+        minfo["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+        data = json.loads(out.read_text()) if out.is_file() else {}
+        data.setdefault("machines", {})[key] = entry
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+
+    for mode, b in modes.items():
+        deploy(run, "bench", num_replicas=args.replicas, max_batch_size=b, **common, **resources(args.replicas))
+        asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
+        entry[mode] = {"max_batch_size": b, "concurrency": {}}
+        for c in conc:
+            with HealthProbe(f"{base}/healthz") as probe:
+                r = asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s))
+            entry[mode]["concurrency"][str(c)] = {**summarise(r), **probe.result}
+            print(mode, c, entry[mode]["concurrency"][str(c)], flush=True)
+            save()
+    entry["concurrency"] = entry[default_mode]["concurrency"]
+    entry["batching_gain"] = {
+        c: round(
+            entry["batching_on"]["concurrency"][c]["images_per_s"]
+            / max(1e-9, entry["batching_off"]["concurrency"][c]["images_per_s"]),
+            3,
+        )
+        for c in entry["batching_on"]["concurrency"]
+    }
+    entry["oversized_upload"] = oversized_upload(url)  # 1 GiB announced against the 20 MiB default limit
+    print("oversized upload", entry["oversized_upload"], flush=True)
+    save()
+    entry["fault"] = []
+    for reps in [int(x) for x in args.fault_replicas.split(",") if x]:
+        deploy(run, "bench", num_replicas=reps, max_batch_size=modes[default_mode], **common, **resources(reps))
+        asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))
+        entry["fault"].append(fault_test(url, bodies, "bench", reps, args.fault_after, args.fault_seconds, timeout_s))
+        print("fault", entry["fault"][-1], flush=True)
+        save()
+    serve.shutdown()
+    entry["complete"] = True
+    save()
+    print(f"wrote {out} [{key}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Every setting of the HTTP service, validated in one place.
+
+The same :class:`ServeSettings` comes from ``mapl serve`` flags, from the ``args`` of a Serve config
+file (``serve run serve/config.yaml``; values may be YAML numbers or strings) and from
+:func:`mapl_ray.pipelines.serve.build_app` keywords. Fields left as None are chosen by
+:meth:`ServeSettings.resolve` from the device the model replicas get and from the run's image size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..data.io import ANIMATED_POLICIES, DecodeLimits
+
+#: Dynamic batching default on a GPU: one forward pass for up to 32 waiting images.
+GPU_BATCH = 32
+#: On CPU one image at a time: a batch of 32 costs ~32x one image there, so it only adds waiting
+#: (measured in bench/serve_load.py, batching_gain; issue 19 saw throughput fall with batching on).
+CPU_BATCH = 1
+
+
+@dataclass
+class ServeSettings:
+    """Settings of one served run.
+
+    Attributes:
+        run_dir: run folder written by ``mapl train`` (``config.yaml``, ``checkpoint/``).
+        device: ``auto`` (CUDA when the model replica has a GPU), ``cpu`` or ``cuda``.
+        num_replicas: model replicas (each loads the model; 2 keep answering while one restarts).
+        gpus_per_replica: GPUs per model replica (fractions share one GPU); None: 1 when the Ray
+            cluster has a GPU and ``device`` is not ``cpu``, else 0.
+        cpus_per_replica: CPUs Ray reserves per model replica.
+        torch_threads: torch intra-op threads in a model replica; None: ``cpus_per_replica`` rounded
+            (at least 1; Ray would otherwise leave torch one thread).
+        ingress_replicas: HTTP front replicas (no model; they parse, check and forward requests).
+        max_batch_size: most images in one forward pass (``@serve.batch``); None: 32 on a GPU, 1 on
+            CPU (where batching was slower than one image at a time).
+        batch_wait_timeout_s: how long the first image of a batch waits for others: a lone request pays
+            it in full (latency at low load); under load the queue fills a batch at once.
+        max_ongoing_requests: images a model replica holds at once (decoding, waiting in its batch
+            queue, in the forward pass); None: ``max(32, 2 * max_batch_size)``, so one batch fills while
+            one runs and waiting images queue in the replica (first come, first served) rather than in
+            Serve's router, which polls full replicas with back-off (with 8 and batches of 1, 32
+            concurrent clients got 3.5 images/s on the busy 2-core test machine, 5.4 with batches of 32,
+            where all of them waited in the replica).
+        max_queued_requests: images each HTTP front replica lets wait for a model replica; one more
+            is answered 503 with ``Retry-After`` at once (Ray Serve's ``max_queued_requests``).
+        retry_after_s: the ``Retry-After`` of a 503.
+        request_timeout_s: an image not scored within this many seconds of its request's body arriving
+            gets 504 (its work is cancelled); a model replica that died meanwhile gives 503.
+        body_timeout_s: a request body not received within this many seconds gets 408.
+        max_body_bytes: largest request body; a larger ``Content-Length`` is refused with 413 before
+            the body is read, a longer body once this many bytes arrived.
+        max_pixels: most pixels of one image (decompression bombs), 413.
+        min_side: fewest pixels on an image's shorter side, 422; None: ``max(8, image_size // 8)``.
+        max_aspect: largest long / short side ratio, 422 (the model sees every image squashed square).
+        animated: ``first`` (score frame 1 of an animated image and say so) or ``refuse`` (422).
+        max_batch_images: most images in one request (JSON batch or multipart), 413.
+        max_regions: most defect regions returned per image (the largest maxima first).
+        access_log: Serve's per-request access log lines in the replica logs (turn off at hundreds of
+            requests per second: each line costs the front and the model replica CPU time).
+        token_env: environment variable holding the bearer token (read where the HTTP front runs).
+        token_file: file holding the bearer token (takes precedence over ``token_env``).
+        token_sha256: SHA-256 of the token the deploying process saw; a front replica that reads a
+            different (or no) token refuses to start, so a server is never open by mistake. Set by
+            :func:`~mapl_ray.pipelines.serve.build_app`.
+
+    Raises:
+        ValueError: an unknown key, or a value of the wrong type or out of range (names the field).
+    """
+
+    run_dir: str
+    device: str = "auto"
+    num_replicas: int = 1
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1.0
+    torch_threads: int | None = None
+    ingress_replicas: int = 1
+    max_batch_size: int | None = None
+    batch_wait_timeout_s: float = 0.002
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0
+    request_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
+    max_body_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    min_side: int | None = None
+    max_aspect: float = 4.0
+    animated: str = "first"
+    max_batch_images: int = 32
+    max_regions: int = 50
+    access_log: bool = True
+    token_env: str = "MAPL_SERVE_TOKEN"
+    token_file: str | None = None
+    token_sha256: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = str(self.run_dir)
+        for f in fields(self):
+            setattr(self, f.name, _convert(f.name, f.type, getattr(self, f.name)))
+        positive = (
+            "num_replicas",
+            "ingress_replicas",
+            "max_batch_size",
+            "max_ongoing_requests",
+            "max_body_bytes",
+            "max_pixels",
+            "min_side",
+            "max_batch_images",
+            "max_regions",
+            "torch_threads",
+            "request_timeout_s",
+            "body_timeout_s",
+            "max_queued_requests",
+        )
+        for name in positive:
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"serve setting {name} must be > 0, got {v!r}")
+        for name in ("gpus_per_replica", "cpus_per_replica", "batch_wait_timeout_s", "retry_after_s"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"serve setting {name} must be >= 0, got {v!r}")
+        if self.max_aspect < 1:
+            raise ValueError(f"serve setting max_aspect must be >= 1, got {self.max_aspect!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"serve setting device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.animated not in ANIMATED_POLICIES:
+            raise ValueError(f"serve setting animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ServeSettings:
+        """Settings from a mapping of field -> value (strings allowed, as Serve config ``args`` give them).
+
+        Raises:
+            ValueError: ``run_dir`` missing, an unknown key (the known ones are listed) or a bad value.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown serve setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "run_dir" not in args:
+            raise ValueError("missing serve setting run_dir (the run folder written by `mapl train`)")
+        return cls(**args)
+
+    def resolve(self, cluster_has_gpu: bool, image_size: int) -> ServeSettings:
+        """A copy with every None default chosen: the GPU share from ``cluster_has_gpu``, batching from
+        whether the model replicas get a GPU, ``min_side`` from the run's ``image_size``."""
+        s = dataclasses.replace(self)
+        if s.gpus_per_replica is None:
+            s.gpus_per_replica = 1.0 if cluster_has_gpu and s.device != "cpu" else 0.0
+        on_gpu = s.gpus_per_replica > 0 and s.device != "cpu"
+        if s.max_batch_size is None:
+            s.max_batch_size = GPU_BATCH if on_gpu else CPU_BATCH
+        if s.max_ongoing_requests is None:
+            s.max_ongoing_requests = max(32, 2 * s.max_batch_size)
+        if s.torch_threads is None:
+            s.torch_threads = max(1, round(s.cpus_per_replica))
+        if s.min_side is None:
+            s.min_side = max(8, image_size // 8)
+        return s
+
+    def decode_limits(self) -> DecodeLimits:
+        """The :class:`~mapl_ray.data.io.DecodeLimits` of these settings (after :meth:`resolve`)."""
+        return DecodeLimits(
+            max_pixels=self.max_pixels, min_side=self.min_side, max_aspect=self.max_aspect, animated=self.animated
+        )
+
+    def public_limits(self) -> dict[str, Any]:
+        """The limits a client may want to know (``GET /v1/model``)."""
+        keys = (
+            "max_body_bytes",
+            "max_pixels",
+            "min_side",
+            "max_aspect",
+            "animated",
+            "max_batch_images",
+            "request_timeout_s",
+            "body_timeout_s",
+            "max_queued_requests",
+            "max_batch_size",
+            "batch_wait_timeout_s",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(name: str, annotation: str, value: Any) -> Any:
+    """``value`` (possibly a string from a config file) as the field's type; ValueError names the field."""
+    optional = annotation.endswith(" | None")
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "auto", "")):
+        if not optional:
+            raise ValueError(f"serve setting {name} may not be empty")
+        return None
+    base = annotation.removesuffix(" | None")
+    try:
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "bool":
+            if isinstance(value, str) and value.strip().lower() in (
+                "true",
+                "1",
+                "yes",
+                "on",
+                "false",
+                "0",
+                "no",
+                "off",
+            ):
+                return value.strip().lower() in ("true", "1", "yes", "on")
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if base == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"serve setting {name} must be {'an int' if base == 'int' else 'a ' + base}"
+            f"{' or auto' if optional else ''}, got {value!r}"
+        ) from None
+    raise AssertionError(f"unhandled setting type {annotation} of {name}")
