@@ -17,8 +17,8 @@ from ..data.io import load_records
 from ..data.split import Split
 from ..inference import Predictor
 from ..runfolder import SPLIT_FILE, checkpoint_dir
-from .metrics import compute_metrics, fit_normalisation, threshold_from_normals
-from .report import write_report
+from .metrics import compute_metrics, decision_counts, fit_normalisation, threshold_from_normals
+from .report import map_threshold, write_report
 
 
 def calibrate(run_dir: str | Path, validation_images: np.ndarray, device: str = "auto") -> dict[str, Any]:
@@ -105,9 +105,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     metrics = compute_metrics(labels, res["scores"], types, masks, maps)
     thr = pred.threshold
     if thr is not None:
-        decided = res["scores"] >= thr
+        metrics["decisions"] = decision_counts(labels, res["scores"], types, thr)
         metrics["overall"]["threshold"] = float(thr)
-        metrics["overall"]["accuracy_at_threshold"] = float((decided == labels.astype(bool)).mean())
+        metrics["overall"]["accuracy_at_threshold"] = metrics["decisions"]["accuracy"]
     sample = [
         {
             "image": loaded.images[i],
@@ -152,7 +152,16 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     if extra_info:
         info.update(extra_info)
     write_scores(run_dir / "scores.csv", [r.path for r in loaded.records], types, labels, res["scores"], thr)
-    write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)
+    write_report(
+        run_dir,
+        metrics,
+        info,
+        labels=labels,
+        scores=res["scores"],
+        threshold=thr,
+        sample=sample,
+        map_threshold=map_threshold(thr, cfg.eval.q_weight),
+    )
     return metrics
 
 
