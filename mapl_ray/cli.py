@@ -252,6 +252,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
+    resolved = cfg.override(overrides) if overrides else cfg  # a bad --set fails before the preset is printed
     if not args.resume:
         category = str(overrides.get("data.category", cfg.data.category))
         if not getattr(args, "category_preset", True):
@@ -266,8 +267,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
                     + " (--no-category-preset skips it)",
                     file=sys.stderr,
                 )
-                cfg = cfg.override(preset)
-    return cfg.override(overrides) if overrides else cfg
+                resolved = cfg.override(preset).override(overrides)
+    return resolved
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -221,9 +221,10 @@ def test_every_option_has_help():
     [("train.stepz=3", "train.steps"), ("model.steps=3", "train.steps"), ("lr=0.1", "train.lr")],
 )
 def test_unknown_set_field_lists_the_nearest_names(override, suggestion, capsys, tmp_path):
-    assert main(["train", "--data", str(tmp_path), "--category", "x", "--set", override]) == 2
+    assert main(["train", "--data", str(tmp_path), "--category", "screw", "--set", override]) == 2
     err = capsys.readouterr().err
     assert "did you mean" in err and suggestion in err
+    assert err.startswith("mapl train: error:")  # nothing else printed first
 
 
 def test_new_run_needs_data_and_category(capsys):
