@@ -49,24 +49,28 @@ def _drop(name: str) -> bool:
     return name.startswith(("ray/llm/", "ray/dashboard/client/build/"))
 
 
-def copy_category(src: Path, dst: Path) -> None:
+def copy_category(src: Path, dst: Path, jpeg_quality: int | None = None) -> None:
+    """The category at 256x256: images PNG (lossless) or JPEG at ``jpeg_quality`` (to fit more categories
+    into one call), masks PNG."""
     for path in find_images(str(src)):
         rel = Path(path).relative_to(src)
-        out = (dst / rel).with_suffix(".png")
+        lossy = jpeg_quality and "ground_truth" not in rel.parts
+        out = (dst / rel).with_suffix(".jpg" if lossy else ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         if "ground_truth" in rel.parts:
             Image.fromarray(load_mask(path, SIZE) * 255).save(out)
             continue
         img = load_image(path, SIZE)
         grey = bool((img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all())
-        Image.fromarray(img[..., 0] if grey else img).save(out, optimize=True)
+        pil = Image.fromarray(img[..., 0] if grey else img)
+        pil.save(out, quality=jpeg_quality) if lossy else pil.save(out, optimize=True)
 
 
-def copy_textures(src: Path, dst: Path) -> None:
+def copy_textures(src: Path, dst: Path, quality: int = 92) -> None:
     for path in find_images(str(src)):
         out = (dst / Path(path).relative_to(src)).with_suffix(".jpg")
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(load_image(path, SIZE)).save(out, quality=92)
+        Image.fromarray(load_image(path, SIZE)).save(out, quality=quality)
 
 
 def export_weights(out: Path, name: str = "tf_efficientnet_lite2") -> None:
@@ -111,11 +115,19 @@ def main() -> None:
     p.add_argument("--data-root", default=str(here.parent / "shared" / "data"))
     p.add_argument("--categories", default="mvtec_ad/screw", help="comma list of DATASET/CATEGORY")
     p.add_argument("--wheels", default=str(here / ".whl"), help="output folder of ../shared/gpu/prepare-wheels.sh")
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        help="store images as JPEG of this quality (masks stay PNG) to fit "
+        "several categories with Ray's wheels into one call's 64 MiB; textures then at quality 85",
+    )
     args = p.parse_args()
     root, data = Path(args.data_root), here / ".data"
     for item in args.categories.split(","):
-        copy_category(root / item, data / item)
-    copy_textures(root / "dtd_subset" / "images", data / "dtd256")
+        shutil.rmtree(data / item, ignore_errors=True)
+        copy_category(root / item, data / item, args.jpeg_quality)
+    shutil.rmtree(data / "dtd256", ignore_errors=True)
+    copy_textures(root / "dtd_subset" / "images", data / "dtd256", 85 if args.jpeg_quality else 92)
     export_weights(data / "w" / "tf_efficientnet_lite2.safetensors")
     wheels = Path(args.wheels)
     if wheels.is_dir():

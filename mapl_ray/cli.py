@@ -373,7 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
     out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
-    map_thr = map_threshold(pred.threshold, pred.cfg.eval.q_weight)
+    map_thr = map_threshold(pred.threshold, pred.q_weight)
     for path in paths:
         if path in failed:
             print(json.dumps({"path": path, "error": failed[path]}))

@@ -21,6 +21,10 @@ import yaml
 ORIENTATION_MODES = ("none", "flip", "rot90")
 
 
+#: pseudo.features values: what the one-class classifiers see (mapl_ray.pseudo.labeler)
+PSEUDO_FEATURES = ("map", "pooled", "both")
+
+
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
 ALIGN_MODES = ("none", "principal_axis")
 
@@ -37,6 +41,10 @@ class DataConfig:
     unlabeled_dir: str | None = None  # user folder of unlabeled images (the unlabeled pool)
     unlabeled_fraction: float = 0.0  # benchmarking: fraction of train/good moved to the unlabeled pool
     contamination: float = 0.0  # benchmarking: fraction of test anomalies moved to the unlabeled pool
+    # benchmarking: keep only this many train/good images labeled, the rest go to the unlabeled pool
+    labeled_normals: int | None = None
+    # benchmarking: move test anomalies into the pool until they are this share of it (instead of contamination)
+    pool_anomaly_share: float = 0.0
     labeled_anomalies: int = 0  # k labeled anomalies per defect type, taken from test
     skip_bad_images: bool = False
     require_masks: bool = True  # False: image-label-only data (defect images without masks)
@@ -62,6 +70,7 @@ class SimulationConfig:
     texture_probability: float = 0.5
     structure_grid: int = 8
     structure_augment: bool = True  # MemSeg's photometric augmentation of the structure source
+    validation_textures: float = 0.2  # share of the texture files held out of training for validation anomalies
 
 
 @dataclass
@@ -94,6 +103,12 @@ class PseudoConfig:
     num_quantiles: int = 99  # candidate thresholds of partial matching (quantiles of the unlabeled scores)
     min_fraction: float = 0.05  # least share of the unlabeled set on the matched side of a threshold
     refit_every: int = 100  # steps between pseudo-labeler refits
+    # what the one-class classifiers see: "map" (statistics of the network's current anomaly map; ranked first on
+    # validation, bench/results/defaults.json), "pooled" (pooled encoder features and memory differences) or "both"
+    features: str = "map"
+    # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
+    # batches ahead: a fixed lag keeps batches independent of their number)
+    label_lag: int = 20
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
     filter_simulations: bool = True  # simulated images pseudo-labeled 0 leave the segmentation loss
@@ -143,7 +158,14 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     top_k: int = 100  # image score = mean of the top-k anomaly-map pixels
-    q_weight: float = 0.0  # image score += q_weight * sigmoid(q)
+    q_weight: float | None = None  # image score += q_weight * sigmoid(q); None: chosen on validation
+    q_weight_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)  # the candidates validation chooses from
+    validate_every: int = 0  # steps between validation passes during training (0: only at the end)
+    validation_simulations: int = 4  # simulated anomalies per validation normal (validation seed, held-out textures)
+    # validation anomalies are blended with transparency delta ~ U[simulation.delta_min, this]: subtle ones, so the
+    # objective does not saturate at 1.0 for every reasonable model (then it could rank nothing)
+    validation_delta_max: float = 0.5
+    validation_anomalies: float = 0.4  # share of each defect type's labeled anomalies held out for validation
     batch_size: int = 16
     cuda_graphs: bool = True  # replay inference as CUDA graphs on a GPU (torch memory search only)
     tta: str = "rot90"  # test-time augmentation: none | flip | rot90 (8 views, maps averaged; one pass per view)
@@ -172,67 +194,7 @@ class Config:
         Raises:
             ConfigError: names the first field with a value not allowed and what was expected.
         """
-        checks = [
-            ("data.image_size", self.data.image_size >= 32, ">= 32 pixels"),
-            ("data.unlabeled_fraction", 0 <= self.data.unlabeled_fraction < 1, "in [0, 1)"),
-            ("data.contamination", 0 <= self.data.contamination < 1, "in [0, 1)"),
-            ("data.labeled_anomalies", self.data.labeled_anomalies >= 0, ">= 0"),
-            ("data.align", self.data.align in ALIGN_MODES, "none or principal_axis"),
-            (
-                "simulation.delta_min",
-                0 <= self.simulation.delta_min <= self.simulation.delta_max <= 1,
-                "0 <= delta_min <= delta_max <= 1",
-            ),
-            ("model.memory_samples", self.model.memory_samples >= 1, ">= 1"),
-            ("model.memory_rotations", self.model.memory_rotations >= 1, ">= 1"),
-            ("model.memory_banks", self.model.memory_banks >= 1, ">= 1"),
-            ("model.memory_backend", self.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),
-            ("pseudo.num_occs", self.pseudo.num_occs >= 1, ">= 1"),
-            ("pseudo.n_components", self.pseudo.n_components >= 1, ">= 1"),
-            (
-                "pseudo.covariance_type",
-                self.pseudo.covariance_type in ("full", "tied", "diag", "spherical"),
-                "full, tied, diag or spherical",
-            ),
-            ("pseudo.pca_dim", self.pseudo.pca_dim is None or self.pseudo.pca_dim >= 1, ">= 1 or null"),
-            ("pseudo.reg_covar", self.pseudo.reg_covar > 0, "> 0"),
-            ("pseudo.num_quantiles", self.pseudo.num_quantiles >= 1, ">= 1"),
-            ("pseudo.min_fraction", 0 <= self.pseudo.min_fraction < 1, "in [0, 1)"),
-            ("pseudo.refit_every", self.pseudo.refit_every >= 1, ">= 1"),
-            ("train.steps", self.train.steps >= 1, ">= 1"),
-            ("train.lr", self.train.lr > 0, "> 0"),
-            ("train.min_lr", 0 <= self.train.min_lr <= self.train.lr, "in [0, train.lr]"),
-            ("train.weight_decay", self.train.weight_decay >= 0, ">= 0"),
-            ("train.warmup_fraction", 0 <= self.train.warmup_fraction < 1, "in [0, 1)"),
-            ("train.batch_normal", self.train.batch_normal >= 1, ">= 1"),
-            ("train.batch_simulated", self.train.batch_simulated >= 1, ">= 1"),
-            ("train.batch_unlabeled", self.train.batch_unlabeled >= 0, ">= 0"),
-            ("train.batch_labeled_anomaly", self.train.batch_labeled_anomaly >= 0, ">= 0"),
-            ("train.num_workers", self.train.num_workers >= 1, ">= 1"),
-            (
-                "train.loader_workers",
-                self.train.loader_workers is None or self.train.loader_workers >= 0,
-                ">= 0 or null",
-            ),
-            (
-                "train.loader_start_method",
-                self.train.loader_start_method in ("auto", "fork", "forkserver", "spawn"),
-                "auto, fork, forkserver or spawn",
-            ),
-            ("train.amp", self.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
-            ("train.augment", self.train.augment in ORIENTATION_MODES, "none, flip or rot90"),
-            ("train.ema_decay", 0 <= self.train.ema_decay < 1, "in [0, 1)"),
-            ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
-            ("train.checkpoint_every", self.train.checkpoint_every >= 1, ">= 1"),
-            ("train.log_every", self.train.log_every >= 1, ">= 1"),
-            ("train.report_every", self.train.report_every >= 0, ">= 0"),
-            ("eval.top_k", self.eval.top_k >= 1, ">= 1"),
-            ("eval.batch_size", self.eval.batch_size >= 1, ">= 1"),
-            ("eval.tta", self.eval.tta in ORIENTATION_MODES, "none, flip or rot90"),
-            ("eval.threshold_quantile", 0 < self.eval.threshold_quantile <= 1, "in (0, 1]"),
-            ("eval.validation_normals", self.eval.validation_normals >= 0, ">= 0"),
-            ("eval.validation_fraction", 0 < self.eval.validation_fraction <= 1, "in (0, 1]"),
-        ]
+        checks = [check for section in _CHECKS for check in section(self)]
         for name, ok, expected in checks:
             if not ok:
                 section, field_ = name.split(".")
@@ -318,6 +280,122 @@ def nearest_fields(name: str, n: int = 3) -> str:
     return f"; names are SECTION.FIELD with SECTION one of {sections} (a run's config.yaml lists every field)"
 
 
+# value-range checks of Config.validate, one list per section: (field, holds, what is expected)
+def _data_checks(c: Config) -> list[tuple[str, bool, str]]:
+    return [
+        ("data.image_size", c.data.image_size >= 32, ">= 32 pixels"),
+        ("data.unlabeled_fraction", 0 <= c.data.unlabeled_fraction < 1, "in [0, 1)"),
+        ("data.contamination", 0 <= c.data.contamination < 1, "in [0, 1)"),
+        (
+            "data.labeled_normals",
+            c.data.labeled_normals is None or c.data.labeled_normals >= 0,
+            ">= 0 or null",
+        ),
+        ("data.pool_anomaly_share", 0 <= c.data.pool_anomaly_share < 1, "in [0, 1)"),
+        ("data.labeled_anomalies", c.data.labeled_anomalies >= 0, ">= 0"),
+        ("data.align", c.data.align in ALIGN_MODES, "none or principal_axis"),
+        (
+            "simulation.delta_min",
+            0 <= c.simulation.delta_min <= c.simulation.delta_max <= 1,
+            "0 <= delta_min <= delta_max <= 1",
+        ),
+    ]
+
+
+def _simulation_checks(c: Config) -> list[tuple[str, bool, str]]:
+    return [
+        ("simulation.validation_textures", 0 <= c.simulation.validation_textures < 1, "in [0, 1)"),
+    ]
+
+
+def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
+    return [
+        ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, "map, pooled or both"),
+        ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
+        ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),
+        ("pseudo.n_components", c.pseudo.n_components >= 1, ">= 1"),
+        (
+            "pseudo.covariance_type",
+            c.pseudo.covariance_type in ("full", "tied", "diag", "spherical"),
+            "full, tied, diag or spherical",
+        ),
+        ("pseudo.pca_dim", c.pseudo.pca_dim is None or c.pseudo.pca_dim >= 1, ">= 1 or null"),
+        ("pseudo.reg_covar", c.pseudo.reg_covar > 0, "> 0"),
+        ("pseudo.num_quantiles", c.pseudo.num_quantiles >= 1, ">= 1"),
+        ("pseudo.min_fraction", 0 <= c.pseudo.min_fraction < 1, "in [0, 1)"),
+        ("pseudo.refit_every", c.pseudo.refit_every >= 1, ">= 1"),
+    ]
+
+
+def _model_checks(c: Config) -> list[tuple[str, bool, str]]:
+    return [
+        ("model.memory_samples", c.model.memory_samples >= 1, ">= 1"),
+        ("model.memory_rotations", c.model.memory_rotations >= 1, ">= 1"),
+        ("model.memory_banks", c.model.memory_banks >= 1, ">= 1"),
+        ("model.memory_backend", c.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),
+    ]
+
+
+def _train_checks(c: Config) -> list[tuple[str, bool, str]]:
+    return [
+        ("train.steps", c.train.steps >= 1, ">= 1"),
+        ("train.lr", c.train.lr > 0, "> 0"),
+        ("train.min_lr", 0 <= c.train.min_lr <= c.train.lr, "in [0, train.lr]"),
+        ("train.weight_decay", c.train.weight_decay >= 0, ">= 0"),
+        ("train.warmup_fraction", 0 <= c.train.warmup_fraction < 1, "in [0, 1)"),
+        ("train.batch_normal", c.train.batch_normal >= 1, ">= 1"),
+        ("train.batch_simulated", c.train.batch_simulated >= 1, ">= 1"),
+        ("train.batch_unlabeled", c.train.batch_unlabeled >= 0, ">= 0"),
+        ("train.batch_labeled_anomaly", c.train.batch_labeled_anomaly >= 0, ">= 0"),
+        ("train.num_workers", c.train.num_workers >= 1, ">= 1"),
+        (
+            "train.loader_workers",
+            c.train.loader_workers is None or c.train.loader_workers >= 0,
+            ">= 0 or null",
+        ),
+        (
+            "train.loader_start_method",
+            c.train.loader_start_method in ("auto", "fork", "forkserver", "spawn"),
+            "auto, fork, forkserver or spawn",
+        ),
+        ("train.amp", c.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
+        ("train.augment", c.train.augment in ORIENTATION_MODES, "none, flip or rot90"),
+        ("train.ema_decay", 0 <= c.train.ema_decay < 1, "in [0, 1)"),
+        ("train.color_jitter", 0 <= c.train.color_jitter < 1, "in [0, 1)"),
+        ("train.checkpoint_every", c.train.checkpoint_every >= 1, ">= 1"),
+        ("train.log_every", c.train.log_every >= 1, ">= 1"),
+        ("train.report_every", c.train.report_every >= 0, ">= 0"),
+    ]
+
+
+def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
+    return [
+        ("eval.top_k", c.eval.top_k >= 1, ">= 1"),
+        ("eval.batch_size", c.eval.batch_size >= 1, ">= 1"),
+        ("eval.tta", c.eval.tta in ORIENTATION_MODES, "none, flip or rot90"),
+        ("eval.threshold_quantile", 0 < c.eval.threshold_quantile <= 1, "in (0, 1]"),
+        ("eval.validation_normals", c.eval.validation_normals >= 0, ">= 0"),
+        ("eval.validation_fraction", 0 < c.eval.validation_fraction <= 1, "in (0, 1]"),
+        ("eval.q_weight", c.eval.q_weight is None or c.eval.q_weight >= 0, ">= 0 or null"),
+        (
+            "eval.q_weight_grid",
+            len(c.eval.q_weight_grid) >= 1 and min(c.eval.q_weight_grid) >= 0,
+            "one or more weights >= 0",
+        ),
+        ("eval.validate_every", c.eval.validate_every >= 0, ">= 0"),
+        ("eval.validation_simulations", c.eval.validation_simulations >= 0, ">= 0"),
+        ("eval.validation_anomalies", 0 <= c.eval.validation_anomalies < 1, "in [0, 1)"),
+        (
+            "eval.validation_delta_max",
+            c.simulation.delta_min <= c.eval.validation_delta_max <= 1,
+            "in [simulation.delta_min, 1]",
+        ),
+    ]
+
+
+_CHECKS = (_data_checks, _simulation_checks, _pseudo_checks, _model_checks, _train_checks, _eval_checks)
+
+
 def _read_mapping(p: Path) -> dict[str, Any]:
     """The YAML mapping in config file ``p`` ({} for an empty file); ConfigError otherwise."""
     if not p.is_file():
@@ -343,7 +421,13 @@ def config_file_keys(path: str | Path) -> set[str]:
 
 # Fields added after run folders were first written, with the value that reproduces the older runs.
 # eval.validation_fraction 1.0: held out min(validation_normals, n - 2), as before the fraction existed.
-RUN_FIELDS_ADDED: dict[str, Any] = {"eval.tta": "none", "model.memory_banks": 1, "eval.validation_fraction": 1.0}
+RUN_FIELDS_ADDED: dict[str, Any] = {
+    "eval.tta": "none",
+    "model.memory_banks": 1,
+    "pseudo.features": "pooled",
+    "simulation.validation_textures": 0.0,
+    "eval.validation_fraction": 1.0,
+}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -373,7 +457,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if text.startswith("tuple"):
             if isinstance(value, str):
                 value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            return tuple(int(v) for v in value)
+            item = float if "float" in text else int
+            return tuple(item(v) for v in value)
         if typ is str or text.startswith("str"):
             return str(value)
     except (TypeError, ValueError) as e:

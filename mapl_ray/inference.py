@@ -137,9 +137,17 @@ class Predictor:
         graph.replay()
         return {k: v.clone() for k, v in static_out.items()}  # the static outputs are overwritten by the next replay
 
+    @property
+    def q_weight(self) -> float:
+        """The image head's weight in the image score: chosen on validation when the run was calibrated
+        (``state.json``), else ``eval.q_weight`` (0 when unset)."""
+        if self.state.get("q_weight") is not None:
+            return float(self.state["q_weight"])
+        return float(self.cfg.eval.q_weight or 0.0)
+
     def score(self, maps: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Image score ``(B,)``: top-k mean of each map plus ``q_weight * q``."""
-        return image_scores(maps, q, self.cfg.eval.top_k, self.cfg.eval.q_weight)
+        """Image score ``(B,)``: top-k mean of each map plus :attr:`q_weight` times ``q``."""
+        return image_scores(maps, q, self.cfg.eval.top_k, self.q_weight)
 
     def predict_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Score uint8 images ``(N, H, W, 3)`` (already at the run's image size) in batches.

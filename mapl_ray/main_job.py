@@ -59,7 +59,12 @@ def check_inputs(cfg: Config) -> Split:
     """
     if not cfg.data.root or not cfg.data.category:
         raise LayoutError("data.root and data.category are required (mapl train --data ROOT --category NAME)")
-    index = scan_category(cfg.data.root, cfg.data.category, require_masks=cfg.data.require_masks)
+    index = scan_category(
+        cfg.data.root,
+        cfg.data.category,
+        require_masks=cfg.data.require_masks,
+        allow_empty_train=bool(cfg.data.unlabeled_dir),
+    )
     check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
     build_simulator(cfg)  # a missing / empty texture folder
     build_pose_estimator(cfg)  # data.align without an object threshold
@@ -75,6 +80,8 @@ def check_inputs(cfg: Config) -> Split:
             unlabeled_fraction=cfg.data.unlabeled_fraction,
             contamination=cfg.data.contamination,
             labeled_anomalies=cfg.data.labeled_anomalies,
+            labeled_normals=cfg.data.labeled_normals,
+            pool_anomaly_share=cfg.data.pool_anomaly_share,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -130,17 +137,18 @@ def run_train_job(
     else:
         log.info(foreground)
     t0 = time.perf_counter()
-    data, val_images, data_info = load_train_data(cfg, split)
+    data, validation, data_info = load_train_data(cfg, split)
     load_s = time.perf_counter() - t0
     (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
     if use_ray:
         from .pipelines.ray_train import train_with_ray
 
-        summary = train_with_ray(cfg, data, run_dir, resume=resume, progress=progress, verbose=verbose)
+        summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress, verbose=verbose)
     else:
-        summary = train_in_process(cfg, data, run_dir, resume=resume, progress=progress)
+        summary = train_in_process(cfg, data, validation, run_dir, resume=resume, progress=progress)
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
-    calibrate(run_dir, val_images)
+    _record_final_banks(run_dir, data_info, summary.get("memory_bank_rows"), data)
+    calibrate(run_dir, validation)
     summary["data_load_s"] = load_s
     try:
         training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
@@ -152,7 +160,19 @@ def run_train_job(
         ) from e
 
 
-def train_in_process(cfg: Config, data, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def _record_final_banks(run_dir: Path, info: dict[str, Any], rows: list[list[int]] | None, data) -> None:
+    """With a pool, the memory banks are chosen again from the final normal stream: list their files
+    in ``data_info.json``."""
+    paths = data.info.get("source_paths")
+    if not rows or not paths:
+        return
+    info["memory_banks"] = [[paths[i] for i in bank] for bank in rows]
+    (run_dir / DATA_INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def train_in_process(
+    cfg: Config, data, validation, run_dir: Path, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train in this process without Ray (``--no-ray``): the first GPU with ``train.use_gpu``, else the CPU.
     Writes ``train_summary.json``; returns the summary."""
     import torch
@@ -160,6 +180,6 @@ def train_in_process(cfg: Config, data, run_dir: Path, resume: bool = False, pro
     from .engine.loop import train_model
 
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    _, summary = train_model(cfg, data, run_dir, device=device, resume=resume, progress=progress)
+    _, summary = train_model(cfg, data, run_dir, device=device, resume=resume, progress=progress, validation=validation)
     write_train_summary(run_dir, summary, resumed=resume)
     return summary

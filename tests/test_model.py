@@ -9,6 +9,7 @@ from conftest import random_feats
 
 from mapl_ray.config import Config
 from mapl_ray.model import MAPLModel, MemoryBank, WeightsError, build_encoder, focal_loss, spatial_attention
+from mapl_ray.model.anomaly_map import image_scores
 from mapl_ray.model.encoder import map_state_dict_by_order
 from mapl_ray.model.losses import compute_losses
 from mapl_ray.model.memory import flatten_levels, resolve_backend
@@ -133,17 +134,25 @@ def test_every_loss_term_has_gradient(head_detach):
     x = torch.rand(6, 3, 64, 64)
     masks = torch.zeros(6, 1, 64, 64)
     masks[2:4, :, 20:40, 20:40] = 1
-    kind = torch.tensor([0, 0, 1, 1, 2, 2])  # normal, simulated, unlabeled
-    label = torch.tensor([0, 0, 1, 1, -1, -1])
+    kind = torch.tensor([0, 0, 1, 1, 2, 2])  # normal, simulated, pool images with their pseudo-labels
+    label = torch.tensor([0, 0, 1, 1, 1, 0])
     pseudo = torch.tensor([-1, -1, 1, -1, 1, 0])
     out = model(x)
     losses = compute_losses(out, masks, kind, label, pseudo, Config())
     params = [p for p in model.parameters() if p.requires_grad]
     assert not any(p.requires_grad for p in model.encoder.parameters())  # frozen encoder
+    # the parameters the image score depends on, with the head's probability weighted in
+    score = image_scores(torch.sigmoid(out["logits"][:, 0]), torch.sigmoid(out["q"]), top_k=10, q_weight=0.5).sum()
+    in_score = {
+        id(p)
+        for p, g in zip(params, torch.autograd.grad(score, params, retain_graph=True, allow_unused=True))
+        if g is not None and float(g.abs().sum()) > 0
+    }
     for name in ("l1", "focal", "l_yl", "l_yu"):
         grads = torch.autograd.grad(losses[name], params, retain_graph=True, allow_unused=True)
-        total = sum(float(g.abs().sum()) for g in grads if g is not None)
-        assert total > 0, f"{name} gives no gradient"
+        moved = [p for p, g in zip(params, grads) if g is not None and float(g.abs().sum()) > 0]
+        assert moved, f"{name} gives no gradient"
+        assert any(id(p) in in_score for p in moved), f"{name} trains nothing the image score depends on"
     head = set(map(id, model.head.parameters()))
     trunk_grad = torch.autograd.grad(losses["l_yl"], [p for p in params if id(p) not in head], allow_unused=True)
     assert all(g is None for g in trunk_grad) == head_detach

@@ -259,4 +259,4 @@ def test_training_images_without_an_object_are_kept_and_reported(tmp_path, caplo
         data, val, info = load_train_data(cfg, split)
     assert info["no_pose_found"] == [str(blank)]
     assert "no object found in 1 training images" in caplog.text
-    assert len(data.normals) + len(val) == 15  # the blank image is still used
+    assert len(data.normals) + len(val.normals) == 15  # the blank image is still used

@@ -36,7 +36,7 @@ def test_two_worker_ray_train_lowers_loss(ray_local, small_root, tmp_path):
     run = tmp_path / "run"
     split = prepare_run(cfg, run)
     data, _, _ = load_train_data(cfg, split)
-    summary = train_with_ray(cfg, data, run, progress=False)
+    summary = train_with_ray(cfg, data, None, run, progress=False)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))  # rank 0 logs once per step, not once per worker
     first = log[0]["l1"] + log[0]["focal"]

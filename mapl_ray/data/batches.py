@@ -16,7 +16,7 @@ import torch
 from ..config import Config
 from .augment import augment_images, jitter_intensity
 from .simulation import AnomalySimulator
-from .train_data import TrainData
+from .train_data import TrainData, normal_rows
 
 
 def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.ndarray:
@@ -35,15 +35,22 @@ def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.
 
 
 class BatchMaker:
-    """Draws the per-worker batch of one step (see module docstring)."""
+    """Draws the per-worker batch of one step (see module docstring).
+
+    With an unlabeled pool, the batch of step ``s`` depends on the pool's pseudo-labels in force at
+    ``s`` (int8 ``(M,)``, 1 / 0 / -1, from :meth:`mapl_ray.pseudo.labeler.PseudoLabeler.labels_for`):
+    pool images labeled 0 join the normal stream and the bases of simulated anomalies; ``kind`` 2
+    slots carry pool images with their pseudo-label (for L_Yu, eq. 17), at least half of them
+    pseudo-anomalous ones while there are any; images labeled -1 are left out.
+    """
 
     def __init__(self, cfg: Config, data: TrainData, simulator: AnomalySimulator, rank: int = 0, world_size: int = 1):
         self.cfg, self.data, self.sim, self.rank, self.world = cfg, data, simulator, rank, world_size
         t = cfg.train
-        if data.normals.shape[0] < 2:
-            raise ValueError("training needs at least 2 labeled normal images")
+        if data.normals.shape[0] + data.pool_size < 2:
+            raise ValueError("training needs at least 2 normal or unlabeled images")
         self.n_normal, self.n_sim = t.batch_normal, t.batch_simulated
-        self.n_unl = t.batch_unlabeled if data.unlabeled is not None and len(data.unlabeled) else 0
+        self.n_unl = t.batch_unlabeled if data.pool_size else 0
         self.n_anom = t.batch_labeled_anomaly if data.anomalies is not None and len(data.anomalies) else 0
 
     def _stream(self, step: int, per_rank: int, n: int, stream: int) -> np.ndarray:
@@ -59,48 +66,68 @@ class BatchMaker:
             masks.append(mask)
         return np.stack(imgs), np.stack(masks)
 
-    def pool(self, step: int) -> dict[str, np.ndarray]:
-        """The images the pseudo-labeler is refitted on at ``step`` (seeded by ``(seed, step)``, equal on every rank).
+    def _normal_rows(self, pool_labels: np.ndarray | None) -> np.ndarray:
+        rows = normal_rows(self.data, pool_labels)
+        if not len(rows):
+            raise ValueError("no normal image left: every pool image is pseudo-labeled anomalous or unknown")
+        return rows
 
-        ``normal_idx``: int64 rows of ``data.normals`` (at most 128); ``sims``: uint8
-        ``(2 pool_size, H, W, 3)`` simulated anomalies; ``unlabeled_idx``: rows of the unlabeled pool
-        (at most 512) or empty.
-        """
+    def pool(self, step: int, pool_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The reference images of the pseudo-labeler's refit at ``step`` (seeded by ``(seed, step)``,
+        equal on every rank): ``normal_idx`` int64 normal-source rows (at most 128; labeled normals
+        while there are 16 or more) and ``sims`` uint8 ``(2 pool_size, H, W, 3)`` simulated anomalies."""
         d, p = self.data, self.cfg.pseudo
         rng = np.random.default_rng([self.cfg.train.seed, step, 2])
-        normal_idx = rng.choice(len(d.normals), size=min(len(d.normals), 128), replace=False)
-        base = d.normals[rng.integers(0, len(d.normals), size=2 * p.pool_size)]
+        rows = np.arange(len(d.normals)) if len(d.normals) >= 16 else self._normal_rows(pool_labels)
+        normal_idx = rows[rng.choice(len(rows), size=min(len(rows), 128), replace=False)]
+        base = d.source_images(rows[rng.integers(0, len(rows), size=2 * p.pool_size)])
         sims, _ = self.simulate(base, rng)
-        unl_idx = np.zeros(0, np.int64)
-        if d.unlabeled is not None and len(d.unlabeled):
-            unl_idx = (
-                np.arange(len(d.unlabeled))
-                if len(d.unlabeled) <= 512
-                else rng.choice(len(d.unlabeled), 512, replace=False)
-            )
-        return {"normal_idx": normal_idx, "sims": sims, "unlabeled_idx": unl_idx}
+        return {"normal_idx": normal_idx, "sims": sims}
 
     def has_pool(self) -> bool:
         """Whether batches contain unlabeled-pool images (kind 2)."""
         return self.n_unl > 0
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def _pool_part(self, step: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, pseudo-labels)`` of the ``kind`` 2 slots (class docstring)."""
+        pos, known = np.flatnonzero(labels == 1), np.flatnonzero(labels != -1)
+        if not len(known):
+            rows = self._stream(step, self.n_unl, len(labels), 2)
+        elif not len(pos):
+            rows = known[self._stream(step, self.n_unl, len(known), 2)]
+        else:
+            half = max(1, self.n_unl // 2)
+            rows = np.concatenate(
+                [
+                    pos[self._stream(step, half, len(pos), 4)],
+                    known[self._stream(step, self.n_unl - half, len(known), 2)],
+                ]
+            )
+        return self.data.unlabeled[rows], labels[rows].astype(np.int8)
+
+    def __call__(self, step: int, pool_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Batch dict: ``images`` uint8 ``(B, H, W, 3)``, ``masks`` uint8 ``(B, H, W)``, ``kind`` int8 ``(B,)``
-        (0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly), ``label`` int8 (0/1, -1 unknown)."""
+        (0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly), ``label`` int8 (0/1, -1 unknown; for
+        ``kind`` 2 the pool image's pseudo-label)."""
         d = self.data
-        n = d.normals.shape[0]
+        rows = self._normal_rows(pool_labels)
         rng = np.random.default_rng([self.cfg.train.seed, self.rank, step, 1])
         aug = self.cfg.train.augment
         jit = self.cfg.train.color_jitter
-        normal, _ = augment_images(d.normals[self._stream(step, self.n_normal, n, 0)], None, aug, rng)
+        normal, _ = augment_images(
+            d.source_images(rows[self._stream(step, self.n_normal, len(rows), 0)]), None, aug, rng
+        )
         normal = jitter_intensity(normal, jit, rng)
-        sim_base, _ = augment_images(d.normals[self._stream(step, self.n_sim, n, 1)], None, aug, rng)
+        sim_base, _ = augment_images(
+            d.source_images(rows[self._stream(step, self.n_sim, len(rows), 1)]), None, aug, rng
+        )
         sim_base = jitter_intensity(sim_base, jit, rng)
         sim_img, sim_mask = self.simulate(sim_base, rng)
         parts = [(normal, np.zeros(normal.shape[:3], np.uint8), 0, 0), (sim_img, sim_mask, 1, 1)]
         if self.n_unl:
-            u = d.unlabeled[self._stream(step, self.n_unl, len(d.unlabeled), 2)]
-            parts.append((u, np.zeros(u.shape[:3], np.uint8), 2, -1))
+            labels = pool_labels if pool_labels is not None else np.full(d.pool_size, -1, np.int8)
+            u, u_labels = self._pool_part(step, labels)
+            parts.append((u, np.zeros(u.shape[:3], np.uint8), 2, u_labels))
         if self.n_anom:
             idx = self._stream(step, self.n_anom, len(d.anomalies), 3)
             a_img, a_mask = augment_images(d.anomalies[idx], d.anomaly_masks[idx], aug, rng)
@@ -109,17 +136,18 @@ class BatchMaker:
             "images": np.concatenate([p[0] for p in parts]),
             "masks": np.concatenate([p[1] for p in parts]),
             "kind": np.concatenate([np.full(len(p[0]), p[2], np.int8) for p in parts]),
-            "label": np.concatenate([np.full(len(p[0]), p[3], np.int8) for p in parts]),
+            "label": np.concatenate([np.broadcast_to(np.asarray(p[3], np.int8), (len(p[0]),)) for p in parts]),
         }
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Training batches as a map-style dataset over step indices, for a ``torch.utils.data.DataLoader``.
+    """Training batches as a map-style dataset, for a ``torch.utils.data.DataLoader``.
 
-    Item ``step`` is ``BatchMaker(step)`` and, on the pseudo-labeler's refit steps, its
-    :meth:`BatchMaker.pool` under ``"pool"``. Every item depends only on ``(seed, rank, step)``, so
-    loader workers can simulate anomalies ahead of the GPU in any order and a resumed run still
-    draws the same batches.
+    Item ``(step, pool_labels)`` is ``BatchMaker(step, pool_labels)`` and, on the pseudo-labeler's
+    refit steps, its :meth:`BatchMaker.pool` under ``"pool"`` (``pool_labels``: the pseudo-labels in
+    force at ``step``, None without a pool; a plain ``step`` means None). Every item depends only on
+    ``(seed, rank, step)`` and those labels, so loader workers can simulate anomalies ahead of the GPU
+    in any order and a resumed run still draws the same batches.
     """
 
     def __init__(self, batch_maker: BatchMaker, refit_steps: set[int]):
@@ -128,8 +156,9 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.bm.cfg.train.steps
 
-    def __getitem__(self, step: int) -> dict[str, Any]:
-        batch: dict[str, Any] = self.bm(step)
+    def __getitem__(self, item: int | tuple[int, np.ndarray | None]) -> dict[str, Any]:
+        step, labels = item if isinstance(item, tuple) else (item, None)
+        batch: dict[str, Any] = self.bm(step, labels)
         if step in self.refit_steps:
-            batch["pool"] = self.bm.pool(step)
+            batch["pool"] = self.bm.pool(step, labels)
         return batch

@@ -243,7 +243,9 @@ def _defect_records(test_dir: str, gt_dir: str, dtype: str, require_masks: bool)
     return records
 
 
-def scan_category(root: str | os.PathLike[str], category: str, *, require_masks: bool = True) -> CategoryIndex:
+def scan_category(
+    root: str | os.PathLike[str], category: str, *, require_masks: bool = True, allow_empty_train: bool = False
+) -> CategoryIndex:
     """Index an MVTec-AD-layout category folder without opening any image.
 
     Args:
@@ -254,6 +256,7 @@ def scan_category(root: str | os.PathLike[str], category: str, *, require_masks:
             like the image, ``ground_truth/<type>/<stem>.<ext>``. Set False for image-label-only sets
             (e.g. ELPV): defect images then get ``mask_path=None`` where no mask exists. Either way, a
             logged warning names files in ``ground_truth/<type>`` that match no image.
+        allow_empty_train: accept a missing or empty ``train/good`` (training from an unlabeled pool).
 
     Returns:
         :class:`CategoryIndex` with absolute, sorted paths. Hidden files/folders and files
@@ -283,9 +286,14 @@ def scan_category(root: str | os.PathLike[str], category: str, *, require_masks:
             f"<root>/<category>/train/good, test/<type>, ground_truth/<type>){hint}"
         )
     train_dir = os.path.join(cat_dir, "train", "good")
-    if not os.path.isdir(train_dir):
-        raise LayoutError(f"{train_dir!r} is missing: expected a folder of normal training images")
-    train_paths = _require_images(_list_images(train_dir), repr(train_dir))
+    if not os.path.isdir(train_dir) and not allow_empty_train:
+        raise LayoutError(
+            f"{train_dir!r} is missing: expected a folder of normal training images "
+            "(or pass --unlabeled DIR to train from unlabeled images)"
+        )
+    train_paths = _list_images(train_dir) if os.path.isdir(train_dir) else []
+    if not allow_empty_train:
+        _require_images(train_paths, repr(train_dir))
     test_dir = os.path.join(cat_dir, "test")
     if not os.path.isdir(test_dir):
         raise LayoutError(f"{test_dir!r} is missing: expected test/good and test/<defect_type> folders")

@@ -19,6 +19,7 @@ All randomness comes from the ``numpy.random.Generator`` passed in, so a seed re
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from .io import _read_rgb
 from .layout import LayoutError, find_images
 from .perlin import perlin_noise_2d
 
-__all__ = ["AnomalySimulator", "build_simulator", "photometric_augment"]
+__all__ = ["AnomalySimulator", "build_simulator", "photometric_augment", "split_textures"]
 
 
 def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
@@ -116,6 +117,8 @@ class AnomalySimulator:
         cache_size: maximum number of decoded ``(texture, size)`` entries kept.
         structure_augment: apply :func:`photometric_augment` to the image before the cells of the
             structure source are shuffled (MemSeg / MAPL do).
+        textures: the texture files to draw from (a part of ``texture_dir``'s, see
+            :func:`split_textures`); None: all files found in ``texture_dir``.
 
     Raises:
         LayoutError: ``texture_dir`` given but missing or holding no image file
@@ -137,6 +140,7 @@ class AnomalySimulator:
         perlin_samples_per_cell: int | None = 8,
         cache_size: int = 512,
         structure_augment: bool = True,
+        textures: Sequence[str] | None = None,
     ) -> None:
         lo, hi = perlin_scale_range
         if not (0 <= int(lo) < int(hi)):
@@ -153,7 +157,8 @@ class AnomalySimulator:
         if not isinstance(foreground, ForegroundConfig):
             raise ValueError(f"foreground must be a ForegroundConfig, got {type(foreground).__name__}")
         self.texture_dir = os.path.abspath(os.fspath(texture_dir)) if texture_dir is not None else None
-        self.textures: list[str] = _list_textures(self.texture_dir) if self.texture_dir else []
+        listed = _list_textures(self.texture_dir) if self.texture_dir else []
+        self.textures: list[str] = listed if textures is None else [os.path.abspath(t) for t in textures]
         self.foreground = foreground
         self.perlin_scale_range = (int(lo), int(hi))
         self.perlin_threshold = float(perlin_threshold)
@@ -299,10 +304,35 @@ class AnomalySimulator:
         return out, mask.astype(np.uint8), info
 
 
-def build_simulator(cfg: Config) -> AnomalySimulator:
-    """Anomaly simulator with the category's foreground preset and the config's overrides."""
+def split_textures(paths: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """``(training textures, validation textures)``: a seeded ``fraction`` of the files held out, so the
+    validation anomalies (:mod:`mapl_ray.data.validation`) use textures training never saw. Training
+    keeps at least one file; the split depends on the file names, not their order."""
+    ordered = sorted(paths)
+    n_val = min(int(fraction * len(ordered)), max(0, len(ordered) - 1))
+    held = set(np.random.default_rng([seed, 17]).choice(len(ordered), size=n_val, replace=False).tolist())
+    return ([p for i, p in enumerate(ordered) if i not in held], [p for i, p in enumerate(ordered) if i in held])
+
+
+def build_simulator(cfg: Config, part: str = "train") -> AnomalySimulator:
+    """Anomaly simulator with the category's foreground preset and the config's overrides.
+
+    Args:
+        part: ``"train"`` draws from the training textures, ``"validation"`` from the
+            ``simulation.validation_textures`` share held out of training (:func:`split_textures`,
+            seeded by ``data.seed``); with no file held out, validation uses the training textures.
+
+    Raises:
+        LayoutError: the texture folder is missing or holds no image; ValueError: an unknown ``part``.
+    """
     s = cfg.simulation
     fg = resolve_foreground(cfg)
+    if part not in ("train", "validation"):
+        raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
+    textures = None
+    if s.texture_dir:
+        train, held = split_textures(_list_textures(s.texture_dir), s.validation_textures, cfg.data.seed)
+        textures = held if part == "validation" and held else train
     return AnomalySimulator(
         s.texture_dir,
         foreground=fg,
@@ -312,4 +342,5 @@ def build_simulator(cfg: Config) -> AnomalySimulator:
         texture_probability=s.texture_probability,
         structure_grid=s.structure_grid,
         structure_augment=s.structure_augment,
+        textures=textures,
     )

@@ -212,17 +212,20 @@ def make_split(
     unlabeled_fraction: float = 0.0,
     contamination: float = 0.0,
     labeled_anomalies: int = 0,
+    labeled_normals: int | None = None,
+    pool_anomaly_share: float = 0.0,
 ) -> Split:
     """Build a reproducible semi-supervised split from a category index.
 
     Steps, in this order (each drawing from one ``numpy.random.default_rng(seed)``):
 
-    1. ``round(unlabeled_fraction * len(train_good))`` random train/good images move to the
-       unlabeled pool; the rest are ``labeled_normal``.
+    1. ``round(unlabeled_fraction * len(train_good))`` random train/good images (or all but
+       ``labeled_normals`` of them, when given) move to the unlabeled pool; the rest are ``labeled_normal``.
     2. For every defect type, ``labeled_anomalies`` random test images of that type move to
        ``labeled_anomaly`` (label 1, mask kept).
     3. ``round(contamination * n_test_anomalies)`` (count taken before step 2) random remaining
-       test anomalies move to the unlabeled pool (MAPL's contaminated unlabeled data).
+       test anomalies move to the unlabeled pool (MAPL's contaminated unlabeled data); with
+       ``pool_anomaly_share`` instead, as many as make that share of the pool (before user images).
     4. User ``unlabeled`` records are appended, and the pool is shuffled so its order does not
        reveal which images were normal. Pool records are stored hidden (label -1,
        ``"unknown"``); the truth goes to ``params["unlabeled_true_*"]`` for benchmarking.
@@ -236,6 +239,8 @@ def make_split(
         unlabeled_fraction: share of train/good hidden in the pool, in [0, 1).
         contamination: share of test anomalies moved to the pool, in [0, 1).
         labeled_anomalies: k >= 0 labeled anomalies per defect type.
+        labeled_normals: keep this many train/good images labeled (overrides ``unlabeled_fraction``).
+        pool_anomaly_share: share of anomalies in the pool, in [0, 1) (overrides ``contamination``).
 
     Returns:
         A validated :class:`Split`.
@@ -250,10 +255,17 @@ def make_split(
     uf, cf, k, user = _check_split_args(seed, unlabeled_fraction, contamination, labeled_anomalies, unlabeled)
     rng = np.random.default_rng(int(seed))
     train = list(index.train_good)
+    if labeled_normals is not None:
+        if not 0 <= int(labeled_normals) <= len(train):
+            raise ValueError(f"labeled_normals={labeled_normals}: the category has {len(train)} train/good images")
+        uf = (len(train) - int(labeled_normals)) / len(train) if train else 0.0
     test_good = [r for r in index.test if r.label != LABEL_ANOMALOUS]
     anomalies = [r for r in index.test if r.label == LABEL_ANOMALOUS]
-    labeled_normal, pool = _hide_train_good(train, uf, rng)
+    labeled_normal, pool = _hide_train_good(train, uf, rng, allow_none=labeled_normals is not None or bool(user))
     labeled_anomaly, taken = _take_labeled_anomalies(index, anomalies, k, rng)
+    share = _check_fraction("pool_anomaly_share", pool_anomaly_share)
+    if share > 0 and anomalies:
+        cf = round(share / (1 - share) * len(pool)) / len(anomalies)
     test_anomalies = _contaminate(index, anomalies, taken, cf, k, pool, rng)
     _check_user_unlabeled(user, train, index.test)
     pool.extend(user)
@@ -265,6 +277,8 @@ def make_split(
         "category": index.category,
         "unlabeled_fraction": uf,
         "contamination": cf,
+        "labeled_normals": labeled_normals,
+        "pool_anomaly_share": pool_anomaly_share,
         "labeled_anomalies": k,
         "n_user_unlabeled": len(user),
         "unlabeled_true_labels": [r.label for r in pool],
@@ -301,10 +315,11 @@ def _check_split_args(seed, unlabeled_fraction, contamination, labeled_anomalies
     return uf, cf, k, user
 
 
-def _hide_train_good(train: list[ImageRecord], uf: float, rng: np.random.Generator):
-    """Step 1: ``(labeled normals, pool)`` after moving ``round(uf * len(train))`` train/good images to the pool."""
+def _hide_train_good(train: list[ImageRecord], uf: float, rng: np.random.Generator, allow_none: bool = False):
+    """Step 1: ``(labeled normals, pool)`` after moving ``round(uf * len(train))`` train/good images to the
+    pool; all of them only when ``allow_none`` (training from the pool alone)."""
     n_move = int(round(uf * len(train)))
-    if n_move >= len(train):
+    if n_move >= len(train) and not (allow_none and n_move == len(train)):  # all moved, or none there
         raise ValueError(
             f"unlabeled_fraction={uf} moves {n_move} of {len(train)} train/good images to the pool, "
             f"leaving no labeled normal image"

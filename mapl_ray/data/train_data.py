@@ -12,9 +12,10 @@ import numpy as np
 
 from ..config import Config
 from .augment import rotated_copies
-from .io import load_records
+from .io import LoadedImages, load_records
 from .pose import build_pose_estimator
 from .split import Split
+from .validation import ValidationSet, build_validation_set, held_out_anomalies
 
 log = logging.getLogger("mapl_ray.data")
 
@@ -23,11 +24,19 @@ log = logging.getLogger("mapl_ray.data")
 class TrainData:
     """Decoded training images (uint8 ``(N, H, W, 3)``) of one run.
 
-    ``normals``: labeled normals used for training (validation normals excluded);
-    ``memory_indices``: rows of ``normals`` that form the memory bank the network trains with;
-    ``extra_memory_indices``: rows of the further banks of the memory-bank ensemble (used at
-    inference only, ``model.memory_banks - 1`` of them at most); ``unlabeled``: the unlabeled
-    pool or None; ``anomalies`` / ``anomaly_masks`` (uint8 ``(K, H, W)`` in {0, 1}): labeled anomalies.
+    The *normal source* is the labeled normals followed by the unlabeled pool: row ``i`` is
+    ``normals[i]`` for ``i < len(normals)`` and ``unlabeled[i - len(normals)]`` after; pool rows enter
+    the normal stream and the memory banks while their pseudo-label is 0 (:func:`normal_rows`).
+
+    Attributes:
+        normals: labeled normals used for training (validation normals excluded).
+        memory_indices: normal-source rows of the memory bank the network trains with.
+        extra_memory_indices: normal-source rows of the further banks of the memory-bank ensemble
+            (used at inference only, ``model.memory_banks - 1`` of them at most).
+        unlabeled: the unlabeled pool or None.
+        unlabeled_truth: int8 ``(M,)`` true labels of the pool where known (benchmark splits; -1 for a
+            user's images): only for reporting pseudo-label precision and recall, never for training.
+        anomalies, anomaly_masks: labeled anomalies and their masks (uint8 ``(K, H, W)`` in {0, 1}).
     """
 
     normals: np.ndarray
@@ -37,6 +46,37 @@ class TrainData:
     anomalies: np.ndarray | None = None
     anomaly_masks: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    unlabeled_truth: np.ndarray | None = None
+
+    @property
+    def pool_size(self) -> int:
+        return 0 if self.unlabeled is None else len(self.unlabeled)
+
+    def source_images(self, rows: np.ndarray) -> np.ndarray:
+        """Images of normal-source ``rows`` (module docstring), uint8 ``(len(rows), H, W, 3)``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(self.normals)
+        if self.pool_size == 0 or (rows < n).all():
+            return self.normals[rows]
+        out = (
+            np.empty((len(rows), *self.normals.shape[1:]), np.uint8)
+            if n
+            else np.empty((len(rows), *self.unlabeled.shape[1:]), np.uint8)
+        )
+        lab = rows < n
+        if lab.any():
+            out[lab] = self.normals[rows[lab]]
+        out[~lab] = self.unlabeled[rows[~lab] - n]
+        return out
+
+
+def normal_rows(data: TrainData, pool_labels: np.ndarray | None) -> np.ndarray:
+    """Normal-source rows of the current normal stream: every labeled normal, then the pool images
+    whose pseudo-label is 0 (``pool_labels`` int8 ``(M,)``; None: no pool image)."""
+    n = len(data.normals)
+    if pool_labels is None or data.pool_size == 0:
+        return np.arange(n)
+    return np.concatenate([np.arange(n), n + np.flatnonzero(np.asarray(pool_labels) == 0)])
 
 
 def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
@@ -54,24 +94,38 @@ def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))
 
 
-def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list[np.ndarray]:
-    """Rows of the normal images for a memory-bank ensemble: bank 0 as :func:`choose_memory_indices`
-    (so the training bank does not depend on ``banks``), then further banks of ``n`` images each,
-    disjoint from each other and from bank 0, seeded.
+def choose_memory_banks(
+    num_normals: int, n: int, banks: int, seed: int, pool_rows: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Normal-source rows of the memory-bank ensemble (:class:`TrainData`): bank 0 as
+    :func:`choose_memory_indices` (so the training bank does not depend on ``banks``), then further
+    banks of ``n`` images each, disjoint from each other and from bank 0, seeded.
 
-    Only as many further banks as the remaining normals fill completely are made (a smaller bank
-    would weigh differently in the average); a logged warning says when there are fewer than ``banks``.
+    Labeled normals come first. With fewer than ``n`` of them, bank 0 holds them all and is filled up
+    with pool images pseudo-labeled normal (``pool_rows``, normal-source rows); further banks take the
+    labeled normals left, then such pool images. Only as many further banks as the remaining images
+    fill completely are made (a smaller bank would weigh differently in the average); a logged warning
+    says when there are fewer than ``banks``.
 
     Returns:
-        list of sorted int64 arrays, the first of ``min(n, num_normals)`` rows, the others of ``n``.
+        list of sorted int64 arrays, the first of ``min(n, available)`` rows, the others of ``n``.
 
     Raises:
-        ValueError: no normal images, or ``banks`` < 1.
+        ValueError: no image at all, or ``banks`` < 1.
     """
     if banks < 1:
         raise ValueError(f"model.memory_banks must be >= 1, got {banks}")
-    first = choose_memory_indices(num_normals, n, seed)
-    rest = np.random.default_rng([seed, 8]).permutation(np.setdiff1d(np.arange(num_normals), first))
+    pool_rows = np.zeros(0, np.int64) if pool_rows is None else np.asarray(pool_rows, dtype=np.int64)
+    if num_normals >= n or not len(pool_rows):
+        first = choose_memory_indices(num_normals, n, seed)
+        rest = np.random.default_rng([seed, 8]).permutation(np.setdiff1d(np.arange(num_normals), first))
+    else:
+        fill = np.random.default_rng([seed, 9]).choice(
+            pool_rows, size=min(n - num_normals, len(pool_rows)), replace=False
+        )
+        first = np.sort(np.concatenate([np.arange(num_normals), fill]).astype(np.int64))
+        rest = np.zeros(0, np.int64)
+    rest = np.concatenate([rest, np.random.default_rng([seed, 10]).permutation(np.setdiff1d(pool_rows, first))])
     extra = min(banks - 1, len(rest) // n)
     if extra < banks - 1:
         log.warning(
@@ -80,10 +134,10 @@ def choose_memory_banks(num_normals: int, n: int, banks: int, seed: int) -> list
             banks,
             banks * n,
             n,
-            num_normals,
+            num_normals + len(pool_rows),
             extra + 1,
         )
-    return [first, *(np.sort(rest[i * n : (i + 1) * n]) for i in range(extra))]
+    return [first, *(np.sort(rest[i * n : (i + 1) * n]).astype(np.int64) for i in range(extra))]
 
 
 def validation_count(n_normals: int, max_val: int, fraction: float) -> int:
@@ -111,66 +165,156 @@ def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_normals, size=n_val, replace=False)) if n_val else np.zeros(0, np.int64)
 
 
-def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, np.ndarray, dict[str, Any]]:
-    """Decode the training images. Returns (TrainData, validation images uint8 (V, H, W, 3), info)."""
-    size, skip = cfg.data.image_size, cfg.data.skip_bad_images
-    align = build_pose_estimator(cfg)
-    normals = load_records(split.labeled_normal, size, skip_bad=skip, align=align)
-    n = len(normals.images)
-    val_idx = validation_indices(
+def _validation_rows(cfg: Config, n: int) -> np.ndarray:
+    """The labeled normals held out for validation (:func:`validation_count`, :func:`validation_indices`),
+    and a log line that says how many."""
+    rows = validation_indices(
         n, validation_count(n, cfg.eval.validation_normals, cfg.eval.validation_fraction), cfg.data.seed
     )
-    keep = np.setdiff1d(np.arange(n), val_idx)
     log.info(
         "validation: %d of %d labeled normals held out for score normalisation and the decision threshold "
         "(eval.validation_fraction %.2g, at most eval.validation_normals %d; listed in data_info.json), %d train",
-        len(val_idx),
+        len(rows),
         n,
         cfg.eval.validation_fraction,
         cfg.eval.validation_normals,
-        len(keep),
+        n - len(rows),
     )
-    train_normals = normals.images[keep]
-    skipped = list(normals.skipped)
-    unl = anom = None
-    if split.unlabeled:
-        unl = load_records(split.unlabeled, size, skip_bad=skip, align=align)
-        skipped += unl.skipped
-    if split.labeled_anomaly:
-        anom = load_records(split.labeled_anomaly, size, skip_bad=skip, with_masks=True, align=align)
-        skipped += anom.skipped
-    banks = choose_memory_banks(len(train_normals), cfg.model.memory_samples, cfg.model.memory_banks, cfg.data.seed)
+    return rows
+
+
+def initial_pool_labels(cfg: Config, num_labeled: int, pool_size: int) -> np.ndarray:
+    """Pseudo-labels of the pool before the first refit, int8 ``(pool_size,)``: all normal (0) when the
+    pseudo-labeler is off (the pool is used as normal data) or when there are fewer than 2 labeled
+    normals to start from; else all unknown (-1), so the pool waits for its first labels."""
+    as_normal = not cfg.pseudo.enabled or num_labeled < 2
+    return np.full(pool_size, 0 if as_normal else -1, dtype=np.int8)
+
+
+def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet, dict[str, Any]]:
+    """Decode the training images and build the validation set (:mod:`mapl_ray.data.validation`).
+
+    Returns:
+        ``(TrainData, ValidationSet, info)``; ``info`` lists the images used (``data_info.json``).
+
+    Raises:
+        ImageReadError: an unreadable image (unless ``data.skip_bad_images``).
+        ValueError: no labeled normal and no unlabeled image to train on.
+    """
+    size, skip = cfg.data.image_size, cfg.data.skip_bad_images
+    align = build_pose_estimator(cfg)
+    loaded = {
+        name: load_records(getattr(split, name), size, skip_bad=skip, align=align, with_masks=name == "labeled_anomaly")
+        if getattr(split, name)
+        else None
+        for name in ("labeled_normal", "unlabeled", "labeled_anomaly")
+    }
+    normals, unl, anom = loaded["labeled_normal"], loaded["unlabeled"], loaded["labeled_anomaly"]
+    presumed = normals is None or not len(normals.images)
+    if presumed:  # all of them validate; training starts from the pool as normal data
+        normals = _presumed_normals(cfg, unl)
+    val_idx = np.arange(len(normals.images)) if presumed else _validation_rows(cfg, len(normals.images))
+    keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
+    held = (
+        held_out_anomalies([r.defect_type for r in anom.records], cfg.eval.validation_anomalies, cfg.data.seed)
+        if anom is not None
+        else np.zeros(0, np.int64)
+    )
+    vset = build_validation_set(
+        cfg,
+        normals.images[val_idx],
+        [normals.records[i].path for i in val_idx],
+        None if anom is None else anom.images[held],
+        None if anom is None else anom.masks[held],
+        [] if anom is None else [anom.records[i].path for i in held],
+        [r.path for r in split.test],
+    )
+    train_anom = None if anom is None else np.setdiff1d(np.arange(len(anom.images)), held)
+    pool = None if unl is None or not len(unl.images) else unl.images
+    if not len(keep) and pool is None:
+        raise ValueError("no labeled normal image and no unlabeled image to train on")
+    init = initial_pool_labels(cfg, len(keep), 0 if pool is None else len(pool))
+    banks = choose_memory_banks(
+        len(keep),
+        cfg.model.memory_samples,
+        cfg.model.memory_banks,
+        cfg.data.seed,
+        len(keep) + np.flatnonzero(init == 0),
+    )
     data = TrainData(
-        normals=train_normals,
+        normals=normals.images[keep],
         memory_indices=banks[0],
         extra_memory_indices=banks[1:],
-        unlabeled=None if unl is None else unl.images,
-        anomalies=None if anom is None else anom.images,
-        anomaly_masks=None if anom is None else anom.masks,
+        unlabeled=pool,
+        anomalies=None if anom is None else anom.images[train_anom],
+        anomaly_masks=None if anom is None else anom.masks[train_anom],
+        unlabeled_truth=None if pool is None else _pool_truth(split, unl.records),
     )
+    source_paths = [normals.records[i].path for i in keep] + ([] if pool is None else [r.path for r in unl.records])
+    if pool is not None:
+        data.info["source_paths"] = source_paths
     info = {
-        "train_normals": int(len(train_normals)),
+        "train_normals": int(len(keep)),
         "validation_normals": [normals.records[i].path for i in val_idx],
-        "unlabeled": 0 if unl is None else int(len(unl.images)),
-        "labeled_anomalies": 0 if anom is None else int(len(anom.images)),
+        "validation": vset.description,
+        "unlabeled": 0 if pool is None else int(len(pool)),
+        "labeled_anomalies": 0 if anom is None else int(len(train_anom)),
         "memory_samples": int(len(data.memory_indices)),
-        # the normal images of each memory bank (bank 0 trains the network; all are averaged at inference)
-        "memory_banks": [[normals.records[keep[i]].path for i in idx] for idx in banks],
-        "skipped_images": skipped,
+        # the images of each memory bank (bank 0 trains the network; all are averaged at inference)
+        "memory_banks": [[source_paths[i] for i in idx] for idx in banks],
+        "skipped_images": [x for ld in loaded.values() if ld is not None for x in ld.skipped],
     }
-    if align is not None:  # images kept as they were because no object was found in them
-        info["align"] = cfg.data.align
-        info["no_pose_found"] = [
-            r.path for ld in (normals, unl, anom) if ld is not None for r, p in zip(ld.records, ld.poses) if p is None
-        ]
-        if info["no_pose_found"]:
-            log.warning(
-                "data.align: no object found in %d training images (kept as they are; check "
-                "simulation.foreground_threshold / foreground_inverse), e.g. %s; all are listed in data_info.json",
-                len(info["no_pose_found"]),
-                info["no_pose_found"][:3],
-            )
-    return data, normals.images[val_idx], info
+    _note_poses(cfg, info, align, [normals, unl, anom])
+    return data, vset, info
+
+
+def _presumed_normals(cfg: Config, unl: LoadedImages | None) -> LoadedImages:
+    """With no labeled normal: ``eval.validation_normals`` pool images, removed from the pool, stand in
+    for the validation normals (the threshold then rests on images presumed normal; a warning says so)."""
+    if unl is None or len(unl.images) < 3:
+        raise ValueError("no labeled normal image (train/good is empty) and fewer than 3 unlabeled images")
+    n = min(cfg.eval.validation_normals, len(unl.images) // 3)
+    rows = np.sort(np.random.default_rng([cfg.data.seed, 31]).choice(len(unl.images), size=n, replace=False))
+    log.warning(
+        "no labeled normal images: %d unlabeled images are held out as presumed normals for validation and the "
+        "decision threshold; defective images among them raise the threshold (fewer detections). Label a few "
+        "normal images (train/good) for a threshold you can trust.",
+        n,
+    )
+    presumed = LoadedImages(
+        images=unl.images[rows],
+        masks=None,
+        records=[unl.records[i] for i in rows],
+        poses=None if unl.poses is None else [unl.poses[i] for i in rows],
+    )
+    rest = np.setdiff1d(np.arange(len(unl.images)), rows)
+    unl.records, unl.images = [unl.records[i] for i in rest], unl.images[rest]
+    if unl.poses is not None:
+        unl.poses = [unl.poses[i] for i in rest]
+    return presumed
+
+
+def _pool_truth(split: Split, records) -> np.ndarray:
+    """True labels (int8, -1 unknown) of the pool images loaded, from the split's benchmark truth."""
+    truth = dict(zip((r.path for r in split.unlabeled), split.params.get("unlabeled_true_labels", [])))
+    return np.array([truth.get(r.path, -1) for r in records], dtype=np.int8)
+
+
+def _note_poses(cfg: Config, info: dict[str, Any], align, loaded: list) -> None:
+    """Under ``data.align``, list (and warn about) training images in which no object was found."""
+    if align is None:
+        return
+    info["align"] = cfg.data.align
+    info["no_pose_found"] = [
+        r.path for ld in loaded if ld is not None for r, p in zip(ld.records, ld.poses) if p is None
+    ]
+    if info["no_pose_found"]:
+        log.warning(
+            "data.align: no object found in %d training images (kept as they are; check "
+            "simulation.foreground_threshold / foreground_inverse), e.g. %s; all are listed in data_info.json",
+            len(info["no_pose_found"]),
+            info["no_pose_found"][:3],
+        )
 
 
 def data_summary(info: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +331,6 @@ def memory_bank_images(cfg: Config, data: TrainData) -> list[np.ndarray]:
     (``data.memory_indices``, the one training searches), then the ensemble's further banks
     (``data.extra_memory_indices``), filled with bank 0 and used at inference only."""
     return [
-        rotated_copies(data.normals[idx], cfg.model.memory_rotations)
+        rotated_copies(data.source_images(idx), cfg.model.memory_rotations)
         for idx in (data.memory_indices, *data.extra_memory_indices)
     ]

@@ -38,8 +38,35 @@ def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: 
     return x, masks, dev(batch["kind"]).long(), dev(batch["label"]).long()
 
 
+class LabeledSteps(torch.utils.data.Sampler):
+    """Steps ``start .. end`` as DataLoader items ``(step, pool labels in force at step)``.
+
+    The DataLoader draws items in this process, a few steps ahead of the loop (up to the loader's
+    prefetch depth): ``labels_for`` (:meth:`~mapl_ray.pseudo.labeler.PseudoLabeler.labels_for`) gives
+    each step the labels of a refit at least ``pseudo.label_lag`` steps older, which has happened by
+    then, so the items do not depend on how far ahead the loader runs.
+    """
+
+    def __init__(self, start: int, end: int, labels_for):
+        self.start, self.end, self.labels_for = start, end, labels_for
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield step, self.labels_for(step)
+
+
 def make_loader(
-    bm: BatchMaker, refit_steps: set[int], start: int, end: int, n_loader: int, cfg: Config, device: torch.device
+    bm: BatchMaker,
+    refit_steps: set[int],
+    start: int,
+    end: int,
+    n_loader: int,
+    cfg: Config,
+    device: torch.device,
+    labels_for=None,
 ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over steps ``start .. end`` of :class:`~mapl_ray.data.batches.StepBatches`:
     ``n_loader`` processes simulate anomalies ahead of the step (0: in this process), pinned memory
@@ -47,8 +74,21 @@ def make_loader(
 
     ``train.loader_start_method`` ``auto`` is the platform default (fork on Linux), in Ray workers
     too: on the H200 ``forkserver`` took 8.7 s to the first batch against 0.13 s with ``fork``
-    (``bench/results/gpu.json``, ``ddp.runs``).
+    (``bench/results/gpu.json``, ``ddp.runs``). ``labels_for``: the pool's pseudo-labels by step
+    (:class:`LabeledSteps`); None without a pool.
+
+    With a pool, each process prefetches at most ``(pseudo.label_lag - 1) // n_loader`` batches (4 at
+    most), so the loader never runs ``pseudo.label_lag`` steps ahead.
+
+    Raises:
+        ValueError: ``train.loader_workers`` >= ``pseudo.label_lag`` with a pool (batches would then
+            depend on the number of loader processes).
     """
+    prefetch = 4
+    if labels_for is not None and n_loader:
+        if n_loader >= cfg.pseudo.label_lag:
+            raise ValueError(f"train.loader_workers={n_loader} must be below pseudo.label_lag={cfg.pseudo.label_lag}")
+        prefetch = min(4, (cfg.pseudo.label_lag - 1) // n_loader)
     method = cfg.train.loader_start_method
     mp_context = None
     if n_loader and method != "auto":
@@ -61,10 +101,10 @@ def make_loader(
     return torch.utils.data.DataLoader(
         StepBatches(bm, refit_steps),
         batch_size=None,
-        sampler=range(start, end),
+        sampler=range(start, end) if labels_for is None else LabeledSteps(start, end, labels_for),
         num_workers=n_loader,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if n_loader else None,
+        prefetch_factor=prefetch if n_loader else None,
         persistent_workers=False,
         multiprocessing_context=mp_context,
         timeout=LOADER_TIMEOUT_S if n_loader else 0,

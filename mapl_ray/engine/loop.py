@@ -28,7 +28,9 @@ import torch
 from ..config import Config
 from ..data.batches import BatchMaker
 from ..data.simulation import build_simulator
-from ..data.train_data import TrainData, memory_bank_images
+from ..data.train_data import TrainData, choose_memory_banks, memory_bank_images, normal_rows
+from ..data.validation import ValidationSet
+from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..pseudo.labeler import PseudoLabeler
 from ..pseudo.occ import OCCEnsemble
@@ -70,8 +72,9 @@ class Trainer:
         world_size: int = 1,
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         report: Callable[[dict[str, Any]], None] | None = None,
+        validation: ValidationSet | None = None,
     ):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self.wrap_model, self.report = wrap_model, report
         t = cfg.train
@@ -99,15 +102,32 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
         self.labeler = PseudoLabeler(cfg, self.bm, self.device)
         self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
+        self.validator = Validator(validation, cfg, self.device) if validation is not None and rank == 0 else None
         self.start_step = 0
         self.segment = 0  # train_log.jsonl's segment: 0 for a new run, +1 per resume
+        self.refits: list[dict[str, Any]] = []
 
-    def refresh_banks(self, core: MAPLModel) -> None:
-        """Recompute every memory bank with the encoder as it is now (broadcast from rank 0 under DDP)."""
-        for i, imgs in enumerate(self.bank_images):
+    def refresh_banks(self, core: MAPLModel, banks: int | None = None) -> None:
+        """Recompute the first ``banks`` memory banks (all: None) with the encoder as it is now
+        (broadcast from rank 0 under DDP)."""
+        for i, imgs in enumerate(self.bank_images[:banks]):
             core.refresh_memory(to_tensor(imgs, self.device), bank=i)
             if self.world_size > 1:
                 core.banks[i].broadcast(0)
+
+    def rechoose_banks(self, labels: np.ndarray | None, core: MAPLModel, training_bank: bool) -> None:
+        """Choose the memory banks again from the labeled normals and the pool images now pseudo-labeled
+        normal (:func:`~mapl_ray.data.train_data.choose_memory_banks`); refill bank 0 when
+        ``training_bank`` (it holds pool images: fewer labeled normals than ``model.memory_samples``)."""
+        d, m = self.data, self.cfg.model
+        rows = normal_rows(d, labels)
+        banks = choose_memory_banks(
+            len(d.normals), m.memory_samples, m.memory_banks, self.cfg.data.seed, rows[rows >= len(d.normals)]
+        )
+        d.memory_indices, d.extra_memory_indices = banks[0], banks[1:]
+        self.bank_images = memory_bank_images(self.cfg, d)
+        if training_bank:
+            self.refresh_banks(core, banks=1)
 
     def resume(self) -> None:
         """Continue from ``RUN/checkpoint``: weights, optimizer, LR schedule, step, EMA, pseudo-labeler.
@@ -135,6 +155,7 @@ class Trainer:
         if saved is not None:
             self.labeler.ensemble = OCCEnsemble.from_state(*saved)
             self.labeler.fitted_step = int(state.get("pseudo_fitted_step", -1))
+            self.labeler.load_state_arrays(saved[0])
         log.info("resumed from %s at step %d", self.run_dir / "checkpoint", self.start_step)
 
     def save(self, step: int) -> None:
@@ -151,7 +172,10 @@ class Trainer:
             "memory_backend": core.memory.backend,
             "pseudo_fitted_step": self.labeler.fitted_step,
         }
-        pseudo = self.labeler.ensemble.state_dict() if self.labeler.ensemble is not None else None
+        pseudo = None
+        if self.labeler.ensemble is not None:
+            arrays, meta = self.labeler.ensemble.state_dict()
+            pseudo = ({**arrays, **self.labeler.state_arrays()}, meta)
         args = (self.run_dir, core, state, self.optimizer, self.scheduler, pseudo)
         if self.ema is None:
             save_checkpoint(*args)
@@ -172,13 +196,13 @@ class Trainer:
 
     def _step_fn(self, net: torch.nn.Module):
         """Forward, losses, backward and optimizer step of one batch (gradients zeroed by the caller)."""
-        cfg, labeler, optimizer, has_pool = self.cfg, self.labeler, self.optimizer, self.bm.has_pool()
+        cfg, labeler, optimizer = self.cfg, self.labeler, self.optimizer
 
         def step_fn(x, masks, kind, label, capturing: bool = False) -> dict[str, torch.Tensor]:
             with autocast_context(self.device, cfg.train.amp, cache_enabled=not capturing):
                 out = net(x)
-            pseudo = labeler.predict(out["pooled"])
-            losses = compute_losses(out, masks, kind, label, pseudo, cfg, has_pool=has_pool)
+            pseudo = labeler.predict(out)
+            losses = compute_losses(out, masks, kind, label, pseudo, cfg)
             losses["loss"].backward()
             optimizer.step()
             # detached: a loss held until the next step would keep this step's autograd graph (and its
@@ -186,6 +210,26 @@ class Trainer:
             return {k: v.detach() for k, v in losses.items()}
 
         return step_fn
+
+    def _after_refit(self, step: int, stats: dict[str, Any]) -> None:
+        """Keep the refit's pool-label statistics; with fewer labeled normals than
+        ``model.memory_samples``, refill the training memory bank with the pool images now labeled normal."""
+        if not self.data.pool_size:
+            return
+        self.refits.append(stats)
+        if len(self.data.normals) < self.cfg.model.memory_samples:
+            self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
+
+    def _validate(self, step: int, end_step: int, net: torch.nn.Module) -> dict[str, Any]:
+        """Validation metrics (``validation_*``) every ``eval.validate_every`` steps and at the last step (rank 0)."""
+        every = self.cfg.eval.validate_every
+        if self.validator is None or not (step + 1 == end_step or (every and (step + 1) % every == 0)):
+            return {}
+        metrics = self.validator(unwrap(net))
+        net.train()
+        return {
+            f"validation_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
     def _log(
         self,
@@ -200,7 +244,9 @@ class Trainer:
         t = self.cfg.train
         do_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         do_report = self.report is not None and (
-            (t.report_every and (step + 1) % t.report_every == 0) or step + 1 == end_step
+            (t.report_every and (step + 1) % t.report_every == 0)
+            or step + 1 == end_step
+            or "validation_image_auroc" in pseudo_stats
         )
         if not (do_log or do_report):
             return None
@@ -237,7 +283,8 @@ class Trainer:
         graph_step = CudaGraphStep(step_fn, self.optimizer, device) if self.graphed else None
         n_loader = loader_workers(self.cfg, device)
         refit = {s for s in range(self.start_step, end_step) if labeler.is_refit_step(s)}
-        loader = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device)
+        labels_for = labeler.labels_for if self.data.pool_size else None
+        loader = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
         times = {"step": [], "wait": [], "fit": 0.0}
@@ -252,6 +299,7 @@ class Trainer:
             if labeler.due(step) and labeler.fitted_step != step:
                 t_fit = time.perf_counter()
                 pseudo_stats = labeler.fit(unwrap(net), step, pool)
+                self._after_refit(step, pseudo_stats)
                 times["fit"] += time.perf_counter() - t_fit
                 net.train()
             inputs = batch_to_device(batch, device, t.channels_last)
@@ -267,7 +315,8 @@ class Trainer:
             if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
                 self.refresh_banks(core)
             times["step"].append(time.perf_counter() - ts)
-            last = self._log(step, end_step, losses, times["step"], pseudo_stats) or last
+            validation = self._validate(step, end_step, net)
+            last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
                 self.save(step + 1)
@@ -288,6 +337,10 @@ class Trainer:
                 self.cfg.pseudo.warmup_steps,
             )
         loop_wall = time.perf_counter() - t0
+        if self.data.pool_size and self.labeler.history:  # the ensemble's banks from the final normal stream
+            core = unwrap(self.model)
+            self.rechoose_banks(self.labeler.history[max(self.labeler.history)], core, training_bank=False)
+            self.refresh_banks(core)
         self.save(end_step)
         wall = time.perf_counter() - t0
         if self.ema is not None:
@@ -308,6 +361,10 @@ class Trainer:
             **_timing_summary(times),
             "final_losses": last,
             "pseudo": pseudo_stats,
+            "pseudo_refits": self.refits,
+            "memory_bank_rows": [
+                np.asarray(b).tolist() for b in (self.data.memory_indices, *self.data.extra_memory_indices)
+            ],
             "memory_backend": model.memory.backend,
             "pseudo_fit_s": times["fit"],
             "cuda_graph_step": self.graphed,
@@ -358,6 +415,7 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     stop_at: int | None = None,
+    validation: ValidationSet | None = None,
 ) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
@@ -372,6 +430,8 @@ def train_model(
             and of the last step (Ray Train's report; per-step losses go to ``train_log.jsonl``).
         resume: continue from ``RUN/checkpoint`` (:meth:`Trainer.resume`).
         stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
+        validation: the validation set; its metrics (``validation_*``) are logged and reported every
+            ``eval.validate_every`` steps and at the last step (rank 0).
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -379,7 +439,7 @@ def train_model(
     Raises:
         CheckpointError: ``resume`` without a usable checkpoint.
     """
-    trainer = Trainer(cfg, data, run_dir, device, rank, world_size, wrap_model, report)
+    trainer = Trainer(cfg, data, run_dir, device, rank, world_size, wrap_model, report, validation)
     if resume:
         trainer.resume()
     else:

@@ -15,31 +15,44 @@ import numpy as np
 
 from ..data.io import load_records
 from ..data.split import Split
+from ..data.validation import ValidationSet
 from ..inference import Predictor
 from ..runfolder import SPLIT_FILE, checkpoint_dir
 from .metrics import compute_metrics, decision_counts, fit_normalisation, threshold_from_normals
 from .report import map_threshold, write_report
+from .validation import score_validation_set, validation_metrics
 
 
-def calibrate(run_dir: str | Path, validation_images: np.ndarray, device: str = "auto") -> dict[str, Any]:
-    """Fit z-score normalisation and the decision threshold on validation normals; update ``state.json``.
+def calibrate(run_dir: str | Path, validation: ValidationSet | np.ndarray, device: str = "auto") -> dict[str, Any]:
+    """Choose the image head's weight on the validation set, then fit the z-score normalisation and the
+    decision threshold on its normals; update ``state.json``.
 
     Args:
-        validation_images: uint8 ``(V, H, W, 3)`` labeled normals held out of training (V >= 2), or
-            empty, in which case no threshold is set (``predict`` then reports scores without labels).
+        validation: the run's :class:`~mapl_ray.data.validation.ValidationSet`, or plain uint8 normals
+            ``(V, H, W, 3)`` (no objective then; the weight stays ``eval.q_weight``). Fewer than 2
+            normals: no threshold (``predict`` then reports scores without labels).
 
     Returns:
-        the updated state dict.
+        the updated state dict (``q_weight``, ``validation`` metrics, ``normalisation``, ``threshold``).
     """
     pred = Predictor(run_dir, device=device)
     state = dict(pred.state)
-    if len(validation_images) >= 2:
-        scores = pred.predict_arrays(validation_images)["scores"]
+    cfg = pred.cfg
+    vset = validation if isinstance(validation, ValidationSet) else None
+    normals = validation.normals if vset is not None else np.asarray(validation)
+    if vset is not None and 0 < int(vset.labels.sum()) < len(vset):
+        maps, q = score_validation_set(pred.predict_arrays, vset, pred.batch_size)
+        state["validation"] = validation_metrics(
+            vset, maps, q, cfg.eval.top_k, cfg.eval.q_weight, cfg.eval.q_weight_grid
+        )
+        state["q_weight"] = state["validation"]["q_weight"]
+    pred.state = state
+    if len(normals) >= 2:
+        scores = pred.predict_arrays(normals)["scores"]
         state["normalisation"] = fit_normalisation(scores)
-        state["threshold"] = threshold_from_normals(scores, pred.cfg.eval.threshold_quantile)
+        state["threshold"] = threshold_from_normals(scores, cfg.eval.threshold_quantile)
         state["threshold_source"] = (
-            f"{pred.cfg.eval.threshold_quantile:.2f} quantile of {len(scores)} held-out labeled "
-            f"normal images (no test data)"
+            f"{cfg.eval.threshold_quantile:.2f} quantile of {len(scores)} held-out labeled normal images (no test data)"
         )
     else:
         state["threshold"] = None
@@ -131,8 +144,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         # maps averaged over this many memory banks (model.memory_banks; the checkpoint holds them)
         "memory_banks": len(pred.model.banks),
         "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels"
-        + (f" + {cfg.eval.q_weight} * q" if cfg.eval.q_weight else ""),
-        "validation": pred.state.get("threshold_source", "none"),
+        + (f" + {pred.q_weight:g} * q (weight chosen on validation)" if pred.q_weight else ""),
+        "threshold": pred.state.get("threshold_source", "none"),
         "split": split.summary(),
         "test_images_scored": int(len(labels)),
         "test_images_skipped": len(loaded.skipped),
@@ -152,6 +165,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     if extra_info:
         info.update(extra_info)
     write_scores(run_dir / "scores.csv", [r.path for r in loaded.records], types, labels, res["scores"], thr)
+    if pred.state.get("validation"):  # the objective settings are chosen on (labeled data, never test)
+        metrics["validation"] = pred.state["validation"]
     write_report(
         run_dir,
         metrics,
@@ -160,7 +175,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         scores=res["scores"],
         threshold=thr,
         sample=sample,
-        map_threshold=map_threshold(thr, cfg.eval.q_weight),
+        map_threshold=map_threshold(thr, pred.q_weight),
     )
     return metrics
 

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: ``info`` keys left out of report.md's run table (training internals and data details; metrics.json
-#: keeps them; the table shows the training time and the number of training normals).
+#: keeps them; the table shows the training time, the number of training normals and the validation data).
 DETAIL_KEYS = ("training", "data")
 
 _METRIC_COLUMNS = [
@@ -439,7 +439,8 @@ def _render_markdown(payload: dict, threshold: float | None) -> str:
     )
     if threshold is not None:
         lines.append(f"Decision threshold (chosen without test labels): {float(threshold):.4g}.")
-    lines += _decisions_section(payload.get("decisions"), info.get("validation"))
+    source = next((info[k] for k in ("threshold", "validation") if isinstance(info.get(k), str)), None)
+    lines += _decisions_section(payload.get("decisions"), source)
     notes = payload.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -455,11 +456,12 @@ def _render_markdown(payload: dict, threshold: float | None) -> str:
 
 
 def _run_rows(info: Mapping) -> list[tuple[str, Any]]:
-    """The ``## Run`` table of report.md: ``info`` less :data:`DETAIL_KEYS` and the threshold (shown
-    above), a nested dict in one cell (its non-zero entries), plus the training time and training normals."""
+    """The ``## Run`` table of report.md: ``info`` less :data:`DETAIL_KEYS` and the threshold's value (shown
+    above; its source stays), a nested dict in one cell (its non-zero entries), plus the training time,
+    the training normals and the validation data (``run.data.validation``: the report says which)."""
     rows: list[tuple[str, Any]] = []
     for k, v in info.items():
-        if k in DETAIL_KEYS or k == "threshold":
+        if k in DETAIL_KEYS or (k == "threshold" and not isinstance(v, str)):  # the number is shown above
             continue
         if isinstance(v, Mapping):
             v = ", ".join(f"{kk} {_md_cell(vv)}" for kk, vv in v.items() if vv not in (0, None, "", [], {}))
@@ -469,18 +471,21 @@ def _run_rows(info: Mapping) -> list[tuple[str, Any]]:
         rows.append(("training time", f"{training['train_wall_s']:.0f} s ({training.get('steps_run', '?')} steps)"))
     if "train_normals" in data:
         rows.append(("training normals", data["train_normals"]))
+    if isinstance(data.get("validation"), str):
+        rows.append(("validation data", data["validation"]))
     return rows
 
 
-def _decisions_section(decisions: Mapping | None, validation: Any) -> list[str]:
-    """Markdown lines for :func:`~mapl_ray.eval.metrics.decision_counts`' result ([] without one)."""
+def _decisions_section(decisions: Mapping | None, source: str | None) -> list[str]:
+    """Markdown lines for :func:`~mapl_ray.eval.metrics.decision_counts`' result ([] without one);
+    ``source`` says how the threshold was chosen."""
     if not decisions:
         return []
     n, fp, fn = decisions["images"], decisions["false_positives"], decisions["false_negatives"]
     lines = ["", "## Decisions at the threshold", ""]
     lines.append(
         f"An image is flagged as a defect when its score is >= {decisions['threshold']:.4g}"
-        + (f" ({validation})" if isinstance(validation, str) and validation else "")
+        + (f" ({source})" if source else "")
         + f". Accuracy {_pct(decisions['accuracy'])}% ({decisions['correct']} of {n}): "
         f"{fp} false positive(s) (good images flagged), {fn} false negative(s) (defects missed)."
     )

@@ -102,31 +102,31 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 
 def compute_losses(
-    out: dict[str, torch.torch.Tensor],
-    masks: torch.torch.Tensor,
-    kind: torch.torch.Tensor,
-    label: torch.torch.Tensor,
+    out: dict[str, torch.Tensor],
+    masks: torch.Tensor,
+    kind: torch.Tensor,
+    label: torch.Tensor,
     pseudo: torch.Tensor,
     cfg: Config,
-    has_pool: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All loss terms of one batch (scalars with gradient).
+    """All loss terms of one batch (scalars with gradient; MAPL eq. 14 and eqs. 15-17).
 
     Args:
         out: model output (``logits`` ``(B, 1, H, W)``, ``q`` ``(B,)``).
         masks: float ``(B, 1, H, W)`` targets of the anomaly map (zeros for normals).
-        kind: int ``(B,)`` 0 normal, 1 simulated, 2 unlabeled, 3 labeled anomaly.
-        label: int ``(B,)`` image labels (1 / 0, -1 unknown).
-        pseudo: int ``(B,)`` pseudo-labels from the OCC ensemble (1 / 0 / -1) for unlabeled data.
-        has_pool: whether the batch holds unlabeled-pool images (kind 2); known on the host from the
-            batch composition. None: read from ``kind`` (costs a device sync).
+        kind: int ``(B,)`` 0 normal (labeled, or a pool image pseudo-labeled normal), 1 simulated,
+            2 pool image in the pseudo-labeled slots, 3 labeled anomaly.
+        label: int ``(B,)`` image labels: 0 / 1, and for ``kind`` 2 the pool image's pseudo-label
+            (1 / 0 / -1 unknown).
+        pseudo: int ``(B,)`` on-device pseudo-labels of the batch (1 / 0 / -1,
+            :meth:`~mapl_ray.pseudo.labeler.PseudoLabeler.predict`); only simulated images use them.
 
-    The segmentation loss uses images with known masks (normal, simulated, labeled anomaly), except
-    simulated images that the pseudo-labeler calls normal (0) when ``pseudo.filter_simulations``:
-    simulations that failed to look anomalous (the paper's use of pseudo-labels on simulated data).
-    L_Yl uses the labeled images (normal -> 0, labeled anomaly -> 1); L_Yu the pseudo-labeled images
-    (eq. 17): the unlabeled pool, or the simulated images when there is no pool. Samples are
-    selected by 0/1 weights rather than boolean indexing, so the step never waits for the GPU.
+    The segmentation loss (0.6 L1 + 0.4 focal) uses the images with known masks (kinds 0, 1, 3),
+    except simulated images that the pseudo-labeler calls normal (0) when ``pseudo.filter_simulations``:
+    simulations that failed to look anomalous. L_Yl (eqs. 15-16) trains the image head on the
+    labeled images: normals -> 0, labeled and (kept) simulated anomalies -> 1. L_Yu (eq. 17) trains it
+    on the pool images with a pseudo-label (kind 2, label 0 or 1). Samples are selected by 0/1
+    weights rather than boolean indexing, so the step never waits for the GPU.
     """
     L = cfg.loss
     known = kind != 2
@@ -135,11 +135,7 @@ def compute_losses(
     seg = segmentation_loss(
         out["logits"], masks, L.l1_weight, L.focal_weight, L.focal_gamma, L.focal_alpha, weights=known
     )
-    lab = (kind == 0) | (kind == 3)
-    l_yl = masked_bce(out["q"], label, lab)
-    if has_pool is None:
-        has_pool = bool((kind == 2).any())
-    u_sel = (kind == 2) if has_pool else (kind == 1)
-    l_yu = masked_bce(out["q"], pseudo, u_sel & (pseudo != -1))
+    l_yl = masked_bce(out["q"], label, known)
+    l_yu = masked_bce(out["q"], label, (kind == 2) & (label != -1))
     total = seg["seg"] + L.labeled_bce_weight * l_yl + L.pseudo_bce_weight * l_yu
     return {"loss": total, "l1": seg["l1"], "focal": seg["focal"], "l_yl": l_yl, "l_yu": l_yu}

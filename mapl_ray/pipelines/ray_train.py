@@ -22,6 +22,7 @@ from typing import Any
 from ..config import Config, ConfigError
 from ..data.layout import LayoutError
 from ..data.train_data import TrainData
+from ..data.validation import ValidationSet
 from ..model.encoder import WeightsError
 from ..runfolder import (
     SUMMARY_FILE,
@@ -72,7 +73,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    data = ray.get(config["data_ref"])
+    data, validation = ray.get(config["data_ref"])
     device = ray.train.torch.get_device()
 
     def wrap(model):
@@ -102,6 +103,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             report=report,
             resume=config["resume"],
             progress=config.get("progress", True),
+            validation=validation,
         )
     finally:
         logging.getLogger("mapl_ray").removeHandler(recorder)
@@ -179,6 +181,7 @@ class _LogFollower:
 def train_with_ray(
     cfg: Config,
     data: TrainData,
+    validation: ValidationSet | None,
     run_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
@@ -208,7 +211,7 @@ def train_with_ray(
         _train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
-            "data_ref": ray.put(data),
+            "data_ref": ray.put((data, validation)),
             "run_dir": str(run_dir),
             "resume": resume,
             "threads": threads,

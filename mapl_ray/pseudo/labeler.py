@@ -1,5 +1,22 @@
-"""The pseudo-labeler inside training: refits the OCC ensemble on a schedule from the network's pooled
-features and labels the batch's images 1 / 0 / -1 on the device (MAPL eqs. 3-6, 15-17)."""
+"""The pseudo-labeler inside training (MAPL eqs. 3-6, 15-17; SPADE).
+
+On a schedule (``pseudo.warmup_steps``, then every ``pseudo.refit_every`` steps) it refits the OCC
+ensemble on features of the labeled normals, the unlabeled pool (or, without a pool, simulated
+images standing in for it) and positives (labeled anomalies and simulated anomalies), then labels
+*every* pool image 1 / 0 / -1. A refit that leaves an image unknown keeps the image's previous label
+(-1 before its first confident one): a label changes only on the ensemble's consensus, so one refit
+whose thresholds land badly cannot empty the normal stream (seen on screw with 6 labeled normals:
+refits alternated between 323 and 4 pool images labeled normal). Those labels steer the batches (:class:`~mapl_ray.data.batches.BatchMaker`)
+from ``pseudo.label_lag`` steps after the refit on: a fixed lag, longer than loader processes
+prepare batches ahead, so a batch does not depend on their number, and a resumed run draws the same
+batches. In the step, :meth:`PseudoLabeler.predict` labels the batch's simulated images on the device
+(a failed simulation, labeled 0, leaves the segmentation loss).
+
+What the OCCs see (``pseudo.features``): ``map``, five statistics of the network's current anomaly
+map (max, mean of the top 10 and top 100 pixels, mean, standard deviation), which follow the detector
+as it trains; ``pooled``, the pooled encoder features and memory differences of the frozen encoder
+(:meth:`~mapl_ray.model.network.MAPLModel.pooled_features`); or ``both``.
+"""
 
 from __future__ import annotations
 
@@ -10,73 +27,153 @@ import torch
 
 from ..config import Config
 from ..data.batches import BatchMaker
+from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
 from ..tensors import autocast_context, to_tensor
 from .occ import OCCConfig, OCCEnsemble
 
+MAP_TOPK = (10, 100)
+
+
+def features_from_output(out: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The OCC features of a forward pass's output, float32 ``(B, D)`` on its device (no host sync).
+
+    Args:
+        out: :meth:`MAPLModel.forward` output (``logits`` ``(B, 1, H, W)``, ``pooled`` ``(B, D0)``).
+        kind: ``pseudo.features``: ``map`` (D = 5), ``pooled`` (D = D0) or ``both``.
+    """
+    if kind == "pooled":
+        return out["pooled"].float()
+    maps = torch.sigmoid(out["logits"].detach().float()).flatten(1)
+    top = maps.topk(min(max(MAP_TOPK), maps.shape[1]), dim=1).values
+    stats = torch.stack([top[:, 0], top[:, : MAP_TOPK[0]].mean(1), top.mean(1), maps.mean(1), maps.std(1)], 1)
+    return stats if kind == "map" else torch.cat([stats, out["pooled"].float()], 1)
+
+
+def label_quality(labels: np.ndarray, truth: np.ndarray | None) -> dict[str, Any]:
+    """Counts of pool pseudo-labels and, where the truth is known (benchmark splits), their quality.
+
+    Returns ``pseudo_pos`` / ``pseudo_neg`` / ``pseudo_unknown`` counts and, with truth:
+    ``pseudo_label_precision`` (true anomalies among those labeled 1), ``pseudo_label_recall`` (true
+    anomalies labeled 1), ``normal_stream_purity`` (true normals among those labeled 0) and
+    ``anomalies_in_normal_stream`` (true anomalies labeled 0); None where undefined.
+    """
+    stats: dict[str, Any] = {
+        "pseudo_pos": int((labels == 1).sum()),
+        "pseudo_neg": int((labels == 0).sum()),
+        "pseudo_unknown": int((labels == -1).sum()),
+    }
+    if truth is None or not (truth >= 0).any():
+        return stats
+    known = truth >= 0
+    t, lab = truth[known], labels[known]
+
+    def share(num: np.ndarray, den: np.ndarray) -> float | None:
+        return float(num.sum() / den.sum()) if den.sum() else None
+
+    stats.update(
+        pseudo_label_precision=share((lab == 1) & (t == 1), lab == 1),
+        pseudo_label_recall=share((lab == 1) & (t == 1), t == 1),
+        normal_stream_purity=share((lab == 0) & (t == 0), lab == 0),
+        anomalies_in_normal_stream=int(((lab == 0) & (t == 1)).sum()),
+    )
+    return stats
+
 
 class PseudoLabeler:
-    """Fits the OCC ensemble on a schedule from the model's pooled features and labels batches."""
+    """Fits the OCC ensemble on a schedule and labels the pool and the batches (module docstring).
+
+    Args:
+        cfg: the run's configuration (``pseudo`` section; ``train.seed`` seeds the ensemble).
+        batch_maker: gives the refit's reference images (:meth:`BatchMaker.pool`) and the data.
+        device: where features are computed.
+    """
 
     def __init__(self, cfg: Config, batch_maker: BatchMaker, device: torch.device):
         self.cfg, self.bm, self.device = cfg, batch_maker, device
-        p = cfg.pseudo
-        self.occ_cfg = OCCConfig.from_config(p, cfg.train.seed)
+        self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
         self.fitted_step = -1
+        data: TrainData = batch_maker.data
+        #: pool pseudo-labels by the step of the refit that made them (-1: before any refit)
+        self.history: dict[int, np.ndarray] = {}
+        if data.pool_size:
+            self.history[-1] = initial_pool_labels(cfg, len(data.normals), data.pool_size)
 
     def due(self, step: int) -> bool:
         """A refit step, or any step after warm-up while there is no ensemble yet (a run resumed off-schedule)."""
         p = self.cfg.pseudo
         return self.is_refit_step(step) or (self.ensemble is None and p.enabled and step >= p.warmup_steps)
 
-    @torch.no_grad()
-    def _pooled(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), 32):
-            x = to_tensor(images[i : i + 32], self.device)
-            with autocast_context(self.device, self.cfg.train.amp):
-                out.append(model.pooled_features(x).float().cpu().numpy())
-        return np.concatenate(out)
-
     def is_refit_step(self, step: int) -> bool:
         """Steps of the refit schedule (``warmup_steps`` then every ``refit_every``): their pool is prefetched."""
         p = self.cfg.pseudo
         return p.enabled and step >= p.warmup_steps and (step - p.warmup_steps) % p.refit_every == 0
 
-    def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Refit the ensemble (same data and seed on every worker, so every worker gets the same ensemble).
+    def labels_for(self, step: int) -> np.ndarray | None:
+        """The pool's pseudo-labels in force at ``step``: those of the last refit at or before
+        ``step - pseudo.label_lag`` (the initial labels before that); None without a pool."""
+        if not self.history:
+            return None
+        return self.history[max(s for s in self.history if s <= step - self.cfg.pseudo.label_lag or s == -1)]
 
-        ``pool``: :meth:`BatchMaker.pool` of ``step`` when it was prepared ahead (by a loader
-        worker); drawn here otherwise.
-        """
+    @torch.no_grad()
+    def features(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
+        """OCC features of uint8 images ``(N, H, W, 3)`` (eval mode, batches of 32): float32 ``(N, D)``."""
+        out = []
+        for i in range(0, len(images), 32):
+            x = to_tensor(images[i : i + 32], self.device)
+            with autocast_context(self.device, self.cfg.train.amp):
+                if self.cfg.pseudo.features == "pooled":
+                    feats = model.pooled_features(x)
+                else:
+                    feats = features_from_output(model(x), self.cfg.pseudo.features)
+            out.append(feats.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Refit the ensemble and label the pool (same data and seed on every worker, so every worker
+        gets the same ensemble and labels). ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader
+        process prepared it ahead; drawn here otherwise. Returns the label counts (and quality)."""
         d, p = self.bm.data, self.cfg.pseudo
         if pool is None:
-            pool = self.bm.pool(step)
+            pool = self.bm.pool(step, self.labels_for(step))
         sims = np.asarray(pool["sims"])
         was = model.training
         model.eval()
-        normals = self._pooled(model, d.normals[np.asarray(pool["normal_idx"])])
+        normals = self.features(model, d.source_images(np.asarray(pool["normal_idx"])))
         pos_images = sims[: p.pool_size]
         if d.anomalies is not None and len(d.anomalies):
             pos_images = np.concatenate([d.anomalies, pos_images])
-        positives = self._pooled(model, pos_images)
-        unl_idx = np.asarray(pool["unlabeled_idx"])
-        unl_images = d.unlabeled[unl_idx] if len(unl_idx) else sims[p.pool_size :]
-        unlabeled = self._pooled(model, unl_images)
+        positives = self.features(model, pos_images)
+        unlabeled = self.features(model, d.unlabeled if d.pool_size else sims[p.pool_size :])
         model.train(was)
         self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
         self.fitted_step = step
-        pl = self.ensemble.predict(unlabeled)
-        return {
-            "pseudo_pos": int((pl == 1).sum()),
-            "pseudo_neg": int((pl == 0).sum()),
-            "pseudo_unknown": int((pl == -1).sum()),
-        }
+        raw = self.ensemble.predict(unlabeled).astype(np.int8)
+        if not d.pool_size:
+            return label_quality(raw, None)
+        labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
+        self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}
+        self.history[step] = labels
+        return {"refit_step": step, "refit_unknown": int((raw == -1).sum()), **label_quality(labels, d.unlabeled_truth)}
 
-    def predict(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) for pooled features ``(B, D)``, on their device
+    def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) of a batch from its forward output, on its device
         (no host sync); all -1 before the first fit."""
+        n = out["q"].shape[0]
         if self.ensemble is None:
-            return torch.full((pooled.shape[0],), -1, dtype=torch.long, device=pooled.device)
-        return self.ensemble.predict_torch(pooled.detach())
+            return torch.full((n,), -1, dtype=torch.long, device=out["q"].device)
+        return self.ensemble.predict_torch(features_from_output(out, self.cfg.pseudo.features).detach())
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The pool labels still needed to resume (``pool_labels@STEP``), for the checkpoint."""
+        return {f"pool_labels@{s}": v for s, v in self.history.items()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_arrays` (keys of other arrays are ignored)."""
+        saved = {
+            int(k.split("@")[1]): np.asarray(v, np.int8) for k, v in arrays.items() if k.startswith("pool_labels@")
+        }
+        if saved:
+            self.history = saved

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call on the GPU machine: install the carried Ray wheels (bench/gpu_payload.py), then run a
+# bench script against the carried data, its JSON written into $OUT. Usage, as the device command:
+#   bash bench/gpu_run.sh semi.py --categories screw,metal_plate [more args]
+# carry: .whl_gpu and .pack, or .data/dtd256, .data/w and the .data/<dataset> folders the bench reads.
+set -o pipefail
+# .pack/*.tar.xz: bench/gpu_payload.py's .data folders packed to fit one call's 64 MiB with the wheels
+#   (tar cf - -C .data mvtec_ad mpdd magnetic_tile dtd256 | xz -9 > .pack/data.tar.xz; likewise w.tar.xz)
+# (both steps are skipped when an earlier bench of the same call did them)
+if [ ! -f .data/.unpacked ]; then
+  mkdir -p .data
+  for f in .pack/*.tar.xz; do [ -f "$f" ] && { tar xJf "$f" -C .data || exit 1; }; done
+  touch .data/.unpacked
+fi
+[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl_gpu/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_DEDUP_LOGS=1
+bench=$1
+shift
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# GPU utilisation sampled every second while the bench runs
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 > "$OUT/gpu_util_${bench%.py}.csv" &
+smi=$!
+python3 "bench/$bench" --data-root .data --textures .data/dtd256 --weights .data/w/tf_efficientnet_lite2.safetensors \
+  --out "$OUT/${bench%.py}.json" "$@" 2>&1 | grep -v -E "WARNING|^\s*$" | tail -n 150
+rc=$?
+kill $smi
+exit $rc

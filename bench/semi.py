@@ -1,0 +1,164 @@
+"""Does the unlabeled pool, pseudo-labeled, make the detector better? Four settings side by side.
+
+Per category and seed (seeds that chose no setting):
+  (a) clean: every train/good image labeled (the default);
+  (b) pool_as_normal: 10 labeled normals; the rest of train/good plus test anomalies making 10 % of the
+      pool form the unlabeled pool, all used as normal data (pseudo-labels off);
+  (c) mapl: the same data as (b), pseudo-labels on;
+  (d) mapl_5_labeled: (c) plus 5 labeled anomalies per defect type.
+Test figures are on the test split minus the images moved out of it. Every run is a Ray task
+(mapl_ray.pipelines.grid), fractional GPUs so runs share the GPU. Writes bench/results/semi.json:
+per category, setting and seed image / pixel AUROC, AUPRO, validation image AUROC, pseudo-label
+precision and recall; per category and setting mean and spread; the targets of the semi-supervision
+issue; and the Spearman correlation between validation and test image AUROC over all runs.
+
+    python bench/semi.py --data-root ../shared/data --textures ../shared/data/dtd_subset/images \
+        [--categories screw,magnetic_tile,metal_plate] [--seeds 101,102,103] [--steps 500] \
+        [--gpus-per-trial 0.2 --cpus-per-trial 3] [--set section.field=value ...] [--out bench/results/semi.json]
+
+Reduced CPU version: --categories metal_plate --seeds 101 --steps 100 --cpus-per-trial 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from common import add_grid_arguments, category_base, machine, stats, val_test_correlation  # noqa: E402
+
+from mapl_ray.config import Config  # noqa: E402
+from mapl_ray.pipelines.grid import Trial, run_grid  # noqa: E402
+
+POOL = {"data.labeled_normals": 10, "data.pool_anomaly_share": 0.1, "eval.validation_normals": 4}
+SETTINGS = {
+    "clean": {},
+    "pool_as_normal": {**POOL, "pseudo.enabled": False},
+    "mapl": {**POOL},
+    "mapl_5_labeled": {**POOL, "data.labeled_anomalies": 5},
+}
+
+
+def chosen_defaults(path: str | None, category: str) -> tuple[dict, bool, dict]:
+    """``(clean overrides, use the category preset, pseudo overrides)`` that bench/defaults.py chose on
+    validation for ``category`` (its ``chosen_clean`` and ``chosen_pool`` variants); the current
+    defaults without a file."""
+    if not path:
+        return {}, True, {}
+    from defaults import POOL, VARIANTS
+
+    ranking = json.loads(Path(path).read_text())["ranking"].get(category, {})
+    clean, preset = VARIANTS[ranking["chosen_clean"]] if ranking.get("chosen_clean") else ({}, True)
+    pool = VARIANTS[ranking["chosen_pool"]][0] if ranking.get("chosen_pool") else {}
+    return clean, preset, {k: v for k, v in pool.items() if k not in POOL}
+
+
+def make_trials(args: argparse.Namespace, extra: dict[str, str]) -> list[Trial]:
+    trials = []
+    for category in args.categories.split(","):
+        clean, preset, pseudo = chosen_defaults(args.defaults_from, category)
+        base = category_base(
+            category, args.data_root, args.textures, args.steps, args.cpus_per_trial, args.weights, preset
+        )
+        for setting in args.settings.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                chosen = {**clean, **(pseudo if setting != "clean" else {})}
+                over = {**base, **chosen, **SETTINGS[setting], "data.seed": seed, "train.seed": seed, **extra}
+                cfg = Config().override(over).validate()
+                trials.append(
+                    Trial(
+                        f"{category}-{setting}-{seed}",
+                        cfg.to_dict(),
+                        {"category": category, "setting": setting, "seed": seed, "chosen": chosen},
+                    )
+                )
+    return trials
+
+
+def summarise(records: list[dict]) -> dict:
+    """Mean / spread per category and setting, the issue's targets, and the validation-test correlation."""
+    out: dict = {"by_category": {}, "targets": {}}
+    keys = (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "validation_image_auroc",
+        "pseudo_label_precision",
+        "pseudo_label_recall",
+    )
+    for cat in sorted({r["category"] for r in records}):
+        rows = {}
+        for setting in SETTINGS:
+            rs = [r for r in records if r["category"] == cat and r["setting"] == setting and "error" not in r]
+            if rs:
+                rows[setting] = {k: stats([r.get(k) for r in rs]) for k in keys} | {"runs": len(rs)}
+        out["by_category"][cat] = rows
+        mean = {s: rows[s]["image_auroc"]["mean"] for s in rows if rows[s]["image_auroc"]}
+        if {"clean", "pool_as_normal", "mapl"} <= set(mean):
+            loss = mean["clean"] - mean["pool_as_normal"]
+            recovered = (mean["mapl"] - mean["pool_as_normal"]) / loss if loss else None
+            out["targets"][cat] = {
+                "loss_clean_to_pool": loss,
+                "recovered_share": recovered,
+                "recovers_half": None if loss < 0.02 else bool(recovered is not None and recovered >= 0.5),
+                "mapl_not_worse_than_pool_by_0.005": mean["mapl"] >= mean["pool_as_normal"] - 0.005,
+                "labeled_5_at_least_mapl": None
+                if "mapl_5_labeled" not in mean
+                else mean["mapl_5_labeled"] >= mean["mapl"],
+            }
+    ok = [r for r in records if "error" not in r]
+    out["spearman_val_test"] = val_test_correlation(ok)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_grid_arguments(p, "101,102,103", "/tmp/mapl-semi", "semi.json")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument(
+        "--defaults-from",
+        help="bench/defaults.py's JSON: run each category with the variants it chose "
+        "on validation (its ranking's chosen_clean, and chosen_pool's pseudo settings for the pool settings)",
+    )
+    args = p.parse_args()
+    extra = dict(item.split("=", 1) for item in args.set)
+    trials = make_trials(args, extra)
+    out = Path(args.out)
+    result = {
+        "command": " ".join(sys.argv),
+        "machine": machine(),
+        "settings": SETTINGS,
+        "steps": args.steps,
+        "runs": [],
+    }
+    t0 = time.perf_counter()
+
+    def save(trial: Trial, record: dict) -> None:
+        result["runs"].append(record)
+        result["wall_s"] = time.perf_counter() - t0
+        result.update(summarise(result["runs"]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        err = record.get("error")
+        print(
+            f"{trial.name}: "
+            + (
+                f"error {err}"
+                if err
+                else f"test {record['image_auroc']:.3f} val {record['validation_image_auroc']} wall {record['wall_s']:.0f}s"
+            ),
+            flush=True,
+        )
+
+    run_grid(trials, args.runs, args.gpus_per_trial, args.cpus_per_trial, on_result=save)
+    print(json.dumps({k: result[k] for k in ("targets", "spearman_val_test")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The semi-supervised loop: pool images go where their pseudo-label says, the pseudo-labeler labels every
+pool image on its schedule, the validation set is labeled data only, and the image head's weight is
+chosen on validation scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_data, tiny_config
+
+from mapl_ray.config import Config
+from mapl_ray.data.batches import BatchMaker
+from mapl_ray.data.simulation import build_simulator
+from mapl_ray.data.train_data import TrainData, choose_memory_banks, normal_rows
+from mapl_ray.data.validation import SOURCE_NORMAL, build_validation_set
+from mapl_ray.eval.validation import choose_q_weight
+from mapl_ray.pseudo import labeler as labeler_module
+from mapl_ray.pseudo.labeler import PseudoLabeler, label_quality
+
+
+def tagged(values: list[int], size: int = 32) -> np.ndarray:
+    """Images whose every pixel holds their tag, so a batch tells which images it drew."""
+    return np.stack([np.full((size, size, 3), v, np.uint8) for v in values])
+
+
+def pool_data(n_labeled: int = 4, pool_labels=(0, 0, 1, -1, 0, 1, -1, 0)) -> tuple[TrainData, np.ndarray]:
+    labels = np.array(pool_labels, np.int8)
+    data = TrainData(
+        normals=tagged(list(range(10, 10 + n_labeled))),
+        memory_indices=np.arange(min(2, n_labeled)),
+        unlabeled=tagged(list(range(100, 100 + len(labels)))),
+    )
+    return data, labels
+
+
+def small_cfg(**overrides) -> Config:
+    base = {
+        "data.image_size": 32,
+        "simulation.texture_dir": None,
+        "train.batch_normal": 6,
+        "train.batch_simulated": 2,
+        "train.batch_unlabeled": 4,
+        "train.augment": "none",
+        "simulation.use_foreground_mask": False,
+    }
+    base.update(overrides)
+    return Config().override(base)
+
+
+def test_pool_images_land_in_the_stream_their_pseudo_label_says():
+    data, labels = pool_data()
+    cfg = small_cfg()
+    bm = BatchMaker(cfg, data, build_simulator(cfg))
+    normal_tags, pool_tags = set(), {}
+    for step in range(40):
+        batch = bm(step, labels)
+        tags = batch["images"][:, 0, 0, 0].astype(int)
+        normal_tags.update(tags[batch["kind"] == 0].tolist())
+        for t, lab in zip(tags[batch["kind"] == 2], batch["label"][batch["kind"] == 2]):
+            pool_tags[int(t)] = int(lab)
+        assert list(batch["kind"]) == [0] * 6 + [1] * 2 + [2] * 4  # the configured mix, whatever the labels
+        assert (batch["kind"] == 2).sum() // 2 <= int(
+            (batch["label"][batch["kind"] == 2] == 1).sum()
+        )  # positives oversampled
+    pseudo_normal = {100 + i for i in np.flatnonzero(labels == 0)}
+    assert normal_tags == set(range(10, 14)) | pseudo_normal  # labeled normals and pool images labeled 0, no others
+    assert all(pool_tags[t] == labels[t - 100] for t in pool_tags)  # kind 2 carries each image's pseudo-label
+    assert not any(labels[t - 100] == -1 for t in pool_tags)  # unknown images are left out
+    assert {t for t, lab in pool_tags.items() if lab == 1} == {100 + i for i in np.flatnonzero(labels == 1)}
+
+
+def test_without_labels_the_pool_waits_and_with_pseudo_off_it_is_normal():
+    data, _ = pool_data()
+    waiting = PseudoLabeler(
+        small_cfg(), BatchMaker(small_cfg(), data, build_simulator(small_cfg())), torch.device("cpu")
+    )
+    assert (waiting.labels_for(0) == -1).all()  # labeled normals exist: the pool waits for its first refit
+    off = small_cfg(**{"pseudo.enabled": False})
+    as_normal = PseudoLabeler(off, BatchMaker(off, data, build_simulator(off)), torch.device("cpu"))
+    assert (as_normal.labels_for(499) == 0).all()  # pseudo-labels off: the pool is used as normal data
+    assert len(normal_rows(data, as_normal.labels_for(0))) == len(data.normals) + data.pool_size
+
+
+def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkeypatch):
+    data, truth = pool_data(pool_labels=(0, 0, 1, 0, 0, 1, 0, 0))
+    data.unlabeled_truth = truth
+    known = np.array([0, 0, 1, -1, 0, 0, -1, 0], np.int8)  # what the stub OCC ensemble says
+
+    class StubEnsemble:
+        def __init__(self, config):
+            self.config = config
+
+        def fit(self, normal, unlabeled, positives):
+            assert len(unlabeled) == data.pool_size  # every pool image, no cap
+            return self
+
+        def predict(self, x):
+            return known.copy()
+
+    monkeypatch.setattr(labeler_module, "OCCEnsemble", StubEnsemble)
+    cfg = small_cfg(
+        **{
+            "pseudo.warmup_steps": 50,
+            "pseudo.label_lag": 20,
+            "pseudo.pool_size": 2,
+            "pseudo.features": "map",
+            "model.encoder": "tf_efficientnet_lite0",
+            "model.pretrained": False,
+            "model.decoder_channels": "16,16,16,16",
+            "model.head_hidden": 8,
+        }
+    )
+    from mapl_ray.model import build_model
+
+    model = build_model(cfg)
+    model.refresh_memory(torch.rand(2, 3, 32, 32))
+    lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu"))
+    stats = lab.fit(model, 50)
+    assert np.array_equal(lab.history[50], known)
+    assert (lab.labels_for(69) == -1).all() and np.array_equal(lab.labels_for(70), known)  # lag of 20 steps
+    assert stats["pseudo_pos"] == 1 and stats["pseudo_neg"] == 5 and stats["pseudo_unknown"] == 2
+    assert stats["pseudo_label_precision"] == 1.0 and stats["pseudo_label_recall"] == 0.5
+    assert stats["anomalies_in_normal_stream"] == 1 and stats["normal_stream_purity"] == 4 / 5
+    known[:] = [-1, 1, -1, -1, 0, -1, -1, -1]  # a later refit confident about two images only
+    again = lab.fit(model, 150)
+    assert list(lab.history[150]) == [0, 1, 1, -1, 0, 0, -1, 0]  # unknown keeps the earlier label
+    assert again["refit_unknown"] == 6
+
+
+def test_label_quality_without_truth_counts_only():
+    stats = label_quality(np.array([1, 0, -1, 0], np.int8), np.full(4, -1, np.int8))
+    assert stats == {"pseudo_pos": 1, "pseudo_neg": 2, "pseudo_unknown": 1}
+
+
+def test_memory_banks_fill_up_from_pseudo_normal_pool_images():
+    banks = choose_memory_banks(3, 5, 2, seed=0, pool_rows=np.array([3, 5, 6, 8, 9, 10, 12]))
+    assert set(range(3)) <= set(banks[0]) and len(banks[0]) == 5  # every labeled normal, then pool images
+    assert len(banks) == 2 and not set(banks[0]) & set(banks[1])
+    assert set(banks[0]) | set(banks[1]) <= {0, 1, 2, 3, 5, 6, 8, 9, 10, 12}
+    plenty = choose_memory_banks(30, 5, 1, seed=0, pool_rows=np.array([40, 41]))
+    assert np.array_equal(plenty[0], choose_memory_banks(30, 5, 1, seed=0)[0])  # enough labeled: pool unused
+
+
+def test_q_weight_is_chosen_on_validation_scores():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 20)
+    map_scores = rng.normal(0, 1, 40) + 0.3 * labels  # weak map score
+    q = rng.normal(0, 0.1, 40) + labels  # informative head
+    best, by_weight = choose_q_weight(labels, map_scores, q, (0.0, 0.5, 1.0, 2.0))
+    assert best > 0 and by_weight[f"{best:g}"] == max(by_weight.values())
+    useless = rng.normal(0, 1, 40)
+    best0, _ = choose_q_weight(labels, labels + 0.01 * rng.normal(size=40), useless, (0.0, 1.0))
+    assert best0 == 0.0  # a head that only adds noise gets no weight
+
+
+def test_validation_set_refuses_a_test_file():
+    cfg = small_cfg()
+    normals = tagged([1, 2])
+    with pytest.raises(RuntimeError, match="test files"):
+        build_validation_set(
+            cfg, normals, ["/data/a.png", "/data/test/good/b.png"], None, None, [], ["/data/test/good/b.png"]
+        )
+
+
+@needs_data
+def test_validation_set_is_labeled_data_only(small_root, tmp_path):
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+
+    cfg = tiny_config(
+        small_root, **{"data.labeled_anomalies": 1, "eval.validation_anomalies": 0.5, "data.unlabeled_fraction": 0.3}
+    )
+    split = prepare_run(cfg, tmp_path / "run")
+    data, vset, info = load_train_data(cfg, split)
+    test = {r.path for r in split.test}
+    files = {p.split(" (simulated")[0] for p in vset.paths}
+    assert files and not files & test
+    assert files <= {r.path for r in split.labeled_normal + split.labeled_anomaly}
+    assert int((vset.sources == SOURCE_NORMAL).sum()) == 3 and vset.labels.sum() == len(vset) - 3
+    assert info["validation"]["test_files"] == 0 and data.pool_size == info["unlabeled"] > 0
+
+
+@needs_data
+def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_path):
+    from mapl_ray.main_job import run_train_job
+
+    cfg = tiny_config(
+        small_root,
+        **{
+            "data.labeled_normals": 7,
+            "data.pool_anomaly_share": 0.2,
+            "train.steps": 8,
+            "pseudo.label_lag": 2,
+            "eval.validate_every": 4,
+        },
+    )
+    metrics = run_train_job(cfg, tmp_path / "run", use_ray=False, progress=False)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    refits = summary["pseudo_refits"]
+    assert refits and all(r["pseudo_pos"] + r["pseudo_neg"] + r["pseudo_unknown"] == 9 for r in refits)
+    assert all("pseudo_label_precision" in r for r in refits)  # the pool's truth is known in a benchmark split
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "validation_image_auroc" in r] == [4, 8]
+    v = metrics["validation"]
+    assert 0 <= v["image_auroc"] <= 1 and v["q_weight"] in Config().eval.q_weight_grid and v["test_files"] == 0
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["q_weight"] == v["q_weight"]
+
+
+@needs_data
+def test_training_from_unlabeled_images_alone(small_root, tmp_path, caplog):
+    import shutil
+
+    from mapl_ray.main_job import run_train_job
+
+    cat = tmp_path / "data" / "screw"
+    shutil.copytree(small_root / "screw", cat)
+    pool = tmp_path / "pool"
+    shutil.move(str(cat / "train" / "good"), pool)  # train/good is gone: only unlabeled line images
+    cfg = tiny_config(cat.parent, **{"data.unlabeled_dir": str(pool), "eval.validation_normals": 4})
+    with caplog.at_level("WARNING"):
+        metrics = run_train_job(cfg, tmp_path / "run", use_ray=False, progress=False)
+    assert "no labeled normal images" in caplog.text and "presumed normals" in caplog.text
+    info = json.loads((tmp_path / "run" / "data_info.json").read_text())
+    assert info["train_normals"] == 0 and info["unlabeled"] == 14 - 4 and len(info["validation_normals"]) == 4
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["threshold"] is not None and metrics["overall"]["image_auroc"] is not None
