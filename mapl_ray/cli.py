@@ -3,7 +3,7 @@
 mapl train --data ROOT --category NAME [--config YAML] [--out RUN] [flags] [--set section.field=value ...]
 mapl train --resume --out RUN [--steps N]
 mapl evaluate RUN
-mapl predict RUN IMAGE [IMAGE ...]      (JSON lines: path, score, label, heatmap)
+mapl predict RUN IMAGE_OR_DIR [...]     (JSON lines: path, score, normalised_score, q, label, heatmap)
 mapl serve RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--set key=value ...]
                                         (Ray Serve HTTP app, see docs/serving.md)
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ FLAG_FIELDS = {
     "require_masks": "data.require_masks",
     "seed": "data.seed",
     "textures": "simulation.texture_dir",
+    "foreground_preset": "simulation.foreground",
     "encoder": "model.encoder",
     "weights": "model.weights",
     "memory_samples": "model.memory_samples",
@@ -57,9 +59,29 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, TrainingFailed, FileNotFoundError)
 
 
+TRAIN_USAGE = """mapl train --data ROOT --category NAME [--out RUN] [options]
+       mapl train --resume --out RUN [--steps N]"""
+
+TRAIN_EXAMPLES = """examples:
+  # MVTec AD screw with the paper's settings and screw's preset (about 10 minutes on 2 CPU cores)
+  mapl train --data ../shared/data/mvtec_ad --category screw \\
+             --textures ../shared/data/dtd_subset/images --out runs/screw
+  # a short trial run, then score a folder of images with it
+  mapl train --data ../shared/data/mvtec_ad --category screw --steps 50 --out /tmp/screw50
+  mapl predict /tmp/screw50 ../shared/data/mvtec_ad/screw/test/scratch_head
+  # continue a stopped run (Ctrl-C, a lost machine) from its last checkpoint
+  mapl train --resume --out runs/screw
+
+Any setting of config.yaml can be changed with --set SECTION.FIELD=VALUE (e.g. --set train.lr=0.001).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mapl`` argument parser (one sub-command per job)."""
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="mapl", description="MAPL surface-defect detection on Ray")
+    p.add_argument("--version", action="version", version=f"mapl {__version__}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     _add_run_parsers(sub)
@@ -67,24 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train and evaluate on a category in MVTec AD layout")
-    t.add_argument("--data", help="dataset root (MVTec AD layout: ROOT/CATEGORY/train/good ...)")
-    t.add_argument("--category", help="category folder name, e.g. screw")
-    t.add_argument("--config", help="YAML configuration (every hyperparameter); flags override it")
-    t.add_argument("--out", help="run folder to write (default runs/CATEGORY-TIMESTAMP)")
+    t = sub.add_parser(
+        "train",
+        help="train and evaluate on a category in MVTec AD layout",
+        usage=TRAIN_USAGE,
+        description="Train MAPL on the normal images of a category, calibrate a decision threshold on held-out "
+        "labeled normals, then evaluate on the test split. Writes a run folder (--out).",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    need = t.add_argument_group("required for a new run (not with --resume)")
+    need.add_argument("--data", metavar="ROOT", help="dataset root in MVTec AD layout (ROOT/CATEGORY/train/good ...)")
+    need.add_argument("--category", metavar="NAME", help="category folder name under ROOT, e.g. screw")
+    _add_train_data_args(t.add_argument_group("run folder, data and anomaly simulation"))
+    _add_train_model_args(t.add_argument_group("model and training"))
+    _add_train_run_args(t.add_argument_group("configuration and execution"))
+
+
+def _add_train_data_args(t) -> None:
+    t.add_argument("--out", metavar="RUN", help="run folder to write (default runs/CATEGORY-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its checkpoint")
-    t.add_argument("--textures", help="folder of texture images for anomaly simulation (e.g. DTD)")
-    t.add_argument("--unlabeled", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument("--textures", metavar="DIR", help="folder of texture images for anomaly simulation (e.g. DTD)")
     t.add_argument(
-        "--unlabeled-fraction", type=float, help="benchmarking: fraction of train/good used as unlabeled pool"
+        "--foreground-preset",
+        metavar="NAME",
+        help="object-mask preset for anomaly simulation (simulation.foreground; default: the preset named like "
+        "the category folder, if any; 'none': the whole image); the run prints which one it used",
+    )
+    t.add_argument("--unlabeled", metavar="DIR", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument(
+        "--unlabeled-fraction",
+        type=float,
+        metavar="F",
+        help="benchmarking: fraction of train/good used as unlabeled pool",
     )
     t.add_argument(
-        "--contamination", type=float, help="benchmarking: fraction of test anomalies put into the unlabeled pool"
+        "--contamination",
+        type=float,
+        metavar="F",
+        help="benchmarking: fraction of test anomalies put into the unlabeled pool",
     )
-    t.add_argument("--labeled-anomalies", type=int, help="k labeled anomalies per defect type (taken from test)")
+    t.add_argument(
+        "--labeled-anomalies", type=int, metavar="K", help="k labeled anomalies per defect type (taken from test)"
+    )
     t.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images with a warning")
-    t.add_argument("--encoder", help="timm backbone (default tf_efficientnet_lite2) or 'mapl' (from scratch)")
-    t.add_argument("--weights", help="local encoder weights file")
     t.add_argument(
         "--no-masks",
         dest="require_masks",
@@ -92,29 +140,46 @@ def _add_train_parser(sub) -> None:
         default=None,
         help="image-label-only data: defect images need no ground-truth mask (no pixel metrics for them)",
     )
-    t.add_argument("--image-size", type=int, help="square input size in pixels (default 256)")
-    t.add_argument("--memory-samples", type=int, help="normal images in the memory bank (default 30)")
+    t.add_argument("--image-size", type=int, metavar="PX", help="square input size in pixels (default 256)")
+    t.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="data.seed: the split, validation normals and memory-bank choice "
+        "(the training seed is train.seed: --set train.seed=N)",
+    )
+
+
+def _add_train_model_args(t) -> None:
+    t.add_argument(
+        "--encoder", metavar="NAME", help="timm backbone (default tf_efficientnet_lite2) or 'mapl' (from scratch)"
+    )
+    t.add_argument("--weights", metavar="FILE", help="local encoder weights file")
+    t.add_argument("--memory-samples", type=int, metavar="N", help="normal images in the memory bank (default 30)")
     t.add_argument(
         "--memory-banks",
         type=int,
+        metavar="N",
         help="memory banks of --memory-samples different normal images each; anomaly maps are averaged "
         "over them at inference (default 1, screw's preset 10; limited by the training normals)",
     )
     t.add_argument(
         "--memory-backend", choices=["auto", "faiss", "torch"], help="nearest-neighbour search (default auto)"
     )
-    t.add_argument("--steps", type=int, help="training steps (default 500)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default 0.003)")
+    t.add_argument("--steps", type=int, metavar="N", help="training steps (default 500)")
+    t.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 0.003)")
     t.add_argument(
-        "--seed",
-        type=int,
-        help="data.seed: the split, validation normals and memory-bank choice "
-        "(the training seed is train.seed: --set train.seed=N)",
+        "--top-k", type=int, metavar="K", help="image score = mean of the top-k anomaly-map pixels (default 100)"
     )
-    t.add_argument("--top-k", type=int, help="image score = mean of the top-k anomaly-map pixels (default 100)")
-    t.add_argument("--num-workers", type=int, help="Ray Train workers (DDP when > 1)")
+
+
+def _add_train_run_args(t) -> None:
+    t.add_argument("--config", metavar="YAML", help="YAML configuration (every hyperparameter); flags override it")
+    t.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
-    t.add_argument("--amp", choices=["auto", "off", "bf16"])
+    t.add_argument(
+        "--amp", choices=["auto", "off", "bf16"], help="bf16 autocast: auto (on a GPU, not on the CPU), off or bf16"
+    )
     t.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field"
     )
@@ -127,18 +192,26 @@ def _add_train_parser(sub) -> None:
     )
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--verbose", action="store_true", help="show Ray's own output, the workers' logs and per-step losses"
+    )
 
 
 def _add_run_parsers(sub) -> None:
     e = sub.add_parser("evaluate", help="(re)compute metrics.json and report.md of a run on its test split")
-    e.add_argument("run")
-    e.add_argument("--device", default="auto")
+    e.add_argument("run", help="run folder written by mapl train")
+    e.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
-    pr = sub.add_parser("predict", help="score images with a trained run (JSON lines on stdout)")
-    pr.add_argument("run")
-    pr.add_argument("images", nargs="+")
-    pr.add_argument("--heatmaps", help="folder for heatmap PNGs (default RUN/predictions)")
-    pr.add_argument("--device", default="auto")
+    pr = sub.add_parser(
+        "predict",
+        help="score images with a trained run (JSON lines on stdout)",
+        description="Score images with a trained run: one JSON line per image on stdout (path, score, "
+        "normalised_score, q, label = the decision at the run's threshold, heatmap).",
+    )
+    pr.add_argument("run", help="run folder written by mapl train")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, recursively)")
+    pr.add_argument("--heatmaps", metavar="DIR", help="folder for heatmap PNGs (default RUN/predictions)")
+    pr.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
     sv = sub.add_parser(
         "serve", help="serve a trained run over HTTP with Ray Serve (POST /v1/predict; docs/serving.md)"
@@ -179,9 +252,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN (the run folder to continue)")
-        from .runfolder import load_run_config
+        from .runfolder import load_resume_config
 
-        cfg = load_run_config(args.out)
+        cfg = load_resume_config(args.out)
     else:
         cfg = Config.load(args.config) if args.config else Config()
         file_keys = config_file_keys(args.config) if args.config else set()
@@ -202,6 +275,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
+    resolved = cfg.override(overrides) if overrides else cfg  # a bad --set fails before the preset is printed
     if not args.resume:
         category = str(overrides.get("data.category", cfg.data.category))
         if not getattr(args, "category_preset", True):
@@ -216,19 +290,28 @@ def resolve_config(args: argparse.Namespace) -> Config:
                     + " (--no-category-preset skips it)",
                     file=sys.stderr,
                 )
-                cfg = cfg.override(preset)
-    return cfg.override(overrides) if overrides else cfg
+                resolved = cfg.override(preset).override(overrides)
+    return resolved
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .main_job import run_train_job
+    from .runfolder import stop_hint
 
     cfg = resolve_config(args)
+    if not args.resume and not (cfg.data.root and cfg.data.category):
+        raise ConfigError("a new run needs --data ROOT and --category NAME (or a --config file that sets them)")
     out = (
         Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     t0 = time.perf_counter()
-    metrics = run_train_job(cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet)
+    try:
+        metrics = run_train_job(
+            cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet, verbose=args.verbose
+        )
+    except KeyboardInterrupt:
+        print(f"\nmapl train: interrupted; {stop_hint(out)}", file=sys.stderr)
+        return 130
     o = metrics["overall"]
     print(
         json.dumps(
@@ -238,11 +321,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "pixel_auroc": o.get("pixel_auroc"),
                 "aupro": o.get("aupro"),
                 "f1_max": o.get("f1_max"),
+                "accuracy_at_threshold": o.get("accuracy_at_threshold"),
                 "wall_s": round(time.perf_counter() - t0, 1),
             }
         )
     )
-    print(f"run folder: {out}  (metrics.json, report.md, scores.csv, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
+    print(f"run folder: {out}  (report.md, metrics.json, scores.csv, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
     return 0
 
 
@@ -265,16 +349,41 @@ def heatmap_name(path: str) -> str:
     return f"{p.stem}_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]}.png"
 
 
+def expand_image_args(items: list[str]) -> list[str]:
+    """``mapl predict``'s IMAGE arguments: files as given, folders replaced by their image files
+    (recursively, sorted; :func:`~mapl_ray.data.layout.find_images`).
+
+    Raises:
+        LayoutError: a folder holds no image file.
+    """
+    from .data.layout import IMAGE_EXTENSIONS, LayoutError, find_images
+
+    paths: list[str] = []
+    for item in items:
+        if Path(item).is_dir():
+            found = find_images(item)
+            if not found:
+                raise LayoutError(
+                    f"folder {item} holds no image files (expected extensions {sorted(IMAGE_EXTENSIONS)}); "
+                    "pass image files or a folder of images"
+                )
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data.layout import ImageReadError
-    from .eval.report import save_heatmap_overlay
+    from .eval.report import decision_text, heatmap_range, map_threshold, save_heatmap_overlay
     from .inference import Predictor
 
     pred = Predictor(args.run, device=args.device)
+    paths = expand_image_args(args.images)
     good, images, poses, failed = [], [], [], {}
-    for path in args.images:  # one unreadable file is reported on its own line; the others are still scored
+    for path in paths:  # one unreadable file is reported on its own line; the others are still scored
         try:
             image, pose = pred.load_image(path)
             images.append(image)
@@ -287,19 +396,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
     out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
+    map_thr = map_threshold(pred.threshold, pred.q_weight)
+    for path in paths:
         if path in failed:
             print(json.dumps({"path": path, "error": failed[path]}))
             continue
         rec, img, amap = by_path[path]
         heat = out_dir / heatmap_name(path)
-        save_heatmap_overlay(img, amap, heat, title=f"score {rec['score']:.4f}", vmin=0.0, vmax=1.0)
+        vmin, vmax = heatmap_range(amap, map_thr)
+        title = f"{Path(path).name}  {decision_text(rec['score'], pred.threshold)}"
+        save_heatmap_overlay(img, amap, heat, title=title, vmin=vmin, vmax=vmax, threshold=map_thr)
         rec["heatmap"] = str(heat)
         print(json.dumps(rec))
     if failed:
-        rest = "the others were scored" if len(failed) < len(args.images) else "nothing was scored"
+        rest = "the others were scored" if len(failed) < len(paths) else "nothing was scored"
         print(
-            f"mapl predict: error: {len(failed)} of {len(args.images)} images could not be read "
+            f"mapl predict: error: {len(failed)} of {len(paths)} images could not be read "
             f"(see their 'error' lines); {rest}",
             file=sys.stderr,
         )
@@ -368,15 +480,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (not as it was when the handler was made), as
+    ``mapl COMMAND: message`` for mapl-ray's notes, ``mapl COMMAND: warning: ...`` above INFO and
+    ``LEVEL logger: message`` for other libraries' records."""
+
+    command = "mapl"
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always reads sys.stderr
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + logging.Formatter().formatException(record.exc_info)
+        if not record.name.startswith("mapl_ray"):
+            return f"{record.levelname} {record.name}: {msg}"
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"mapl {self.command}: {level}{msg}"
+
+
+def setup_logging(command: str, verbose: bool = False) -> None:
+    """Console logging of the CLI on stderr: mapl-ray's notes (INFO: the foreground preset, the
+    validation hold-out...) and every library's warnings; per-step losses only with ``verbose``.
+    Installs one handler on the root logger (once per process; other handlers are left alone)."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _ConsoleHandler)), None)
+    if handler is None:
+        handler = _ConsoleHandler()
+        root.addHandler(handler)
+    handler.command = command
+    logging.getLogger("mapl_ray").setLevel(logging.INFO)
+    logging.getLogger("mapl_ray.train").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(args.command, getattr(args, "verbose", False))
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except _known_errors() as e:
         print(f"mapl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader left (`mapl predict ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        return 141
 
 
 if __name__ == "__main__":

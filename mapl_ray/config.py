@@ -9,6 +9,7 @@ dotted name (``train.steps=200``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,9 @@ class DataConfig:
 @dataclass
 class SimulationConfig:
     texture_dir: str | None = None  # folder of texture images (DTD); None -> structure only
-    foreground: str | None = None  # preset name in FOREGROUND_PRESETS; None -> the category's preset
+    # a name in mapl_ray.data.foreground.FOREGROUND_PRESETS, "none" (no preset), or None: the preset named
+    # like the category folder; a run's config.yaml holds the resolved name and values (with_resolved_foreground)
+    foreground: str | None = None
     use_foreground_mask: bool | None = None  # explicit overrides of the preset
     foreground_threshold: int | None = None
     foreground_inverse: bool | None = None
@@ -168,7 +171,11 @@ class EvalConfig:
     tta: str = "rot90"  # test-time augmentation: none | flip | rot90 (8 views, maps averaged; one pass per view)
     heatmaps: int = 12  # heatmap overlays written to the report
     threshold_quantile: float = 0.99  # decision threshold from labeled-normal validation scores
-    validation_normals: int = 16  # labeled normals held out of training for normalisation / threshold
+    # labeled normals held out of training for score normalisation and the decision threshold:
+    # validation_fraction of them, at least 2 and at most validation_normals (mapl_ray.data.train_data.
+    # validation_count). 0.3 keeps 16 for every set of 54 or more (MPDD metal_plate, the smallest with figures)
+    validation_normals: int = 16
+    validation_fraction: float = 0.3
 
 
 @dataclass
@@ -240,12 +247,37 @@ class Config:
         for key, value in dotted.items():
             parts = key.split(".")
             if len(parts) != 2:
-                raise ConfigError(f"override {key!r} must be of the form section.field")
+                raise ConfigError(f"override {key!r} must be of the form section.field{nearest_fields(key)}")
             section, name = parts
             if section not in data or name not in data[section]:
-                raise ConfigError(f"override {key!r} names no configuration field")
+                raise ConfigError(f"override {key!r} names no configuration field{nearest_fields(key)}")
             data[section][name] = value
         return Config.from_dict(data, source="overrides")
+
+
+def field_names() -> list[str]:
+    """Every configuration field as ``section.field`` (the names ``--set`` and YAML files use)."""
+    return [
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(Config)
+        for f in dataclasses.fields(get_type_hints(Config)[s.name])
+    ]
+
+
+def nearest_fields(name: str, n: int = 3) -> str:
+    """``"; did you mean a, b?"`` naming the fields closest to ``name`` (``difflib``; matched on the whole
+    dotted name and on the field name alone, so a field under the wrong section is found), or ``""``."""
+    names = field_names()
+    near = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    leaf = name.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[1]: k for k in names}
+    near += [
+        by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.75) if by_leaf[m] not in near
+    ]
+    if near:
+        return f"; did you mean {', '.join(near[:n])}?"
+    sections = ", ".join(f.name for f in dataclasses.fields(Config))
+    return f"; names are SECTION.FIELD with SECTION one of {sections} (a run's config.yaml lists every field)"
 
 
 # value-range checks of Config.validate, one list per section: (field, holds, what is expected)
@@ -343,6 +375,7 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("eval.tta", c.eval.tta in ORIENTATION_MODES, "none, flip or rot90"),
         ("eval.threshold_quantile", 0 < c.eval.threshold_quantile <= 1, "in (0, 1]"),
         ("eval.validation_normals", c.eval.validation_normals >= 0, ">= 0"),
+        ("eval.validation_fraction", 0 < c.eval.validation_fraction <= 1, "in (0, 1]"),
         ("eval.q_weight", c.eval.q_weight is None or c.eval.q_weight >= 0, ">= 0 or null"),
         (
             "eval.q_weight_grid",
@@ -387,11 +420,13 @@ def config_file_keys(path: str | Path) -> set[str]:
 
 
 # Fields added after run folders were first written, with the value that reproduces the older runs.
+# eval.validation_fraction 1.0: held out min(validation_normals, n - 2), as before the fraction existed.
 RUN_FIELDS_ADDED: dict[str, Any] = {
     "eval.tta": "none",
     "model.memory_banks": 1,
     "pseudo.features": "pooled",
     "simulation.validation_textures": 0.0,
+    "eval.validation_fraction": 1.0,
 }
 
 
@@ -444,7 +479,9 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(prefix + u for u in unknown)}")
+        raise ConfigError(
+            f"{source}: unknown field(s) {', '.join(prefix + u for u in unknown)}{nearest_fields(prefix + unknown[0])}"
+        )
     kwargs = {}
     for name in names:
         if name not in data:

@@ -9,12 +9,14 @@ the evaluation at the end.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .data.foreground import with_resolved_foreground
 from .data.io import check_test_masks
 from .data.layout import LayoutError, scan_category, scan_folder
 from .data.pose import build_pose_estimator
@@ -22,7 +24,16 @@ from .data.simulation import build_simulator
 from .data.split import Split, make_split
 from .data.train_data import data_summary, load_train_data
 from .model.encoder import WeightsError, build_encoder
-from .runfolder import DATA_INFO_FILE, SPLIT_FILE, open_run_folder, write_run_start, write_train_summary
+from .runfolder import (
+    DATA_INFO_FILE,
+    SPLIT_FILE,
+    open_run_folder,
+    read_state,
+    write_run_start,
+    write_train_summary,
+)
+
+log = logging.getLogger("mapl_ray.main")
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -92,13 +103,21 @@ def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> Split
 
 
 def run_train_job(
-    cfg: Config, run_dir: str | Path, resume: bool = False, use_ray: bool = True, progress: bool = True
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    use_ray: bool = True,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """The main job: prepare the run, train, calibrate on validation normals, evaluate on test.
 
     Writes ``config.yaml``, ``split.json``, ``data_info.json``, ``checkpoint/``, ``train_log.jsonl``,
     ``train_summary.json``, ``metrics.json``, ``report.md``, ``scores.csv``, ``plots/``, ``heatmaps/``
-    into ``run_dir``. Returns the metrics dict.
+    into ``run_dir``. Returns the metrics dict. A new run's ``config.yaml`` holds the foreground the
+    anomaly simulation uses (:func:`~mapl_ray.data.foreground.with_resolved_foreground`), which is
+    logged (INFO, ``mapl_ray.main``) with the validation hold-out. ``verbose``: Ray's own console
+    output and the workers' logs (:func:`~mapl_ray.pipelines.ray_train.train_with_ray`).
 
     Raises:
         RunFolderError, LayoutError, ConfigError, WeightsError: bad input, before anything is trained.
@@ -108,9 +127,15 @@ def run_train_job(
 
     run_dir = Path(run_dir)
     cfg = absolute_paths(cfg)
+    if not resume:
+        cfg, foreground = with_resolved_foreground(cfg)
     split = prepare_run(cfg, run_dir, resume)
     if resume:
         cfg.save(run_dir / "config.yaml")  # e.g. more steps than the stopped run had
+        step = read_state(run_dir)["step"]
+        log.info("resuming %s from its checkpoint at step %s of train.steps %d", run_dir, step, cfg.train.steps)
+    else:
+        log.info(foreground)
     t0 = time.perf_counter()
     data, validation, data_info = load_train_data(cfg, split)
     load_s = time.perf_counter() - t0
@@ -118,7 +143,7 @@ def run_train_job(
     if use_ray:
         from .pipelines.ray_train import train_with_ray
 
-        summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress)
+        summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress, verbose=verbose)
     else:
         summary = train_in_process(cfg, data, validation, run_dir, resume=resume, progress=progress)
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)

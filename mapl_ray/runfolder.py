@@ -5,6 +5,10 @@ unlabeled / labeled anomaly / test, and the seed), ``checkpoint/`` (below), ``da
 images used), ``train_log.jsonl``, ``train_summary.json``, ``metrics.json``, ``report.md``,
 ``scores.csv``, ``plots/``, ``heatmaps/``.
 
+``train_log.jsonl`` holds one JSON object per logged step; its ``segment`` counts resumes (0: the first
+run, 1 after the first ``--resume``...). A resumed run logs again from its checkpoint's step, so steps
+logged after the last checkpoint of a stopped segment appear twice, once per segment.
+
 ``RUN/checkpoint/``: everything a served model needs, nothing unpickled:
   model.safetensors      network weights and the memory bank buffers (safetensors)
   optimizer.pt           optimizer + LR-scheduler state (torch state dicts, loadable weights_only=True)
@@ -40,11 +44,12 @@ class RunFolderError(RuntimeError):
     """The output folder cannot be used (it holds another run and ``--resume`` was not given...)."""
 
 
-CONFIG_FILE, SPLIT_FILE, DATA_INFO_FILE, SUMMARY_FILE = (
+CONFIG_FILE, SPLIT_FILE, DATA_INFO_FILE, SUMMARY_FILE, TRAIN_LOG_FILE = (
     "config.yaml",
     "split.json",
     "data_info.json",
     "train_summary.json",
+    "train_log.jsonl",
 )
 
 
@@ -142,6 +147,67 @@ def load_run_config(run_dir: str | Path) -> Config:
     return Config.load_run(require_run_folder(run_dir) / CONFIG_FILE)
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (``checkpoint/state.json``)."""
+    return (checkpoint_dir(run_dir) / "state.json").is_file()
+
+
+def rerun_hint(run_dir: str | Path) -> str:
+    """What to do with a run folder that holds no checkpoint yet: start it again without ``--resume``."""
+    run = Path(run_dir)
+    return (
+        f"it holds no checkpoint (the run stopped before its first save), so there is nothing to resume: "
+        f"rerun without --resume, "
+        f"e.g. `mapl train --config {run / CONFIG_FILE} --out {run}` (the folder is reused)"
+    )
+
+
+def load_resume_config(run_dir: str | Path) -> Config:
+    """The configuration of a stopped run to continue with ``mapl train --resume`` (as :func:`load_run_config`).
+
+    Raises:
+        RunFolderError: ``run_dir`` does not exist or holds no run (no ``config.yaml``), or it holds no
+            checkpoint yet (the message says to rerun without ``--resume``).
+        ConfigError: an unreadable ``config.yaml``.
+    """
+    run = Path(run_dir)
+    if not (run / CONFIG_FILE).is_file():
+        what = "does not exist" if not run.exists() else f"is not a trained run folder ({CONFIG_FILE} missing)"
+        raise RunFolderError(f"cannot resume {run}: it {what}; --out must name the folder of a stopped `mapl train`")
+    if not has_checkpoint(run):
+        raise RunFolderError(f"cannot resume {run}: {rerun_hint(run)}")
+    return Config.load_run(run / CONFIG_FILE)
+
+
+def stop_hint(run_dir: str | Path) -> str:
+    """Where a stopped (interrupted) run stands and the command that continues it, for the CLI."""
+    run = Path(run_dir)
+    if not has_checkpoint(run):
+        if not (run / CONFIG_FILE).is_file():
+            return f"stopped before the run started: nothing was trained in {run}"
+        return f"{run}: {rerun_hint(run)}"
+    state = read_state(run)
+    step, total = int(state["step"]), state.get("total_steps")
+    at = f"step {step}" + (f" of {total}" if total else "")
+    return (
+        f"the last checkpoint is {checkpoint_dir(run)} ({at}); continue with `mapl train --resume --out {run}` "
+        "(add --steps N to change the length)"
+    )
+
+
+def train_log_segment(run_dir: str | Path) -> int:
+    """The ``segment`` a run resumed in ``run_dir`` logs under in ``train_log.jsonl``: one more than the
+    last logged line's (1 when the log is missing or holds no segment)."""
+    path = Path(run_dir) / TRAIN_LOG_FILE
+    if not path.is_file():
+        return 1
+    lines = path.read_text().strip().splitlines()
+    try:
+        return int(json.loads(lines[-1]).get("segment", 0)) + 1 if lines else 1
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1
+
+
 def write_run_start(run_dir: str | Path, cfg: Config, split: Split) -> None:
     """Create ``run_dir`` with ``config.yaml`` and ``split.json``: what a run is before it trains."""
     run_dir = Path(run_dir)
@@ -210,20 +276,17 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--out {run_dir} exists and is not a folder")
-    has_checkpoint = (checkpoint_dir(run_dir) / "state.json").is_file()
+    saved = has_checkpoint(run_dir)
     if resume:
-        if not has_checkpoint or not (run_dir / SPLIT_FILE).is_file():
-            raise RunFolderError(
-                f"cannot resume {run_dir}: it holds no checkpoint yet (the run stopped before its first "
-                f"save); start it again without --resume, which reuses the folder"
-            )
+        if not saved or not (run_dir / SPLIT_FILE).is_file():
+            raise RunFolderError(f"cannot resume {run_dir}: {rerun_hint(run_dir)}")
         done = int(read_state(run_dir)["step"])
         if steps < done:
             raise RunFolderError(
                 f"cannot resume {run_dir} with train.steps={steps}: the checkpoint is already at step {done}"
             )
         return True
-    if has_checkpoint:
+    if saved:
         raise RunFolderError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out (nothing was overwritten)"
         )

@@ -47,6 +47,21 @@ def _few_threads():
     torch.set_num_threads(n)
 
 
+#: ``mapl train`` flags for a tiny, fast run (64x64, random-init EfficientNet-Lite0, small decoder).
+TINY_CLI = [
+    "--image-size",
+    "64",
+    "--memory-samples",
+    "3",
+    "--set",
+    "model.pretrained=false",
+    "--set",
+    "model.encoder=tf_efficientnet_lite0",
+    "--set",
+    "model.decoder_channels=16,16,16,16",
+]
+
+
 def copy_small_category(
     dst: Path,
     n_train: int = 14,

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SCREW, TEXTURES, needs_data
+from conftest import SCREW, TEXTURES, TINY_CLI, needs_data
 from PIL import Image
 
 from mapl_ray.cli import main
@@ -30,16 +30,7 @@ def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
         "--quiet",
         "--steps",
         "2",
-        "--image-size",
-        "64",
-        "--memory-samples",
-        "3",
-        "--set",
-        "model.pretrained=false",
-        "--set",
-        "model.encoder=tf_efficientnet_lite0",
-        "--set",
-        "model.decoder_channels=16,16,16,16",
+        *TINY_CLI,
         "--set",
         "eval.validation_normals=3",
         *extra,

@@ -76,8 +76,8 @@ def test_checkpoint_roundtrip_and_resume_give_identical_weights(small_root, tmp_
     resumed, _ = train_model(cfg, data, tmp_path / "resumed", resume=True, progress=False)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["segment"]) for r in log] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)]
 
 
 @needs_data

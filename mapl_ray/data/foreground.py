@@ -4,21 +4,25 @@ finds the part (MemSeg's target foreground mask; MAPL eq. 1), with per-category 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..config import Config
+from ..config import Config, ConfigError
 
 __all__ = [
     "FOREGROUND_PRESETS",
+    "NO_FOREGROUND_PRESET",
     "ForegroundConfig",
     "check_rgb_image",
     "foreground_mask",
+    "foreground_preset_name",
     "resolve_foreground",
     "rgb_to_grey",
+    "with_resolved_foreground",
 ]
 
 
@@ -169,16 +173,86 @@ def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
     return fg.astype(np.uint8)
 
 
+#: ``simulation.foreground`` value that asks for no preset: the whole image is foreground unless
+#: ``simulation.use_foreground_mask`` / ``foreground_threshold`` / ``foreground_inverse`` say otherwise.
+NO_FOREGROUND_PRESET = "none"
+
+
+def foreground_preset_name(cfg: Config) -> str | None:
+    """The :data:`FOREGROUND_PRESETS` entry ``cfg`` uses: ``simulation.foreground`` when set, else the
+    one named like the category folder (``data.category``); None for no preset.
+
+    Raises:
+        ConfigError: ``simulation.foreground`` names no preset (the message lists the nearest names).
+    """
+    name = cfg.simulation.foreground
+    if name is None:
+        return cfg.data.category if cfg.data.category in FOREGROUND_PRESETS else None
+    if name == NO_FOREGROUND_PRESET:
+        return None
+    if name not in FOREGROUND_PRESETS:
+        raise ConfigError(
+            f"simulation.foreground = {name!r} names no foreground preset{_nearest_hint(name)}; "
+            f"choose one of {', '.join(sorted(FOREGROUND_PRESETS))} or {NO_FOREGROUND_PRESET!r}"
+        )
+    return name
+
+
+def _nearest_hint(name: str) -> str:
+    """`` (nearest: a, b)`` for the preset names closest to ``name`` (case, spaces and hyphens ignored)."""
+    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    near = [key] if key in FOREGROUND_PRESETS else difflib.get_close_matches(key, FOREGROUND_PRESETS, n=3, cutoff=0.6)
+    return f" (nearest: {', '.join(near)})" if near else ""
+
+
 def resolve_foreground(cfg: Config) -> ForegroundConfig:
-    """The object definition for ``cfg``: the category's (or ``simulation.foreground``'s) preset in
-    :data:`~mapl_ray.data.simulation.FOREGROUND_PRESETS` with the config's explicit overrides; the
-    preset's opening / closing / hole filling are kept. Used by the simulation and the pose estimator."""
+    """The object definition for ``cfg``: the preset of :func:`foreground_preset_name` (or the whole
+    image without one) with the config's explicit overrides; the preset's opening / closing / hole
+    filling are kept. Used by the simulation and the pose estimator.
+
+    Raises:
+        ConfigError: ``simulation.foreground`` names no preset.
+    """
     s = cfg.simulation
-    preset = s.foreground or cfg.data.category
-    fg = FOREGROUND_PRESETS.get(preset, ForegroundConfig())
+    name = foreground_preset_name(cfg)
+    fg = FOREGROUND_PRESETS[name] if name else ForegroundConfig()
     return dataclasses.replace(
         fg,
         use_mask=fg.use_mask if s.use_foreground_mask is None else s.use_foreground_mask,
         threshold=fg.threshold if s.foreground_threshold is None else s.foreground_threshold,
         inverse=fg.inverse if s.foreground_inverse is None else s.foreground_inverse,
     )
+
+
+def with_resolved_foreground(cfg: Config) -> tuple[Config, str]:
+    """``cfg`` with the foreground it resolves to written out, and a one-line description of it.
+
+    ``simulation.foreground`` becomes the preset's name (or ``"none"``) and ``use_foreground_mask`` /
+    ``foreground_threshold`` / ``foreground_inverse`` the values :func:`resolve_foreground` gives, so a
+    run's ``config.yaml`` shows what the simulation used and no longer depends on the category folder's
+    name. The result resolves to the same :class:`ForegroundConfig` as ``cfg``.
+
+    Raises:
+        ConfigError: ``simulation.foreground`` names no preset.
+    """
+    name = foreground_preset_name(cfg)
+    fg = resolve_foreground(cfg)
+    resolved = cfg.override(
+        {
+            "simulation.foreground": name or NO_FOREGROUND_PRESET,
+            "simulation.use_foreground_mask": fg.use_mask,
+            "simulation.foreground_threshold": fg.threshold,
+            "simulation.foreground_inverse": fg.inverse,
+        }
+    )
+    if fg.use_mask:
+        what = f"object = grey {'<=' if fg.inverse else '>'} {fg.threshold}"
+    else:
+        what = "the whole image is foreground"
+    if name:
+        source = "simulation.foreground" if cfg.simulation.foreground else f"category {cfg.data.category!r}"
+        text = f"foreground preset {name!r} (from {source}): {what}"
+    else:
+        why = "" if cfg.simulation.foreground else f" for category {cfg.data.category!r}"
+        text = f"no foreground preset{why}{_nearest_hint(cfg.data.category) if why else ''}: {what}"
+    return resolved, f"anomaly simulation: {text} (--foreground-preset NAME or --set simulation.foreground=NAME)"

@@ -8,11 +8,12 @@ The MVTec AD layout (Bergmann et al., CVPR 2019) is::
     <root>/<category>/train/good/*.png
     <root>/<category>/test/good/*.png
     <root>/<category>/test/<defect_type>/<stem>.png
-    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png
+    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png   (or <stem>.png)
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = [
 
 #: Lower-case file extensions (with dot) of formats Pillow decodes; matched case-insensitively.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+log = logging.getLogger("mapl_ray.data")
 
 LABEL_NORMAL = 0
 LABEL_ANOMALOUS = 1
@@ -184,23 +187,60 @@ def _list_subdirs(folder: str) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
-def _mask_lookup(gt_dir: str) -> dict[str, str]:
-    """Map image stem -> mask path for ``<stem>_mask.<any image ext>`` files in ``gt_dir``.
+def _mask_lookup(gt_dir: str) -> tuple[dict[str, str], list[str]]:
+    """Masks in ``gt_dir``: (image stem -> mask path, every image file in ``gt_dir``).
 
-    When several extensions exist for one stem, ``.png`` wins, then the alphabetically first,
-    so the choice is deterministic.
+    A mask is ``<stem>_mask.<ext>`` (MVTec AD) or, failing that, ``<stem>.<ext>`` named like its image
+    (the ground-truth folder holds masks only). Among several extensions for one stem ``.png`` wins,
+    then the alphabetically first, so the choice is deterministic.
     """
     if not os.path.isdir(gt_dir):
-        return {}
-    found: dict[str, list[str]] = {}
-    for path in _list_images(gt_dir):
-        stem, ext = os.path.splitext(os.path.basename(path))
+        return {}, []
+    files = _list_images(gt_dir)
+    suffixed: dict[str, list[str]] = {}
+    plain: dict[str, list[str]] = {}
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
         if stem.endswith("_mask"):
-            found.setdefault(stem[: -len("_mask")], []).append(path)
+            suffixed.setdefault(stem[: -len("_mask")], []).append(path)
+        else:
+            plain.setdefault(stem, []).append(path)
+    found = {**plain, **suffixed}  # <stem>_mask wins over <stem>
     return {
         stem: sorted(paths, key=lambda p: (os.path.splitext(p)[1].lower() != ".png", p))[0]
         for stem, paths in found.items()
-    }
+    }, files
+
+
+def _defect_records(test_dir: str, gt_dir: str, dtype: str, require_masks: bool) -> list[ImageRecord]:
+    """The images of ``test/<dtype>`` with their masks from ``ground_truth/<dtype>`` (see :func:`scan_category`).
+
+    Raises:
+        LayoutError: a defect image without a mask while ``require_masks``.
+    """
+    masks, gt_files = _mask_lookup(gt_dir)
+    records = []
+    for p in _list_images(os.path.join(test_dir, dtype)):
+        stem = os.path.splitext(os.path.basename(p))[0]
+        mask = masks.get(stem)
+        if mask is None and require_masks:
+            raise LayoutError(
+                f"defect image {p!r} has no mask: expected {os.path.join(gt_dir, stem + '_mask.png')!r} "
+                f"(or {stem}.png; any image extension); for image-label-only data pass --no-masks "
+                f"(mapl train) or set data.require_masks: false"
+            )
+        records.append(ImageRecord(p, LABEL_ANOMALOUS, dtype, mask))
+    unused = sorted(set(gt_files) - {r.mask_path for r in records})
+    if unused:
+        log.warning(
+            "%d file(s) in %s match no image of test/%s and are ignored (a mask is named <stem>_mask.png or "
+            "<stem>.png after its image <stem>.png), e.g. %s",
+            len(unused),
+            gt_dir,
+            dtype,
+            os.path.basename(unused[0]),
+        )
+    return records
 
 
 def scan_category(
@@ -212,9 +252,10 @@ def scan_category(
         root: data-set root; the category lives in ``root/category``.
         category: category folder name.
         require_masks: when True (MVTec AD, MPDD, magnetic tile) every defect image
-            ``test/<type>/<stem>.<ext>`` must have ``ground_truth/<type>/<stem>_mask.<ext>``.
-            Set False for image-label-only sets (e.g. ELPV): defect images then get
-            ``mask_path=None`` where no mask exists.
+            ``test/<type>/<stem>.<ext>`` must have ``ground_truth/<type>/<stem>_mask.<ext>`` or, named
+            like the image, ``ground_truth/<type>/<stem>.<ext>``. Set False for image-label-only sets
+            (e.g. ELPV): defect images then get ``mask_path=None`` where no mask exists. Either way, a
+            logged warning names files in ``ground_truth/<type>`` that match no image.
         allow_empty_train: accept a missing or empty ``train/good`` (training from an unlabeled pool).
 
     Returns:
@@ -260,22 +301,11 @@ def scan_category(
     train_good = [ImageRecord(p, LABEL_NORMAL, "good") for p in train_paths]
     test: list[ImageRecord] = []
     for dtype in _list_subdirs(test_dir):
-        paths = _list_images(os.path.join(test_dir, dtype))
         if dtype == "good":
-            test.extend(ImageRecord(p, LABEL_NORMAL, "good") for p in paths)
-            continue
-        gt_dir = os.path.join(cat_dir, "ground_truth", dtype)
-        masks = _mask_lookup(gt_dir)
-        for p in paths:
-            stem = os.path.splitext(os.path.basename(p))[0]
-            mask = masks.get(stem)
-            if mask is None and require_masks:
-                raise LayoutError(
-                    f"defect image {p!r} has no mask: expected "
-                    f"{os.path.join(gt_dir, stem + '_mask.png')!r} (any image extension); "
-                    f"pass require_masks=False for image-label-only data"
-                )
-            test.append(ImageRecord(p, LABEL_ANOMALOUS, dtype, mask))
+            test.extend(ImageRecord(p, LABEL_NORMAL, "good") for p in _list_images(os.path.join(test_dir, dtype)))
+        else:
+            gt_dir = os.path.join(cat_dir, "ground_truth", dtype)
+            test.extend(_defect_records(test_dir, gt_dir, dtype, require_masks))
     test.sort(key=lambda r: r.path)
     return CategoryIndex(root=root_abs, category=category, train_good=train_good, test=test)
 

@@ -4,6 +4,7 @@ images, the unlabeled pool and the labeled anomalies."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +84,12 @@ def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
     if num_normals < 1:
         raise ValueError("memory bank needs at least one labeled normal image")
     if n > num_normals:
-        log.warning("model.memory_samples=%d > %d labeled normals; using all of them", n, num_normals)
+        log.warning(
+            "model.memory_samples=%d but only %d labeled normals are left for training (after the validation "
+            "hold-out): the memory bank holds all of them",
+            n,
+            num_normals,
+        )
     rng = np.random.default_rng([seed, 7])
     return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))
 
@@ -134,18 +140,47 @@ def choose_memory_banks(
     return [first, *(np.sort(rest[i * n : (i + 1) * n]).astype(np.int64) for i in range(extra))]
 
 
-def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
-    """Rows of the labeled normals held out for score normalisation and the decision threshold."""
+def validation_count(n_normals: int, max_val: int, fraction: float) -> int:
+    """How many of ``n_normals`` labeled normals to hold out for score normalisation and the threshold.
+
+    ``floor(fraction * n_normals)``, at least 2 (a quantile threshold needs two scores) and at most
+    ``max_val`` (``eval.validation_normals``); never more than ``n_normals - 2``, so that two normals
+    remain to train on (a logged warning says when this cap applies). ``max_val`` 0 holds none out.
+    """
+    n_val = min(max_val, max(2, math.floor(fraction * n_normals)))
     if n_val > max(0, n_normals - 2):
         log.warning(
-            "eval.validation_normals=%d but only %d labeled normals: holding out %d, training on 2",
-            n_val,
+            "eval.validation_normals: only %d labeled normals: holding out %d instead of %d, training on %d",
             n_normals,
             max(0, n_normals - 2),
+            n_val,
+            min(2, n_normals),
         )
-    n_val = min(n_val, max(0, n_normals - 2))
+    return min(n_val, max(0, n_normals - 2))
+
+
+def validation_indices(n_normals: int, n_val: int, seed: int) -> np.ndarray:
+    """Sorted rows of ``n_val`` labeled normals (a seeded choice; :func:`validation_count` gives ``n_val``)."""
     rng = np.random.default_rng([seed, 11])
     return np.sort(rng.choice(n_normals, size=n_val, replace=False)) if n_val else np.zeros(0, np.int64)
+
+
+def _validation_rows(cfg: Config, n: int) -> np.ndarray:
+    """The labeled normals held out for validation (:func:`validation_count`, :func:`validation_indices`),
+    and a log line that says how many."""
+    rows = validation_indices(
+        n, validation_count(n, cfg.eval.validation_normals, cfg.eval.validation_fraction), cfg.data.seed
+    )
+    log.info(
+        "validation: %d of %d labeled normals held out for score normalisation and the decision threshold "
+        "(eval.validation_fraction %.2g, at most eval.validation_normals %d; listed in data_info.json), %d train",
+        len(rows),
+        n,
+        cfg.eval.validation_fraction,
+        cfg.eval.validation_normals,
+        n - len(rows),
+    )
+    return rows
 
 
 def initial_pool_labels(cfg: Config, num_labeled: int, pool_size: int) -> np.ndarray:
@@ -178,11 +213,7 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
     presumed = normals is None or not len(normals.images)
     if presumed:  # all of them validate; training starts from the pool as normal data
         normals = _presumed_normals(cfg, unl)
-    val_idx = (
-        np.arange(len(normals.images))
-        if presumed
-        else validation_indices(len(normals.images), cfg.eval.validation_normals, cfg.data.seed)
-    )
+    val_idx = np.arange(len(normals.images)) if presumed else _validation_rows(cfg, len(normals.images))
     keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
     held = (
         held_out_anomalies([r.defect_type for r in anom.records], cfg.eval.validation_anomalies, cfg.data.seed)

@@ -34,7 +34,14 @@ from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..pseudo.labeler import PseudoLabeler
 from ..pseudo.occ import OCCEnsemble
-from ..runfolder import load_model_weights, load_pseudo, load_training_state, read_state, save_checkpoint
+from ..runfolder import (
+    load_model_weights,
+    load_pseudo,
+    load_training_state,
+    read_state,
+    save_checkpoint,
+    train_log_segment,
+)
 from ..tensors import autocast_context, to_tensor
 from .ema import WeightEMA
 from .loader import batch_to_device, loader_workers, make_loader
@@ -97,6 +104,7 @@ class Trainer:
         self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
         self.validator = Validator(validation, cfg, self.device) if validation is not None and rank == 0 else None
         self.start_step = 0
+        self.segment = 0  # train_log.jsonl's segment: 0 for a new run, +1 per resume
         self.refits: list[dict[str, Any]] = []
 
     def refresh_banks(self, core: MAPLModel, banks: int | None = None) -> None:
@@ -134,6 +142,7 @@ class Trainer:
         self.model.refresh_memory(to_tensor(self.bank_images[0][:1], self.device))  # bank buffers of the right shapes
         load_model_weights(self.run_dir, self.model)
         self.start_step = int(state["step"])
+        self.segment = train_log_segment(self.run_dir)
         same_length = int(state.get("total_steps", self.cfg.train.steps)) == self.cfg.train.steps
         extra = load_training_state(self.run_dir, self.optimizer, self.scheduler if same_length else None)
         if self.graphed:
@@ -246,6 +255,7 @@ class Trainer:
             "step": step + 1,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "step_s": float(np.mean(step_times[-t.log_every :])),
+            "segment": self.segment,
             **last,
             **pseudo_stats,
         }

@@ -18,8 +18,8 @@ from ..data.split import Split
 from ..data.validation import ValidationSet
 from ..inference import Predictor
 from ..runfolder import SPLIT_FILE, checkpoint_dir
-from .metrics import compute_metrics, fit_normalisation, threshold_from_normals
-from .report import write_report
+from .metrics import compute_metrics, decision_counts, fit_normalisation, threshold_from_normals
+from .report import map_threshold, write_report
 from .validation import score_validation_set, validation_metrics
 
 
@@ -118,9 +118,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     metrics = compute_metrics(labels, res["scores"], types, masks, maps)
     thr = pred.threshold
     if thr is not None:
-        decided = res["scores"] >= thr
+        metrics["decisions"] = decision_counts(labels, res["scores"], types, thr)
         metrics["overall"]["threshold"] = float(thr)
-        metrics["overall"]["accuracy_at_threshold"] = float((decided == labels.astype(bool)).mean())
+        metrics["overall"]["accuracy_at_threshold"] = metrics["decisions"]["accuracy"]
     sample = [
         {
             "image": loaded.images[i],
@@ -167,7 +167,16 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
     write_scores(run_dir / "scores.csv", [r.path for r in loaded.records], types, labels, res["scores"], thr)
     if pred.state.get("validation"):  # the objective settings are chosen on (labeled data, never test)
         metrics["validation"] = pred.state["validation"]
-    write_report(run_dir, metrics, info, labels=labels, scores=res["scores"], threshold=thr, sample=sample)
+    write_report(
+        run_dir,
+        metrics,
+        info,
+        labels=labels,
+        scores=res["scores"],
+        threshold=thr,
+        sample=sample,
+        map_threshold=map_threshold(thr, pred.q_weight),
+    )
     return metrics
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "fit_normalisation",
     "normalise_scores",
     "threshold_from_normals",
+    "decision_counts",
 ]
 
 
@@ -508,6 +509,43 @@ def compute_metrics(
         sel = ~y | (types == t)
         result["per_defect"][t] = _subset_metrics(y, s, sel, pix_masks, amap, pix_ok, fpr_limit)
     return result
+
+
+def decision_counts(labels: np.ndarray, scores: np.ndarray, defect_types: Sequence[str], threshold: float) -> dict:
+    """Decisions at a fixed threshold (an image is flagged as a defect when ``score >= threshold``).
+
+    Args:
+        labels: (N,) {0, 1}; 1 = anomalous. One class alone is allowed.
+        scores: (N,) float image scores, in the threshold's units.
+        defect_types: N strings ("good" for normal images).
+        threshold: the run's decision threshold (chosen without test labels).
+
+    Returns:
+        JSON-serialisable dict: ``threshold``, ``images``, ``correct``, ``accuracy`` (in [0, 1]),
+        ``false_positives`` (good images flagged), ``false_negatives`` (defect images not flagged),
+        and ``by_type``: ``{type: {"images": n, "flagged": k}}`` for ``good`` and each defect type.
+
+    Raises:
+        ValueError: shape mismatch, non-binary labels, non-finite scores.
+    """
+    y, s = _image_inputs(labels, scores, need_both_classes=False)
+    types = np.asarray([str(t) for t in defect_types], dtype=object)
+    if types.shape != y.shape:
+        raise ValueError(f"defect_types: expected {y.size} entries (one per image), got {types.shape[0]}")
+    flagged = s >= float(threshold)
+    correct = int((flagged == y).sum())
+    return {
+        "threshold": float(threshold),
+        "images": int(y.size),
+        "correct": correct,
+        "accuracy": correct / y.size if y.size else None,
+        "false_positives": int((flagged & ~y).sum()),
+        "false_negatives": int((~flagged & y).sum()),
+        "by_type": {
+            t: {"images": int((types == t).sum()), "flagged": int(flagged[types == t].sum())}
+            for t in sorted(set(types.tolist()), key=lambda t: (t != "good", t))
+        },
+    }
 
 
 # --------------------------------------------------------------------------- #

@@ -21,7 +21,19 @@ from sklearn.metrics import roc_curve
 
 from .metrics import _image_inputs, _to_numpy, image_auroc
 
-__all__ = ["save_roc_plot", "save_heatmap_overlay", "save_score_histogram", "write_report"]
+__all__ = [
+    "decision_text",
+    "heatmap_range",
+    "map_threshold",
+    "save_heatmap_overlay",
+    "save_roc_plot",
+    "save_score_histogram",
+    "write_report",
+]
+
+#: ``info`` keys left out of report.md's run table (training internals and data details; metrics.json
+#: keeps them; the table shows the training time, the number of training normals and the validation data).
+DETAIL_KEYS = ("training", "data")
 
 _METRIC_COLUMNS = [
     ("image_auroc", "Image AUROC"),
@@ -81,6 +93,7 @@ def save_heatmap_overlay(
     title: str = "",
     vmin: float | None = None,
     vmax: float | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """Save image | image + jet heatmap (alpha 0.5) side by side, with the GT contour.
 
@@ -92,8 +105,10 @@ def save_heatmap_overlay(
         mask: optional (H, W) {0, 1} (or {0, 255}, for display only) ground
             truth; its contour is drawn in lime on both panels.
         title: figure title (e.g. "crack/000  score=3.21").
-        vmin, vmax: colour range of the heatmap; default: the map's min / max.
-            Pass fixed values to make heatmaps of a run comparable.
+        vmin, vmax: colour range of the heatmap; default: the map's min / max
+            (:func:`heatmap_range` gives a range that keeps the threshold in view).
+        threshold: decision threshold in map units, marked on the colour bar
+            (omitted when None or outside the colour range).
 
     Returns:
         ``Path`` of the written file.
@@ -130,16 +145,60 @@ def save_heatmap_overlay(
     ax_ov.imshow(img)
     hm = ax_ov.imshow(amap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
     ax_ov.set_title("anomaly map")
-    fig.colorbar(hm, ax=ax_ov, fraction=0.046, pad=0.04)
+    bar = fig.colorbar(hm, ax=ax_ov, fraction=0.046, pad=0.04)
+    lo, hi = hm.get_clim()
+    if threshold is not None and lo <= threshold <= hi:
+        bar.ax.axhline(threshold, color="white", lw=2)
+        bar.ax.axhline(threshold, color="black", lw=1, ls="--")
+        bar.ax.text(
+            -0.15, threshold, "thr", transform=bar.ax.get_yaxis_transform(), ha="right", va="center", fontsize=7
+        )
     if m is not None and m.any() and not m.all():  # contour needs both levels present
-        for ax in (ax_img, ax_ov):
-            ax.contour(m, levels=[0.5], colors="lime", linewidths=1.2)
+        # full outline on the image; a thin dashed one over the heat so it does not cover a detection
+        ax_img.contour(m, levels=[0.5], colors="lime", linewidths=1.2)
+        ax_ov.contour(m, levels=[0.5], colors="lime", linewidths=0.7, linestyles="dashed")
     for ax in (ax_img, ax_ov):
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def heatmap_range(anomaly_map: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
+    """Colour range of one image's heatmap: from the map's minimum to the larger of its maximum and
+    the decision threshold.
+
+    Each image gets its own scale, so a moderate detection is not washed out by a strong one elsewhere
+    in the report (what one shared scale did), while a map that stays below the threshold is not
+    stretched to look hot: the top of its scale is the threshold.
+
+    Args:
+        anomaly_map: (H, W) float.
+        threshold: decision threshold in map units (see :func:`map_threshold`), or None: the map's own range.
+
+    Returns:
+        ``(vmin, vmax)`` with ``vmax > vmin``.
+    """
+    amap = _to_numpy(anomaly_map, "anomaly_map")
+    lo = float(amap.min())
+    hi = float(amap.max()) if threshold is None else max(float(amap.max()), float(threshold))
+    return lo, hi if hi > lo else lo + 1e-6
+
+
+def map_threshold(threshold: float | None, q_weight: float) -> float | None:
+    """The decision threshold in anomaly-map units, or None when it has none: the image score is the
+    mean of the map's top-k pixels only while ``eval.q_weight`` is 0 (else it adds the image head's q)."""
+    return None if threshold is None or q_weight else float(threshold)
+
+
+def decision_text(score: float, threshold: float | None) -> str:
+    """``"score 0.41 >= threshold 0.3: defect"`` / ``"... < ...: good"`` (the run's decision), or the
+    score alone when the run has no threshold."""
+    if threshold is None:
+        return f"score {score:.4g} (no decision threshold)"
+    flagged = score >= threshold
+    return f"score {score:.4g} {'>=' if flagged else '<'} threshold {threshold:.4g}: {'defect' if flagged else 'good'}"
 
 
 def save_score_histogram(
@@ -211,17 +270,6 @@ def _pct(v: Any) -> str:
     return "–" if v is None else f"{100 * float(v):.1f}"
 
 
-def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            rows.extend(_flatten(v, key + "."))
-        else:
-            rows.append((key, v))
-    return rows
-
-
 def _md_cell(v: Any) -> str:
     if isinstance(v, float):
         text = f"{v:.4g}"
@@ -245,6 +293,7 @@ def write_report(
     scores: np.ndarray | None = None,
     threshold: float | None = None,
     sample: Sequence[dict] | None = None,
+    map_threshold: float | None = None,
 ) -> Path:
     """Write ``metrics.json``, plots, heatmaps and ``report.md`` into a run folder.
 
@@ -258,8 +307,11 @@ def write_report(
     * ``run_dir/heatmaps/<defect>_<stem>.png`` for each ``sample`` entry.
     * ``run_dir/report.md``: metrics table (overall and per defect type; image
       AUROC, pixel AUROC, AUPRO, F1-max in percent with 1 decimal, "–" when
-      not computed), the notes of ``metrics``, every ``info`` key/value (nested
-      dicts flattened with dotted keys) as a table, and links to every
+      not computed), the decisions at the threshold (``metrics["decisions"]``
+      from :func:`~mapl_ray.eval.metrics.decision_counts`: accuracy, false
+      positives and negatives per type), the notes of ``metrics``, the ``info``
+      key/values as a table (a nested dict in one cell) except :data:`DETAIL_KEYS`
+      (kept in ``metrics.json`` only), and links to every
       ``scores.csv`` (when present), ``plots/*.png`` and ``heatmaps/*.png`` present in ``run_dir`` (also those
       written earlier by other code).
 
@@ -278,8 +330,10 @@ def write_report(
             ``path`` (source file; its stem names the output), optional
             ``defect_type`` (default: the name of the source file's parent
             folder, the MVTec layout ``test/<type>/000.png``), ``score`` and
-            ``label`` (shown in the title). Heatmaps share one colour range
-            (min / max over the sample's maps) so they can be compared.
+            ``label`` (shown in the title with the decision at ``threshold``).
+            Each heatmap has its own colour range (:func:`heatmap_range`).
+        map_threshold: ``threshold`` in anomaly-map units (:func:`map_threshold`):
+            the least top of each heatmap's colour range, marked on its colour bar.
 
     Returns:
         ``Path`` of ``report.md``.
@@ -314,38 +368,7 @@ def write_report(
         save_score_histogram(y, s, plots_dir / "score_histogram.png", threshold=threshold)
 
     if sample:
-        maps = []
-        for i, entry in enumerate(sample):
-            for key in ("image", "map", "path"):
-                if key not in entry or entry[key] is None:
-                    raise ValueError(f"sample[{i}]: missing required key {key!r}")
-            maps.append(_to_numpy(entry["map"], f"sample[{i}].map"))
-        vmin = float(min(m.min() for m in maps))
-        vmax = float(max(m.max() for m in maps))
-        used: set[str] = set()
-        for i, entry in enumerate(sample):
-            src = Path(str(entry["path"]))
-            defect = entry.get("defect_type") or src.parent.name or "image"
-            name = _safe_name(f"{defect}_{src.stem}")
-            if name in used:  # same stem in two folders: keep both
-                name = f"{name}_{i}"
-            used.add(name)
-            parts = [f"{defect}/{src.stem}"]
-            if entry.get("score") is not None:
-                parts.append(f"score={float(entry['score']):.4g}")
-            if entry.get("label") is not None:  # ground truth, then the run's decision at its threshold
-                parts.append("truth: " + ("defect" if int(entry["label"]) else "good"))
-            if threshold is not None and entry.get("score") is not None:
-                parts.append("decision: " + ("defect" if float(entry["score"]) >= float(threshold) else "good"))
-            save_heatmap_overlay(
-                entry["image"],
-                maps[i],
-                heat_dir / f"{name}.png",
-                mask=entry.get("mask"),
-                title="  ".join(parts),
-                vmin=vmin,
-                vmax=vmax,
-            )
+        _write_heatmaps(heat_dir, sample, threshold, map_threshold)
 
     md = _render_markdown(payload, threshold)
     if (run_dir / "scores.csv").is_file():
@@ -355,6 +378,38 @@ def write_report(
     path = run_dir / "report.md"
     path.write_text(md)
     return path
+
+
+def _write_heatmaps(heat_dir: Path, sample: Sequence[dict], threshold: float | None, map_thr: float | None) -> None:
+    """``heat_dir/<defect>_<stem>.png`` for each sample entry (see :func:`write_report`)."""
+    used: set[str] = set()
+    for i, entry in enumerate(sample):
+        for key in ("image", "map", "path"):
+            if key not in entry or entry[key] is None:
+                raise ValueError(f"sample[{i}]: missing required key {key!r}")
+        amap = _to_numpy(entry["map"], f"sample[{i}].map")
+        src = Path(str(entry["path"]))
+        defect = entry.get("defect_type") or src.parent.name or "image"
+        name = _safe_name(f"{defect}_{src.stem}")
+        if name in used:  # same stem in two folders: keep both
+            name = f"{name}_{i}"
+        used.add(name)
+        parts = [f"{defect}/{src.stem}"]
+        if entry.get("label") is not None:  # ground truth, then the run's decision at its threshold
+            parts.append("truth: " + ("defect" if int(entry["label"]) else "good"))
+        if entry.get("score") is not None:
+            parts.append(decision_text(float(entry["score"]), threshold))
+        vmin, vmax = heatmap_range(amap, map_thr)
+        save_heatmap_overlay(
+            entry["image"],
+            amap,
+            heat_dir / f"{name}.png",
+            mask=entry.get("mask"),
+            title="  ".join(parts),
+            vmin=vmin,
+            vmax=vmax,
+            threshold=map_thr,
+        )
 
 
 def _render_markdown(payload: dict, threshold: float | None) -> str:
@@ -384,14 +439,62 @@ def _render_markdown(payload: dict, threshold: float | None) -> str:
     )
     if threshold is not None:
         lines.append(f"Decision threshold (chosen without test labels): {float(threshold):.4g}.")
+    source = next((info[k] for k in ("threshold", "validation") if isinstance(info.get(k), str)), None)
+    lines += _decisions_section(payload.get("decisions"), source)
     notes = payload.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    if info:
+    shown = _run_rows(info)
+    if shown:
         lines += ["", "## Run", "", "| key | value |", "|---|---|"]
-        lines += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in _flatten(info)]
+        lines += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in shown]
+    if any(k in info for k in DETAIL_KEYS):
+        lines += ["", "Training timings and losses and the images used: `metrics.json` (`run.training`, `run.data`),"]
+        lines += ["`train_summary.json`, `train_log.jsonl` and `data_info.json`."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _run_rows(info: Mapping) -> list[tuple[str, Any]]:
+    """The ``## Run`` table of report.md: ``info`` less :data:`DETAIL_KEYS` and the threshold's value (shown
+    above; its source stays), a nested dict in one cell (its non-zero entries), plus the training time,
+    the training normals and the validation data (``run.data.validation``: the report says which)."""
+    rows: list[tuple[str, Any]] = []
+    for k, v in info.items():
+        if k in DETAIL_KEYS or (k == "threshold" and not isinstance(v, str)):  # the number is shown above
+            continue
+        if isinstance(v, Mapping):
+            v = ", ".join(f"{kk} {_md_cell(vv)}" for kk, vv in v.items() if vv not in (0, None, "", [], {}))
+        rows.append((k, v))
+    training, data = info.get("training") or {}, info.get("data") or {}
+    if isinstance(training.get("train_wall_s"), (int, float)):
+        rows.append(("training time", f"{training['train_wall_s']:.0f} s ({training.get('steps_run', '?')} steps)"))
+    if "train_normals" in data:
+        rows.append(("training normals", data["train_normals"]))
+    if isinstance(data.get("validation"), str):
+        rows.append(("validation data", data["validation"]))
+    return rows
+
+
+def _decisions_section(decisions: Mapping | None, source: str | None) -> list[str]:
+    """Markdown lines for :func:`~mapl_ray.eval.metrics.decision_counts`' result ([] without one);
+    ``source`` says how the threshold was chosen."""
+    if not decisions:
+        return []
+    n, fp, fn = decisions["images"], decisions["false_positives"], decisions["false_negatives"]
+    lines = ["", "## Decisions at the threshold", ""]
+    lines.append(
+        f"An image is flagged as a defect when its score is >= {decisions['threshold']:.4g}"
+        + (f" ({source})" if source else "")
+        + f". Accuracy {_pct(decisions['accuracy'])}% ({decisions['correct']} of {n}): "
+        f"{fp} false positive(s) (good images flagged), {fn} false negative(s) (defects missed)."
+    )
+    lines += ["", "| subset | images | flagged as defect | errors |", "|---|---|---|---|"]
+    for t, c in decisions["by_type"].items():
+        errors = f"{c['flagged']} false positive(s)" if t == "good" else f"{c['images'] - c['flagged']} missed"
+        lines.append(f"| {_md_cell(t)} | {c['images']} | {c['flagged']} | {errors} |")
+    lines += ["", "Each image's decision is in scores.csv (column `anomalous`)."]
+    return lines
 
 
 def _links_section(heading: str, run_dir: Path, folder: Path, embed: bool = False) -> str:

@@ -3,6 +3,12 @@
 ``ray.init()`` starts local Ray on one machine (the embedded default); with ``RAY_ADDRESS`` set it
 joins that cluster instead. Every worker process of the job runs :func:`quiet_logs` at start-up
 (Ray's ``worker_process_setup_hook``).
+
+``init_ray(quiet=True)`` (``mapl train`` without ``--verbose``) keeps the console to mapl-ray's own
+lines: the workers' output stays in Ray's log files (``log_to_driver=False``; it held a progress bar
+per update, Ray Train's ``TrainingReport`` dumps, a C++ ``PreemptionWatcher`` error line and, with
+another local Ray instance running, a placement-group cleaner's traceback), and the driver shows
+Ray's warnings but not its INFO lines or its note that token authentication is on.
 """
 
 from __future__ import annotations
@@ -22,20 +28,40 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def init_ray(**kwargs) -> None:
+class _DropTokenAuthNote(logging.Filter):
+    """Drops Ray's start-up note that token authentication is *enabled* (its default since Ray 2.52);
+    the warning that it is *disabled* still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+_TOKEN_NOTE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def init_ray(quiet: bool = False, **kwargs) -> None:
     """``ray.init`` unless Ray is already initialised (a caller's own ``ray.init`` is respected).
 
-    Keyword arguments go to ``ray.init`` (e.g. ``num_cpus`` for tests).
+    Args:
+        quiet: keep the workers' output in Ray's log files (``/tmp/ray/session_latest/logs``) instead of
+            the console, and drop Ray's INFO lines and token-authentication note in this process (see
+            the module docstring); Ray's warnings and errors still show.
+        kwargs: go to ``ray.init`` (e.g. ``num_cpus`` for tests).
     """
     import ray
 
     quiet_logs()
+    token_logger = logging.getLogger(_TOKEN_NOTE_LOGGER)
+    if quiet and not any(isinstance(f, _DropTokenAuthNote) for f in token_logger.filters):
+        token_logger.addFilter(_DropTokenAuthNote())
     if ray.is_initialized():
         return
     opts = {
         "include_dashboard": False,
-        "log_to_driver": True,
+        "log_to_driver": not quiet,
         "runtime_env": {"worker_process_setup_hook": "mapl_ray.pipelines.ray_env.quiet_logs"},
     }
+    if quiet:
+        opts["logging_level"] = logging.WARNING  # "Started a local Ray instance." and the like
     opts.update(kwargs)
     ray.init(**opts)

@@ -1,6 +1,10 @@
 """Ray Train wiring of the training loop: a ``TorchTrainer`` whose workers run
 :func:`mapl_ray.engine.loop.train_model` (DDP across workers), and its errors unwrapped for the CLI.
 
+By default the workers' console output stays in Ray's log files (:func:`~mapl_ray.pipelines.ray_env.init_ray`
+with ``quiet``): the driver shows the progress bar by following rank 0's ``train_log.jsonl``, and the
+warnings mapl-ray logged on rank 0 come back in the training summary and are logged again here.
+
 On a multi-node cluster the run folder must be on storage every node can read (the decoded images
 travel through Ray's object store; rank 0 writes ``RUN/checkpoint``).
 """
@@ -8,7 +12,10 @@ travel through Ray's object store; rank 0 writes ``RUN/checkpoint``).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +24,28 @@ from ..data.layout import LayoutError
 from ..data.train_data import TrainData
 from ..data.validation import ValidationSet
 from ..model.encoder import WeightsError
-from ..runfolder import SUMMARY_FILE, CheckpointError, write_train_summary
+from ..runfolder import (
+    SUMMARY_FILE,
+    TRAIN_LOG_FILE,
+    CheckpointError,
+    has_checkpoint,
+    read_state,
+    write_train_summary,
+)
 from .ray_env import init_ray
+
+log = logging.getLogger("mapl_ray.train")
+
+
+class _WarningRecorder(logging.Handler):
+    """Keeps the messages of mapl-ray's warnings in a training worker (for the training summary)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _worker_resources(cfg: Config) -> tuple[int, dict[str, float]]:
@@ -62,20 +89,26 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics):
         ray.train.report(metrics)
 
-    _, summary = train_model(
-        cfg,
-        data,
-        config["run_dir"],
-        device=device,
-        rank=rank,
-        world_size=world,
-        wrap_model=wrap,
-        report=report,
-        resume=config["resume"],
-        progress=config.get("progress", True),
-        validation=validation,
-    )
+    recorder = _WarningRecorder()
+    logging.getLogger("mapl_ray").addHandler(recorder)
+    try:
+        _, summary = train_model(
+            cfg,
+            data,
+            config["run_dir"],
+            device=device,
+            rank=rank,
+            world_size=world,
+            wrap_model=wrap,
+            report=report,
+            resume=config["resume"],
+            progress=config.get("progress", True),
+            validation=validation,
+        )
+    finally:
+        logging.getLogger("mapl_ray").removeHandler(recorder)
     if rank == 0:
+        summary["warnings"] = recorder.messages
         write_train_summary(Path(config["run_dir"]), summary, resumed=config["resume"])
 
 
@@ -98,7 +131,51 @@ def _worker_error(err: BaseException) -> BaseException:
             stack.extend(failures.values())
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-    return TrainingFailed(f"training failed in a Ray worker: {last}")
+    return TrainingFailed(
+        f"training failed in a Ray worker: {last} (mapl train --verbose shows the workers' output; Ray's "
+        "log files, by default under /tmp/ray/session_latest/logs)"
+    )
+
+
+class _LogFollower:
+    """Driver-side progress bar of a Ray Train run: follows the lines rank 0 appends to
+    ``train_log.jsonl`` (one per ``train.log_every`` steps) from a background thread."""
+
+    def __init__(self, run_dir: Path, total: int, initial: int, poll_s: float = 1.0):
+        from tqdm import tqdm
+
+        self.path, self.poll_s = run_dir / TRAIN_LOG_FILE, poll_s
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0  # a resumed run's earlier lines
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mapl-train-progress", daemon=True)
+
+    def __enter__(self) -> _LogFollower:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._read()
+        self.bar.close()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            self._read()
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.decode().splitlines():
+            rec = json.loads(line)
+            self.bar.update(max(0, int(rec["step"]) - self.bar.n))
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
 
 
 def train_with_ray(
@@ -108,20 +185,27 @@ def train_with_ray(
     run_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
-    Returns the rank-0 training summary (wall time, step times, final losses).
+    Args:
+        progress: show a progress bar (the driver's, following ``train_log.jsonl``; rank 0's own with ``verbose``).
+        verbose: the workers' output and Ray's INFO lines on the console (:func:`init_ray`'s ``quiet`` off).
+
+    Returns the rank-0 training summary (wall time, step times, final losses, ``warnings``: what
+    mapl-ray logged as a warning on rank 0, logged again here unless ``verbose``).
 
     Raises:
-        RuntimeError: a training worker failed (Ray's error, with the worker's traceback).
+        LayoutError, WeightsError, CheckpointError, ConfigError: a worker's input error, unwrapped.
+        TrainingFailed: a training worker failed for another reason (its last line).
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
-    init_ray()
+    init_ray(quiet=not verbose)
     threads, resources = _worker_resources(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -131,17 +215,45 @@ def train_with_ray(
             "run_dir": str(run_dir),
             "resume": resume,
             "threads": threads,
-            "progress": progress,
+            "progress": progress and verbose,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_results")),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised: the worker's own error when it is ours, else TrainingFailed
-        raise _worker_error(e) from e
+    result = _fit(trainer, run_dir, cfg, resume, progress and not verbose)
     if result.error:
         raise _worker_error(result.error) from result.error
-    return json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    if not verbose:
+        for message in summary.get("warnings", []):
+            log.warning(message)
+    return summary
+
+
+def _fit(trainer, run_dir: Path, cfg: Config, resume: bool, follow: bool):
+    """``trainer.fit()`` with the driver's progress bar when ``follow``; a worker's error unwrapped.
+
+    ``fit`` runs in a helper thread so that Ctrl-C reaches this (main) thread as ``KeyboardInterrupt``,
+    which the CLI turns into where the last checkpoint is and how to resume. On the main thread Ray Train
+    installs its own SIGINT handler, which ends the process with ``sys.exit`` and no word of the run
+    (it skips that off the main thread, as under Ray Tune). The job's workers end with this process.
+    """
+    start = int(read_state(run_dir)["step"]) if resume and has_checkpoint(run_dir) else 0
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, raised there
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="mapl-train-fit", daemon=True)
+    with _LogFollower(run_dir, cfg.train.steps, start) if follow else nullcontext():
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    if "error" in out:
+        raise _worker_error(out["error"]) from out["error"]
+    return out["result"]

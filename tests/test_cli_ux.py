@@ -1,0 +1,377 @@
+"""What a new user sees (issue 20): the foreground preset, mask names, Ctrl-C and --resume, the
+validation hold-out, CLI help and hints, a quiet console, and the report's decisions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEXTURES, TINY_CLI, needs_data, tiny_config
+
+from mapl_ray.cli import build_parser, main
+from mapl_ray.config import Config, ConfigError
+from mapl_ray.data.foreground import (
+    FOREGROUND_PRESETS,
+    ForegroundConfig,
+    resolve_foreground,
+    with_resolved_foreground,
+)
+
+TINY = [*TINY_CLI, "--set", "eval.heatmaps=2"]
+
+
+# 1. the foreground preset ------------------------------------------------------------------------
+def test_foreground_preset_chosen_by_folder_name_is_said_and_written_out():
+    cfg = Config().override({"data.category": "metal plate"})  # the folder name with a space
+    resolved, note = with_resolved_foreground(cfg)
+    assert "no foreground preset for category 'metal plate'" in note and "nearest: metal_plate" in note
+    assert "the whole image is foreground" in note and "--foreground-preset" in note
+    s = resolved.simulation
+    assert (s.foreground, s.use_foreground_mask) == ("none", False)
+    assert resolve_foreground(resolved) == ForegroundConfig()
+
+    named = cfg.override({"simulation.foreground": "metal_plate"})  # the user names the preset
+    resolved, note = with_resolved_foreground(named)
+    assert "foreground preset 'metal_plate' (from simulation.foreground)" in note and "grey <= 100" in note
+    assert resolve_foreground(resolved) == FOREGROUND_PRESETS["metal_plate"]
+    s = resolved.simulation
+    assert (s.foreground, s.use_foreground_mask, s.foreground_threshold, s.foreground_inverse) == (
+        "metal_plate",
+        True,
+        100,
+        True,
+    )
+
+
+@pytest.mark.parametrize("category", ["screw", "bottle", "leather", "my_part"])
+def test_resolved_foreground_is_the_same_object_definition(category):
+    cfg = Config().override({"data.category": category, "simulation.foreground_threshold": 77})
+    resolved, _ = with_resolved_foreground(cfg)
+    assert resolve_foreground(resolved) == resolve_foreground(cfg)
+    assert resolved.simulation.foreground_threshold == 77  # an explicit override survives
+    # a saved config.yaml no longer depends on the folder name
+    moved = resolved.override({"data.category": "renamed"})
+    assert resolve_foreground(moved) == resolve_foreground(cfg)
+
+
+def test_unknown_foreground_preset_names_the_nearest():
+    cfg = Config().override({"simulation.foreground": "metal-plate"})
+    with pytest.raises(ConfigError, match="simulation.foreground = 'metal-plate'.*nearest: metal_plate"):
+        resolve_foreground(cfg)
+
+
+# 2. masks named like their images ----------------------------------------------------------------
+@needs_data
+def test_masks_named_like_their_images_are_found_and_stray_files_named(small_root, tmp_path, caplog):
+    from mapl_ray.data.layout import scan_category
+
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    gt = root / "screw" / "ground_truth" / "thread_top"
+    for mask in gt.glob("*_mask.png"):
+        mask.rename(gt / mask.name.replace("_mask", ""))
+    (gt / "notes.png").write_bytes((gt / next(gt.glob("*.png")).name).read_bytes())
+    with caplog.at_level(logging.WARNING, logger="mapl_ray.data"):
+        index = scan_category(root, "screw")
+    top = [r for r in index.test if r.defect_type == "thread_top"]
+    assert top and all(r.mask_path == str(gt / Path(r.path).name) for r in top)
+    assert "notes.png" in caplog.text and "match no image of test/thread_top" in caplog.text
+
+
+@needs_data
+def test_missing_mask_error_names_the_flag(small_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    next((root / "screw" / "ground_truth" / "scratch_head").glob("*_mask.png")).unlink()
+    args = ["train", "--data", str(root), "--category", "screw", "--out", str(tmp_path / "r"), "--no-ray", *TINY]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--no-masks" in err and "data.require_masks: false" in err and "require_masks=False" not in err
+
+
+# 3. Ctrl-C, --resume before the first checkpoint, the log's segments --------------------------------
+@needs_data
+def test_resume_before_the_first_checkpoint_says_rerun_without_resume(small_root, tmp_path, capsys):
+    from mapl_ray.main_job import prepare_run
+
+    run = tmp_path / "run"
+    prepare_run(tiny_config(small_root), run)  # what a run interrupted before its first save leaves
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoint" in err and "rerun without --resume" in err
+    assert f"mapl train --config {run / 'config.yaml'} --out {run}" in err
+    assert main(["train", "--resume", "--out", str(tmp_path / "nowhere")]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def _mapl(*args: str, **kw) -> subprocess.Popen:
+    """``mapl`` in a subprocess (SIGINT as a terminal's Ctrl-C sends it)."""
+    code = "import sys; from mapl_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *args], text=True, **kw)
+
+
+def _interrupt_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> tuple[int, str, str]:
+    t0 = time.monotonic()
+    while not path.exists() and proc.poll() is None and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def _train_cmd(root: Path, run: Path, steps: int, *extra: str) -> list[str]:
+    base = ["train", "--data", str(root), "--category", "screw", "--out", str(run), "--steps", str(steps), *TINY]
+    return [*base, "--set", "train.checkpoint_every=3", "--set", "train.log_every=1", *extra]
+
+
+@needs_data
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(small_root, tmp_path):
+    run = tmp_path / "run"
+    proc = _mapl(
+        *_train_cmd(small_root, run, 100000, "--no-ray", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    rc, _, err = _interrupt_when(proc, run / "checkpoint" / "state.json")
+    assert rc == 130, err
+    step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    assert f"interrupted; the last checkpoint is {run / 'checkpoint'} (step {step} of 100000)" in err
+    assert f"mapl train --resume --out {run}" in err and "Traceback" not in err
+
+
+def test_stop_hint_before_anything_was_written(tmp_path):
+    from mapl_ray.runfolder import stop_hint
+
+    assert "nothing was trained" in stop_hint(tmp_path / "never")
+
+
+def test_resumed_segment_number_follows_the_log(tmp_path):
+    from mapl_ray.runfolder import train_log_segment
+
+    assert train_log_segment(tmp_path) == 1  # resumed before anything was logged
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2)))  # a run from before segments
+    assert train_log_segment(tmp_path) == 1
+    with log.open("a") as fh:
+        fh.write(json.dumps({"step": 2, "segment": 1, "loss": 0.1}) + "\n")
+    assert train_log_segment(tmp_path) == 2
+
+
+# 4. the validation hold-out ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(320, 16), (54, 16), (53, 15), (30, 9), (14, 4), (7, 2), (4, 2), (3, 1), (1, 0)],
+)
+def test_validation_share_scales_with_the_set(n, expected):
+    from mapl_ray.data.train_data import validation_count
+
+    assert validation_count(n, 16, 0.3) == expected
+    assert n - validation_count(n, 16, 0.3) >= min(2, n)  # something is left to train on
+
+
+def test_runs_from_before_the_fraction_keep_their_hold_out(tmp_path):
+    from mapl_ray.data.train_data import validation_count
+
+    old = Config().to_dict()
+    del old["eval"]["validation_fraction"]
+    (tmp_path / "config.yaml").write_text(json.dumps(old))  # YAML is a superset of JSON
+    cfg = Config.load_run(tmp_path / "config.yaml")
+    assert cfg.eval.validation_fraction == 1.0
+    assert validation_count(30, cfg.eval.validation_normals, cfg.eval.validation_fraction) == 16  # as before
+
+
+# 5. the command line -----------------------------------------------------------------------------
+def test_version_and_help(capsys):
+    from mapl_ray import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mapl {__version__}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "mapl train --data ROOT --category NAME" in text and "required for a new run" in text
+    assert "examples:" in text and "mapl train --resume --out runs/screw" in text
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    missing = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, sub in subs.items()
+        if name != "serve"  # the serve sub-command is maintained with mapl_ray.pipelines.serve
+        for a in sub._actions
+        if not a.help
+    ]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [("train.stepz=3", "train.steps"), ("model.steps=3", "train.steps"), ("lr=0.1", "train.lr")],
+)
+def test_unknown_set_field_lists_the_nearest_names(override, suggestion, capsys, tmp_path):
+    assert main(["train", "--data", str(tmp_path), "--category", "screw", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean" in err and suggestion in err
+    assert err.startswith("mapl train: error:")  # nothing else printed first
+
+
+def test_new_run_needs_data_and_category(capsys):
+    assert main(["train", "--steps", "5"]) == 2
+    assert "a new run needs --data ROOT and --category NAME" in capsys.readouterr().err
+
+
+@needs_data
+def test_predict_a_folder(trained_run, small_root, tmp_path, capsys):
+    folder = small_root / "screw" / "test" / "thread_top"
+    assert main(["predict", str(trained_run), str(folder), "--heatmaps", str(tmp_path / "h")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in lines] == [str(p) for p in sorted(folder.glob("*.png"))]
+    assert all(r["label"] in (0, 1) for r in lines)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(trained_run), str(empty)]) == 2
+    assert f"folder {empty} holds no image files" in capsys.readouterr().err
+
+
+@needs_data
+def test_new_user_run_prints_its_choices(small_root, tmp_path, capsys):
+    # the same images under another folder name get no preset (said), unless the user names it
+    root = tmp_path / "data"
+    shutil.copytree(small_root / "screw", root / "screw copy")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(root), "--category", "screw copy", "--out", str(run), "--no-ray", "--quiet"]
+    assert main([*args, "--steps", "2", "--textures", str(TEXTURES), "--foreground-preset", "screw", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "mapl train: anomaly simulation: foreground preset 'screw' (from simulation.foreground)" in err
+    saved = Config.load(run / "config.yaml").simulation
+    assert (saved.foreground, saved.use_foreground_mask, saved.foreground_threshold) == ("screw", True, 130)
+    # 14 labeled normals: 30% (4) held out, not 16, and the run says so
+    assert "validation: 4 of 14 labeled normals held out" in err
+    assert len(json.loads((run / "data_info.json").read_text())["validation_normals"]) == 4
+
+
+# 6. a quiet console ------------------------------------------------------------------------------
+def test_console_logging(capsys):
+    from mapl_ray.cli import setup_logging
+
+    setup_logging("train")
+    logging.getLogger("mapl_ray.data").info("held out 4")
+    logging.getLogger("mapl_ray.data").warning("odd file")
+    logging.getLogger("mapl_ray.train").info("step 10 loss 0.3")
+    err = capsys.readouterr().err
+    assert "mapl train: held out 4" in err and "mapl train: warning: odd file" in err and "step 10" not in err
+    setup_logging("train", verbose=True)
+    logging.getLogger("mapl_ray.train").info("step 20 loss 0.2")
+    assert "mapl train: step 20 loss 0.2" in capsys.readouterr().err
+    setup_logging("train")
+
+
+def test_ray_token_note_is_dropped_but_its_security_warning_kept():
+    from mapl_ray.pipelines.ray_env import _DropTokenAuthNote
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("ray", logging.WARNING, __file__, 1, msg, None, None)
+
+    f = _DropTokenAuthNote()
+    assert not f.filter(record("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=..."))
+    assert f.filter(record("Token authentication is disabled for this Ray cluster. Anyone with network access"))
+
+
+def test_progress_follows_rank0_log(tmp_path):
+    from mapl_ray.pipelines.ray_train import _LogFollower
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 10, "loss": 0.5}) + "\n")  # an earlier segment's line
+    with _LogFollower(tmp_path, total=40, initial=10, poll_s=0.05) as follower:
+        with log.open("a") as fh:
+            fh.write(json.dumps({"step": 20, "loss": 0.4}) + "\n" + '{"step": 30, "lo')  # the last line half-written
+        time.sleep(0.3)
+        assert follower.bar.n == 20
+        with log.open("a") as fh:
+            fh.write('ss": 0.3}\n')
+    assert follower.bar.n == 30 and follower.bar.postfix == "loss=0.3000"
+
+
+@pytest.mark.slow
+@needs_data
+def test_ray_console_is_quiet_and_ctrl_c_resumes(small_root, tmp_path):
+    """The main job on Ray as a user runs it: no Ray lines on the console, Ctrl-C with a resume hint,
+    and the resumed run marked in train_log.jsonl. About 3 minutes on 2 cores."""
+    run = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "env": env}
+    rc, _, err = _interrupt_when(
+        _mapl(*_train_cmd(small_root, run, 100000), **pipes), run / "checkpoint" / "state.json"
+    )
+    assert rc == 130 and "interrupted; the last checkpoint is" in err, err
+    step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    proc = _mapl("train", "--resume", "--out", str(run), "--steps", str(step + 3), **pipes)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    others = [line for line in lines if not line.startswith(("mapl train:", "train:", "run folder:"))]
+    assert not others, others  # no Ray INFO lines, worker prefixes, TrainingReport dumps or tracebacks
+    assert json.loads(out)["run"] == str(run)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1] == {**log[-1], "step": step + 3, "segment": 1}
+
+
+# 7. the report -----------------------------------------------------------------------------------
+def test_decision_counts_match_a_confusion_matrix():
+    from sklearn.metrics import confusion_matrix
+
+    from mapl_ray.eval.metrics import decision_counts
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 60)
+    scores = rng.random(60) + 0.3 * labels
+    types = np.where(labels == 1, rng.choice(["crack", "hole"], 60), "good")
+    d = decision_counts(labels, scores, types, threshold=0.7)
+    tn, fp, fn, tp = confusion_matrix(labels, scores >= 0.7).ravel()
+    assert (d["false_positives"], d["false_negatives"], d["correct"]) == (fp, fn, tp + tn)
+    assert d["accuracy"] == pytest.approx((tp + tn) / 60)
+    assert d["by_type"]["good"] == {"images": int((labels == 0).sum()), "flagged": int(fp)}
+    assert sum(c["images"] - c["flagged"] for t, c in d["by_type"].items() if t != "good") == fn
+    assert list(d["by_type"])[0] == "good"
+
+
+def test_heatmap_colour_range_per_image_and_not_below_the_threshold():
+    from mapl_ray.eval.report import decision_text, heatmap_range, map_threshold
+
+    quiet = np.full((8, 8), 0.1)
+    quiet[0, 0] = 0.2
+    strong = np.zeros((8, 8))
+    strong[2:4, 2:4] = 0.9
+    assert heatmap_range(quiet, 0.5) == (0.1, 0.5)  # below the threshold: not stretched to look hot
+    assert heatmap_range(strong, 0.5) == (0.0, 0.9)  # its own maximum, not the report's
+    assert heatmap_range(quiet) == (0.1, 0.2)
+    assert map_threshold(0.5, 0.0) == 0.5 and map_threshold(0.5, 0.2) is None  # q in the score: not map units
+    assert decision_text(0.61, 0.5) == "score 0.61 >= threshold 0.5: defect"
+    assert decision_text(0.4, 0.5) == "score 0.4 < threshold 0.5: good"
+
+
+@needs_data
+def test_report_has_decisions_and_no_training_internals(trained_run):
+    report = (trained_run / "report.md").read_text()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    d = metrics["decisions"]
+    rows = list(csv.DictReader((trained_run / "scores.csv").open()))
+    fp = sum(r["label"] == "0" and r["anomalous"] == "1" for r in rows)
+    fn = sum(r["label"] == "1" and r["anomalous"] == "0" for r in rows)
+    assert (d["false_positives"], d["false_negatives"]) == (fp, fn)
+    assert "## Decisions at the threshold" in report
+    assert f"{fp} false positive(s) (good images flagged), {fn} false negative(s) (defects missed)" in report
+    assert "training time" in report and "loader_wait_s" not in report and "final_losses" not in report
+    assert "loader_wait_s" in json.dumps(metrics["run"]["training"])  # kept in metrics.json
