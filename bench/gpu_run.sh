@@ -2,6 +2,7 @@
 # One device call on the GPU machine: install the carried Ray wheels (bench/gpu_payload.py), then run a
 # bench script against the carried data, its JSON written into $OUT. Usage, as the device command:
 #   bash bench/gpu_run.sh semi.py --categories screw,metal_plate [more args]
+#   bash bench/gpu_run.sh serve_load.py --data .data/mvtec_ad --textures .data/dtd256 --weights .data/w/... [...]
 # carry: .whl_gpu and .pack, or .data/dtd256, .data/w and the .data/<dataset> folders the bench reads.
 set -o pipefail
 # .pack/*.tar.xz: bench/gpu_payload.py's .data folders packed to fit one call's 64 MiB with the wheels
@@ -21,8 +22,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # GPU utilisation sampled every second while the bench runs
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 > "$OUT/gpu_util_${bench%.py}.csv" &
 smi=$!
-python3 "bench/$bench" --data-root .data --textures .data/dtd256 --weights .data/w/tf_efficientnet_lite2.safetensors \
-  --out "$OUT/${bench%.py}.json" "$@" 2>&1 | grep -v -E "WARNING|^\s*$" | tail -n 150
+# the grid benches (bench/common.py's arguments) get the carried data here; others take theirs in "$@"
+common=()
+grep -q add_grid_arguments "bench/$bench" &&
+  common=(--data-root .data --textures .data/dtd256 --weights .data/w/tf_efficientnet_lite2.safetensors)
+python3 "bench/$bench" "${common[@]}" --out "$OUT/${bench%.py}.json" "$@" 2>&1 | grep -v -E "WARNING|^\s*$" | tail -n 150
 rc=$?
 kill $smi
 exit $rc

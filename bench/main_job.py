@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import yaml
+from sampling import run_while_sampling
 
 CATEGORIES = {"screw": "mvtec_ad", "magnetic_tile": "magnetic_tile", "metal_plate": "mpdd", "leather": "mvtec_ad"}
 
@@ -78,29 +77,17 @@ def run_category(category: str, data_root: Path, textures: Path, out: Path, extr
         *extra,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
     peak = {"tree": 0.0, "with_ray": 0.0}
-    stop = threading.Event()
 
-    def sample():
-        while not stop.is_set():
-            try:
-                t = tree_rss_mb(ps)
-                peak["tree"] = max(peak["tree"], t)
-                peak["with_ray"] = max(peak["with_ray"], t + ray_rss_mb())
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.5)
+    def sample(ps):
+        t = tree_rss_mb(ps)
+        peak["tree"] = max(peak["tree"], t)
+        peak["with_ray"] = max(peak["with_ray"], t + ray_rss_mb())
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    stdout, stderr = proc.communicate()
-    stop.set()
-    th.join()
+    done = run_while_sampling(cmd, sample)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     summary = json.loads((out / "train_summary.json").read_text())
     cfg = yaml.safe_load((out / "config.yaml").read_text())

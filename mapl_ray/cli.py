@@ -6,6 +6,8 @@ mapl evaluate RUN
 mapl predict RUN IMAGE_OR_DIR [...]     (JSON lines: path, score, normalised_score, q, label, heatmap)
 mapl serve RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--set key=value ...]
                                         (Ray Serve HTTP app, see docs/serving.md)
+mapl prepare SRC --out SHARDS [--image-size N] [--config YAML|RUN]   (Parquet shards, Ray Data)
+mapl score RUN SRC --out OUT [--maps]   (batch scoring of shards or a folder, Ray Data actor pool)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ FLAG_FIELDS = {
     "category": "data.category",
     "image_size": "data.image_size",
     "unlabeled": "data.unlabeled_dir",
+    "stream": "data.stream",
+    "shards": "data.shards",
     "unlabeled_fraction": "data.unlabeled_fraction",
     "contamination": "data.contamination",
     "labeled_anomalies": "data.labeled_anomalies",
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     _add_run_parsers(sub)
+    _add_data_parsers(sub)
     return p
 
 
@@ -117,6 +122,18 @@ def _add_train_data_args(t) -> None:
         "the category folder, if any; 'none': the whole image); the run prints which one it used",
     )
     t.add_argument("--unlabeled", metavar="DIR", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument(
+        "--stream",
+        action="store_true",
+        default=None,
+        help="stream the unlabeled pool and the batches through Ray Data instead of decoding them in memory "
+        "(pools too large for memory; needs train/good; see docs/data.md)",
+    )
+    t.add_argument(
+        "--shards",
+        metavar="DIRS",
+        help="with --stream: comma-separated `mapl prepare` folders to read the category's and the pool's images from",
+    )
     t.add_argument(
         "--unlabeled-fraction",
         type=float,
@@ -243,6 +260,56 @@ def _add_run_parsers(sub) -> None:
         help="any serve setting (max_body_bytes, max_pixels, min_side, max_aspect, request_timeout_s, "
         "max_queued_requests, ...; see docs/serving.md); repeatable",
     )
+
+
+def _add_data_parsers(sub) -> None:
+    pp = sub.add_parser(
+        "prepare",
+        help="decode and resize images into Parquet shards with Ray Data (see docs/data.md)",
+        description="SRC: an MVTec-layout category folder (ROOT/CATEGORY), a folder of images (searched "
+        "recursively), a text file of image paths, or Parquet with encoded images. Unreadable files are "
+        "skipped and listed in SHARDS/rejected.jsonl; duplicate files in SHARDS/duplicates.jsonl.",
+    )
+    pp.add_argument("src", help="images to prepare: a category folder, an image folder, a list file or Parquet")
+    pp.add_argument("--out", required=True, help="new folder for the shards")
+    pp.add_argument("--image-size", type=int, help="stored size in pixels (default: the config's, else 256)")
+    pp.add_argument(
+        "--config",
+        help="a config YAML or a run folder: its data.image_size and pose normalisation (data.align) are used, "
+        "so the shards match the run that reads them",
+    )
+    pp.add_argument("--rows-per-shard", type=int, default=256, help="images per Parquet file (default 256)")
+    pp.add_argument("--concurrency", type=int, help="decode tasks at once (default: all CPUs of the Ray cluster)")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sc = sub.add_parser(
+        "score",
+        help="score shards or a folder with a trained run: Parquet of scores (Ray Data actor pool)",
+        description="SRC: shards written by `mapl prepare` (with the run's --config) or a folder / list file of "
+        "images. Writes OUT/*.parquet (path, score, normalised_score, q, label, threshold, known_label, map, "
+        "error); a rerun skips the files already written.",
+    )
+    sc.add_argument("run", help="a trained run folder (mapl train --out)")
+    sc.add_argument("src", help="shards from mapl prepare, a folder of images or a text file of image paths")
+    sc.add_argument("--out", required=True, help="folder for the score files")
+    sc.add_argument("--maps", action="store_true", help="also write each anomaly map as a PNG under OUT/maps")
+    sc.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    sc.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, one on a CPU-only cluster)")
+    sc.add_argument("--gpus-per-actor", type=float, help="default: 1 where the Ray cluster has GPUs, else 0")
+    sc.add_argument("--rows-per-file", type=int, default=1024, help="images per output file when SRC is a folder")
+    sc.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda where the actor has a GPU)")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def data_config(path: str | None) -> Config:
+    """The configuration ``--config`` names for the data commands: a YAML file or a run folder's config.yaml."""
+    if not path:
+        return Config()
+    if Path(path).is_dir():
+        from .runfolder import load_run_config
+
+        return load_run_config(path)
+    return Config.load(path)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -379,6 +446,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.layout import ImageReadError
     from .eval.report import decision_text, heatmap_range, map_threshold, save_heatmap_overlay
     from .inference import Predictor
+    from .scoring import heatmap_name
 
     pred = Predictor(args.run, device=args.device)
     paths = expand_image_args(args.images)
@@ -519,10 +587,68 @@ def setup_logging(command: str, verbose: bool = False) -> None:
     logging.getLogger("mapl_ray.train").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.pose import build_pose_estimator
+    from .pipelines.ray_data import prepare_shards
+
+    cfg = data_config(args.config)
+    size = args.image_size or cfg.data.image_size
+    manifest = prepare_shards(
+        args.src,
+        args.out,
+        image_size=size,
+        align=build_pose_estimator(cfg),
+        rows_per_shard=args.rows_per_shard,
+        concurrency=args.concurrency,
+        progress=not args.quiet,
+    )
+    print(json.dumps(manifest))
+    out = Path(args.out)
+    print(
+        f"wrote {manifest['images']} images in {manifest['shards']} shards to {out}; "
+        f"{manifest['rejected']} unreadable ({out / 'rejected.jsonl'}), "
+        f"{manifest['duplicates']} duplicates ({out / 'duplicates.jsonl'})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .pipelines.ray_data import score_source
+
+    summary = score_source(
+        args.run,
+        args.src,
+        args.out,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        maps=args.maps,
+        device=args.device,
+        rows_per_file=args.rows_per_file,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary))
+    skipped = f"; {summary['files_skipped']} files were already there" if summary["files_skipped"] else ""
+    print(
+        f"scored {summary['images']} images into {summary['files_written']} files in {args.out}"
+        f" ({summary['unreadable']} unreadable: see their 'error'){skipped}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.command, getattr(args, "verbose", False))
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}
+    handlers = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+        "serve": cmd_serve,
+        "prepare": cmd_prepare,
+        "score": cmd_score,
+    }
     try:
         return handlers[args.command](args)
     except _known_errors() as e:

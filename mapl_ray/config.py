@@ -52,6 +52,10 @@ class DataConfig:
     # none | principal_axis: turn each image when decoded so its object lies centred and horizontal
     # (mapl_ray.data.pose); pair with train.augment=none, eval.tta=none, model.memory_rotations=1
     align: str = "none"
+    # stream the unlabeled pool and every batch through Ray Data into the Ray Train workers instead of
+    # decoding them in the driver (pools too large for memory; mapl_ray.pipelines.ray_data, docs/data.md)
+    stream: bool = False
+    shards: str | None = None  # with stream: comma-separated `mapl prepare` folders to read the images from
 
 
 @dataclass
@@ -294,6 +298,7 @@ def _data_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("data.pool_anomaly_share", 0 <= c.data.pool_anomaly_share < 1, "in [0, 1)"),
         ("data.labeled_anomalies", c.data.labeled_anomalies >= 0, ">= 0"),
         ("data.align", c.data.align in ALIGN_MODES, "none or principal_axis"),
+        ("data.shards", not c.data.shards or c.data.stream, "only with data.stream = true (--stream)"),
         (
             "simulation.delta_min",
             0 <= c.simulation.delta_min <= c.simulation.delta_max <= 1,

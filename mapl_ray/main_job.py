@@ -120,13 +120,16 @@ def run_train_job(
     output and the workers' logs (:func:`~mapl_ray.pipelines.ray_train.train_with_ray`).
 
     Raises:
-        RunFolderError, LayoutError, ConfigError, WeightsError: bad input, before anything is trained.
+        RunFolderError, LayoutError, ConfigError, WeightsError: bad input, before anything is trained
+            (ConfigError: ``data.stream`` without Ray).
         TrainingFailed: a training worker failed for another reason.
     """
     from .eval.evaluate import calibrate, evaluate_run
 
     run_dir = Path(run_dir)
     cfg = absolute_paths(cfg)
+    if cfg.data.stream and not use_ray:
+        raise ConfigError("data.stream (--stream) runs on Ray Data: drop --no-ray")
     if not resume:
         cfg, foreground = with_resolved_foreground(cfg)
     split = prepare_run(cfg, run_dir, resume)
@@ -136,20 +139,23 @@ def run_train_job(
         log.info("resuming %s from its checkpoint at step %s of train.steps %d", run_dir, step, cfg.train.steps)
     else:
         log.info(foreground)
-    t0 = time.perf_counter()
-    data, validation, data_info = load_train_data(cfg, split)
-    load_s = time.perf_counter() - t0
-    (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
-    if use_ray:
-        from .pipelines.ray_train import train_with_ray
-
-        summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress, verbose=verbose)
+    if cfg.data.stream:
+        summary, validation, data_info = _train_streamed(cfg, split, run_dir, resume, progress)
     else:
-        summary = train_in_process(cfg, data, validation, run_dir, resume=resume, progress=progress)
+        t0 = time.perf_counter()
+        data, validation, data_info = load_train_data(cfg, split)
+        load_s = time.perf_counter() - t0
+        (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
+        if use_ray:
+            from .pipelines.ray_train import train_with_ray
+
+            summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress, verbose=verbose)
+        else:
+            summary = train_in_process(cfg, data, validation, run_dir, resume=resume, progress=progress)
+        _record_final_banks(run_dir, data_info, summary.get("memory_bank_rows"), data)
+        summary["data_load_s"] = load_s
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
-    _record_final_banks(run_dir, data_info, summary.get("memory_bank_rows"), data)
     calibrate(run_dir, validation)
-    summary["data_load_s"] = load_s
     try:
         training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
         return evaluate_run(run_dir, extra_info={"training": training, "data": data_summary(data_info)})
@@ -158,6 +164,19 @@ def run_train_job(
             f"{e}\n(training finished and {run_dir / 'checkpoint'} is saved: fix the file, then run "
             f"`mapl evaluate {run_dir}`)"
         ) from e
+
+
+def _train_streamed(cfg: Config, split: Split, run_dir: Path, resume: bool, progress: bool):
+    """``data.stream``: the pool and the batches stream through Ray Data (``data.shards``: from these
+    ``mapl prepare`` folders). Returns (training summary, validation set, data info)."""
+    from .pipelines.ray_data import train_streamed
+
+    shards = [s.strip() for s in (cfg.data.shards or "").split(",") if s.strip()] or None
+    summary, validation, data_info = train_streamed(
+        cfg, split, run_dir, shards=shards, resume=resume, progress=progress
+    )
+    (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
+    return summary, validation, data_info
 
 
 def _record_final_banks(run_dir: Path, info: dict[str, Any], rows: list[list[int]] | None, data) -> None:

@@ -33,7 +33,7 @@ class TrainData:
         memory_indices: normal-source rows of the memory bank the network trains with.
         extra_memory_indices: normal-source rows of the further banks of the memory-bank ensemble
             (used at inference only, ``model.memory_banks - 1`` of them at most).
-        unlabeled: the unlabeled pool or None.
+        unlabeled: the unlabeled pool or None (a :class:`~mapl_ray.data.streams.StreamedPool` when it streams).
         unlabeled_truth: int8 ``(M,)`` true labels of the pool where known (benchmark splits; -1 for a
             user's images): only for reporting pseudo-label precision and recall, never for training.
         anomalies, anomaly_masks: labeled anomalies and their masks (uint8 ``(K, H, W)`` in {0, 1}).
@@ -51,6 +51,12 @@ class TrainData:
     @property
     def pool_size(self) -> int:
         return 0 if self.unlabeled is None else len(self.unlabeled)
+
+    @property
+    def pool_streamed(self) -> bool:
+        """The pool streams through Ray Data (``unlabeled`` is a length without pixels,
+        :class:`~mapl_ray.data.streams.StreamedPool`): its images are not normal-source rows."""
+        return self.unlabeled is not None and not isinstance(self.unlabeled, np.ndarray)
 
     def source_images(self, rows: np.ndarray) -> np.ndarray:
         """Images of normal-source ``rows`` (module docstring), uint8 ``(len(rows), H, W, 3)``."""

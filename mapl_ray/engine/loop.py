@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ class Trainer:
         if not self.data.pool_size:
             return
         self.refits.append(stats)
-        if len(self.data.normals) < self.cfg.model.memory_samples:
+        if len(self.data.normals) < self.cfg.model.memory_samples and step in self.labeler.history:
             self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
 
     def _validate(self, step: int, end_step: int, net: torch.nn.Module) -> dict[str, Any]:
@@ -275,16 +275,22 @@ class Trainer:
             self.report(rec)
         return last
 
-    def run(self, end_step: int, progress: bool = True) -> tuple[MAPLModel, dict[str, Any]]:
-        """Train from ``start_step`` to ``end_step``, saving every ``checkpoint_every`` steps and at the end."""
+    def run(
+        self, end_step: int, progress: bool = True, batches: Iterable[dict[str, Any]] | None = None
+    ) -> tuple[MAPLModel, dict[str, Any]]:
+        """Train from ``start_step`` to ``end_step``, saving every ``checkpoint_every`` steps and at the end.
+
+        ``batches``: the batch dicts of steps ``start_step ..`` (as :class:`~mapl_ray.data.batches.StepBatches`
+        yields them, ``pool`` on refit steps), e.g. from Ray Data; default: :func:`make_loader`."""
         t, labeler, device = self.cfg.train, self.labeler, self.device
         net = self._net()
         step_fn = self._step_fn(net)
         graph_step = CudaGraphStep(step_fn, self.optimizer, device) if self.graphed else None
-        n_loader = loader_workers(self.cfg, device)
+        n_loader = loader_workers(self.cfg, device) if batches is None else 0
         refit = {s for s in range(self.start_step, end_step) if labeler.is_refit_step(s)}
-        labels_for = labeler.labels_for if self.data.pool_size else None
-        loader = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
+        if batches is None:
+            labels_for = labeler.labels_for if self.data.pool_size else None
+            batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
         times = {"step": [], "wait": [], "fit": 0.0}
@@ -292,7 +298,7 @@ class Trainer:
         pseudo_stats: dict[str, Any] = {}
         batch: dict[str, Any] = {}
         t_ready = time.perf_counter()
-        for step, batch in zip(range(self.start_step, end_step), loader):
+        for step, batch in zip(range(self.start_step, end_step), batches):
             ts = time.perf_counter()
             times["wait"].append(ts - t_ready)
             pool = batch.pop("pool", None)
@@ -416,6 +422,7 @@ def train_model(
     progress: bool = True,
     stop_at: int | None = None,
     validation: ValidationSet | None = None,
+    batches: Iterable[dict[str, Any]] | None = None,
 ) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
@@ -432,6 +439,7 @@ def train_model(
         stop_at: save and return after this many steps (a pre-empted run: ``resume`` continues it).
         validation: the validation set; its metrics (``validation_*``) are logged and reported every
             ``eval.validate_every`` steps and at the last step (rank 0).
+        batches: the steps' batches instead of the loader's (:meth:`Trainer.run`).
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -445,4 +453,4 @@ def train_model(
     else:
         trainer.refresh_banks(trainer.model)
     end_step = cfg.train.steps if stop_at is None else min(cfg.train.steps, stop_at)
-    return trainer.run(end_step, progress)
+    return trainer.run(end_step, progress, batches)

@@ -89,6 +89,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics):
         ray.train.report(metrics)
 
+    batches = None
+    if config.get("stream_plan") is not None:  # batches from this rank's Ray Data shard, not a DataLoader
+        from .ray_data import worker_batches
+
+        batches = worker_batches(config["stream_plan"], rank)
     recorder = _WarningRecorder()
     logging.getLogger("mapl_ray").addHandler(recorder)
     try:
@@ -104,6 +109,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             resume=config["resume"],
             progress=config.get("progress", True),
             validation=validation,
+            batches=batches,
         )
     finally:
         logging.getLogger("mapl_ray").removeHandler(recorder)
@@ -186,12 +192,15 @@ def train_with_ray(
     resume: bool = False,
     progress: bool = True,
     verbose: bool = False,
+    stream=None,
 ) -> dict[str, Any]:
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
     Args:
         progress: show a progress bar (the driver's, following ``train_log.jsonl``; rank 0's own with ``verbose``).
         verbose: the workers' output and Ray's INFO lines on the console (:func:`init_ray`'s ``quiet`` off).
+        stream: a :class:`~mapl_ray.pipelines.ray_data.TrainStream`: the workers take their batches from
+            its Ray Data datasets (``ray.train.get_dataset_shard``) instead of drawing them from ``data``.
 
     Returns the rank-0 training summary (wall time, step times, final losses, ``warnings``: what
     mapl-ray logged as a warning on rank 0, logged again here unless ``verbose``).
@@ -207,6 +216,8 @@ def train_with_ray(
     run_dir = Path(run_dir).resolve()
     init_ray(quiet=not verbose)
     threads, resources = _worker_resources(cfg)
+    n = cfg.train.num_workers
+    ingest = {"datasets": stream.datasets(n), "dataset_config": stream.data_config()} if stream else {}
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -216,11 +227,13 @@ def train_with_ray(
             "resume": resume,
             "threads": threads,
             "progress": progress and verbose,
+            "stream_plan": stream.plan(0, n) if stream else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_results")),
+        **ingest,
     )
     result = _fit(trainer, run_dir, cfg, resume, progress and not verbose)
     if result.error:

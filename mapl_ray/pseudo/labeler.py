@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, PseudoConfig
 from ..data.batches import BatchMaker
 from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
@@ -80,6 +80,11 @@ def label_quality(labels: np.ndarray, truth: np.ndarray | None) -> dict[str, Any
     return stats
 
 
+def is_refit_step(p: PseudoConfig, step: int) -> bool:
+    """Steps of the refit schedule: ``p.warmup_steps``, then every ``p.refit_every`` steps (pseudo-labeler on)."""
+    return p.enabled and step >= p.warmup_steps and (step - p.warmup_steps) % p.refit_every == 0
+
+
 class PseudoLabeler:
     """Fits the OCC ensemble on a schedule and labels the pool and the batches (module docstring).
 
@@ -97,7 +102,7 @@ class PseudoLabeler:
         data: TrainData = batch_maker.data
         #: pool pseudo-labels by the step of the refit that made them (-1: before any refit)
         self.history: dict[int, np.ndarray] = {}
-        if data.pool_size:
+        if data.pool_size and not data.pool_streamed:  # a streamed pool is labeled per refit sample only
             self.history[-1] = initial_pool_labels(cfg, len(data.normals), data.pool_size)
 
     def due(self, step: int) -> bool:
@@ -106,9 +111,8 @@ class PseudoLabeler:
         return self.is_refit_step(step) or (self.ensemble is None and p.enabled and step >= p.warmup_steps)
 
     def is_refit_step(self, step: int) -> bool:
-        """Steps of the refit schedule (``warmup_steps`` then every ``refit_every``): their pool is prefetched."""
-        p = self.cfg.pseudo
-        return p.enabled and step >= p.warmup_steps and (step - p.warmup_steps) % p.refit_every == 0
+        """Steps of the refit schedule (:func:`is_refit_step`): their pool is prefetched."""
+        return is_refit_step(self.cfg.pseudo, step)
 
     def labels_for(self, step: int) -> np.ndarray | None:
         """The pool's pseudo-labels in force at ``step``: those of the last refit at or before
@@ -134,7 +138,9 @@ class PseudoLabeler:
     def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
         """Refit the ensemble and label the pool (same data and seed on every worker, so every worker
         gets the same ensemble and labels). ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader
-        process prepared it ahead; drawn here otherwise. Returns the label counts (and quality)."""
+        process prepared it ahead; drawn here otherwise. A pool with ``unlabeled`` images (a streamed
+        pool, :mod:`mapl_ray.pipelines.ray_data`) is that refit's sample of the unlabeled set: the OCCs
+        fit on it and label it, and the labels do not steer the batches. Returns the label counts (and quality)."""
         d, p = self.bm.data, self.cfg.pseudo
         if pool is None:
             pool = self.bm.pool(step, self.labels_for(step))
@@ -146,12 +152,17 @@ class PseudoLabeler:
         if d.anomalies is not None and len(d.anomalies):
             pos_images = np.concatenate([d.anomalies, pos_images])
         positives = self.features(model, pos_images)
-        unlabeled = self.features(model, d.unlabeled if d.pool_size else sims[p.pool_size :])
+        streamed = "unlabeled" in pool
+        if streamed:
+            unl_images = np.asarray(pool["unlabeled"])
+        else:
+            unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
+        unlabeled = self.features(model, unl_images)
         model.train(was)
         self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
         self.fitted_step = step
         raw = self.ensemble.predict(unlabeled).astype(np.int8)
-        if not d.pool_size:
+        if streamed or not d.pool_size:
             return label_quality(raw, None)
         labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
         self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}

@@ -1,0 +1,410 @@
+"""Benchmark of the Ray Data side (issue 13), one command, three parts side by side:
+
+* ``simulation``: anomaly-simulation images/s of a single-process loop against the Ray Data stage
+  (:func:`mapl_ray.pipelines.ray_data.simulate`) with 1, 2, ... CPU actors, reading Parquet shards of
+  real images; the stage's outputs are checked equal to the loop's (same per-sample seeds);
+* ``score``: ``mapl score`` images/s from Parquet shards (end to end, and after the first batch), with
+  GPU utilisation sampled from ``nvidia-smi`` where a GPU exists;
+* ``memory``: peak memory (PSS, so shared object-store pages count once) of the driver and of the Ray
+  processes while ``train_streamed`` trains a few steps from shards with an unlabeled pool of 1x and 20x
+  the real images (repeated through the shards under new names); each size in a fresh process.
+
+Writes (merges into) ``bench/results/ray_data.json`` under ``--label`` (default ``cpu`` / ``gpu``).
+
+    python bench/ray_data.py [--data-root ../shared/data] [--cpus 1,2] [--sim-images 320]
+        [--score-images 2048] [--pool-times 1,20] [--image-size 256] [--parts simulation,score,memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from sampling import run_while_sampling
+
+from mapl_ray.config import Config
+from mapl_ray.data.shards import images_from_column, open_shard_set
+
+try:
+    import psutil
+except ImportError:  # the GPU machine: Ray ships psutil in ray/thirdparty_files, on sys.path once ray is imported
+    importlib.import_module("ray")
+    import psutil
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+        "gpus": torch.cuda.device_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def base_config(args, **extra) -> Config:
+    root = Path(args.data_root)
+    base = {
+        "data.root": str((root / args.dataset).resolve()),
+        "data.category": args.category,
+        "data.image_size": args.image_size,
+        "simulation.texture_dir": str(Path(args.textures).resolve()),
+    }
+    return Config().override({**base, **extra})
+
+
+def repeat_shards(src: Path, dst: Path, times: int, split: str | None = None, rows_per_file: int = 32) -> Path:
+    """``times`` copies of the rows of shard set ``src`` (only ``split`` rows if given) under new paths
+    (``<path>#<copy>``), written as shards of ``rows_per_file`` rows with the same spec (small files: one
+    Ray Data read task and block each, so the stages get work in parallel): a pool ``times`` as large."""
+    files, spec = open_shard_set(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        table = pq.read_table(f)
+        if split is not None:
+            table = table.filter(pc.equal(table.column("split"), split))
+        for k in range(times):
+            paths = pa.array([f"{p}#{k}" for p in table.column("path").to_pylist()], pa.string())
+            copy = table.set_column(table.schema.get_field_index("path"), "path", paths).cast(spec.schema())
+            for i in range(0, copy.num_rows, rows_per_file):
+                name = dst / f"{Path(f).stem}-{k:03d}-{i // rows_per_file:03d}.parquet"
+                pq.write_table(copy.slice(i, rows_per_file), name, row_group_size=8, compression="zstd")
+    return dst
+
+
+def _sample_key(paths) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.sha1(p.encode()).digest()[:7], "big") for p in paths], np.int64)
+
+
+def _sim_rows(batch: pa.Table, size: int) -> dict:
+    paths = batch.column("path").to_pylist()
+    images = images_from_column(batch.column("image").to_pylist(), (size, size))
+    return {"image": images, "sample_key": _sample_key(paths), "path": np.array(paths, dtype=object)}
+
+
+def part_simulation(args, shards: Path, work: Path) -> dict:
+    import ray
+
+    from mapl_ray.data.simulation import build_simulator
+    from mapl_ray.data.streams import simulate_samples
+    from mapl_ray.pipelines.ray_data import simulate
+
+    cfg = base_config(args)
+    n_train = sum(
+        r == "train"
+        for f in open_shard_set(shards)[0]
+        for r in pq.read_table(f, columns=["split"]).column("split").to_pylist()
+    )
+    src = repeat_shards(shards, work / f"sim_src_{args.sim_images}", -(-args.sim_images // n_train), split="train")
+    files, _ = open_shard_set(src)
+    rows = _sim_rows(pq.read_table(files, columns=["path", "image"]), args.image_size)
+    sim = build_simulator(cfg)
+
+    def loop():
+        t0 = time.perf_counter()
+        images, _ = simulate_samples(sim, rows["image"], rows["sample_key"], seed=0)
+        return images, len(images) / (time.perf_counter() - t0)
+
+    loop_images, loop_before = loop()
+    loads = [os.getloadavg()[0]]
+    by_key = dict(zip(rows["sample_key"].tolist(), range(len(loop_images))))
+    out = {"ray_images_per_s": {}, "ray_wall_s": {}}
+    identical = True
+    # blocks of ~16 images (Ray Data's 128 MiB default makes a few hundred images one block: one actor's work)
+    ray.data.DataContext.get_current().target_max_block_size = 16 * 3 * args.image_size**2
+    for n in args.cpus:
+        ds = ray.data.read_parquet(files, override_num_blocks=len(files)).select_columns(["path", "image"])
+        ds = ds.map_batches(_sim_rows, batch_format="pyarrow", fn_kwargs={"size": args.image_size}, batch_size=16)
+        ds = simulate(ds, cfg, seed=0, concurrency=n, batch_size=8)
+        t0, t_first, count, first = time.perf_counter(), None, 0, 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if t_first is None:
+                t_first, first = time.perf_counter(), len(batch["image"])
+            count += len(batch["image"])
+            for key, img in zip(batch["sample_key"], batch["image"]):
+                identical &= bool((img == loop_images[by_key[int(key)]]).all())
+        wall = time.perf_counter() - t0
+        steady = (count - first) / max(wall - (t_first - t0), 1e-9)
+        out["ray_images_per_s"][str(n)] = round(steady, 2)
+        out["ray_wall_s"][str(n)] = round(wall, 2)
+        loads.append(os.getloadavg()[0])
+        assert count == len(loop_images), (count, len(loop_images))
+    loop_ips = (loop_before + loop()[1]) / 2  # before and after the Ray runs: the same load conditions
+    out["loop_images_per_s"] = round(loop_ips, 2)
+    out["parallel_efficiency"] = {n: round(v / (int(n) * loop_ips), 3) for n, v in out["ray_images_per_s"].items()}
+    out["identical_to_loop"] = identical
+    out["load_average_1min"] = [round(v, 1) for v in loads]
+    out["settings"] = (
+        f"{len(loop_images)} real {args.category} training images (repeated) at {args.image_size}x{args.image_size} from Parquet shards, "
+        f"textures {args.textures}; Ray rate = images after the first batch over the time after it "
+        f"(actor start-up excluded; ray_wall_s includes it); Ray started with num_cpus={max(args.cpus) + 1} "
+        "(one for the read tasks), blocks of 16 images (DataContext.target_max_block_size), RAY_worker_niceness=0 (Ray's default 15 lets the loop, at niceness 0, take "
+        "the CPUs from the workers on a shared machine); loop = mean of a run before and one after the Ray runs"
+    )
+    return out
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilisation (%) of all GPUs every 0.2 s while running (None without nvidia-smi)."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self.ok = shutil.which("nvidia-smi") is not None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            out = subprocess.run(cmd, capture_output=True, text=True).stdout.split()
+            if out:
+                self.samples.append(max(float(v) for v in out))
+            time.sleep(0.2)
+
+    def __enter__(self):
+        if self.ok:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.ok:
+            self._thread.join()
+
+    def mean(self) -> float | None:
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
+def throwaway_run(args, work: Path) -> Path:
+    """A run folder trained for 2 steps (random-init encoder: the scoring cost is the architecture's), with
+    the screw-preset inference settings the H200 figures use (no TTA, one memory rotation)."""
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.eval.evaluate import calibrate
+    from mapl_ray.main_job import prepare_run, train_in_process
+
+    cfg = base_config(
+        args,
+        **{
+            "model.pretrained": False,
+            "model.memory_rotations": 1,
+            "eval.tta": "none",
+            "train.augment": "none",
+            "train.steps": 2,
+            "pseudo.enabled": False,
+            "train.use_gpu": bool(machine()["gpus"]),
+        },
+    )
+    run = work / "run"
+    split = prepare_run(cfg, run)
+    data, val_images, _ = load_train_data(cfg, split)
+    train_in_process(cfg, data, run, progress=False)
+    calibrate(run, val_images)
+    return run
+
+
+def part_score(args, shards: Path, work: Path) -> dict:
+    from mapl_ray.pipelines.ray_data import score_source
+
+    run = Path(args.run) if args.run else throwaway_run(args, work)
+    n_base = sum(pq.ParquetFile(f).metadata.num_rows for f in open_shard_set(shards)[0])
+    times = max(1, -(-args.score_images // n_base))
+    pool = repeat_shards(shards, work / "score_src", times)
+    with GpuSampler() as gpu:
+        summary = score_source(run, pool, work / "scores", batch_size=args.score_batch, progress=False)
+    return {
+        "score_images_per_s": round(summary["steady_images_per_s"], 1),
+        "score_images_per_s_end_to_end": round(summary["images"] / summary["wall_s"], 1),
+        "images": summary["images"],
+        "wall_s": round(summary["wall_s"], 2),
+        "first_batch_s": round(summary["first_batch_s"], 2),
+        "gpu_utilisation_pct": gpu.mean(),
+        "settings": f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, "
+        "one memory rotation and bank, tf_efficientnet_lite2), one actor per GPU (one on a CPU); "
+        "score_images_per_s = images after the first batch over the time after it",
+    }
+
+
+def rss_child(args) -> None:
+    """Child process of the memory part: train a few steps from shards with the pool of ``--pool``."""
+    from mapl_ray.data.layout import LABEL_UNKNOWN, ImageRecord, scan_category
+    from mapl_ray.data.split import make_split
+    from mapl_ray.main_job import absolute_paths
+    from mapl_ray.pipelines.ray_data import train_streamed
+    from mapl_ray.runfolder import write_run_start
+
+    cfg = absolute_paths(
+        base_config(
+            args,
+            **{
+                "model.encoder": args.rss_encoder,
+                "model.pretrained": False,
+                "model.memory_rotations": 1,
+                "train.steps": args.rss_steps,
+                "pseudo.warmup_steps": 2,
+                "pseudo.refit_every": 3,
+                "train.use_gpu": bool(machine()["gpus"]),
+            },
+        )
+    )
+    files, _ = open_shard_set(args.pool)
+    paths = [p for f in files for p in pq.read_table(f, columns=["path"]).column("path").to_pylist()]
+    index = scan_category(cfg.data.root, cfg.data.category)
+    split = make_split(index, seed=0, unlabeled=[ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in paths])
+    run = Path(args.run_dir)
+    write_run_start(run, cfg, split)
+    t0 = time.perf_counter()
+    summary, _, info = train_streamed(cfg, split, run, shards=[args.base, args.pool], progress=False)
+    print(json.dumps({"pool": info["unlabeled"], "steps": summary["steps_run"], "wall_s": time.perf_counter() - t0}))
+
+
+def _pss_mb(p: psutil.Process) -> float:
+    try:
+        return p.memory_full_info().pss / 2**20
+    except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+        return 0.0
+
+
+def measure_child(cmd: list[str]) -> dict:
+    """Run ``cmd`` and sample the PSS of it (the driver) and of its descendants (Ray) every 0.5 s."""
+    peak = {"driver": 0.0, "workers": 0.0, "total": 0.0}
+
+    def sample(ps):
+        driver = _pss_mb(ps)
+        workers = sum(_pss_mb(c) for c in ps.children(recursive=True))
+        for k, v in (("driver", driver), ("workers", workers), ("total", driver + workers)):
+            peak[k] = max(peak[k], v)
+
+    done = run_while_sampling(cmd, sample)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, **{f"{k}_peak_mb": round(v, 1) for k, v in peak.items()}}
+
+
+def part_memory(args, shards: Path, work: Path) -> dict:
+    out = {"pools": {}}
+    for times in args.pool_times:
+        pool = repeat_shards(shards, work / f"pool_{times}x", times, split="train")
+        cmd = [sys.executable, __file__, "--rss-child", "--base", str(shards), "--pool", str(pool)]
+        cmd += ["--run-dir", str(work / f"rss_run_{times}x"), *_shared_flags(args)]
+        out["pools"][f"{times}x"] = measure_child(cmd)
+        print(f"memory {times}x: {out['pools'][f'{times}x']}", flush=True)
+    lo, hi = f"{min(args.pool_times)}x", f"{max(args.pool_times)}x"
+    for k in ("total", "driver", "workers"):
+        ratio = out["pools"][hi][f"{k}_peak_mb"] / max(out["pools"][lo][f"{k}_peak_mb"], 1e-9)
+        out[f"rss_ratio_{hi}" if k == "total" else f"rss_ratio_{hi}_{k}"] = round(ratio, 3)
+    out["settings"] = (
+        f"train_streamed from shards, {args.rss_steps} steps, {args.rss_encoder} (random init), "
+        f"{args.image_size}x{args.image_size}, pseudo-labeler refit at steps 2 and 5; pools of the "
+        f"{args.category} training images repeated {args.pool_times} times; PSS of the driver and of its "
+        f"descendants (raylet, GCS, Ray workers), peak over 0.5 s samples; ratio = {hi} / {lo}"
+    )
+    return out
+
+
+def _shared_flags(args) -> list[str]:
+    flags = ["--data-root", args.data_root, "--dataset", args.dataset, "--category", args.category]
+    flags += ["--textures", args.textures, "--image-size", str(args.image_size)]
+    return flags + ["--rss-steps", str(args.rss_steps), "--rss-encoder", args.rss_encoder]
+
+
+def parse_args() -> argparse.Namespace:
+    root = HERE.parent.parent / "shared" / "data"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=str(root))
+    p.add_argument("--dataset", default="mvtec_ad")
+    p.add_argument("--category", default="screw")
+    p.add_argument("--textures", default=str(root / "dtd_subset" / "images"))
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--parts", default="simulation,score,memory")
+    p.add_argument("--cpus", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--sim-images", type=int, default=320)
+    p.add_argument("--score-images", type=int, default=2048)
+    p.add_argument("--score-batch", type=int, default=256)
+    p.add_argument("--run", help="score with this run folder (default: a 2-step throwaway run)")
+    p.add_argument("--pool-times", default="1,20", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--rss-steps", type=int, default=6)
+    p.add_argument("--rss-encoder", default="tf_efficientnet_lite0")
+    p.add_argument("--label", help="results key (default: gpu with a CUDA GPU, else cpu)")
+    p.add_argument("--work", help="folder for shards and runs (default: a temporary folder, removed)")
+    p.add_argument("--out", default=str(HERE / "results" / "ray_data.json"))
+    # memory-part child process
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    p.add_argument("--pool", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray workers compete for the CPUs like the loop does
+    if args.rss_child:
+        return rss_child(args)
+    import ray
+
+    from mapl_ray.pipelines.ray_data import prepare_shards
+    from mapl_ray.pipelines.ray_env import init_ray
+
+    parts = args.parts.split(",")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_ray_data_"))
+    label = args.label or ("gpu" if machine()["gpus"] else "cpu")
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    section = results.setdefault(label, {})
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+
+    def save():  # after every part: a later part that fails keeps the earlier ones
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2))
+
+    try:
+        init_ray(num_cpus=max(args.cpus) + 1)
+        shards = work / "shards"
+        if not shards.exists():
+            cat = Path(args.data_root) / args.dataset / args.category
+            prepare_shards(cat, shards, image_size=args.image_size, progress=False)
+        runners = {
+            "simulation": lambda: part_simulation(args, shards, work),
+            "score": lambda: part_score(args, shards, work),
+        }
+        for part in [p for p in parts if p in runners]:
+            section[part] = {**runners[part](), "machine": machine(), "command": command}
+            print(part, json.dumps(section[part], indent=1), flush=True)
+            save()
+        ray.shutdown()  # the memory part measures fresh processes, each with its own local Ray
+        if "memory" in parts:
+            section["memory"] = {**part_memory(args, shards, work), "machine": machine(), "command": command}
+            print("memory", json.dumps(section["memory"], indent=1), flush=True)
+            save()
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,754 @@
+"""Ray Data wiring: ``mapl prepare`` (images -> Parquet shards), anomaly simulation as a ``map_batches``
+stage, ``mapl score`` (batch inference with an actor pool) and streamed training batches.
+
+Only Ray wiring lives here: decoding, the shard schema, simulation draws and scoring are the method
+layer's (:mod:`mapl_ray.data.shards`, :mod:`mapl_ray.data.streams`, :mod:`mapl_ray.inference`). Every
+stage streams: the driver never holds the images, and nothing is ``ray.put`` whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import Config
+from ..data.io import load_image, load_mask
+from ..data.layout import LayoutError
+from ..data.pose import PoseEstimator
+from ..data.shards import (
+    DUPLICATES_FILE,
+    MANIFEST_FILE,
+    REJECTED_FILE,
+    ShardSpec,
+    decode_batch,
+    images_from_column,
+    open_shard_set,
+    parquet_files,
+    parquet_source_record,
+    read_rows,
+    rejected_line,
+    source_kind,
+    source_records,
+    write_shard,
+)
+from ..data.simulation import build_simulator
+from ..data.split import Split
+from ..data.streams import ROLE_ANOMALY, StreamPlan, assemble_steps, augment_samples, simulate_samples
+from ..data.train_data import TrainData
+from ..data.validation import ValidationSet
+from .ray_env import init_ray
+
+log = logging.getLogger("mapl_ray.data")
+
+#: Rows per shard file written by ``mapl prepare`` (about 50 MB at 256 x 256).
+ROWS_PER_SHARD = 256
+#: Columns of a source Parquet that ``mapl prepare`` reads (those present).
+PARQUET_SOURCE_COLUMNS = ("image", "path", "split", "defect_type", "label")
+
+
+def quiet_data_context() -> None:
+    """Ray Data without its own progress bars and start-up messages on the console (the commands draw one
+    bar of images); its log file in the Ray session folder keeps everything."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console, not the session log file
+            handler.setLevel(logging.WARNING)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int | None, desc: str, show: bool):
+    """A tqdm bar of images on stderr (tqdm is imported only when one is shown)."""
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+
+# -- mapl prepare ---------------------------------------------------------------------------------
+def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: PoseEstimator | None, where: str | None):
+    """``map_batches`` stage of ``mapl prepare``: decode one batch of source rows, write it as one shard,
+    return one status row per image (path, hash, shard, reason; no pixels)."""
+    rows_in = batch.to_pylist()
+    if where is None:  # file sources: the record names the file to read
+        rows, rejected = decode_batch(rows_in, spec.image_size, align)
+    else:  # a source Parquet holds the encoded bytes
+        pairs = [parquet_source_record(r, where) for r in rows_in]
+        rows, rejected = decode_batch([p[0] for p in pairs], spec.image_size, align, [p[1] for p in pairs])
+    shard = write_shard(rows, out, spec).name if rows else None
+    return pa.table(
+        {
+            "path": [r["path"] for r in rows] + [r["path"] for r in rejected],
+            "hash": [r["hash"] for r in rows] + [None] * len(rejected),
+            "shard": [shard] * len(rows) + [None] * len(rejected),
+            "reason": [None] * len(rows) + [r["reason"] for r in rejected],
+        },
+        schema=pa.schema(
+            [("path", pa.string()), ("hash", pa.string()), ("shard", pa.string()), ("reason", pa.string())]
+        ),
+    )
+
+
+def _source_dataset(src: str, kind: str):
+    """(Ray dataset of source rows, number of images, Parquet source name or None)."""
+    import ray.data
+
+    if kind == "parquet":
+        files = parquet_files(src)
+        schema = pq.read_schema(files[0])
+        if (schema.metadata or {}).get(b"mapl_ray.shards"):
+            raise LayoutError(f"{src!r} already holds mapl shards: `mapl score` and training read them as they are")
+        columns = [c for c in PARQUET_SOURCE_COLUMNS if c in schema.names]
+        if "image" not in columns:
+            raise LayoutError(
+                f"{files[0]} has no 'image' column (expected encoded image bytes); columns: {schema.names}"
+            )
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return ray.data.read_parquet(files).select_columns(columns), total, src
+    records = source_records(src, kind)
+    return ray.data.from_items(records), len(records), None
+
+
+def prepare_shards(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    image_size: int | tuple[int, int] = 256,
+    align: PoseEstimator | None = None,
+    rows_per_shard: int = ROWS_PER_SHARD,
+    concurrency: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``mapl prepare``: decode and resize every image of ``src`` in parallel (Ray Data tasks) and write
+    Parquet shards (:mod:`mapl_ray.data.shards`) with ``rejected.jsonl``, ``duplicates.jsonl`` and
+    ``manifest.json`` into ``out``.
+
+    Args:
+        src: an MVTec-layout category folder, a folder of images (recursive), a list file, or Parquet
+            with encoded images (:func:`~mapl_ray.data.shards.source_kind`).
+        out: new or empty folder.
+        image_size: stored size, the run's ``data.image_size``.
+        align: the run's pose estimator (``data.align``), or None.
+        rows_per_shard: images per shard file.
+        concurrency: decode tasks at once (default: Ray Data's choice, up to the cluster's CPUs).
+        progress: draw a progress bar of images on stderr.
+
+    Returns:
+        The manifest: source, kind, spec, ``images`` written, ``rejected``, ``duplicates``, ``shards``.
+
+    Raises:
+        LayoutError: ``src`` missing or empty, ``out`` already holds shards, a source Parquet without images.
+    """
+    src, out_dir = os.fspath(src), Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.glob("*.parquet"))):
+        raise LayoutError(
+            f"--out {out_dir} already holds shards or is a file: choose a new folder (nothing was written)"
+        )
+    spec = ShardSpec.of(image_size, align)
+    kind = source_kind(src)
+    init_ray()
+    quiet_data_context()
+    ds, total, where = _source_dataset(src, kind)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status = ds.map_batches(
+        _decode_and_write,
+        batch_size=rows_per_shard,
+        batch_format="pyarrow",
+        fn_kwargs={"out": str(out_dir.resolve()), "spec": spec, "align": align, "where": where},
+        concurrency=concurrency,
+    )
+    counts = _collect_status(status, out_dir, total, progress)
+    manifest = {"source": os.path.abspath(src), "kind": kind, "image_size": list(spec.image_size), "align": spec.align}
+    manifest.update(counts)
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _collect_status(status, out_dir: Path, total: int, progress: bool) -> dict[str, Any]:
+    """Stream the status rows: count images, write ``rejected.jsonl`` and ``duplicates.jsonl`` as they come.
+
+    Keeps one hash (and first path) per image to find duplicates: O(images) strings, no pixels."""
+    first_by_hash: dict[str, str] = {}
+    shards: set[str] = set()
+    n_ok = n_bad = n_dup = 0
+    bar = _progress(total, "prepare", progress)
+    with (out_dir / REJECTED_FILE).open("w") as rej, (out_dir / DUPLICATES_FILE).open("w") as dup:
+        for batch in status.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row["reason"] is not None:
+                    n_bad += 1
+                    rej.write(rejected_line(row["path"], row["reason"]) + "\n")
+                    continue
+                n_ok += 1
+                shards.add(row["shard"])
+                first = first_by_hash.setdefault(row["hash"], row["path"])
+                if first != row["path"]:
+                    n_dup += 1
+                    dup.write(json.dumps({"path": row["path"], "same_as": first, "hash": row["hash"]}) + "\n")
+            bar.update(batch.num_rows)
+    bar.close()
+    return {"images": n_ok, "rejected": n_bad, "duplicates": n_dup, "shards": len(shards)}
+
+
+# -- anomaly simulation as a stage ----------------------------------------------------------------
+class SimulateBatch:
+    """``map_batches`` callable (one per actor): simulated anomalies on a batch, each sample seeded by its key.
+
+    Input columns: ``image`` uint8 ``(B, H, W, 3)``, ``sample_key`` int ``(B,)`` or ``(B, K)``; optional
+    ``simulate`` bool ``(B,)`` (rows to simulate, default all) and ``mask`` uint8 ``(B, H, W)`` (kept
+    where not simulated). Output: the same columns with ``image`` and ``mask`` replaced
+    (:func:`mapl_ray.data.streams.simulate_samples`). The simulator (and its texture cache) is built
+    once per actor.
+    """
+
+    def __init__(self, cfg: Config, seed: int):
+        self.simulator, self.seed = build_simulator(cfg), int(seed)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images, masks = simulate_samples(
+            self.simulator, batch["image"], batch["sample_key"], self.seed, batch.get("simulate"), batch.get("mask")
+        )
+        return {**batch, "image": images, "mask": masks}
+
+
+def simulate(ds, cfg: Config, seed: int, concurrency: int | None = None, batch_size: int = 16):
+    """``ds`` with anomalies simulated by a pool of ``concurrency`` CPU actors (:class:`SimulateBatch`;
+    default: one per CPU of the cluster but one, which the tasks that read ``ds`` need: actors holding
+    every CPU would starve them). The result of each sample depends only on ``(seed, its sample_key)``,
+    never on the number of actors or the batch size."""
+    import ray
+
+    n = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    return ds.map_batches(
+        SimulateBatch,
+        fn_constructor_kwargs={"cfg": cfg, "seed": seed},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=n,
+        num_cpus=1,
+    )
+
+
+# -- mapl score -----------------------------------------------------------------------------------
+SCORE_RUN_FILE = "score.json"
+#: Images per output file when scoring a folder (a rerun skips the files already written).
+ROWS_PER_SCORE_FILE = 1024
+
+
+@dataclass
+class _Unit:
+    """One output file of ``mapl score``: a shard of the source, or a run of files of a folder."""
+
+    name: str
+    rows: int
+    shard: str | None = None
+    records: list[dict[str, Any]] | None = None
+
+    def paths(self) -> list[str]:
+        if self.shard is not None:
+            return pq.read_table(self.shard, columns=["path"]).column("path").to_pylist()
+        return [r["path"] for r in self.records]
+
+
+def _score_units(src: str, spec: ShardSpec, rows_per_file: int) -> tuple[list[_Unit], str]:
+    """The output files a source maps to: one per shard, or one per ``rows_per_file`` files of a folder
+    (named by their position and paths, so a changed folder is not mistaken for a scored one)."""
+    kind = source_kind(src)
+    if kind == "parquet":
+        files, _ = open_shard_set(src, expect=spec)
+        return [_Unit(Path(f).name, pq.ParquetFile(f).metadata.num_rows, shard=f) for f in files], kind
+    records = [{"path": r["path"], "label": r["label"]} for r in source_records(src, kind)]
+    units = []
+    for i in range(0, len(records), rows_per_file):
+        chunk = records[i : i + rows_per_file]
+        digest = hashlib.sha1("\n".join(r["path"] for r in chunk).encode()).hexdigest()[:8]
+        units.append(_Unit(f"part-{i // rows_per_file:05d}-{digest}.parquet", len(chunk), records=chunk))
+    return units, kind
+
+
+def _decode_in_order(batch: pa.Table, spec: ShardSpec, align: PoseEstimator | None) -> pa.Table:
+    """``map_batches`` stage of ``mapl score`` on a folder: shard rows in the batch's order, an unreadable
+    image kept as a row with its ``error`` (so output files keep one row per source image)."""
+    out = []
+    for rec in batch.to_pylist():
+        rows, rejected = decode_batch([rec], spec.image_size, align)
+        row = rows[0] if rows else {"path": rec["path"], "label": rec["label"], "image": None, "pose": None}
+        out.append(
+            {k: row[k] for k in ("path", "label", "image", "pose")}
+            | {"error": rejected[0]["reason"] if rejected else None}
+        )
+    schema = pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.int8()),
+            ("image", pa.binary()),
+            ("pose", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+class ScoreBatch:
+    """``map_batches`` callable of ``mapl score``: loads the run's :class:`~mapl_ray.inference.Predictor`
+    once per actor (on the actor's GPU when it has one) and scores batches (:func:`mapl_ray.scoring.score_table`)."""
+
+    def __init__(self, run: str, device: str, batch_size: int, maps_dir: str | None, threads: int):
+        import torch
+
+        from ..inference import Predictor
+
+        torch.set_num_threads(max(1, threads))
+        self.pred = Predictor(run, device=device, batch_size=batch_size)
+        self.maps_dir = maps_dir
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ..scoring import score_table
+
+        return score_table(self.pred, batch, self.maps_dir)
+
+
+def _claim_output(out: Path, run: Path, src: str) -> None:
+    """Record which run and source ``out`` holds scores of; refuse a folder holding another run's scores."""
+    want = {"run": str(run.resolve()), "source": os.path.abspath(src)}
+    path = out / SCORE_RUN_FILE
+    if path.is_file():
+        had = json.loads(path.read_text())
+        if {k: had.get(k) for k in want} != want:
+            raise LayoutError(
+                f"--out {out} holds scores of run {had.get('run')} on {had.get('source')}: choose another folder "
+                "(a rerun with the same run and source continues it)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=2))
+
+
+def _actor_resources(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:
+    """(actors, GPUs per actor, CPUs per actor): one actor per GPU where the cluster has GPUs; on CPUs one
+    actor with all CPUs but one (left to the tasks that read and decode)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if actors is None:
+        actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1
+    cpus_per_actor = 1 if gpus_per_actor else max(1, (cpus - 1) // actors)
+    return actors, gpus_per_actor, cpus_per_actor
+
+
+def score_source(
+    run: str | os.PathLike[str],
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    batch_size: int = 256,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    maps: bool = False,
+    device: str = "auto",
+    rows_per_file: int = ROWS_PER_SCORE_FILE,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``mapl score``: batch inference of a trained run on shards (``mapl prepare``) or on a folder / list
+    file (decoded on the way, the same rows), with a Ray Data actor pool.
+
+    Writes ``out/<name>.parquet`` (:data:`mapl_ray.scoring.SCORE_SCHEMA`, one per source shard or per
+    ``rows_per_file`` files), optionally ``out/maps/*.png``, and ``out/summary.json``. Each output file is
+    written whole (temporary name, then renamed) once all its rows are scored; a rerun skips the files
+    that exist, so a stopped job continues where it was.
+
+    Args:
+        batch_size: images per ``map_batches`` batch and per forward pass.
+        actors, gpus_per_actor: the actor pool (default: one actor per GPU; one on a CPU-only cluster).
+        maps: also write each anomaly map as an 8-bit PNG.
+
+    Returns:
+        summary: ``images`` scored, ``unreadable``, ``files_written``, ``files_skipped``, the output folder.
+
+    Raises:
+        CheckpointError: ``run`` is not a trained run folder. LayoutError: ``src`` missing, shards decoded
+        at another size or pose normalisation than the run's, or ``out`` holding another run's scores.
+    """
+    import ray.data
+
+    from ..data.pose import build_pose_estimator
+    from ..runfolder import load_run_config
+
+    run, src, out = Path(run), os.fspath(src), Path(out)
+    cfg = load_run_config(run)
+    align = build_pose_estimator(cfg)
+    spec = ShardSpec.of(cfg.data.image_size, align)
+    units, kind = _score_units(src, spec, rows_per_file)
+    _claim_output(out, run, src)
+    pending = [u for u in units if not (out / u.name).is_file()]
+    counts = {"images": 0, "unreadable": 0}
+    if pending:
+        init_ray()
+        quiet_data_context()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows -> output files by count
+        # blocks of about one batch of images: every actor gets work, results stream per batch (Ray Data's
+        # 128 MiB default would make a few shards one block, scored by one actor in one go)
+        ctx.target_max_block_size = max(2**20, batch_size * 3 * cfg.data.image_size**2)
+        if kind == "parquet":
+            ds = ray.data.read_parquet([u.shard for u in pending]).select_columns(["path", "label", "image", "pose"])
+        else:
+            items = [r for u in pending for r in u.records]
+            ds = ray.data.from_items(items).map_batches(
+                _decode_in_order, batch_format="pyarrow", batch_size=64, fn_kwargs={"spec": spec, "align": align}
+            )
+        n_actors, gpus, cpus = _actor_resources(actors, gpus_per_actor)
+        maps_dir = out / "maps" if maps else None
+        if maps_dir:
+            maps_dir.mkdir(exist_ok=True)
+        scored = ds.map_batches(
+            ScoreBatch,
+            fn_constructor_kwargs={
+                "run": str(run.resolve()),
+                "device": device,
+                "batch_size": batch_size,
+                "maps_dir": str(maps_dir.resolve()) if maps_dir else None,
+                "threads": cpus,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=n_actors,
+            num_gpus=gpus,
+            num_cpus=cpus,
+        )
+        counts = _write_units(scored, pending, out, progress)
+    summary = {"run": str(run), "source": src, "out": str(out), **counts}
+    summary.update(files_written=len(pending), files_skipped=len(units) - len(pending))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dict[str, int]:
+    """Cut the ordered stream of score rows into the output files, each written as soon as it is whole.
+
+    Also times it: ``wall_s``, ``first_batch_s`` (start-up: actors, model load) and ``steady_images_per_s``
+    (the rows after the first batch over the time after it)."""
+    bar = _progress(sum(u.rows for u in pending), "score", progress)
+    buf: list[pa.Table] = []
+    have = images = unreadable = first_rows = 0
+    queue = list(pending)
+    t0, t_first = time.perf_counter(), None
+    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if t_first is None:
+            t_first, first_rows = time.perf_counter(), batch.num_rows
+        buf.append(batch)
+        have += batch.num_rows
+        while queue and have >= queue[0].rows:
+            unit = queue.pop(0)
+            table = pa.concat_tables(buf).combine_chunks()
+            rows, rest = table.slice(0, unit.rows), table.slice(unit.rows)
+            if rows.column("path").to_pylist() != unit.paths():
+                raise RuntimeError(f"score rows out of order for {unit.name}: Ray Data did not preserve the order")
+            tmp = out / f".{unit.name}.tmp"
+            pq.write_table(rows, tmp)
+            os.replace(tmp, out / unit.name)
+            readable = rows.column("error").null_count
+            images, unreadable = images + readable, unreadable + rows.num_rows - readable
+            buf, have = [rest], have - unit.rows
+        bar.update(batch.num_rows)
+    bar.close()
+    wall = time.perf_counter() - t0
+    first = (t_first or t0) - t0
+    steady = (images + unreadable - first_rows) / (wall - first) if wall > first else None
+    return {
+        "images": images,
+        "unreadable": unreadable,
+        "wall_s": wall,
+        "first_batch_s": first,
+        "steady_images_per_s": steady,
+    }
+
+
+# -- training input -------------------------------------------------------------------------------
+def batches_dataset_name(rank: int) -> str:
+    """Name of rank ``rank``'s dataset among the Ray Train datasets (one per rank, not split)."""
+    return f"batches_rank{rank}"
+
+
+@dataclass
+class StreamSources:
+    """Where the images of each role (:data:`mapl_ray.data.streams.ROLE_NORMAL` ...) are read from.
+
+    ``paths[role]``: the images in the order the plan's ``index`` counts them (labeled normals as in
+    ``TrainData.normals``); ``mask_paths``: the labeled anomalies' masks. With ``shards``, ``locations[role]``
+    is int64 ``(n, 2)``: (file in ``shards``, row) of each image, and the pixels come from there.
+    """
+
+    paths: tuple[list[str], list[str], list[str]]
+    mask_paths: list[str | None]
+    shards: list[str] | None = None
+    locations: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return tuple(len(p) for p in self.paths)
+
+    def with_shards(self, folders: list[str | os.PathLike[str]], spec: ShardSpec) -> StreamSources:
+        """The same images read from shard sets (``mapl prepare`` outputs decoded with ``spec``).
+
+        Raises:
+            LayoutError: a shard set was decoded otherwise, or holds none of an image of the split.
+        """
+        files = [f for folder in folders for f in open_shard_set(folder, expect=spec)[0]]
+        where: dict[str, tuple[int, int]] = {}
+        for fi, f in enumerate(files):
+            for row, p in enumerate(pq.read_table(f, columns=["path"]).column("path").to_pylist()):
+                where.setdefault(p, (fi, row))
+        missing = [p for role in self.paths for p in role if p not in where]
+        if missing:
+            raise LayoutError(
+                f"{len(missing)} training images are in no shard of {[os.fspath(f) for f in folders]}, e.g. "
+                f"{missing[0]!r}: prepare the category (and the unlabeled folder) with `mapl prepare`"
+            )
+        locations = tuple(np.array([where[p] for p in role], np.int64).reshape(-1, 2) for role in self.paths)
+        return dataclasses.replace(self, shards=files, locations=locations)
+
+
+class StreamRows(SimulateBatch):
+    """``map_batches`` callable of the training stream: for rows of a :class:`~mapl_ray.data.streams.StreamPlan`,
+    fetch each image (a row group of a shard, or the file decoded like ``load_train_data`` does), flip /
+    rotate / jitter it, and simulate anomalies on the rows marked ``simulate`` (:class:`SimulateBatch`);
+    every sample with its own generator. Adds ``image`` uint8 ``(B, H, W, 3)`` and ``mask`` uint8 ``(B, H, W)``."""
+
+    def __init__(self, cfg: Config, sources: StreamSources, align: PoseEstimator | None):
+        super().__init__(cfg, cfg.train.seed)
+        self.cfg, self.sources, self.align = cfg, sources, align
+        self.hw = (cfg.data.image_size, cfg.data.image_size)
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def _from_shards(self, role: np.ndarray, index: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
+        loc = np.stack([self.sources.locations[r][i] for r, i in zip(role, index)])
+        for fi in np.unique(loc[:, 0]):
+            sel = np.flatnonzero(loc[:, 0] == fi)
+            file = self.sources.shards[int(fi)]
+            pf = self._files.setdefault(file, pq.ParquetFile(file))
+            table = read_rows(file, loc[sel, 1], ["image", "mask"], pf)
+            images[sel] = images_from_column(table.column("image").to_pylist(), self.hw)
+            for j, m in zip(sel, table.column("mask").to_pylist()):
+                if m is not None:
+                    masks[j] = images_from_column([m], self.hw, channels=0)[0]
+
+    def _from_files(self, role: np.ndarray, index: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
+        for j, (r, i) in enumerate(zip(role, index)):
+            images[j], pose = load_image(self.sources.paths[r][i], self.hw, align=self.align, return_pose=True)
+            mask_path = self.sources.mask_paths[i] if r == ROLE_ANOMALY else None
+            if mask_path:
+                masks[j] = load_mask(mask_path, self.hw, pose=pose)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["role"])
+        images, masks = np.zeros((n, *self.hw, 3), np.uint8), np.zeros((n, *self.hw), np.uint8)
+        fetch = self._from_shards if self.sources.shards else self._from_files
+        fetch(batch["role"], batch["index"], images, masks)
+        t = self.cfg.train
+        images, masks = augment_samples(
+            images, masks, batch["kind"], batch["sample_key"], t.seed, t.augment, t.color_jitter
+        )
+        keep = ("step", "kind", "slot", "label", "simulate", "sample_key")
+        return super().__call__({**{k: batch[k] for k in keep}, "image": images, "mask": masks})
+
+
+def _plan_rows(batch: dict[str, np.ndarray], plan: StreamPlan, start: int) -> dict[str, np.ndarray]:
+    """``map_batches`` stage: step numbers (``ray.data.range`` ids from ``start``) -> the plan's rows."""
+    return plan.rows(batch["id"] + start)
+
+
+def training_dataset(
+    cfg: Config,
+    sources: StreamSources,
+    plan: StreamPlan,
+    start: int,
+    end: int,
+    concurrency: int = 1,
+    batch_size: int = 8,
+):
+    """The rows of steps ``start .. end`` of one worker's plan, fetched, augmented and simulated by
+    ``concurrency`` CPU actors (:class:`StreamRows`); ordered by step when ``preserve_order`` is set
+    (the Ray Train data config of :class:`TrainStream` sets it). Lazy: nothing runs until iterated."""
+    import ray.data
+
+    from ..data.pose import build_pose_estimator
+
+    steps = max(0, end - start)
+    # step numbers as in-memory blocks of 4 steps: no read tasks, which the actors could starve of CPUs
+    ds = ray.data.from_items([{"id": i} for i in range(steps)], override_num_blocks=max(1, -(-steps // 4)))
+    ds = ds.map_batches(_plan_rows, batch_format="numpy", batch_size=4, fn_kwargs={"plan": plan, "start": start})
+    return ds.map_batches(
+        StreamRows,
+        fn_constructor_kwargs={"cfg": cfg, "sources": sources, "align": build_pose_estimator(cfg)},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=1,
+    )
+
+
+def worker_batches(plan: StreamPlan, rank: int, prefetch: int = 4) -> Iterator[dict[str, Any]]:
+    """In a Ray Train worker: this rank's training batches from its dataset shard
+    (``ray.train.get_dataset_shard``), one dict per step (:func:`mapl_ray.data.streams.assemble_steps`)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(batches_dataset_name(rank))
+    plan = dataclasses.replace(plan, rank=rank)
+    return assemble_steps(plan, shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch))
+
+
+@dataclass
+class TrainStream:
+    """Training input of a Ray Train job as Ray Data pipelines: one dataset per rank (steps ``start ..
+    end``), handed whole to its worker (``DataConfig(datasets_to_split=[])``) in step order.
+
+    Pass it to :func:`mapl_ray.pipelines.ray_train.train_with_ray` (``stream=``); build it with
+    :func:`train_stream`."""
+
+    cfg: Config
+    sources: StreamSources
+    start: int
+    end: int
+    refit_steps: frozenset[int]
+    concurrency: int
+
+    def plan(self, rank: int, world: int) -> StreamPlan:
+        return StreamPlan.from_config(self.cfg, self.sources.sizes, rank, world, self.refit_steps)
+
+    def datasets(self, world: int) -> dict[str, Any]:
+        return {
+            batches_dataset_name(r): training_dataset(
+                self.cfg, self.sources, self.plan(r, world), self.start, self.end, self.concurrency
+            )
+            for r in range(world)
+        }
+
+    def data_config(self):
+        from ray.train import DataConfig
+
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True  # assemble_steps cuts the rows into steps by order
+        return DataConfig(datasets_to_split=[], execution_options=options)
+
+
+def load_streamed_train_data(
+    cfg: Config, split: Split
+) -> tuple[TrainData, ValidationSet, dict[str, Any], StreamSources]:
+    """:func:`~mapl_ray.data.train_data.load_train_data` without decoding the unlabeled pool, which streams.
+
+    The labeled sets are decoded here as before (the memory bank, the pseudo-labeler's normals and the
+    validation set need them); ``TrainData.unlabeled`` is a :class:`~mapl_ray.data.streams.StreamedPool`.
+    A streamed pool feeds L_Yu and the OCC fits (a fresh sample of it at each refit); its images do not
+    join the normal stream or the memory bank (the in-memory path of ``mapl train`` does that).
+
+    Returns:
+        (data, validation set, data info, the sources of every role in ``data``'s order).
+
+    Raises:
+        the errors of ``load_train_data``; LayoutError: no labeled normal image (a streamed run needs
+        ``train/good``); RuntimeError: a labeled image skipped for its mask alone (``data.skip_bad_images``)
+        leaves the decoded sets and the split out of step.
+    """
+    from ..data.streams import StreamedPool
+    from ..data.train_data import load_train_data
+
+    if not split.labeled_normal:
+        raise LayoutError(
+            "streamed training needs labeled normal images (train/good of the category); "
+            "with unlabeled images alone, train in memory (mapl train --unlabeled ...)"
+        )
+    data, validation, info = load_train_data(cfg, dataclasses.replace(split, unlabeled=[]))
+    dropped = {p for p, _ in info["skipped_images"]} | set(info["validation_normals"]) | set(validation.paths)
+    normals = [r.path for r in split.labeled_normal if r.path not in dropped]
+    anomalies = [r for r in split.labeled_anomaly if r.path not in dropped]
+    if len(normals) != len(data.normals) or len(anomalies) != (0 if data.anomalies is None else len(data.anomalies)):
+        raise RuntimeError(f"decoded labeled sets do not match the split; skipped files: {info['skipped_images']}")
+    if split.unlabeled:
+        data.unlabeled = StreamedPool(len(split.unlabeled))
+    info.update(unlabeled=len(split.unlabeled), unlabeled_streamed=True)
+    paths = (normals, [r.path for r in split.unlabeled], [r.path for r in anomalies])
+    return data, validation, info, StreamSources(paths, [r.mask_path for r in anomalies])
+
+
+def train_stream(
+    cfg: Config,
+    sources: StreamSources,
+    run_dir: str | os.PathLike[str],
+    resume: bool = False,
+    shards: list[str | os.PathLike[str]] | None = None,
+    concurrency: int = 1,
+) -> TrainStream:
+    """The :class:`TrainStream` of a run: steps from the checkpoint's (``resume``) to ``train.steps``, pools
+    on the pseudo-labeler's refit steps (and on the first step of a resumed run that saved no pseudo-labeler
+    past its warm-up, where :meth:`PseudoLabeler.due` refits), images from ``shards`` when given.
+
+    Raises:
+        LayoutError: shards decoded at another size or pose normalisation, or missing images of the split.
+    """
+    from ..data.pose import build_pose_estimator
+    from ..pseudo.labeler import is_refit_step
+    from ..runfolder import load_pseudo, read_state
+
+    start = int(read_state(run_dir)["step"]) if resume else 0
+    p = cfg.pseudo
+    refit = {s for s in range(start, cfg.train.steps) if is_refit_step(p, s)}
+    if resume and p.enabled and start >= p.warmup_steps and load_pseudo(run_dir) is None:  # PseudoLabeler.due
+        refit.add(start)
+    if shards:
+        sources = sources.with_shards(shards, ShardSpec.of(cfg.data.image_size, build_pose_estimator(cfg)))
+    return TrainStream(cfg, sources, start, cfg.train.steps, frozenset(refit), concurrency)
+
+
+def train_streamed(
+    cfg: Config,
+    split: Split,
+    run_dir: str | os.PathLike[str],
+    shards: list[str | os.PathLike[str]] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, Any], ValidationSet, dict[str, Any]]:
+    """Train with the unlabeled pool (and every batch) streamed through Ray Data into Ray Train workers.
+
+    CPUs: each training worker gets ``train.cpus_per_worker`` (default 1 beside a GPU, else half of the
+    CPUs split between the workers); the rest run the data actors (at least one).
+
+    Returns:
+        (training summary as :func:`~mapl_ray.pipelines.ray_train.train_with_ray`, validation set, data info).
+    """
+    import ray
+
+    from .ray_train import train_with_ray
+
+    init_ray()
+    quiet_data_context()
+    data, validation, info, sources = load_streamed_train_data(cfg, split)
+    total, n = int(ray.cluster_resources().get("CPU", 1)), cfg.train.num_workers
+    per_worker = cfg.train.cpus_per_worker or (1 if cfg.train.use_gpu else max(1, total // (2 * n)))
+    cfg = cfg.override({"train.cpus_per_worker": per_worker})
+    stream = train_stream(cfg, sources, run_dir, resume, shards, concurrency=max(1, total - n * per_worker))
+    summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress, stream=stream)
+    return summary, validation, info

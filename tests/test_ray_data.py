@@ -1,0 +1,330 @@
+"""Ray Data pipelines on tiny real data, one local Ray per module: ``mapl prepare`` (bad files skipped and
+listed, duplicates reported), the simulation stage (identical across worker counts and batch sizes),
+``mapl score`` (equal to ``mapl predict``, resumable) and streamed training batches (shards == folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import copy_small_category, needs_data
+
+from mapl_ray.data.io import load_image, load_mask
+from mapl_ray.data.shards import images_from_column, open_shard_set
+
+pytestmark = needs_data
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    from mapl_ray.pipelines.ray_env import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory) -> Path:
+    """A small screw category with one unreadable test image and one duplicated training image."""
+    root = copy_small_category(tmp_path_factory.mktemp("data"), n_train=10, n_good=2, n_per_defect=2)
+    cat = root / "screw"
+    (cat / "test" / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    shutil.copy(cat / "train" / "good" / "000.png", cat / "train" / "good" / "000_again.png")
+    return cat
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, category, tmp_path_factory) -> tuple[Path, dict]:
+    from mapl_ray.pipelines.ray_data import prepare_shards
+
+    out = tmp_path_factory.mktemp("shards") / "screw"
+    manifest = prepare_shards(category, out, image_size=SIZE, rows_per_shard=5, progress=False)
+    return out, manifest
+
+
+def _all_rows(folder: Path) -> list[dict]:
+    files, _ = open_shard_set(folder)
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def test_prepare_decodes_every_readable_image_and_lists_the_rest(shards, category):
+    out, manifest = shards
+    files = sorted(p for p in category.rglob("*.png") if "ground_truth" not in p.parts)
+    assert manifest["images"] == len(files) - 1 and manifest["rejected"] == 1 and manifest["duplicates"] == 1
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rejected] == [str(category / "test" / "good" / "broken.png")] and rejected[0]["reason"]
+    dup = json.loads((out / "duplicates.jsonl").read_text())
+    assert {dup["path"], dup["same_as"]} == {str(category / "train" / "good" / n) for n in ("000.png", "000_again.png")}
+    rows = {r["path"]: r for r in _all_rows(out)}
+    assert set(rows) == {str(p) for p in files if p.name != "broken.png"}
+    for path, row in rows.items():
+        np.testing.assert_array_equal(images_from_column([row["image"]], (SIZE, SIZE))[0], load_image(path, SIZE))
+        assert row["hash"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        defect = Path(path).parent.name
+        if row["split"] == "test" and defect != "good":
+            mask_path = category / "ground_truth" / defect / f"{Path(path).stem}_mask.png"
+            got = images_from_column([row["mask"]], (SIZE, SIZE), channels=0)[0]
+            np.testing.assert_array_equal(got, load_mask(mask_path, SIZE))
+            assert row["label"] == 1 and row["defect_type"] == defect
+        else:
+            assert row["mask"] is None and row["label"] == 0
+            assert row["split"] == ("train" if "train" in Path(path).parts else "test")
+
+
+def test_prepare_from_a_list_file_and_from_parquet(ray_local, category, tmp_path):
+    from mapl_ray.pipelines.ray_data import prepare_shards
+
+    good = sorted((category / "train" / "good").glob("*.png"))[:3]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join([str(good[0]), "missing.png", str(good[1])]) + "\n")
+    m = prepare_shards(lst, tmp_path / "from_list", image_size=SIZE, progress=False)
+    assert (m["kind"], m["images"], m["rejected"]) == ("list", 2, 1)
+    assert "missing.png" in (tmp_path / "from_list" / "rejected.jsonl").read_text()
+    # a Parquet of encoded images (Hugging Face layout: image struct with bytes and path)
+    src = tmp_path / "src"
+    src.mkdir()
+    images = [{"bytes": p.read_bytes(), "path": str(p)} for p in good] + [{"bytes": b"junk", "path": "junk.png"}]
+    pq.write_table(pa.table({"image": images, "label": [0, 0, 0, 1]}), src / "a.parquet")
+    m = prepare_shards(src, tmp_path / "from_parquet", image_size=SIZE, progress=False)
+    assert (m["kind"], m["images"], m["rejected"]) == ("parquet", 3, 1)
+    rows = sorted(_all_rows(tmp_path / "from_parquet"), key=lambda r: r["path"])
+    assert [r["path"] for r in rows] == [str(p) for p in good]
+    np.testing.assert_array_equal(
+        images_from_column([r["image"] for r in rows], (SIZE, SIZE)), np.stack([load_image(p, SIZE) for p in good])
+    )
+    with pytest.raises(Exception, match="already holds shards"):
+        prepare_shards(src, tmp_path / "from_parquet", image_size=SIZE, progress=False)
+
+
+def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
+    from mapl_ray.cli import main
+
+    assert main(["prepare", str(category / "test"), "--out", str(tmp_path / "s"), "--image-size", "32", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["kind"], out["rejected"], out["image_size"]) == ("folder", 1, [32, 32])
+    assert main(["prepare", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_simulation_stage_is_identical_across_workers_and_batch_sizes(ray_local, category):
+    from conftest import tiny_config
+
+    from mapl_ray.data.simulation import build_simulator
+    from mapl_ray.data.streams import simulate_samples
+    from mapl_ray.pipelines.ray_data import simulate
+
+    cfg = tiny_config(category.parent)
+    paths = sorted((category / "train" / "good").glob("*.png"))[:7]
+    images = np.stack([load_image(p, SIZE) for p in paths])
+    keys = np.arange(100, 100 + len(paths))
+    items = [{"image": img, "sample_key": int(k)} for img, k in zip(images, keys)]
+
+    def run(concurrency, batch_size):
+        ds = ray_local.data.from_items(items, override_num_blocks=3)
+        out = simulate(ds, cfg, seed=5, concurrency=concurrency, batch_size=batch_size).take_all()
+        out.sort(key=lambda r: r["sample_key"])
+        return np.stack([r["image"] for r in out]), np.stack([r["mask"] for r in out])
+
+    one, two = run(1, 3), run(2, 5)
+    loop = simulate_samples(build_simulator(cfg), images, keys, seed=5)
+    for a, b in ((one, two), (one, loop)):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    assert all(m.any() for m in one[1])  # every sample got an anomaly
+    changed = (one[0] != images).any(axis=-1)
+    assert not (changed & (one[1] == 0)).any()  # pixels outside the mask stay as they were
+    other_seed = simulate_samples(build_simulator(cfg), images, keys, seed=6)[0]
+    assert (other_seed != one[0]).any()
+
+
+def _scores(folder: Path) -> dict[str, dict]:
+    return {r["path"]: r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
+
+
+def test_score_equals_predict_and_a_rerun_skips_written_files(ray_local, shards, trained_run, tmp_path):
+    from PIL import Image
+
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.ray_data import score_source
+
+    folder, manifest = shards
+    out = tmp_path / "scores"
+    first = score_source(trained_run, folder, out, batch_size=4, maps=True, progress=False)
+    assert (first["images"], first["files_written"], first["files_skipped"]) == (
+        manifest["images"],
+        manifest["shards"],
+        0,
+    )
+    got = _scores(out)
+    pred = Predictor(trained_run, device="cpu")
+    paths = sorted(got)
+    records, _, maps = pred.predict_paths(paths)
+    assert pred.threshold is not None
+    for rec, amap in zip(records, maps):
+        row = got[rec["path"]]
+        assert row["score"] == pytest.approx(rec["score"], abs=1e-5)
+        assert row["normalised_score"] == pytest.approx(rec["normalised_score"], abs=1e-4)
+        assert (row["label"], row["threshold"]) == (rec["label"], pytest.approx(pred.threshold))
+        png = np.asarray(Image.open(row["map"]), dtype=np.float64) / 255.0
+        assert np.abs(png - amap).max() <= 0.5 / 255 + 1e-5
+    assert {row["known_label"] for row in got.values()} == {0, 1}
+    # a stopped job: one output file missing -> the rerun scores that shard only, to the same values
+    written = sorted(out.glob("*.parquet"))
+    stamps = {f: f.stat().st_mtime_ns for f in written}
+    written[1].unlink()
+    again = score_source(trained_run, folder, out, batch_size=3, progress=False)
+    assert (again["files_written"], again["files_skipped"]) == (1, len(written) - 1)
+    assert all(f.stat().st_mtime_ns == stamps[f] for f in written if f != written[1])
+    regot = _scores(out)
+    assert regot.keys() == got.keys()
+    for p in paths:
+        assert regot[p]["score"] == pytest.approx(got[p]["score"], abs=1e-5)
+
+
+@pytest.mark.slow  # ~1.5 min on 2 busy cores
+def test_cli_score_on_a_folder_scores_like_shards_and_names_unreadable_files(
+    ray_local, shards, category, trained_run, tmp_path, capsys
+):
+    from mapl_ray.cli import main
+
+    out = tmp_path / "folder_scores"
+    args = [
+        "score",
+        str(trained_run),
+        str(category),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--rows-per-file",
+        "7",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["unreadable"] == 1 and summary["files_written"] == 3
+    from_folder = _scores(out)
+    broken = from_folder.pop(str(category / "test" / "good" / "broken.png"))
+    assert broken["score"] is None and broken["error"]
+    from_shards = _scores_of_shards(trained_run, shards[0], tmp_path)
+    assert from_folder.keys() == from_shards.keys()
+    for p, row in from_folder.items():
+        assert row["score"] == pytest.approx(from_shards[p]["score"], abs=1e-5)
+    assert main(args) == 0  # nothing left to do
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files_skipped"] == 3
+    other = ["score", str(trained_run), str(category / "test"), "--out", str(out), "--quiet"]
+    assert main(other) == 2 and "holds scores of run" in capsys.readouterr().err
+
+
+def _scores_of_shards(run, folder, tmp_path) -> dict[str, dict]:
+    from mapl_ray.pipelines.ray_data import score_source
+
+    score_source(run, folder, tmp_path / "shard_scores", batch_size=8, progress=False)
+    return _scores(tmp_path / "shard_scores")
+
+
+def _stream_config(category: Path, **kw):
+    from conftest import tiny_config
+
+    from mapl_ray.main_job import absolute_paths
+
+    base = {
+        "data.unlabeled_fraction": 0.3,
+        "data.labeled_anomalies": 1,
+        "eval.validation_normals": 2,
+        "train.steps": 4,
+        "pseudo.warmup_steps": 1,
+        "pseudo.refit_every": 2,
+        "pseudo.pool_size": 2,
+    }
+    return absolute_paths(tiny_config(category.parent, **{**base, **kw}))
+
+
+def test_training_batches_from_shards_equal_those_from_the_folder(ray_local, shards, category, tmp_path):
+    from mapl_ray.data.streams import assemble_steps
+    from mapl_ray.main_job import check_inputs
+    from mapl_ray.pipelines.ray_data import load_streamed_train_data, train_stream
+
+    cfg = _stream_config(category)
+    split = check_inputs(cfg)
+    data, _, info, sources = load_streamed_train_data(cfg, split)
+    assert len(data.unlabeled) == len(split.unlabeled) > 0 and info["unlabeled_streamed"]
+    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
+
+    def batches(**kw):
+        stream = train_stream(cfg, sources, tmp_path, **kw)
+        ds = stream.datasets(1)["batches_rank0"]
+        return list(assemble_steps(stream.plan(0, 1), ds.iter_batches(batch_size=None, batch_format="numpy"))), stream
+
+    from_folder, stream = batches(concurrency=1)
+    from_shards, _ = batches(shards=[shards[0]], concurrency=2)
+    assert len(from_folder) == len(from_shards) == 4
+    assert stream.refit_steps == {1, 3}
+    for a, b in zip(from_folder, from_shards):
+        assert a.keys() == b.keys()
+        for k in ("images", "masks", "kind", "label"):
+            np.testing.assert_array_equal(a[k], b[k])
+        if "pool" in a:
+            for k in ("normal_idx", "sims", "unlabeled"):
+                np.testing.assert_array_equal(a["pool"][k], b["pool"][k])
+    first = from_folder[0]
+    assert list(np.bincount(first["kind"])) == [4, 4, 4, 2]
+    assert first["masks"][first["kind"] == 1].reshape(4, -1).any(axis=1).all()  # every simulated image has a defect
+    assert not first["masks"][first["kind"] == 0].any()
+    # a normal of the batch is a flipped / rotated decoded training normal (train.augment=rot90)
+    plan = stream.plan(0, 1)
+    normal = data.normals[plan.rows(np.array([0]))["index"][:1][0]]
+    views = [np.rot90(normal, k, axes=(0, 1)) for k in range(4)]
+    assert any((first["images"][0] == v).all() or (first["images"][0] == v[:, ::-1]).all() for v in views)
+    pool = from_folder[1]["pool"]
+    assert len(pool["sims"]) == 4 and len(pool["unlabeled"]) == len(split.unlabeled)
+
+
+@pytest.mark.slow  # ~1.5 min on 2 busy cores
+def test_ray_train_takes_its_batches_from_the_shards(ray_local, shards, category, tmp_path):
+    from mapl_ray.main_job import prepare_run
+    from mapl_ray.pipelines.ray_data import train_streamed
+
+    cfg = _stream_config(category, **{"train.steps": 3})
+    run = tmp_path / "run"
+    split = prepare_run(cfg, run)
+    summary, validation, info = train_streamed(cfg, split, run, shards=[shards[0]], progress=False)
+    assert summary["steps_run"] == 3 and summary["loader_workers"] == 0 and summary["per_worker_batch"] == 14
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    # the pseudo-labeler was refitted at step 1 on the streamed pool (unlabeled images from the shards)
+    assert sum(summary["pseudo"][k] for k in ("pseudo_pos", "pseudo_neg", "pseudo_unknown")) == len(split.unlabeled)
+    assert len(validation.normals) == 2 and info["unlabeled"] == len(split.unlabeled)
+    assert (run / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_stream_needs_ray_and_shards_need_stream(category, tmp_path):
+    from mapl_ray.config import ConfigError
+    from mapl_ray.main_job import run_train_job
+
+    cfg = _stream_config(category, **{"data.stream": True})
+    with pytest.raises(ConfigError, match="drop --no-ray"):
+        run_train_job(cfg, tmp_path / "run", use_ray=False)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+    with pytest.raises(ConfigError, match="data.shards"):
+        _stream_config(category, **{"data.shards": str(tmp_path)})
+
+
+@pytest.mark.slow  # ~2 min on 2 busy cores
+def test_main_job_streams_from_shards(ray_local, shards, category, tmp_path):
+    from mapl_ray.main_job import run_train_job
+
+    cfg = _stream_config(category, **{"train.steps": 3, "data.stream": True, "data.shards": str(shards[0])})
+    metrics = run_train_job(cfg, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "data_info.json").read_text())
+    assert info["unlabeled_streamed"] and info["unlabeled"] > 0
+    assert 0 <= metrics["image_auroc"] <= 1 and metrics["validation"]["image_auroc"] is not None

@@ -1,0 +1,112 @@
+"""Parquet shards without Ray: the schema round trip, row building, spec checks and random row reads."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import SCREW, needs_data
+
+from mapl_ray.data.io import image_size, load_image, load_mask
+from mapl_ray.data.layout import LayoutError
+from mapl_ray.data.pose import PoseEstimator
+from mapl_ray.data.shards import (
+    ShardSpec,
+    decode_batch,
+    images_from_column,
+    open_shard_set,
+    pose_from_json,
+    read_list_file,
+    read_rows,
+    source_kind,
+    source_records,
+    write_shard,
+)
+
+pytestmark = needs_data
+
+
+def _defect_record():
+    img = sorted((SCREW / "test" / "scratch_head").glob("*.png"))[0]
+    mask = SCREW / "ground_truth" / "scratch_head" / f"{img.stem}_mask.png"
+    return {"path": str(img), "split": "test", "defect_type": "scratch_head", "label": 1, "mask_path": str(mask)}
+
+
+def test_schema_round_trip_with_pose_and_mask(tmp_path):
+    align = PoseEstimator(threshold=60, inverse=False)  # screw: a bright part on a dark background
+    spec = ShardSpec.of(48, align)
+    rec = _defect_record()
+    normal = {"path": sorted(str(p) for p in (SCREW / "train" / "good").glob("*.png"))[0], "label": 0}
+    rows, rejected = decode_batch([rec, normal], spec.image_size, align)
+    assert rejected == []
+    shard = write_shard(rows, tmp_path, spec)
+    files, read_spec = open_shard_set(tmp_path, expect=spec)
+    assert files == [str(shard)] and read_spec == spec
+    table = pq.read_table(shard)
+    assert table.schema.equals(spec.schema(), check_metadata=True)
+    got = table.to_pylist()
+    images = images_from_column([r["image"] for r in got], (48, 48))
+    image, pose = load_image(rec["path"], 48, align=align, return_pose=True)
+    np.testing.assert_array_equal(images[0], image)
+    np.testing.assert_array_equal(
+        images_from_column([got[0]["mask"]], (48, 48), channels=0)[0], load_mask(rec["mask_path"], 48, pose=pose)
+    )
+    assert pose_from_json(got[0]["pose"]) == pose
+    assert got[1]["mask"] is None and got[1]["label"] == 0
+    assert got[0]["hash"] == hashlib.sha256(open(rec["path"], "rb").read()).hexdigest()
+    assert (got[0]["orig_height"], got[0]["orig_width"]) == image_size(rec["path"])
+
+
+def test_bad_files_are_rejected_with_their_reason_and_the_rest_kept(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    good = sorted(str(p) for p in (SCREW / "train" / "good").glob("*.png"))[:2]
+    records = [{"path": p, "label": -1} for p in [good[0], str(bad), str(tmp_path / "missing.png"), good[1]]]
+    rows, rejected = decode_batch(records, (32, 32), None)
+    assert [r["path"] for r in rows] == good
+    assert [r["path"] for r in rejected] == [str(bad), str(tmp_path / "missing.png")]
+    assert "FileNotFoundError" in rejected[1]["reason"] and rejected[0]["reason"]
+
+
+def test_spec_mismatch_and_foreign_parquet_are_named(tmp_path):
+    rows, _ = decode_batch([{"path": _defect_record()["path"], "label": 1}], (32, 32), None)
+    write_shard(rows, tmp_path / "a", ShardSpec.of(32, None))
+    with pytest.raises(LayoutError, match="32x32 with align=none.*needs 64x64"):
+        open_shard_set(tmp_path / "a", expect=ShardSpec.of(64, None))
+    (tmp_path / "b").mkdir()
+    pq.write_table(
+        pq.read_table(next((tmp_path / "a").glob("*.parquet"))).replace_schema_metadata(None),
+        tmp_path / "b" / "x.parquet",
+    )
+    with pytest.raises(LayoutError, match="not a mapl shard"):
+        open_shard_set(tmp_path / "b")
+
+
+def test_read_rows_returns_the_rows_asked_in_order(tmp_path):
+    paths = sorted(str(p) for p in (SCREW / "train" / "good").glob("*.png"))[:19]
+    rows, _ = decode_batch([{"path": p, "label": 0} for p in paths], (16, 16), None)
+    shard = write_shard(rows, tmp_path, ShardSpec.of(16, None))
+    want = [18, 3, 3, 9, 0, 17]
+    got = read_rows(str(shard), want, ["path", "image"])
+    assert got.column("path").to_pylist() == [paths[i] for i in want]
+    np.testing.assert_array_equal(
+        images_from_column(got.column("image").to_pylist(), (16, 16)),
+        np.stack([load_image(paths[i], 16) for i in want]),
+    )
+
+
+def test_sources_are_recognised(tmp_path):
+    assert source_kind(SCREW) == "category"
+    recs = source_records(SCREW)
+    test_defects = [r for r in recs if r["split"] == "test" and r["label"] == 1]
+    assert test_defects and all(r["mask_path"] for r in test_defects)
+    assert {r["split"] for r in recs} == {"train", "test"}
+    assert source_kind(SCREW / "train") == "folder"
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# images\n{SCREW / 'train' / 'good' / '000.png'}\n\nrelative.png\n")
+    assert source_kind(lst) == "list"
+    assert read_list_file(lst) == [str(SCREW / "train" / "good" / "000.png"), str(tmp_path / "relative.png")]
+    with pytest.raises(LayoutError, match="does not exist"):
+        source_kind(tmp_path / "nope")
