@@ -48,6 +48,8 @@ FLAG_FIELDS = {
     "steps": "train.steps",
     "lr": "train.lr",
     "num_workers": "train.num_workers",
+    "max_failures": "train.max_failures",
+    "storage": "train.storage_path",
     "gpu": "train.use_gpu",
     "amp": "train.amp",
     "top_k": "eval.top_k",
@@ -195,6 +197,19 @@ def _add_train_run_args(t) -> None:
     t.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
     t.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="restart the Ray Train workers up to N times after a worker or node died, from the last checkpoint "
+        "(train.max_failures, default 0; checkpoints every train.checkpoint_every steps)",
+    )
+    t.add_argument(
+        "--storage",
+        metavar="PATH|URI",
+        help="where Ray Train keeps its checkpoints (train.storage_path; default RUN/ray_results): a path every "
+        "node reads or s3://... / gs://...",
+    )
+    t.add_argument(
         "--amp", choices=["auto", "off", "bf16"], help="bf16 autocast: auto (on a GPU, not on the CPU), off or bf16"
     )
     t.add_argument(
@@ -331,7 +346,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if value is not None:
             overrides[fieldname] = value
     if args.resume:
-        allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp", "data.skip_bad_images"}
+        allowed = {
+            "train.steps",
+            "train.num_workers",
+            "train.use_gpu",
+            "train.amp",
+            "train.max_failures",
+            "train.storage_path",
+            "data.skip_bad_images",
+        }
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ConfigError(
