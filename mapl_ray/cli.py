@@ -95,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _OneCommand:
+    """Stands in for argparse's sub-commands to build one command's parser on its own (:func:`command_parser`)."""
+
+    def __init__(self, prog: str | None):
+        self.prog, self.parsers = prog, {}
+
+    def add_parser(self, name: str, help: str | None = None, **kwargs) -> argparse.ArgumentParser:
+        kwargs.pop("usage", None)  # "mapl train ...": let argparse write the usage of this program
+        self.parsers[name] = argparse.ArgumentParser(prog=self.prog or f"mapl {name}", **kwargs)
+        return self.parsers[name]
+
+
+def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of one ``mapl`` command as a stand-alone parser (``prog``: the program's name in
+    help and errors), e.g. for the cluster entry points in ``jobs/``.
+
+    Raises:
+        KeyError: an unknown command.
+    """
+    one = _OneCommand(prog)
+    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers):
+        add(one)
+    return one.parsers[command]
+
+
 def _add_train_parser(sub) -> None:
     t = sub.add_parser(
         "train",
@@ -661,25 +686,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.command, getattr(args, "verbose", False))
-    handlers = {
-        "train": cmd_train,
-        "evaluate": cmd_evaluate,
-        "predict": cmd_predict,
-        "serve": cmd_serve,
-        "prepare": cmd_prepare,
-        "score": cmd_score,
-    }
+HANDLERS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "serve": cmd_serve,
+    "prepare": cmd_prepare,
+    "score": cmd_score,
+}
+
+
+def run_command(command: str, args: argparse.Namespace, prog: str | None = None) -> int:
+    """Run one parsed ``mapl`` command; a user's mistake (a known error) is one line on stderr and exit
+    status 2, never a traceback. ``prog`` names the program in that line (default ``mapl COMMAND``)."""
+    setup_logging(command, getattr(args, "verbose", False))
     try:
-        return handlers[args.command](args)
+        return HANDLERS[command](args)
     except _known_errors() as e:
-        print(f"mapl {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog or 'mapl ' + command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout's reader left (`mapl predict ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         return 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, args)
 
 
 if __name__ == "__main__":

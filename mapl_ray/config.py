@@ -27,6 +27,8 @@ PSEUDO_FEATURES = ("map", "pooled", "both")
 
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
 ALIGN_MODES = ("none", "principal_axis")
+# the fields that name files or folders (made absolute for Ray workers; URIs in a cluster job's config)
+PATH_FIELDS = ("data.root", "simulation.texture_dir", "data.unlabeled_dir", "model.weights")
 
 
 class ConfigError(ValueError):
@@ -414,7 +416,7 @@ def _read_mapping(p: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data or {}

@@ -21,6 +21,7 @@ restart is marked in ``train_log.jsonl`` and listed under ``restarts`` in ``trai
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -112,6 +113,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         from .ray_data import worker_batches
 
         batches = worker_batches(config["stream_plan"], rank)
+        if restart is not None and resume:  # the stream starts where the job started: skip the steps done
+            batches = itertools.islice(
+                batches, int(read_state(config["run_dir"])["step"]) - config["stream_start"], None
+            )
     recorder = _WarningRecorder()
     logging.getLogger("mapl_ray").addHandler(recorder)
     try:
@@ -275,6 +280,7 @@ def train_with_ray(
             "threads": threads,
             "progress": progress and verbose,
             "stream_plan": stream.plan(0, n) if stream else None,
+            "stream_start": stream.start if stream else 0,
             "fit_id": uuid.uuid4().hex[:12],  # tells this call's restart markers from earlier ones
             "log_offset": log_path.stat().st_size if log_path.is_file() else 0,
         },
