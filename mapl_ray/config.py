@@ -148,6 +148,9 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: int | None = None  # None -> all CPUs split between workers
+    # more Ray resources per training worker, "name=amount,...": e.g. a custom resource of the GPU nodes
+    # (cluster.yaml's mapl_gpu=1) to keep training off the other nodes
+    worker_resources: str = ""
     loader_workers: int | None = None  # anomaly-simulation processes per worker; None -> 0 on CPU, up to 4 with a GPU
     loader_start_method: str = "auto"  # auto (the platform default: fork on Linux) | fork | forkserver | spawn
     amp: str = "auto"  # auto | off | bf16
@@ -375,10 +378,30 @@ def _train_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("train.ema_decay", 0 <= c.train.ema_decay < 1, "in [0, 1)"),
         ("train.color_jitter", 0 <= c.train.color_jitter < 1, "in [0, 1)"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 1, ">= 1"),
+        ("train.worker_resources", _resources_ok(c.train.worker_resources), "name=amount,... (amounts > 0)"),
         ("train.max_failures", c.train.max_failures >= -1, ">= 0 (or -1: no limit)"),
         ("train.log_every", c.train.log_every >= 1, ">= 1"),
         ("train.report_every", c.train.report_every >= 0, ">= 0"),
     ]
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``"name=amount,..."`` -> ``{name: amount}`` (Ray custom resources). Raises ValueError when malformed."""
+    out = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, sep, amount = item.partition("=")
+        if not sep or not name.strip() or float(amount) <= 0:
+            raise ValueError(item)
+        out[name.strip()] = float(amount)
+    return out
+
+
+def _resources_ok(text: str) -> bool:
+    try:
+        parse_resources(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:

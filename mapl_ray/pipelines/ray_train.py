@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, parse_resources
 from ..data.layout import LayoutError
 from ..data.train_data import TrainData
 from ..data.validation import ValidationSet
@@ -68,7 +68,7 @@ def _worker_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     n = cfg.train.num_workers
     cpus = cfg.train.cpus_per_worker or max(1, total // n)
-    res = {"CPU": float(cpus)}
+    res = {"CPU": float(cpus), **parse_resources(cfg.train.worker_resources)}
     if cfg.train.use_gpu:
         res["GPU"] = 1.0
     return cpus, res
@@ -141,6 +141,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         summary["warnings"] = recorder.messages
         summary["restarts"] = restart_markers(config["run_dir"], config["fit_id"])
+        summary["ray_node_id"] = ray.get_runtime_context().get_node_id()  # where rank 0 ran (the last attempt)
         write_train_summary(Path(config["run_dir"]), summary, resumed=config["resume"])
 
 
