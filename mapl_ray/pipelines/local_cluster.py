@@ -226,3 +226,60 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _train_log(run: Path) -> list[dict]:
+    path = run / "train_log.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def submit_train_job(
+    cluster: LocalCluster,
+    args: list[str],
+    run: Path,
+    cwd: str,
+    kill: str | None = None,
+    kill_at_step: int = 0,
+    replacement: tuple[int, dict[str, float]] | None = None,
+    timeout_s: float = 900,
+) -> dict[str, Any]:
+    """``ray job submit --working-dir CWD -- python jobs/train.py ARGS`` on ``cluster``, waited for; with
+    ``kill`` (``"raylet"`` or ``"node"``) the last node started is lost once ``train_log.jsonl`` reaches
+    ``kill_at_step``, and a ``replacement`` node ``(cpus, resources)`` is started, as an autoscaler would.
+
+    Returns:
+        ``status`` (Ray's job status), ``job_wall_s`` (submission to the end), ``logs`` (the job's output) and,
+        with ``kill``: ``killed_at_step``, ``steps_repeated`` (logged again after the restart),
+        ``recovery_s`` (from the kill to the first step logged after the restart).
+    """
+    sid = f"mapl-{secrets.token_hex(4)}"
+    t0 = time.monotonic()
+    submit = ["job", "submit", "--no-wait", f"--submission-id={sid}", "--working-dir", "."]
+    sub = cluster.run(*submit, "--", "python", "jobs/train.py", *args, cwd=cwd)
+    if sub.returncode:
+        raise RuntimeError(f"ray job submit failed: {sub.stderr[-2000:]}")
+    out: dict[str, Any] = {}
+    end = t0 + timeout_s
+    while time.monotonic() < end:
+        status = cluster.run("job", "status", sid).stdout
+        state = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status), None)
+        if state:
+            break
+        log = _train_log(run)
+        if kill and "killed_at_step" not in out and log and log[-1].get("step", 0) >= kill_at_step:
+            out["killed_at_step"], t_kill = log[-1]["step"], time.monotonic()
+            victim = cluster.nodes[-1]
+            cluster.kill_raylet(victim) if kill == "raylet" else cluster.kill_node(victim)
+            if replacement:
+                cluster.add_node(f"{victim.name}-replacement", *replacement)
+        if "killed_at_step" in out and "recovery_s" not in out:
+            marker = next((i for i, r in enumerate(log) if r.get("event") == "restart"), None)
+            if marker is not None and len(log) > marker + 1:
+                out["recovery_s"] = time.monotonic() - t_kill
+                out["steps_repeated"] = log[marker]["steps_repeated"]
+        time.sleep(0.5)
+    else:
+        state = "TIMEOUT"
+    out.update(status=state, job_wall_s=time.monotonic() - t0, logs=cluster.run("job", "logs", sid).stdout)
+    return out
