@@ -207,6 +207,7 @@ class LocalCluster:
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
+        psutil.wait_procs([p for n in self.nodes for p in n.procs.values()], timeout=15)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftover_pids(self) -> list[int]:
@@ -262,8 +263,10 @@ def submit_train_job(
     out: dict[str, Any] = {}
     end = t0 + timeout_s
     while time.monotonic() < end:
-        status = cluster.run("job", "status", sid).stdout
-        state = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status), None)
+        done = cluster.run("job", "status", sid)
+        status = done.stdout + done.stderr  # Ray's CLI writes the status line to stderr
+        # "Job 'ID' succeeded" (colours and case vary by Ray version)
+        state = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if f"{sid}' {s.lower()}" in status.lower()), None)
         if state:
             break
         log = _train_log(run)
