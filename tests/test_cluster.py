@@ -132,8 +132,9 @@ def test_lost_worker_node_resumes_from_the_last_checkpoint(two_node_cluster, sma
     assert result["status"] == "SUCCEEDED", result["logs"][-3000:]
     summary = _check_run(run, 16)
     [restart] = summary["restarts"]
-    assert restart["step"] % 3 == 0 and restart["step"] <= result["killed_at_step"]
-    assert restart["steps_repeated"] == result["killed_at_step"] - restart["step"] >= 0
+    assert restart["step"] % 3 == 0 and 0 < restart["step"] <= 16
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    before = max(r["step"] for r in log if r["segment"] == 0)  # the worker may log a step or two after the kill
+    assert before >= result["killed_at_step"] and restart["steps_repeated"] == before - restart["step"]
     assert [r["step"] for r in log if r["segment"] == 1 and "event" not in r] == list(range(restart["step"] + 1, 17))
     assert main(["predict", str(run), str(small_root / "screw" / "test" / "good")]) == 0
