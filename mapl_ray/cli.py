@@ -48,6 +48,8 @@ FLAG_FIELDS = {
     "steps": "train.steps",
     "lr": "train.lr",
     "num_workers": "train.num_workers",
+    "max_failures": "train.max_failures",
+    "storage": "train.storage_path",
     "gpu": "train.use_gpu",
     "amp": "train.amp",
     "top_k": "eval.top_k",
@@ -91,6 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parsers(sub)
     _add_data_parsers(sub)
     return p
+
+
+class _OneCommand:
+    """Stands in for argparse's sub-commands to build one command's parser on its own (:func:`command_parser`)."""
+
+    def __init__(self, prog: str | None):
+        self.prog, self.parsers = prog, {}
+
+    def add_parser(self, name: str, help: str | None = None, **kwargs) -> argparse.ArgumentParser:
+        kwargs.pop("usage", None)  # "mapl train ...": let argparse write the usage of this program
+        self.parsers[name] = argparse.ArgumentParser(prog=self.prog or f"mapl {name}", **kwargs)
+        return self.parsers[name]
+
+
+def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of one ``mapl`` command as a stand-alone parser (``prog``: the program's name in
+    help and errors), e.g. for the cluster entry points in ``jobs/``.
+
+    Raises:
+        KeyError: an unknown command.
+    """
+    one = _OneCommand(prog)
+    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers):
+        add(one)
+    return one.parsers[command]
 
 
 def _add_train_parser(sub) -> None:
@@ -194,6 +221,19 @@ def _add_train_run_args(t) -> None:
     t.add_argument("--config", metavar="YAML", help="YAML configuration (every hyperparameter); flags override it")
     t.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
+    t.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="restart the Ray Train workers up to N times after a worker or node died, from the last checkpoint "
+        "(train.max_failures, default 0; checkpoints every train.checkpoint_every steps)",
+    )
+    t.add_argument(
+        "--storage",
+        metavar="PATH|URI",
+        help="where Ray Train keeps its checkpoints (train.storage_path; default RUN/ray_results): a path every "
+        "node reads or s3://... / gs://...",
+    )
     t.add_argument(
         "--amp", choices=["auto", "off", "bf16"], help="bf16 autocast: auto (on a GPU, not on the CPU), off or bf16"
     )
@@ -331,7 +371,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if value is not None:
             overrides[fieldname] = value
     if args.resume:
-        allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp", "data.skip_bad_images"}
+        allowed = {
+            "train.steps",
+            "train.num_workers",
+            "train.use_gpu",
+            "train.amp",
+            "train.max_failures",
+            "train.storage_path",
+            "data.skip_bad_images",
+        }
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ConfigError(
@@ -638,25 +686,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.command, getattr(args, "verbose", False))
-    handlers = {
-        "train": cmd_train,
-        "evaluate": cmd_evaluate,
-        "predict": cmd_predict,
-        "serve": cmd_serve,
-        "prepare": cmd_prepare,
-        "score": cmd_score,
-    }
+HANDLERS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "serve": cmd_serve,
+    "prepare": cmd_prepare,
+    "score": cmd_score,
+}
+
+
+def run_command(command: str, args: argparse.Namespace, prog: str | None = None) -> int:
+    """Run one parsed ``mapl`` command; a user's mistake (a known error) is one line on stderr and exit
+    status 2, never a traceback. ``prog`` names the program in that line (default ``mapl COMMAND``)."""
+    setup_logging(command, getattr(args, "verbose", False))
     try:
-        return handlers[args.command](args)
+        return HANDLERS[command](args)
     except _known_errors() as e:
-        print(f"mapl {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog or 'mapl ' + command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout's reader left (`mapl predict ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         return 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, args)
 
 
 if __name__ == "__main__":

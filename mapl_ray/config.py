@@ -27,6 +27,8 @@ PSEUDO_FEATURES = ("map", "pooled", "both")
 
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
 ALIGN_MODES = ("none", "principal_axis")
+# the fields that name files or folders (made absolute for Ray workers; URIs in a cluster job's config)
+PATH_FIELDS = ("data.root", "simulation.texture_dir", "data.unlabeled_dir", "model.weights")
 
 
 class ConfigError(ValueError):
@@ -153,7 +155,12 @@ class TrainConfig:
     compile: bool = False
     # replay the whole step as a CUDA graph (one GPU, torch memory search, no torch.compile; eager elsewhere)
     cuda_graphs: bool = True
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps between checkpoints (RUN/checkpoint and, under Ray, a ray.train.Checkpoint)
+    # Ray Train restarts the workers this many times after a worker or node died, from the last checkpoint
+    max_failures: int = 0
+    # where Ray Train keeps its checkpoints and run state (RunConfig.storage_path; a path every node reads or an
+    # s3:// / gs:// URI); "": RUN/ray_results, removed when the job ends
+    storage_path: str = ""
     log_every: int = 10
     report_every: int = 0  # steps between ray.train.report calls (0: only the last; each synchronises all workers)
     seed: int = 0
@@ -368,6 +375,7 @@ def _train_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("train.ema_decay", 0 <= c.train.ema_decay < 1, "in [0, 1)"),
         ("train.color_jitter", 0 <= c.train.color_jitter < 1, "in [0, 1)"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 1, ">= 1"),
+        ("train.max_failures", c.train.max_failures >= -1, ">= 0 (or -1: no limit)"),
         ("train.log_every", c.train.log_every >= 1, ">= 1"),
         ("train.report_every", c.train.report_every >= 0, ">= 0"),
     ]
@@ -408,7 +416,7 @@ def _read_mapping(p: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data or {}

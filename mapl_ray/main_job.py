@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import PATH_FIELDS, Config, ConfigError
 from .data.foreground import with_resolved_foreground
 from .data.io import check_test_masks
 from .data.layout import LayoutError, scan_category, scan_folder
@@ -38,12 +38,7 @@ log = logging.getLogger("mapl_ray.main")
 
 def absolute_paths(cfg: Config) -> Config:
     """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
-    fields = {
-        "data.root": cfg.data.root,
-        "simulation.texture_dir": cfg.simulation.texture_dir,
-        "data.unlabeled_dir": cfg.data.unlabeled_dir,
-        "model.weights": cfg.model.weights,
-    }
+    fields = {f: getattr(getattr(cfg, f.split(".")[0]), f.split(".")[1]) for f in PATH_FIELDS}
     return cfg.override({k: str(Path(v).expanduser().resolve()) for k, v in fields.items() if v})
 
 
