@@ -113,6 +113,11 @@ class PseudoConfig:
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
+    # a refit's OCCs fit beside training (a thread; Ray tasks under Ray): the step goes on with the previous
+    # pseudo-labeler and the new one takes over exactly this many steps after the refit (the step waits if the
+    # fit is not done), so results do not depend on how fast the fit is. At most refit_every - 1 and
+    # label_lag - 1 take effect (pseudo.labeler.fit_overlap); 0: the step waits for the fit
+    fit_overlap_steps: int = 10
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
     filter_simulations: bool = True  # simulated images pseudo-labeled 0 leave the segmentation loss
@@ -317,6 +322,7 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
         ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, "map, pooled or both"),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
+        ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),
         ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),
         ("pseudo.n_components", c.pseudo.n_components >= 1, ">= 1"),
         (
@@ -432,6 +438,7 @@ RUN_FIELDS_ADDED: dict[str, Any] = {
     "pseudo.features": "pooled",
     "simulation.validation_textures": 0.0,
     "eval.validation_fraction": 1.0,
+    "pseudo.fit_overlap_steps": 0,
 }
 
 
