@@ -12,6 +12,8 @@ parallel OCC fits save? Three parts, one command:
   (c) occ: K = 8 OCCs fitted one after the other against 8 Ray tasks on --occ-cpus CPUs, on features of
       the pseudo-labeler's sizes (the run's map statistics) and of pooled encoder features; the two fits
       must give the same ensemble.
+--parts picks some (search,compare,occ); --parts compare --from-json JSON compares the best and default
+configurations of an earlier call's JSON (when one device call cannot hold all three).
 
 Default setting "pool" (bench/semi.py's: 10 labeled normals, the rest of train/good plus test anomalies
 making 10 % of it the unlabeled pool), where the pseudo-labeler decides what trains the detector.
@@ -66,6 +68,7 @@ def search(args: argparse.Namespace, extra: dict, result: dict) -> Path:
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
         seed=args.search_seed,
+        occ_cpus_per_trial=args.occ_cpus_per_trial,
     )
     result["search"] = summary
     result["trials"] = summary["trials"]
@@ -76,9 +79,15 @@ def search(args: argparse.Namespace, extra: dict, result: dict) -> Path:
 
 def compare(args: argparse.Namespace, folder: Path, result: dict, save) -> None:
     """Part (b): best.yaml and base.yaml side by side on the seeds, and one default run of --fit-run-steps."""
-    best = Config.load(Path(args.best) if args.best else folder / "best.yaml")
-    default = Config.load(folder / "base.yaml")
-    result["best_config"] = best.to_dict()
+    if args.from_json:  # an earlier call's search (a device call of at most 10 minutes each)
+        earlier = json.loads(Path(args.from_json).read_text())
+        best, default = (Config.from_dict(earlier[k]) for k in ("best_config", "default_config"))
+        for key in ("search", "trials", "search_wall_s", "trials_table"):
+            result[key] = earlier.get(key)
+        result["search_from"] = {"file": args.from_json, "command": earlier.get("command")}
+    else:
+        best, default = Config.load(folder / "best.yaml"), Config.load(folder / "base.yaml")
+    result["best_config"], result["default_config"] = best.to_dict(), default.to_dict()
     trials = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, cfg in (("default", default), ("best", best)):
@@ -163,9 +172,12 @@ def main() -> None:
     p.add_argument("--search-seed", type=int, default=0)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="pool")
     p.add_argument("--parts", default="search,compare,occ", help="comma-separated: search, compare, occ")
-    p.add_argument("--best", help="compare this best.yaml instead of the search's (with --parts compare)")
+    p.add_argument(
+        "--from-json", help="with --parts compare: the best and default configurations of an earlier call's JSON"
+    )
     p.add_argument("--fit-run-steps", type=int, default=500, help="steps of the run timing the pseudo-labeler")
-    p.add_argument("--occ-cpus", type=int, default=8)
+    p.add_argument("--occ-cpus", type=int, default=8, help="CPUs of part (c)")
+    p.add_argument("--occ-cpus-per-trial", type=int, default=0, help="search trials' CPUs for OCC fit tasks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="base config")
     args = p.parse_args()
@@ -185,6 +197,7 @@ def main() -> None:
             "num_samples": args.num_samples,
             "gpus_per_trial": args.gpus_per_trial,
             "cpus_per_trial": args.cpus_per_trial,
+            "occ_cpus_per_trial": args.occ_cpus_per_trial,
             "seeds": args.seeds,
             "overrides": extra,
             "parts": parts,
@@ -201,6 +214,8 @@ def main() -> None:
     folder = Path(args.runs) / "search"
     if "search" in parts:
         folder = search(args, extra, result)
+        result["best_config"] = Config.load(folder / "best.yaml").to_dict()
+        result["default_config"] = Config.load(folder / "base.yaml").to_dict()
         save()
     if "compare" in parts:
         compare(args, folder, result, save)

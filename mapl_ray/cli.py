@@ -126,6 +126,14 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--num-samples", type=int, default=32, metavar="N", help="trials (default 32)")
     t.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPU share per trial (e.g. 0.25)")
     t.add_argument("--cpus-per-trial", type=float, default=2.0, metavar="C", help="CPUs per trial (default 2)")
+    t.add_argument(
+        "--occ-cpus-per-trial",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPUs each trial keeps for Ray tasks fitting its pseudo-labeler's OCCs in parallel (default 0: "
+        "they fit in the trial's process, beside training)",
+    )
     t.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="trials at once (0: resources decide)")
     t.add_argument("--search-seed", type=int, default=0, metavar="N", help="the searcher's seed")
     t.add_argument("--textures", metavar="DIR", help="texture images for anomaly simulation (e.g. DTD)")
@@ -705,6 +713,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             resume=args.resume,
             seed=args.search_seed,
             max_concurrent=args.max_concurrent,
+            occ_cpus_per_trial=args.occ_cpus_per_trial,
         )
     except (KeyboardInterrupt, SearchInterrupted):
         print(f"\nmapl tune: interrupted; `mapl tune --resume --out {out}` continues the search", file=sys.stderr)

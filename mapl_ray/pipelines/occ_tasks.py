@@ -21,16 +21,21 @@ log = logging.getLogger("mapl_ray.pseudo")
 def ray_task_map(fn: Callable[..., Any], items: Sequence[tuple], num_cpus: float = 1.0) -> list[Any]:
     """``[fn(*item) for item in items]``, each call a Ray task of ``num_cpus`` CPUs; results in order.
 
-    Arrays shared between items (the same object) are put in the object store once. When the cluster has
-    fewer than ``num_cpus`` CPUs free (all taken by training workers or trials), the calls run here
-    instead, one after the other: tasks that wait for a CPU the caller holds would never start.
+    Arrays shared between items (the same object) are put in the object store once. Called in a Ray Tune
+    trial, the tasks run in the trial's placement group (its bundles after the first, which Ray Tune
+    requires: :func:`mapl_ray.pipelines.tune.trial_resources`). Elsewhere, when the cluster has fewer than
+    ``num_cpus`` CPUs free (all taken by training workers or trials), the calls run here instead, one
+    after the other: tasks that wait for a CPU the caller holds would never start.
 
     Raises:
         the error of a failed call (Ray's wrapper unwrapped by ``ray.get``'s ``RayTaskError``).
     """
     import ray
+    from ray.util import get_current_placement_group
 
-    if not ray.is_initialized() or ray.available_resources().get("CPU", 0.0) < num_cpus:
+    # inside a placement group (a Ray Tune trial's) the tasks take its bundles; outside, any free CPU
+    in_group = get_current_placement_group() is not None
+    if not ray.is_initialized() or (not in_group and ray.available_resources().get("CPU", 0.0) < num_cpus):
         return [fn(*item) for item in items]
     task = ray.remote(fn).options(num_cpus=num_cpus, max_retries=0)
     refs: dict[int, Any] = {}

@@ -128,8 +128,18 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
 
 
 # ----------------------------------------------------------------------------- one trial
-def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple) -> None:
-    """Ray Tune function trainable: train one run with ``params`` and report the validation objective."""
+def trial_resources(cpus: float, gpus: float, occ_cpus: int):
+    """A trial's placement group: one bundle for the training (``cpus``, ``gpus``), and ``occ_cpus``
+    bundles of one CPU for its OCC fit tasks (:mod:`mapl_ray.pipelines.occ_tasks`; Ray Tune runs a
+    trial's tasks in its placement group only)."""
+    from ray import tune
+
+    return tune.PlacementGroupFactory([{"CPU": float(cpus), "GPU": float(gpus)}] + [{"CPU": 1.0}] * occ_cpus)
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks: bool) -> None:
+    """Ray Tune function trainable: train one run with ``params`` and report the validation objective;
+    ``occ_tasks``: the pseudo-labeler's OCCs fit as Ray tasks (else one after the other, beside training)."""
     import torch
     from ray import tune
 
@@ -155,7 +165,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple) -> None:
         report=report,
         progress=False,
         validation=validation,
-        fit_map=ray_task_map,
+        fit_map=ray_task_map if occ_tasks else None,
     )
 
 
@@ -215,6 +225,7 @@ def tune_search(
     max_concurrent: int = 0,
     grace_steps: int | None = None,
     callbacks: list | None = None,
+    occ_cpus_per_trial: int = 0,
 ) -> dict[str, Any]:
     """Run (or, with ``resume``, continue) a search and write its outputs into ``out`` (module docstring).
 
@@ -225,6 +236,8 @@ def tune_search(
         seed: the searcher's seed; max_concurrent: trials at once (0: as many as the resources allow).
         grace_steps: ASHA's least steps before it may stop a trial (default ``eval.validate_every``).
         callbacks: Ray Tune callbacks (``RunConfig(callbacks=...)``).
+        occ_cpus_per_trial: CPUs each trial keeps for Ray tasks fitting its pseudo-labeler's OCCs (one
+            OCC each); 0: they fit one after the other in the trial's process, beside training.
 
     Returns:
         the summary: ``best`` (parameters, validation objective), ``trials``, ``searcher``, ``wall_s``, files.
@@ -254,8 +267,8 @@ def tune_search(
     data, validation, _ = load_train_data(cfg, split)
     init_ray(quiet=True)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), data=(data, validation)),
-        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+        tune.with_parameters(_trial, base=cfg.to_dict(), data=(data, validation), occ_tasks=occ_cpus_per_trial > 0),
+        trial_resources(cpus_per_trial, gpus_per_trial, occ_cpus_per_trial),
     )
     if resume:
         tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_errored=True)
