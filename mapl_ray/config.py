@@ -233,7 +233,7 @@ class Config:
             ConfigError: the file is missing, is not YAML mapping, or names an unknown field.
         """
         p = Path(path)
-        return cls.from_dict(_read_mapping(p), source=str(p))
+        return cls.from_dict(read_yaml_mapping(p), source=str(p))
 
     @classmethod
     def load_run(cls, path: str | Path) -> Config:
@@ -245,7 +245,7 @@ class Config:
             ConfigError: as :meth:`load`.
         """
         p = Path(path)
-        data = _read_mapping(p)
+        data = read_yaml_mapping(p)
         cfg = cls.from_dict(data, source=str(p))
         absent = {k: v for k, v in RUN_FIELDS_ADDED.items() if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
@@ -407,16 +407,16 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
 _CHECKS = (_data_checks, _simulation_checks, _pseudo_checks, _model_checks, _train_checks, _eval_checks)
 
 
-def _read_mapping(p: Path) -> dict[str, Any]:
-    """The YAML mapping in config file ``p`` ({} for an empty file); ConfigError otherwise."""
+def read_yaml_mapping(p: Path, what: str = "config file", holds: str = "sections") -> dict[str, Any]:
+    """The YAML mapping in ``what`` ``p`` ({} for an empty file); ConfigError otherwise."""
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"{what} {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {p} must hold a mapping of {holds}, got {type(data).__name__}")
     return data or {}
 
 
@@ -426,7 +426,7 @@ def config_file_keys(path: str | Path) -> set[str]:
     Raises:
         ConfigError: the file is missing or not a YAML mapping.
     """
-    data = _read_mapping(Path(path))
+    data = read_yaml_mapping(Path(path))
     return {f"{s}.{f}" for s, fields in data.items() if isinstance(fields, dict) for f in fields}
 
 

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from ..config import Config, ConfigError, field_names
+from ..config import Config, ConfigError, field_names, read_yaml_mapping
 from ..runfolder import SPLIT_FILE
 from .ray_env import init_ray
 
@@ -65,14 +64,9 @@ def load_search_space(path: str | Path | None = None) -> dict[str, dict[str, lis
             choice is a value the field does not accept (each names the file and the key).
     """
     p = Path(path) if path else DEFAULT_SEARCH_SPACE
-    if not p.is_file():
-        raise ConfigError(f"search space file {p} does not exist")
-    try:
-        space = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space file {p} is not valid YAML: {e}") from e
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(f"search space file {p}: expected a mapping of SECTION.FIELD: {{kind: values}}")
+    space = read_yaml_mapping(p, "search space file", "SECTION.FIELD: {KIND: VALUES}")
+    if not space:
+        raise ConfigError(f"search space file {p} is empty: expected SECTION.FIELD: {{KIND: VALUES}} entries")
     names = set(field_names())
     for key, spec in space.items():
         where = f"search space {p}: {key}"
