@@ -350,7 +350,7 @@ def trial_rows(results, keys: list[str], steps: int) -> list[dict[str, Any]]:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return "" if v is None else str(v)
+    return "null" if v is None else str(v)
 
 
 def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None:

@@ -26,6 +26,7 @@ parameters with numpy (same formula as scikit-learn's
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ import torch
 from scipy.special import logsumexp
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import ThreadpoolController
 
 from mapl_ray.config import PseudoConfig
 from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
@@ -231,6 +233,12 @@ def order_thresholds(eta_p: float, eta_n: float) -> tuple[float, float, bool]:
 MapFn = Callable[[Callable[..., Any], Sequence[tuple]], Iterable[Any]]
 
 
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The process's thread pools (found once: finding them costs tens of milliseconds)."""
+    return ThreadpoolController()
+
+
 def sequential_map(fn: Callable[..., Any], items: Sequence[tuple]) -> list[Any]:
     """``[fn(*item) for item in items]``: the default ``map_fn`` of :meth:`OCCEnsemble.fit`, in this process."""
     return [fn(*item) for item in items]
@@ -292,15 +300,15 @@ def fit_one_occ(
     Returns:
         ``(parameters, (eta_p, eta_n, match_distance_p, match_distance_n, threshold_swapped))``.
     """
-    occ = fit_gmm_occ(train, config, seed)
-    cov = config.covariance_type
-    s_u = score_one_occ(occ, unlabeled, cov)
-    t_p, d_p = partial_matching_threshold(
-        s_u, score_one_occ(occ, positives, cov), "above", config.num_quantiles, config.min_fraction
-    )
-    t_n, d_n = partial_matching_threshold(
-        s_u, score_one_occ(occ, negatives, cov), "below", config.num_quantiles, config.min_fraction
-    )
+    # one BLAS thread: the same rounding in every process (a Ray task of one CPU runs with one), so any
+    # map_fn gives the same ensemble; and for matrices this small, faster than many threads
+    with _blas().limit(limits=1, user_api="blas"):
+        occ = fit_gmm_occ(train, config, seed)
+        cov = config.covariance_type
+        s_u = score_one_occ(occ, unlabeled, cov)
+        s_p, s_n = score_one_occ(occ, positives, cov), score_one_occ(occ, negatives, cov)
+    t_p, d_p = partial_matching_threshold(s_u, s_p, "above", config.num_quantiles, config.min_fraction)
+    t_n, d_n = partial_matching_threshold(s_u, s_n, "below", config.num_quantiles, config.min_fraction)
     t_p, t_n, sw = order_thresholds(t_p, t_n)
     return occ, (t_p, t_n, float(d_p), float(d_n), sw)
 
