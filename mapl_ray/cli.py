@@ -8,6 +8,8 @@ mapl serve RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--set key=value 
                                         (Ray Serve HTTP app, see docs/serving.md)
 mapl prepare SRC --out SHARDS [--image-size N] [--config YAML|RUN]   (Parquet shards, Ray Data)
 mapl score RUN SRC --out OUT [--maps]   (batch scoring of shards or a folder, Ray Data actor pool)
+mapl tune --data ROOT --category NAME [--search-space YAML] [--num-samples N] [--out DIR] [--resume]
+                                        (Ray Tune search on the validation objective; DIR/best.yaml, docs/tune.md)
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_run_parsers(sub)
     _add_data_parsers(sub)
+    _add_tune_parser(sub)
     return p
 
 
@@ -115,9 +118,59 @@ def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentPa
         KeyError: an unknown command.
     """
     one = _OneCommand(prog)
-    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers):
+    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers, _add_tune_parser):
         add(one)
     return one.parsers[command]
+
+
+TUNE_EXAMPLES = """examples:
+  # 32 trials on screw, four at a time on one GPU (a quarter each)
+  mapl tune --data ../shared/data/mvtec_ad --category screw --textures ../shared/data/dtd_subset/images \\
+            --steps 250 --num-samples 32 --gpus-per-trial 0.25 --cpus-per-trial 4 --out tune/screw
+  mapl train --config tune/screw/best.yaml --out runs/screw-best    # train the best configuration
+  mapl tune --resume --out tune/screw                                # continue an interrupted search
+"""
+
+
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune on the validation objective (never the test split)",
+        description="Ray Tune search over the pseudo-labeler and training settings (docs/tune.md): each trial "
+        "trains a run and reports the validation objective (labeled data and simulated anomalies only) every "
+        "eval.validate_every steps; ASHA stops weak trials; Optuna proposes trials when installed (pip install "
+        "'mapl-ray[tune]'), random search otherwise. Writes OUT/best.yaml (for mapl train --config), "
+        "OUT/trials.csv, OUT/trials.md and OUT/search.png.",
+        epilog=TUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--data", metavar="ROOT", help="dataset root in MVTec AD layout")
+    t.add_argument("--category", metavar="NAME", help="category folder name under ROOT")
+    t.add_argument("--out", metavar="DIR", help="search folder (default tune/CATEGORY-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    t.add_argument("--config", metavar="YAML", help="the base configuration every trial starts from")
+    t.add_argument("--search-space", metavar="YAML", help="search space (default: the package's, see docs/tune.md)")
+    t.add_argument("--num-samples", type=int, default=32, metavar="N", help="trials (default 32)")
+    t.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPU share per trial (e.g. 0.25)")
+    t.add_argument("--cpus-per-trial", type=float, default=2.0, metavar="C", help="CPUs per trial (default 2)")
+    t.add_argument(
+        "--occ-cpus-per-trial",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPUs each trial keeps for Ray tasks fitting its pseudo-labeler's OCCs in parallel (default 0: "
+        "they fit in the trial's process, beside training)",
+    )
+    t.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="trials at once (0: resources decide)")
+    t.add_argument("--search-seed", type=int, default=0, metavar="N", help="the searcher's seed")
+    t.add_argument("--textures", metavar="DIR", help="texture images for anomaly simulation (e.g. DTD)")
+    t.add_argument("--weights", metavar="FILE", help="local encoder weights file")
+    t.add_argument("--steps", type=int, metavar="N", help="training steps of each trial (default 500)")
+    t.add_argument("--unlabeled", metavar="DIR", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="base config field")
+    t.add_argument(
+        "--no-category-preset", dest="category_preset", action="store_false", help="ignore the category's preset"
+    )
 
 
 def _add_train_parser(sub) -> None:
@@ -686,6 +739,38 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .pipelines.tune import SearchInterrupted, load_search_space, tune_search
+
+    space = load_search_space(args.search_space)
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out DIR (the search folder to continue)")
+        cfg, out = None, Path(args.out)
+    else:
+        cfg = resolve_config(argparse.Namespace(**{**vars(args), "resume": False}))
+        out = Path(args.out or f"tune/{cfg.data.category or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        summary = tune_search(
+            cfg,
+            out,
+            space=space,
+            num_samples=args.num_samples,
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+            resume=args.resume,
+            seed=args.search_seed,
+            max_concurrent=args.max_concurrent,
+            occ_cpus_per_trial=args.occ_cpus_per_trial,
+        )
+    except (KeyboardInterrupt, SearchInterrupted):
+        print(f"\nmapl tune: interrupted; `mapl tune --resume --out {out}` continues the search", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    print(f"search folder: {out}  (best.yaml: mapl train --config {out / 'best.yaml'})", file=sys.stderr)
+    return 0
+
+
 HANDLERS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -693,6 +778,7 @@ HANDLERS = {
     "serve": cmd_serve,
     "prepare": cmd_prepare,
     "score": cmd_score,
+    "tune": cmd_tune,
 }
 
 
