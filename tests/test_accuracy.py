@@ -120,6 +120,9 @@ def test_cpu_grid_parses_and_a_category_subset_expands():
     trials = expand(spec, "/d", None, bhad_root="/b", categories=["mpdd/metal_plate"], steps=5)
     assert trials and all(t.meta["category"] == "mpdd/metal_plate" for t in trials)
     assert all(t.config["train"]["steps"] == 5 for t in trials)
+    assert all(t.config["data"]["image_size"] == 128 for t in trials)  # the grid's own set
+    memseg = [t for t in expand(spec, "/d", None, bhad_root="/b") if t.meta["row"] == "memseg"]
+    assert memseg and all(t.config["pseudo"]["enabled"] is False for t in memseg)  # the row's set on top
 
 
 @pytest.mark.parametrize(
