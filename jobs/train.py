@@ -1,17 +1,18 @@
-"""Cluster batch-job entry point for the main job (same flags as ``mapl train``).
+"""Cluster batch job: the main job (``mapl train``'s arguments, plus ``--scratch``; see --help).
 
-Submit to a Ray cluster (the data root and --out must be on storage every node can read):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/train.py --config /mnt/shared/screw.yaml --out /mnt/shared/runs/screw \
+        --num-workers 2 --gpu --max-failures 3
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/train.py --data /mnt/data/mvtec_ad --category screw \
-        --textures /mnt/data/dtd/images --out /mnt/runs/screw --num-workers 2 --gpu
-
-Inside a job, ``ray.init()`` joins the cluster the job runs on (``RAY_ADDRESS`` is set by Ray).
+The data and --out must be on storage every node reads, or URIs (s3://, gs://: copied in and out, see
+mapl_ray/pipelines/jobs.py). --max-failures N restarts the workers after a lost worker or node, from the
+last checkpoint (train.checkpoint_every). Inside a job ``ray.init()`` joins the cluster the job runs on.
 """
 
 import sys
 
-from mapl_ray.cli import main
+from mapl_ray.cli import command_parser, run_command
+from mapl_ray.pipelines.jobs import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run_job("train", command_parser, run_command))

@@ -8,6 +8,8 @@ mapl serve RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--set key=value 
                                         (Ray Serve HTTP app, see docs/serving.md)
 mapl prepare SRC --out SHARDS [--image-size N] [--config YAML|RUN]   (Parquet shards, Ray Data)
 mapl score RUN SRC --out OUT [--maps]   (batch scoring of shards or a folder, Ray Data actor pool)
+mapl tune --data ROOT --category NAME [--search-space YAML] [--num-samples N] [--out DIR] [--resume]
+                                        (Ray Tune search on the validation objective; DIR/best.yaml, docs/tune.md)
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ FLAG_FIELDS = {
     "steps": "train.steps",
     "lr": "train.lr",
     "num_workers": "train.num_workers",
+    "max_failures": "train.max_failures",
+    "storage": "train.storage_path",
     "gpu": "train.use_gpu",
     "amp": "train.amp",
     "top_k": "eval.top_k",
@@ -100,8 +104,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_run_parsers(sub)
     _add_data_parsers(sub)
+    _add_tune_parser(sub)
     _add_benchmark_parser(sub)
     return p
+
+
+class _OneCommand:
+    """Stands in for argparse's sub-commands to build one command's parser on its own (:func:`command_parser`)."""
+
+    def __init__(self, prog: str | None):
+        self.prog, self.parsers = prog, {}
+
+    def add_parser(self, name: str, help: str | None = None, **kwargs) -> argparse.ArgumentParser:
+        kwargs.pop("usage", None)  # "mapl train ...": let argparse write the usage of this program
+        self.parsers[name] = argparse.ArgumentParser(prog=self.prog or f"mapl {name}", **kwargs)
+        return self.parsers[name]
+
+
+def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of one ``mapl`` command as a stand-alone parser (``prog``: the program's name in
+    help and errors), e.g. for the cluster entry points in ``jobs/``.
+
+    Raises:
+        KeyError: an unknown command.
+    """
+    one = _OneCommand(prog)
+    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers, _add_tune_parser, _add_benchmark_parser):
+        add(one)
+    return one.parsers[command]
+
+
+TUNE_EXAMPLES = """examples:
+  # 32 trials on screw, four at a time on one GPU (a quarter each)
+  mapl tune --data ../shared/data/mvtec_ad --category screw --textures ../shared/data/dtd_subset/images \\
+            --steps 250 --num-samples 32 --gpus-per-trial 0.25 --cpus-per-trial 4 --out tune/screw
+  mapl train --config tune/screw/best.yaml --out runs/screw-best    # train the best configuration
+  mapl tune --resume --out tune/screw                                # continue an interrupted search
+"""
+
+
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune on the validation objective (never the test split)",
+        description="Ray Tune search over the pseudo-labeler and training settings (docs/tune.md): each trial "
+        "trains a run and reports the validation objective (labeled data and simulated anomalies only) every "
+        "eval.validate_every steps; ASHA stops weak trials; Optuna proposes trials when installed (pip install "
+        "'mapl-ray[tune]'), random search otherwise. Writes OUT/best.yaml (for mapl train --config), "
+        "OUT/trials.csv, OUT/trials.md and OUT/search.png.",
+        epilog=TUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--data", metavar="ROOT", help="dataset root in MVTec AD layout")
+    t.add_argument("--category", metavar="NAME", help="category folder name under ROOT")
+    t.add_argument("--out", metavar="DIR", help="search folder (default tune/CATEGORY-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    t.add_argument("--config", metavar="YAML", help="the base configuration every trial starts from")
+    t.add_argument("--search-space", metavar="YAML", help="search space (default: the package's, see docs/tune.md)")
+    t.add_argument("--num-samples", type=int, default=32, metavar="N", help="trials (default 32)")
+    t.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPU share per trial (e.g. 0.25)")
+    t.add_argument("--cpus-per-trial", type=float, default=2.0, metavar="C", help="CPUs per trial (default 2)")
+    t.add_argument(
+        "--occ-cpus-per-trial",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPUs each trial keeps for Ray tasks fitting its pseudo-labeler's OCCs in parallel (default 0: "
+        "they fit in the trial's process, beside training)",
+    )
+    t.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="trials at once (0: resources decide)")
+    t.add_argument("--search-seed", type=int, default=0, metavar="N", help="the searcher's seed")
+    t.add_argument("--textures", metavar="DIR", help="texture images for anomaly simulation (e.g. DTD)")
+    t.add_argument("--weights", metavar="FILE", help="local encoder weights file")
+    t.add_argument("--steps", type=int, metavar="N", help="training steps of each trial (default 500)")
+    t.add_argument("--unlabeled", metavar="DIR", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="base config field")
+    t.add_argument(
+        "--no-category-preset", dest="category_preset", action="store_false", help="ignore the category's preset"
+    )
 
 
 def _add_benchmark_parser(sub) -> None:
@@ -236,6 +316,19 @@ def _add_train_run_args(t) -> None:
     t.add_argument("--config", metavar="YAML", help="YAML configuration (every hyperparameter); flags override it")
     t.add_argument("--num-workers", type=int, metavar="N", help="Ray Train workers (DDP when > 1)")
     t.add_argument("--gpu", action="store_true", default=None, help="one GPU per Ray Train worker")
+    t.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="restart the Ray Train workers up to N times after a worker or node died, from the last checkpoint "
+        "(train.max_failures, default 0; checkpoints every train.checkpoint_every steps)",
+    )
+    t.add_argument(
+        "--storage",
+        metavar="PATH|URI",
+        help="where Ray Train keeps its checkpoints (train.storage_path; default RUN/ray_results): a path every "
+        "node reads or s3://... / gs://...",
+    )
     t.add_argument(
         "--amp", choices=["auto", "off", "bf16"], help="bf16 autocast: auto (on a GPU, not on the CPU), off or bf16"
     )
@@ -373,7 +466,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if value is not None:
             overrides[fieldname] = value
     if args.resume:
-        allowed = {"train.steps", "train.num_workers", "train.use_gpu", "train.amp", "data.skip_bad_images"}
+        allowed = {
+            "train.steps",
+            "train.num_workers",
+            "train.use_gpu",
+            "train.amp",
+            "train.max_failures",
+            "train.storage_path",
+            "data.skip_bad_images",
+        }
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ConfigError(
@@ -714,26 +815,67 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.command, getattr(args, "verbose", False))
-    handlers = {
-        "train": cmd_train,
-        "evaluate": cmd_evaluate,
-        "predict": cmd_predict,
-        "serve": cmd_serve,
-        "prepare": cmd_prepare,
-        "score": cmd_score,
-        "benchmark": cmd_benchmark,
-    }
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .pipelines.tune import SearchInterrupted, load_search_space, tune_search
+
+    space = load_search_space(args.search_space)
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out DIR (the search folder to continue)")
+        cfg, out = None, Path(args.out)
+    else:
+        cfg = resolve_config(argparse.Namespace(**{**vars(args), "resume": False}))
+        out = Path(args.out or f"tune/{cfg.data.category or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        return handlers[args.command](args)
+        summary = tune_search(
+            cfg,
+            out,
+            space=space,
+            num_samples=args.num_samples,
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+            resume=args.resume,
+            seed=args.search_seed,
+            max_concurrent=args.max_concurrent,
+            occ_cpus_per_trial=args.occ_cpus_per_trial,
+        )
+    except (KeyboardInterrupt, SearchInterrupted):
+        print(f"\nmapl tune: interrupted; `mapl tune --resume --out {out}` continues the search", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    print(f"search folder: {out}  (best.yaml: mapl train --config {out / 'best.yaml'})", file=sys.stderr)
+    return 0
+
+
+HANDLERS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "serve": cmd_serve,
+    "prepare": cmd_prepare,
+    "score": cmd_score,
+    "tune": cmd_tune,
+    "benchmark": cmd_benchmark,
+}
+
+
+def run_command(command: str, args: argparse.Namespace, prog: str | None = None) -> int:
+    """Run one parsed ``mapl`` command; a user's mistake (a known error) is one line on stderr and exit
+    status 2, never a traceback. ``prog`` names the program in that line (default ``mapl COMMAND``)."""
+    setup_logging(command, getattr(args, "verbose", False))
+    try:
+        return HANDLERS[command](args)
     except _known_errors() as e:
-        print(f"mapl {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog or 'mapl ' + command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout's reader left (`mapl predict ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         return 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, args)
 
 
 if __name__ == "__main__":

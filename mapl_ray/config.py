@@ -27,6 +27,8 @@ PSEUDO_FEATURES = ("map", "pooled", "both")
 
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
 ALIGN_MODES = ("none", "principal_axis")
+# the fields that name files or folders (made absolute for Ray workers; URIs in a cluster job's config)
+PATH_FIELDS = ("data.root", "simulation.texture_dir", "data.unlabeled_dir", "model.weights")
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,11 @@ class PseudoConfig:
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
+    # a refit's OCCs fit beside training (a thread; Ray tasks under Ray): the step goes on with the previous
+    # pseudo-labeler and the new one takes over exactly this many steps after the refit (the step waits if the
+    # fit is not done), so results do not depend on how fast the fit is. At most refit_every - 1 and
+    # label_lag - 1 take effect (pseudo.labeler.fit_overlap); 0: the step waits for the fit
+    fit_overlap_steps: int = 10
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
     filter_simulations: bool = True  # simulated images pseudo-labeled 0 leave the segmentation loss
@@ -153,7 +160,12 @@ class TrainConfig:
     compile: bool = False
     # replay the whole step as a CUDA graph (one GPU, torch memory search, no torch.compile; eager elsewhere)
     cuda_graphs: bool = True
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps between checkpoints (RUN/checkpoint and, under Ray, a ray.train.Checkpoint)
+    # Ray Train restarts the workers this many times after a worker or node died, from the last checkpoint
+    max_failures: int = 0
+    # where Ray Train keeps its checkpoints and run state (RunConfig.storage_path; a path every node reads or an
+    # s3:// / gs:// URI); "": RUN/ray_results, removed when the job ends
+    storage_path: str = ""
     log_every: int = 10
     report_every: int = 0  # steps between ray.train.report calls (0: only the last; each synchronises all workers)
     seed: int = 0
@@ -228,7 +240,7 @@ class Config:
             ConfigError: the file is missing, is not YAML mapping, or names an unknown field.
         """
         p = Path(path)
-        return cls.from_dict(_read_mapping(p), source=str(p))
+        return cls.from_dict(read_yaml_mapping(p), source=str(p))
 
     @classmethod
     def load_run(cls, path: str | Path) -> Config:
@@ -240,7 +252,7 @@ class Config:
             ConfigError: as :meth:`load`.
         """
         p = Path(path)
-        data = _read_mapping(p)
+        data = read_yaml_mapping(p)
         cfg = cls.from_dict(data, source=str(p))
         absent = {k: v for k, v in RUN_FIELDS_ADDED.items() if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
@@ -317,6 +329,7 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
         ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, "map, pooled or both"),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
+        ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),
         ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),
         ("pseudo.n_components", c.pseudo.n_components >= 1, ">= 1"),
         (
@@ -368,6 +381,7 @@ def _train_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("train.ema_decay", 0 <= c.train.ema_decay < 1, "in [0, 1)"),
         ("train.color_jitter", 0 <= c.train.color_jitter < 1, "in [0, 1)"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 1, ">= 1"),
+        ("train.max_failures", c.train.max_failures >= -1, ">= 0 (or -1: no limit)"),
         ("train.log_every", c.train.log_every >= 1, ">= 1"),
         ("train.report_every", c.train.report_every >= 0, ">= 0"),
     ]
@@ -401,16 +415,16 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
 _CHECKS = (_data_checks, _simulation_checks, _pseudo_checks, _model_checks, _train_checks, _eval_checks)
 
 
-def _read_mapping(p: Path) -> dict[str, Any]:
-    """The YAML mapping in config file ``p`` ({} for an empty file); ConfigError otherwise."""
+def read_yaml_mapping(p: Path, what: str = "config file", holds: str = "sections") -> dict[str, Any]:
+    """The YAML mapping in ``what`` ``p`` ({} for an empty file); ConfigError otherwise."""
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"{what} {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {p} is not valid YAML: {' '.join(str(e).split())}") from e
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {p} must hold a mapping of {holds}, got {type(data).__name__}")
     return data or {}
 
 
@@ -420,7 +434,7 @@ def config_file_keys(path: str | Path) -> set[str]:
     Raises:
         ConfigError: the file is missing or not a YAML mapping.
     """
-    data = _read_mapping(Path(path))
+    data = read_yaml_mapping(Path(path))
     return {f"{s}.{f}" for s, fields in data.items() if isinstance(fields, dict) for f in fields}
 
 
@@ -432,6 +446,7 @@ RUN_FIELDS_ADDED: dict[str, Any] = {
     "pseudo.features": "pooled",
     "simulation.validation_textures": 0.0,
     "eval.validation_fraction": 1.0,
+    "pseudo.fit_overlap_steps": 0,
 }
 
 

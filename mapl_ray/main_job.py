@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import PATH_FIELDS, Config, ConfigError
 from .data.foreground import with_resolved_foreground
 from .data.io import check_test_masks
 from .data.layout import LayoutError, scan_category, scan_folder
@@ -38,17 +38,13 @@ log = logging.getLogger("mapl_ray.main")
 
 def absolute_paths(cfg: Config) -> Config:
     """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
-    fields = {
-        "data.root": cfg.data.root,
-        "simulation.texture_dir": cfg.simulation.texture_dir,
-        "data.unlabeled_dir": cfg.data.unlabeled_dir,
-        "model.weights": cfg.model.weights,
-    }
+    fields = {f: getattr(getattr(cfg, f.split(".")[0]), f.split(".")[1]) for f in PATH_FIELDS}
     return cfg.override({k: str(Path(v).expanduser().resolve()) for k, v in fields.items() if v})
 
 
-def check_inputs(cfg: Config) -> Split:
+def check_inputs(cfg: Config, check_test: bool = True) -> Split:
     """Check every input of a new run before anything is written, and draw its split (``cfg`` validated).
+    ``check_test`` False: the test split's files are listed but not opened (Ray Tune's search never reads them).
 
     Raises:
         LayoutError: the data set is not in MVTec AD layout, a mask misfits its image, the texture
@@ -65,7 +61,8 @@ def check_inputs(cfg: Config) -> Split:
         require_masks=cfg.data.require_masks,
         allow_empty_train=bool(cfg.data.unlabeled_dir),
     )
-    check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
+    if check_test:
+        check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
     build_simulator(cfg)  # a missing / empty texture folder
     build_pose_estimator(cfg)  # data.align without an object threshold
     if cfg.model.weights and not Path(cfg.model.weights).is_file():

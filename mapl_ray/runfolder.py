@@ -7,7 +7,11 @@ images used), ``train_log.jsonl``, ``train_summary.json``, ``metrics.json``, ``r
 
 ``train_log.jsonl`` holds one JSON object per logged step; its ``segment`` counts resumes (0: the first
 run, 1 after the first ``--resume``...). A resumed run logs again from its checkpoint's step, so steps
-logged after the last checkpoint of a stopped segment appear twice, once per segment.
+logged after the last checkpoint of a stopped segment appear twice, once per segment. When Ray Train
+restarts the workers of a run after a worker or node died (``train.max_failures``), the new attempt is a new
+segment too, and a marker line ``{"event": "restart", "segment", "step", "steps_repeated", "time", "fit"}``
+precedes its steps (lines with an ``event`` are markers, not steps); ``train_summary.json`` lists them
+under ``restarts``.
 
 ``RUN/checkpoint/``: everything a served model needs, nothing unpickled:
   model.safetensors      network weights and the memory bank buffers (safetensors)
@@ -105,14 +109,7 @@ def save_checkpoint(
         save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "pseudo.safetensors"))
         (tmp / "pseudo.json").write_text(json.dumps(meta, indent=2))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    old = final.with_name("checkpoint.old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    _swap_in(tmp, final)
     return final
 
 
@@ -206,6 +203,69 @@ def train_log_segment(run_dir: str | Path) -> int:
         return int(json.loads(lines[-1]).get("segment", 0)) + 1 if lines else 1
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return 1
+
+
+def _train_log_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / TRAIN_LOG_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash while it was written
+            continue
+    return out
+
+
+def last_logged_step(run_dir: str | Path) -> int:
+    """The step of the last step line of ``train_log.jsonl`` (markers skipped); 0 when none."""
+    steps = [r for r in _train_log_records(run_dir) if "event" not in r]
+    return int(steps[-1]["step"]) if steps else 0
+
+
+def restart_markers(run_dir: str | Path, fit: str | None = None) -> list[dict[str, Any]]:
+    """The restart markers of ``train_log.jsonl`` (of the training call ``fit`` only, when given)."""
+    return [
+        r for r in _train_log_records(run_dir) if r.get("event") == "restart" and (fit is None or r.get("fit") == fit)
+    ]
+
+
+def install_checkpoint(run_dir: str | Path, src: str | Path) -> bool:
+    """Make the checkpoint folder ``src`` (e.g. a ``ray.train.Checkpoint``'s) the run's ``RUN/checkpoint``
+    unless the run already holds one at the same or a later step; swapped in atomically like a save.
+    Returns whether it was installed.
+
+    Raises:
+        CheckpointError: ``src`` has no readable ``state.json``.
+    """
+    src, final = Path(src), checkpoint_dir(run_dir)
+    if src.resolve() == final.resolve():
+        return False
+    try:
+        step = int(json.loads((src / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{src} is not a checkpoint folder (state.json: {e})") from e
+    if has_checkpoint(run_dir) and int(read_state(run_dir)["step"]) >= step:
+        return False
+    tmp = final.with_name("checkpoint.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    _swap_in(tmp, final)
+    return True
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the complete folder ``tmp`` (the old one is kept until the new one is in place)."""
+    old = final.with_name("checkpoint.old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def write_run_start(run_dir: str | Path, cfg: Config, split: Split) -> None:

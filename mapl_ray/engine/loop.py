@@ -33,8 +33,10 @@ from ..data.validation import ValidationSet
 from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..pseudo.labeler import PseudoLabeler
-from ..pseudo.occ import OCCEnsemble
+from ..pseudo.occ import MapFn, OCCEnsemble
 from ..runfolder import (
+    TRAIN_LOG_FILE,
+    last_logged_step,
     load_model_weights,
     load_pseudo,
     load_training_state,
@@ -73,10 +75,12 @@ class Trainer:
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         report: Callable[[dict[str, Any]], None] | None = None,
         validation: ValidationSet | None = None,
+        on_checkpoint: Callable[[int, Path | None], None] | None = None,
+        fit_map: MapFn | None = None,
     ):
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        self.wrap_model, self.report = wrap_model, report
+        self.wrap_model, self.report, self.on_checkpoint = wrap_model, report, on_checkpoint
         t = cfg.train
         torch.manual_seed(t.seed)
         self.model = build_model(cfg).to(self.device)
@@ -100,7 +104,7 @@ class Trainer:
         if self.graphed:
             device_lr(self.optimizer, self.device)
         self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
-        self.labeler = PseudoLabeler(cfg, self.bm, self.device)
+        self.labeler = PseudoLabeler(cfg, self.bm, self.device, fit_map)
         self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
         self.validator = Validator(validation, cfg, self.device) if validation is not None and rank == 0 else None
         self.start_step = 0
@@ -158,11 +162,40 @@ class Trainer:
             self.labeler.load_state_arrays(saved[0])
         log.info("resumed from %s at step %d", self.run_dir / "checkpoint", self.start_step)
 
-    def save(self, step: int) -> None:
-        """Rank 0 writes ``RUN/checkpoint`` (the EMA weights when ``train.ema_decay`` > 0, the raw ones
-        in ``optimizer.pt`` to resume from)."""
+    def mark_restart(self, fields: dict[str, Any]) -> None:
+        """This attempt continues a run whose workers died (Ray Train's ``FailureConfig``): its steps are
+        logged under a new ``segment`` (as after ``--resume``), and rank 0 appends a restart marker to
+        ``train_log.jsonl``: ``{"event": "restart", "segment", "step": the step it continues from,
+        "steps_repeated": steps logged after that step by the failed attempt, "time": Unix seconds, **fields}``.
+        Call after :meth:`resume` (or instead of it when the failed attempt saved no checkpoint)."""
+        if self.start_step == 0:  # no checkpoint to continue from: a fresh start, still a new segment
+            self.segment = train_log_segment(self.run_dir)
         if self.rank != 0:
             return
+        marker = {
+            "event": "restart",
+            "segment": self.segment,
+            "step": self.start_step,
+            "steps_repeated": max(0, last_logged_step(self.run_dir) - self.start_step),
+            "time": time.time(),
+            **fields,
+        }
+        with (self.run_dir / TRAIN_LOG_FILE).open("a") as fh:
+            fh.write(json.dumps(marker) + "\n")
+        log.warning("restarted after a failure: continuing from step %d (segment %d)", self.start_step, self.segment)
+
+    def checkpoint(self, step: int) -> None:
+        """Save (:meth:`save`), then hand the checkpoint to ``on_checkpoint`` on every rank (rank 0: the
+        folder, the others: None), e.g. to report it to Ray Train."""
+        path = self.save(step)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, path)
+
+    def save(self, step: int) -> Path | None:
+        """Rank 0 writes ``RUN/checkpoint`` (the EMA weights when ``train.ema_decay`` > 0, the raw ones
+        in ``optimizer.pt`` to resume from) and returns it; other ranks return None."""
+        if self.rank != 0:
+            return None
         core = unwrap(self.model)
         state = {
             "step": step,
@@ -178,10 +211,9 @@ class Trainer:
             pseudo = ({**arrays, **self.labeler.state_arrays()}, meta)
         args = (self.run_dir, core, state, self.optimizer, self.scheduler, pseudo)
         if self.ema is None:
-            save_checkpoint(*args)
-            return
+            return save_checkpoint(*args)
         with self.ema.swapped():  # serve the averaged weights; keep the raw ones to resume from
-            save_checkpoint(*args, extra={"raw_params": self.ema.raw_copy()})
+            return save_checkpoint(*args, extra={"raw_params": self.ema.raw_copy()})
 
     def _net(self) -> torch.nn.Module:
         """The network as the loop runs it: channels-last on CUDA, wrapped (DDP), compiled when asked."""
@@ -211,14 +243,16 @@ class Trainer:
 
         return step_fn
 
-    def _after_refit(self, step: int, stats: dict[str, Any]) -> None:
-        """Keep the refit's pool-label statistics; with fewer labeled normals than
-        ``model.memory_samples``, refill the training memory bank with the pool images now labeled normal."""
+    def _after_refit(self, step: int, stats: dict[str, Any]) -> dict[str, Any]:
+        """Keep the pool-label statistics of the refit of ``step`` (now in force); with fewer labeled normals
+        than ``model.memory_samples``, refill the training memory bank with the pool images now labeled
+        normal. Returns ``stats``."""
         if not self.data.pool_size:
-            return
+            return stats
         self.refits.append(stats)
         if len(self.data.normals) < self.cfg.model.memory_samples and step in self.labeler.history:
             self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
+        return stats
 
     def _validate(self, step: int, end_step: int, net: torch.nn.Module) -> dict[str, Any]:
         """Validation metrics (``validation_*``) every ``eval.validate_every`` steps and at the last step (rank 0)."""
@@ -260,7 +294,7 @@ class Trainer:
             **pseudo_stats,
         }
         if self.rank == 0 and do_log:
-            with (self.run_dir / "train_log.jsonl").open("a") as fh:
+            with (self.run_dir / TRAIN_LOG_FILE).open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             log.info(
                 "step %d loss %.4f (l1 %.4f focal %.4f l_yl %.4f l_yu %.4f)",
@@ -302,12 +336,13 @@ class Trainer:
             ts = time.perf_counter()
             times["wait"].append(ts - t_ready)
             pool = batch.pop("pool", None)
+            t_fit = time.perf_counter()
             if labeler.due(step) and labeler.fitted_step != step:
-                t_fit = time.perf_counter()
-                pseudo_stats = labeler.fit(unwrap(net), step, pool)
-                self._after_refit(step, pseudo_stats)
-                times["fit"] += time.perf_counter() - t_fit
+                labeler.start_fit(unwrap(net), step, pool)
                 net.train()
+            if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
+                pseudo_stats = self._after_refit(*labeler.finish_fit())
+            times["fit"] += time.perf_counter() - t_fit
             inputs = batch_to_device(batch, device, t.channels_last)
             if graph_step is not None:
                 losses = graph_step((labeler.fitted_step, self.model.memory.generation), *inputs)
@@ -325,7 +360,7 @@ class Trainer:
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
-                self.save(step + 1)
+                self.checkpoint(step + 1)
             t_ready = time.perf_counter()
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
 
@@ -333,6 +368,12 @@ class Trainer:
         """Final save, EMA weights in place, and the training summary."""
         if bar:
             bar.close()
+        if (
+            self.labeler.pending is not None
+        ):  # training ended inside a refit's overlap: it is in force for the saved run
+            t_fit = time.perf_counter()
+            pseudo_stats = self._after_refit(*self.labeler.finish_fit())
+            times["fit"] += time.perf_counter() - t_fit
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
@@ -347,7 +388,7 @@ class Trainer:
             core = unwrap(self.model)
             self.rechoose_banks(self.labeler.history[max(self.labeler.history)], core, training_bank=False)
             self.refresh_banks(core)
-        self.save(end_step)
+        self.checkpoint(end_step)
         wall = time.perf_counter() - t0
         if self.ema is not None:
             self.ema.copy_to_params()
@@ -423,6 +464,9 @@ def train_model(
     stop_at: int | None = None,
     validation: ValidationSet | None = None,
     batches: Iterable[dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[int, Path | None], None] | None = None,
+    restart: dict[str, Any] | None = None,
+    fit_map: MapFn | None = None,
 ) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
@@ -440,6 +484,13 @@ def train_model(
         validation: the validation set; its metrics (``validation_*``) are logged and reported every
             ``eval.validate_every`` steps and at the last step (rank 0).
         batches: the steps' batches instead of the loader's (:meth:`Trainer.run`).
+        on_checkpoint: called on every rank after each checkpoint, scheduled and final, with the step and
+            (rank 0) the checkpoint folder, None on the other ranks (Ray Train: ``ray.train.report``).
+        restart: this call continues a run whose workers died: resume from ``RUN/checkpoint`` when ``resume``,
+            else start afresh, and mark the restart in ``train_log.jsonl`` with these extra fields
+            (:meth:`Trainer.mark_restart`).
+        fit_map: runs the K OCC fits of a pseudo-labeler refit (:class:`~mapl_ray.pseudo.labeler.PseudoLabeler`;
+            e.g. Ray tasks); None: one after the other in the refit's thread.
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -447,10 +498,14 @@ def train_model(
     Raises:
         CheckpointError: ``resume`` without a usable checkpoint.
     """
-    trainer = Trainer(cfg, data, run_dir, device, rank, world_size, wrap_model, report, validation)
+    trainer = Trainer(
+        cfg, data, run_dir, device, rank, world_size, wrap_model, report, validation, on_checkpoint, fit_map
+    )
     if resume:
         trainer.resume()
     else:
         trainer.refresh_banks(trainer.model)
+    if restart is not None:
+        trainer.mark_restart(restart)
     end_step = cfg.train.steps if stop_at is None else min(cfg.train.steps, stop_at)
     return trainer.run(end_step, progress, batches)

@@ -7,14 +7,26 @@ warnings mapl-ray logged on rank 0 come back in the training summary and are log
 
 On a multi-node cluster the run folder must be on storage every node can read (the decoded images
 travel through Ray's object store; rank 0 writes ``RUN/checkpoint``).
+
+Fault tolerance: every ``train.checkpoint_every`` steps (and at the end) rank 0 saves ``RUN/checkpoint`` and
+every rank reports it as a ``ray.train.Checkpoint`` (persisted under ``train.storage_path``, default
+``RUN/ray_results``). With ``train.max_failures`` > 0 Ray Train restarts the workers when one of them, or its
+node, dies (``FailureConfig``); the new attempt finds the last reported checkpoint with
+``ray.train.get_checkpoint()``, installs it as ``RUN/checkpoint`` when the run folder's is older, and
+continues exactly as ``mapl train --resume`` does (:meth:`~mapl_ray.engine.loop.Trainer.resume`). The
+restart is marked in ``train_log.jsonl`` and listed under ``restarts`` in ``train_summary.json``; the final
+``RUN/checkpoint`` is the same as a run without failures writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import os
 import threading
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,7 +41,9 @@ from ..runfolder import (
     TRAIN_LOG_FILE,
     CheckpointError,
     has_checkpoint,
+    install_checkpoint,
     read_state,
+    restart_markers,
     write_train_summary,
 )
 from .ray_env import init_ray
@@ -89,11 +103,20 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics):
         ray.train.report(metrics)
 
+    def on_checkpoint(step, path):  # every rank reports (a barrier); rank 0 hands over the folder
+        ckpt = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+        ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=ckpt)
+
+    resume, restart = _attempt(config, rank, world)
     batches = None
     if config.get("stream_plan") is not None:  # batches from this rank's Ray Data shard, not a DataLoader
         from .ray_data import worker_batches
 
         batches = worker_batches(config["stream_plan"], rank)
+        if restart is not None and resume:  # the stream starts where the job started: skip the steps done
+            batches = itertools.islice(
+                batches, int(read_state(config["run_dir"])["step"]) - config["stream_start"], None
+            )
     recorder = _WarningRecorder()
     logging.getLogger("mapl_ray").addHandler(recorder)
     try:
@@ -106,16 +129,41 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             world_size=world,
             wrap_model=wrap,
             report=report,
-            resume=config["resume"],
+            resume=resume,
             progress=config.get("progress", True),
             validation=validation,
             batches=batches,
+            on_checkpoint=on_checkpoint,
+            restart=restart,
         )
     finally:
         logging.getLogger("mapl_ray").removeHandler(recorder)
     if rank == 0:
         summary["warnings"] = recorder.messages
+        summary["restarts"] = restart_markers(config["run_dir"], config["fit_id"])
         write_train_summary(Path(config["run_dir"]), summary, resumed=config["resume"])
+
+
+def _attempt(config: dict[str, Any], rank: int, world: int) -> tuple[bool, dict[str, Any] | None]:
+    """(resume, restart) of this attempt of the workers: a restart (Ray Train's ``FailureConfig`` after a
+    worker or node died) when Ray Train holds a checkpoint of this run (``ray.train.get_checkpoint``) or
+    rank 0 finds lines logged since the run started (a failure before the first checkpoint). A restart
+    continues from the newer of that checkpoint and ``RUN/checkpoint`` (rank 0 installs it, the others wait)."""
+    import ray.train
+    import torch.distributed as dist
+
+    run_dir = Path(config["run_dir"])
+    restored = ray.train.get_checkpoint()
+    log_path = run_dir / TRAIN_LOG_FILE
+    logged = log_path.is_file() and log_path.stat().st_size > config["log_offset"]
+    if restored is None and not logged:
+        return config["resume"], None
+    if restored is not None and rank == 0:
+        with restored.as_directory() as d:
+            install_checkpoint(run_dir, d)
+    if restored is not None and world > 1:
+        dist.barrier()  # the other ranks read RUN/checkpoint once rank 0 has installed it
+    return config["resume"] or has_checkpoint(run_dir), {"fit": config["fit_id"]}
 
 
 class TrainingFailed(RuntimeError):
@@ -180,6 +228,9 @@ class _LogFollower:
         self.offset += len(complete)
         for line in complete.decode().splitlines():
             rec = json.loads(line)
+            if "event" in rec:  # a restart marker: the steps start again from its step
+                self.bar.write(f"restarted after a failure: continuing from step {rec['step']}")
+                continue
             self.bar.update(max(0, int(rec["step"]) - self.bar.n))
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
 
@@ -210,7 +261,7 @@ def train_with_ray(
         TrainingFailed: a training worker failed for another reason (its last line).
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
@@ -218,6 +269,7 @@ def train_with_ray(
     threads, resources = _worker_resources(cfg)
     n = cfg.train.num_workers
     ingest = {"datasets": stream.datasets(n), "dataset_config": stream.data_config()} if stream else {}
+    log_path = run_dir / TRAIN_LOG_FILE
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -228,11 +280,14 @@ def train_with_ray(
             "threads": threads,
             "progress": progress and verbose,
             "stream_plan": stream.plan(0, n) if stream else None,
+            "stream_start": stream.start if stream else 0,
+            "fit_id": uuid.uuid4().hex[:12],  # tells this call's restart markers from earlier ones
+            "log_offset": log_path.stat().st_size if log_path.is_file() else 0,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
-        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_results")),
+        run_config=run_config(cfg, run_dir),
         **ingest,
     )
     result = _fit(trainer, run_dir, cfg, resume, progress and not verbose)
@@ -243,6 +298,27 @@ def train_with_ray(
         for message in summary.get("warnings", []):
             log.warning(message)
     return summary
+
+
+def run_config(cfg: Config, run_dir: Path, name: str = "train"):
+    """Ray Train's ``RunConfig`` of a training run: checkpoints and run state under ``train.storage_path``
+    (default ``RUN/ray_results``, removed when the job ends; a path every node reads, or a URI such as
+    ``s3://bucket/ray``, where each run folder gets its own name), the two newest checkpoints kept,
+    ``FailureConfig(max_failures=train.max_failures)``. Ray Train continues a run from the checkpoints
+    under the same storage path and name (``mapl train --resume`` of a run whose job died)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage = cfg.train.storage_path or str(run_dir / "ray_results")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    if cfg.train.storage_path:  # shared by many runs: one name per run folder (the same on --resume)
+        name = f"{name}-{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+    return RunConfig(
+        name=name,
+        storage_path=storage,
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+    )
 
 
 def _fit(trainer, run_dir: Path, cfg: Config, resume: bool, follow: bool):

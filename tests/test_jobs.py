@@ -1,0 +1,94 @@
+"""The cluster job entry points (jobs/*.py) and their shared helper (mapl_ray.pipelines.jobs): the same
+--config everywhere, one-line errors, URIs copied in and out through pyarrow's filesystems."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((REPO / "jobs").glob("*.py"))
+
+
+def _run_job_file(path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_every_job_is_listed():
+    assert {p.stem for p in JOB_FILES} >= {"train", "prepare", "score"}
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.name)
+def test_job_help_lists_config(job):
+    out = _run_job_file(job, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--config" in out.stdout and "--scratch" in out.stdout
+    assert out.stdout.startswith(f"usage: jobs/{job.name}")
+
+
+@pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "content", ["train: {no_such_field: 1}\nno_such_option: 1\n", "a: [\n"], ids=["unknown", "yaml"]
+)
+def test_bad_config_file_exits_2_with_one_line(job, content, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    positional = {"train": ["--data", str(tmp_path), "--category", "x"], "prepare": [str(tmp_path)]}.get(
+        job.stem, [str(tmp_path), str(tmp_path)]
+    )
+    out = _run_job_file(job, *positional, "--config", str(bad), "--out", str(tmp_path / "out"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"jobs/{job.name}: error:") and str(bad) in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_uris_are_copied_in_and_outputs_copied_up(tmp_path):
+    """file:// URIs take the pyarrow path an s3:// or gs:// URI takes: the data root is copied in for the
+    category only, the options come from the --config YAML, the output is copied up when the job ends."""
+    from mapl_ray.cli import command_parser
+    from mapl_ray.pipelines.jobs import run_job
+
+    run = tmp_path / "bucket" / "runs" / "r1"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {image_size: 64}\n")
+    src = tmp_path / "bucket" / "images"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"png")
+    (tmp_path / "opts.yaml").write_text("batch_size: 7\nmaps: true\n")
+    seen = {}
+
+    def fake_score(command, args, prog):
+        seen.update(vars(args))
+        Path(args.out, "part-0.parquet").parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out, "part-0.parquet").write_text("scores")
+        return 0
+
+    argv = [f"file://{run}", f"file://{src}", "--out", f"file://{tmp_path}/bucket/scores", "--config"]
+    argv += [str(tmp_path / "opts.yaml"), "--scratch", str(tmp_path / "scratch"), "--batch-size", "9"]
+    assert run_job("score", command_parser, fake_score, argv=argv) == 0
+    assert seen["batch_size"] == 9 and seen["maps"] is True  # the flag beats the file
+    assert Path(seen["run"], "config.yaml").is_file() and str(tmp_path / "scratch") in seen["run"]
+    assert Path(seen["src"], "a.png").read_bytes() == b"png"
+    assert (tmp_path / "bucket" / "scores" / "part-0.parquet").read_text() == "scores"
+
+
+def test_data_root_uri_is_copied_for_its_category_only(tmp_path):
+    from mapl_ray.pipelines.jobs import JobPathError, JobPaths
+
+    root = tmp_path / "mvtec"
+    for cat in ("screw", "bottle"):
+        (root / cat / "train" / "good").mkdir(parents=True)
+        (root / cat / "train" / "good" / "0.png").write_bytes(b"x")
+    paths = JobPaths(str(tmp_path / "scratch"))
+    local = Path(paths.stage_in(f"file://{root}", only="screw"))
+    assert (local / "screw" / "train" / "good" / "0.png").is_file() and not (local / "bottle").exists()
+    with pytest.raises(JobPathError, match="does not exist"):
+        paths.stage_in(f"file://{root}", only="carpet")
+    with pytest.raises(JobPathError, match="cannot open"):
+        paths.stage_in("nosuchscheme://bucket/x")
