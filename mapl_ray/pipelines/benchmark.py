@@ -148,6 +148,7 @@ def run_benchmark(
         "command": command,
         "machine": machine(),
         "grid": spec.source,
+        "json": Path(out).name,
         "seeds": spec.seeds,
         "steps": steps or spec.steps,
         "categories": wanted,
