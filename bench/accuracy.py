@@ -5,7 +5,7 @@ corruption, labeled anomalies, ablations, over categories and seeds 101-103) as 
 and writes bench/results/accuracy.json, docs/RESULTS.md and docs/img/accuracy/. On the GPU machine:
 
     bash bench/gpu_run.sh accuracy.py --grid bench/grids/accuracy_gpu.yaml --gpus-per-trial 0.2 \\
-        --cpus-per-trial 3 --deadline-s 430 --bundle $OUT/docs.tar
+        --cpus-per-trial 3 --deadline-s 450 --bundle $OUT/docs.tar
 
 then, here: ``tar xf docs.tar`` in the repository root (or ``python bench/accuracy.py --merge accuracy.json``
 to fold a results JSON into bench/results/accuracy.json and rewrite the report). Reduced CPU version:

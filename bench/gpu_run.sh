@@ -3,7 +3,7 @@
 # the carried data, its JSON written into $OUT. Usage, as the device command:
 #   bash bench/gpu_run.sh semi.py --categories screw,metal_plate [more args]
 #   bash bench/gpu_run.sh accuracy.py --grid bench/grids/accuracy_gpu.yaml --gpus-per-trial 0.2 --cpus-per-trial 3 \
-#       --deadline-s 430 --bundle $OUT/docs.tar
+#       --deadline-s 450 --bundle $OUT/docs.tar
 #   bash bench/gpu_run.sh serve_load.py --data .data/mvtec_ad --textures .data/dtd256 --weights .data/w/... [...]
 # carry: .pack (bench/gpu_payload.py --pack .pack: site.tar.xz, data.tar.xz, w.tar.xz), or .whl_gpu and .pack
 # without a site tarball, or .data/dtd256, .data/w and the .data/<dataset> folders the bench reads.

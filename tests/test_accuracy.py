@@ -65,21 +65,25 @@ def test_corruption_rejects_bad_parameters_and_images():
 
 
 @needs_data
-def test_corrupt_category_changes_images_keeps_masks_and_reuses_a_copy(tmp_path):
+def test_corrupt_category_changes_images_resizes_masks_and_reuses_a_copy(tmp_path):
+    from mapl_ray.data.io import load_image, load_mask
+
     src = copy_small_category(tmp_path / "src", n_train=2, n_good=1, n_per_defect=1) / "screw"
     dst = tmp_path / "bhad" / "screw"
     c = Corruption(seed=5)
-    n = corrupt_category(src, dst, c)
+    n = corrupt_category(src, dst, c, size=64)
     assert n == 2 + 1 + 2  # train, test/good, one per defect type
     for f in (src / "train" / "good").glob("*.png"):
-        clean, bad = np.array(Image.open(f).convert("RGB")), np.array(Image.open(dst / "train" / "good" / f.name))
-        assert clean.shape == bad.shape and not np.array_equal(clean, bad)
+        bad = np.array(Image.open(dst / "train" / "good" / f.name))
         rel = f.relative_to(src).as_posix()
-        assert np.array_equal(bad, corrupt_image(clean, c, image_rng(5, rel)))
+        assert np.array_equal(bad, corrupt_image(load_image(f, 64), c, image_rng(5, rel)))  # at the read size
     for m in (src / "ground_truth").rglob("*.png"):
-        assert (dst / m.relative_to(src)).read_bytes() == m.read_bytes()
-    assert corrupt_category(src, dst, c) == 0  # same parameters: the copy is kept
-    assert corrupt_category(src, dst, Corruption(seed=6)) == n  # other parameters: made again
+        assert np.array_equal(np.array(Image.open(dst / m.relative_to(src))) // 255, load_mask(m, 64))
+    assert corrupt_category(src, dst, c, size=64) == 0  # same parameters: the copy is kept
+    assert corrupt_category(src, dst, Corruption(seed=6), size=64) == n  # other parameters: made again
+    assert corrupt_category(src, tmp_path / "full", c, size=None) == n
+    m = next((src / "ground_truth").rglob("*.png"))
+    assert (tmp_path / "full" / m.relative_to(src)).read_bytes() == m.read_bytes()  # own size: masks copied
 
 
 # -- grid files ------------------------------------------------------------------------------------
@@ -120,6 +124,9 @@ def test_cpu_grid_parses_and_a_category_subset_expands():
     trials = expand(spec, "/d", None, bhad_root="/b", categories=["mpdd/metal_plate"], steps=5)
     assert trials and all(t.meta["category"] == "mpdd/metal_plate" for t in trials)
     assert all(t.config["train"]["steps"] == 5 for t in trials)
+    assert all(t.config["data"]["image_size"] == 128 for t in trials)  # the grid's own set
+    memseg = [t for t in expand(spec, "/d", None, bhad_root="/b") if t.meta["row"] == "memseg"]
+    assert memseg and all(t.config["pseudo"]["enabled"] is False for t in memseg)  # the row's set on top
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,9 @@ category, train and test alike, before anything reads it (masks are unchanged). 
    three channels for a grey image, one per channel otherwise);
 3. rounded and clipped to uint8.
 
+The corruption is applied at the size the detector reads (``data.image_size``, 256 x 256): corrupting a
+1024-pixel original and then shrinking it would average the noise away.
+
 Each image's random draws come from ``numpy.random.default_rng([seed, crc32(name)])`` with ``name`` the
 file's path relative to the category folder: the corruption of a file does not depend on the order of
 reading or on the other files, and the same seed gives the same bytes.
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import load_image
+from .io import load_image, load_mask
 from .layout import find_images
 
 __all__ = ["Corruption", "corrupt_category", "corrupt_image", "image_rng"]
@@ -90,12 +93,15 @@ def corrupt_image(image: np.ndarray, corruption: Corruption, rng: np.random.Gene
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def corrupt_category(src: str | os.PathLike[str], dst: str | os.PathLike[str], corruption: Corruption) -> int:
+def corrupt_category(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], corruption: Corruption, size: int | None = 256
+) -> int:
     """Write a corrupted copy of the category folder ``src`` (MVTec layout) to ``dst``.
 
-    Images under ``train/`` and ``test/`` are decoded at their own size, corrupted and written as PNG
-    (lossless: the noise is kept exactly); ``ground_truth/`` masks are copied unchanged. A copy made
-    before with the same parameters (``dst/.corruption.json``) is kept as it is.
+    Images under ``train/`` and ``test/`` are decoded (resized to ``size`` x ``size`` as
+    :func:`~mapl_ray.data.io.load_image` does, or at their own size with None), corrupted and written as PNG
+    (lossless: the noise is kept exactly); ``ground_truth/`` masks are resized alike (NEAREST) or, with None,
+    copied unchanged. A copy made before with the same parameters (``dst/.corruption.json``) is kept as it is.
 
     Returns:
         the number of images corrupted (0 when the copy was already there).
@@ -105,20 +111,22 @@ def corrupt_category(src: str | os.PathLike[str], dst: str | os.PathLike[str], c
     """
     src, dst = Path(src), Path(dst)
     stamp = dst / _STAMP
-    params = asdict(corruption)
+    params = {**asdict(corruption), "size": size}
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return 0
     shutil.rmtree(dst, ignore_errors=True)
     count = 0
     for path in find_images(str(src)):
         rel = Path(path).relative_to(src)
-        if "ground_truth" in rel.parts:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, dst / rel)
-            continue
         out = (dst / rel).with_suffix(".png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        image = corrupt_image(load_image(path), corruption, image_rng(corruption.seed, rel.as_posix()))
+        if "ground_truth" in rel.parts:
+            if size is None:
+                shutil.copy(path, dst / rel)
+            else:
+                Image.fromarray(load_mask(path, size) * 255).save(out)
+            continue
+        image = corrupt_image(load_image(path, size), corruption, image_rng(corruption.seed, rel.as_posix()))
         Image.fromarray(image).save(out)
         count += 1
     stamp.write_text(json.dumps(params))

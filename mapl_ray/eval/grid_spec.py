@@ -10,6 +10,7 @@ A grid file (``bench/grids/accuracy_gpu.yaml`` is the full one)::
     image_level_only: [elpv/solar_cell] # no masks: data.require_masks = false, image AUROC only
     corruption: {noise_std: 12, contrast_min: 0.5, contrast_max: 0.8, seed: 0}   # the "bhad" condition
     peer: {coreset_ratio: 0.1}          # run_patchcore's keyword arguments
+    set: {}                             # overrides of every row (e.g. smaller images on a CPU); a row's own win
     rows:                               # in the report's order; a trial per row x category x condition x seed
       mapl: {label: "MAPL (defaults)", conditions: {clean: all, bhad: [mvtec_ad/screw]}}
       memseg: {label: "MemSeg (pseudo-labels off)", set: {pseudo.enabled: false}}
@@ -39,7 +40,7 @@ __all__ = ["CONDITIONS", "DETECTORS", "GridError", "GridSpec", "GridTrial", "Row
 
 DETECTORS = ("mapl", "patchcore")
 CONDITIONS = ("clean", "bhad")
-_TOP = {"seeds", "steps", "categories", "image_level_only", "corruption", "peer", "rows"}
+_TOP = {"seeds", "steps", "categories", "image_level_only", "corruption", "peer", "set", "rows"}
 _ROW = {"detector", "label", "set", "categories", "conditions", "preset"}
 
 
@@ -71,6 +72,7 @@ class GridSpec:
     image_level_only: list[str] = field(default_factory=list)
     corruption: Corruption = field(default_factory=Corruption)
     peer: dict[str, Any] = field(default_factory=dict)
+    set: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
 
@@ -134,6 +136,13 @@ def load_grid(path: str | Path) -> GridSpec:
         raise _fail(src, f"corruption: {e}") from e
     if not isinstance(data["rows"], dict):
         raise _fail(src, "rows must be a mapping of row name to its settings")
+    common = data.get("set") or {}
+    if not isinstance(common, dict):
+        raise _fail(src, f"set must be a mapping of section.field to value, got {type(common).__name__}")
+    try:
+        Config().override(common).validate()
+    except ConfigError as e:
+        raise _fail(src, f"set: {e}") from e
     rows = [_row(name, body or {}, categories, src) for name, body in data["rows"].items()]
     return GridSpec(
         seeds=seeds,
@@ -143,6 +152,7 @@ def load_grid(path: str | Path) -> GridSpec:
         image_level_only=image_level,
         corruption=corruption,
         peer=dict(data.get("peer") or {}),
+        set=dict(common),
         source=src,
     )
 
@@ -202,7 +212,7 @@ def trial_config(
 ) -> dict[str, Any]:
     """The configuration (nested dict) of one trial: the category's data under ``data_root`` (the BHAD copy's
     root for a corrupted trial), its preset unless the row says ``preset: false``, the textures, weights, steps
-    and loader processes, the row's ``set``, and ``seed`` as data and training seed."""
+    and loader processes, the grid's ``set``, the row's ``set``, and ``seed`` as data and training seed."""
     dataset, name = category.split("/")
     over = {
         "data.root": str(Path(data_root) / dataset),
@@ -213,6 +223,7 @@ def trial_config(
         "train.loader_workers": loader_workers,
         **(category_preset(name) if row.preset else {}),
         **({"model.weights": str(Path(weights).resolve())} if weights else {}),
+        **spec.set,
         **row.set,
         "data.seed": seed,
         "train.seed": seed,

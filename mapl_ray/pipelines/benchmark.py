@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..data.corruption import corrupt_category, corrupt_image, image_rng
 from ..eval.accuracy_report import machine, save_corruption_sample, save_heatmap_strip, summarise, write_results
 from ..eval.grid_spec import GridError, GridSpec, expand, load_grid
@@ -37,10 +38,12 @@ NOT_RUN = (
 
 
 def _bhad_copies(spec: GridSpec, data_root: Path, out: Path, categories: list[str]) -> Path | None:
-    """Corrupted copies of the categories a ``bhad`` row uses, under ``out/<dataset>/<category>``."""
+    """Corrupted copies of the categories a ``bhad`` row uses, under ``out/<dataset>/<category>``, at the
+    grid's image size."""
     needed = sorted({c for r in spec.rows for c in r.conditions.get("bhad", []) if c in categories})
+    size = int(spec.set.get("data.image_size", Config().data.image_size))
     for cat in needed:
-        n = corrupt_category(data_root / cat, out / cat, spec.corruption)
+        n = corrupt_category(data_root / cat, out / cat, spec.corruption, size)
         print(f"BHAD-style copy of {cat}: {n} images corrupted into {out / cat}", flush=True)
     return out if needed else None
 
@@ -56,7 +59,7 @@ def _corruption_figure(spec: GridSpec, data_root: Path, category: str, path: Pat
     picks = [index.train_good[0], *list(first_of_type.values())[-2:]]
     pairs = []
     for r in picks:
-        clean = load_image(r.path, 256)
+        clean = load_image(r.path, int(spec.set.get("data.image_size", Config().data.image_size)))
         rel = Path(r.path).relative_to(data_root / category).as_posix()
         pairs.append(
             (r.defect_type, clean, corrupt_image(clean, spec.corruption, image_rng(spec.corruption.seed, rel)))
@@ -145,6 +148,7 @@ def run_benchmark(
         "command": command,
         "machine": machine(),
         "grid": spec.source,
+        "json": Path(out).name,
         "seeds": spec.seeds,
         "steps": steps or spec.steps,
         "categories": wanted,
