@@ -145,14 +145,17 @@ def test_search_writes_best_yaml_and_trials_without_reading_the_test_split(ray_l
 
 
 class _StopAfterFirstTrial:
-    """A Ray Tune callback that sends Ctrl-C to the driver when the first trial ends."""
+    """A Ray Tune callback that sends Ctrl-C to the driver when the first trial ends, once (``flag``
+    marks it sent: the restored search carries its callbacks along)."""
 
-    def __new__(cls):
+    def __new__(cls, flag: Path):
         from ray.tune import Callback
 
         class Stop(Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
-                os.kill(os.getpid(), signal.SIGINT)
+                if not flag.exists():
+                    flag.touch()
+                    os.kill(os.getpid(), signal.SIGINT)
 
         return Stop()
 
@@ -170,7 +173,13 @@ def test_an_interrupted_search_resumes(ray_local, tmp_path):
     out = tmp_path / "search"
     with pytest.raises(SearchInterrupted, match="--resume"):
         tune_search(
-            cfg, out, SPACE, num_samples=3, cpus_per_trial=1, max_concurrent=1, callbacks=[_StopAfterFirstTrial()]
+            cfg,
+            out,
+            SPACE,
+            num_samples=3,
+            cpus_per_trial=1,
+            max_concurrent=1,
+            callbacks=[_StopAfterFirstTrial(tmp_path / "sent")],
         )
     assert not (out / "best.yaml").exists()
     summary = tune_search(None, out, SPACE, num_samples=3, cpus_per_trial=1, resume=True)

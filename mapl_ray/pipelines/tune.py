@@ -193,18 +193,21 @@ def prepare_search(cfg: Config, out: Path) -> Config:
     return cfg
 
 
-def make_searcher(points: list[dict[str, Any]], seed: int):
+def make_searcher(points: list[dict[str, Any]], seed: int, max_concurrent: int = 0):
     """``(searcher, name)``: Optuna's TPE when ``optuna`` imports, else Ray Tune's random search; both
-    start from ``points``."""
+    start from ``points`` and run at most ``max_concurrent`` trials at once (0: no limit)."""
     try:
         import optuna  # noqa: F401
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(points_to_evaluate=points or None, seed=seed), "optuna"
+        searcher = OptunaSearch(points_to_evaluate=points or None, seed=seed)
+        return (ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher), "optuna"
     except ImportError:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed), "random"
+        gen = BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed, max_concurrent=max_concurrent)
+        return gen, "random"
 
 
 def tune_search(
@@ -269,7 +272,8 @@ def tune_search(
         searcher = "restored"
     else:
         base_point = {k: _field(cfg, k) for k in space}
-        search_alg, searcher = make_searcher([base_point] if in_space(space, base_point) else [], seed)
+        points = [base_point] if in_space(space, base_point) else []
+        search_alg, searcher = make_searcher(points, seed, max_concurrent)
         steps = cfg.train.steps
         tuner = tune.Tuner(
             trainable,
@@ -285,7 +289,6 @@ def tune_search(
                     reduction_factor=2,
                 ),
                 num_samples=num_samples,
-                max_concurrent_trials=max_concurrent or None,
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=str(out), callbacks=callbacks, verbose=0, log_to_file=True
@@ -293,7 +296,9 @@ def tune_search(
         )
     log.info("search: %d trials (%s), results in %s", num_samples, searcher, out)
     results = tuner.fit()
-    if results.num_terminated + results.num_errors < len(results) or (not resume and len(results) < num_samples):
+    # the experiment state as saved (an interrupted search saves its trials as they were: pending, running)
+    saved = [t.status for t in tune.ExperimentAnalysis(str(out / EXPERIMENT)).trials]
+    if any(status not in ("TERMINATED", "ERROR") for status in saved) or len(saved) < num_samples:
         raise SearchInterrupted(f"the search in {out} stopped early: `mapl tune --resume --out {out}` continues it")
     rows = trial_rows(results, list(space), cfg.train.steps)
     finished = [r for r in rows if r["status"] == "finished" and r[METRIC] is not None]
