@@ -329,6 +329,8 @@ class Trainer:
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
+                if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
+                    pseudo_stats = self._after_refit(*labeler.finish_fit())
                 self.save(step + 1)
             t_ready = time.perf_counter()
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
