@@ -185,3 +185,24 @@ def test_an_interrupted_search_resumes(ray_local, tmp_path):
     summary = tune_search(None, out, SPACE, num_samples=3, cpus_per_trial=1, resume=True)
     assert summary["trials"] == 3 and summary["finished"] + summary["stopped_early"] == 3
     assert (out / "best.yaml").is_file()
+
+
+def test_a_refit_is_in_force_exactly_the_overlap_after_it(small_root, tmp_path):
+    import json
+
+    from conftest import tiny_config
+
+    from mapl_ray.data.layout import scan_category
+    from mapl_ray.data.split import make_split
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.engine.loop import train_model
+
+    # refits at steps 2 and 5 (warm-up 2, every 3); an overlap of 2 puts them in force at steps 4 and 7
+    cfg = tiny_config(small_root, **{"pseudo.fit_overlap_steps": 2, "train.steps": 8, "train.checkpoint_every": 100})
+    data, validation, _ = load_train_data(cfg, make_split(scan_category(str(small_root), "screw"), seed=0))
+    (tmp_path / "run").mkdir()
+    _, summary = train_model(cfg, data, tmp_path / "run", progress=False, validation=validation)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    first = [rec["step"] for rec in log if "pseudo_pos" in rec]
+    assert first[0] == 5  # logged after step index 4: the refit of step 2 took over there, not before
+    assert summary["pseudo_fit_s"] > 0
