@@ -131,9 +131,10 @@ def trial_resources(cpus: float, gpus: float, occ_cpus: int):
     return tune.PlacementGroupFactory([{"CPU": float(cpus), "GPU": float(gpus)}] + [{"CPU": 1.0}] * occ_cpus)
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks: bool) -> None:
+def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks: bool, threads: int) -> None:
     """Ray Tune function trainable: train one run with ``params`` and report the validation objective;
-    ``occ_tasks``: the pseudo-labeler's OCCs fit as Ray tasks (else one after the other, beside training)."""
+    ``occ_tasks``: the pseudo-labeler's OCCs fit as Ray tasks (else one after the other, beside training);
+    ``threads``: torch threads (the trial's CPUs)."""
     import torch
     from ray import tune
 
@@ -141,6 +142,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks:
     from ..engine.loop import train_model
     from .occ_tasks import ray_task_map
 
+    torch.set_num_threads(threads)
     train_data, validation = data
     use_gpu = torch.cuda.is_available()  # Ray hides the GPUs from a trial without a GPU share
     cfg = trial_config(Config.from_dict(base), params).override({"train.use_gpu": use_gpu})
@@ -264,7 +266,13 @@ def tune_search(
     data, validation, _ = load_train_data(cfg, split)
     init_ray(quiet=True)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), data=(data, validation), occ_tasks=occ_cpus_per_trial > 0),
+        tune.with_parameters(
+            _trial,
+            base=cfg.to_dict(),
+            data=(data, validation),
+            occ_tasks=occ_cpus_per_trial > 0,
+            threads=max(1, int(cpus_per_trial)),
+        ),
         trial_resources(cpus_per_trial, gpus_per_trial, occ_cpus_per_trial),
     )
     if resume:
