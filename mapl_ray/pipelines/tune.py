@@ -13,6 +13,7 @@ The search folder (``--out``)::
 
     OUT/base.yaml      the configuration every trial starts from (config.yaml schema)
     OUT/split.json     the split the trials train and validate on
+    OUT/search.json    the search space, the number of trials and each trial's share (what --resume reuses)
     OUT/search/        Ray Tune's experiment (RunConfig(storage_path=OUT)); Tuner.restore resumes it
     OUT/best.yaml      the best trial's full configuration: `mapl train --config OUT/best.yaml`
     OUT/trials.csv     every trial: its parameters, validation objective, steps run, wall time
@@ -23,6 +24,7 @@ The search folder (``--out``)::
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -39,13 +41,14 @@ log = logging.getLogger("mapl_ray.tune")
 
 DEFAULT_SEARCH_SPACE = Path(__file__).with_name("search_space.yaml")
 METRIC = "validation_image_auroc"
-BASE_FILE, BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE, EXPERIMENT = (
+BASE_FILE, BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE, EXPERIMENT, SETTINGS_FILE = (
     "base.yaml",
     "best.yaml",
     "trials.csv",
     "trials.md",
     "search.png",
     "search",
+    "search.json",
 )
 KINDS = ("choice", "int", "uniform", "loguniform")
 
@@ -231,6 +234,8 @@ def tune_search(
     Args:
         cfg: the base configuration (a new search; None with ``resume``: ``out/base.yaml``).
         space: the search space (:func:`load_search_space`; default the package's).
+        resume: continue the search in ``out`` with its own space, trials and shares (``out/search.json``;
+            the arguments for them are ignored).
         num_samples: trials; gpus_per_trial / cpus_per_trial: each trial's share (fractional GPUs share one).
         seed: the searcher's seed; max_concurrent: trials at once (0: as many as the resources allow).
         grace_steps: ASHA's least steps before it may stop a trial (default ``eval.validate_every``).
@@ -255,13 +260,26 @@ def tune_search(
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    space = space if space is not None else load_search_space()
-    if resume:
-        if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
-            raise ConfigError(f"{out} holds no search to resume (expected {out / EXPERIMENT})")
+    if resume:  # the search's own space, trials and shares, as it started
+        if not tune.Tuner.can_restore(str(out / EXPERIMENT)) or not (out / SETTINGS_FILE).is_file():
+            raise ConfigError(f"{out} holds no search to resume (expected {out / EXPERIMENT} and {SETTINGS_FILE})")
         cfg = Config.load(out / BASE_FILE)
+        settings = json.loads((out / SETTINGS_FILE).read_text())
+        space, num_samples = settings["space"], settings["num_samples"]
+        gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
+        occ_cpus_per_trial = settings["occ_cpus_per_trial"]
     else:
+        space = space if space is not None else load_search_space()
         cfg = prepare_search(cfg, out)
+        settings = {
+            "space": space,
+            "num_samples": num_samples,
+            "gpus_per_trial": gpus_per_trial,
+            "cpus_per_trial": cpus_per_trial,
+            "occ_cpus_per_trial": occ_cpus_per_trial,
+            "seed": seed,
+        }
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     split = Split.from_json(out / SPLIT_FILE)
     data, validation, _ = load_train_data(cfg, split)
     init_ray(quiet=True)
