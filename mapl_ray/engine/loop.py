@@ -296,7 +296,7 @@ class Trainer:
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
-        times = {"step": [], "wait": [], "fit": 0.0}
+        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0}
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
         batch: dict[str, Any] = {}
@@ -310,7 +310,9 @@ class Trainer:
                 labeler.start_fit(unwrap(net), step, pool)
                 net.train()
             if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
+                t_wait = time.perf_counter()
                 pseudo_stats = self._after_refit(*labeler.finish_fit())
+                times["fit_wait"] += time.perf_counter() - t_wait
             times["fit"] += time.perf_counter() - t_fit
             inputs = batch_to_device(batch, device, t.channels_last)
             if graph_step is not None:
@@ -345,6 +347,7 @@ class Trainer:
             t_fit = time.perf_counter()
             pseudo_stats = self._after_refit(*self.labeler.finish_fit())
             times["fit"] += time.perf_counter() - t_fit
+            times["fit_wait"] += time.perf_counter() - t_fit
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
@@ -384,7 +387,8 @@ class Trainer:
                 np.asarray(b).tolist() for b in (self.data.memory_indices, *self.data.extra_memory_indices)
             ],
             "memory_backend": model.memory.backend,
-            "pseudo_fit_s": times["fit"],
+            "pseudo_fit_s": times["fit"],  # the pseudo-labeler on the training path: features, fit start, waits
+            "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits and putting them in force
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,
             "graph_capture_error": graph_step.failed if graph_step else None,
