@@ -117,6 +117,7 @@ def compare(args: argparse.Namespace, folder: Path, result: dict, save) -> None:
     fit_run = [r for r in ok if r["config"] == "fit-run"]
     if fit_run:
         result["pseudo_fit_s_in_run"] = fit_run[0]["pseudo_fit_s"]
+        result["pseudo_fit_wait_s_in_run"] = fit_run[0].get("pseudo_fit_wait_s")
         result["fit_run_train_wall_s"] = fit_run[0]["train_wall_s"]
         result["fit_run_steps"] = args.fit_run_steps
     result["pseudo_fit_s_compare_runs"] = stats([r["pseudo_fit_s"] for r in ok if r["config"] != "fit-run"])

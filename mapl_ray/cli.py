@@ -490,12 +490,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
         category = str(overrides.get("data.category", cfg.data.category))
         if not getattr(args, "category_preset", True):
             if category_preset(category):
-                print(f"mapl train: category {category!r} preset skipped (--no-category-preset)", file=sys.stderr)
+                print(
+                    f"mapl {getattr(args, 'command', 'train')}: category {category!r} preset skipped (--no-category-preset)",
+                    file=sys.stderr,
+                )
         else:
             preset = category_preset(category, file_keys | set(overrides))
             if preset:
                 print(
-                    f"mapl train: category {category!r} preset: "
+                    f"mapl {getattr(args, 'command', 'train')}: category {category!r} preset: "
                     + ", ".join(f"{k}={v}" for k, v in preset.items())
                     + " (--no-category-preset skips it)",
                     file=sys.stderr,

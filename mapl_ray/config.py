@@ -115,10 +115,11 @@ class PseudoConfig:
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
-    # a refit's OCCs fit beside training (a thread; Ray tasks under Ray): the step goes on with the previous
-    # pseudo-labeler and the new one takes over exactly this many steps after the refit (the step waits if the
-    # fit is not done), so results do not depend on how fast the fit is. At most refit_every - 1 and
-    # label_lag - 1 take effect (pseudo.labeler.fit_overlap); 0: the step waits for the fit
+    # a refit's OCCs fit beside training (a thread; Ray tasks in mapl tune's trials): the step goes on with the
+    # previous pseudo-labeler and the new one takes over exactly this many steps after the refit, or at a
+    # checkpoint step before that (the step waits if the fit is not done), so results do not depend on how fast
+    # the fit is. At most refit_every - 1 and label_lag - 1 take effect (pseudo.labeler.fit_overlap); 0: the
+    # step waits for the fit (docs/tune.md)
     fit_overlap_steps: int = 10
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit

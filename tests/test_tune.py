@@ -145,14 +145,17 @@ def test_search_writes_best_yaml_and_trials_without_reading_the_test_split(ray_l
 
 
 class _StopAfterFirstTrial:
-    """A Ray Tune callback that sends Ctrl-C to the driver when the first trial ends."""
+    """A Ray Tune callback that sends Ctrl-C to the driver when the first trial ends, once (``flag``
+    marks it sent: the restored search carries its callbacks along)."""
 
-    def __new__(cls):
+    def __new__(cls, flag: Path):
         from ray.tune import Callback
 
         class Stop(Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
-                os.kill(os.getpid(), signal.SIGINT)
+                if not flag.exists():
+                    flag.touch()
+                    os.kill(os.getpid(), signal.SIGINT)
 
         return Stop()
 
@@ -170,9 +173,36 @@ def test_an_interrupted_search_resumes(ray_local, tmp_path):
     out = tmp_path / "search"
     with pytest.raises(SearchInterrupted, match="--resume"):
         tune_search(
-            cfg, out, SPACE, num_samples=3, cpus_per_trial=1, max_concurrent=1, callbacks=[_StopAfterFirstTrial()]
+            cfg,
+            out,
+            SPACE,
+            num_samples=3,
+            cpus_per_trial=1,
+            max_concurrent=1,
+            callbacks=[_StopAfterFirstTrial(tmp_path / "sent")],
         )
     assert not (out / "best.yaml").exists()
     summary = tune_search(None, out, SPACE, num_samples=3, cpus_per_trial=1, resume=True)
     assert summary["trials"] == 3 and summary["finished"] + summary["stopped_early"] == 3
     assert (out / "best.yaml").is_file()
+
+
+def test_a_refit_is_in_force_exactly_the_overlap_after_it(small_root, tmp_path):
+    import json
+
+    from conftest import tiny_config
+
+    from mapl_ray.data.layout import scan_category
+    from mapl_ray.data.split import make_split
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.engine.loop import train_model
+
+    # refits at steps 2 and 5 (warm-up 2, every 3); an overlap of 2 puts them in force at steps 4 and 7
+    cfg = tiny_config(small_root, **{"pseudo.fit_overlap_steps": 2, "train.steps": 8, "train.checkpoint_every": 100})
+    data, validation, _ = load_train_data(cfg, make_split(scan_category(str(small_root), "screw"), seed=0))
+    (tmp_path / "run").mkdir()
+    _, summary = train_model(cfg, data, tmp_path / "run", progress=False, validation=validation)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    first = [rec["step"] for rec in log if "pseudo_pos" in rec]
+    assert first[0] == 5  # logged after step index 4: the refit of step 2 took over there, not before
+    assert summary["pseudo_fit_s"] > 0

@@ -327,7 +327,7 @@ class Trainer:
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
-        times = {"step": [], "wait": [], "fit": 0.0}
+        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0}
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
         batch: dict[str, Any] = {}
@@ -341,7 +341,9 @@ class Trainer:
                 labeler.start_fit(unwrap(net), step, pool)
                 net.train()
             if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
+                t_wait = time.perf_counter()
                 pseudo_stats = self._after_refit(*labeler.finish_fit())
+                times["fit_wait"] += time.perf_counter() - t_wait
             times["fit"] += time.perf_counter() - t_fit
             inputs = batch_to_device(batch, device, t.channels_last)
             if graph_step is not None:
@@ -360,6 +362,8 @@ class Trainer:
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
+                if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
+                    pseudo_stats = self._after_refit(*labeler.finish_fit())
                 self.checkpoint(step + 1)
             t_ready = time.perf_counter()
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
@@ -374,6 +378,7 @@ class Trainer:
             t_fit = time.perf_counter()
             pseudo_stats = self._after_refit(*self.labeler.finish_fit())
             times["fit"] += time.perf_counter() - t_fit
+            times["fit_wait"] += time.perf_counter() - t_fit
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
@@ -413,7 +418,8 @@ class Trainer:
                 np.asarray(b).tolist() for b in (self.data.memory_indices, *self.data.extra_memory_indices)
             ],
             "memory_backend": model.memory.backend,
-            "pseudo_fit_s": times["fit"],
+            "pseudo_fit_s": times["fit"],  # the pseudo-labeler on the training path: features, fit start, waits
+            "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits and putting them in force
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,
             "graph_capture_error": graph_step.failed if graph_step else None,

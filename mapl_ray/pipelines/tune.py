@@ -13,6 +13,7 @@ The search folder (``--out``)::
 
     OUT/base.yaml      the configuration every trial starts from (config.yaml schema)
     OUT/split.json     the split the trials train and validate on
+    OUT/search.json    the search space, the number of trials and each trial's share (what --resume reuses)
     OUT/search/        Ray Tune's experiment (RunConfig(storage_path=OUT)); Tuner.restore resumes it
     OUT/best.yaml      the best trial's full configuration: `mapl train --config OUT/best.yaml`
     OUT/trials.csv     every trial: its parameters, validation objective, steps run, wall time
@@ -23,6 +24,7 @@ The search folder (``--out``)::
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -39,13 +41,14 @@ log = logging.getLogger("mapl_ray.tune")
 
 DEFAULT_SEARCH_SPACE = Path(__file__).with_name("search_space.yaml")
 METRIC = "validation_image_auroc"
-BASE_FILE, BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE, EXPERIMENT = (
+BASE_FILE, BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE, EXPERIMENT, SETTINGS_FILE = (
     "base.yaml",
     "best.yaml",
     "trials.csv",
     "trials.md",
     "search.png",
     "search",
+    "search.json",
 )
 KINDS = ("choice", "int", "uniform", "loguniform")
 
@@ -131,9 +134,10 @@ def trial_resources(cpus: float, gpus: float, occ_cpus: int):
     return tune.PlacementGroupFactory([{"CPU": float(cpus), "GPU": float(gpus)}] + [{"CPU": 1.0}] * occ_cpus)
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks: bool) -> None:
+def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks: bool, threads: int) -> None:
     """Ray Tune function trainable: train one run with ``params`` and report the validation objective;
-    ``occ_tasks``: the pseudo-labeler's OCCs fit as Ray tasks (else one after the other, beside training)."""
+    ``occ_tasks``: the pseudo-labeler's OCCs fit as Ray tasks (else one after the other, beside training);
+    ``threads``: torch threads (the trial's CPUs)."""
     import torch
     from ray import tune
 
@@ -141,6 +145,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], data: tuple, occ_tasks:
     from ..engine.loop import train_model
     from .occ_tasks import ray_task_map
 
+    torch.set_num_threads(threads)
     train_data, validation = data
     use_gpu = torch.cuda.is_available()  # Ray hides the GPUs from a trial without a GPU share
     cfg = trial_config(Config.from_dict(base), params).override({"train.use_gpu": use_gpu})
@@ -193,18 +198,21 @@ def prepare_search(cfg: Config, out: Path) -> Config:
     return cfg
 
 
-def make_searcher(points: list[dict[str, Any]], seed: int):
+def make_searcher(points: list[dict[str, Any]], seed: int, max_concurrent: int = 0):
     """``(searcher, name)``: Optuna's TPE when ``optuna`` imports, else Ray Tune's random search; both
-    start from ``points``."""
+    start from ``points`` and run at most ``max_concurrent`` trials at once (0: no limit)."""
     try:
         import optuna  # noqa: F401
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(points_to_evaluate=points or None, seed=seed), "optuna"
+        searcher = OptunaSearch(points_to_evaluate=points or None, seed=seed)
+        return (ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher), "optuna"
     except ImportError:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed), "random"
+        gen = BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed, max_concurrent=max_concurrent)
+        return gen, "random"
 
 
 def tune_search(
@@ -226,6 +234,8 @@ def tune_search(
     Args:
         cfg: the base configuration (a new search; None with ``resume``: ``out/base.yaml``).
         space: the search space (:func:`load_search_space`; default the package's).
+        resume: continue the search in ``out`` with its own space, trials and shares (``out/search.json``;
+            the arguments for them are ignored).
         num_samples: trials; gpus_per_trial / cpus_per_trial: each trial's share (fractional GPUs share one).
         seed: the searcher's seed; max_concurrent: trials at once (0: as many as the resources allow).
         grace_steps: ASHA's least steps before it may stop a trial (default ``eval.validate_every``).
@@ -250,18 +260,37 @@ def tune_search(
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    space = space if space is not None else load_search_space()
-    if resume:
-        if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
-            raise ConfigError(f"{out} holds no search to resume (expected {out / EXPERIMENT})")
+    if resume:  # the search's own space, trials and shares, as it started
+        if not tune.Tuner.can_restore(str(out / EXPERIMENT)) or not (out / SETTINGS_FILE).is_file():
+            raise ConfigError(f"{out} holds no search to resume (expected {out / EXPERIMENT} and {SETTINGS_FILE})")
         cfg = Config.load(out / BASE_FILE)
+        settings = json.loads((out / SETTINGS_FILE).read_text())
+        space, num_samples = settings["space"], settings["num_samples"]
+        gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
+        occ_cpus_per_trial = settings["occ_cpus_per_trial"]
     else:
+        space = space if space is not None else load_search_space()
         cfg = prepare_search(cfg, out)
+        settings = {
+            "space": space,
+            "num_samples": num_samples,
+            "gpus_per_trial": gpus_per_trial,
+            "cpus_per_trial": cpus_per_trial,
+            "occ_cpus_per_trial": occ_cpus_per_trial,
+            "seed": seed,
+        }
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     split = Split.from_json(out / SPLIT_FILE)
     data, validation, _ = load_train_data(cfg, split)
     init_ray(quiet=True)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), data=(data, validation), occ_tasks=occ_cpus_per_trial > 0),
+        tune.with_parameters(
+            _trial,
+            base=cfg.to_dict(),
+            data=(data, validation),
+            occ_tasks=occ_cpus_per_trial > 0,
+            threads=max(1, int(cpus_per_trial)),
+        ),
         trial_resources(cpus_per_trial, gpus_per_trial, occ_cpus_per_trial),
     )
     if resume:
@@ -269,7 +298,8 @@ def tune_search(
         searcher = "restored"
     else:
         base_point = {k: _field(cfg, k) for k in space}
-        search_alg, searcher = make_searcher([base_point] if in_space(space, base_point) else [], seed)
+        points = [base_point] if in_space(space, base_point) else []
+        search_alg, searcher = make_searcher(points, seed, max_concurrent)
         steps = cfg.train.steps
         tuner = tune.Tuner(
             trainable,
@@ -285,7 +315,6 @@ def tune_search(
                     reduction_factor=2,
                 ),
                 num_samples=num_samples,
-                max_concurrent_trials=max_concurrent or None,
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=str(out), callbacks=callbacks, verbose=0, log_to_file=True
@@ -293,7 +322,9 @@ def tune_search(
         )
     log.info("search: %d trials (%s), results in %s", num_samples, searcher, out)
     results = tuner.fit()
-    if results.num_terminated + results.num_errors < len(results) or (not resume and len(results) < num_samples):
+    # the experiment state as saved (an interrupted search saves its trials as they were: pending, running)
+    saved = [t.status for t in tune.ExperimentAnalysis(str(out / EXPERIMENT)).trials]
+    if any(status not in ("TERMINATED", "ERROR") for status in saved) or len(saved) < num_samples:
         raise SearchInterrupted(f"the search in {out} stopped early: `mapl tune --resume --out {out}` continues it")
     rows = trial_rows(results, list(space), cfg.train.steps)
     finished = [r for r in rows if r["status"] == "finished" and r[METRIC] is not None]

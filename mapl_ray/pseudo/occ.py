@@ -300,9 +300,9 @@ def fit_one_occ(
     Returns:
         ``(parameters, (eta_p, eta_n, match_distance_p, match_distance_n, threshold_swapped))``.
     """
-    # one BLAS thread: the same rounding in every process (a Ray task of one CPU runs with one), so any
-    # map_fn gives the same ensemble; and for matrices this small, faster than many threads
-    with _blas().limit(limits=1, user_api="blas"):
+    # one thread (BLAS, and OpenMP for this thread): the same rounding in every process (a Ray task of one
+    # CPU runs with one), so any map_fn gives the same ensemble; for matrices this small, also faster
+    with _blas().limit(limits=1):
         occ = fit_gmm_occ(train, config, seed)
         cov = config.covariance_type
         s_u = score_one_occ(occ, unlabeled, cov)
