@@ -252,34 +252,24 @@ def tune_search(
         TrainingFailed: no trial finished.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from ..data.split import Split
     from ..data.train_data import load_train_data
-    from .ray_train import TrainingFailed
 
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    if resume:  # the search's own space, trials and shares, as it started
-        if not tune.Tuner.can_restore(str(out / EXPERIMENT)) or not (out / SETTINGS_FILE).is_file():
-            raise ConfigError(f"{out} holds no search to resume (expected {out / EXPERIMENT} and {SETTINGS_FILE})")
-        cfg = Config.load(out / BASE_FILE)
-        settings = json.loads((out / SETTINGS_FILE).read_text())
-        space, num_samples = settings["space"], settings["num_samples"]
-        gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
-        occ_cpus_per_trial = settings["occ_cpus_per_trial"]
-    else:
-        space = space if space is not None else load_search_space()
-        cfg = prepare_search(cfg, out)
-        settings = {
-            "space": space,
-            "num_samples": num_samples,
-            "gpus_per_trial": gpus_per_trial,
-            "cpus_per_trial": cpus_per_trial,
-            "occ_cpus_per_trial": occ_cpus_per_trial,
-            "seed": seed,
-        }
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    requested = {
+        "space": space if space is not None else (None if resume else load_search_space()),
+        "num_samples": num_samples,
+        "gpus_per_trial": gpus_per_trial,
+        "cpus_per_trial": cpus_per_trial,
+        "occ_cpus_per_trial": occ_cpus_per_trial,
+        "seed": seed,
+    }
+    cfg, settings = _open_search(cfg, out, resume, requested)
+    space, num_samples = settings["space"], settings["num_samples"]
+    gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
+    occ_cpus_per_trial = settings["occ_cpus_per_trial"]
     split = Split.from_json(out / SPLIT_FILE)
     data, validation, _ = load_train_data(cfg, split)
     init_ray(quiet=True)
@@ -294,31 +284,13 @@ def tune_search(
         trial_resources(cpus_per_trial, gpus_per_trial, occ_cpus_per_trial),
     )
     if resume:
-        tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_errored=True)
-        searcher = "restored"
+        tuner, searcher = (
+            tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_errored=True),
+            "restored",
+        )
     else:
-        base_point = {k: _field(cfg, k) for k in space}
-        points = [base_point] if in_space(space, base_point) else []
-        search_alg, searcher = make_searcher(points, seed, max_concurrent)
-        steps = cfg.train.steps
-        tuner = tune.Tuner(
-            trainable,
-            param_space=tune_domains(space),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                search_alg=search_alg,
-                scheduler=ASHAScheduler(
-                    time_attr="step",
-                    max_t=steps,
-                    grace_period=min(steps, grace_steps or cfg.eval.validate_every),
-                    reduction_factor=2,
-                ),
-                num_samples=num_samples,
-            ),
-            run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=str(out), callbacks=callbacks, verbose=0, log_to_file=True
-            ),
+        tuner, searcher = _new_tuner(
+            cfg, out, trainable, space, num_samples, seed, max_concurrent, grace_steps, callbacks
         )
     log.info("search: %d trials (%s), results in %s", num_samples, searcher, out)
     results = tuner.fit()
@@ -326,12 +298,23 @@ def tune_search(
     saved = [t.status for t in tune.ExperimentAnalysis(str(out / EXPERIMENT)).trials]
     if any(status not in ("TERMINATED", "ERROR") for status in saved) or len(saved) < num_samples:
         raise SearchInterrupted(f"the search in {out} stopped early: `mapl tune --resume --out {out}` continues it")
+    return _write_outputs(results, cfg, space, out, gpus_per_trial > 0, searcher, t0)
+
+
+def _write_outputs(results, cfg: Config, space: dict, out: Path, use_gpu: bool, searcher: str, t0: float) -> dict:
+    """best.yaml, the trial tables and the plot of a finished search; returns :func:`tune_search`'s summary.
+
+    Raises:
+        TrainingFailed: no trial ran all its steps.
+    """
+    from .ray_train import TrainingFailed
+
     rows = trial_rows(results, list(space), cfg.train.steps)
     finished = [r for r in rows if r["status"] == "finished" and r[METRIC] is not None]
     if not finished:
         raise TrainingFailed(f"no trial of the search in {out} finished: {[r['error'] for r in rows][:3]}")
     best = max(finished, key=lambda r: r[METRIC])
-    best_cfg = trial_config(cfg, {k: best[k] for k in space}).override({"train.use_gpu": gpus_per_trial > 0})
+    best_cfg = trial_config(cfg, {k: best[k] for k in space}).override({"train.use_gpu": use_gpu})
     best_cfg.save(out / BEST_FILE)
     write_tables(rows, list(space), out)
     plot_search(results, rows, out / PLOT_FILE)
@@ -345,6 +328,53 @@ def tune_search(
         "wall_s": time.perf_counter() - t0,
         "files": {name: str(out / name) for name in (BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE)},
     }
+
+
+def _open_search(cfg: Config | None, out: Path, resume: bool, requested: dict[str, Any]) -> tuple[Config, dict]:
+    """``(base configuration, settings)``: a new search's (:func:`prepare_search`, ``requested`` written to
+    ``out/search.json``), or with ``resume`` the saved ones (the space, trials and shares as it started).
+
+    Raises:
+        ConfigError: ``resume`` and ``out`` holds no search; and :func:`prepare_search`'s errors.
+    """
+    from ray import tune
+
+    if resume:
+        if not tune.Tuner.can_restore(str(out / EXPERIMENT)) or not (out / SETTINGS_FILE).is_file():
+            raise ConfigError(f"{out} holds no search to resume (expected {out / EXPERIMENT} and {SETTINGS_FILE})")
+        return Config.load(out / BASE_FILE), json.loads((out / SETTINGS_FILE).read_text())
+    cfg = prepare_search(cfg, out)
+    (out / SETTINGS_FILE).write_text(json.dumps(requested, indent=2))
+    return cfg, requested
+
+
+def _new_tuner(cfg, out, trainable, space, num_samples, seed, max_concurrent, grace_steps, callbacks):
+    """``(Tuner, searcher name)`` of a new search (:func:`tune_search`'s arguments): the base configuration
+    as the first point, ASHA on the validation objective over training steps."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base_point = {k: _field(cfg, k) for k in space}
+    points = [base_point] if in_space(space, base_point) else []
+    search_alg, searcher = make_searcher(points, seed, max_concurrent)
+    steps = cfg.train.steps
+    asha = ASHAScheduler(
+        time_attr="step",
+        max_t=steps,
+        grace_period=min(steps, grace_steps or cfg.eval.validate_every),
+        reduction_factor=2,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_domains(space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", search_alg=search_alg, scheduler=asha, num_samples=num_samples
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=str(out), callbacks=callbacks, verbose=0, log_to_file=True
+        ),
+    )
+    return tuner, searcher
 
 
 def _field(cfg: Config, key: str) -> Any:
