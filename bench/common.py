@@ -3,13 +3,12 @@ configuration of a category, statistics, and the machine description."""
 
 from __future__ import annotations
 
-import os
-import platform
 from pathlib import Path
 
-import numpy as np
-
+from mapl_ray.eval.accuracy_report import machine, stats
 from mapl_ray.presets import category_preset
+
+__all__ = ["DATASETS", "add_grid_arguments", "category_base", "machine", "spearman", "stats", "val_test_correlation"]
 
 DATASETS = {"screw": "mvtec_ad", "magnetic_tile": "magnetic_tile", "metal_plate": "mpdd", "leather": "mvtec_ad"}
 
@@ -46,33 +45,6 @@ def spearman(x: list, y: list) -> float | None:
     if len(pairs) < 3:
         return None
     return float(spearmanr(*zip(*pairs)).statistic)
-
-
-def stats(values: list) -> dict | None:
-    """Mean, sample standard deviation, min, max and count of the known values."""
-    v = np.array([x for x in values if x is not None], dtype=float)
-    if not len(v):
-        return None
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "n": int(len(v)),
-    }
-
-
-def machine() -> dict:
-    """Host, CPU count, Python, torch and the GPU's name."""
-    info = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def val_test_correlation(records: list[dict]) -> dict:

@@ -26,12 +26,25 @@ Then, for example (device tool, kind ``nvidia-h200-x2``):
           --weights .data/w/tf_efficientnet_lite2.safetensors --out $OUT/gpu.json
 
     python bench/gpu_payload.py [--data-root ../shared/data] [--categories mvtec_ad/screw]
+
+``--pack DIR`` then packs one call's whole payload into DIR (one folder to carry, e.g. ``.pack``):
+``site.tar.xz`` (Ray and its missing dependencies from ``.whl_gpu``, plus the ``bench`` extra's peer,
+anomalib, with the dependencies the GPU machine lacks, installed with ``pip --target --python-version 3.12
+--only-binary=:all:``; ``bench/gpu_run.sh`` unpacks it into ``/tmp/site``), ``data.tar.xz`` (the
+categories and ``dtd256``) and ``w.tar.xz`` (the weights); it prints each file's size and the total, which
+must stay under the call's 64 MiB:
+
+    python bench/gpu_payload.py --jpeg-quality 90 --pack .pack \
+        --categories mvtec_ad/screw,magnetic_tile/magnetic_tile,mpdd/metal_plate,mvtec_ad/leather,elpv/solar_cell
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -42,11 +55,55 @@ from mapl_ray.data.layout import find_images
 
 SIZE = 256
 SKIP_WHEELS = ("virtualenv", "py_spy", "faiss")  # runtime_env pip, stack dumps; faiss travels separately
+# anomalib (the accuracy benchmark's peer, pyproject's `bench` extra) and what importing its PatchCore needs
+# that the GPU machine lacks (it has torch, timm, torchvision, scikit-learn, scipy, pandas, matplotlib,
+# opencv). imagecodecs (45 MiB, an optional codec library of tifffile) and the CLI-only packages are left out.
+PEER_PACKAGES = (
+    "anomalib==2.7.0",
+    "einops==0.8.2",
+    "jsonargparse==4.46.0",
+    "docstring-parser==0.18.0",
+    "typeshed-client==2.15.0",
+    "kornia==0.9.0",
+    "kornia-rs==0.2.0",
+    "lazy-loader==0.6",
+    "lightning==2.6.6",
+    "lightning-utilities==0.15.3",
+    "torchmetrics==1.9.0",
+    "omegaconf==2.4.0",
+    "rich==15.0.0",
+    "markdown-it-py==4.3.0",
+    "mdurl==0.1.2",
+    "pygments==2.21.0",
+    "scikit-image==0.26.0",
+    "tifffile==2026.3.3",
+    "python-dotenv==1.2.4",
+    "fsspec==2026.9.0",
+)
+# pure-Python packages published as source only: built into a wheel here first
+SDIST_PACKAGES = ("FrEIA==0.2",)
+# installed files the benchmark never imports, left out of the site tarball: scikit-image's sample images and
+# the subpackages importing anomalib does not load (its PatchCore calls none of scikit-image), test suites
+SITE_PRUNE = (
+    "skimage/data",
+    "skimage/feature",
+    "skimage/restoration",
+    "skimage/transform",
+    "skimage/graph",
+    "skimage/registration",
+    "skimage/future",
+    "skimage/metrics",
+    "einops/tests",
+    "fsspec/tests",
+)
+# --slim-ray: Ray libraries the grid benchmarks (Ray core tasks only) do not import
+RAY_LIBRARIES = ("ray/data", "ray/serve", "ray/tune", "ray/train")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any")
 
 
 def _drop(name: str) -> bool:
-    """Files of Ray's wheel not needed for Train / Serve here (LLM library, dashboard web client)."""
-    return name.startswith(("ray/llm/", "ray/dashboard/client/build/"))
+    """Files of Ray's wheel not needed for Train / Serve here (LLM and RL libraries, dashboard web client)."""
+    return name.startswith(("ray/llm/", "ray/rllib/", "ray/dashboard/client/build/"))
 
 
 def copy_category(src: Path, dst: Path, jpeg_quality: int | None = None) -> None:
@@ -105,24 +162,55 @@ def repack_wheels(src: Path, dst: Path) -> None:
                 zo.writestr(info, data)
 
 
+def build_site(wheels: Path, dest: Path, peer: bool = True, slim_ray: bool = False) -> None:
+    """Install the Ray wheels of ``wheels`` (``.whl_gpu``) and, with ``peer``, :data:`PEER_PACKAGES` and
+    :data:`SDIST_PACKAGES` for Python 3.12 (binary wheels only, no dependency resolution: the GPU machine has
+    the rest) into ``dest``, less :data:`SITE_PRUNE` (and :data:`RAY_LIBRARIES` with ``slim_ray``)."""
+    plat = [a for p in PLATFORMS for a in ("--platform", p)]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(dest)]
+    pip += ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:", *plat]
+    subprocess.run([*pip, "--no-index", *map(str, sorted(wheels.glob("*.whl")))], check=True)
+    if peer:
+        with tempfile.TemporaryDirectory() as built:
+            build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", built, *SDIST_PACKAGES]
+            subprocess.run(build, check=True)
+            subprocess.run([*pip, "--upgrade", *PEER_PACKAGES, *map(str, Path(built).glob("*.whl"))], check=True)
+    for rel in SITE_PRUNE + (RAY_LIBRARIES if slim_ray else ()):
+        shutil.rmtree(dest / rel, ignore_errors=True)
+    for cache in dest.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def tar_xz(out: Path, base: Path, names: list[str]) -> None:
+    """``tar cf - -C base names | xz -9 > out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:
+        tar = subprocess.Popen(["tar", "cf", "-", "-C", str(base), *names], stdout=subprocess.PIPE)
+        subprocess.run(["xz", "-9", "-T0"], stdin=tar.stdout, stdout=f, check=True)
+        if tar.wait():
+            raise RuntimeError(f"tar of {names} under {base} failed")
+
+
+def pack(here: Path, out: Path, categories: list[str], peer: bool = True, slim_ray: bool = False) -> None:
+    """Write ``out/site.tar.xz``, ``out/data.tar.xz`` and ``out/w.tar.xz`` (module docstring)."""
+    data = here / ".data"
+    with tempfile.TemporaryDirectory() as tmp:
+        site = Path(tmp) / "site"
+        build_site(here / ".whl_gpu", site, peer, slim_ray)
+        tar_xz(out / "site.tar.xz", site, sorted(p.name for p in site.iterdir()))
+    tar_xz(out / "data.tar.xz", data, sorted({c.split("/")[0] for c in categories} | {"dtd256"}))
+    tar_xz(out / "w.tar.xz", data, ["w"])
+    for f in sorted(out.glob("*.tar.xz")):
+        print(f"{f.relative_to(here) if f.is_relative_to(here) else f}: {f.stat().st_size / 2**20:.1f} MiB")
+    print(f"total {size_mib(out):.1f} MiB (one call carries at most 64 MiB)")
+
+
 def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def main() -> None:
-    here = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=str(here.parent / "shared" / "data"))
-    p.add_argument("--categories", default="mvtec_ad/screw", help="comma list of DATASET/CATEGORY")
-    p.add_argument("--wheels", default=str(here / ".whl"), help="output folder of ../shared/gpu/prepare-wheels.sh")
-    p.add_argument(
-        "--jpeg-quality",
-        type=int,
-        help="store images as JPEG of this quality (masks stay PNG) to fit "
-        "several categories with Ray's wheels into one call's 64 MiB; textures then at quality 85",
-    )
-    args = p.parse_args()
-    root, data = Path(args.data_root), here / ".data"
+def copy_all(args: argparse.Namespace, root: Path, data: Path, here: Path) -> None:
+    """The categories, textures and weights into ``data``; the repacked wheels into ``.whl_gpu`` / ``.whl_faiss``."""
     for item in args.categories.split(","):
         shutil.rmtree(data / item, ignore_errors=True)
         copy_category(root / item, data / item, args.jpeg_quality)
@@ -138,6 +226,32 @@ def main() -> None:
             shutil.copy(whl, faiss / whl.name)
     else:
         print(f"{wheels} not found: run ../shared/gpu/prepare-wheels.sh {wheels} first for the Ray wheels")
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent.parent
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=str(here.parent / "shared" / "data"))
+    p.add_argument("--categories", default="mvtec_ad/screw", help="comma list of DATASET/CATEGORY")
+    p.add_argument("--wheels", default=str(here / ".whl"), help="output folder of ../shared/gpu/prepare-wheels.sh")
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        help="store images as JPEG of this quality (masks stay PNG) to fit "
+        "several categories with Ray's wheels into one call's 64 MiB; textures then at quality 85",
+    )
+    p.add_argument("--pack", metavar="DIR", help="then pack site / data / weights tarballs into DIR (e.g. .pack)")
+    p.add_argument("--no-peer", action="store_true", help="with --pack: leave anomalib out of the site tarball")
+    p.add_argument(
+        "--slim-ray",
+        action="store_true",
+        help="with --pack: leave Ray Data / Serve / Tune / Train out of the site tarball (grid benchmarks only)",
+    )
+    p.add_argument("--pack-only", action="store_true", help="pack the .data and .whl_gpu already there")
+    args = p.parse_args()
+    root, data = Path(args.data_root), here / ".data"
+    if not args.pack_only:
+        copy_all(args, root, data, here)
     for folder in sorted(
         {
             *(data / i.split("/")[0] for i in args.categories.split(",")),
@@ -149,6 +263,8 @@ def main() -> None:
     ):
         if folder.exists():
             print(f"{folder.relative_to(here)}: {size_mib(folder):.1f} MiB")
+    if args.pack:
+        pack(here, Path(args.pack).resolve(), args.categories.split(","), not args.no_peer, args.slim_ray)
 
 
 if __name__ == "__main__":

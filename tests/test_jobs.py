@@ -20,7 +20,7 @@ def _run_job_file(path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_job_is_listed():
-    assert {p.stem for p in JOB_FILES} >= {"train", "prepare", "score"}
+    assert {p.stem for p in JOB_FILES} >= {"train", "prepare", "score", "tune"}
 
 
 @pytest.mark.parametrize("job", JOB_FILES, ids=lambda p: p.name)
@@ -38,7 +38,8 @@ def test_job_help_lists_config(job):
 def test_bad_config_file_exits_2_with_one_line(job, content, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(content)
-    positional = {"train": ["--data", str(tmp_path), "--category", "x"], "prepare": [str(tmp_path)]}.get(
+    data_args = ["--data", str(tmp_path), "--category", "x"]
+    positional = {"train": data_args, "tune": data_args, "prepare": [str(tmp_path)]}.get(
         job.stem, [str(tmp_path), str(tmp_path)]
     )
     out = _run_job_file(job, *positional, "--config", str(bad), "--out", str(tmp_path / "out"))

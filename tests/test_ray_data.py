@@ -316,7 +316,7 @@ def test_stream_needs_ray_and_shards_need_stream(category, tmp_path):
         run_train_job(cfg, tmp_path / "run", use_ray=False)
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
     with pytest.raises(ConfigError, match="data.shards"):
-        _stream_config(category, **{"data.shards": str(tmp_path)})
+        _stream_config(category, **{"data.shards": str(tmp_path)}).validate()
 
 
 @pytest.mark.slow  # ~2 min on 2 busy cores
@@ -324,7 +324,12 @@ def test_main_job_streams_from_shards(ray_local, shards, category, tmp_path):
     from mapl_ray.main_job import run_train_job
 
     cfg = _stream_config(category, **{"train.steps": 3, "data.stream": True, "data.shards": str(shards[0])})
-    metrics = run_train_job(cfg, tmp_path / "run", progress=False)
+    broken = category / "test" / "good" / "broken.png"  # rejected by prepare; evaluation would stop on it
+    broken.rename(tmp_path / "broken.png")
+    try:
+        metrics = run_train_job(cfg, tmp_path / "run", progress=False)
+    finally:
+        (tmp_path / "broken.png").rename(broken)
     info = json.loads((tmp_path / "run" / "data_info.json").read_text())
     assert info["unlabeled_streamed"] and info["unlabeled"] > 0
-    assert 0 <= metrics["image_auroc"] <= 1 and metrics["validation"]["image_auroc"] is not None
+    assert 0 <= metrics["overall"]["image_auroc"] <= 1 and metrics["validation"]["image_auroc"] is not None

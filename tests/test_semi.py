@@ -93,7 +93,7 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
         def __init__(self, config):
             self.config = config
 
-        def fit(self, normal, unlabeled, positives):
+        def fit(self, normal, unlabeled, positives, map_fn=None):
             assert len(unlabeled) == data.pool_size  # every pool image, no cap
             return self
 

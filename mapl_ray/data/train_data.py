@@ -3,6 +3,7 @@ images, the unlabeled pool and the labeled anomalies."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -197,6 +198,22 @@ def initial_pool_labels(cfg: Config, num_labeled: int, pool_size: int) -> np.nda
     return np.full(pool_size, 0 if as_normal else -1, dtype=np.int8)
 
 
+def with_memory_banks(cfg: Config, data: TrainData) -> TrainData:
+    """``data`` with the memory banks of ``cfg.model`` (``memory_samples``, ``memory_banks``; seeded with
+    ``data.seed``) chosen from its labeled normals and the pool images presumed normal before the first
+    refit (:func:`choose_memory_banks`); the images are shared, not copied."""
+    init = initial_pool_labels(cfg, len(data.normals), data.pool_size)
+    m = cfg.model
+    banks = choose_memory_banks(
+        len(data.normals),
+        m.memory_samples,
+        m.memory_banks,
+        cfg.data.seed,
+        len(data.normals) + np.flatnonzero(init == 0),
+    )
+    return dataclasses.replace(data, memory_indices=banks[0], extra_memory_indices=banks[1:], info=dict(data.info))
+
+
 def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet, dict[str, Any]]:
     """Decode the training images and build the validation set (:mod:`mapl_ray.data.validation`).
 
@@ -239,23 +256,18 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
     pool = None if unl is None or not len(unl.images) else unl.images
     if not len(keep) and pool is None:
         raise ValueError("no labeled normal image and no unlabeled image to train on")
-    init = initial_pool_labels(cfg, len(keep), 0 if pool is None else len(pool))
-    banks = choose_memory_banks(
-        len(keep),
-        cfg.model.memory_samples,
-        cfg.model.memory_banks,
-        cfg.data.seed,
-        len(keep) + np.flatnonzero(init == 0),
+    data = with_memory_banks(
+        cfg,
+        TrainData(
+            normals=normals.images[keep],
+            memory_indices=np.zeros(0, np.int64),
+            unlabeled=pool,
+            anomalies=None if anom is None else anom.images[train_anom],
+            anomaly_masks=None if anom is None else anom.masks[train_anom],
+            unlabeled_truth=None if pool is None else _pool_truth(split, unl.records),
+        ),
     )
-    data = TrainData(
-        normals=normals.images[keep],
-        memory_indices=banks[0],
-        extra_memory_indices=banks[1:],
-        unlabeled=pool,
-        anomalies=None if anom is None else anom.images[train_anom],
-        anomaly_masks=None if anom is None else anom.masks[train_anom],
-        unlabeled_truth=None if pool is None else _pool_truth(split, unl.records),
-    )
+    banks = [data.memory_indices, *data.extra_memory_indices]
     source_paths = [normals.records[i].path for i in keep] + ([] if pool is None else [r.path for r in unl.records])
     if pool is not None:
         data.info["source_paths"] = source_paths

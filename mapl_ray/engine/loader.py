@@ -9,6 +9,7 @@ import torch
 
 from ..config import Config
 from ..data.batches import BatchMaker, StepBatches
+from ..pseudo.labeler import fit_overlap
 from ..tensors import to_tensor
 
 LOADER_TIMEOUT_S = 300  # a loader process that yields nothing for this long raises instead of hanging the job
@@ -77,18 +78,25 @@ def make_loader(
     (``bench/results/gpu.json``, ``ddp.runs``). ``labels_for``: the pool's pseudo-labels by step
     (:class:`LabeledSteps`); None without a pool.
 
-    With a pool, each process prefetches at most ``(pseudo.label_lag - 1) // n_loader`` batches (4 at
-    most), so the loader never runs ``pseudo.label_lag`` steps ahead.
+    With a pool, each process prefetches at most ``(pseudo.label_lag - overlap - 1) // n_loader`` batches
+    (4 at most; overlap: ``pseudo.fit_overlap_steps``, the steps a refit's labels wait to be in force), so
+    the loader never asks for labels before they are in force.
 
     Raises:
-        ValueError: ``train.loader_workers`` >= ``pseudo.label_lag`` with a pool (batches would then
-            depend on the number of loader processes).
+        ValueError: ``train.loader_workers`` >= ``pseudo.label_lag`` - overlap with a pool (batches would
+            then depend on the number of loader processes).
     """
     prefetch = 4
     if labels_for is not None and n_loader:
-        if n_loader >= cfg.pseudo.label_lag:
-            raise ValueError(f"train.loader_workers={n_loader} must be below pseudo.label_lag={cfg.pseudo.label_lag}")
-        prefetch = min(4, (cfg.pseudo.label_lag - 1) // n_loader)
+        # a refit's labels are in force fit_overlap_steps after it: the loader may not ask for them earlier
+        p = cfg.pseudo
+        ahead = p.label_lag - fit_overlap(p)
+        if n_loader >= ahead:
+            raise ValueError(
+                f"train.loader_workers={n_loader} must be below pseudo.label_lag={p.label_lag} minus "
+                f"the refit overlap {fit_overlap(p)} (pseudo.fit_overlap_steps)"
+            )
+        prefetch = min(4, (ahead - 1) // n_loader)
     method = cfg.train.loader_start_method
     mp_context = None
     if n_loader and method != "auto":

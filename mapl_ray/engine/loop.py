@@ -33,7 +33,7 @@ from ..data.validation import ValidationSet
 from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..pseudo.labeler import PseudoLabeler
-from ..pseudo.occ import OCCEnsemble
+from ..pseudo.occ import MapFn, OCCEnsemble
 from ..runfolder import (
     TRAIN_LOG_FILE,
     last_logged_step,
@@ -76,6 +76,7 @@ class Trainer:
         report: Callable[[dict[str, Any]], None] | None = None,
         validation: ValidationSet | None = None,
         on_checkpoint: Callable[[int, Path | None], None] | None = None,
+        fit_map: MapFn | None = None,
     ):
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
@@ -103,7 +104,7 @@ class Trainer:
         if self.graphed:
             device_lr(self.optimizer, self.device)
         self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
-        self.labeler = PseudoLabeler(cfg, self.bm, self.device)
+        self.labeler = PseudoLabeler(cfg, self.bm, self.device, fit_map)
         self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
         self.validator = Validator(validation, cfg, self.device) if validation is not None and rank == 0 else None
         self.start_step = 0
@@ -242,14 +243,16 @@ class Trainer:
 
         return step_fn
 
-    def _after_refit(self, step: int, stats: dict[str, Any]) -> None:
-        """Keep the refit's pool-label statistics; with fewer labeled normals than
-        ``model.memory_samples``, refill the training memory bank with the pool images now labeled normal."""
+    def _after_refit(self, step: int, stats: dict[str, Any]) -> dict[str, Any]:
+        """Keep the pool-label statistics of the refit of ``step`` (now in force); with fewer labeled normals
+        than ``model.memory_samples``, refill the training memory bank with the pool images now labeled
+        normal. Returns ``stats``."""
         if not self.data.pool_size:
-            return
+            return stats
         self.refits.append(stats)
         if len(self.data.normals) < self.cfg.model.memory_samples and step in self.labeler.history:
             self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
+        return stats
 
     def _validate(self, step: int, end_step: int, net: torch.nn.Module) -> dict[str, Any]:
         """Validation metrics (``validation_*``) every ``eval.validate_every`` steps and at the last step (rank 0)."""
@@ -324,7 +327,7 @@ class Trainer:
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
-        times = {"step": [], "wait": [], "fit": 0.0}
+        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0}
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
         batch: dict[str, Any] = {}
@@ -333,12 +336,15 @@ class Trainer:
             ts = time.perf_counter()
             times["wait"].append(ts - t_ready)
             pool = batch.pop("pool", None)
+            t_fit = time.perf_counter()
             if labeler.due(step) and labeler.fitted_step != step:
-                t_fit = time.perf_counter()
-                pseudo_stats = labeler.fit(unwrap(net), step, pool)
-                self._after_refit(step, pseudo_stats)
-                times["fit"] += time.perf_counter() - t_fit
+                labeler.start_fit(unwrap(net), step, pool)
                 net.train()
+            if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
+                t_wait = time.perf_counter()
+                pseudo_stats = self._after_refit(*labeler.finish_fit())
+                times["fit_wait"] += time.perf_counter() - t_wait
+            times["fit"] += time.perf_counter() - t_fit
             inputs = batch_to_device(batch, device, t.channels_last)
             if graph_step is not None:
                 losses = graph_step((labeler.fitted_step, self.model.memory.generation), *inputs)
@@ -356,6 +362,8 @@ class Trainer:
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
+                if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
+                    pseudo_stats = self._after_refit(*labeler.finish_fit())
                 self.checkpoint(step + 1)
             t_ready = time.perf_counter()
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
@@ -364,6 +372,13 @@ class Trainer:
         """Final save, EMA weights in place, and the training summary."""
         if bar:
             bar.close()
+        if (
+            self.labeler.pending is not None
+        ):  # training ended inside a refit's overlap: it is in force for the saved run
+            t_fit = time.perf_counter()
+            pseudo_stats = self._after_refit(*self.labeler.finish_fit())
+            times["fit"] += time.perf_counter() - t_fit
+            times["fit_wait"] += time.perf_counter() - t_fit
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
@@ -403,7 +418,8 @@ class Trainer:
                 np.asarray(b).tolist() for b in (self.data.memory_indices, *self.data.extra_memory_indices)
             ],
             "memory_backend": model.memory.backend,
-            "pseudo_fit_s": times["fit"],
+            "pseudo_fit_s": times["fit"],  # the pseudo-labeler on the training path: features, fit start, waits
+            "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits and putting them in force
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,
             "graph_capture_error": graph_step.failed if graph_step else None,
@@ -456,6 +472,7 @@ def train_model(
     batches: Iterable[dict[str, Any]] | None = None,
     on_checkpoint: Callable[[int, Path | None], None] | None = None,
     restart: dict[str, Any] | None = None,
+    fit_map: MapFn | None = None,
 ) -> tuple[MAPLModel, dict[str, Any]]:
     """Train MAPL for ``cfg.train.steps`` steps; rank 0 writes ``RUN/checkpoint`` every ``checkpoint_every`` steps.
 
@@ -478,6 +495,8 @@ def train_model(
         restart: this call continues a run whose workers died: resume from ``RUN/checkpoint`` when ``resume``,
             else start afresh, and mark the restart in ``train_log.jsonl`` with these extra fields
             (:meth:`Trainer.mark_restart`).
+        fit_map: runs the K OCC fits of a pseudo-labeler refit (:class:`~mapl_ray.pseudo.labeler.PseudoLabeler`;
+            e.g. Ray tasks); None: one after the other in the refit's thread.
 
     Returns:
         (the trained, unwrapped model in eval mode, summary dict with timings and final losses).
@@ -485,7 +504,9 @@ def train_model(
     Raises:
         CheckpointError: ``resume`` without a usable checkpoint.
     """
-    trainer = Trainer(cfg, data, run_dir, device, rank, world_size, wrap_model, report, validation, on_checkpoint)
+    trainer = Trainer(
+        cfg, data, run_dir, device, rank, world_size, wrap_model, report, validation, on_checkpoint, fit_map
+    )
     if resume:
         trainer.resume()
     else:

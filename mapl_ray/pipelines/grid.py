@@ -2,7 +2,8 @@
 GPU, results streamed back as each trial ends (benchmarks and design sweeps; Ray Tune does searches).
 
 Each trial trains in its task's process (no nested Ray Train job), calibrates on its validation set,
-evaluates on its test split and returns a flat record of the figures that matter.
+evaluates on its test split and returns a flat record of the figures that matter. A trial whose
+``detector`` is ``"patchcore"`` runs the accuracy benchmark's peer instead (:mod:`mapl_ray.peer`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ class Trial:
         name: unique name (also the run folder's name under the grid's output folder).
         config: the full configuration as a nested dict (:meth:`Config.to_dict`).
         meta: labels carried into the result (category, setting, seed...).
+        detector: ``"mapl"`` (the main job) or ``"patchcore"`` (:func:`mapl_ray.peer.run_patchcore`).
+        options: keyword arguments of the peer (e.g. ``coreset_ratio``).
     """
 
     name: str
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    detector: str = "mapl"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def trial_record(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -55,18 +60,25 @@ def trial_record(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
         "pseudo_refits": refits,
         "train_wall_s": summary.get("train_wall_s"),
         "pseudo_fit_s": summary.get("pseudo_fit_s"),
+        "pseudo_fit_wait_s": summary.get("pseudo_fit_wait_s"),
         "loader_wait_s": summary.get("loader_wait_s"),
     }
 
 
-def _run_trial(config: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
-    """Ray task body: the main job in this process on this task's share of a GPU (or the CPU)."""
+def _run_trial(
+    config: dict[str, Any], run_dir: str, threads: int, detector: str = "mapl", options: dict | None = None
+) -> dict[str, Any]:
+    """Ray task body: the main job (or the peer) in this process on this task's share of a GPU (or the CPU)."""
     import torch
-
-    from ..main_job import run_train_job
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    if detector == "patchcore":
+        from ..peer import run_patchcore
+
+        return {**run_patchcore(config, **(options or {})), "wall_s": time.perf_counter() - t0}
+    from ..main_job import run_train_job
+
     cfg = Config.from_dict(config)
     use_gpu = torch.cuda.is_available()
     metrics = run_train_job(cfg.override({"train.use_gpu": use_gpu}), run_dir, use_ray=False, progress=False)
@@ -79,6 +91,7 @@ def run_grid(
     gpus_per_trial: float = 0.0,
     cpus_per_trial: int = 2,
     on_result: Callable[[Trial, dict[str, Any]], None] | None = None,
+    deadline_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``trials`` as Ray tasks (local Ray, or the cluster at ``RAY_ADDRESS``) and return their records.
 
@@ -87,10 +100,14 @@ def run_grid(
         gpus_per_trial: GPU share of each task (e.g. 0.2: five trials share a GPU; 0: CPU only).
         cpus_per_trial: CPUs of each task (torch threads; the rest of the CPUs run other trials).
         on_result: called with each trial and its record as it ends (save partial results there).
+        deadline_s: seconds after which the trials not finished are cancelled (``ray.cancel``) and recorded
+            with ``error`` saying so, so that a grid ends within a time limit; None: no limit. Ray starts
+            tasks roughly in the order given: put the trials that matter most first.
 
     Returns:
         one record per trial, in the order given: ``trial.meta``, ``name`` and :func:`trial_record`'s
-        figures, or ``error`` (a one-line message) for a trial that failed; the others still run.
+        figures, or ``error`` (a one-line message) for a trial that failed or was cancelled; the others
+        still run.
     """
     import ray
 
@@ -98,10 +115,23 @@ def run_grid(
     trials = list(trials)
     task = ray.remote(_run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)
     out_dir = Path(out_dir).resolve()
-    pending = {task.remote(t.config, str(out_dir / t.name), cpus_per_trial): i for i, t in enumerate(trials)}
+    pending = {
+        task.remote(t.config, str(out_dir / t.name), cpus_per_trial, t.detector, t.options): i
+        for i, t in enumerate(trials)
+    }
     records: list[dict[str, Any] | None] = [None] * len(trials)
+    end = None if deadline_s is None else time.monotonic() + deadline_s
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        left = None if end is None else end - time.monotonic()
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=None if left is None else max(left, 0.0))
+        if not done:  # past the deadline: cancel the rest, record why
+            for ref in list(pending):
+                ray.cancel(ref, force=True)
+                i = pending.pop(ref)
+                records[i] = {**trials[i].meta, "name": trials[i].name, "error": f"cancelled after {deadline_s:g} s"}
+                if on_result is not None:
+                    on_result(trials[i], records[i])
+            break
         i = pending.pop(done[0])
         try:
             result = ray.get(done[0])

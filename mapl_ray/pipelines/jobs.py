@@ -72,6 +72,13 @@ JOBS: dict[str, JobSpec] = {
     ),
     "prepare": JobSpec("prepare", inputs=("src", "config"), outputs=("out",)),
     "score": JobSpec("score", inputs=("run", "src"), outputs=("out",)),
+    "tune": JobSpec(
+        "tune",
+        inputs=("config", "data", "textures", "unlabeled", "weights", "search_space"),
+        outputs=("out",),
+        config_paths=True,
+        category_arg="category",
+    ),
 }
 
 

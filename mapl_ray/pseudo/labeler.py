@@ -9,7 +9,11 @@ whose thresholds land badly cannot empty the normal stream (seen on screw with 6
 refits alternated between 323 and 4 pool images labeled normal). Those labels steer the batches (:class:`~mapl_ray.data.batches.BatchMaker`)
 from ``pseudo.label_lag`` steps after the refit on: a fixed lag, longer than loader processes
 prepare batches ahead, so a batch does not depend on their number, and a resumed run draws the same
-batches. In the step, :meth:`PseudoLabeler.predict` labels the batch's simulated images on the device
+batches. A refit's OCCs fit beside training (:meth:`PseudoLabeler.start_fit`: features now, the fit in a
+thread whose K OCC fits go through ``fit_map``, Ray tasks under Ray): the step goes on with the previous
+ensemble and labels, and the new ones take over exactly ``pseudo.fit_overlap_steps`` steps after the refit
+(the step waits there if the fit is not done), so the labels are at most that many steps stale and a run
+does not depend on how fast its fits are. In the step, :meth:`PseudoLabeler.predict` labels the batch's simulated images on the device
 (a failed simulation, labeled 0, leaves the segmentation loss).
 
 What the OCCs see (``pseudo.features``): ``map``, five statistics of the network's current anomaly
@@ -20,6 +24,7 @@ as it trains; ``pooled``, the pooled encoder features and memory differences of 
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,7 +35,7 @@ from ..data.batches import BatchMaker
 from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
 from ..tensors import autocast_context, to_tensor
-from .occ import OCCConfig, OCCEnsemble
+from .occ import MapFn, OCCConfig, OCCEnsemble
 
 MAP_TOPK = (10, 100)
 
@@ -80,6 +85,13 @@ def label_quality(labels: np.ndarray, truth: np.ndarray | None) -> dict[str, Any
     return stats
 
 
+def fit_overlap(p: PseudoConfig) -> int:
+    """Steps a refit's OCCs fit beside training before the refit is in force: ``p.fit_overlap_steps``, at
+    most ``p.refit_every - 1`` (one refit at a time) and ``p.label_lag - 1`` (labels in force before they
+    steer batches)."""
+    return max(0, min(p.fit_overlap_steps, p.refit_every - 1, p.label_lag - 1))
+
+
 def is_refit_step(p: PseudoConfig, step: int) -> bool:
     """Steps of the refit schedule: ``p.warmup_steps``, then every ``p.refit_every`` steps (pseudo-labeler on)."""
     return p.enabled and step >= p.warmup_steps and (step - p.warmup_steps) % p.refit_every == 0
@@ -92,10 +104,15 @@ class PseudoLabeler:
         cfg: the run's configuration (``pseudo`` section; ``train.seed`` seeds the ensemble).
         batch_maker: gives the refit's reference images (:meth:`BatchMaker.pool`) and the data.
         device: where features are computed.
+        fit_map: runs the K OCC fits of a refit (:meth:`OCCEnsemble.fit`'s ``map_fn``; e.g. Ray tasks,
+            :mod:`mapl_ray.pipelines.occ_tasks`); None: one after the other in the fit's thread.
     """
 
-    def __init__(self, cfg: Config, batch_maker: BatchMaker, device: torch.device):
-        self.cfg, self.bm, self.device = cfg, batch_maker, device
+    def __init__(self, cfg: Config, batch_maker: BatchMaker, device: torch.device, fit_map: MapFn | None = None):
+        self.cfg, self.bm, self.device, self.fit_map = cfg, batch_maker, device, fit_map
+        #: the refit in progress: (its step, streamed pool, future of (ensemble, raw pool labels))
+        self.pending: tuple[int, bool, Future] | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
         self.fitted_step = -1
@@ -106,8 +123,11 @@ class PseudoLabeler:
             self.history[-1] = initial_pool_labels(cfg, len(data.normals), data.pool_size)
 
     def due(self, step: int) -> bool:
-        """A refit step, or any step after warm-up while there is no ensemble yet (a run resumed off-schedule)."""
+        """A refit step, or any step after warm-up while there is no ensemble yet (a run resumed off-schedule);
+        never while a refit is pending."""
         p = self.cfg.pseudo
+        if self.pending is not None:
+            return False
         return self.is_refit_step(step) or (self.ensemble is None and p.enabled and step >= p.warmup_steps)
 
     def is_refit_step(self, step: int) -> bool:
@@ -136,11 +156,26 @@ class PseudoLabeler:
         return np.concatenate(out)
 
     def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Refit the ensemble and label the pool (same data and seed on every worker, so every worker
-        gets the same ensemble and labels). ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader
-        process prepared it ahead; drawn here otherwise. A pool with ``unlabeled`` images (a streamed
-        pool, :mod:`mapl_ray.pipelines.ray_data`) is that refit's sample of the unlabeled set: the OCCs
-        fit on it and label it, and the labels do not steer the batches. Returns the label counts (and quality)."""
+        """Refit the ensemble and label the pool now (:meth:`start_fit`, then :meth:`finish_fit` waiting
+        for it). Returns the label counts (and quality)."""
+        self.start_fit(model, step, pool)
+        return self.finish_fit()[1]
+
+    def start_fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> None:
+        """Begin the refit of ``step``: the OCC features now (with ``model`` as it is), the ensemble's fit
+        in a background thread (its K OCCs through ``fit_map``); :meth:`finish_fit` puts it in force.
+        Same data and seed on every worker, so every worker gets the same ensemble and labels.
+
+        ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader process prepared it ahead; drawn here
+        otherwise. A pool with ``unlabeled`` images (a streamed pool, :mod:`mapl_ray.pipelines.ray_data`)
+        is that refit's sample of the unlabeled set: the OCCs fit on it and label it, and the labels do not
+        steer the batches.
+
+        Raises:
+            RuntimeError: a refit is already pending.
+        """
+        if self.pending is not None:
+            raise RuntimeError(f"refit of step {self.pending[0]} is still pending (finish_fit first)")
         d, p = self.bm.data, self.cfg.pseudo
         if pool is None:
             pool = self.bm.pool(step, self.labels_for(step))
@@ -159,15 +194,46 @@ class PseudoLabeler:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
         unlabeled = self.features(model, unl_images)
         model.train(was)
-        self.ensemble = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives)
+
+        def fit() -> tuple[OCCEnsemble, np.ndarray]:
+            ens = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives, map_fn=self.fit_map)
+            return ens, ens.predict(unlabeled).astype(np.int8)
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
+        self.pending = (step, streamed, self._executor.submit(fit))
+
+    def fit_due(self, step: int) -> bool:
+        """A pending refit takes over at this step: :func:`fit_overlap` steps after it."""
+        if self.pending is None:
+            return False
+        return step >= self.pending[0] + fit_overlap(self.cfg.pseudo)
+
+    def finish_fit(self) -> tuple[int, dict[str, Any]]:
+        """Wait for the pending refit and put it in force: the ensemble that labels batches and the pool
+        labels of its step. Returns ``(its step, the label counts and quality)``.
+
+        Raises:
+            RuntimeError: no refit is pending; the fit's own error (e.g. ValueError) when it failed.
+        """
+        if self.pending is None:
+            raise RuntimeError("no refit is pending")
+        step, streamed, future = self.pending
+        self.pending = None
+        self.ensemble, raw = future.result()
         self.fitted_step = step
-        raw = self.ensemble.predict(unlabeled).astype(np.int8)
+        d, p = self.bm.data, self.cfg.pseudo
         if streamed or not d.pool_size:
-            return label_quality(raw, None)
+            return step, label_quality(raw, None)
         labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
         self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}
         self.history[step] = labels
-        return {"refit_step": step, "refit_unknown": int((raw == -1).sum()), **label_quality(labels, d.unlabeled_truth)}
+        stats = {
+            "refit_step": step,
+            "refit_unknown": int((raw == -1).sum()),
+            **label_quality(labels, d.unlabeled_truth),
+        }
+        return step, stats
 
     def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) of a batch from its forward output, on its device

@@ -26,8 +26,10 @@ parameters with numpy (same formula as scikit-learn's
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -36,11 +38,19 @@ import torch
 from scipy.special import logsumexp
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import ThreadpoolController
 
 from mapl_ray.config import PseudoConfig
 from mapl_ray.pseudo.matching import partial_matching_threshold, quantile_levels
 
-__all__ = ["OCCConfig", "OCCEnsemble", "gmm_log_likelihood", "order_thresholds"]
+__all__ = [
+    "OCCConfig",
+    "OCCEnsemble",
+    "fit_one_occ",
+    "gmm_log_likelihood",
+    "order_thresholds",
+    "sequential_map",
+]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _DEFAULTS = PseudoConfig()
@@ -220,6 +230,89 @@ def order_thresholds(eta_p: float, eta_n: float) -> tuple[float, float, bool]:
     return float(eta_p), float(eta_n), False
 
 
+MapFn = Callable[[Callable[..., Any], Sequence[tuple]], Iterable[Any]]
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The process's thread pools (found once: finding them costs tens of milliseconds)."""
+    return ThreadpoolController()
+
+
+def sequential_map(fn: Callable[..., Any], items: Sequence[tuple]) -> list[Any]:
+    """``[fn(*item) for item in items]``: the default ``map_fn`` of :meth:`OCCEnsemble.fit`, in this process."""
+    return [fn(*item) for item in items]
+
+
+def fit_gmm_occ(train: np.ndarray, config: OCCConfig, seed: int) -> dict[str, np.ndarray]:
+    """One OCC: standardisation, PCA (``config.pca_dim``) and a scikit-learn ``GaussianMixture`` fitted
+    on ``train`` float64 ``(n, D)``; returns its parameters as float64 C-ordered arrays (``_OCC_KEYS``
+    and, with PCA, ``_PCA_KEYS``)."""
+    mean = train.mean(axis=0)
+    scale = train.std(axis=0)
+    scale[scale < 1e-12] = 1.0  # constant feature: leave centred, don't divide by 0
+    z = (train - mean) / scale
+    occ: dict[str, np.ndarray] = {"scaler_mean": mean, "scaler_scale": scale}
+    if config.pca_dim is not None:
+        dim = max(1, min(int(config.pca_dim), z.shape[1], z.shape[0] - 1))
+        pca = PCA(n_components=dim, svd_solver="full").fit(z)
+        occ["pca_components"] = pca.components_
+        occ["pca_mean"] = pca.mean_
+        z = (z - occ["pca_mean"]) @ occ["pca_components"].T
+    gmm = GaussianMixture(
+        n_components=int(config.n_components),
+        covariance_type=config.covariance_type,
+        reg_covar=float(config.reg_covar),
+        random_state=int(seed),
+    ).fit(z)
+    occ["gmm_weights"] = gmm.weights_
+    occ["gmm_means"] = gmm.means_
+    occ["gmm_covariances"] = gmm.covariances_
+    occ["gmm_precisions_cholesky"] = gmm.precisions_cholesky_
+    return {k: _canonical(v) for k, v in occ.items()}
+
+
+def score_one_occ(occ: dict[str, Any], x, covariance_type: str):
+    """Negative log-likelihood ``(n,)`` of ``x`` ``(n, D)`` under one OCC's parameters (numpy, or torch
+    tensors on one device)."""
+    z = (x - occ["scaler_mean"]) / occ["scaler_scale"]
+    if "pca_components" in occ:
+        z = (z - occ["pca_mean"]) @ occ["pca_components"].T
+    return -gmm_log_likelihood(z, occ["gmm_weights"], occ["gmm_means"], occ["gmm_precisions_cholesky"], covariance_type)
+
+
+def fit_one_occ(
+    train: np.ndarray,
+    unlabeled: np.ndarray,
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    config: OCCConfig,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], tuple[float, float, float, float, bool]]:
+    """Fit one OCC on ``train`` and match its thresholds (MAPL eqs. 3-4): the unit of work that
+    :meth:`OCCEnsemble.fit` maps over its K OCCs (a plain function of arrays: it runs in a Ray task).
+
+    Args:
+        train: float64 ``(n, D)``, the labeled normals plus this OCC's subset of the unlabeled data.
+        unlabeled, positives, negatives: float64 ``(M, D)``, ``(P, D)``, ``(Q, D)``: scores matched.
+        config: the ensemble's settings; seed: this OCC's GMM seed.
+
+    Returns:
+        ``(parameters, (eta_p, eta_n, match_distance_p, match_distance_n, threshold_swapped))``.
+    """
+    # one thread (BLAS, and OpenMP for this thread): the same rounding in every process (a Ray task of one
+    # CPU runs with one), so any map_fn gives the same ensemble; for matrices this small, also faster
+    with _blas().limit(limits=1):
+        occ = fit_gmm_occ(train, config, seed)
+        cov = config.covariance_type
+        s_u = score_one_occ(occ, unlabeled, cov)
+        s_p, s_n = score_one_occ(occ, positives, cov), score_one_occ(occ, negatives, cov)
+    t_p, d_p = partial_matching_threshold(s_u, s_p, "above", config.num_quantiles, config.min_fraction)
+    t_n, d_n = partial_matching_threshold(s_u, s_n, "below", config.num_quantiles, config.min_fraction)
+    t_p, t_n, sw = order_thresholds(t_p, t_n)
+    return occ, (t_p, t_n, float(d_p), float(d_n), sw)
+
+
 class OCCEnsemble:
     """K Gaussian-mixture OCCs with partial-matching thresholds and consensus voting.
 
@@ -264,8 +357,9 @@ class OCCEnsemble:
         unlabeled: np.ndarray,
         positives: np.ndarray,
         negatives: np.ndarray | None = None,
+        map_fn: MapFn | None = None,
     ) -> OCCEnsemble:
-        """Fit the K OCCs and their thresholds.
+        """Fit the K OCCs and their thresholds (one :func:`fit_one_occ` call per OCC).
 
         Args:
             normal: float ``(N, D)`` features of labeled normals, N >= 2.
@@ -279,6 +373,10 @@ class OCCEnsemble:
                 to ``normal``. (Normals are also OCC training data, so their
                 scores are slightly optimistic, which only makes ``eta_n`` more
                 conservative.)
+            map_fn: runs the K independent OCC fits: ``map_fn(fit_one_occ, items)`` returns
+                ``fit_one_occ(*item)`` for each item, in order (default :func:`sequential_map`; the
+                pipelines pass Ray tasks, one OCC each). Each fit is seeded, so any ``map_fn`` gives
+                the same ensemble.
 
         Returns:
             ``self``.
@@ -305,24 +403,13 @@ class OCCEnsemble:
                 f"config.n_components: expected <= {smallest_train} (smallest OCC training set), got {cfg.n_components}"
             )
 
-        occs = []
-        eta_p, eta_n, dist_p, dist_n, swapped = [], [], [], [], []
-        for k, idx in enumerate(subsets):
-            occ = self._fit_one(np.concatenate([normal, unlabeled[idx]], axis=0), seed=cfg.seed + k)
-            occs.append(occ)
-            s_u = self._score_one(occ, unlabeled)
-            t_p, d_p = partial_matching_threshold(
-                s_u, self._score_one(occ, positives), "above", cfg.num_quantiles, cfg.min_fraction
-            )
-            t_n, d_n = partial_matching_threshold(
-                s_u, self._score_one(occ, negatives), "below", cfg.num_quantiles, cfg.min_fraction
-            )
-            t_p, t_n, sw = order_thresholds(t_p, t_n)
-            eta_p.append(t_p)
-            eta_n.append(t_n)
-            dist_p.append(d_p)
-            dist_n.append(d_n)
-            swapped.append(sw)
+        items = [
+            (np.concatenate([normal, unlabeled[idx]], axis=0), unlabeled, positives, negatives, cfg, cfg.seed + k)
+            for k, idx in enumerate(subsets)
+        ]
+        fitted = list((map_fn or sequential_map)(fit_one_occ, items))
+        occs = [f[0] for f in fitted]
+        eta_p, eta_n, dist_p, dist_n, swapped = zip(*(f[1] for f in fitted))
 
         self._occs = occs
         self.n_features = d
@@ -335,43 +422,9 @@ class OCCEnsemble:
         self.fitted = True
         return self
 
-    def _fit_one(self, train: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-        cfg = self.config
-        mean = train.mean(axis=0)
-        scale = train.std(axis=0)
-        scale[scale < 1e-12] = 1.0  # constant feature: leave centred, don't divide by 0
-        z = (train - mean) / scale
-        occ: dict[str, np.ndarray] = {"scaler_mean": mean, "scaler_scale": scale}
-        if cfg.pca_dim is not None:
-            dim = max(1, min(int(cfg.pca_dim), z.shape[1], z.shape[0] - 1))
-            pca = PCA(n_components=dim, svd_solver="full").fit(z)
-            occ["pca_components"] = pca.components_
-            occ["pca_mean"] = pca.mean_
-            z = (z - occ["pca_mean"]) @ occ["pca_components"].T
-        gmm = GaussianMixture(
-            n_components=int(cfg.n_components),
-            covariance_type=cfg.covariance_type,
-            reg_covar=float(cfg.reg_covar),
-            random_state=int(seed),
-        ).fit(z)
-        occ["gmm_weights"] = gmm.weights_
-        occ["gmm_means"] = gmm.means_
-        occ["gmm_covariances"] = gmm.covariances_
-        occ["gmm_precisions_cholesky"] = gmm.precisions_cholesky_
-        return {k: _canonical(v) for k, v in occ.items()}
-
     def _score_one(self, occ: dict[str, Any], x):
-        """Negative log-likelihood of one OCC ``(n,)``: numpy parameters and ``x``, or torch ones on one device."""
-        z = (x - occ["scaler_mean"]) / occ["scaler_scale"]
-        if "pca_components" in occ:
-            z = (z - occ["pca_mean"]) @ occ["pca_components"].T
-        return -gmm_log_likelihood(
-            z,
-            occ["gmm_weights"],
-            occ["gmm_means"],
-            occ["gmm_precisions_cholesky"],
-            self.config.covariance_type,
-        )
+        """Negative log-likelihood of one OCC ``(n,)`` (:func:`score_one_occ`)."""
+        return score_one_occ(occ, x, self.config.covariance_type)
 
     # ------------------------------------------------------------ inference
     def _require_fitted(self) -> None:
