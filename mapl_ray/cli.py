@@ -143,6 +143,13 @@ TUNE_EXAMPLES = """examples:
 """
 
 
+def _port(text: str) -> int:
+    """argparse type of a TCP port: an integer in 1-65535 (else argparse's one-line usage error)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
 def _add_tune_parser(sub) -> None:
     t = sub.add_parser(
         "tune",
@@ -374,7 +381,7 @@ def _add_run_parsers(sub) -> None:
         default="127.0.0.1",
         help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 accepts other machines, set a token then)",
     )
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     sv.add_argument(
         "--replicas", type=int, help="model replicas (each loads the model; 2 keep serving while one restarts)"
     )

@@ -375,3 +375,29 @@ def test_report_has_decisions_and_no_training_internals(trained_run):
     assert f"{fp} false positive(s) (good images flagged), {fn} false negative(s) (defects missed)" in report
     assert "training time" in report and "loader_wait_s" not in report and "final_losses" not in report
     assert "loader_wait_s" in json.dumps(metrics["run"]["training"])  # kept in metrics.json
+
+
+def test_device_port_and_gpu_mistakes_are_clear_errors(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from mapl_ray.tensors import resolve_device
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path), "--port", "99999"])
+    assert e.value.code == 2 and "port number 1-65535" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="not a device name"):
+        resolve_device("gpu0")
+    import ray
+
+    from mapl_ray.pipelines.ray_train import _check_gpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="local Ray sees 0 GPU"):
+        _check_gpus(Config().override({"train.use_gpu": True}))
+    _check_gpus(Config())  # no GPU asked for: nothing to check
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster may autoscale GPU nodes
+    _check_gpus(Config().override({"train.use_gpu": True}))

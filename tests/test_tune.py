@@ -75,6 +75,9 @@ def test_default_search_space_holds_the_defaults_and_bad_spaces_are_named(tmp_pa
         ({"data.image_size": {"choice": [64, 128]}}, "cannot be searched"),
         ({"pseudo.num_occs": {"int": [0, 8]}}, "not a valid value"),
         ({"train.lr": {"gauss": [0.1, 1]}}, "expected one of"),
+        ({"pseudo.num_occs": {"int": [1, "x"]}}, "integer bounds"),
+        ({"pseudo.num_occs": {"int": ["1", "3"]}}, "integer bounds"),
+        ({"train.lr": {"loguniform": ["1e-4", 0.1]}}, "number bounds"),
     ):
         f = tmp_path / "space.yaml"
         f.write_text(yaml.safe_dump(bad))

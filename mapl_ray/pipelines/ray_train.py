@@ -167,6 +167,20 @@ def _attempt(config: dict[str, Any], rank: int, world: int) -> tuple[bool, dict[
     return config["resume"] or has_checkpoint(run_dir), {"fit": config["fit_id"]}
 
 
+def _check_gpus(cfg: Config) -> None:
+    """Refuse ``train.use_gpu`` on a local Ray with fewer GPUs than workers: the trainer would wait for them
+    forever. A cluster (``RAY_ADDRESS`` set, e.g. inside ``ray job submit``) may autoscale GPU nodes, so it
+    is not checked. Raises ConfigError naming what is missing."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and have < cfg.train.num_workers:
+        raise ConfigError(
+            f"--gpu asks for {cfg.train.num_workers} GPU worker(s) but local Ray sees {have:g} GPU(s): "
+            "drop --gpu to train on the CPU, or set RAY_ADDRESS to a cluster with GPUs"
+        )
+
+
 class TrainingFailed(RuntimeError):
     """A Ray Train worker failed with an error that is not one of mapl-ray's input errors."""
 
@@ -271,6 +285,7 @@ def train_with_ray(
     n = cfg.train.num_workers
     ingest = {"datasets": stream.datasets(n), "dataset_config": stream.data_config()} if stream else {}
     log_path = run_dir / TRAIN_LOG_FILE
+    _check_gpus(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={

@@ -82,6 +82,9 @@ def load_search_space(path: str | Path | None = None) -> dict[str, dict[str, lis
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
             raise ConfigError(f"{where}: {kind} needs {'a list of values' if kind == 'choice' else '[low, high]'}")
+        numbers = (int,) if kind == "int" else (int, float)
+        if kind != "choice" and not all(isinstance(v, numbers) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{where}: {kind} needs {'integer' if kind == 'int' else 'number'} bounds, got {values}")
         if kind != "choice" and not values[0] < values[1]:
             raise ConfigError(f"{where}: {kind} needs low < high, got {values}")
         if kind == "loguniform" and values[0] <= 0:
