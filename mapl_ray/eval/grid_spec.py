@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, read_yaml_mapping
 from ..data.corruption import Corruption
 from ..presets import category_preset
 
@@ -105,14 +103,10 @@ def load_grid(path: str | Path) -> GridSpec:
     """
     p = Path(path)
     src = str(p)
-    if not p.is_file():
-        raise GridError(f"grid file {src} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise _fail(src, f"not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise _fail(src, f"must hold a mapping with keys {sorted(_TOP)}, got {type(data).__name__}")
+        data = read_yaml_mapping(p, "grid file", f"keys {sorted(_TOP)}")
+    except ConfigError as e:
+        raise GridError(str(e)) from e
     unknown = sorted(set(data) - _TOP)
     if unknown:
         raise _fail(src, f"unknown key(s) {unknown}; expected some of {sorted(_TOP)}")
