@@ -22,7 +22,7 @@ ORIENTATION_MODES = ("none", "flip", "rot90")
 
 
 #: pseudo.features values: what the one-class classifiers see (mapl_ray.pseudo.labeler)
-PSEUDO_FEATURES = ("map", "pooled", "both")
+PSEUDO_FEATURES = ("map", "pooled", "both", "knn")
 
 
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
@@ -110,8 +110,11 @@ class PseudoConfig:
     min_fraction: float = 0.05  # least share of the unlabeled set on the matched side of a threshold
     refit_every: int = 100  # steps between pseudo-labeler refits
     # what the one-class classifiers see: "map" (statistics of the network's current anomaly map; ranked first on
-    # validation, bench/results/defaults.json), "pooled" (pooled encoder features and memory differences) or "both"
+    # validation, bench/results/defaults.json), "pooled" (pooled encoder features and memory differences), "both",
+    # or "knn" (patch nearest-neighbour distances of each image to the other images, mapl_ray.pseudo.patch_knn)
     features: str = "map"
+    knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
+    knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
@@ -331,7 +334,9 @@ def _simulation_checks(c: Config) -> list[tuple[str, bool, str]]:
 
 def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
-        ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, "map, pooled or both"),
+        ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, ", ".join(PSEUDO_FEATURES)),
+        ("pseudo.knn_reference", c.pseudo.knn_reference >= 1, ">= 1"),
+        ("pseudo.knn_folds", c.pseudo.knn_folds >= 2, ">= 2"),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
         ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),
         ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),

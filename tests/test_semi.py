@@ -184,12 +184,14 @@ def test_validation_set_is_labeled_data_only(small_root, tmp_path):
 
 
 @needs_data
-def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_path):
+@pytest.mark.parametrize("features", ["map", "knn"])
+def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_path, features):
     from mapl_ray.main_job import run_train_job
 
     cfg = tiny_config(
         small_root,
         **{
+            "pseudo.features": features,
             "data.labeled_normals": 7,
             "data.pool_anomaly_share": 0.2,
             "train.steps": 8,

@@ -19,7 +19,11 @@ does not depend on how fast its fits are. In the step, :meth:`PseudoLabeler.pred
 What the OCCs see (``pseudo.features``): ``map``, five statistics of the network's current anomaly
 map (max, mean of the top 10 and top 100 pixels, mean, standard deviation), which follow the detector
 as it trains; ``pooled``, the pooled encoder features and memory differences of the frozen encoder
-(:meth:`~mapl_ray.model.network.MAPLModel.pooled_features`); or ``both``.
+(:meth:`~mapl_ray.model.network.MAPLModel.pooled_features`); ``both``; or ``knn``, statistics of each
+image's patch distances to the patches of the other images, labeled and unlabeled
+(:mod:`mapl_ray.pseudo.patch_knn`), which do not depend on the detector the pool trains. With ``knn``
+the batches' simulated images are not pseudo-labeled (they have no such features in the step): none is
+filtered out of the segmentation loss.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
 from ..tensors import autocast_context, to_tensor
 from .occ import MapFn, OCCConfig, OCCEnsemble
+from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
 MAP_TOPK = (10, 100)
 
@@ -115,6 +120,8 @@ class PseudoLabeler:
         self._executor: ThreadPoolExecutor | None = None
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
+        #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached
+        self._knn: tuple[np.ndarray, torch.Tensor] | None = None
         self.fitted_step = -1
         data: TrainData = batch_maker.data
         #: pool pseudo-labels by the step of the refit that made them (-1: before any refit)
@@ -155,6 +162,40 @@ class PseudoLabeler:
             out.append(feats.float().cpu().numpy())
         return np.concatenate(out)
 
+    @torch.no_grad()
+    def _patches(self, model: MAPLModel, images: np.ndarray) -> torch.Tensor:
+        """:func:`~mapl_ray.pseudo.patch_knn.patch_embeddings` of uint8 images ``(N, H, W, 3)`` on the device."""
+        out = []
+        for i in range(0, len(images), 32):
+            with autocast_context(self.device, self.cfg.train.amp):
+                levels = model.encode(to_tensor(images[i : i + 32], self.device))
+            out.append(patch_embeddings(levels))
+        return torch.cat(out)
+
+    def _knn_features(
+        self, model: MAPLModel, step: int, pool: dict[str, Any], pos_images: np.ndarray, unl: np.ndarray, streamed: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``pseudo.features=knn``: :func:`~mapl_ray.pseudo.patch_knn.image_statistics` ``(., 3)`` of the refit's
+        normals, positives and unlabeled images. The labeled normals and the unlabeled images are scored
+        leave-fold-out against each other's patches (their rows are the normal-source rows of
+        :meth:`BatchMaker.pool`'s ``normal_idx``); positives against patches of all of them. With a frozen
+        encoder and an in-memory pool the table and reference are computed once per run (without a pool the
+        simulated stand-ins change per refit)."""
+        d, p = self.bm.data, self.cfg.pseudo
+        if self._knn is None or streamed or not model.freeze_encoder or not d.pool_size:
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + (0 if model.freeze_encoder else step))
+            patches = self._patches(model, np.concatenate([d.normals, unl]) if len(d.normals) else unl)
+            dist, ref = leave_fold_out_distances(patches, min(p.knn_folds, len(patches)), p.knn_reference, gen)
+            del patches
+            self._knn = (image_statistics(dist).cpu().numpy(), ref)
+        table, ref = self._knn
+        pos = self._patches(model, pos_images)
+        dist = nearest_distances(pos.reshape(-1, pos.shape[-1]), ref).reshape(pos.shape[:2])
+        normal_idx = np.asarray(pool["normal_idx"])
+        if streamed:  # the table holds the labeled normals and this refit's sample only
+            normal_idx = normal_idx[normal_idx < len(d.normals)]
+        return table[normal_idx], image_statistics(dist).cpu().numpy(), table[len(d.normals) :]
+
     def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
         """Refit the ensemble and label the pool now (:meth:`start_fit`, then :meth:`finish_fit` waiting
         for it). Returns the label counts (and quality)."""
@@ -180,19 +221,22 @@ class PseudoLabeler:
         if pool is None:
             pool = self.bm.pool(step, self.labels_for(step))
         sims = np.asarray(pool["sims"])
-        was = model.training
-        model.eval()
-        normals = self.features(model, d.source_images(np.asarray(pool["normal_idx"])))
         pos_images = sims[: p.pool_size]
         if d.anomalies is not None and len(d.anomalies):
             pos_images = np.concatenate([d.anomalies, pos_images])
-        positives = self.features(model, pos_images)
         streamed = "unlabeled" in pool
         if streamed:
             unl_images = np.asarray(pool["unlabeled"])
         else:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
-        unlabeled = self.features(model, unl_images)
+        was = model.training
+        model.eval()
+        if p.features == "knn":
+            normals, positives, unlabeled = self._knn_features(model, step, pool, pos_images, unl_images, streamed)
+        else:
+            normals = self.features(model, d.source_images(np.asarray(pool["normal_idx"])))
+            positives = self.features(model, pos_images)
+            unlabeled = self.features(model, unl_images)
         model.train(was)
 
         def fit() -> tuple[OCCEnsemble, np.ndarray]:
@@ -239,7 +283,7 @@ class PseudoLabeler:
         """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) of a batch from its forward output, on its device
         (no host sync); all -1 before the first fit."""
         n = out["q"].shape[0]
-        if self.ensemble is None:
+        if self.ensemble is None or self.cfg.pseudo.features == "knn":  # knn: no per-batch features
             return torch.full((n,), -1, dtype=torch.long, device=out["q"].device)
         return self.ensemble.predict_torch(features_from_output(out, self.cfg.pseudo.features).detach())
 
