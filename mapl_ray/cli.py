@@ -392,6 +392,9 @@ def _add_run_parsers(sub) -> None:
         help="score images with a trained run (JSON lines on stdout)",
         description="Score images with a trained run: one JSON line per image on stdout (path, score, "
         "normalised_score, q, label = the decision at the run's threshold, heatmap).",
+        epilog='An image that cannot be read gets a line {"path": ..., "error": reason} on stdout and a '
+        "warning on stderr; the other images are still scored. Exit status: 0 when at least one image was "
+        "scored, 2 when none could be read or on a usage mistake (no run folder, an empty folder).",
     )
     pr.add_argument("run", help="run folder written by mapl train")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, recursively)")
@@ -620,6 +623,14 @@ def expand_image_args(items: list[str]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``mapl predict``: one JSON line per image on stdout, in the order given; an unreadable image gets
+    ``{"path", "error"}`` there and a warning on stderr, and the others are still scored. Returns 0 when
+    at least one image was scored, 2 when none could be read.
+
+    Raises:
+        RunFolderError / CheckpointError: ``args.run`` is not a trained run folder. LayoutError: a folder
+            argument holds no image file.
+    """
     import numpy as np
 
     from .data.layout import ImageReadError
@@ -655,14 +666,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_heatmap_overlay(img, amap, heat, title=title, vmin=vmin, vmax=vmax, threshold=map_thr)
         rec["heatmap"] = str(heat)
         print(json.dumps(rec))
-    if failed:
-        rest = "the others were scored" if len(failed) < len(paths) else "nothing was scored"
+    for reason in failed.values():
+        print(f"mapl predict: warning: {reason}", file=sys.stderr)
+    if len(failed) == len(paths):
         print(
-            f"mapl predict: error: {len(failed)} of {len(paths)} images could not be read "
-            f"(see their 'error' lines); {rest}",
-            file=sys.stderr,
+            f"mapl predict: error: none of the {len(paths)} images could be read; nothing was scored", file=sys.stderr
         )
         return 2
+    if failed:
+        print(
+            f"mapl predict: warning: {len(failed)} of {len(paths)} images could not be read (their 'error' lines "
+            f"above); the other {len(paths) - len(failed)} were scored",
+            file=sys.stderr,
+        )
     return 0
 
 
