@@ -26,8 +26,16 @@ sys.path.insert(0, str(HERE.parent))
 
 from mapl_ray.cli import main  # noqa: E402
 
+# the repository's own results and report (`mapl benchmark` defaults to a folder of the current directory)
+OUTPUTS = {
+    "--out": HERE / "results" / "accuracy.json",
+    "--results-md": HERE.parent / "docs" / "RESULTS.md",
+    "--img-dir": HERE.parent / "docs" / "img" / "accuracy",
+}
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    args += [str(a) for flag, path in OUTPUTS.items() if flag not in args for a in (flag, path)]
     if "--data" not in args and "--data-root" not in args and "--merge" not in args:
         args += ["--data", str(HERE.parent.parent / "shared" / "data")]
     if "--textures" not in args and "--merge" not in args:

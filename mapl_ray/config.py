@@ -287,20 +287,37 @@ def field_names() -> list[str]:
     ]
 
 
+def did_you_mean(name: str, choices: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``choices`` closest to ``name`` (:func:`difflib.get_close_matches`), best first."""
+    return difflib.get_close_matches(name, choices, n=n, cutoff=cutoff)
+
+
+def section_names() -> list[str]:
+    """The top-level sections of a configuration file (``data``, ``simulation``, ... ``eval``)."""
+    return [f.name for f in dataclasses.fields(Config)]
+
+
 def nearest_fields(name: str, n: int = 3) -> str:
     """``"; did you mean a, b?"`` naming the fields closest to ``name`` (``difflib``; matched on the whole
     dotted name and on the field name alone, so a field under the wrong section is found), or ``""``."""
     names = field_names()
-    near = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    near = did_you_mean(name, names, n=n)
     leaf = name.rsplit(".", 1)[-1]
     by_leaf = {k.rsplit(".", 1)[1]: k for k in names}
-    near += [
-        by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.75) if by_leaf[m] not in near
-    ]
+    near += [by_leaf[m] for m in did_you_mean(leaf, list(by_leaf), n=n, cutoff=0.75) if by_leaf[m] not in near]
     if near:
         return f"; did you mean {', '.join(near[:n])}?"
-    sections = ", ".join(f.name for f in dataclasses.fields(Config))
+    sections = ", ".join(section_names())
     return f"; names are SECTION.FIELD with SECTION one of {sections} (a run's config.yaml lists every field)"
+
+
+def nearest_section(name: str) -> str:
+    """``"; did you mean train?"`` naming the section closest to the top-level key ``name`` (``difflib``),
+    else ``"; sections are data, simulation, ..."``."""
+    near = did_you_mean(name, section_names(), n=1)
+    if near:
+        return f"; did you mean {near[0]}?"
+    return f"; sections are {', '.join(section_names())}"
 
 
 # value-range checks of Config.validate, one list per section: (field, holds, what is expected)
@@ -444,17 +461,36 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
 _CHECKS = (_data_checks, _simulation_checks, _pseudo_checks, _model_checks, _train_checks, _eval_checks)
 
 
+def parse_yaml_mapping(text: str, where: str, holds: str = "sections") -> dict[str, Any]:
+    """The YAML mapping in ``text`` ({} for an empty text); ``where`` names it in errors (``"config file
+    PATH"``), ``holds`` says what the mapping holds.
+
+    Raises:
+        ConfigError: ``text`` is not valid YAML (the parser's message on one line) or holds no mapping.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of {holds}, got {type(data).__name__}")
+    return data or {}
+
+
 def read_yaml_mapping(p: Path, what: str = "config file", holds: str = "sections") -> dict[str, Any]:
-    """The YAML mapping in ``what`` ``p`` ({} for an empty file); ConfigError otherwise."""
+    """The YAML mapping in ``what`` ``p`` ({} for an empty file; :func:`parse_yaml_mapping`).
+
+    Raises:
+        ConfigError: ``p`` does not exist, cannot be read or is not UTF-8 text, is not valid YAML, or
+            holds no mapping.
+    """
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {p} is not valid YAML: {' '.join(str(e).split())}") from e
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{what} {p} must hold a mapping of {holds}, got {type(data).__name__}")
-    return data or {}
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {p} cannot be read: {e}") from e
+    return parse_yaml_mapping(text, f"{what} {p}", holds)
 
 
 def config_file_keys(path: str | Path) -> set[str]:
@@ -526,10 +562,15 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
         raise ConfigError(f"{source}: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
+    if unknown and cls is Config:  # a top-level key: a section name
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(map(str, unknown))}{nearest_section(str(unknown[0]))}"
+        )
     if unknown:
         raise ConfigError(
-            f"{source}: unknown field(s) {', '.join(prefix + u for u in unknown)}{nearest_fields(prefix + unknown[0])}"
+            f"{source}: unknown field(s) {', '.join(prefix + str(u) for u in unknown)}"
+            f"{nearest_fields(prefix + str(unknown[0]))}"
         )
     kwargs = {}
     for name in names:

@@ -253,3 +253,27 @@ def test_merge_folds_a_brought_back_json_and_rewrites_the_report(tmp_path):
     assert main([*args, "--results-md", str(md), "--img-dir", str(tmp_path / "img")]) == 0
     merged = json.loads((tmp_path / "old.json").read_text())
     assert len(merged["runs"]) == len(_records()) and "0.900 ± 0.100" in md.read_text()
+
+
+def test_benchmark_report_defaults_beside_its_json_not_the_repositorys(tmp_path, monkeypatch, capsys):
+    """From the repository root, `mapl benchmark` without --results-md / --img-dir writes OUT.md and OUT_img/
+    beside the JSON: docs/RESULTS.md (bench/accuracy.py's report) is left alone."""
+    new = {"runs": _records(), "categories": ["mvtec_ad/screw"], "rows": {"mapl": "M", "patchcore": "P"}}
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    before = (REPO / "docs" / "RESULTS.md").read_bytes()
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "res" / "grid.json"
+    assert main(["benchmark", "--merge", str(tmp_path / "new.json"), "--out", str(out)]) == 0
+    assert "0.900 ± 0.100" in (tmp_path / "res" / "grid.md").read_text()
+    assert list((tmp_path / "res" / "grid_img").glob("*.png"))
+    assert (REPO / "docs" / "RESULTS.md").read_bytes() == before
+    assert str(tmp_path / "res" / "grid.md") in capsys.readouterr().out
+
+
+def test_benchmark_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("default benchmark/accuracy.json", "default: --out with .md", "default 2", "default 0"):
+        assert default in text
+    assert "docs/RESULTS.md" in text  # says that bench/accuracy.py, not mapl benchmark, writes it

@@ -99,12 +99,37 @@ def test_predict_unreadable_image_names_file_and_scores_the_rest(trained_run, tm
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
-    assert main(["predict", str(trained_run), str(bad), str(good), "--heatmaps", str(tmp_path / "h")]) == 2
+    assert main(["predict", str(trained_run), str(bad), str(good), "--heatmaps", str(tmp_path / "h")]) == 0
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert lines[0]["path"] == str(bad) and str(bad) in lines[0]["error"] and "score" not in lines[0]
     assert lines[1]["path"] == str(good) and isinstance(lines[1]["score"], float)
-    assert "1 of 2 images could not be read" in captured.err
+    assert f"mapl predict: warning: cannot read image '{bad}'" in captured.err
+    assert "1 of 2 images could not be read" in captured.err and "mapl predict: error" not in captured.err
+
+
+def test_predict_a_folder_with_an_unreadable_image_scores_the_others(trained_run, tmp_path, capsys):
+    """A folder (what a user passes most) with one broken file: every readable image is scored, the broken
+    one is named with its reason on stdout and stderr, and the exit status is 0; 2 only when none was read."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    goods = sorted((SCREW / "test" / "good").glob("*.png"))[:2]
+    for f in goods:
+        shutil.copy(f, folder / f.name)
+    (folder / "001_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main(["predict", str(trained_run), str(folder), "--heatmaps", str(tmp_path / "h")]) == 0
+    captured = capsys.readouterr()
+    lines = {Path(r["path"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert sorted(lines) == sorted([*(f.name for f in goods), "001_broken.png"])
+    assert all(isinstance(lines[f.name]["score"], float) for f in goods)
+    reason = lines["001_broken.png"]["error"]
+    assert "001_broken.png" in reason and reason in captured.err
+    (folder / goods[0].name).write_bytes(b"not an image")
+    (folder / goods[1].name).unlink()
+    assert main(["predict", str(trained_run), str(folder), "--heatmaps", str(tmp_path / "h")]) == 2
+    captured = capsys.readouterr()
+    assert all("error" in json.loads(line) for line in captured.out.splitlines())
+    assert "none of the 2 images could be read" in captured.err
 
 
 def test_predict_heatmaps_of_same_named_images_do_not_collide(trained_run, tmp_path, capsys):

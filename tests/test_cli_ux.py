@@ -227,6 +227,21 @@ def test_unknown_set_field_lists_the_nearest_names(override, suggestion, capsys,
     assert err.startswith("mapl train: error:")  # nothing else printed first
 
 
+@pytest.mark.parametrize(("typo", "section"), [("trian", "train"), ("modle", "model"), ("simulaton", "simulation")])
+def test_section_name_typo_in_a_config_file_names_the_nearest_section(typo, section, capsys, tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(f"{typo}:\n  steps: 3\n")
+    assert main(["train", "--config", str(bad), "--data", str(tmp_path), "--category", "screw"]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown section(s) {typo}; did you mean {section}?" in err and str(bad) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_section_without_a_near_name_lists_the_sections():
+    with pytest.raises(ConfigError, match="unknown section.s. 7, zzz; sections are data, simulation, model"):
+        Config.from_dict({"zzz": {}, 7: 1})
+
+
 def test_new_run_needs_data_and_category(capsys):
     assert main(["train", "--steps", "5"]) == 2
     assert "a new run needs --data ROOT and --category NAME" in capsys.readouterr().err

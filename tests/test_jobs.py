@@ -93,3 +93,25 @@ def test_data_root_uri_is_copied_for_its_category_only(tmp_path):
         paths.stage_in(f"file://{root}", only="carpet")
     with pytest.raises(JobPathError, match="cannot open"):
         paths.stage_in("nosuchscheme://bucket/x")
+
+
+@pytest.mark.parametrize(
+    "content", [b"a: [\n", b"- 1\n- 2\n", b"\xff\xfe\x00binary", None], ids=["yaml", "list", "binary", "missing"]
+)
+def test_config_uri_gets_the_same_checks_and_messages_as_a_local_file(content, tmp_path):
+    """jobs.read_yaml reads a URI's text through pyarrow and parses it with config.parse_yaml_mapping: the
+    messages match those of config.read_yaml_mapping on the same file, and none is a raw traceback."""
+    from mapl_ray.config import ConfigError, read_yaml_mapping
+    from mapl_ray.pipelines.jobs import read_yaml
+
+    path = tmp_path / "job.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as local:
+        read_yaml_mapping(path)
+    with pytest.raises(ConfigError) as uri:
+        read_yaml(f"file://{path}")
+    assert str(uri.value).replace(f"file://{path}", str(path)) == str(local.value)
+    with pytest.raises(ConfigError) as plain:
+        read_yaml(str(path))
+    assert str(plain.value) == str(local.value)

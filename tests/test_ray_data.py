@@ -146,6 +146,29 @@ def test_simulation_stage_is_identical_across_workers_and_batch_sizes(ray_local,
     assert (other_seed != one[0]).any()
 
 
+def test_ray_data_stages_use_no_deprecated_argument(ray_local, category, trained_run, tmp_path, capfd):
+    """`mapl score`, `mapl prepare --concurrency` and the simulation stage print no Ray Data deprecation warning
+    (Ray 2.51 deprecated map_batches(concurrency=N) for compute=ActorPoolStrategy / TaskPoolStrategy). Read
+    on the file descriptor: Ray Data re-configures its loggers when a dataset runs."""
+    from conftest import tiny_config
+
+    from mapl_ray.cli import main
+    from mapl_ray.pipelines.ray_data import prepare_shards, simulate
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for f in sorted((category / "test" / "thread_top").glob("*.png"))[:2]:
+        shutil.copy(f, two / f.name)
+    capfd.readouterr()
+    assert main(["score", str(trained_run), str(two), "--out", str(tmp_path / "scores"), "--quiet"]) == 0
+    prepare_shards(two, tmp_path / "shards", image_size=32, concurrency=1, progress=False)
+    ds = ray_local.data.from_items([{"image": np.zeros((SIZE, SIZE, 3), np.uint8), "sample_key": 0}])
+    simulate(ds, tiny_config(category.parent), seed=0, concurrency=1)  # lazy: the stage is only built
+    err = capfd.readouterr().err
+    assert sum(len(pq.read_table(f)) for f in (tmp_path / "scores").glob("*.parquet")) == 2
+    assert "deprecated" not in err, err
+
+
 def _scores(folder: Path) -> dict[str, dict]:
     return {r["path"]: r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
 

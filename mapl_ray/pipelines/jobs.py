@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ..config import PATH_FIELDS, ConfigError
+from ..config import PATH_FIELDS, ConfigError, parse_yaml_mapping, read_yaml_mapping
 
 
 class JobPathError(ValueError):
@@ -180,27 +180,24 @@ class JobPaths:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """A YAML mapping from a path or a URI.
+def read_yaml(path: str, holds: str = "sections") -> dict[str, Any]:
+    """A YAML mapping from a path (:func:`mapl_ray.config.read_yaml_mapping`) or a URI (its text read
+    through pyarrow, parsed by :func:`mapl_ray.config.parse_yaml_mapping`: the same checks and messages).
 
     Raises:
         ConfigError: missing, unreadable, not YAML or not a mapping (naming the file).
     """
+    if not is_uri(path):
+        return read_yaml_mapping(Path(path), holds=holds)
     try:
-        if is_uri(path):
-            fs, p = filesystem(path)
-            with fs.open_input_stream(p) as fh:
-                text = fh.read().decode()
-        else:
-            text = Path(path).read_text()
-        data = yaml.safe_load(text)
+        fs, p = filesystem(path)
+        if not _exists(fs, p):
+            raise ConfigError(f"config file {path} does not exist")
+        with fs.open_input_stream(p) as fh:
+            text = fh.read().decode()
     except (OSError, JobPathError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} cannot be read: {e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    return data or {}
+    return parse_yaml_mapping(text, f"config file {path}", holds)
 
 
 def job_parser(spec: JobSpec, base: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -229,7 +226,7 @@ def _options_from_config(parser: argparse.ArgumentParser, argv: list[str]) -> No
     known, _ = pre.parse_known_args(argv)
     if not known.config:
         return
-    options = read_yaml(known.config)
+    options = read_yaml(known.config, holds="options by name")
     dests = {a.dest for a in parser._actions if a.option_strings} - {"help", "config"}
     unknown = sorted(set(options) - dests)
     if unknown:

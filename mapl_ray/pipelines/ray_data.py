@@ -161,6 +161,8 @@ def prepare_shards(
     Raises:
         LayoutError: ``src`` missing or empty, ``out`` already holds shards, a source Parquet without images.
     """
+    import ray.data
+
     src, out_dir = os.fspath(src), Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.glob("*.parquet"))):
         raise LayoutError(
@@ -177,7 +179,7 @@ def prepare_shards(
         batch_size=rows_per_shard,
         batch_format="pyarrow",
         fn_kwargs={"out": str(out_dir.resolve()), "spec": spec, "align": align, "where": where},
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
     )
     counts = _collect_status(status, out_dir, total, progress)
     manifest = {"source": os.path.abspath(src), "kind": kind, "image_size": list(spec.image_size), "align": spec.align}
@@ -238,7 +240,7 @@ def simulate(ds, cfg: Config, seed: int, concurrency: int | None = None, batch_s
     default: one per CPU of the cluster but one, which the tasks that read ``ds`` need: actors holding
     every CPU would starve them). The result of each sample depends only on ``(seed, its sample_key)``,
     never on the number of actors or the batch size."""
-    import ray
+    import ray.data
 
     n = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     return ds.map_batches(
@@ -246,7 +248,7 @@ def simulate(ds, cfg: Config, seed: int, concurrency: int | None = None, batch_s
         fn_constructor_kwargs={"cfg": cfg, "seed": seed},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=n,
+        compute=ray.data.ActorPoolStrategy(size=n),
         num_cpus=1,
     )
 
@@ -435,7 +437,7 @@ def score_source(
             },
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=n_actors,
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_gpus=gpus,
             num_cpus=cpus,
         )
@@ -606,7 +608,7 @@ def training_dataset(
         fn_constructor_kwargs={"cfg": cfg, "sources": sources, "align": build_pose_estimator(cfg)},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1,
     )
 
