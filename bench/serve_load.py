@@ -289,8 +289,9 @@ def fault_test(
 
 # ------------------------------------------------------------------------------------------- the run
 def train_run(args) -> Path:
-    from mapl_ray.config import Config, category_preset
+    from mapl_ray.config import Config
     from mapl_ray.main_job import run_train_job
+    from mapl_ray.presets import category_preset
 
     out = Path(args.train_out)
     if (out / "checkpoint" / "state.json").is_file():

@@ -449,32 +449,47 @@ def score_source(
 
 
 def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dict[str, int]:
-    """Cut the ordered stream of score rows into the output files, each written as soon as it is whole.
+    """Route the stream of score rows to the output files by path, each file written (rows in its source
+    order) as soon as all its rows arrived. Routing by path, not by count: with many actors Ray Data
+    delivered rows out of order on the H200 although ``preserve_order`` was set.
 
     Also times it: ``wall_s``, ``first_batch_s`` (start-up: actors, model load) and ``steady_images_per_s``
-    (the rows after the first batch over the time after it)."""
+    (the rows after the first batch over the time after it).
+
+    Raises:
+        RuntimeError: a row's path belongs to no pending file, or a path is in two files (not routable).
+    """
     bar = _progress(sum(u.rows for u in pending), "score", progress)
-    buf: list[pa.Table] = []
-    have = images = unreadable = first_rows = 0
-    queue = list(pending)
+    unit_paths = [u.paths() for u in pending]
+    owner: dict[str, int] = {}
+    for i, paths in enumerate(unit_paths):
+        for p in paths:
+            if owner.setdefault(p, i) != i:
+                raise RuntimeError(f"{p} is in two source files ({pending[owner[p]].name}, {pending[i].name})")
+    parts: dict[int, list[pa.Table]] = {}
+    got = np.zeros(len(pending), np.int64)
+    images = unreadable = first_rows = 0
     t0, t_first = time.perf_counter(), None
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         if t_first is None:
             t_first, first_rows = time.perf_counter(), batch.num_rows
-        buf.append(batch)
-        have += batch.num_rows
-        while queue and have >= queue[0].rows:
-            unit = queue.pop(0)
-            table = pa.concat_tables(buf).combine_chunks()
-            rows, rest = table.slice(0, unit.rows), table.slice(unit.rows)
-            if rows.column("path").to_pylist() != unit.paths():
-                raise RuntimeError(f"score rows out of order for {unit.name}: Ray Data did not preserve the order")
-            tmp = out / f".{unit.name}.tmp"
+        try:
+            idx = np.array([owner[p] for p in batch.column("path").to_pylist()], np.int64)
+        except KeyError as e:
+            raise RuntimeError(f"score row for {e.args[0]}, a path of no pending source file") from e
+        for i in np.unique(idx):
+            parts.setdefault(int(i), []).append(batch.filter(pa.array(idx == i)))
+            got[i] += int((idx == i).sum())
+            if got[i] < pending[i].rows:
+                continue
+            table = pa.concat_tables(parts.pop(int(i))).combine_chunks()
+            pos = {p: j for j, p in enumerate(unit_paths[i])}
+            rows = table.take(pa.array(np.argsort([pos[p] for p in table.column("path").to_pylist()], kind="stable")))
+            tmp = out / f".{pending[i].name}.tmp"
             pq.write_table(rows, tmp)
-            os.replace(tmp, out / unit.name)
+            os.replace(tmp, out / pending[i].name)
             readable = rows.column("error").null_count
             images, unreadable = images + readable, unreadable + rows.num_rows - readable
-            buf, have = [rest], have - unit.rows
         bar.update(batch.num_rows)
     bar.close()
     wall = time.perf_counter() - t0
