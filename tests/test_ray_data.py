@@ -356,3 +356,28 @@ def test_main_job_streams_from_shards(ray_local, shards, category, tmp_path):
     info = json.loads((tmp_path / "run" / "data_info.json").read_text())
     assert info["unlabeled_streamed"] and info["unlabeled"] > 0
     assert 0 <= metrics["overall"]["image_auroc"] <= 1 and metrics["validation"]["image_auroc"] is not None
+
+
+def test_score_rows_reach_their_files_in_source_order_when_ray_delivers_them_shuffled(tmp_path):
+    """With many actors Ray Data delivered score rows out of order (H200, 16 actors); each output file
+    must still hold exactly its source's rows, in the source's order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mapl_ray.pipelines.ray_data import _Unit, _write_units
+
+    units = [_Unit(f"u{k}.parquet", 3, records=[{"path": f"img{k}_{i}.png"} for i in range(3)]) for k in range(2)]
+    order = ["img1_2.png", "img0_1.png", "img1_0.png", "img0_0.png", "img1_1.png", "img0_2.png"]
+
+    class Shuffled:
+        def iter_batches(self, **_):
+            for i in range(0, len(order), 2):
+                paths = order[i : i + 2]
+                yield pa.table({"path": paths, "score": [float(p[3] + p[5]) for p in paths], "error": [None, None]})
+
+    counts = _write_units(Shuffled(), units, tmp_path, progress=False)
+    assert counts["images"] == 6 and counts["unreadable"] == 0
+    for k, unit in enumerate(units):
+        table = pq.read_table(tmp_path / unit.name)
+        assert table.column("path").to_pylist() == [f"img{k}_{i}.png" for i in range(3)]
+        assert table.column("score").to_pylist() == [float(f"{k}{i}") for i in range(3)]
