@@ -61,6 +61,17 @@ def flatten_levels(feats: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def squared_distances(q: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 distances ``(M, N)`` between the rows of ``q`` ``(M, C)`` and ``b`` ``(N, C)``, same device.
+
+    ``||q||^2 + ||b||^2 - 2 q.b``: one GEMM instead of an M x N loop; clamped at 0 (the GEMM form rounds an
+    exact match to about -1e-6 relative). ``b_sq``: ``b``'s squared row norms ``(N,)`` when the caller
+    reuses them across blocks of queries.
+    """
+    b_sq = b.pow(2).sum(1) if b_sq is None else b_sq
+    return (q.pow(2).sum(1, keepdim=True) + b_sq[None] - 2.0 * q @ b.T).clamp_min_(0)
+
+
 class MemoryBank(nn.Module):
     """Features of N normal images (levels 1-3) and the nearest-memory-sample search.
 
@@ -225,10 +236,7 @@ class MemoryBank(nn.Module):
     def distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 distances ``(B, N)`` float32 between inputs and memory samples (batched torch)."""
         q = flatten_levels(feats)
-        b = self._flat_bank(q.device)
-        # ||q||^2 + ||b||^2 - 2 q.b in float32: one GEMM instead of a B x N loop
-        d = q.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2.0 * q @ b.T
-        return d.clamp_min_(0)
+        return squared_distances(q, self._flat_bank(q.device))
 
     def difference(
         self, feats: list[torch.Tensor], exclude_self: bool = True

@@ -149,28 +149,25 @@ class PseudoLabeler:
         return self.history[max(s for s in self.history if s <= step - self.cfg.pseudo.label_lag or s == -1)]
 
     @torch.no_grad()
+    def _batched(self, images: np.ndarray, fn) -> torch.Tensor:
+        """``fn`` applied to uint8 images ``(N, H, W, 3)`` in batches of 32 on the device (autocast), the
+        float32 results concatenated on the device."""
+        out = []
+        for i in range(0, len(images), 32):
+            with autocast_context(self.device, self.cfg.train.amp):
+                out.append(fn(to_tensor(images[i : i + 32], self.device)).float())
+        return torch.cat(out)
+
     def features(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
         """OCC features of uint8 images ``(N, H, W, 3)`` (eval mode, batches of 32): float32 ``(N, D)``."""
-        out = []
-        for i in range(0, len(images), 32):
-            x = to_tensor(images[i : i + 32], self.device)
-            with autocast_context(self.device, self.cfg.train.amp):
-                if self.cfg.pseudo.features == "pooled":
-                    feats = model.pooled_features(x)
-                else:
-                    feats = features_from_output(model(x), self.cfg.pseudo.features)
-            out.append(feats.float().cpu().numpy())
-        return np.concatenate(out)
+        kind = self.cfg.pseudo.features
+        if kind == "pooled":
+            return self._batched(images, model.pooled_features).cpu().numpy()
+        return self._batched(images, lambda x: features_from_output(model(x), kind)).cpu().numpy()
 
-    @torch.no_grad()
     def _patches(self, model: MAPLModel, images: np.ndarray) -> torch.Tensor:
         """:func:`~mapl_ray.pseudo.patch_knn.patch_embeddings` of uint8 images ``(N, H, W, 3)`` on the device."""
-        out = []
-        for i in range(0, len(images), 32):
-            with autocast_context(self.device, self.cfg.train.amp):
-                levels = model.encode(to_tensor(images[i : i + 32], self.device))
-            out.append(patch_embeddings(levels))
-        return torch.cat(out)
+        return self._batched(images, lambda x: patch_embeddings(model.encode(x)))
 
     def _knn_features(
         self, model: MAPLModel, step: int, pool: dict[str, Any], pos_images: np.ndarray, unl: np.ndarray, streamed: bool

@@ -9,15 +9,15 @@ the stride-8 and stride-16 levels, the coarser one upsampled, concatenated). The
 of a pool sit in the reference too, but a defect is rarely repeated, so they barely lower each other's
 scores. Image-level statistics of the patch distances (:func:`image_statistics`) are what the OCCs see.
 
-On screw, magnetic_tile and metal_plate pools (10 labeled normals, 10 % anomalies) these statistics rank
-the pool's anomalies with image AUROC 0.94-0.97 where the anomaly-map statistics gave pseudo-label
-recall 0-0.38 (docs/results.md).
+How well they rank real pool anomalies, and what that does to the detector: docs/results.md.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..model.memory import squared_distances
 
 #: image statistics of the patch distances: max, mean of the top 1 % of patches, mean
 STAT_NAMES = ("max", "top1pct", "mean")
@@ -53,9 +53,7 @@ def nearest_distances(query: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     ref_sq = reference.pow(2).sum(1)
     out = []
     for i in range(0, query.shape[0], _QUERY_BLOCK):
-        q = query[i : i + _QUERY_BLOCK]
-        d = q.pow(2).sum(1, keepdim=True) + ref_sq[None] - 2.0 * q @ reference.T
-        out.append(d.amin(1).clamp_min_(0).sqrt_())
+        out.append(squared_distances(query[i : i + _QUERY_BLOCK], reference, ref_sq).amin(1).sqrt_())
     return torch.cat(out) if out else query.new_zeros(0)
 
 
