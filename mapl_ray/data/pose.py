@@ -93,13 +93,17 @@ class Pose:
         # a quarter frame of the image's middle.
         pad = int(math.ceil(max(w, h) * max(0.0, 0.71 / self.scale + 0.25 - 0.5)))
         arr = np.asarray(img)
-        big = np.pad(arr, ((pad, pad), (pad, pad), (0, 0))[: arr.ndim], mode="reflect")
+        src = arr
         if self.object_threshold is not None and arr.ndim == 3 and pad:
-            # the object mask of the original, mirrored like the image (grey is per pixel)
-            grey = np.pad(np.asarray(img.convert("L")), pad, mode="reflect")
-            ghost = grey <= self.object_threshold if self.object_inverse else grey > self.object_threshold
-            ghost[pad : pad + h, pad : pad + w] = False  # the image itself stays as it is
-            big[ghost] = self.fill
+            # mirrored object pixels become the fill: the margin mirrors a copy of the image with its
+            # object filled (the same pixels as masking the mirrored image, on a quarter of them)
+            grey = np.asarray(img.convert("L"))
+            obj = grey <= self.object_threshold if self.object_inverse else grey > self.object_threshold
+            src = arr.copy()
+            src[obj] = np.asarray(self.fill, np.uint8)
+        big = np.pad(src, ((pad, pad), (pad, pad), (0, 0))[: arr.ndim], mode="reflect")
+        if src is not arr:
+            big[pad : pad + h, pad : pad + w] = arr  # the image itself stays as it is
         big = Image.fromarray(big)
         m = (m[0], m[1], m[2] + pad, m[3], m[4], m[5] + pad)
         return big.transform(
