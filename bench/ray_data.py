@@ -3,8 +3,9 @@
 * ``simulation``: anomaly-simulation images/s of a single-process loop against the Ray Data stage
   (:func:`mapl_ray.pipelines.ray_data.simulate`) with 1, 2, ... CPU actors, reading Parquet shards of
   real images; the stage's outputs are checked equal to the loop's (same per-sample seeds);
-* ``score``: ``mapl score`` images/s from Parquet shards (end to end, and after the first batch), with
-  GPU utilisation sampled from ``nvidia-smi`` where a GPU exists;
+* ``score``: ``mapl score`` images/s from Parquet shards (end to end, and after the first batch) with
+  1, 2, ... actors per GPU (``--score-actors``), beside the model alone on in-memory batches, with GPU
+  utilisation sampled from ``nvidia-smi`` where a GPU exists;
 * ``train``: the paper-setting ``mapl train`` run with in-process batches against Ray Data batches
   (``--stream``): training wall time, time waiting for batches, GPU utilisation;
 * ``memory``: peak memory (PSS, so shared object-store pages count once) of the driver and of the Ray
@@ -233,24 +234,67 @@ def throwaway_run(args, work: Path) -> Path:
 
 
 def part_score(args, shards: Path, work: Path) -> dict:
-    from mapl_ray.pipelines.ray_data import score_source
+    """``mapl score`` over the same Parquet pool with each actor count of ``--score-actors`` (sharing the
+    GPU equally where there is one), side by side, and the model alone (``Predictor.predict_arrays`` on
+    in-memory batches, scores only) as the ceiling."""
+    import time
+
+    import torch
+
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.ray_data import ROWS_PER_SHARD, SCORE_ACTORS_PER_GPU, score_source
 
     run = Path(args.run) if args.run else throwaway_run(args, work)
     n_base = sum(pq.ParquetFile(f).metadata.num_rows for f in open_shard_set(shards)[0])
     times = max(1, -(-args.score_images // n_base))
-    pool = repeat_shards(shards, work / "score_src", times)
-    with GpuSampler() as gpu:
-        summary = score_source(run, pool, work / "scores", batch_size=args.score_batch, progress=False)
+    pool = repeat_shards(shards, work / "score_src", times, rows_per_file=ROWS_PER_SHARD)  # as `mapl prepare` writes
+    on_gpu = torch.cuda.is_available()
+    by_actors = {}
+    for n in args.score_actors:
+        with GpuSampler() as gpu:
+            summary = score_source(
+                run,
+                pool,
+                work / f"scores_{n}",
+                batch_size=args.score_batch,
+                actors=n * (torch.cuda.device_count() if on_gpu else 1),
+                gpus_per_actor=(1.0 / n) if on_gpu else 0.0,
+                progress=False,
+            )
+        by_actors[str(n)] = {
+            "score_images_per_s": round(summary["steady_images_per_s"], 1),
+            "score_images_per_s_end_to_end": round(summary["images"] / summary["wall_s"], 1),
+            "images": summary["images"],
+            "wall_s": round(summary["wall_s"], 2),
+            "first_batch_s": round(summary["first_batch_s"], 2),
+            "gpu_utilisation_pct": gpu.mean(),
+        }
+        print("score", n, "actors per GPU:", by_actors[str(n)], flush=True)
+    t0 = time.perf_counter()
+    pred = Predictor(run, batch_size=args.score_batch)
+    load_s = time.perf_counter() - t0
+    batch = np.random.default_rng(0).integers(0, 256, (args.score_batch, args.image_size, args.image_size, 3), np.uint8)
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up (CUDA graph capture)
+        pred.predict_arrays(batch, maps=False)
+    warm_s = time.perf_counter() - t0
+    reps, t0 = 0, time.perf_counter()
+    while reps < 3 or (time.perf_counter() - t0 < 5.0 and reps < 8192 // args.score_batch):
+        pred.predict_arrays(batch, maps=False)
+        reps += 1
+    model_only = reps * args.score_batch / (time.perf_counter() - t0)
+    default = str(SCORE_ACTORS_PER_GPU if on_gpu else 1)
+    head = by_actors.get(default) or next(iter(by_actors.values()))
     return {
-        "score_images_per_s": round(summary["steady_images_per_s"], 1),
-        "score_images_per_s_end_to_end": round(summary["images"] / summary["wall_s"], 1),
-        "images": summary["images"],
-        "wall_s": round(summary["wall_s"], 2),
-        "first_batch_s": round(summary["first_batch_s"], 2),
-        "gpu_utilisation_pct": gpu.mean(),
+        **head,
+        "by_actors_per_gpu": by_actors,
+        "model_only_images_per_s": round(model_only, 1),
+        "model_load_s": round(load_s, 2),
+        "model_warm_up_s": round(warm_s, 2),
         "settings": f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, "
-        "one memory rotation and bank, tf_efficientnet_lite2), one actor per GPU (one on a CPU); "
-        "score_images_per_s = images after the first batch over the time after it",
+        f"one memory rotation and bank, tf_efficientnet_lite2); headline = the default "
+        f"{default} actor(s) per GPU (one on a CPU); score_images_per_s = images after the first batch over the "
+        "time after it; model_only = Predictor.predict_arrays(maps=False) on one in-memory uint8 batch, repeated",
     }
 
 
@@ -395,6 +439,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loop-images", type=int, default=640, help="images of the single-process loop (a prefix)")
     p.add_argument("--score-images", type=int, default=2048)
     p.add_argument("--score-batch", type=int, default=256)
+    p.add_argument(
+        "--score-actors", default="1,2", type=lambda s: [int(x) for x in s.split(",")], help="actors per GPU compared"
+    )
     p.add_argument("--run", help="score with this run folder (default: a 2-step throwaway run)")
     p.add_argument("--pool-times", default="1,20", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--rss-steps", type=int, default=6)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from .data.shards import images_from_column, pose_from_json
+from .data.shards import images_from_arrow, pose_from_json
 from .inference import Predictor
 
 __all__ = ["SCORE_SCHEMA", "heatmap_name", "save_map_png", "score_table"]
@@ -67,11 +67,13 @@ def score_table(pred: Predictor, rows: pa.Table, maps_dir: str | Path | None = N
         LayoutError: an ``image`` cell is not ``(H, W, 3)`` at the run's size.
     """
     n = rows.num_rows
-    col = {name: rows.column(name).to_pylist() for name in rows.column_names}
+    # every column but the images as Python values; the images straight from the Arrow buffer
+    col = {name: rows.column(name).to_pylist() for name in rows.column_names if name != "image"}
     paths, errors = col["path"], col.get("error", [None] * n)
-    ok = [i for i in range(n) if col["image"][i] is not None and errors[i] is None]
+    ok = [i for i, (v, e) in enumerate(zip(rows.column("image").is_valid().to_pylist(), errors)) if v and e is None]
     size = (pred.image_size, pred.image_size)
-    res = pred.predict_arrays(images_from_column([col["image"][i] for i in ok], size))
+    images = images_from_arrow(rows.column("image").take(ok), size) if ok else np.zeros((0, *size, 3), np.uint8)
+    res = pred.predict_arrays(images, maps=maps_dir is not None)
     norm = pred.normalise(res["scores"]) if ok else np.zeros(0)
     thr = pred.threshold
     out = {f.name: [None] * n for f in SCORE_SCHEMA}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SCREW, needs_data
@@ -15,6 +16,7 @@ from mapl_ray.data.pose import PoseEstimator
 from mapl_ray.data.shards import (
     ShardSpec,
     decode_batch,
+    images_from_arrow,
     images_from_column,
     open_shard_set,
     pose_from_json,
@@ -110,3 +112,25 @@ def test_sources_are_recognised(tmp_path):
     assert read_list_file(lst) == [str(SCREW / "train" / "good" / "000.png"), str(tmp_path / "relative.png")]
     with pytest.raises(LayoutError, match="does not exist"):
         source_kind(tmp_path / "nope")
+
+
+def test_images_from_arrow_reads_the_value_buffer_like_cell_by_cell_decoding():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
+    cells = [im.tobytes() for im in imgs]
+    for typ in (pa.binary(), pa.large_binary()):
+        col = pa.chunked_array([pa.array(cells[:3], typ), pa.array(cells[3:], typ)])
+        np.testing.assert_array_equal(images_from_arrow(col, (5, 4)), imgs)
+        # a slice and a take (offsets not starting at 0) read the right rows
+        np.testing.assert_array_equal(images_from_arrow(col.slice(2, 4), (5, 4)), imgs[2:6])
+        np.testing.assert_array_equal(images_from_arrow(col.take([6, 1, 4]), (5, 4)), imgs[[6, 1, 4]])
+    masks = rng.integers(0, 2, (3, 5, 4), dtype=np.uint8)
+    got = images_from_arrow(pa.array([m.tobytes() for m in masks]), (5, 4), channels=0)
+    np.testing.assert_array_equal(got, masks)
+    assert images_from_arrow(pa.array([], pa.binary()), (5, 4)).shape == (0, 5, 4, 3)
+    # one short and one long cell of the same total size must not pass as two images
+    bad = pa.array([cells[0][:-1], cells[1] + b"x"])
+    with pytest.raises(LayoutError, match="holds 59 bytes, expected 60"):
+        images_from_arrow(bad, (5, 4))
+    with pytest.raises(LayoutError, match="null image"):
+        images_from_arrow(pa.array([cells[0], None]), (5, 4))

@@ -58,6 +58,7 @@ __all__ = [
     "ShardSpec",
     "content_hash",
     "decode_batch",
+    "images_from_arrow",
     "images_from_column",
     "open_shard_set",
     "read_rows",
@@ -377,6 +378,29 @@ def images_from_column(values: Sequence[bytes], hw: tuple[int, int], channels: i
             raise LayoutError(f"shard cell holds {cell.size} bytes, expected {out[i].size} for shape {shape}")
         out[i] = cell.reshape(shape)
     return out
+
+
+def images_from_arrow(column: pa.Array | pa.ChunkedArray, hw: tuple[int, int], channels: int = 3) -> np.ndarray:
+    """A binary Arrow column of raw image cells -> uint8 ``(B, H, W, 3)`` (``(B, H, W)`` with
+    ``channels=0``), read from the column's value buffer in one copy when every cell holds exactly one
+    image (no per-cell Python objects); otherwise cell by cell as :func:`images_from_column`.
+
+    Raises:
+        LayoutError: a null cell, or a cell that does not hold ``H * W * channels`` bytes.
+    """
+    shape = (*hw, channels) if channels else tuple(hw)
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise LayoutError(f"{arr.null_count} null image cell(s): expected {int(np.prod(shape))} bytes each")
+    cell = int(np.prod(shape))
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+        _, offsets_buf, data_buf = arr.buffers()
+        offsets = np.frombuffer(offsets_buf, width)[arr.offset : arr.offset + len(arr) + 1]
+        if len(arr) and bool(np.all(np.diff(offsets) == cell)):
+            data = np.frombuffer(data_buf, np.uint8)[offsets[0] : offsets[-1]]
+            return data.reshape((len(arr), *shape)).copy()
+    return images_from_column(arr.to_pylist(), hw, channels)
 
 
 def read_rows(

@@ -33,6 +33,7 @@ from ..data.shards import (
     REJECTED_FILE,
     ShardSpec,
     decode_batch,
+    images_from_arrow,
     images_from_column,
     open_shard_set,
     parquet_files,
@@ -347,15 +348,20 @@ def _claim_output(out: Path, run: Path, src: str) -> None:
     path.write_text(json.dumps(want, indent=2))
 
 
+#: ``mapl score`` actors sharing one GPU by default (bench/ray_data.py ``--score-actors`` compares 1, 2, 4).
+SCORE_ACTORS_PER_GPU = 2
+
+
 def _actor_resources(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:
-    """(actors, GPUs per actor, CPUs per actor): one actor per GPU where the cluster has GPUs; on CPUs one
-    actor with all CPUs but one (left to the tasks that read and decode)."""
+    """(actors, GPUs per actor, CPUs per actor): :data:`SCORE_ACTORS_PER_GPU` actors per GPU where the
+    cluster has GPUs (each actor's CPU work, Arrow to array and the score rows, overlaps another's forward
+    pass); on CPUs one actor with all CPUs but one (left to the tasks that read and decode)."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+        gpus_per_actor = 1.0 / SCORE_ACTORS_PER_GPU if gpus >= 1 else 0.0
     if actors is None:
         actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1
     cpus_per_actor = 1 if gpus_per_actor else max(1, (cpus - 1) // actors)
@@ -384,7 +390,7 @@ def score_source(
 
     Args:
         batch_size: images per ``map_batches`` batch and per forward pass.
-        actors, gpus_per_actor: the actor pool (default: one actor per GPU; one on a CPU-only cluster).
+        actors, gpus_per_actor: the actor pool (default: two actors per GPU; one on a CPU-only cluster).
         maps: also write each anomaly map as an 8-bit PNG.
 
     Returns:
@@ -568,7 +574,7 @@ class StreamRows(SimulateBatch):
             file = self.sources.shards[int(fi)]
             pf = self._files.setdefault(file, pq.ParquetFile(file))
             table = read_rows(file, loc[sel, 1], ["image", "mask"], pf)
-            images[sel] = images_from_column(table.column("image").to_pylist(), self.hw)
+            images[sel] = images_from_arrow(table.column("image"), self.hw)
             for j, m in zip(sel, table.column("mask").to_pylist()):
                 if m is not None:
                     masks[j] = images_from_column([m], self.hw, channels=0)[0]
