@@ -330,6 +330,36 @@ def test_images(run: Path, n: int) -> tuple[list[bytes], list[list[int]]]:
     return [Path(p).read_bytes() for p in paths], sizes
 
 
+def stage_costs(run: Path, bodies: list[bytes], batch: int, seconds: float = 3.0) -> dict:
+    """In-process costs of a request's two halves, without Serve or HTTP: decoding one upload as the
+    front does (``decode_upload`` with the run's pose normalisation; median ms over ``bodies``) and one
+    ``Predictor.predict_images`` call at batch 1 and ``batch`` (median ms, warm, CUDA graphs where the
+    server uses them)."""
+    from mapl_ray.data.io import decode_upload
+    from mapl_ray.inference import Predictor
+
+    pred = Predictor(run, batch_size=batch)
+    size = pred.image_size
+
+    def median_ms(fn) -> float:
+        times, t_end = [], time.perf_counter() + seconds
+        while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 2000):
+            t0 = time.perf_counter()
+            fn(len(times))
+            times.append(time.perf_counter() - t0)
+        return round(1000 * float(np.median(times)), 3)
+
+    decoded = [decode_upload(b, "x", size, pred.pose_estimator).image for b in bodies]
+    out = {"decode_ms": median_ms(lambda i: decode_upload(bodies[i % len(bodies)], "x", size, pred.pose_estimator))}
+    for b in sorted({1, batch}):
+        images = np.stack([decoded[i % len(decoded)] for i in range(b)])
+        for _ in range(3):  # warm-up, graph capture
+            pred.predict_images(images, [""] * b)
+        out[f"predict_batch_{b}_ms"] = median_ms(lambda i: pred.predict_images(images, [""] * b))
+    out["device"] = str(pred.device)
+    return out
+
+
 def machine_key() -> tuple[str, dict]:
     import torch
 
@@ -365,7 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="most seconds per step")
     p.add_argument("--batch-on", type=int, default=32, help="max_batch_size of the batching-on runs")
     p.add_argument("--replicas", type=int, default=1, help="model replicas of the load steps")
-    p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: 2 with a GPU, else 1)")
+    p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: ServeSettings' auto)")
     p.add_argument("--cpus-per-replica", type=float, help="default: 1 with a GPU, else all cores / replicas")
     p.add_argument("--request-timeout-s", type=float, default=30.0)
     p.add_argument("--fault-replicas", default="1,2", help="model replicas of each fault test ('' skips it)")
@@ -396,7 +426,7 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     base = f"http://127.0.0.1:{args.port}"
     url = f"{base}/v1/predict"
-    fronts = args.ingress_replicas or (2 if has_gpu else 1)
+    fronts = args.ingress_replicas  # None: ServeSettings' default for this cluster
 
     def resources(reps: int) -> dict:
         """Per model replica: a share of the one GPU, or of the CPU cores when there is none."""
@@ -452,6 +482,15 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2) + "\n")
 
+    from mapl_ray.serving.settings import ServeSettings
+
+    resolved = ServeSettings(run_dir=str(run), ingress_replicas=fronts, **resources(args.replicas)).resolve(
+        has_gpu, cfg.data.image_size, int(ray.cluster_resources().get("CPU", 2))
+    )
+    entry["settings"]["ingress_replicas"] = resolved.ingress_replicas
+    entry["stages"] = stage_costs(run, bodies, args.batch_on)
+    print("stages", entry["stages"], flush=True)
+    save()
     for mode, b in modes.items():
         deploy(run, "bench", num_replicas=args.replicas, max_batch_size=b, **common, **resources(args.replicas))
         asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up

@@ -41,7 +41,6 @@ def test_decode_errors_map_to_4xx_kinds():
         decode_upload(png, "x.png", limits=DecodeLimits(max_pixels=10))
     err = decode_error(e.value)
     assert err.status == 413 and err.body()["limit"] == {"name": "max_pixels", "value": 2400, "allowed": 10}
-    assert ApiError.from_dict(err.to_dict()).body() == err.body()
 
 
 # ------------------------------------------------------------------------------------ request bodies
@@ -178,6 +177,10 @@ def test_settings_resolve_batching_by_device_and_validate():
     assert s.resolve(True, 256).decode_limits() == DecodeLimits(40_000_000, 32, 4.0, "first")
     assert ServeSettings(run_dir="r", device="cpu").resolve(True, 64).gpus_per_replica == 0.0
     assert ServeSettings(run_dir="r", max_batch_size=8).resolve(False, 64).max_batch_size == 8  # explicit wins
+    # front replicas decode the uploads: with GPU model replicas, half the CPUs (2..8); on CPU one
+    assert [s.resolve(True, 256, cluster_cpus=c).ingress_replicas for c in (2, 8, 16, 64)] == [2, 4, 8, 8]
+    assert s.resolve(False, 256, cluster_cpus=16).ingress_replicas == 1
+    assert ServeSettings(run_dir="r", ingress_replicas=3).resolve(True, 256, 16).ingress_replicas == 3
     for bad, match in [
         ({"run_dir": "r", "max_pixels": "many"}, "max_pixels"),
         ({"run_dir": "r", "colour": 1}, "colour"),
@@ -185,6 +188,7 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "max_aspect": 0.5}, "max_aspect"),
         ({"run_dir": "r", "animated": "loop"}, "animated"),
         ({"run_dir": "r", "request_timeout_s": 0}, "request_timeout_s"),
+        ({"run_dir": "r", "ingress_cpus": -1}, "ingress_cpus"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)

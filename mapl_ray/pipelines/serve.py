@@ -3,15 +3,18 @@
 Two deployments make one application (:func:`build_app`):
 
 * ``Ingress`` (FastAPI, no model, no GPU): bearer token, bounded body read, content-type dispatch,
-  per-request time limit, JSON errors, metrics. It stays responsive under load (``GET /healthz``
-  answers in milliseconds) and keeps answering JSON when a model replica dies: it retries the
-  image on another (or the restarted) replica until the request's time limit.
-* ``Scorer`` (the :class:`~mapl_ray.inference.Predictor` of the run): decodes the upload with the
-  limits (:func:`~mapl_ray.data.io.decode_upload`), scores it in a ``@serve.batch`` of concurrent
-  images (one forward pass; GPU batches padded to a few fixed sizes so each replays a captured CUDA
-  graph), and makes the heatmap / regions. Decoding, the forward pass and encoding run in worker
-  threads, never on the replica's event loop. Its ``max_queued_requests`` bounds the wait: a full
-  queue is a 503 with ``Retry-After`` at once.
+  decoding each upload with the limits (:func:`~mapl_ray.data.io.decode_upload`, in worker threads,
+  never on the event loop), per-request time limit, JSON errors, metrics, and each image's answer
+  (:func:`~mapl_ray.serving.results.image_result`: heatmap, regions). Decoding is the CPU work of a
+  request, so it scales with the front replicas (``ingress_replicas``) instead of holding up the model
+  replica. The front stays responsive under load (``GET /healthz`` answers in milliseconds) and keeps
+  answering JSON when a model replica dies: it retries the image on another (or the restarted) replica
+  until the request's time limit.
+* ``Scorer`` (the :class:`~mapl_ray.inference.Predictor` of the run): scores decoded images in a
+  ``@serve.batch`` of concurrent images (one forward pass; GPU batches padded to a few fixed sizes so
+  each replays a captured CUDA graph) and returns the score record (and the map when asked). The
+  forward pass runs in a worker thread, never on the replica's event loop. Its
+  ``max_queued_requests`` bounds the wait: a full queue is a 503 with ``Retry-After`` at once.
 
 Routes: ``POST /v1/predict``, ``GET /healthz``, ``GET /readyz``, ``GET /v1/model``, ``GET /docs``,
 ``GET /openapi.json`` (see docs/serving.md). Metrics (Prometheus, through Ray's metrics agent):
@@ -41,8 +44,8 @@ from ..data.layout import ImageReadError
 from ..serving.auth import check_bearer, load_token, token_digest
 from ..serving.errors import ApiError, decode_error
 from ..serving.inputs import parse_uploads, read_body
-from ..serving.maps import defect_regions, encode_map_png
 from ..serving.model_info import model_version, training_metrics
+from ..serving.results import image_result
 from ..serving.schema import (
     HealthResponse,
     ModelInfo,
@@ -60,7 +63,6 @@ logger = logging.getLogger("mapl_ray.serve")
 ROUTES = ("/v1/predict", "/healthz", "/readyz", "/v1/model", "/docs", "/openapi.json")
 #: Routes answered without the bearer token.
 OPEN_ROUTES = frozenset({"/healthz"})
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 api = FastAPI(
     title="mapl-ray",
@@ -208,7 +210,7 @@ api.openapi = _openapi
 # ------------------------------------------------------------------------------------ model replica
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class Scorer:
-    """A model replica: decodes uploads, scores them in dynamic batches, makes heatmaps and regions.
+    """A model replica: scores decoded images in dynamic batches.
 
     Args:
         settings: :meth:`ServeSettings.to_dict` after :meth:`ServeSettings.resolve`.
@@ -225,7 +227,6 @@ class Scorer:
         s = self.settings = ServeSettings(**settings)
         torch.set_num_threads(s.torch_threads)  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs reserved
         self.pred = Predictor(s.run_dir, device=s.device, batch_size=s.max_batch_size)
-        self.limits = s.decode_limits()
         self.version = model_version(s.run_dir)
         # a CUDA-graph predictor captures one graph per batch shape: pad batches to a few sizes
         sizes = {s.max_batch_size} | {2**k for k in range(8) if 2**k < s.max_batch_size}
@@ -253,17 +254,18 @@ class Scorer:
             "tta": cfg.eval.tta,
         }
 
-    async def predict(self, data: bytes, name: str, opts: dict) -> dict:
-        """One image: ``{"result": ImageResult fields}`` or ``{"error": ApiError.to_dict()}`` for an image
-        the decoder refused (the front turns it into the 4xx)."""
-        try:
-            d = await asyncio.to_thread(
-                decode_upload, data, name, self.pred.image_size, self.pred.pose_estimator, self.limits
-            )
-        except ImageReadError as e:
-            return {"error": decode_error(e).to_dict()}
-        record, amap = await self._score((d.image, name))
-        return {"result": await asyncio.to_thread(self._result, record, amap, d, opts)}
+    async def predict(self, image: np.ndarray, name: str, want_map: bool) -> dict:
+        """One decoded image, uint8 ``(S, S, 3)`` at the run's size (as the front decodes it) ->
+        ``{"record": Predictor.predict_images record, "map": float32 (S, S) or None, "threshold"}``.
+
+        Raises:
+            ValueError: ``image`` is not uint8 ``(S, S, 3)`` (a caller bug, not a user's input).
+        """
+        size = self.pred.image_size
+        if image.dtype != np.uint8 or image.shape != (size, size, 3):
+            raise ValueError(f"expected a uint8 ({size}, {size}, 3) image, got {image.dtype} {image.shape}")
+        record, amap = await self._score((image, name))
+        return {"record": record, "map": amap if want_map else None, "threshold": self.pred.threshold}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
@@ -283,47 +285,13 @@ class Scorer:
         _metrics().batch_size.observe(n)
         return list(zip(records[:n], maps[:n]))
 
-    def _result(self, record: dict, amap: np.ndarray, d, opts: dict) -> dict:
-        h, w = d.original_size
-        label = record["label"]
-        warnings = []
-        if d.frames > 1:
-            warnings.append(f"animated / multi-frame image ({d.frames} frames): only the first frame was scored")
-        if d.mode in SIXTEEN_BIT_MODES:
-            warnings.append(f"{d.mode} (16-bit) image: rescaled to 8 bits (value / 257), as in training")
-        out = {
-            "name": record["path"],
-            "score": record["score"],
-            "normalised_score": record["normalised_score"],
-            "q": record["q"],
-            "label": label,
-            "anomalous": None if label is None else bool(label),
-            "threshold": self.pred.threshold,
-            "image_size": [h, w],
-            "source": {"format": d.format, "mode": d.mode, "frames": d.frames, "exif_orientation": d.orientation},
-            "model_version": self.version,
-            "warnings": warnings,
-        }
-        if opts.get("heatmap") or opts.get("regions"):
-            amap = self.pred.to_original_frame(amap, d.pose)  # the map on the image as sent
-        if opts.get("heatmap"):
-            out["heatmap_png_base64"] = encode_map_png(amap, (h, w))
-        if opts.get("regions"):
-            t = opts.get("region_threshold")
-            t = self.pred.threshold if t is None else t
-            if t is None:
-                warnings.append("no regions: the run has no decision threshold; pass region_threshold")
-            else:
-                out["regions"], out["regions_total"] = defect_regions(amap, t, (h, w), self.settings.max_regions)
-                out["region_threshold"] = t
-        return out
-
 
 # ------------------------------------------------------------------------------------------- front
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    """The HTTP front: checks and forwards requests to the ``Scorer`` deployment; holds no model.
+    """The HTTP front: checks and decodes uploads, forwards the images to the ``Scorer`` deployment and
+    makes each image's answer; holds no model.
 
     Args:
         scorer: handle of the ``Scorer`` deployment.
@@ -345,6 +313,14 @@ class Ingress:
                 "process read: set it on every node, or use token_file on shared storage"
             )
         api.state.auth_token = token
+        from ..config import Config
+        from ..data.pose import build_pose_estimator
+
+        cfg = Config.load_run(Path(self.s.run_dir) / "config.yaml")
+        self.image_size = cfg.data.image_size
+        self.align = build_pose_estimator(cfg)  # uploads are turned as the training images were
+        self.limits = self.s.decode_limits()
+        self.version = model_version(self.s.run_dir)
         self._info: dict | None = None
         self._app = serve.get_replica_context().app_name
 
@@ -455,17 +431,25 @@ class Ingress:
         return {"results": answers}
 
     async def _score(self, data: bytes, name: str, opts: dict, deadline: float) -> dict:
-        """One image through a model replica, retried on another (or the restarted) replica when the one
-        holding it dies, until ``deadline``."""
+        """One upload: decoded here (in a worker thread), scored by a model replica, retried on another
+        (or the restarted) replica when the one holding it dies, until ``deadline``."""
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import BackPressureError
 
+        decode = asyncio.to_thread(decode_upload, data, name, self.image_size, self.align, self.limits)
+        try:
+            d = await asyncio.wait_for(decode, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise self._timeout(False) from None
+        except ImageReadError as e:
+            raise decode_error(e) from None
+        want_map = bool(opts.get("heatmap") or opts.get("regions"))
         died = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timeout(died)
-            response = self.scorer.predict.remote(data, name, opts)
+            response = self.scorer.predict.remote(d.image, name, want_map)
             try:
                 out = await asyncio.wait_for(self._call(response), remaining)
             except asyncio.TimeoutError:
@@ -494,9 +478,10 @@ class Ingress:
                     f"({type(e.cause).__name__ if getattr(e, 'cause', None) else type(e).__name__}); "
                     "the server log has the traceback",
                 ) from None
-            if "error" in out:
-                raise ApiError.from_dict(out["error"])
-            return out["result"]
+            args = (out["record"], out["map"], d, opts, out["threshold"], self.version, self.s.max_regions)
+            if want_map:  # PNG encoding / region labelling: off the event loop
+                return await asyncio.to_thread(image_result, *args)
+            return image_result(*args)
 
     @staticmethod
     async def _call(response):
@@ -551,8 +536,9 @@ def build_app(run_dir: "str | Path", **settings: Any):
 
     run = require_run_folder(run_dir).resolve()
     s = ServeSettings.from_args({**settings, "run_dir": str(run)})
-    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
-    s = s.resolve(has_gpu, Config.load_run(run / "config.yaml").data.image_size)
+    res = ray.cluster_resources() if ray.is_initialized() else {}
+    has_gpu = res.get("GPU", 0) >= 1
+    s = s.resolve(has_gpu, Config.load_run(run / "config.yaml").data.image_size, int(res.get("CPU", 2)))
     s.token_sha256 = token_digest(load_token(s.token_env, s.token_file))
     logs = {"enable_access_log": s.access_log}
     scorer = Scorer.options(
@@ -562,12 +548,12 @@ def build_app(run_dir: "str | Path", **settings: Any):
         logging_config=logs,
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
     )
-    # the front only awaits: many requests in flight per replica
+    # the front awaits (decoding runs in threads): many requests in flight per replica
     ingress = Ingress.options(
         num_replicas=s.ingress_replicas,
         max_ongoing_requests=1000,
         logging_config=logs,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": s.ingress_cpus},
     )
     return ingress.bind(scorer.bind(s.to_dict()), s.to_dict())
 

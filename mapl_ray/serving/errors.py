@@ -52,21 +52,6 @@ class ApiError(Exception):
             out["limit"] = {"name": name, "value": value, "allowed": allowed}
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for crossing a process boundary (:meth:`from_dict` rebuilds the error)."""
-        return {**self.body(), "headers": self.headers}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ApiError:
-        lim = d.get("limit")
-        return cls(
-            d["status"],
-            d["error"],
-            d["detail"],
-            headers=d.get("headers"),
-            limit=None if lim is None else (lim["name"], lim["value"], lim["allowed"]),
-        )
-
     def prefixed(self, prefix: str) -> ApiError:
         """The same error with ``prefix`` before its detail (which image of a batch it was)."""
         return ApiError(self.status, self.kind, f"{prefix}{self.detail}", limit=self.limit, headers=self.headers)

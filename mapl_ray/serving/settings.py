@@ -19,6 +19,8 @@ GPU_BATCH = 32
 #: On CPU one image at a time: a batch of 32 costs ~32x one image there, so it only adds waiting
 #: (measured in bench/serve_load.py, batching_gain; issue 19 saw throughput fall with batching on).
 CPU_BATCH = 1
+#: Most front replicas chosen by default (each decodes uploads in its own process).
+MAX_AUTO_FRONTS = 8
 
 
 @dataclass
@@ -34,13 +36,17 @@ class ServeSettings:
         cpus_per_replica: CPUs Ray reserves per model replica.
         torch_threads: torch intra-op threads in a model replica; None: ``cpus_per_replica`` rounded
             (at least 1; Ray would otherwise leave torch one thread).
-        ingress_replicas: HTTP front replicas (no model; they parse, check and forward requests).
+        ingress_replicas: HTTP front replicas (no model; they parse, check and decode uploads and forward
+            the images); None: with GPU model replicas, half the cluster's CPUs between 2 and
+            :data:`MAX_AUTO_FRONTS` (decoding is then the CPU work that bounds throughput), else 1.
+        ingress_cpus: CPUs Ray reserves per front replica (0: fronts are placed without reserving any;
+            on a cluster, 1 spreads the decoding over the nodes' CPUs).
         max_batch_size: most images in one forward pass (``@serve.batch``); None: 32 on a GPU, 1 on
             CPU (where batching was slower than one image at a time).
         batch_wait_timeout_s: how long the first image of a batch waits for others: a lone request pays
             it in full (latency at low load); under load the queue fills a batch at once.
-        max_ongoing_requests: images a model replica holds at once (decoding, waiting in its batch
-            queue, in the forward pass); None: ``max(32, 2 * max_batch_size)``, so one batch fills while
+        max_ongoing_requests: images a model replica holds at once (waiting in its batch queue, in
+            the forward pass); None: ``max(32, 2 * max_batch_size)``, so one batch fills while
             one runs and waiting images queue in the replica (first come, first served) rather than in
             Serve's router, which polls full replicas with back-off (with 8 and batches of 1, 32
             concurrent clients got 3.5 images/s on the busy 2-core test machine, 5.4 with batches of 32,
@@ -77,7 +83,8 @@ class ServeSettings:
     gpus_per_replica: float | None = None
     cpus_per_replica: float = 1.0
     torch_threads: int | None = None
-    ingress_replicas: int = 1
+    ingress_replicas: int | None = None
+    ingress_cpus: float = 0.0
     max_batch_size: int | None = None
     batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int | None = None
@@ -120,7 +127,7 @@ class ServeSettings:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"serve setting {name} must be > 0, got {v!r}")
-        for name in ("gpus_per_replica", "cpus_per_replica", "batch_wait_timeout_s", "retry_after_s"):
+        for name in ("gpus_per_replica", "cpus_per_replica", "ingress_cpus", "batch_wait_timeout_s", "retry_after_s"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"serve setting {name} must be >= 0, got {v!r}")
@@ -146,13 +153,16 @@ class ServeSettings:
             raise ValueError("missing serve setting run_dir (the run folder written by `mapl train`)")
         return cls(**args)
 
-    def resolve(self, cluster_has_gpu: bool, image_size: int) -> ServeSettings:
-        """A copy with every None default chosen: the GPU share from ``cluster_has_gpu``, batching from
-        whether the model replicas get a GPU, ``min_side`` from the run's ``image_size``."""
+    def resolve(self, cluster_has_gpu: bool, image_size: int, cluster_cpus: int = 2) -> ServeSettings:
+        """A copy with every None default chosen: the GPU share from ``cluster_has_gpu``, batching and the
+        front replicas from whether the model replicas get a GPU (and ``cluster_cpus``), ``min_side``
+        from the run's ``image_size``."""
         s = dataclasses.replace(self)
         if s.gpus_per_replica is None:
             s.gpus_per_replica = 1.0 if cluster_has_gpu and s.device != "cpu" else 0.0
         on_gpu = s.gpus_per_replica > 0 and s.device != "cpu"
+        if s.ingress_replicas is None:
+            s.ingress_replicas = max(2, min(MAX_AUTO_FRONTS, cluster_cpus // 2)) if on_gpu else 1
         if s.max_batch_size is None:
             s.max_batch_size = GPU_BATCH if on_gpu else CPU_BATCH
         if s.max_ongoing_requests is None:
