@@ -9,6 +9,9 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
 * ``batching_gain``: images/s with batching on / off at each concurrency, same run, same images;
 * an oversized upload: 1 GiB announced in ``Content-Length``, zeros streamed until the answer comes
   (the 413 must come before the body is sent);
+* with ``--http-ceiling``: the same load against an echo app (a FastAPI ingress that only reads the
+  body), the most Ray Serve's HTTP path carries on this machine; ``stages``: the in-process cost of
+  decoding one upload and of one forward pass at batch 1 and 32;
 * a fault test per ``--fault-replicas`` (default 1 and 2 model replicas): load at concurrency 8, the
   process of one model replica killed with SIGKILL after ``--fault-after`` s; errors seen (by status),
   ``recovery_s`` (kill -> Serve reports the replacement replica running), ``stall_s`` (longest time
@@ -169,6 +172,28 @@ class HealthProbe:
 
 
 # ------------------------------------------------------------------------------------------- serving
+def http_ceiling(url_base: str, bodies: list[bytes], fronts: int, conc: list[int], args, timeout_s: float) -> dict:
+    """Ray Serve's own HTTP path on this machine, without mapl: an ingress (``fronts`` replicas) that
+    reads each body and answers a small JSON, driven like the model. The images/s it reaches are
+    the most the proxy and replica plumbing carry for these bodies."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    class Echo:
+        async def __call__(self, request) -> dict:  # a starlette Request, as Serve hands it over
+            return {"bytes": len(await request.body())}
+
+    serve.run(Echo.options(num_replicas=fronts).bind(), name="echo", route_prefix="/")
+    url = f"{url_base}/v1/predict"
+    asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
+    out = {}
+    for c in conc:
+        out[str(c)] = summarise(asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s)))
+        print("http ceiling", c, out[str(c)], flush=True)
+    serve.delete("echo")
+    return out
+
+
 def deploy(run: Path, name: str, **settings) -> str:
     """Deploy the app ``name`` at ``/`` and wait until it is ready. A previous app of that name is deleted
     first: a rolling update would start the new replicas while the old ones still hold the CPUs."""
@@ -407,6 +432,8 @@ def main(argv=None) -> int:
         help="keep Serve's per-request access log (off here: it costs the replicas CPU at high request rates)",
     )
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--http-ceiling", action="store_true", help="also drive an echo app (Serve without mapl) first")
+    p.add_argument("--only-ceiling", action="store_true", help="stop after the stage costs and the echo app")
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
@@ -488,9 +515,16 @@ def main(argv=None) -> int:
         has_gpu, cfg.data.image_size, int(ray.cluster_resources().get("CPU", 2))
     )
     entry["settings"]["ingress_replicas"] = resolved.ingress_replicas
+    entry["settings"]["ray_serve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
     entry["stages"] = stage_costs(run, bodies, args.batch_on)
     print("stages", entry["stages"], flush=True)
     save()
+    if args.http_ceiling or args.only_ceiling:
+        entry["http_ceiling"] = http_ceiling(base, bodies, resolved.ingress_replicas, conc, args, timeout_s)
+        save()
+    if args.only_ceiling:
+        serve.shutdown()
+        return 0
     for mode, b in modes.items():
         deploy(run, "bench", num_replicas=args.replicas, max_batch_size=b, **common, **resources(args.replicas))
         asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up

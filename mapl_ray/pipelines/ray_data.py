@@ -348,8 +348,9 @@ def _claim_output(out: Path, run: Path, src: str) -> None:
     path.write_text(json.dumps(want, indent=2))
 
 
-#: ``mapl score`` actors sharing one GPU by default (bench/ray_data.py ``--score-actors`` compares 1, 2, 4).
-SCORE_ACTORS_PER_GPU = 2
+#: ``mapl score`` actors sharing one GPU by default: 4 scored 3,025 images/s on the H200 against 1,982 with 2 and
+#: 1,695 with 1 (bench/results/ray_data.json, gpu.score.by_actors_per_gpu).
+SCORE_ACTORS_PER_GPU = 4
 
 
 def _actor_resources(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:
@@ -390,7 +391,7 @@ def score_source(
 
     Args:
         batch_size: images per ``map_batches`` batch and per forward pass.
-        actors, gpus_per_actor: the actor pool (default: two actors per GPU; one on a CPU-only cluster).
+        actors, gpus_per_actor: the actor pool (default: four actors per GPU; one on a CPU-only cluster).
         maps: also write each anomaly map as an 8-bit PNG.
 
     Returns:
