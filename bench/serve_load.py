@@ -437,6 +437,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
+    from mapl_ray.serving.settings import apply_ray_serve_env
+
+    apply_ray_serve_env()  # what `mapl serve` runs with (a RAY_SERVE_* variable already set wins)
     import ray
     from ray import serve
 

@@ -705,13 +705,9 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from ray import serve
-
-    from .pipelines.ray_env import init_ray
-    from .pipelines.serve import build_app
     from .runfolder import require_run_folder
     from .serving.auth import load_token
-    from .serving.settings import ServeSettings
+    from .serving.settings import ServeSettings, apply_ray_serve_env
 
     run = require_run_folder(args.run)
     settings = serve_settings(args)
@@ -720,6 +716,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_token(s.token_env, s.token_file)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    apply_ray_serve_env()  # before Ray Serve is imported and local Ray starts
+    from ray import serve
+
+    from .pipelines.ray_env import init_ray
+    from .pipelines.serve import build_app
+
     init_ray()  # RAY_ADDRESS points this at a running cluster
     app = build_app(run, **settings)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -233,3 +234,15 @@ def test_training_metrics_keep_numbers_and_drop_paths(tmp_path):
     got = training_metrics(tmp_path)
     assert got == {"overall": {"image_auroc": 0.9}, "per_defect": {"crack": {"image_auroc": 0.8}}}
     assert training_metrics(tmp_path / "none") == {}
+
+
+def test_ray_serve_env_is_set_where_unset_and_a_users_value_wins(monkeypatch):
+    from mapl_ray.serving.settings import RAY_SERVE_ENV, apply_ray_serve_env
+
+    for key in RAY_SERVE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    got = apply_ray_serve_env()
+    assert got["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    assert apply_ray_serve_env()["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
