@@ -326,6 +326,7 @@ def part_train(args, shards: Path, work: Path) -> dict:
             "loader_wait_fraction": round(s["loader_wait_s"] / s["loop_wall_s"], 4),
             "first_batch_s": round(s["first_batch_s"], 2),
             "pseudo_fit_s": round(s["pseudo_fit_s"], 2),
+            "phases_s": s.get("phases_s"),  # where the run's wall time went (engine/loop.py _phases)
             "step_s_median": round(s["step_s_median"], 4),
             "gpu_fed_ratio": round(per_step / s["step_s_median"], 3),
             "images_per_s": round(s["images_per_s"], 1),

@@ -204,6 +204,12 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     refits = summary["pseudo_refits"]
     assert refits and all(r["pseudo_pos"] + r["pseudo_neg"] + r["pseudo_unknown"] == 9 for r in refits)
     assert all("pseudo_label_precision" in r for r in refits)  # the pool's truth is known in a benchmark split
+    phases = summary["phases_s"]  # where the wall time went: the parts add up to the loop's wall time
+    assert phases["pseudo"] > 0 and phases["validation"] > 0 and phases["steps"] > 0
+    assert min(v for k, v in phases.items() if k != "other") >= 0 and phases["other"] > -0.01
+    parts = sum(v for k, v in phases.items() if k != "final")
+    assert parts == pytest.approx(summary["loop_wall_s"], abs=0.01)
+    assert phases["final"] == pytest.approx(summary["train_wall_s"] - summary["loop_wall_s"], abs=0.01)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "validation_image_auroc" in r] == [4, 8]
     v = metrics["validation"]

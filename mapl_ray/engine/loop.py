@@ -327,7 +327,7 @@ class Trainer:
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
-        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0}
+        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0, "validation": 0.0, "log": 0.0, "checkpoint": 0.0}
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
         batch: dict[str, Any] = {}
@@ -357,15 +357,22 @@ class Trainer:
             core = unwrap(self.model)
             if not core.freeze_encoder and ((step + 1) % t.memory_refresh_every == 0 or step + 1 == t.steps):
                 self.refresh_banks(core)
-            times["step"].append(time.perf_counter() - ts)
+            t_val = time.perf_counter()
+            times["step"].append(t_val - ts)
             validation = self._validate(step, end_step, net)
+            t_log = time.perf_counter()
+            times["validation"] += t_log - t_val
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
+            t_ready = time.perf_counter()
+            times["log"] += t_ready - t_log
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
                 if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
                     pseudo_stats = self._after_refit(*labeler.finish_fit())
+                t_ckpt = t_ready
                 self.checkpoint(step + 1)
-            t_ready = time.perf_counter()
+                t_ready = time.perf_counter()
+                times["checkpoint"] += t_ready - t_ckpt
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
 
     def _finish(self, end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar):
@@ -411,6 +418,7 @@ class Trainer:
             "loader_start_method": (loader_context if loader_context != "auto" else "default") if n_loader else None,
             "images_per_s": steps_run * per_worker_batch * self.world_size / max(loop_wall, 1e-9),
             **_timing_summary(times),
+            "phases_s": _phases(times, loop_wall, wall),
             "final_losses": last,
             "pseudo": pseudo_stats,
             "pseudo_refits": self.refits,
@@ -426,6 +434,25 @@ class Trainer:
             "eager_steps": graph_step.eager_steps if graph_step else steps_run,
         }
         return model, summary
+
+
+def _phases(times: dict[str, Any], loop_wall: float, wall: float) -> dict[str, float]:
+    """Where the training wall time went, in seconds: ``loader_wait`` (batches not ready, the first
+    included), ``steps`` (forward, backward, optimizer, EMA, bank refreshes; the first steps' CUDA-graph
+    capture included), ``pseudo`` (the pseudo-labeler on the training path), ``validation``, ``log``
+    (metrics and the progress bar), ``checkpoints`` (in the loop), ``other`` (the rest of the loop) and
+    ``final`` (after the loop: the last banks and the final save)."""
+    out = {
+        "loader_wait": float(np.sum(times["wait"])),
+        "steps": float(np.sum(times["step"])) - times["fit"],
+        "pseudo": times["fit"],
+        "validation": times["validation"],
+        "log": times["log"],
+        "checkpoints": times["checkpoint"],
+    }
+    out["other"] = loop_wall - sum(out.values())
+    out["final"] = wall - loop_wall
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def _timing_summary(times: dict[str, Any]) -> dict[str, float]:
