@@ -174,13 +174,16 @@ class Predictor:
         stats = self.state.get("normalisation")
         return normalise_scores(scores, stats) if stats else np.asarray(scores, dtype=np.float64)
 
-    def predict_images(self, images: np.ndarray, names: list[str]) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """Score uint8 images ``(N, H, W, 3)`` at the run's size. Returns (records, maps ``(N, H, W)``).
+    def predict_images(
+        self, images: np.ndarray, names: list[str], maps: bool = True
+    ) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+        """Score uint8 images ``(N, H, W, 3)`` at the run's size. Returns (records, maps ``(N, H, W)``, or
+        None with ``maps=False``: the maps then stay on the device).
 
         Each record: ``path`` (the name given), ``score``, ``normalised_score``, ``q`` and ``label``
         (1 when the score reaches the run's decision threshold, None if the run has none).
         """
-        res = self.predict_arrays(images)
+        res = self.predict_arrays(images, maps=maps)
         norm = self.normalise(res["scores"])
         thr = self.threshold
         records = [
@@ -193,7 +196,7 @@ class Predictor:
             }
             for p, s, n, q in zip(names, res["scores"], norm, res["q"])
         ]
-        return records, res["maps"]
+        return records, res.get("maps")
 
     def load_image(self, path: str | Path) -> tuple[np.ndarray, Pose | None]:
         """Decode ``path`` as the model expects it: uint8 ``(H, W, 3)`` at the run's size, turned into the

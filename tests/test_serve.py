@@ -544,13 +544,19 @@ def test_padded_batches_give_the_unpadded_answers(trained_run):
     s = ServeSettings(run_dir=str(trained_run), device="cpu").resolve(cluster_has_gpu=False, image_size=64)
     scorer = Scorer.func_or_class(s.to_dict())  # the replica's class, outside Serve
     paths = [screw("good", 0), screw("thread_top", 0), screw("scratch_head", 1)]
-    items = [(load_image(p, 64), str(p)) for p in paths]
+    items = [(load_image(p, 64), str(p), True) for p in paths]
     plain = scorer._forward(items)
     scorer.buckets = [1, 2, 4, 8]  # 3 images -> one pass of 4
     padded = scorer._forward(items)
     assert len(padded) == 3 and [r["path"] for r, _ in padded] == [str(p) for p in paths]
     for (r0, m0), (r1, m1) in zip(plain, padded):
         assert r1["score"] == pytest.approx(r0["score"], abs=1e-6) and np.allclose(m0, m1, atol=1e-6)
+    # a map goes back only to the images that asked for it; the scores do not depend on it
+    mixed = scorer._forward([(img, name, want) for (img, name, _), want in zip(items, (False, True, False))])
+    assert [m is None for _, m in mixed] == [True, False, True] and np.allclose(mixed[1][1], plain[1][1], atol=1e-6)
+    assert [r["score"] for r, _ in mixed] == pytest.approx([r["score"] for r, _ in plain], abs=1e-6)
+    none = scorer._forward([(img, name, False) for img, name, _ in items])
+    assert all(m is None for _, m in none)
 
 
 def test_serve_config_file_holds_valid_settings(trained_run):

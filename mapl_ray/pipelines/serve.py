@@ -39,8 +39,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..config import Config
 from ..data.io import decode_upload
 from ..data.layout import ImageReadError
+from ..data.pose import build_pose_estimator
 from ..serving.auth import check_bearer, load_token, token_digest
 from ..serving.errors import ApiError, decode_error
 from ..serving.inputs import parse_uploads, read_body
@@ -264,26 +266,27 @@ class Scorer:
         size = self.pred.image_size
         if image.dtype != np.uint8 or image.shape != (size, size, 3):
             raise ValueError(f"expected a uint8 ({size}, {size}, 3) image, got {image.dtype} {image.shape}")
-        record, amap = await self._score((image, name))
-        return {"record": record, "map": amap if want_map else None, "threshold": self.pred.threshold}
+        record, amap = await self._score((image, name, want_map))
+        return {"record": record, "map": amap, "threshold": self.pred.threshold}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
         return await asyncio.to_thread(self._forward, items)
 
     def _forward(self, items: list) -> list:
-        """Images ``[(uint8 (S, S, 3), name)]`` -> ``[(record, map (S, S))]`` in one forward pass."""
+        """Images ``[(uint8 (S, S, 3), name, want_map)]`` -> ``[(record, map (S, S) or None)]`` in one
+        forward pass; maps are copied from the device only when an image of the batch wants its map."""
         n = len(items)
-        images = np.stack([img for img, _ in items])
-        names = [name for _, name in items]
+        images = np.stack([img for img, _, _ in items])
+        names = [name for _, name, _ in items]
         if self.buckets is not None:
             pad = next(b for b in self.buckets if b >= n) - n
             if pad:
                 images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
                 names += [""] * pad
-        records, maps = self.pred.predict_images(images, names)
+        records, maps = self.pred.predict_images(images, names, maps=any(w for _, _, w in items))
         _metrics().batch_size.observe(n)
-        return list(zip(records[:n], maps[:n]))
+        return [(records[i], maps[i] if want else None) for i, (_, _, want) in enumerate(items)]
 
 
 # ------------------------------------------------------------------------------------------- front
@@ -313,9 +316,6 @@ class Ingress:
                 "process read: set it on every node, or use token_file on shared storage"
             )
         api.state.auth_token = token
-        from ..config import Config
-        from ..data.pose import build_pose_estimator
-
         cfg = Config.load_run(Path(self.s.run_dir) / "config.yaml")
         self.image_size = cfg.data.image_size
         self.align = build_pose_estimator(cfg)  # uploads are turned as the training images were
@@ -531,7 +531,6 @@ def build_app(run_dir: "str | Path", **settings: Any):
     """
     import ray
 
-    from ..config import Config
     from ..runfolder import require_run_folder
 
     run = require_run_folder(run_dir).resolve()
