@@ -483,7 +483,16 @@ class Ingress:
                     f"({type(e.cause).__name__ if getattr(e, 'cause', None) else type(e).__name__}); "
                     "the server log has the traceback",
                 ) from None
-            args = (out["record"], out["map"], d, opts, out["threshold"], self.version, self.s.max_regions, out["q_weight"])
+            args = (
+                out["record"],
+                out["map"],
+                d,
+                opts,
+                out["threshold"],
+                self.version,
+                self.s.max_regions,
+                out["q_weight"],
+            )
             if want_map:  # PNG encoding / region labelling: off the event loop
                 return await asyncio.to_thread(image_result, *args)
             return image_result(*args)
