@@ -190,6 +190,10 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "animated": "loop"}, "animated"),
         ({"run_dir": "r", "request_timeout_s": 0}, "request_timeout_s"),
         ({"run_dir": "r", "ingress_cpus": -1}, "ingress_cpus"),
+        ({"run_dir": "r", "ingress_cpus": "nan"}, "ingress_cpus must be a number"),  # was a traceback in Ray
+        ({"run_dir": "r", "cpus_per_replica": "inf"}, "cpus_per_replica must be a finite"),
+        ({"run_dir": "r", "request_timeout_s": "nan"}, "request_timeout_s"),
+        ({"run_dir": "r", "max_aspect": float("nan")}, "max_aspect"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)
