@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -148,6 +149,28 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
     return int(text)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count: an integer >= 1 (else argparse's one-line usage error, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _gpu_share(text: str) -> float:
+    """argparse type of a GPU share: a finite number >= 0 (else argparse's one-line usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 0 (e.g. 0.25), got {text!r}")
+    return value
 
 
 def _add_tune_parser(sub) -> None:
@@ -464,10 +487,14 @@ def _add_data_parsers(sub) -> None:
     sc.add_argument("src", help="shards from mapl prepare, a folder of images or a text file of image paths")
     sc.add_argument("--out", required=True, help="folder for the score files")
     sc.add_argument("--maps", action="store_true", help="also write each anomaly map as a PNG under OUT/maps")
-    sc.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    sc.add_argument("--actors", type=int, help="scoring actors (default: four per GPU, one on a CPU-only cluster)")
-    sc.add_argument("--gpus-per-actor", type=float, help="default: 0.25 where the Ray cluster has GPUs, else 0")
-    sc.add_argument("--rows-per-file", type=int, default=1024, help="images per output file when SRC is a folder")
+    sc.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
+    sc.add_argument(
+        "--actors", type=_positive_int, help="scoring actors (default: four per GPU, one on a CPU-only cluster)"
+    )
+    sc.add_argument("--gpus-per-actor", type=_gpu_share, help="default: 0.25 where the Ray cluster has GPUs, else 0")
+    sc.add_argument(
+        "--rows-per-file", type=_positive_int, default=1024, help="images per output file when SRC is a folder"
+    )
     sc.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda where the actor has a GPU)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -416,3 +416,16 @@ def test_device_port_and_gpu_mistakes_are_clear_errors(tmp_path, capsys, monkeyp
     _check_gpus(Config())  # no GPU asked for: nothing to check
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster may autoscale GPU nodes
     _check_gpus(Config().override({"train.use_gpu": True}))
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--batch-size", "0"), ("--actors", "0"), ("--rows-per-file", "0"), ("--gpus-per-actor", "-1"), ("--actors", "x")],
+)
+def test_score_refuses_a_bad_count_with_a_usage_error(flag, value, tmp_path, capsys):
+    """Each was a traceback from deep in Ray Data or the file split (ZeroDivisionError, range() arg 3...)."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["score", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o"), flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and repr(value) in err

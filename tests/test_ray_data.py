@@ -381,3 +381,35 @@ def test_score_rows_reach_their_files_in_source_order_when_ray_delivers_them_shu
         table = pq.read_table(tmp_path / unit.name)
         assert table.column("path").to_pylist() == [f"img{k}_{i}.png" for i in range(3)]
         assert table.column("score").to_pylist() == [float(f"{k}{i}") for i in range(3)]
+
+
+def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
+    """A rerun with another --rows-per-file (or after the folder changed) splits the images into other files:
+    scoring them again beside the old files would list every image twice, so it is refused; a plain rerun
+    (the same split) and a new folder are not. An --out that is a file is refused with a message."""
+    from PIL import Image
+
+    from mapl_ray.data.layout import LayoutError
+    from mapl_ray.data.shards import ShardSpec
+    from mapl_ray.pipelines.ray_data import _claim_output, _score_units
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(5):
+        Image.new("L", (16, 16), i).save(src / f"{i}.png")
+    run, out, spec = tmp_path / "run", tmp_path / "scores", ShardSpec.of(SIZE, None)
+    units, _ = _score_units(str(src), spec, 3)
+    _claim_output(out, run, str(src), [u.name for u in units])
+    for u in units:  # as a finished job leaves them
+        pq.write_table(pa.table({"path": u.paths()}), out / u.name)
+    _claim_output(out, run, str(src), [u.name for u in units])  # the same rerun continues
+    other, _ = _score_units(str(src), spec, 2)
+    with pytest.raises(LayoutError, match="rows-per-file"):
+        _claim_output(out, run, str(src), [u.name for u in other])
+    Image.new("L", (16, 16), 9).save(src / "9.png")  # the folder changed
+    grown, _ = _score_units(str(src), spec, 3)
+    with pytest.raises(LayoutError, match="would not write"):
+        _claim_output(out, run, str(src), [u.name for u in grown])
+    _claim_output(tmp_path / "new", run, str(src), [u.name for u in grown])
+    with pytest.raises(LayoutError, match="is a file"):
+        _claim_output(src / "0.png", run, str(src), [u.name for u in grown])

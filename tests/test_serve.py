@@ -184,11 +184,13 @@ def test_response_schema_regions_and_no_paths(served, trained_run):
             assert 0.3 <= reg.mean_score <= reg.max_score <= 1.0
         assert set(r.json()["results"][0]) >= {"regions", "regions_total", "region_threshold"}
         assert "heatmap_png_base64" not in r.json()["results"][0]
-    # at the run's own threshold (the default), an image labelled anomalous has a region: its top-k
-    # pixels reach the threshold (image score = top-k mean when eval.q_weight is 0)
+    # by default the map is cut at the map part of the run's threshold (image score = top-k mean + q_weight
+    # * q), so an image labelled anomalous has a region: its top-k pixels reach that cut
+    q_weight = json.loads((trained_run / "checkpoint" / "state.json").read_text()).get("q_weight") or 0.0
     for path in paths:
         res = post(f"{base}/v1/predict", path.read_bytes(), regions="true").json()["results"][0]
-        assert res["region_threshold"] == pytest.approx(model.threshold)
+        cut = min(1.0, max(0.0, model.threshold - q_weight * res["q"]))
+        assert res["region_threshold"] == pytest.approx(cut)
         assert (res["regions_total"] > 0) or res["label"] == 0
     err = post(f"{base}/v1/predict", b"nope", name="x.png")
     ErrorResponse.model_validate(err.json())

@@ -190,6 +190,10 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "animated": "loop"}, "animated"),
         ({"run_dir": "r", "request_timeout_s": 0}, "request_timeout_s"),
         ({"run_dir": "r", "ingress_cpus": -1}, "ingress_cpus"),
+        ({"run_dir": "r", "ingress_cpus": "nan"}, "ingress_cpus must be a number"),  # was a traceback in Ray
+        ({"run_dir": "r", "cpus_per_replica": "inf"}, "cpus_per_replica must be a finite"),
+        ({"run_dir": "r", "request_timeout_s": "nan"}, "request_timeout_s"),
+        ({"run_dir": "r", "max_aspect": float("nan")}, "max_aspect"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)
@@ -246,3 +250,27 @@ def test_ray_serve_env_is_set_where_unset_and_a_users_value_wins(monkeypatch):
     assert got["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
     assert apply_ray_serve_env()["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_regions_default_cut_is_the_map_part_of_the_decision_threshold():
+    """With the image head in the score (``q_weight`` > 0, chosen on validation), the run's threshold is on
+    top-k mean + q_weight * q, not on the map: cut at the threshold itself, an image labelled anomalous had
+    no region (and a threshold above 1 none ever); cut at threshold - q_weight * q it has one."""
+    from mapl_ray.data.io import DecodedUpload
+    from mapl_ray.serving.results import image_result
+
+    amap = np.zeros((32, 32), np.float32)
+    amap[4:12, 20:28] = 0.55  # top-k mean 0.55 with k <= 64
+    q, q_weight, threshold = 0.6, 1.0, 1.0
+    score = 0.55 + q_weight * q  # 1.15: anomalous
+    record = {"path": "a.png", "score": score, "normalised_score": 3.0, "q": q, "label": int(score >= threshold)}
+    decoded = DecodedUpload(np.zeros((32, 32, 3), np.uint8), (64, 64), None, "PNG", "L", 1, 1)
+    opts = {"regions": True, "region_threshold": None}
+    out = image_result(record, amap, decoded, opts, threshold, "v", 10, q_weight)
+    assert out["anomalous"] and out["region_threshold"] == pytest.approx(threshold - q_weight * q)
+    assert out["regions_total"] == 1
+    assert out["regions"][0]["x"] == 40 and out["regions"][0]["width"] == 16  # the block, in image pixels
+    normal = {**record, "q": 0.1, "score": 0.65, "label": 0}  # cut 0.9: above every map value
+    assert image_result(normal, amap, decoded, opts, threshold, "v", 10, q_weight)["regions_total"] == 0
+    chosen = image_result(record, amap, decoded, {**opts, "region_threshold": 0.6}, threshold, "v", 10, q_weight)
+    assert (chosen["region_threshold"], chosen["regions_total"]) == (0.6, 0)  # a client's cut is kept

@@ -333,16 +333,28 @@ class ScoreBatch:
         return score_table(self.pred, batch, self.maps_dir)
 
 
-def _claim_output(out: Path, run: Path, src: str) -> None:
-    """Record which run and source ``out`` holds scores of; refuse a folder holding another run's scores."""
+def _claim_output(out: Path, run: Path, src: str, names: list[str]) -> None:
+    """Record which run and source ``out`` holds scores of; refuse a folder holding another run's scores, a
+    file, or score files that ``names`` (this source's output files) does not include: a changed folder or
+    another ``--rows-per-file`` splits the images into other files, so a rerun would score them again beside
+    the old files and ``out`` would hold every such image twice."""
     want = {"run": str(run.resolve()), "source": os.path.abspath(src)}
     path = out / SCORE_RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise LayoutError(f"--out {out} is a file: give a folder for the score files")
     if path.is_file():
         had = json.loads(path.read_text())
         if {k: had.get(k) for k in want} != want:
             raise LayoutError(
                 f"--out {out} holds scores of run {had.get('run')} on {had.get('source')}: choose another folder "
                 "(a rerun with the same run and source continues it)"
+            )
+        stale = sorted(f.name for f in out.glob("*.parquet") if f.name not in set(names))
+        if stale:
+            raise LayoutError(
+                f"--out {out} holds {len(stale)} score file(s) this source would not write ({stale[0]}, ...): the "
+                "folder's images or --rows-per-file changed since they were written; rerun with the same "
+                "--rows-per-file, or choose another folder (a new one scores every image once)"
             )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(want, indent=2))
@@ -399,7 +411,8 @@ def score_source(
 
     Raises:
         CheckpointError: ``run`` is not a trained run folder. LayoutError: ``src`` missing, shards decoded
-        at another size or pose normalisation than the run's, or ``out`` holding another run's scores.
+        at another size or pose normalisation than the run's, ``out`` a file or holding another run's
+        scores or files this source would not write (another ``rows_per_file``, a changed folder).
     """
     import ray.data
 
@@ -411,7 +424,7 @@ def score_source(
     align = build_pose_estimator(cfg)
     spec = ShardSpec.of(cfg.data.image_size, align)
     units, kind = _score_units(src, spec, rows_per_file)
-    _claim_output(out, run, src)
+    _claim_output(out, run, src, [u.name for u in units])
     pending = [u for u in units if not (out / u.name).is_file()]
     counts = {"images": 0, "unreadable": 0}
     if pending:

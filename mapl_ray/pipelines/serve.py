@@ -258,7 +258,7 @@ class Scorer:
 
     async def predict(self, image: np.ndarray, name: str, want_map: bool) -> dict:
         """One decoded image, uint8 ``(S, S, 3)`` at the run's size (as the front decodes it) ->
-        ``{"record": Predictor.predict_images record, "map": float32 (S, S) or None, "threshold"}``.
+        ``{"record": Predictor.predict_images record, "map": float32 (S, S) or None, "threshold", "q_weight"}``.
 
         Raises:
             ValueError: ``image`` is not uint8 ``(S, S, 3)`` (a caller bug, not a user's input).
@@ -267,7 +267,7 @@ class Scorer:
         if image.dtype != np.uint8 or image.shape != (size, size, 3):
             raise ValueError(f"expected a uint8 ({size}, {size}, 3) image, got {image.dtype} {image.shape}")
         record, amap = await self._score((image, name, want_map))
-        return {"record": record, "map": amap, "threshold": self.pred.threshold}
+        return {"record": record, "map": amap, "threshold": self.pred.threshold, "q_weight": self.pred.q_weight}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
@@ -478,7 +478,16 @@ class Ingress:
                     f"({type(e.cause).__name__ if getattr(e, 'cause', None) else type(e).__name__}); "
                     "the server log has the traceback",
                 ) from None
-            args = (out["record"], out["map"], d, opts, out["threshold"], self.version, self.s.max_regions)
+            args = (
+                out["record"],
+                out["map"],
+                d,
+                opts,
+                out["threshold"],
+                self.version,
+                self.s.max_regions,
+                out["q_weight"],
+            )
             if want_map:  # PNG encoding / region labelling: off the event loop
                 return await asyncio.to_thread(image_result, *args)
             return image_result(*args)

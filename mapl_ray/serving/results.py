@@ -22,6 +22,7 @@ def image_result(
     threshold: float | None,
     version: str,
     max_regions: int,
+    q_weight: float = 0.0,
 ) -> dict[str, Any]:
     """One image's answer.
 
@@ -31,10 +32,13 @@ def image_result(
             ``data.align``); needed only when ``opts`` asks for ``heatmap`` or ``regions``.
         decoded: the upload as :func:`mapl_ray.data.io.decode_upload` decoded it (size, format, pose).
         opts: ``heatmap`` (bool), ``regions`` (bool), ``region_threshold`` (float in [0, 1] or None: the
-            run's ``threshold``).
+            map value at which this image's score reaches the run's ``threshold``, ``threshold - q_weight * q``,
+            so an image labelled anomalous has at least one region).
         threshold: the run's decision threshold on the image score (None when it has none).
         version: the served model's version string.
         max_regions: most regions listed (the largest maxima first).
+        q_weight: the run's weight of the image head's ``q`` in the image score (``Predictor.q_weight``):
+            the score is the top-k mean of the map plus ``q_weight * q``, the map alone is cut.
 
     Returns:
         the :class:`~mapl_ray.serving.schema.ImageResult` fields; the heatmap (base64 PNG) and the
@@ -79,7 +83,8 @@ def image_result(
         out["heatmap_png_base64"] = encode_map_png(amap, (h, w))
     if opts.get("regions"):
         t = opts.get("region_threshold")
-        t = threshold if t is None else t
+        if t is None and threshold is not None:  # the map part of the decision threshold, for this image's q
+            t = min(1.0, max(0.0, threshold - q_weight * record["q"]))
         if t is None:
             warnings.append("no regions: the run has no decision threshold; pass region_threshold")
         else:

@@ -9,6 +9,7 @@ file (``serve run serve/config.yaml``; values may be YAML numbers or strings) an
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -143,6 +144,14 @@ class ServeSettings:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"serve setting {name} must be > 0, got {v!r}")
+        for f in fields(self):  # NaN passes every comparison below; Ray then fails on it with a traceback
+            v = getattr(self, f.name)
+            if isinstance(v, float) and math.isnan(v):
+                raise ValueError(f"serve setting {f.name} must be a number, got nan")
+        for name in ("gpus_per_replica", "cpus_per_replica", "ingress_cpus"):
+            v = getattr(self, name)
+            if v is not None and math.isinf(v):
+                raise ValueError(f"serve setting {name} must be a finite number of processors, got {v!r}")
         for name in ("gpus_per_replica", "cpus_per_replica", "ingress_cpus", "batch_wait_timeout_s", "retry_after_s"):
             v = getattr(self, name)
             if v is not None and v < 0:
