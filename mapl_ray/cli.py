@@ -743,32 +743,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_token(s.token_env, s.token_file)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    apply_ray_serve_env()  # before Ray Serve is imported and local Ray starts
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:  # a cluster's Serve processes read their own nodes' environment
+        apply_ray_serve_env()  # before Ray Serve is imported and local Ray starts
+    import ray
     from ray import serve
 
     from .pipelines.ray_env import init_ray
     from .pipelines.serve import build_app
 
-    init_ray()  # RAY_ADDRESS points this at a running cluster
-    app = build_app(run, **settings)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
-    print(
-        f"serving {run.name} on http://{args.host}:{args.port}: POST /v1/predict (Content-Type image/png, "
-        "multipart or JSON), GET /healthz /readyz /v1/model /docs; Ctrl-C stops it",
-        file=sys.stderr,
-    )
-
-    def stop(signum, frame):  # SIGTERM (kill, a job scheduler) stops cleanly like Ctrl-C
+    def stop(signum, frame):  # SIGTERM (kill, a job scheduler) stops cleanly like Ctrl-C, also while starting
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
+        init_ray()  # RAY_ADDRESS points this at a running cluster
+        signal.signal(signal.SIGTERM, stop)  # again: ray.init installs its own SIGTERM handler
+        app = build_app(run, **settings)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
+        print(
+            f"serving {run.name} on http://{args.host}:{args.port}: POST /v1/predict (Content-Type image/png, "
+            "multipart or JSON), GET /healthz /readyz /v1/model /docs; Ctrl-C stops it",
+            file=sys.stderr,
+        )
         signal.pause()
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()  # stops the replicas and the HTTP proxy (local Ray stops with this process)
+        if local:  # the local Ray this command started, replicas and all, at once (Serve's own shutdown
+            ray.shutdown()  # waits out a 30 s drain of the fronts in its high-throughput mode)
+        elif ray.is_initialized():
+            serve.shutdown()  # the app leaves the cluster
     return 0
 
 

@@ -22,8 +22,8 @@ GPU_BATCH = 32
 CPU_BATCH = 1
 #: Most front replicas chosen by default (each decodes uploads in its own process).
 MAX_AUTO_FRONTS = 8
-#: Ray Serve's own settings for the Ray that ``mapl serve`` starts on this machine (a variable already in
-#: the environment wins; a cluster's nodes need them in their own environment). Ray 2.56+'s
+#: Ray Serve's own settings for the local Ray that ``mapl serve`` starts (not with ``RAY_ADDRESS``: a
+#: cluster's nodes need them in their own environment; a variable already set wins). Ray 2.56+'s
 #: high-throughput mode (user code on the replica's event loop, gRPC between replicas, no separate proxy):
 #: on the H200 it took single-image p50 from 38 to 28 ms and the echo ceiling of Serve's HTTP path
 #: from 188 to 261 images/s at concurrency 32 (bench/results/serve_load.json); every serve test passes in it.
