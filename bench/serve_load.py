@@ -9,6 +9,8 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
 * ``batching_gain``: images/s with batching on / off at each concurrency, same run, same images;
 * an oversized upload: 1 GiB announced in ``Content-Length``, zeros streamed until the answer comes
   (the 413 must come before the body is sent);
+* with ``--images-per-request K``: the batching-on app again with multipart requests of K images each
+  (stations that send several images at once; images/s counts images);
 * with ``--http-ceiling``: the same load against an echo app (a FastAPI ingress that only reads the
   body), the most Ray Serve's HTTP path carries on this machine; ``stages``: the in-process cost of
   decoding one upload and of one forward pass at batch 1 and 32;
@@ -57,6 +59,7 @@ async def drive(
     max_seconds: float,
     timeout_s: float,
     log: list | None = None,
+    content_type: str = "image/png",
 ) -> dict:
     """``concurrency`` clients POST the images (round robin) until ``max_requests`` were sent or
     ``max_seconds`` passed. Returns the latencies (s) of answered requests, statuses and timing.
@@ -79,7 +82,8 @@ async def drive(
                     return
                 sent = time.monotonic()
                 try:
-                    async with sess.post(url, data=bodies[i % len(bodies)], headers={"Content-Type": "image/png"}) as r:
+                    body = bodies[i % len(bodies)]
+                    async with sess.post(url, data=body, headers={"Content-Type": content_type}) as r:
                         await r.read()
                         status: object = r.status
                 except asyncio.TimeoutError:
@@ -96,7 +100,21 @@ async def drive(
     return {"rows": rows, "wall_s": wall, "t0": t0}
 
 
-def summarise(run: dict) -> dict:
+def multipart_bodies(bodies: list[bytes], k: int, boundary: str = "mapl-bench-boundary") -> tuple[list[bytes], str]:
+    """Request bodies of ``k`` images each (``multipart/form-data``, one file part per image, taken round
+    robin from ``bodies``) and their content type."""
+    out = []
+    for start in range(len(bodies)):
+        parts = []
+        for j in range(k):
+            data = bodies[(start + j) % len(bodies)]
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{j}.png"\r\n'
+            parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
+        out.append(b"".join(parts) + f"--{boundary}--\r\n".encode())
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def summarise(run: dict, images_per_request: int = 1) -> dict:
     rows = run["rows"]
     ok = np.array([d - s for s, d, st in rows if st == 200]) * 1000.0
     statuses = [st for _, _, st in rows]
@@ -105,7 +123,7 @@ def summarise(run: dict) -> dict:
         "ok": int(len(ok)),
         "errors_5xx": sum(1 for st in statuses if isinstance(st, int) and st >= 500),
         "errors_other": sum(1 for st in statuses if st != 200 and not (isinstance(st, int) and st >= 500)),
-        "images_per_s": round(len(ok) / run["wall_s"], 2) if run["wall_s"] > 0 else 0.0,
+        "images_per_s": round(images_per_request * len(ok) / run["wall_s"], 2) if run["wall_s"] > 0 else 0.0,
     }
     for q in (50, 95, 99):
         out[f"p{q}_ms"] = round(float(np.percentile(ok, q)), 2) if len(ok) else None
@@ -432,6 +450,12 @@ def main(argv=None) -> int:
         help="keep Serve's per-request access log (off here: it costs the replicas CPU at high request rates)",
     )
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--images-per-request",
+        type=int,
+        default=1,
+        help="also drive the batching-on app with multipart requests of this many images (images/s counted per image)",
+    )
     p.add_argument("--http-ceiling", action="store_true", help="also drive an echo app (Serve without mapl) first")
     p.add_argument("--only-ceiling", action="store_true", help="stop after the stage costs and the echo app")
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
@@ -537,6 +561,15 @@ def main(argv=None) -> int:
                 r = asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s))
             entry[mode]["concurrency"][str(c)] = {**summarise(r), **probe.result}
             print(mode, c, entry[mode]["concurrency"][str(c)], flush=True)
+            save()
+    if args.images_per_request > 1:  # stations that send several images per request (multipart)
+        bodies_k, ctype_k = multipart_bodies(bodies, args.images_per_request)
+        entry["batched_requests"] = {"images_per_request": args.images_per_request, "concurrency": {}}
+        asyncio.run(drive(url, bodies_k, 2, 4, 60, timeout_s, content_type=ctype_k))  # warm-up
+        for c in conc:
+            r = asyncio.run(drive(url, bodies_k, c, args.requests, args.seconds, timeout_s, content_type=ctype_k))
+            entry["batched_requests"]["concurrency"][str(c)] = summarise(r, args.images_per_request)
+            print("batched requests", c, entry["batched_requests"]["concurrency"][str(c)], flush=True)
             save()
     entry["concurrency"] = entry[default_mode]["concurrency"]
     entry["batching_gain"] = {
