@@ -318,6 +318,7 @@ def _bad_inputs():
             None,
         ),
         ("bad_query_parameter", good, "image/png", {"region_threshold": "2"}, 422, "invalid_request", None),
+        ("nan_query_parameter", good, "image/png", {"region_threshold": "nan"}, 422, "invalid_request", None),
     ]
 
 
@@ -326,6 +327,8 @@ def test_bad_input_is_a_4xx_json_and_the_next_request_succeeds(served, case):
     base, _ = served
     _, body, ctype, query, status, kind, limit = case
     err = assert_error(post(f"{base}/v1/predict", body, ctype, **query), status, kind)
+    if query.get("region_threshold") == "nan":  # said as what it is, not as "must be <= 1"
+        assert "finite" in err["detail"], err
     if limit is not None:
         assert err["limit"]["name"] == limit and limit in err["detail"]
     if case[0] == "one_bad_image_in_a_batch":

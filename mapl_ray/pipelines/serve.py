@@ -393,7 +393,12 @@ class Ingress:
         heatmap: bool = Query(False, description="add the anomaly map as a base64 PNG"),
         regions: bool = Query(False, description="add the defect regions (bounding boxes)"),
         region_threshold: float | None = Query(
-            None, ge=0.0, le=1.0, description="map value regions are cut at (default: the run's threshold)"
+            None,
+            ge=0.0,
+            le=1.0,
+            allow_inf_nan=False,
+            description="map value regions are cut at (default: the map part of the run's decision threshold, "
+            "threshold - q_weight * q)",
         ),
     ) -> dict:
         try:
