@@ -258,7 +258,8 @@ class Scorer:
 
     async def predict(self, image: np.ndarray, name: str, want_map: bool) -> dict:
         """One decoded image, uint8 ``(S, S, 3)`` at the run's size (as the front decodes it) ->
-        ``{"record": Predictor.predict_images record, "map": float32 (S, S) or None, "threshold", "q_weight"}``.
+        ``{"record": Predictor.predict_images record, "map": float32 (S, S) or None, "threshold", "q_weight",
+        "model_version"}`` (the run facts of the model that scored it).
 
         Raises:
             ValueError: ``image`` is not uint8 ``(S, S, 3)`` (a caller bug, not a user's input).
@@ -267,7 +268,13 @@ class Scorer:
         if image.dtype != np.uint8 or image.shape != (size, size, 3):
             raise ValueError(f"expected a uint8 ({size}, {size}, 3) image, got {image.dtype} {image.shape}")
         record, amap = await self._score((image, name, want_map))
-        return {"record": record, "map": amap, "threshold": self.pred.threshold, "q_weight": self.pred.q_weight}
+        return {
+            "record": record,
+            "map": amap,
+            "threshold": self.pred.threshold,
+            "q_weight": self.pred.q_weight,
+            "model_version": self.version,
+        }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
@@ -320,7 +327,6 @@ class Ingress:
         self.image_size = cfg.data.image_size
         self.align = build_pose_estimator(cfg)  # uploads are turned as the training images were
         self.limits = self.s.decode_limits()
-        self.version = model_version(self.s.run_dir)
         self._info: dict | None = None
         self._app = serve.get_replica_context().app_name
 
@@ -489,7 +495,7 @@ class Ingress:
                 d,
                 opts,
                 out["threshold"],
-                self.version,
+                out["model_version"],
                 self.s.max_regions,
                 out["q_weight"],
             )
