@@ -349,7 +349,8 @@ def _claim_output(out: Path, run: Path, src: str, names: list[str]) -> None:
                 f"--out {out} holds scores of run {had.get('run')} on {had.get('source')}: choose another folder "
                 "(a rerun with the same run and source continues it)"
             )
-        stale = sorted(f.name for f in out.glob("*.parquet") if f.name not in set(names))
+        expected = set(names)
+        stale = sorted(f.name for f in out.glob("*.parquet") if f.name not in expected)
         if stale:
             raise LayoutError(
                 f"--out {out} holds {len(stale)} score file(s) this source would not write ({stale[0]}, ...): the "
@@ -498,8 +499,9 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
         except KeyError as e:
             raise RuntimeError(f"score row for {e.args[0]}, a path of no pending source file") from e
         for i in np.unique(idx):
-            parts.setdefault(int(i), []).append(batch.filter(pa.array(idx == i)))
-            got[i] += int((idx == i).sum())
+            mine = idx == i
+            parts.setdefault(int(i), []).append(batch.filter(pa.array(mine)))
+            got[i] += int(mine.sum())
             if got[i] < pending[i].rows:
                 continue
             table = pa.concat_tables(parts.pop(int(i))).combine_chunks()
