@@ -34,6 +34,7 @@ __all__ = [
     "decode_image",
     "decode_upload",
     "LoadedImages",
+    "SIXTEEN_BIT_MODES",
     "image_size",
     "load_image",
     "load_mask",
@@ -54,7 +55,9 @@ _PIL_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
 )
 
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+#: Pillow modes of 16-bit images (always rescaled to 8 bits, value / 257; a 32-bit "I" image is too when
+#: its values pass 255).
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 #: Threads used by :func:`load_records`; PIL releases the GIL while decoding.
 DEFAULT_THREADS = 4
@@ -216,9 +219,9 @@ def _to_grey8(img: Image.Image) -> np.ndarray:
     ``"I"`` (32-bit int, how Pillow opens some 16-bit PNGs) is treated as 16-bit data when its
     maximum exceeds 255, else as 8-bit. Mode ``"F"`` is clipped to [0, 255].
     """
-    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "I":
         a = np.asarray(img).astype(np.float32)
-        if img.mode in _SIXTEEN_BIT_MODES or a.max(initial=0.0) > 255.0:
+        if img.mode in SIXTEEN_BIT_MODES or a.max(initial=0.0) > 255.0:
             a = a / 257.0
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     if img.mode == "F":
@@ -235,7 +238,7 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
     """
     if img.mode == "RGB":
         return img
-    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+    if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
         return Image.fromarray(_to_grey8(img), mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
