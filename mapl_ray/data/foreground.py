@@ -20,6 +20,7 @@ __all__ = [
     "check_rgb_image",
     "foreground_mask",
     "foreground_preset_name",
+    "object_pixels",
     "resolve_foreground",
     "rgb_to_grey",
     "with_resolved_foreground",
@@ -146,6 +147,12 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~keep[lab]
 
 
+def object_pixels(grey: np.ndarray, threshold: float, inverse: bool) -> np.ndarray:
+    """The grey-level object rule: bool mask of ``grey <= threshold`` (``inverse``, a dark object) or
+    ``grey > threshold``, any shape. Shared by the foreground mask and the pose estimator."""
+    return grey <= threshold if inverse else grey > threshold
+
+
 def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
     """Object mask by grey-level thresholding (MemSeg's target foreground mask).
 
@@ -162,8 +169,7 @@ def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
     check_rgb_image(image)
     if not cfg.use_mask:
         return np.ones(image.shape[:2], dtype=np.uint8)
-    grey = rgb_to_grey(image)
-    fg = grey <= cfg.threshold if cfg.inverse else grey > cfg.threshold
+    fg = object_pixels(rgb_to_grey(image), cfg.threshold, cfg.inverse)
     if cfg.open_iterations:
         fg = _dilate(_erode(fg, cfg.open_iterations), cfg.open_iterations)
     if cfg.close_iterations:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import Config, ConfigError
-from .foreground import resolve_foreground
+from .foreground import object_pixels, resolve_foreground
 
 __all__ = ["Pose", "PoseEstimator"]
 
@@ -98,7 +98,7 @@ class Pose:
             # mirrored object pixels become the fill: the margin mirrors a copy of the image with its
             # object filled (the same pixels as masking the mirrored image, on a quarter of them)
             grey = np.asarray(img.convert("L"))
-            obj = grey <= self.object_threshold if self.object_inverse else grey > self.object_threshold
+            obj = object_pixels(grey, self.object_threshold, self.object_inverse)
             src = arr.copy()
             src[obj] = np.asarray(self.fill, np.uint8)
         big = np.pad(src, ((pad, pad), (pad, pad), (0, 0))[: arr.ndim], mode="reflect")
@@ -187,7 +187,7 @@ class PoseEstimator:
         grey = np.asarray(small.convert("L"), dtype=np.float64)
         rgb = np.asarray(small.convert("RGB"))
         h, w = grey.shape
-        fg = grey <= self.threshold if self.inverse else grey > self.threshold
+        fg = object_pixels(grey, self.threshold, self.inverse)
         n = int(fg.sum())
         if n < self.min_fraction * h * w or n > (1 - self.min_fraction) * h * w:
             return None
