@@ -126,7 +126,12 @@ def _interrupt_when(proc: subprocess.Popen, path: Path, timeout: float = 300) ->
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the test fails; the process must not train on after it
+        out, err = proc.communicate()
+        raise AssertionError(f"still running 120 s after SIGINT; stderr:\n{err[-2000:]}") from None
     return proc.returncode, out, err
 
 
