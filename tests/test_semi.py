@@ -19,6 +19,7 @@ from mapl_ray.data.validation import SOURCE_NORMAL, build_validation_set
 from mapl_ray.eval.validation import choose_q_weight
 from mapl_ray.pseudo import labeler as labeler_module
 from mapl_ray.pseudo.labeler import PseudoLabeler, label_quality
+from mapl_ray.pseudo.occ import OCCConfig, OCCEnsemble
 
 
 def tagged(values: list[int], size: int = 32) -> np.ndarray:
@@ -100,6 +101,9 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
         def predict(self, x):
             return known.copy()
 
+        def torch_params(self, device):
+            return [], torch.zeros(0, 1), torch.zeros(0, 1)
+
     monkeypatch.setattr(labeler_module, "OCCEnsemble", StubEnsemble)
     cfg = small_cfg(
         **{
@@ -128,6 +132,39 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
     again = lab.fit(model, 150)
     assert list(lab.history[150]) == [0, 1, 1, -1, 0, 0, -1, 0]  # unknown keeps the earlier label
     assert again["refit_unknown"] == 6
+
+
+def test_a_refit_refills_the_device_parameters_in_place_so_a_captured_step_stays_valid():
+    # the CUDA-graph step reads the ensemble from fixed tensors: a refit must change their values, not the tensors
+    data, _ = pool_data()
+    cfg = small_cfg()
+    lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu"))
+    assert lab.graph_key == 0 and lab.device_params is None
+    rng = np.random.default_rng(0)
+
+    def fitted(shift: float, components: int = 1) -> OCCEnsemble:
+        occ = OCCConfig(num_occs=2, n_components=components, seed=0)
+        normal, unlabeled = rng.normal(size=(40, 5)) + shift, rng.normal(size=(60, 5)) + shift
+        return OCCEnsemble(occ).fit(normal, unlabeled, rng.normal(size=(20, 5)) + shift + 4)
+
+    first, second = fitted(0.0), fitted(3.0)
+    lab.use_ensemble(first, 50)
+    key, tensors = lab.graph_key, [t for occ in lab.device_params[0] for t in occ.values()]
+    ptrs = [t.data_ptr() for t in tensors]
+    x = torch.as_tensor(rng.normal(size=(64, 5)) * 3 + 1.5)
+    out = {"q": torch.zeros(64), "logits": None, "pooled": x}
+    lab.cfg.pseudo.features = "pooled"  # the batch features are x itself
+    assert np.array_equal(lab.predict(out).numpy(), first.predict(x.numpy()))
+    lab.use_ensemble(second, 150)
+    assert lab.graph_key == key and lab.fitted_step == 150
+    assert [t.data_ptr() for t in lab.device_params[0][0].values()] + [
+        t.data_ptr() for occ in lab.device_params[0][1:] for t in occ.values()
+    ] == ptrs  # the same storage ...
+    assert np.array_equal(lab.predict(out).numpy(), second.predict(x.numpy()))  # ... holding the new ensemble
+    assert not np.array_equal(first.predict(x.numpy()), second.predict(x.numpy()))  # (the refit changed labels)
+    assert np.array_equal(first.predict_torch(x).numpy(), first.predict(x.numpy()))  # the old one is untouched
+    lab.use_ensemble(fitted(0.0, components=2), 250)  # other shapes: new tensors, a new graph key
+    assert lab.graph_key == key + 1
 
 
 def test_label_quality_without_truth_counts_only():

@@ -157,8 +157,7 @@ class Trainer:
             self.ema.resume(extra.get("raw_params"))
         saved = load_pseudo(self.run_dir)
         if saved is not None:
-            self.labeler.ensemble = OCCEnsemble.from_state(*saved)
-            self.labeler.fitted_step = int(state.get("pseudo_fitted_step", -1))
+            self.labeler.use_ensemble(OCCEnsemble.from_state(*saved), int(state.get("pseudo_fitted_step", -1)))
             self.labeler.load_state_arrays(saved[0])
         log.info("resumed from %s at step %d", self.run_dir / "checkpoint", self.start_step)
 
@@ -347,7 +346,7 @@ class Trainer:
             times["fit"] += time.perf_counter() - t_fit
             inputs = batch_to_device(batch, device, t.channels_last)
             if graph_step is not None:
-                losses = graph_step((labeler.fitted_step, self.model.memory.generation), *inputs)
+                losses = graph_step((labeler.graph_key, self.model.memory.generation), *inputs)
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 losses = step_fn(*inputs)

@@ -39,7 +39,7 @@ from ..data.batches import BatchMaker
 from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
 from ..tensors import autocast_context, to_tensor
-from .occ import MapFn, OCCConfig, OCCEnsemble
+from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
 MAP_TOPK = (10, 100)
@@ -123,6 +123,10 @@ class PseudoLabeler:
         #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached
         self._knn: tuple[np.ndarray, torch.Tensor] | None = None
         self.fitted_step = -1
+        #: the ensemble in force on ``device``, in tensors refilled in place at each refit (a captured
+        #: training step reads them); ``params_generation`` counts their re-allocations (new shapes)
+        self.device_params: TorchOCCParams | None = None
+        self.params_generation = 0
         data: TrainData = batch_maker.data
         #: pool pseudo-labels by the step of the refit that made them (-1: before any refit)
         self.history: dict[int, np.ndarray] = {}
@@ -261,8 +265,8 @@ class PseudoLabeler:
             raise RuntimeError("no refit is pending")
         step, streamed, future = self.pending
         self.pending = None
-        self.ensemble, raw = future.result()
-        self.fitted_step = step
+        ensemble, raw = future.result()
+        self.use_ensemble(ensemble, step)
         d, p = self.bm.data, self.cfg.pseudo
         if streamed or not d.pool_size:
             return step, label_quality(raw, None)
@@ -276,13 +280,40 @@ class PseudoLabeler:
         }
         return step, stats
 
+    def use_ensemble(self, ensemble: OCCEnsemble, step: int) -> None:
+        """Put ``ensemble`` (fitted at ``step``) in force: its parameters are copied into
+        :attr:`device_params` in place when their shapes are those already there (the tensors a captured
+        CUDA graph of the training step reads: the graph stays valid), else into new tensors
+        (``params_generation`` + 1: a captured step must be recaptured, :attr:`graph_key`)."""
+        self.ensemble, self.fitted_step = ensemble, step
+        new = ensemble.torch_params(self.device)
+        old = self.device_params
+        flat = lambda p: [t for occ in p[0] for t in occ.values()] + [p[1], p[2]]  # noqa: E731
+        if old is not None and [(t.shape, t.dtype) for t in flat(old)] == [(t.shape, t.dtype) for t in flat(new)]:
+            with torch.no_grad():
+                for dst, src in zip(flat(old), flat(new)):
+                    dst.copy_(src)
+        else:
+            self.device_params = tuple(
+                ([{k: v.clone() for k, v in occ.items()} for occ in new[0]], new[1].clone(), new[2].clone())
+            )
+            self.params_generation += 1
+
+    @property
+    def graph_key(self) -> int:
+        """What a CUDA graph of a step that calls :meth:`predict` bakes in: which device tensors hold the
+        ensemble (0: no ensemble yet, the step's labels are constant). A refit with same-shaped parameters
+        keeps the key: its values are copied into the same tensors."""
+        return self.params_generation
+
     def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) of a batch from its forward output, on its device
-        (no host sync); all -1 before the first fit."""
+        (no host sync); all -1 before the first fit. Reads the ensemble from :attr:`device_params`."""
         n = out["q"].shape[0]
-        if self.ensemble is None or self.cfg.pseudo.features == "knn":  # knn: no per-batch features
+        if self.device_params is None or self.cfg.pseudo.features == "knn":  # knn: no per-batch features
             return torch.full((n,), -1, dtype=torch.long, device=out["q"].device)
-        return self.ensemble.predict_torch(features_from_output(out, self.cfg.pseudo.features).detach())
+        feats = features_from_output(out, self.cfg.pseudo.features).detach()
+        return self.ensemble.predict_torch(feats, self.device_params)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The pool labels still needed to resume (``pool_labels@STEP``), for the checkpoint."""

@@ -69,6 +69,10 @@ _PCA_KEYS = ("pca_components", "pca_mean")
 _GLOBAL_KEYS = ("eta_p", "eta_n", "match_distance_p", "match_distance_n", "threshold_swapped")
 
 
+#: an ensemble's parameters on a device: per-OCC tensor dicts, eta_p ``(K, 1)``, eta_n ``(K, 1)``
+TorchOCCParams = tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class OCCConfig:
     """Settings of :class:`OCCEnsemble`. The defaults are the run configuration's
@@ -476,28 +480,41 @@ class OCCEnsemble:
         negative = (s < eta_n).all(0)
         return xp.where(positive, 1, xp.where(negative, 0, -1))
 
-    def predict_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`predict` on a torch tensor ``(n, D)`` (any device), without leaving that device.
-
-        Computed in float64 (as the numpy path) where the device supports it; no validation and
-        no host sync, for the training step. Returns int64 ``(n,)`` in {1, 0, -1} on ``x.device``.
+    def torch_params(self, device: torch.device | str) -> TorchOCCParams:
+        """The fitted parameters as tensors on ``device`` (copied once per device, then cached): per-OCC
+        dicts of :data:`_OCC_KEYS` (and :data:`_PCA_KEYS`) tensors, ``eta_p`` and ``eta_n`` ``(K, 1)``.
+        float64 where the device supports it (as the numpy path), float32 on MPS.
 
         Raises:
             RuntimeError: if not fitted.
         """
         self._require_fitted()
-        dtype = torch.float32 if x.device.type == "mps" else torch.float64
-        key = (x.device, dtype)
-        if key not in self._torch_params:  # parameters copied to the device once, not every step
-            as_t = lambda a: torch.as_tensor(a, dtype=dtype, device=x.device)  # noqa: E731
+        device = torch.device(device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        key = (device, dtype)
+        if key not in self._torch_params:
+            as_t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
             self._torch_params[key] = (
                 [{k: as_t(v) for k, v in occ.items()} for occ in self._occs],
                 as_t(self.eta_p)[:, None],
                 as_t(self.eta_n)[:, None],
             )
-        occs, eta_p, eta_n = self._torch_params[key]
-        x = x.to(dtype)
-        return self._vote(torch.stack([self._score_one(occ, x) for occ in occs]), eta_p, eta_n).long()
+        return self._torch_params[key]
+
+    def predict_torch(self, x: torch.Tensor, params: TorchOCCParams | None = None) -> torch.Tensor:
+        """:meth:`predict` on a torch tensor ``(n, D)`` (any device), without leaving that device.
+
+        No validation and no host sync, for the training step. ``params``: tensors laid out as
+        :meth:`torch_params` (e.g. fixed device buffers a CUDA graph reads, refilled in place at each
+        refit); default: this ensemble's own. Returns int64 ``(n,)`` in {1, 0, -1} on ``x.device``.
+
+        Raises:
+            RuntimeError: if not fitted.
+        """
+        occs, eta_p, eta_n = params if params is not None else self.torch_params(x.device)
+        x = x.to(eta_p.dtype)
+        cov = self.config.covariance_type
+        return self._vote(torch.stack([score_one_occ(occ, x, cov) for occ in occs]), eta_p, eta_n).long()
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

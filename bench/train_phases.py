@@ -1,0 +1,165 @@
+"""Where the paper-setting training run's wall time goes, measured two ways in one call.
+
+``plain``: the run as a user starts it (``train_summary.json`` ``phases_s``, ``engine/loop._phases``):
+host time between the loop's markers. The step is launched asynchronously, so a phase that waits on the
+GPU (a log line reading the losses, a checkpoint copying weights) is charged with the GPU work queued
+before it. ``attributed``: the same run with ``torch.cuda.synchronize`` at the end of each phase (the
+step, the pseudo-labeler's refit start and finish, validation), so each phase is charged with its own GPU
+work; its total is a little longer (no overlap across phases). ``ray``: ``mapl train --gpu`` through Ray
+Train (one worker), the user's command, plain.
+
+    python bench/train_phases.py --data .data/mvtec_ad --category screw --textures .data/dtd256 \\
+        --weights .data/w/tf_efficientnet_lite2.safetensors [--modes plain,attributed,ray] [--set k=v]
+
+Writes ``bench/results/train_phases.json`` (``--out``): per mode the summary's timings, phases, graph
+captures and image AUROC, with the machine, command and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KEEP = (
+    "train_wall_s",
+    "loop_wall_s",
+    "phases_s",
+    "step_s_median",
+    "first_batch_s",
+    "loader_wait_s",
+    "loader_workers",
+    "pseudo_fit_s",
+    "pseudo_fit_wait_s",
+    "graph_captures",
+    "eager_steps",
+    "graph_capture_error",
+    "cuda_graph_step",
+    "images_per_s",
+)
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    out = {
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+@contextlib.contextmanager
+def attributed():
+    """Synchronise the GPU at the end of every phase of ``Trainer.run`` (monkeypatched for this run only)."""
+    import torch
+
+    from mapl_ray.engine import loop
+    from mapl_ray.pseudo.labeler import PseudoLabeler
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def after(fn):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            sync()
+            return out
+
+        return wrapped
+
+    saved = {
+        (loop, "unwrap"): loop.unwrap,  # called once per step right before the step's time is taken
+        (loop.Trainer, "_validate"): loop.Trainer._validate,
+        (PseudoLabeler, "start_fit"): PseudoLabeler.start_fit,
+        (PseudoLabeler, "finish_fit"): PseudoLabeler.finish_fit,
+    }
+    try:
+        for (owner, name), fn in saved.items():
+            setattr(owner, name, after(fn))
+        yield
+    finally:
+        for (owner, name), fn in saved.items():
+            setattr(owner, name, fn)
+
+
+def train(args, mode: str, work: Path) -> dict:
+    out = work / mode
+    cmd = [
+        "train",
+        "--data",
+        args.data,
+        "--category",
+        args.category,
+        "--textures",
+        args.textures,
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--quiet",
+        *(["--weights", args.weights] if args.weights else []),
+        *(["--gpu"] if mode == "ray" else ["--no-ray"]),
+        *[x for kv in args.set for x in ("--set", kv)],
+    ]
+    t0 = time.perf_counter()
+    if mode == "ray":
+        import subprocess
+
+        rc = subprocess.run([sys.executable, "-m", "mapl_ray.cli", *cmd]).returncode
+    else:
+        from mapl_ray.cli import main
+
+        with attributed() if mode == "attributed" else contextlib.nullcontext():
+            rc = main(cmd)
+    job_s = time.perf_counter() - t0
+    rec: dict = {"command": "mapl " + " ".join(cmd), "rc": rc, "job_wall_s": round(job_s, 2)}
+    summary = out / "train_summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        rec.update({k: s.get(k) for k in KEEP})
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        rec["image_auroc"] = json.loads(metrics.read_text())["overall"]["image_auroc"]
+    return rec
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True), p.add_argument("--category", default="screw")
+    p.add_argument("--textures", required=True), p.add_argument("--weights")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--modes", default="plain,attributed,ray")
+    p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("--out", default=str(HERE / "results" / "train_phases.json"))
+    args = p.parse_args()
+    res = {
+        "machine": machine(),
+        "command": "python bench/train_phases.py " + " ".join(sys.argv[1:]),
+        "settings": {"steps": args.steps, "category": args.category, "overrides": args.set, "modes": args.modes},
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="mapl_phases_") as tmp:
+        for mode in args.modes.split(","):
+            res["runs"][mode] = train(args, mode, Path(tmp))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
+            print(mode, json.dumps(res["runs"][mode]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
