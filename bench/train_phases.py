@@ -62,37 +62,47 @@ def machine() -> dict:
 
 
 @contextlib.contextmanager
-def attributed():
-    """Synchronise the GPU at the end of every phase of ``Trainer.run`` (monkeypatched for this run only)."""
+def attributed(calls: dict[str, list[float]]):
+    """Synchronise the GPU at the end of every phase of ``Trainer.run`` (monkeypatched for this run only);
+    ``calls`` gets each call's seconds by phase (the pseudo-labeler's refits, validation, checkpoints,
+    and training steps over 20 ms: eager steps and CUDA-graph captures)."""
     import torch
 
     from mapl_ray.engine import loop
+    from mapl_ray.engine.step import CudaGraphStep
     from mapl_ray.pseudo.labeler import PseudoLabeler
 
     def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def after(fn):
+    def after(fn, name: str | None, over_s: float = 0.0):
         def wrapped(*a, **k):
+            sync()
+            t0 = time.perf_counter()
             out = fn(*a, **k)
             sync()
+            dt = time.perf_counter() - t0
+            if name and dt > over_s and not (name == "validation" and not out):
+                calls.setdefault(name, []).append(round(dt, 4))
             return out
 
         return wrapped
 
     saved = {
-        (loop, "unwrap"): loop.unwrap,  # called once per step right before the step's time is taken
-        (loop.Trainer, "_validate"): loop.Trainer._validate,
-        (PseudoLabeler, "start_fit"): PseudoLabeler.start_fit,
-        (PseudoLabeler, "finish_fit"): PseudoLabeler.finish_fit,
+        (loop, "unwrap"): (loop.unwrap, None),  # called once per step right before the step's time is taken
+        (loop.Trainer, "_validate"): (loop.Trainer._validate, "validation"),
+        (loop.Trainer, "checkpoint"): (loop.Trainer.checkpoint, "checkpoint"),
+        (PseudoLabeler, "start_fit"): (PseudoLabeler.start_fit, "refit_start"),
+        (PseudoLabeler, "finish_fit"): (PseudoLabeler.finish_fit, "refit_finish"),
+        (CudaGraphStep, "__call__"): (CudaGraphStep.__call__, "slow_steps"),
     }
     try:
-        for (owner, name), fn in saved.items():
-            setattr(owner, name, after(fn))
+        for (owner, name), (fn, label) in saved.items():
+            setattr(owner, name, after(fn, label, 0.02 if label == "slow_steps" else 0.0))
         yield
     finally:
-        for (owner, name), fn in saved.items():
+        for (owner, name), (fn, _) in saved.items():
             setattr(owner, name, fn)
 
 
@@ -123,10 +133,13 @@ def train(args, mode: str, work: Path) -> dict:
     else:
         from mapl_ray.cli import main
 
-        with attributed() if mode == "attributed" else contextlib.nullcontext():
+        calls: dict[str, list[float]] = {}
+        with attributed(calls) if mode == "attributed" else contextlib.nullcontext():
             rc = main(cmd)
     job_s = time.perf_counter() - t0
     rec: dict = {"command": "mapl " + " ".join(cmd), "rc": rc, "job_wall_s": round(job_s, 2)}
+    if mode == "attributed":
+        rec["calls_s"] = calls
     summary = out / "train_summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())

@@ -20,6 +20,7 @@ from .data.io import load_image
 from .data.pose import Pose, build_pose_estimator
 from .model import build_model, resolve_backend
 from .model.anomaly_map import anomaly_maps, image_scores, tta_views
+from .model.graphs import GraphedForward
 from .runfolder import load_model_weights, load_run_config, read_state
 from .tensors import resolve_device, to_tensor
 
@@ -92,7 +93,7 @@ class Predictor:
         want = self.cfg.eval.cuda_graphs if cuda_graphs is None else cuda_graphs
         # a FAISS search copies to the host: it cannot be captured
         self.cuda_graphs = bool(want and self.device.type == "cuda" and mem.backend == "torch")
-        self._graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self._graphed = GraphedForward(self._forward, self.device, self.cuda_graphs, self.MAX_GRAPHS)
 
     @property
     def threshold(self) -> float | None:
@@ -107,35 +108,13 @@ class Predictor:
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.cuda_graphs and (tuple(x.shape) in self._graphs or len(self._graphs) < self.MAX_GRAPHS):
-            return self._replay(x)
-        return self._forward(x)
+        return self._graphed(x)
 
     def _forward(self, x: torch.Tensor, cache: bool = True) -> dict[str, torch.Tensor]:
         out = anomaly_maps(
             self.model, x, self.views, self.memory_banks, self.cfg.train.amp, self.cfg.train.channels_last, cache
         )
         return {**out, "scores": self.score(out["maps"], out["q"])}
-
-    def _replay(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward pass through the CUDA graph captured for ``x.shape`` (captured on first use)."""
-        key = tuple(x.shape)
-        if key not in self._graphs:
-            static_in = x.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside the capture (cuDNN autotuning, lazy init)
-                for _ in range(2):
-                    self._forward(static_in, cache=False)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._forward(static_in, cache=False)
-            self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return {k: v.clone() for k, v in static_out.items()}  # the static outputs are overwritten by the next replay
 
     @property
     def q_weight(self) -> float:

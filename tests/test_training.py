@@ -208,7 +208,8 @@ def test_device_learning_rate_follows_the_schedule_and_its_checkpoint_resumes_an
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @needs_data
 def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
-    # 12 steps with pseudo-labeler refits at steps 2, 5, 8, 11: the graph is captured three times
+    # 12 steps with pseudo-labeler refits at steps 2, 5, 8, 11: the graph is captured once, after the first
+    # refit (later refits refill the ensemble's device tensors in place); steps 0-2 are eager
     # a loader process: its batches are pinned by a thread that runs while the main thread captures
     over = {"train.steps": 12, "train.amp": "off", "model.memory_backend": "torch", "train.loader_workers": 1}
     results = {}
@@ -221,7 +222,7 @@ def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
         losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
         results[graphs] = (model, summary, losses)
     graphed, eager = results[True], results[False]
-    assert graphed[1]["cuda_graph_step"] and graphed[1]["graph_captures"] == 3 and graphed[1]["eager_steps"] == 6
+    assert graphed[1]["cuda_graph_step"] and graphed[1]["graph_captures"] == 1 and graphed[1]["eager_steps"] == 3
     assert graphed[1]["graph_capture_error"] is None and not eager[1]["cuda_graph_step"]
     # two eager runs already differ by ~1e-4 in the loss (atomics in the convolutions' backward)
     np.testing.assert_allclose(graphed[2], eager[2], rtol=1e-2)
@@ -233,6 +234,27 @@ def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
     moved = sum((eager[0].state_dict()[k].cpu() - init[k]).abs().sum() for k in trained)
     gap = sum((graphed[0].state_dict()[k].cpu() - eager[0].state_dict()[k].cpu()).abs().sum() for k in trained)
     assert gap < 0.05 * moved, (float(gap), float(moved))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_data
+def test_refit_features_replayed_as_a_cuda_graph_follow_the_weights(small_root, tmp_path):
+    from mapl_ray.pseudo.labeler import PseudoLabeler
+
+    cfg = tiny_config(small_root, **{"train.amp": "off", "model.memory_backend": "torch", "eval.batch_size": 4})
+    data, _, _ = load_train_data(cfg, prepare_run(cfg, tmp_path / "run"))
+    model = build_model(cfg).cuda().eval()
+    model.refresh_memory(torch.rand(3, 3, cfg.data.image_size, cfg.data.image_size, device="cuda"))
+    bm = BatchMaker(cfg, data, build_simulator(cfg))
+    eager = PseudoLabeler(cfg, bm, torch.device("cuda"))
+    graphed = PseudoLabeler(cfg, bm, torch.device("cuda"), cuda_graphs=True)
+    images = data.normals[:6]  # a full batch of 4 and a padded one of 2: one captured shape
+    for _ in range(2):
+        np.testing.assert_allclose(graphed.features(model, images), eager.features(model, images), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # the weights move in place, as an optimizer step moves them
+            for p in model.decoder.parameters():
+                p.mul_(1.5)
+    assert graphed._graphs[cfg.pseudo.features].captures == 1 and graphed._graphs[cfg.pseudo.features].failed is None
 
 
 def test_resumed_run_keeps_the_earlier_training_summary(tmp_path):

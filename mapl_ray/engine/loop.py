@@ -104,7 +104,7 @@ class Trainer:
         if self.graphed:
             device_lr(self.optimizer, self.device)
         self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
-        self.labeler = PseudoLabeler(cfg, self.bm, self.device, fit_map)
+        self.labeler = PseudoLabeler(cfg, self.bm, self.device, fit_map, cuda_graphs=self.graphed)
         self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
         self.validator = Validator(validation, cfg, self.device) if validation is not None and rank == 0 else None
         self.start_step = 0

@@ -38,6 +38,7 @@ from ..config import Config, PseudoConfig
 from ..data.batches import BatchMaker
 from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
+from ..model.graphs import GraphedForward
 from ..tensors import autocast_context, to_tensor
 from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
@@ -111,10 +112,23 @@ class PseudoLabeler:
         device: where features are computed.
         fit_map: runs the K OCC fits of a refit (:meth:`OCCEnsemble.fit`'s ``map_fn``; e.g. Ray tasks,
             :mod:`mapl_ray.pipelines.occ_tasks`); None: one after the other in the fit's thread.
+        cuda_graphs: replay the refits' feature passes as CUDA graphs (:meth:`_batched`; CUDA, torch
+            memory search, one process).
     """
 
-    def __init__(self, cfg: Config, batch_maker: BatchMaker, device: torch.device, fit_map: MapFn | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        batch_maker: BatchMaker,
+        device: torch.device,
+        fit_map: MapFn | None = None,
+        cuda_graphs: bool = False,
+    ):
         self.cfg, self.bm, self.device, self.fit_map = cfg, batch_maker, device, fit_map
+        self.cuda_graphs = cuda_graphs
+        #: the refits' feature passes as CUDA graphs, by feature kind (:meth:`_batched`)
+        self._graphs: dict[str, GraphedForward] = {}
+        self._graph_model: MAPLModel | None = None
         #: the refit in progress: (its step, streamed pool, future of (ensemble, raw pool labels))
         self.pending: tuple[int, bool, Future] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -153,25 +167,44 @@ class PseudoLabeler:
         return self.history[max(s for s in self.history if s <= step - self.cfg.pseudo.label_lag or s == -1)]
 
     @torch.no_grad()
-    def _batched(self, images: np.ndarray, fn) -> torch.Tensor:
-        """``fn`` applied to uint8 images ``(N, H, W, 3)`` in batches of 32 on the device (autocast), the
-        float32 results concatenated on the device."""
-        out = []
-        for i in range(0, len(images), 32):
-            with autocast_context(self.device, self.cfg.train.amp):
-                out.append(fn(to_tensor(images[i : i + 32], self.device)).float())
-        return torch.cat(out)
+    def _batched(self, images: np.ndarray, model: MAPLModel, name: str, fn) -> torch.Tensor:
+        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` in batches of ``eval.batch_size`` on the device
+        (autocast), the float32 results concatenated on the device.
+
+        With CUDA graphs (:class:`~mapl_ray.model.graphs.GraphedForward`, one per ``name``) the last batch
+        is padded to full size with copies of its last image (each image's result does not depend on the
+        others: eval mode): every refit's batches have one shape, captured once and replayed at later
+        refits (the weights change in place; a memory bank refilled with new tensors recaptures)."""
+        graphed = self._graphs.get(name)
+        if graphed is None or self._graph_model is not model:
+            self._graph_model = model
+            graphed = self._graphs[name] = GraphedForward(
+                lambda x, cache: {"y": self._run(fn, x, cache)}, self.device, self.cuda_graphs
+            )
+        key = tuple(bank.generation for bank in model.banks)
+        b, out = self.cfg.eval.batch_size, []
+        for i in range(0, len(images), b):
+            chunk = images[i : i + b]
+            n = len(chunk)
+            if graphed.enabled and n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            out.append(graphed(to_tensor(chunk, self.device), key)["y"][:n])
+        return torch.cat(out) if out else torch.zeros((0,), device=self.device)
+
+    def _run(self, fn, x: torch.Tensor, cache: bool) -> torch.Tensor:
+        with autocast_context(self.device, self.cfg.train.amp, cache_enabled=cache):
+            return fn(x).float()
 
     def features(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
-        """OCC features of uint8 images ``(N, H, W, 3)`` (eval mode, batches of 32): float32 ``(N, D)``."""
+        """OCC features of uint8 images ``(N, H, W, 3)`` (eval mode, :meth:`_batched`): float32 ``(N, D)``."""
         kind = self.cfg.pseudo.features
         if kind == "pooled":
-            return self._batched(images, model.pooled_features).cpu().numpy()
-        return self._batched(images, lambda x: features_from_output(model(x), kind)).cpu().numpy()
+            return self._batched(images, model, kind, model.pooled_features).cpu().numpy()
+        return self._batched(images, model, kind, lambda x: features_from_output(model(x), kind)).cpu().numpy()
 
     def _patches(self, model: MAPLModel, images: np.ndarray) -> torch.Tensor:
         """:func:`~mapl_ray.pseudo.patch_knn.patch_embeddings` of uint8 images ``(N, H, W, 3)`` on the device."""
-        return self._batched(images, lambda x: patch_embeddings(model.encode(x)))
+        return self._batched(images, model, "patches", lambda x: patch_embeddings(model.encode(x)))
 
     def _knn_features(
         self, model: MAPLModel, step: int, pool: dict[str, Any], pos_images: np.ndarray, unl: np.ndarray, streamed: bool
