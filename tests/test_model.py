@@ -287,3 +287,9 @@ def test_memory_bank_ensemble_averages_per_bank_maps_and_survives_a_checkpoint(t
     fresh.load_state_dict(sd)
     assert len(fresh.banks) == 1
     assert torch.allclose(fresh.predict(x)["maps"], single["maps"], atol=1e-6)
+    # the banks stacked into one decoder pass, two and one per pass (groups 2 + 1), and one pass each
+    model.refresh_memory(torch.rand(3, 3, 64, 64), bank=2)
+    by_pass = [model.predict(x, bank_batch=n) for n in (64, 6, 3)]
+    for other_out in by_pass[1:]:
+        assert torch.allclose(other_out["maps"], by_pass[0]["maps"], atol=1e-6)
+        assert torch.allclose(other_out["q"], by_pass[0]["q"], atol=1e-6)

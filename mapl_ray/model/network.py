@@ -46,6 +46,9 @@ class CoordinateAttention(nn.Module):
         return x * torch.sigmoid(self.conv_h(yh)) * torch.sigmoid(self.conv_w(yw.transpose(2, 3)))
 
 
+BANK_BATCH = 64  # images per decoder pass of MAPLModel.predict's memory-bank ensemble
+
+
 def spatial_attention(di: list[torch.Tensor], scale: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Spatial attention maps M1..M3 (``(B, 1, H_l, W_l)`` float) from DI_1..DI_3 (eqs. 9-11).
 
@@ -245,19 +248,37 @@ class MAPLModel(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def _heads(self, feats: list[torch.Tensor], bank: MemoryBank, out_size) -> dict[str, torch.Tensor]:
+    def _heads(self, feats: list[torch.Tensor], banks: list[MemoryBank], out_size) -> dict[str, torch.Tensor]:
+        """DI against each of ``banks`` (eqs. 7-8), spatial attention (eqs. 9-11), MSFF, decoder and head.
+
+        With k banks the MSFF, decoder and head run once on the k copies of the batch stacked bank-major
+        (``(k B, ...)``): one pass of larger kernels instead of k passes of small ones. Eval-mode layers
+        treat every image on its own, so each bank's output is what a pass of its own gives.
+        Returns ``logits`` ``(k B, 1, H, W)``, ``q`` ``(k B,)``, and for the first bank ``nearest`` and ``di``.
+        """
         levels = feats[1:4]
-        di, nearest = bank.difference(levels)
-        di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(levels, di)]  # eq. 8
-        attention = spatial_attention([d.detach() if self.freeze_encoder else d for d in di], bank.di_scale)
-        fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in attention])
-        logits = self.decoder(fused, feats[0], out_size)
+        per_bank = [bank.difference(levels) for bank in banks]
+        attention = [
+            spatial_attention([d.detach() if self.freeze_encoder else d for d in di], bank.di_scale)
+            for bank, (di, _) in zip(banks, per_bank)
+        ]
+        if len(banks) == 1:
+            di, att, stacked, low = per_bank[0][0], attention[0], levels, feats[0]
+        else:
+            k = len(banks)
+            di = [torch.cat([p[0][lvl] for p in per_bank]) for lvl in range(len(levels))]
+            att = [torch.cat([a[lvl] for a in attention]) for lvl in range(len(levels))]
+            stacked = [f.repeat(k, *([1] * (f.dim() - 1))) for f in levels]
+            low = feats[0].repeat(k, *([1] * (feats[0].dim() - 1)))
+        di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(stacked, di)]  # eq. 8
+        fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in att])
+        logits = self.decoder(fused, low, out_size)
         q = self.head([f.detach() for f in fused] if self.head_detach else fused)
-        return {"logits": logits, "q": q, "nearest": nearest, "di": di}
+        return {"logits": logits, "q": q, "nearest": per_bank[0][1], "di": per_bank[0][0]}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encode(images)
-        out = self._heads(feats, self.memory, images.shape[2:])
+        out = self._heads(feats, [self.memory], images.shape[2:])
         return {
             "logits": out["logits"],
             "q": out["q"],
@@ -266,24 +287,35 @@ class MAPLModel(nn.Module):
         }
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, num_banks: int | None = None) -> dict[str, torch.Tensor]:
+    def predict(
+        self, images: torch.Tensor, num_banks: int | None = None, bank_batch: int = BANK_BATCH
+    ) -> dict[str, torch.Tensor]:
         """Anomaly probabilities averaged over the memory-bank ensemble (the encoder runs once).
 
         Args:
             images: float32 ``(B, 3, H, W)`` in [0, 1].
             num_banks: use the first this many banks (default: all).
+            bank_batch: images per decoder pass: banks go through the decoder together, as many at a
+                time as keep ``B`` x banks within it (at least one bank per pass); a small batch of a
+                many-bank run is then one pass instead of one per bank (:meth:`_heads`).
 
         Returns:
             ``"maps"`` float32 ``(B, H, W)`` in [0, 1] (mean of the per-bank sigmoid maps) and ``"q"``
             float32 ``(B,)`` (mean of the per-bank head probabilities).
         """
         feats = self.encode(images)
-        banks = self.banks[: num_banks or None]
+        banks = list(self.banks[: num_banks or None])
+        b = images.shape[0]
+        per_pass = max(1, min(len(banks), bank_batch // max(b, 1)))
         maps = q = 0.0
-        for bank in banks:
-            out = self._heads(feats, bank, images.shape[2:])
-            maps = maps + torch.sigmoid(out["logits"].float())[:, 0]
-            q = q + torch.sigmoid(out["q"].float())
+        for i in range(0, len(banks), per_pass):
+            group = banks[i : i + per_pass]
+            out = self._heads(feats, group, images.shape[2:])
+            prob_maps = torch.sigmoid(out["logits"].float())[:, 0]
+            prob_q = torch.sigmoid(out["q"].float())
+            for j in range(len(group)):  # bank by bank: the same sum as one pass per bank
+                maps = maps + prob_maps[j * b : (j + 1) * b]
+                q = q + prob_q[j * b : (j + 1) * b]
         return {"maps": maps / len(banks), "q": q / len(banks)}
 
     @staticmethod
