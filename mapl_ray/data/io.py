@@ -331,7 +331,7 @@ def _read_rgb(
         work = _resize(work, hw, Image.Resampling.BILINEAR)
         arr = np.asarray(work)
         # a new array either way: writable, unlike asarray's view of Pillow's buffer
-        arr = np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr.copy()
+        arr = np.stack([arr] * 3, axis=-1) if arr.ndim == 2 else arr.copy()
     except _PIL_ERRORS as exc:  # e.g. a mode Pillow cannot convert
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
     return arr, orig_hw, pose, info
