@@ -94,11 +94,14 @@ class Pose:
         # Those corners lie at most sqrt(2)/2 of the frame / scale from the centre, which sits within
         # a quarter frame of the image's middle.
         pad = int(math.ceil(max(w, h) * max(0.0, 0.71 / self.scale + 0.25 - 0.5)))
-        arr = np.asarray(img)
-        if img.mode == "L":
-            colour = int(rgb_to_grey(np.asarray([[self.fill]], np.uint8))[0, 0])
+        if img.mode == "RGB":
+            # Pillow holds RGB as 4 bytes a pixel (RGBX): padded as one uint32 each, the pixels go to and
+            # from Pillow without repacking (the bilinear filter computes each channel alike)
+            arr = np.frombuffer(img.tobytes("raw", "RGBX"), np.uint32).reshape(h, w)
+            colour = np.frombuffer(bytes(self.fill) + b"\xff", np.uint32)[0]
         else:
-            colour = self.fill if img.mode == "RGB" else fill
+            arr = np.asarray(img)
+            colour = int(rgb_to_grey(np.asarray([[self.fill]], np.uint8))[0, 0]) if img.mode == "L" else fill
         src = arr
         if self.object_threshold is not None and img.mode in ("RGB", "L") and pad:
             # mirrored object pixels become the fill: the margin mirrors a copy of the image with its
@@ -109,9 +112,14 @@ class Pose:
         big = np.pad(src, ((pad, pad), (pad, pad), (0, 0))[: arr.ndim], mode="reflect")
         if src is not arr:
             big[pad : pad + h, pad : pad + w] = arr  # the image itself stays as it is
-        big = Image.fromarray(big)
         m = (m[0], m[1], m[2] + pad, m[3], m[4], m[5] + pad)
-        return big.transform((w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=colour)
+        if img.mode != "RGB":
+            return Image.fromarray(big).transform(
+                (w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=colour
+            )
+        big_img = Image.frombuffer("RGBX", big.shape[::-1], big, "raw", "RGBX", 0, 1)  # no copy
+        out = big_img.transform((w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=self.fill)
+        return out.convert("RGB")
 
     def invert_map(self, amap: np.ndarray) -> np.ndarray:
         """An anomaly map ``[H, W]`` float computed on the aligned image, resampled (bilinear) onto the
