@@ -2,8 +2,8 @@
 
 The serve front decodes every upload with :func:`mapl_ray.data.io.decode_upload` (the run's image size,
 its pose normalisation ``data.align``, the serve settings' decode limits) in a worker thread. This bench
-times that call and its parts, median (and min) ms over ``--repeat`` calls cycling through ``--images``
-bodies, in one process:
+times that call and its parts, median (and min) ms over ``--rounds`` x ``--repeat`` calls cycling through
+``--images`` bodies:
 
 * ``decode_ms``: the whole ``decode_upload`` call;
 * ``open_ms``: ``Image.open`` + ``load`` (the PNG decode) + the EXIF orientation (``_open_decoded``);
@@ -17,11 +17,12 @@ The bodies are the run's test split as ``bench/gpu_payload.py`` ships it to the 
 (``optimize=True``), encoded in memory.
 
 ``--compare-with DIR`` also times another copy of the package (e.g. ``git archive main mapl_ray | tar -x
--C DIR``) on the same bodies, in a subprocess with ``DIR`` first on ``PYTHONPATH``, and records whether
-both decode every body to the same pixels and pose. Writes ``--out`` (default
+-C DIR``) on the same bodies, in a subprocess with ``DIR`` first on ``PYTHONPATH`` (the two copies take turns,
+round by round, so that other jobs on the machine slow both alike), and records whether both decode
+every body to the same pixels and pose. Writes ``--out`` (default
 ``bench/results/decode_cost.json``) under ``machines[<this machine>]``, keeping other machines' entries.
 
-    python bench/decode_cost.py --run RUN [--compare-with /tmp/main_src] [--images 32] [--repeat 400]
+    python bench/decode_cost.py --run RUN [--compare-with /tmp/main_src] [--images 32] [--repeat 400] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -87,15 +88,15 @@ def time_parts(run: Path, bodies: list[bytes], repeat: int) -> dict:
     convert = getattr(dio, "_to_grey_or_rgb_image", dio._to_rgb_image)
     hw = (size, size)
 
-    def stats(fn) -> dict:
+    def stats(fn) -> list[float]:
         for i in range(min(len(bodies), repeat)):  # warm-up
             fn(i)
         times = []
         for i in range(repeat):
             t0 = time.perf_counter()
             fn(i)
-            times.append(time.perf_counter() - t0)
-        return {"median": round(1000 * float(np.median(times)), 4), "min": round(1000 * float(np.min(times)), 4)}
+            times.append(round(1000 * (time.perf_counter() - t0), 5))
+        return times
 
     n = len(bodies)
     opened = [dio._open_decoded("x", io.BytesIO(b), limits)[0] for b in bodies]
@@ -103,7 +104,7 @@ def time_parts(run: Path, bodies: list[bytes], repeat: int) -> dict:
     poses = [est(w) if est else None for w in work]
     turned = [p.apply(w, Image.Resampling.BILINEAR, reflect=True) if p else w for p, w in zip(poses, work)]
     resized = [dio._resize(t, hw, Image.Resampling.BILINEAR) for t in turned]
-    out = {
+    times = {
         "decode_ms": stats(lambda i: dio.decode_upload(bodies[i % n], "x", size, est, limits)),
         "open_ms": stats(lambda i: dio._open_decoded("x", io.BytesIO(bodies[i % n]), limits)),
         "convert_ms": stats(lambda i: convert(opened[i % n])),
@@ -113,8 +114,8 @@ def time_parts(run: Path, bodies: list[bytes], repeat: int) -> dict:
         ),
         "resize_ms": stats(lambda i: dio._resize(turned[i % n], hw, Image.Resampling.BILINEAR)),
         "to_array_ms": stats(lambda i: to_array(resized[i % n])),
-        "working_modes": sorted({w.mode for w in work}),
     }
+    out = {"times": {k: v for k, v in times.items() if v is not None}, "working_modes": sorted({w.mode for w in work})}
     digest = hashlib.sha256()
     for b in bodies:
         d = dio.decode_upload(b, "x", size, est, limits)
@@ -124,6 +125,17 @@ def time_parts(run: Path, bodies: list[bytes], repeat: int) -> dict:
     out["package"] = str(Path(mapl_ray.__file__).parent)
     out["commit"] = git_commit(Path(mapl_ray.__file__).parent)
     return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One copy's rounds (:func:`time_parts` results) -> median / min ms per part over all their calls."""
+    out = {}
+    for part in runs[0]["times"]:
+        t = np.concatenate([r["times"][part] for r in runs])
+        out[part] = {"median": round(float(np.median(t)), 4), "min": round(float(np.min(t)), 4)}
+    digests = {r["output_sha256"] for r in runs}
+    first = runs[0]
+    return {**out, **{k: first[k] for k in ("working_modes", "package", "commit")}, "output_sha256": digests.pop()}
 
 
 def to_array(img) -> np.ndarray:
@@ -156,11 +168,22 @@ def machine_key() -> tuple[str, dict]:
     return f"{gpu or 'CPU'} ({os.cpu_count()} cores, {platform.machine()})", info
 
 
+def compare(args, run: Path, bodies_file: str) -> dict:
+    """:func:`time_parts` of the copy of ``mapl_ray`` in ``args.compare_with``, in a subprocess."""
+    path = os.pathsep.join([str(Path(args.compare_with).resolve()), str(HERE.parent)])
+    cmd = [sys.executable, __file__, "--run", str(run), "--repeat", str(args.repeat), "--_bodies", bodies_file]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"--compare-with {args.compare_with} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="trained run folder (its config: image size, data.align)")
     p.add_argument("--images", type=int, default=32, help="distinct test images (round robin)")
-    p.add_argument("--repeat", type=int, default=400, help="timed calls per part")
+    p.add_argument("--repeat", type=int, default=400, help="timed calls per part and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, the copies taking turns (default 3)")
     p.add_argument("--compare-with", help="folder holding another copy of mapl_ray (the code before a change)")
     p.add_argument("--label", default="this", help="name of this copy's results (default 'this')")
     p.add_argument("--compare-label", default="before", help="name of --compare-with's results")
@@ -179,21 +202,15 @@ def main(argv=None) -> int:
 
     size = load_run_config(run).data.image_size
     bodies = payload_bodies(run, args.images, size)
-    results = {}
-    if args.compare_with:
-        with tempfile.NamedTemporaryFile(suffix=".pkl") as f:
-            f.write(pickle.dumps(bodies))
-            f.flush()
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(Path(args.compare_with).resolve()), str(HERE.parent)]),
-            }
-            cmd = [sys.executable, __file__, "--run", str(run), "--repeat", str(args.repeat), "--_bodies", f.name]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"--compare-with {args.compare_with} failed:\n{done.stderr[-3000:]}")
-            results[args.compare_label] = json.loads(done.stdout.strip().splitlines()[-1])
-    results[args.label] = time_parts(run, bodies, args.repeat)
+    rounds: dict[str, list[dict]] = {args.label: []}
+    with tempfile.NamedTemporaryFile(suffix=".pkl") as f:
+        f.write(pickle.dumps(bodies))
+        f.flush()
+        for _ in range(args.rounds):  # the copies take turns, so that load from other jobs hits both alike
+            if args.compare_with:
+                rounds.setdefault(args.compare_label, []).append(compare(args, run, f.name))
+            rounds[args.label].append(time_parts(run, bodies, args.repeat))
+    results = {label: summarise(rs) for label, rs in rounds.items()}
 
     key, info = machine_key()
     cfg = load_run_config(run)
@@ -208,9 +225,10 @@ def main(argv=None) -> int:
             "images": len(bodies),
             "body_bytes_median": int(np.median([len(b) for b in bodies])),
             "repetitions": args.repeat,
+            "rounds": args.rounds,
             "bodies": "the run's test split as bench/gpu_payload.py stores it (run's size, grey where R=G=B, "
             "PNG optimize=True), in memory",
-            "load_average_1min": os.getloadavg()[0],
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         },
         "results": results,
     }
