@@ -12,9 +12,9 @@ times that call and its parts, median (and min) ms over ``--rounds`` x ``--repea
 * ``resize_ms``: to the run's image size (~0 when the upload already has it);
 * ``to_array_ms``: the final ``uint8 [H, W, 3]`` array.
 
-The bodies are the run's test split as ``bench/gpu_payload.py`` ships it to the GPU machine (what
-``bench/serve_load.py`` sent there): each image at the run's size, grey where R = G = B, PNG
-(``optimize=True``), encoded in memory.
+The bodies are the test split (the run's, or ``--data``'s ``--category``) as ``bench/gpu_payload.py``
+ships it to the GPU machine (what ``bench/serve_load.py`` sent there): each image at the model's size,
+grey where R = G = B, PNG (``optimize=True``), encoded in memory. No GPU is used.
 
 ``--compare-with DIR`` also times another copy of the package (e.g. ``git archive main mapl_ray | tar -x
 -C DIR``) on the same bodies, in a subprocess with ``DIR`` first on ``PYTHONPATH`` (the two copies take turns,
@@ -23,6 +23,7 @@ every body to the same pixels and pose. Writes ``--out`` (default
 ``bench/results/decode_cost.json``) under ``machines[<this machine>]``, keeping other machines' entries.
 
     python bench/decode_cost.py --run RUN [--compare-with /tmp/main_src] [--images 32] [--repeat 400] [--rounds 3]
+    python bench/decode_cost.py --data ROOT --category screw [--image-size 256] [--compare-with DIR]
 """
 
 from __future__ import annotations
@@ -46,19 +47,36 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def payload_bodies(run: Path, n: int, size: int) -> list[bytes]:
-    """Up to ``n`` test images of the run, alternating good and defective, as ``gpu_payload.py`` stores
-    them (at ``size``, grey where R = G = B, PNG ``optimize=True``), encoded in memory."""
+def settings_of(args) -> tuple[object, list[dict]]:
+    """The config whose decode is timed (the run's, or the category preset's at ``--image-size``) and the
+    test records (``path``, ``label``) the bodies come from."""
+    from mapl_ray.config import Config
+
+    if args.run:
+        from mapl_ray.runfolder import load_run_config
+
+        return load_run_config(args.run), json.loads((Path(args.run) / "split.json").read_text())["test"]
+    from mapl_ray.data.layout import scan_category
+    from mapl_ray.presets import category_preset
+
+    over = {"data.root": args.data, "data.category": args.category, **category_preset(args.category)}
+    cfg = Config().override({**over, "data.image_size": args.image_size}).validate()
+    test = scan_category(args.data, args.category, require_masks=False).test
+    return cfg, [{"path": r.path, "label": r.label} for r in test]
+
+
+def payload_bodies(test: list[dict], n: int, size: int) -> list[bytes]:
+    """Up to ``n`` test images, alternating good and defective, as ``gpu_payload.py`` stores them (at
+    ``size``, grey where R = G = B, PNG ``optimize=True``), encoded in memory."""
     from PIL import Image
 
     from mapl_ray.data.io import load_image
 
-    split = json.loads((run / "split.json").read_text())
-    good = [r["path"] for r in split["test"] if r["label"] == 0]
-    bad = [r["path"] for r in split["test"] if r["label"] != 0]
+    good = [r["path"] for r in test if r["label"] == 0]
+    bad = [r["path"] for r in test if r["label"] != 0]
     paths = [p for pair in itertools.zip_longest(good, bad) for p in pair if p is not None][:n]
     if not paths:
-        raise SystemExit(f"{run}/split.json lists no test images")
+        raise SystemExit("no test images")
     bodies = []
     for p in paths:
         img = load_image(p, size)
@@ -69,21 +87,20 @@ def payload_bodies(run: Path, n: int, size: int) -> list[bytes]:
     return bodies
 
 
-def time_parts(run: Path, bodies: list[bytes], repeat: int) -> dict:
-    """Median / min ms of the decode and its parts with the imported ``mapl_ray``, and a digest of what
-    every body decodes to (pixels and pose)."""
+def time_parts(spec: dict, bodies: list[bytes], repeat: int) -> dict:
+    """Call times (ms) of the decode and its parts with the imported ``mapl_ray``, and a digest of what
+    every body decodes to (pixels and pose). ``spec``: ``image_size`` and ``pose`` (the estimator's
+    ``[threshold, inverse]``, or None without pose normalisation)."""
     from PIL import Image
 
     import mapl_ray
     from mapl_ray.data import io as dio
-    from mapl_ray.data.pose import build_pose_estimator
-    from mapl_ray.runfolder import load_run_config
+    from mapl_ray.data.pose import PoseEstimator
     from mapl_ray.serving.settings import ServeSettings
 
-    cfg = load_run_config(run)
-    size = cfg.data.image_size
-    est = build_pose_estimator(cfg)
-    limits = ServeSettings(run_dir=str(run)).resolve(False, size).decode_limits()
+    size = spec["image_size"]
+    est = PoseEstimator(*spec["pose"]) if spec["pose"] else None
+    limits = ServeSettings(run_dir="").resolve(False, size).decode_limits()
     # the code path of this copy of the package: grey kept at one channel where it has that step
     convert = getattr(dio, "_to_grey_or_rgb_image", dio._to_rgb_image)
     hw = (size, size)
@@ -168,10 +185,10 @@ def machine_key() -> tuple[str, dict]:
     return f"{gpu or 'CPU'} ({os.cpu_count()} cores, {platform.machine()})", info
 
 
-def compare(args, run: Path, bodies_file: str) -> dict:
+def compare(args, bodies_file: str) -> dict:
     """:func:`time_parts` of the copy of ``mapl_ray`` in ``args.compare_with``, in a subprocess."""
-    path = os.pathsep.join([str(Path(args.compare_with).resolve()), str(HERE.parent)])
-    cmd = [sys.executable, __file__, "--run", str(run), "--repeat", str(args.repeat), "--_bodies", bodies_file]
+    path = os.pathsep.join([str(Path(args.compare_with).resolve()), os.environ.get("PYTHONPATH", ""), str(HERE.parent)])
+    cmd = [sys.executable, __file__, "--repeat", str(args.repeat), "--_bodies", bodies_file]
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"--compare-with {args.compare_with} failed:\n{done.stderr[-3000:]}")
@@ -180,7 +197,10 @@ def compare(args, run: Path, bodies_file: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="trained run folder (its config: image size, data.align)")
+    p.add_argument("--run", help="trained run folder (its config: image size, data.align; its test split)")
+    p.add_argument("--data", help="without --run: data-set root (MVTec layout), with --category")
+    p.add_argument("--category", default="screw", help="without --run: the category (its preset's data.align)")
+    p.add_argument("--image-size", type=int, default=256, help="without --run: the model's input size")
     p.add_argument("--images", type=int, default=32, help="distinct test images (round robin)")
     p.add_argument("--repeat", type=int, default=400, help="timed calls per part and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, the copies taking turns (default 3)")
@@ -191,42 +211,47 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "results" / "decode_cost.json"))
     p.add_argument("--_bodies", help=argparse.SUPPRESS)  # internal: time these bodies, print JSON
     args = p.parse_args(argv)
-    run = Path(args.run)
 
     if args._bodies:
-        bodies = pickle.loads(Path(args._bodies).read_bytes())
-        print(json.dumps(time_parts(run, bodies, args.repeat)))
+        job = pickle.loads(Path(args._bodies).read_bytes())
+        print(json.dumps(time_parts(job["spec"], job["bodies"], args.repeat)))
         return 0
+    if not args.run and not args.data:
+        p.error("give --run RUN, or --data ROOT [--category NAME] [--image-size N]")
 
-    from mapl_ray.runfolder import load_run_config
+    from mapl_ray.data.pose import build_pose_estimator
 
-    size = load_run_config(run).data.image_size
-    bodies = payload_bodies(run, args.images, size)
+    cfg, test = settings_of(args)
+    size = cfg.data.image_size
+    est = build_pose_estimator(cfg)
+    spec = {"image_size": size, "pose": [est.threshold, est.inverse] if est else None}
+    bodies = payload_bodies(test, args.images, size)
     rounds: dict[str, list[dict]] = {args.label: []}
     with tempfile.NamedTemporaryFile(suffix=".pkl") as f:
-        f.write(pickle.dumps(bodies))
+        f.write(pickle.dumps({"spec": spec, "bodies": bodies}))
         f.flush()
         for _ in range(args.rounds):  # the copies take turns, so that load from other jobs hits both alike
             if args.compare_with:
-                rounds.setdefault(args.compare_label, []).append(compare(args, run, f.name))
-            rounds[args.label].append(time_parts(run, bodies, args.repeat))
+                rounds.setdefault(args.compare_label, []).append(compare(args, f.name))
+            rounds[args.label].append(time_parts(spec, bodies, args.repeat))
     results = {label: summarise(rs) for label, rs in rounds.items()}
 
     key, info = machine_key()
-    cfg = load_run_config(run)
     entry = {
         "machine": info,
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "settings": {
-            "run": str(run),
+            "run": args.run,
+            "data": None if args.run else args.data,
             "category": cfg.data.category,
             "image_size": size,
             "align": cfg.data.align,
+            "pose_estimator": spec["pose"],
             "images": len(bodies),
             "body_bytes_median": int(np.median([len(b) for b in bodies])),
             "repetitions": args.repeat,
             "rounds": args.rounds,
-            "bodies": "the run's test split as bench/gpu_payload.py stores it (run's size, grey where R=G=B, "
+            "bodies": "test images as bench/gpu_payload.py stores them (at image_size, grey where R=G=B, "
             "PNG optimize=True), in memory",
             "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         },
