@@ -36,6 +36,7 @@ import json
 import os
 import pickle
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     key, info = machine_key()
     entry = {
         "machine": info,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "settings": {
             "run": args.run,
             "data": None if args.run else args.data,
