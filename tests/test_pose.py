@@ -3,6 +3,7 @@ category preset, and an aligned run whose maps come back in the files' own frame
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import SCREW, needs_data, tiny_config
 from PIL import Image
 
 from mapl_ray.config import Config, ConfigError
-from mapl_ray.data.io import decode_image, load_image, load_records
+from mapl_ray.data.io import decode_image, decode_upload, load_image, load_records
 from mapl_ray.data.layout import scan_category
 from mapl_ray.data.pose import PoseEstimator, build_pose_estimator
 
@@ -140,6 +141,66 @@ def test_real_screws_all_point_the_same_way():
     flipped = (z * turned).sum((1, 2))
     wrong = [str(p.name) for p, s, f in zip(paths, same, flipped) if f >= s]
     assert not wrong, f"screws aligned head-right: {wrong}"
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def reference_decode(img: Image.Image, est: PoseEstimator, size: int) -> tuple[np.ndarray, object]:
+    """The decode spelt out the plain way, in RGB: the pose estimated and applied on the RGB image, then
+    resized (Pillow bilinear); the background fill is the median of the background pixels (np.median)."""
+    rgb = img.convert("RGB")
+    pose = est(rgb)
+    fg = np.asarray(rgb.convert("L")) <= est.threshold
+    assert pose.fill == tuple(int(v) for v in np.median(np.asarray(rgb)[~fg], axis=0))
+    turned = pose.apply(rgb, Image.Resampling.BILINEAR)
+    return np.asarray(turned.resize((size, size), Image.Resampling.BILINEAR)), pose
+
+
+@needs_data
+@pytest.mark.parametrize("size", [256, 128])
+def test_grey_and_colour_uploads_decode_as_the_plain_rgb_reference(size):
+    """Real screws at 256 x 256 as the GPU bench sends them (grey PNG), the same pixels as RGB, a tinted
+    colour version and a 16-bit grey version (some shifted so that the part touches the frame) all decode to the reference's pixels and pose (a grey image
+    is turned at one channel; the fill is a histogram median)."""
+    est = PoseEstimator(130, inverse=True)
+    paths = sorted((SCREW / "test").glob("*/*.png"))[::15]
+    for p in paths:
+        grey = Image.open(p).convert("L").resize((256, 256), Image.Resampling.BILINEAR)
+        if p.stem.endswith("0"):  # the part cut by the frame: its mirror images in the margin get the fill
+            grey = Image.fromarray(np.roll(np.asarray(grey), (110, 120), axis=(0, 1)))
+        tint = np.asarray(grey.convert("RGB")) * np.array([0.9, 1.0, 0.8])
+        colour = Image.fromarray(np.clip(tint + [[[12, 0, 31]]], 0, 255).astype(np.uint8))
+        sixteen = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+        for img, body in [
+            (grey, png(grey)),
+            (grey, png(grey.convert("RGB"))),
+            (colour, png(colour)),
+            (grey, png(sixteen)),
+        ]:
+            want, want_pose = reference_decode(img, est, size)
+            d = decode_upload(body, p.name, size, est)
+            assert d.pose == want_pose, p
+            assert d.image.dtype == np.uint8 and d.image.flags.writeable and d.image.flags.c_contiguous
+            assert np.array_equal(d.image, want), p
+
+
+def test_background_fill_rounds_an_even_median_down():
+    """With an even number of background pixels the fill is the mean of the two middle values, rounded
+    down (as int(np.median)): background 10 x 50 pixels of (100, 7, 0) and 10 x 50 of (103, 8, 255)."""
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[:10] = (100, 7, 0)
+    rgb[10:20] = (103, 8, 255)
+    rgb[20:] = (250, 250, 250)  # the object: grey > 128
+    rgb[20:, :5] = (0, 0, 0)  # part of the background
+    pose = PoseEstimator(128, inverse=False)(Image.fromarray(rgb))
+    bg = rgb[rgb.mean(-1) <= 128]
+    assert pose.fill == tuple(int(v) for v in np.median(bg, axis=0)) == (100, 7, 0)
+    pose = PoseEstimator(128, inverse=False)(Image.fromarray(rgb[:, 5:]))
+    assert pose.fill == tuple(int(v) for v in np.median(rgb[:20, 5:].reshape(-1, 3), axis=0)) == (101, 7, 127)
 
 
 def test_align_needs_an_object_threshold():

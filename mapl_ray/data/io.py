@@ -236,10 +236,18 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
     object are kept as stored. Palette images with transparency go through RGBA first
     (Pillow warns otherwise).
     """
-    if img.mode == "RGB":
+    img = _to_grey_or_rgb_image(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_grey_or_rgb_image(img: Image.Image) -> Image.Image:
+    """:func:`_to_rgb_image`, except that grey images (8-bit ``"L"``, 16-bit, ``"I"``, ``"F"``) stay one
+    8-bit ``"L"`` channel: their RGB conversion repeats it, so the pose and the resize can run at one
+    channel and the channel be repeated at the end (Pillow's bilinear filters compute each channel alike)."""
+    if img.mode in ("RGB", "L"):
         return img
     if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
-        return Image.fromarray(_to_grey8(img), mode="L").convert("RGB")
+        return Image.fromarray(_to_grey8(img), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -315,16 +323,18 @@ def _read_rgb(
     orig_hw = (img.height, img.width)
     pose = None
     try:
-        rgb = _to_rgb_image(img)
+        work = _to_grey_or_rgb_image(img)  # a grey file is turned and resized at one channel
         if align is not None:
-            pose = align(rgb)
+            pose = align(work)
             if pose is not None:
-                rgb = pose.apply(rgb, Image.Resampling.BILINEAR)
-        rgb = _resize(rgb, hw, Image.Resampling.BILINEAR)
-        arr = np.array(rgb, dtype=np.uint8)  # a copy: writable, unlike asarray's view of Pillow's buffer
+                work = pose.apply(work, Image.Resampling.BILINEAR, reflect=True)
+        work = _resize(work, hw, Image.Resampling.BILINEAR)
+        arr = np.asarray(work)
+        # a new array either way: writable, unlike asarray's view of Pillow's buffer
+        arr = np.stack([arr] * 3, axis=-1) if arr.ndim == 2 else arr.copy()
     except _PIL_ERRORS as exc:  # e.g. a mode Pillow cannot convert
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
-    return np.ascontiguousarray(arr), orig_hw, pose, info
+    return arr, orig_hw, pose, info
 
 
 def load_image(

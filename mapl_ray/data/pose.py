@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import Config, ConfigError
-from .foreground import object_pixels, resolve_foreground
+from .foreground import object_pixels, resolve_foreground, rgb_to_grey
 
 __all__ = ["Pose", "PoseEstimator"]
 
@@ -79,7 +79,9 @@ class Pose:
 
         Where the turned frame reaches past the image, ``reflect`` (default: for RGB images) mirrors the
         image (``numpy.pad`` ``reflect``), with mirrored object pixels replaced by :attr:`fill`;
-        otherwise (masks) those pixels get ``fill``."""
+        otherwise (masks) those pixels get ``fill``. A grey (``"L"``) image with ``reflect=True`` is
+        treated as an image too (its fill is :attr:`fill`'s grey level), so that a grey file can be
+        turned at one channel: the result equals turning its RGB conversion, converted back."""
         w, h = img.size
         m = self._matrix(w, h, inverse=False)
         if reflect is None:
@@ -92,23 +94,32 @@ class Pose:
         # Those corners lie at most sqrt(2)/2 of the frame / scale from the centre, which sits within
         # a quarter frame of the image's middle.
         pad = int(math.ceil(max(w, h) * max(0.0, 0.71 / self.scale + 0.25 - 0.5)))
-        arr = np.asarray(img)
+        if img.mode == "RGB":
+            # Pillow holds RGB as 4 bytes a pixel (RGBX): padded as one uint32 each, the pixels go to and
+            # from Pillow without repacking (the bilinear filter computes each channel alike)
+            arr = np.frombuffer(img.tobytes("raw", "RGBX"), np.uint32).reshape(h, w)
+            colour = np.frombuffer(bytes(self.fill) + b"\xff", np.uint32)[0]
+        else:
+            arr = np.asarray(img)
+            colour = int(rgb_to_grey(np.asarray([[self.fill]], np.uint8))[0, 0]) if img.mode == "L" else fill
         src = arr
-        if self.object_threshold is not None and arr.ndim == 3 and pad:
+        if self.object_threshold is not None and img.mode in ("RGB", "L") and pad:
             # mirrored object pixels become the fill: the margin mirrors a copy of the image with its
             # object filled (the same pixels as masking the mirrored image, on a quarter of them)
-            grey = np.asarray(img.convert("L"))
-            obj = object_pixels(grey, self.object_threshold, self.object_inverse)
+            grey = arr if img.mode == "L" else np.asarray(img.convert("L"))
             src = arr.copy()
-            src[obj] = np.asarray(self.fill, np.uint8)
+            src[object_pixels(grey, self.object_threshold, self.object_inverse)] = colour
         big = np.pad(src, ((pad, pad), (pad, pad), (0, 0))[: arr.ndim], mode="reflect")
         if src is not arr:
             big[pad : pad + h, pad : pad + w] = arr  # the image itself stays as it is
-        big = Image.fromarray(big)
         m = (m[0], m[1], m[2] + pad, m[3], m[4], m[5] + pad)
-        return big.transform(
-            (w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=self.fill if img.mode == "RGB" else fill
-        )
+        if img.mode != "RGB":
+            return Image.fromarray(big).transform(
+                (w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=colour
+            )
+        big_img = Image.frombuffer("RGBX", big.shape[::-1], big, "raw", "RGBX", 0, 1)  # no copy
+        out = big_img.transform((w, h), Image.Transform.AFFINE, m, resample=resample, fillcolor=self.fill)
+        return out.convert("RGB")
 
     def invert_map(self, amap: np.ndarray) -> np.ndarray:
         """An anomaly map ``[H, W]`` float computed on the aligned image, resampled (bilinear) onto the
@@ -184,14 +195,13 @@ class PoseEstimator:
         """The pose of ``img`` (a Pillow image, RGB or grey), or None when no object was found."""
         factor = max(1, math.ceil(max(img.size) / self.analysis_size))
         small = img.reduce(factor) if factor > 1 else img
-        grey = np.asarray(small.convert("L"), dtype=np.float64)
-        rgb = np.asarray(small.convert("RGB"))
+        grey = np.asarray(small if small.mode == "L" else small.convert("L"))
         h, w = grey.shape
         fg = object_pixels(grey, self.threshold, self.inverse)
         n = int(fg.sum())
         if n < self.min_fraction * h * w or n > (1 - self.min_fraction) * h * w:
             return None
-        ys, xs = np.nonzero(fg)
+        ys, xs = np.divmod(np.flatnonzero(fg), w)  # np.nonzero(fg), in a third of the time
         xs = xs + 0.5
         ys = ys + 0.5
         cx, cy = xs.mean(), ys.mean()
@@ -215,8 +225,27 @@ class PoseEstimator:
         # Pillow rotates counter-clockwise on screen; with y pointing down a direction at angle
         # `axis` ends at `axis - a`, which must be pi (left).
         angle = (math.degrees(axis) - 180.0) % 360.0
-        fill = tuple(int(v) for v in np.median(rgb[~fg], axis=0))
+        if small.mode == "L":  # a grey image: R = G = B = grey
+            fill = _background_median(grey[..., None], fg) * 3
+        else:
+            fill = _background_median(np.asarray(small if small.mode == "RGB" else small.convert("RGB")), fg)
         return Pose(mx / w, my / h, angle, scale, img.size, self.threshold, self.inverse, fill)
+
+
+def _background_median(rgb: np.ndarray, fg: np.ndarray) -> tuple[int, ...]:
+    """Per channel, the median of the uint8 ``rgb`` ``[H, W, C]`` pixels outside the bool mask ``fg``
+    (at least one), rounded down: ``int(np.median(rgb[~fg], axis=0))`` exactly, from 256-bin histograms
+    (the image's minus the object's) instead of sorting the background (~50x faster at 256 x 256)."""
+    out = []
+    for c in range(rgb.shape[2]):
+        ch = rgb[..., c]
+        counts = np.bincount(ch.ravel(), minlength=256) - np.bincount(ch[fg], minlength=256)
+        below = np.cumsum(counts)  # below[v]: background pixels <= v
+        n = int(below[-1])
+        # the (n - 1) // 2-th and n // 2-th smallest values (0-based; the same one when n is odd)
+        lo, hi = np.searchsorted(below, [(n - 1) // 2, n // 2], side="right")
+        out.append((int(lo) + int(hi)) // 2)
+    return tuple(out)
 
 
 def build_pose_estimator(cfg: Config) -> PoseEstimator | None:
