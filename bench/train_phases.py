@@ -131,11 +131,11 @@ def train(args, mode: str, work: Path) -> dict:
 
         rc = subprocess.run([sys.executable, "-m", "mapl_ray.cli", *cmd]).returncode
     else:
-        from mapl_ray.cli import main
+        import mapl_ray.cli as cli
 
         calls: dict[str, list[float]] = {}
         with attributed(calls) if mode == "attributed" else contextlib.nullcontext():
-            rc = main(cmd)
+            rc = cli.main(cmd)
     job_s = time.perf_counter() - t0
     rec: dict = {"command": "mapl " + " ".join(cmd), "rc": rc, "job_wall_s": round(job_s, 2)}
     if mode == "attributed":
