@@ -6,7 +6,8 @@ GPU (a log line reading the losses, a checkpoint copying weights) is charged wit
 before it. ``attributed``: the same run with ``torch.cuda.synchronize`` at the end of each phase (the
 step, the pseudo-labeler's refit start and finish, validation), so each phase is charged with its own GPU
 work; its total is a little longer (no overlap across phases). ``ray``: ``mapl train --gpu`` through Ray
-Train (one worker), the user's command, plain.
+Train (one worker), the user's command, plain. ``plain`` and ``attributed`` run ``mapl train --no-ray
+--gpu`` in this process (the GPU where there is one).
 
     python bench/train_phases.py --data .data/mvtec_ad --category screw --textures .data/dtd256 \\
         --weights .data/w/tf_efficientnet_lite2.safetensors [--modes plain,attributed,ray] [--set k=v]
@@ -107,6 +108,9 @@ def attributed(calls: dict[str, list[float]]):
 
 
 def train(args, mode: str, work: Path) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available()
     out = work / mode
     cmd = [
         "train",
@@ -122,7 +126,8 @@ def train(args, mode: str, work: Path) -> dict:
         str(args.steps),
         "--quiet",
         *(["--weights", args.weights] if args.weights else []),
-        *(["--gpu"] if mode == "ray" else ["--no-ray"]),
+        *(["--gpu"] if gpu else []),  # with --no-ray: train in this process on the GPU
+        *([] if mode == "ray" else ["--no-ray"]),
         *[x for kv in args.set for x in ("--set", kv)],
     ]
     t0 = time.perf_counter()
