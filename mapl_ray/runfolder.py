@@ -110,7 +110,10 @@ def snapshot_checkpoint(
     extra: dict[str, Any] | None = None,
     reuse: dict[str, torch.Tensor] | None = None,
 ) -> CheckpointSnapshot:
-    """Copy what :func:`save_checkpoint` writes into host memory (device tensors: a device-to-host copy).
+    """Copy a checkpoint's contents into host memory (device tensors: a device-to-host copy), for
+    :func:`write_checkpoint`.
+
+    ``extra``: more training state stored in ``optimizer.pt`` (tensors / lists / numbers only).
 
     ``reuse``: state-dict entries already copied by an earlier snapshot whose values have not changed
     since (e.g. the memory banks of a frozen encoder): taken as they are, not copied again. The caller
@@ -154,23 +157,6 @@ def write_checkpoint(run_dir: str | Path, snapshot: CheckpointSnapshot) -> Path:
     (tmp / "state.json").write_text(snapshot.state)
     _swap_in(tmp, final)
     return final
-
-
-def save_checkpoint(
-    run_dir: str | Path,
-    model: torch.nn.Module,
-    state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Atomically write ``RUN/checkpoint/`` (see module docstring) now: :func:`snapshot_checkpoint`, then
-    :func:`write_checkpoint`. Returns the checkpoint folder.
-
-    ``extra``: more training state stored in ``optimizer.pt`` (tensors / lists / numbers only).
-    """
-    return write_checkpoint(run_dir, snapshot_checkpoint(model, state, optimizer, scheduler, pseudo, extra))
 
 
 def require_run_folder(run_dir: str | Path) -> Path:
