@@ -5,7 +5,9 @@ Trains ``--steps`` steps on a real category with its preset (screw: 10 memory ba
 ``model.safetensors``), ``train.checkpoint_every`` = ``--checkpoint-every``, without Ray and without the
 evaluation, then times the parts of one save of the trained model: the host copy of the state dict, the
 ``model.safetensors`` write, the optimizer state and ``optimizer.pt``, ``state.json`` and the swap. Merges one
-record per ``--label`` and device into ``--out``. ``--label`` names the code measured: run it with
+record per ``--label`` and device into ``--out``. With the checkpoint writer, it also times what one in-loop
+checkpoint costs the training thread, synchronous save against snapshot + hand-over, interleaved (the
+loop's phases of two runs differ as much as the machine's load does). ``--label`` names the code measured: run it with
 ``PYTHONPATH`` pointing at another checkout to measure that one (``before``), e.g.
 
     PYTHONPATH=$PWD python bench/checkpoint.py --label after --steps 12 --checkpoint-every 3
@@ -77,6 +79,30 @@ def save_parts(model: torch.nn.Module, run: Path, repeats: int = 3) -> dict[str,
     return {**{k: float(np.median(v)) for k, v in parts.items()}, **{k: round(v, 2) for k, v in mib.items()}}
 
 
+def training_thread_costs(cfg: Config, data, run: Path, device: str, repeats: int = 5) -> dict[str, float] | None:
+    """Median seconds the training thread spends on one in-loop checkpoint of a fresh :class:`Trainer` (banks
+    filled, no steps): a synchronous save (``Trainer.save``) against a snapshot handed to the writer thread
+    (``Trainer.snapshot`` + ``CheckpointWriter.submit``; the write itself is waited for outside the timing),
+    interleaved in one process so that both see the same load. None for code without the writer."""
+    from mapl_ray.engine.loop import Trainer
+
+    if not hasattr(Trainer, "snapshot"):
+        return None
+    trainer = Trainer(cfg, data, run, device)
+    trainer.refresh_banks(trainer.model)
+    sync, beside = [], []
+    for step in range(1, repeats + 1):
+        t = time.perf_counter()
+        trainer.save(step)
+        sync.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        trainer.writer.submit(step, trainer.snapshot(step))
+        beside.append(time.perf_counter() - t)
+        trainer.writer.drain()
+    trainer.writer.close()
+    return {"synchronous_save": float(np.median(sync)), "snapshot_and_submit": float(np.median(beside))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"))
@@ -125,6 +151,7 @@ def main() -> None:
             "loop_wall_s": summary["loop_wall_s"],
             "train_model_s": wall,
             "save_parts_s": save_parts(model, run / "parts"),
+            "training_thread_s": training_thread_costs(cfg, data, run / "ab", args.device),
         }
     finally:
         shutil.rmtree(run, ignore_errors=True)
@@ -133,7 +160,8 @@ def main() -> None:
     records = [r for r in records if (r["label"], r["device"]) != (args.label, args.device)] + [record]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2))
-    print(json.dumps({k: record[k] for k in ("label", "phases_s", "checkpoint_s_per_in_loop_save", "save_parts_s")}))
+    keys = ("label", "phases_s", "checkpoint_s_per_in_loop_save", "training_thread_s", "save_parts_s")
+    print(json.dumps({k: record[k] for k in keys}))
 
 
 if __name__ == "__main__":
