@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,42 +74,87 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoint"
 
 
-def save_checkpoint(
-    run_dir: str | Path,
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """The contents of one ``RUN/checkpoint`` in host memory, owned by the snapshot (nothing the training
+    mutates afterwards is shared with it), ready for :func:`write_checkpoint`, e.g. in another thread.
+
+    ``model``: the state dict, contiguous CPU tensors; ``training``: what ``optimizer.pt`` holds (None: no
+    optimizer); ``pseudo``: the pseudo-labeler's arrays and ``pseudo.json``'s text; ``state``: ``state.json``'s text.
+    """
+
+    model: dict[str, torch.Tensor]
+    training: dict[str, Any] | None
+    pseudo: tuple[dict[str, np.ndarray], str] | None
+    state: str
+
+
+def _host_copy(obj: Any, layout: torch.memory_format = torch.preserve_format) -> Any:
+    """A copy of ``obj`` whose tensors are new CPU tensors (of memory format ``layout``) and whose dicts /
+    lists / tuples are new containers: nothing shared with the live training state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", memory_format=layout, copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v, layout) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v, layout) for v in obj)
+    return obj
+
+
+def snapshot_checkpoint(
     model: torch.nn.Module,
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     pseudo: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
-) -> Path:
-    """Atomically write ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder.
+    reuse: dict[str, torch.Tensor] | None = None,
+) -> CheckpointSnapshot:
+    """Copy a checkpoint's contents into host memory (device tensors: a device-to-host copy), for
+    :func:`write_checkpoint`.
 
     ``extra``: more training state stored in ``optimizer.pt`` (tensors / lists / numbers only).
+
+    ``reuse``: state-dict entries already copied by an earlier snapshot whose values have not changed
+    since (e.g. the memory banks of a frozen encoder): taken as they are, not copied again. The caller
+    guarantees that they are equal to the model's and never written to.
     """
+    reuse = reuse or {}
+    sd = {k: reuse[k] if k in reuse else _host_copy(v, torch.contiguous_format) for k, v in model.state_dict().items()}
+    training = None
+    if optimizer is not None:
+        opt_sd = optimizer.state_dict()
+        training = {
+            "optimizer": {
+                **opt_sd,
+                "state": _host_copy(opt_sd["state"]),
+                "param_groups": [_scalars_to_floats(g) for g in opt_sd["param_groups"]],
+            },
+            "scheduler": _scalars_to_floats(scheduler.state_dict()) if scheduler else None,
+            **_host_copy(extra or {}),
+        }
+    saved_pseudo = None
+    if pseudo is not None:
+        arrays, meta = pseudo
+        saved_pseudo = ({k: np.array(v, order="C", copy=True) for k, v in arrays.items()}, json.dumps(meta, indent=2))
+    return CheckpointSnapshot(sd, training, saved_pseudo, json.dumps(state, indent=2))
+
+
+def write_checkpoint(run_dir: str | Path, snapshot: CheckpointSnapshot) -> Path:
+    """Atomically write ``snapshot`` to ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder."""
     final = checkpoint_dir(run_dir)
     tmp = final.with_name("checkpoint.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        opt_sd = optimizer.state_dict()
-        opt_sd["param_groups"] = [_scalars_to_floats(g) for g in opt_sd["param_groups"]]
-        torch.save(
-            {
-                "optimizer": opt_sd,
-                "scheduler": _scalars_to_floats(scheduler.state_dict()) if scheduler else None,
-                **(extra or {}),
-            },
-            tmp / "optimizer.pt",
-        )
-    if pseudo is not None:
-        arrays, meta = pseudo
-        save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "pseudo.safetensors"))
-        (tmp / "pseudo.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    save_file(snapshot.model, str(tmp / "model.safetensors"))
+    if snapshot.training is not None:
+        torch.save(snapshot.training, tmp / "optimizer.pt")
+    if snapshot.pseudo is not None:
+        arrays, meta = snapshot.pseudo
+        save_np(arrays, str(tmp / "pseudo.safetensors"))
+        (tmp / "pseudo.json").write_text(meta)
+    (tmp / "state.json").write_text(snapshot.state)
     _swap_in(tmp, final)
     return final
 

@@ -115,8 +115,16 @@ def test_resume_before_the_first_checkpoint_says_rerun_without_resume(small_root
 
 
 def _mapl(*args: str, **kw) -> subprocess.Popen:
-    """``mapl`` in a subprocess (SIGINT as a terminal's Ctrl-C sends it)."""
-    code = "import sys; from mapl_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    """``mapl`` in a subprocess that takes SIGINT as a terminal's foreground job takes Ctrl-C.
+
+    Python raises KeyboardInterrupt on SIGINT only when SIGINT was not ignored when it started, and a shell
+    without job control starts background jobs (``pytest &``, ``nohup``) with SIGINT ignored, which their
+    children inherit: a test runner started so passed it down to ``mapl train``, which then trained on after
+    the SIGINT (the clean-clone run). The child puts Python's handler back, as a terminal's job has it."""
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from mapl_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     return subprocess.Popen([sys.executable, "-c", code, *args], text=True, **kw)
 
 
@@ -143,9 +151,13 @@ def _train_cmd(root: Path, run: Path, steps: int, *extra: str) -> list[str]:
 @needs_data
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(small_root, tmp_path):
     run = tmp_path / "run"
-    proc = _mapl(
-        *_train_cmd(small_root, run, 100000, "--no-ray", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a runner started in the background has it
+    try:
+        proc = _mapl(
+            *_train_cmd(small_root, run, 100000, "--no-ray", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     rc, _, err = _interrupt_when(proc, run / "checkpoint" / "state.json")
     assert rc == 130, err
     step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]

@@ -176,7 +176,7 @@ def test_run_shorter_than_the_pseudo_warmup_says_the_pseudo_labeler_was_never_fi
 
 def test_device_learning_rate_follows_the_schedule_and_its_checkpoint_resumes_anywhere(tmp_path):
     from mapl_ray.engine.step import device_lr
-    from mapl_ray.runfolder import load_training_state, save_checkpoint
+    from mapl_ray.runfolder import load_training_state, snapshot_checkpoint, write_checkpoint
 
     model = torch.nn.Linear(3, 1)
     tensor_opt = torch.optim.AdamW(model.parameters(), lr=0.003, foreach=False)
@@ -191,7 +191,7 @@ def test_device_learning_rate_follows_the_schedule_and_its_checkpoint_resumes_an
     assert isinstance(lr, torch.Tensor) and abs(float(lr) - float_opt.param_groups[0]["lr"]) < 1e-8
 
     # the checkpoint stores plain floats: an eager (foreach, float LR) run resumes from it and vice versa
-    save_checkpoint(tmp_path, model, {"step": 20}, tensor_opt, scheds[0])
+    write_checkpoint(tmp_path, snapshot_checkpoint(model, {"step": 20}, tensor_opt, scheds[0]))
     blob = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)
     assert isinstance(blob["optimizer"]["param_groups"][0]["lr"], float)
     resumed = torch.optim.AdamW(model.parameters(), lr=0.003)

@@ -32,19 +32,23 @@ from ..data.train_data import TrainData, choose_memory_banks, memory_bank_images
 from ..data.validation import ValidationSet
 from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
+from ..model.memory import MemoryBank
 from ..pseudo.labeler import PseudoLabeler
 from ..pseudo.occ import MapFn, OCCEnsemble
 from ..runfolder import (
     TRAIN_LOG_FILE,
+    CheckpointSnapshot,
     last_logged_step,
     load_model_weights,
     load_pseudo,
     load_training_state,
     read_state,
-    save_checkpoint,
+    snapshot_checkpoint,
     train_log_segment,
+    write_checkpoint,
 )
 from ..tensors import autocast_context, to_tensor
+from .checkpoints import CheckpointWriter
 from .ema import WeightEMA
 from .loader import batch_to_device, loader_workers, make_loader
 from .schedule import fast_forward, make_scheduler
@@ -110,6 +114,10 @@ class Trainer:
         self.start_step = 0
         self.segment = 0  # train_log.jsonl's segment: 0 for a new run, +1 per resume
         self.refits: list[dict[str, Any]] = []
+        #: in-loop checkpoints written beside training (:mod:`mapl_ray.engine.checkpoints`)
+        self.writer = CheckpointWriter(self.run_dir, on_checkpoint, lockstep=world_size > 1)
+        #: host copies of the memory-bank buffers of the last snapshot: key -> (bank, its generation then, copy)
+        self._bank_copies: dict[str, tuple[MemoryBank, int, torch.Tensor]] = {}
 
     def refresh_banks(self, core: MAPLModel, banks: int | None = None) -> None:
         """Recompute the first ``banks`` memory banks (all: None) with the encoder as it is now
@@ -184,15 +192,23 @@ class Trainer:
         log.warning("restarted after a failure: continuing from step %d (segment %d)", self.start_step, self.segment)
 
     def checkpoint(self, step: int) -> None:
-        """Save (:meth:`save`), then hand the checkpoint to ``on_checkpoint`` on every rank (rank 0: the
-        folder, the others: None), e.g. to report it to Ray Train."""
-        path = self.save(step)
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(step, path)
+        """Save now (after the in-loop checkpoints in flight), then hand the checkpoint to ``on_checkpoint`` on
+        every rank (rank 0: the folder, the others: None), e.g. to report it to Ray Train. The write runs in
+        the writer's thread, so a KeyboardInterrupt cannot stop it between its two renames."""
+        self.writer.submit(step, self.snapshot(step))
+        self.writer.drain()
 
     def save(self, step: int) -> Path | None:
-        """Rank 0 writes ``RUN/checkpoint`` (the EMA weights when ``train.ema_decay`` > 0, the raw ones
-        in ``optimizer.pt`` to resume from) and returns it; other ranks return None."""
+        """Rank 0 writes ``RUN/checkpoint`` now (:meth:`snapshot`) and returns it; other ranks return None."""
+        snap = self.snapshot(step)
+        return None if snap is None else write_checkpoint(self.run_dir, snap)
+
+    def snapshot(self, step: int) -> CheckpointSnapshot | None:
+        """Rank 0: the checkpoint of ``step`` in host memory (the EMA weights when ``train.ema_decay`` > 0, the
+        raw ones in ``optimizer.pt`` to resume from), sharing nothing the next step changes; other ranks: None.
+
+        The memory banks' host copies are taken again only when a bank changed since the last snapshot (its
+        ``generation``): with a frozen encoder they are most of the checkpoint (204 of 223 MiB on screw)."""
         if self.rank != 0:
             return None
         core = unwrap(self.model)
@@ -208,11 +224,20 @@ class Trainer:
         if self.labeler.ensemble is not None:
             arrays, meta = self.labeler.ensemble.state_dict()
             pseudo = ({**arrays, **self.labeler.state_arrays()}, meta)
-        args = (self.run_dir, core, state, self.optimizer, self.scheduler, pseudo)
+        reuse = {k: t for k, (bank, gen, t) in self._bank_copies.items() if bank.generation == gen}
+        args = (core, state, self.optimizer, self.scheduler, pseudo)
         if self.ema is None:
-            return save_checkpoint(*args)
-        with self.ema.swapped():  # serve the averaged weights; keep the raw ones to resume from
-            return save_checkpoint(*args, extra={"raw_params": self.ema.raw_copy()})
+            snap = snapshot_checkpoint(*args, reuse=reuse)
+        else:
+            with self.ema.swapped():  # serve the averaged weights; keep the raw ones to resume from
+                snap = snapshot_checkpoint(*args, extra={"raw_params": self.ema.raw_copy()}, reuse=reuse)
+        self._bank_copies = {
+            f"{name}.{key}": (bank, bank.generation, snap.model[f"{name}.{key}"])
+            for name, bank in core.named_modules()
+            if isinstance(bank, MemoryBank)
+            for key in bank.state_dict()
+        }
+        return snap
 
     def _net(self) -> torch.nn.Module:
         """The network as the loop runs it: channels-last on CUDA, wrapped (DDP), compiled when asked."""
@@ -311,10 +336,23 @@ class Trainer:
     def run(
         self, end_step: int, progress: bool = True, batches: Iterable[dict[str, Any]] | None = None
     ) -> tuple[MAPLModel, dict[str, Any]]:
-        """Train from ``start_step`` to ``end_step``, saving every ``checkpoint_every`` steps and at the end.
+        """Train from ``start_step`` to ``end_step``, saving every ``checkpoint_every`` steps (written beside
+        training, :attr:`writer`) and at the end (synchronously). An exception leaving the loop (Ctrl-C's
+        KeyboardInterrupt too) waits for a checkpoint being written, so ``RUN/checkpoint`` is complete.
 
         ``batches``: the batch dicts of steps ``start_step ..`` (as :class:`~mapl_ray.data.batches.StepBatches`
         yields them, ``pool`` on refit steps), e.g. from Ray Data; default: :func:`make_loader`."""
+        try:
+            return self._run(end_step, progress, batches)
+        except BaseException:
+            self.writer.abort()
+            raise
+        finally:
+            self.writer.close()
+
+    def _run(
+        self, end_step: int, progress: bool, batches: Iterable[dict[str, Any]] | None
+    ) -> tuple[MAPLModel, dict[str, Any]]:
         t, labeler, device = self.cfg.train, self.labeler, self.device
         net = self._net()
         step_fn = self._step_fn(net)
@@ -363,21 +401,24 @@ class Trainer:
             times["validation"] += t_log - t_val
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
             _update_bar(bar, last)
-            t_ready = time.perf_counter()
-            times["log"] += t_ready - t_log
+            t_ckpt = time.perf_counter()
+            times["log"] += t_ckpt - t_log
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
                 if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
                     pseudo_stats = self._after_refit(*labeler.finish_fit())
-                t_ckpt = t_ready
-                self.checkpoint(step + 1)
-                t_ready = time.perf_counter()
-                times["checkpoint"] += t_ready - t_ckpt
+                self.writer.submit(step + 1, self.snapshot(step + 1))  # written beside the next steps
+            self.writer.poll()
+            t_ready = time.perf_counter()
+            times["checkpoint"] += t_ready - t_ckpt
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
 
     def _finish(self, end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar):
         """Final save, EMA weights in place, and the training summary."""
         if bar:
             bar.close()
+        t_ckpt = time.perf_counter()
+        self.writer.drain()  # the last in-loop checkpoint, handed over before the final one
+        times["checkpoint"] += time.perf_counter() - t_ckpt
         if (
             self.labeler.pending is not None
         ):  # training ended inside a refit's overlap: it is in force for the saved run
