@@ -230,12 +230,18 @@ class AnomalySimulator:
         return noise, noise > self.perlin_threshold
 
     # -- main -----------------------------------------------------------------------------------
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator, foreground: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Simulate one anomaly on ``image``.
 
         Args:
             image: uint8 ``[H, W, 3]`` RGB normal image (not modified).
             rng: the only source of randomness; equal seeds give equal outputs.
+            foreground: ``image``'s object mask ``[H, W]`` (bool or {0, 1}) when the caller has it
+                (:func:`~mapl_ray.data.foreground.foreground_masks` of the source image, transformed
+                with it); None computes :func:`foreground_mask` with ``self.foreground``. The output is
+                the same either way.
 
         Returns:
             ``(I_a, M, info)``: uint8 ``[H, W, 3]`` anomalous image, bit-identical to ``image``
@@ -247,7 +253,7 @@ class AnomalySimulator:
             was used).
 
         Raises:
-            ValueError: ``image`` is not uint8 ``[H, W, 3]``.
+            ValueError: ``image`` is not uint8 ``[H, W, 3]``, or ``foreground`` is not ``[H, W]``.
             TypeError: ``rng`` is not a ``numpy.random.Generator``.
             ImageReadError: the chosen texture file cannot be decoded.
         """
@@ -257,7 +263,12 @@ class AnomalySimulator:
         hw = (int(image.shape[0]), int(image.shape[1]))
 
         # Eq. 1: M = M_perlin AND M_foreground, redrawing the noise while M is empty.
-        fg = foreground_mask(image, self.foreground).astype(bool)
+        if foreground is None:
+            fg = foreground_mask(image, self.foreground).astype(bool)
+        elif foreground.shape != hw:
+            raise ValueError(f"foreground must have the image's shape {hw}, got {foreground.shape}")
+        else:
+            fg = foreground.astype(bool, copy=False)
         fg_any = bool(fg.any())
         mask = None
         last_pm = None

@@ -1,0 +1,228 @@
+"""Cost of one training batch (:class:`mapl_ray.data.batches.BatchMaker`) on one process, by part, for the
+code of this checkout ("after") and of a git revision ("before", ``--ref``), in one run.
+
+Each revision runs in its own subprocess (``--ref``'s tree from ``git archive``), builds the batch maker
+the way the trainer does (:func:`mapl_ray.data.train_data.load_train_data`, :func:`build_simulator`), draws
+``--warmup`` untimed steps (the texture cache fills), then times ``--steps`` steps. Exclusive time per part
+comes from wrapping the functions that do it (a function missing in a revision is skipped):
+
+* ``foreground``: the object mask (:func:`foreground_mask` per simulated image, or the batch maker's
+  per-image cache at start-up, reported as ``setup_s``);
+* ``perlin``: the Perlin-noise mask (``AnomalySimulator._perlin_mask``);
+* ``texture``: picking / decoding / resizing a texture (``AnomalySimulator._texture``);
+* ``structure_photometric`` / ``structure_cells``: the structure source (MemSeg's photometric
+  augmentation, then the cell shuffle);
+* ``augment_normals``: flips / rotations and intensity jitter of the batch images;
+* ``blend_and_rest``: the rest of ``AnomalySimulator.__call__`` (eq. 1 mask logic, eq. 2 blending);
+* ``batch_rest``: the rest of ``BatchMaker.__call__`` (indices, image copies, stacking).
+
+The batches of both revisions are hashed (SHA-256 over every array of every step): ``identical`` says
+whether the new code draws bit for bit the same batches.
+
+    python bench/simulation_cost.py [--data-root ../shared/data] [--category screw] [--steps 200]
+        [--ref main] [--preset] [--out bench/results/simulation_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (module, attribute path, part): the functions whose exclusive time is a part (module docstring).
+PARTS = [
+    ("mapl_ray.data.batches", "BatchMaker.__call__", "batch_rest"),
+    ("mapl_ray.data.batches", "augment_images", "augment_normals"),
+    ("mapl_ray.data.batches", "jitter_intensity", "augment_normals"),
+    ("mapl_ray.data.simulation", "AnomalySimulator.__call__", "blend_and_rest"),
+    ("mapl_ray.data.simulation", "foreground_mask", "foreground"),
+    ("mapl_ray.data.simulation", "AnomalySimulator._perlin_mask", "perlin"),
+    ("mapl_ray.data.simulation", "AnomalySimulator._texture", "texture"),
+    ("mapl_ray.data.simulation", "AnomalySimulator._structure", "structure_cells"),
+    ("mapl_ray.data.simulation", "photometric_augment", "structure_photometric"),
+]
+
+
+def _instrument(totals: dict[str, float]) -> None:
+    """Wrap the :data:`PARTS` functions so that each adds its exclusive time (less the wrapped functions it
+    calls) to ``totals``."""
+    import functools
+    import importlib
+
+    stack: list[float] = []  # per active call: the time its wrapped callees took
+
+    def wrap(fn, part):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                inner = stack.pop()
+                totals[part] = totals.get(part, 0.0) + dt - inner
+                if stack:
+                    stack[-1] += dt
+
+        return timed
+
+    for mod_name, attr, part in PARTS:
+        owner = importlib.import_module(mod_name)
+        *path, name = attr.split(".")
+        for p in path:
+            owner = getattr(owner, p, None)
+        if owner is not None and hasattr(owner, name):
+            fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+            setattr(owner, name, wrap(fn, part))
+
+
+def measure(args) -> dict:
+    """One revision's figures (runs in the subprocess, with that revision's ``mapl_ray`` first on the path)."""
+    import numpy as np
+
+    from mapl_ray.config import Config
+    from mapl_ray.data.batches import BatchMaker
+    from mapl_ray.data.simulation import build_simulator
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import absolute_paths, check_inputs
+    from mapl_ray.presets import category_preset
+
+    root = Path(args.data_root)
+    over = {
+        "data.root": str(root / args.dataset),
+        "data.category": args.category,
+        "data.image_size": args.image_size,
+        "simulation.texture_dir": str(Path(args.textures)),
+        "model.pretrained": False,
+    }
+    if args.preset:
+        over.update(category_preset(args.category))
+    cfg = absolute_paths(Config().override(over))
+    data, _, _ = load_train_data(cfg, check_inputs(cfg, check_test=False))
+    totals: dict[str, float] = {}
+    _instrument(totals)
+    t0 = time.perf_counter()
+    bm = BatchMaker(cfg, data, build_simulator(cfg))
+    setup = time.perf_counter() - t0
+    digest = hashlib.sha256()
+    for step in range(args.warmup):
+        bm(step)
+    totals.clear()
+    t0 = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        batch = bm(step)
+        for key in sorted(batch):
+            digest.update(np.ascontiguousarray(batch[key]).tobytes())
+    wall = time.perf_counter() - t0
+    ms = {k: round(1e3 * v / args.steps, 3) for k, v in sorted(totals.items())}
+    return {
+        "setup_s": round(setup, 3),
+        "ms_per_batch": round(1e3 * wall / args.steps, 2),
+        "part_ms_per_batch": ms,
+        "batches_per_s": round(args.steps / wall, 2),
+        "simulated_images_per_s": round(args.steps * cfg.train.batch_simulated / wall, 1),
+        "batch_images_per_s": round(args.steps * len(batch["images"]) / wall, 1),
+        "sha256": digest.hexdigest(),
+        "settings": {
+            "image_size": cfg.data.image_size,
+            "batch_normal": cfg.train.batch_normal,
+            "batch_simulated": cfg.train.batch_simulated,
+            "augment": cfg.train.augment,
+            "color_jitter": cfg.train.color_jitter,
+            "align": cfg.data.align,
+            "train_normals": int(len(data.normals)),
+        },
+    }
+
+
+def _run_revision(args, tree: Path) -> dict:
+    """:func:`measure` in a subprocess on ``tree``'s ``mapl_ray``."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child-out", f.name]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        subprocess.run(cmd, env=env, check=True)
+        return json.loads(Path(f.name).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--dataset", default="mvtec_ad")
+    p.add_argument("--category", default="screw")
+    p.add_argument("--textures", default=None, help="texture folder (default: DATA_ROOT/dtd_subset/images)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=60, help="untimed steps first (the texture cache fills)")
+    p.add_argument("--preset", action="store_true", help="apply the category preset (screw: aligned, no rot90)")
+    p.add_argument("--ref", default="main", help="git revision measured as 'before' ('' to skip)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "simulation_cost.json"))
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.textures = args.textures or str(Path(args.data_root) / "dtd_subset" / "images")
+    if args.child_out:
+        Path(args.child_out).write_text(json.dumps(measure(args)))
+        return
+    runs = {}
+    if args.ref:
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = subprocess.run(
+                ["git", "archive", args.ref, "mapl_ray"], cwd=ROOT, check=True, capture_output=True
+            ).stdout
+            tar_path = Path(tmp) / "ref.tar"
+            tar_path.write_bytes(archive)
+            with tarfile.open(tar_path) as t:
+                t.extractall(tmp, filter="data")
+            rev = subprocess.run(["git", "rev-parse", "--short", args.ref], cwd=ROOT, capture_output=True, text=True)
+            runs["before"] = {"revision": f"{args.ref} ({rev.stdout.strip()})", **_run_revision(args, Path(tmp))}
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "mapl_ray"], cwd=ROOT, capture_output=True, text=True)
+    runs["after"] = {
+        "revision": head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else ""),
+        **_run_revision(args, ROOT),
+    }
+    import torch
+
+    result = {
+        "machine": {
+            "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "settings": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "data": f"{args.dataset}/{args.category}",
+            "textures": os.path.relpath(args.textures, ROOT.parent) if args.textures else None,
+            "preset": args.preset,
+        },
+        **runs,
+    }
+    if "before" in runs:
+        result["identical"] = runs["before"]["sha256"] == runs["after"]["sha256"]
+        result["speedup"] = round(runs["before"]["ms_per_batch"] / runs["after"]["ms_per_batch"], 2)
+    key = "preset" if args.preset else "default"
+    out = Path(args.out)
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged[key] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
