@@ -34,6 +34,15 @@ from .perlin import perlin_noise_2d
 __all__ = ["AnomalySimulator", "build_simulator", "photometric_augment", "split_textures"]
 
 
+#: uint8 ``(256, 3)``: every level of each of 3 channels (row k = (k, k, k)), the input of :func:`_lut`.
+_LEVELS_RGB = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+
+
+def _lut(levels: np.ndarray) -> list[int]:
+    """``Image.point`` table of a 3-band image from the mapped levels ``(256, 3)`` (band after band)."""
+    return levels.astype(np.uint8).T.ravel().tolist()
+
+
 def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
     """``n_ops`` distinct random operations of MemSeg's structure-source augmentation (PIL).
 
@@ -49,20 +58,23 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
     """
     from PIL import ImageEnhance, ImageOps
 
+    # The numeric operations act on each channel value alone, so each is applied as Pillow lookup tables
+    # (``Image.point``, one per channel) holding the formula evaluated on the 256 levels: the same numbers,
+    # ~10x faster than evaluating it on every pixel.
     def gamma(im):
-        a = np.asarray(im).astype(np.float32) / 255.0
         g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
-        return Image.fromarray(np.clip(255.0 * a**g, 0, 255).astype(np.uint8))
+        a = _LEVELS_RGB.astype(np.float32) / 255.0
+        return im.point(_lut(np.clip(255.0 * a**g, 0, 255)))
 
     def brightness(im):
-        a = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        a = _LEVELS_RGB.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
+        return im.point(_lut(np.clip(a, 0, 255)))
 
     def hue_sat(im):
-        hsv = np.asarray(im.convert("HSV")).astype(np.int16)
+        hsv = _LEVELS_RGB.astype(np.int16)  # levels of H, S, V
         hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
         hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
-        return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+        return im.convert("HSV").point(_lut(hsv)).convert("RGB")
 
     ops = [
         gamma,
