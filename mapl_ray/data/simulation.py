@@ -18,6 +18,7 @@ All randomness comes from the ``numpy.random.Generator`` passed in, so a seed re
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +93,32 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
     for i in rng.choice(len(ops), size=min(n_ops, len(ops)), replace=False):
         im = ops[int(i)](im)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _dihedral_offsets(ch: int, cw: int, row: int) -> np.ndarray:
+    """int64 ``(8, ch, cw)``: entry ``2 k + flip`` holds, at each pixel of a ``ch x cw`` cell transformed by
+    ``np.rot90(cell, k)`` then mirrored left-right if ``flip``, the source pixel's offset ``r * row + c`` in an
+    image of ``row`` pixels per line (-1 for the transforms that do not keep a rectangular cell's shape)."""
+    local = np.arange(ch * cw).reshape(ch, cw)
+    out = np.full((8, ch, cw), -1, np.int64)
+    for k in range(4):
+        turned = np.rot90(local, k)
+        if turned.shape != (ch, cw):
+            continue
+        for flip in (0, 1):
+            t = turned[:, ::-1] if flip else turned
+            out[2 * k + flip] = (t // cw) * row + t % cw
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _cell_offsets(g: int, ch: int, cw: int) -> np.ndarray:
+    """int64 ``(g * g,)``: offset of the top-left pixel of each ``ch x cw`` cell of a ``g x g`` grid, row-major."""
+    out = (np.arange(g)[:, None] * (ch * g * cw) + np.arange(g)[None, :] * cw).ravel()
+    out.setflags(write=False)
+    return out
 
 
 def _list_textures(texture_dir: str) -> list[str]:
@@ -219,17 +246,15 @@ class AnomalySimulator:
         work = image
         if (ch * g, cw * g) != (h, w):
             work = np.asarray(Image.fromarray(image).resize((cw * g, ch * g), Image.Resampling.BILINEAR))
-        cells = work.reshape(g, ch, g, cw, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, ch, cw, 3)
-        cells = cells[rng.permutation(g * g)]
         n = g * g
+        perm = rng.permutation(n)
         k = rng.integers(0, 4, size=n) if ch == cw else 2 * rng.integers(0, 2, size=n)
         flip = rng.random(n) < 0.5
-        for kk in (1, 2, 3):
-            sel = k == kk
-            if sel.any():
-                cells[sel] = np.rot90(cells[sel], kk, axes=(1, 2))
-        cells[flip] = cells[flip][:, :, ::-1]
-        out = cells.reshape(g, g, ch, cw, 3).transpose(0, 2, 1, 3, 4).reshape(g * ch, g * cw, 3)
+        # output cell j = source cell perm[j], rotated by k[j] quarter turns, then mirrored if flip[j]: one
+        # gather of pixels through an index map (~3x faster than rotating / flipping copies of the cells)
+        src = _cell_offsets(g, ch, cw)[perm][:, None, None] + _dihedral_offsets(ch, cw, g * cw)[2 * k + flip]
+        idx = src.reshape(g, g, ch, cw).transpose(0, 2, 1, 3).reshape(g * ch, g * cw)
+        out = np.take(np.ascontiguousarray(work).reshape(-1, 3), idx, axis=0)
         if out.shape[:2] != (h, w):
             out = np.asarray(Image.fromarray(out).resize((w, h), Image.Resampling.BILINEAR))
         return out
