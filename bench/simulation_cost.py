@@ -98,6 +98,7 @@ def measure(args) -> dict:
     from mapl_ray.data.train_data import load_train_data
     from mapl_ray.main_job import absolute_paths, check_inputs
     from mapl_ray.presets import category_preset
+    from mapl_ray.pseudo.labeler import is_refit_step
 
     root = Path(args.data_root)
     over = {
@@ -128,11 +129,21 @@ def measure(args) -> dict:
         for key in sorted(batch):  # not timed
             digest.update(np.ascontiguousarray(batch[key]).tobytes())
     ms = {k: round(1e3 * v / args.steps, 3) for k, v in sorted(totals.items())}
+    # the refit items of a run: a batch plus BatchMaker.pool (2 pseudo.pool_size simulated anomalies)
+    refits = [s for s in range(cfg.train.steps) if is_refit_step(cfg.pseudo, s)]
+    pool_cpu = []
+    for step in refits[: args.pools]:
+        c0 = time.thread_time()
+        pool = bm.pool(step)
+        pool_cpu.append(time.thread_time() - c0)
+        digest.update(pool["sims"].tobytes())
     return {
         "setup_s": round(setup, 3),
         "ms_per_batch": round(1e3 * wall / args.steps, 2),
         "cpu_ms_per_batch": round(1e3 * cpu / args.steps, 2),
         "part_ms_per_batch": ms,
+        "pool_cpu_ms": round(1e3 * float(np.mean(pool_cpu)), 1) if pool_cpu else None,
+        "refit_steps": refits,
         "batches_per_s": round(args.steps / wall, 2),
         "simulated_images_per_s": round(args.steps * cfg.train.batch_simulated / wall, 1),
         "batch_images_per_s": round(args.steps * len(batch["images"]) / wall, 1),
@@ -147,6 +158,43 @@ def measure(args) -> dict:
             "train_normals": int(len(data.normals)),
         },
     }
+
+
+def loader_wait_model(
+    batch_ms: float,
+    pool_ms: float,
+    refits: list[int],
+    steps: int,
+    workers: int,
+    cores: int,
+    step_ms: float = 0.5,
+    prefetch: int = 4,
+) -> dict[str, float]:
+    """Seconds the training loop waits for batches from a ``torch.utils.data.DataLoader`` with ``workers``
+    processes, replayed from the measured cost of an item (``batch_ms``; refit steps add ``pool_ms``).
+
+    Follows the DataLoader's schedule: item ``i`` goes to worker ``i % workers`` (its round-robin index
+    queue, worked first in first out), the first ``prefetch * workers`` items are sent at the start and item
+    ``i + prefetch * workers`` when item ``i`` is taken, items are taken in order, and the loop spends
+    ``step_ms`` per step (the H200's CUDA-graph step). With more busy processes than ``cores`` (the workers,
+    the loop and the pseudo-labeler's fit thread) every item takes proportionally longer. ``workers`` 0: the
+    loop makes each batch itself."""
+    slow = max(1.0, (workers + 2) / cores)
+    cost = [(batch_ms + (pool_ms if s in refits else 0.0)) * slow / 1e3 for s in range(steps)]
+    if workers == 0:
+        return {"first_batch_s": cost[0], "wait_s": sum(cost[1:])}
+    ahead = prefetch * workers
+    free, sent, now, wait, first = [0.0] * workers, [0.0] * steps, 0.0, 0.0, 0.0
+    for i in range(steps):
+        ready = max(free[i % workers], sent[i]) + cost[i]
+        free[i % workers] = ready
+        if ready > now:
+            first, wait = (ready - now, wait) if i == 0 else (first, wait + ready - now)
+            now = ready
+        if i + ahead < steps:
+            sent[i + ahead] = now
+        now += step_ms / 1e3
+    return {"first_batch_s": round(first, 3), "wait_s": round(wait, 3)}
 
 
 def _run_revision(args, tree: Path) -> dict:
@@ -169,6 +217,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=60, help="untimed steps first (the texture cache fills)")
     p.add_argument("--preset", action="store_true", help="apply the category preset (screw: aligned, no rot90)")
     p.add_argument("--ref", default="main", help="git revision measured as 'before' ('' to skip)")
+    p.add_argument("--pools", type=int, default=2, help="refit pools timed (BatchMaker.pool)")
+    p.add_argument("--cores", type=int, default=16, help="cores of the GPU host the loader model assumes")
+    p.add_argument("--gpu-step-ms", type=float, default=0.5, help="the loop's time per step in the loader model")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "simulation_cost.json"))
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -219,6 +270,27 @@ def main() -> None:
         result["identical"] = runs["before"]["sha256"] == runs["after"]["sha256"]
         result["speedup_wall"] = round(runs["before"]["ms_per_batch"] / runs["after"]["ms_per_batch"], 2)
         result["speedup_cpu"] = round(runs["before"]["cpu_ms_per_batch"] / runs["after"]["cpu_ms_per_batch"], 2)
+    # the 500-step run's waits by number of loader processes, replayed from each revision's measured costs
+    result["loader_model"] = {
+        "what": "loader_wait_model(): seconds the loop waits for batches (wait_s, first batch apart), replayed "
+        f"from the measured CPU ms of a batch and a refit pool on a {args.cores}-core host with "
+        f"{args.gpu_step_ms} ms per step (the CPU speed of the machine that ran this command)",
+        **{
+            name: {
+                str(n): loader_wait_model(
+                    r["cpu_ms_per_batch"],
+                    r["pool_cpu_ms"] or 0.0,
+                    r["refit_steps"],
+                    500,
+                    n,
+                    args.cores,
+                    args.gpu_step_ms,
+                )
+                for n in (0, 1, 2, 4, 6, 8, 9, 12, 14)
+            }
+            for name, r in runs.items()
+        },
+    }
     key = "preset" if args.preset else "default"
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.is_file() else {}
