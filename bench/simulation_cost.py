@@ -13,15 +13,19 @@ comes from wrapping the functions that do it (a function missing in a revision i
 * ``texture``: picking / decoding / resizing a texture (``AnomalySimulator._texture``);
 * ``structure_photometric`` / ``structure_cells``: the structure source (MemSeg's photometric
   augmentation, then the cell shuffle);
-* ``augment_normals``: flips / rotations and intensity jitter of the batch images;
+* ``augment_normals``: flips / rotations and intensity jitter of the batch images (the normals and the
+  bases of the simulated anomalies, with their cached object masks);
 * ``blend_and_rest``: the rest of ``AnomalySimulator.__call__`` (eq. 1 mask logic, eq. 2 blending);
 * ``batch_rest``: the rest of ``BatchMaker.__call__`` (indices, image copies, stacking).
 
-The batches of both revisions are hashed (SHA-256 over every array of every step): ``identical`` says
-whether the new code draws bit for bit the same batches.
+``pool_cpu_ms``: :meth:`BatchMaker.pool` of a refit step (``2 pseudo.pool_size`` simulated anomalies, made
+by one loader process inside that step's item). The batches and pools of both revisions are hashed (SHA-256
+over every array): ``identical`` says whether the new code draws bit for bit the same ones. ``loader_model``
+replays a 500-step run's DataLoader from these costs (:func:`loader_wait_model`) for several numbers of
+loader processes: the basis of ``engine.loader.loader_workers``'s default.
 
     python bench/simulation_cost.py [--data-root ../shared/data] [--category screw] [--steps 200]
-        [--ref main] [--preset] [--out bench/results/simulation_cost.json]
+        [--ref main | --ref-tree DIR] [--preset] [--cores 16] [--out bench/results/simulation_cost.json]
 """
 
 from __future__ import annotations
@@ -217,6 +221,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=60, help="untimed steps first (the texture cache fills)")
     p.add_argument("--preset", action="store_true", help="apply the category preset (screw: aligned, no rot90)")
     p.add_argument("--ref", default="main", help="git revision measured as 'before' ('' to skip)")
+    p.add_argument(
+        "--ref-tree",
+        default=None,
+        help="a folder holding the 'before' revision's mapl_ray (instead of --ref; for a machine without git: "
+        "git archive main mapl_ray | tar -x -C .ref_main)",
+    )
     p.add_argument("--pools", type=int, default=2, help="refit pools timed (BatchMaker.pool)")
     p.add_argument("--cores", type=int, default=16, help="cores of the GPU host the loader model assumes")
     p.add_argument("--gpu-step-ms", type=float, default=0.5, help="the loop's time per step in the loader model")
@@ -228,7 +238,9 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(measure(args)))
         return
     runs = {}
-    if args.ref:
+    if args.ref_tree:
+        runs["before"] = {"revision": f"tree {args.ref_tree} ({args.ref})", **_run_revision(args, Path(args.ref_tree))}
+    elif args.ref:
         with tempfile.TemporaryDirectory() as tmp:
             archive = subprocess.run(
                 ["git", "archive", args.ref, "mapl_ray"], cwd=ROOT, check=True, capture_output=True
