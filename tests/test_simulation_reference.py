@@ -287,8 +287,10 @@ def test_batches_with_cached_object_masks_equal_per_image_masks(small_root, tmp_
     data, _, _ = load_train_data(cfg, prepare_run(cfg, tmp_path / "run"))
     cached = BatchMaker(cfg, data, build_simulator(cfg))
     plain = BatchMaker(cfg, data, build_simulator(cfg))
-    assert cached.object_masks is not None and cached.object_masks.shape == data.normals.shape[:3]
-    plain.object_masks = None  # each simulated image computes its own mask
+    rows = np.arange(len(data.normals))
+    want = foreground_masks(data.normals, build_simulator(cfg).foreground)
+    assert np.array_equal(cached.object_masks(rows), want) and cached.object_masks(rows).dtype == bool
+    plain.packed_masks = None  # each simulated image computes its own mask
     for step in range(6):
         a, b = cached(step), plain(step)
         for key in a:
@@ -296,4 +298,4 @@ def test_batches_with_cached_object_masks_equal_per_image_masks(small_root, tmp_
     assert np.array_equal(cached.pool(3)["sims"], plain.pool(3)["sims"])
     # with intensity jitter the grey levels change: no cache
     jit = cfg.override({"train.color_jitter": 0.2})
-    assert BatchMaker(jit, data, build_simulator(jit)).object_masks is None
+    assert BatchMaker(jit, data, build_simulator(jit)).object_masks(rows) is None
