@@ -186,7 +186,7 @@ def loader_wait_model(
     slow = max(1.0, (workers + 2) / cores)
     cost = [(batch_ms + (pool_ms if s in refits else 0.0)) * slow / 1e3 for s in range(steps)]
     if workers == 0:
-        return {"first_batch_s": cost[0], "wait_s": sum(cost[1:])}
+        return {"first_batch_s": round(cost[0], 3), "wait_s": round(sum(cost[1:]), 3)}
     ahead = prefetch * workers
     free, sent, now, wait, first = [0.0] * workers, [0.0] * steps, 0.0, 0.0, 0.0
     for i in range(steps):
@@ -227,6 +227,7 @@ def main() -> None:
         help="a folder holding the 'before' revision's mapl_ray (instead of --ref; for a machine without git: "
         "git archive main mapl_ray | tar -x -C .ref_main)",
     )
+    p.add_argument("--repeats", type=int, default=1, help="runs per revision, taking turns; the fastest is kept")
     p.add_argument("--pools", type=int, default=2, help="refit pools timed (BatchMaker.pool)")
     p.add_argument("--cores", type=int, default=16, help="cores of the GPU host the loader model assumes")
     p.add_argument("--gpu-step-ms", type=float, default=0.5, help="the loop's time per step in the loader model")
@@ -237,11 +238,11 @@ def main() -> None:
     if args.child_out:
         Path(args.child_out).write_text(json.dumps(measure(args)))
         return
-    runs = {}
-    if args.ref_tree:
-        runs["before"] = {"revision": f"tree {args.ref_tree} ({args.ref})", **_run_revision(args, Path(args.ref_tree))}
-    elif args.ref:
-        with tempfile.TemporaryDirectory() as tmp:
+    trees: dict[str, tuple[str, Path]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.ref_tree:
+            trees["before"] = (f"tree {args.ref_tree} ({args.ref})", Path(args.ref_tree))
+        elif args.ref:
             archive = subprocess.run(
                 ["git", "archive", args.ref, "mapl_ray"], cwd=ROOT, check=True, capture_output=True
             ).stdout
@@ -250,13 +251,17 @@ def main() -> None:
             with tarfile.open(tar_path) as t:
                 t.extractall(tmp, filter="data")
             rev = subprocess.run(["git", "rev-parse", "--short", args.ref], cwd=ROOT, capture_output=True, text=True)
-            runs["before"] = {"revision": f"{args.ref} ({rev.stdout.strip()})", **_run_revision(args, Path(tmp))}
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "mapl_ray"], cwd=ROOT, capture_output=True, text=True)
-    runs["after"] = {
-        "revision": head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else ""),
-        **_run_revision(args, ROOT),
-    }
+            trees["before"] = (f"{args.ref} ({rev.stdout.strip()})", Path(tmp))
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "mapl_ray"], cwd=ROOT, capture_output=True, text=True)
+        trees["after"] = (head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else ""), ROOT)
+        # the revisions take turns (load drifts on a shared machine); each keeps its fastest run
+        runs: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for name, (rev_name, tree) in trees.items():
+                r = {"revision": rev_name, **_run_revision(args, tree)}
+                if name not in runs or r["cpu_ms_per_batch"] < runs[name]["cpu_ms_per_batch"]:
+                    runs[name] = r
     import torch
 
     result = {
@@ -275,6 +280,7 @@ def main() -> None:
             "data": f"{args.dataset}/{args.category}",
             "textures": os.path.relpath(args.textures, ROOT.parent) if args.textures else None,
             "preset": args.preset,
+            "repeats": args.repeats,
         },
         **runs,
     }
