@@ -205,7 +205,8 @@ def _run_revision(args, tree: Path) -> dict:
     """:func:`measure` in a subprocess on ``tree``'s ``mapl_ray``."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child-out", f.name]
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        # the tree's mapl_ray first; the rest of the path stays (e.g. the GPU machine's /tmp/site)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
         subprocess.run(cmd, env=env, check=True)
         return json.loads(Path(f.name).read_text())
 
