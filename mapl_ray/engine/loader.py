@@ -26,14 +26,13 @@ def loader_workers(cfg: Config, device: torch.device) -> int:
     pseudo-labeler on below ``pseudo.label_lag`` minus the refit overlap (:func:`make_loader`'s bound).
 
     Why 8 (``bench/simulation_cost.py``'s ``loader_model``: the DataLoader's schedule replayed from the
-    measured cost of a batch and of a refit's pool): the 500-step paper run needs ~125 batches/s to take
-    4 s; one process makes a batch in ~11 ms on the 2-core CPU machine (~7 ms expected on the H200 host,
-    whose CPU the model puts at ~1.6x: that reproduces the 3.8 s waited there with 4 processes before the
-    simulation was sped up), so 4 processes keep up between refits and 8 leave room for the loop and the
-    pseudo-labeler's fit. What remains is the refit steps' pools (``2 pseudo.pool_size`` simulated
-    anomalies made by one process while the loop waits for it, batches being taken in order): more than 8
-    processes barely shorten that (H200 estimate: 1.8 s of waiting with 4, 1.3 s with 8, 1.25 s with 9,
-    1.16 s with 12) and cost memory and cores.
+    measured cost of a batch and of a refit's pool, ``bench/results/simulation_cost.json``): the 500-step
+    paper run needs ~125 batches/s to take 4 s; a batch costs one process 15-20 ms of CPU on the shared
+    2-core CPU machine, so between refits 4 processes keep up and 8 leave room for the loop and the
+    pseudo-labeler's fit. Most of what remains is the refit steps' pools (``2 pseudo.pool_size`` simulated
+    anomalies made by one process while the loop waits for it, batches being taken in order), which more
+    processes shorten less and less: in the model 8 processes wait about a third less than 4, but 14 only
+    about a sixth less than 8, for more memory and cores.
     """
     if cfg.train.loader_workers is not None:
         return int(cfg.train.loader_workers)
