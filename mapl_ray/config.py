@@ -160,7 +160,7 @@ class TrainConfig:
     # more Ray resources per training worker, "name=amount,...": e.g. a custom resource of the GPU nodes
     # (cluster.yaml's mapl_gpu=1) to keep training off the other nodes
     worker_resources: str = ""
-    loader_workers: int | None = None  # anomaly-simulation processes per worker; None -> 0 on CPU, up to 4 with a GPU
+    loader_workers: int | None = None  # anomaly-simulation processes per worker; None -> 0 on CPU, up to 8 with a GPU
     loader_start_method: str = "auto"  # auto (the platform default: fork on Linux) | fork | forkserver | spawn
     amp: str = "auto"  # auto | off | bf16
     channels_last: bool = True

@@ -4,8 +4,32 @@ jitter, and rotated copies of memory samples. uint8 ``(N, H, W, 3)`` arrays in, 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from ..config import ORIENTATION_MODES
+
+#: Pillow's transpose for ``np.rot90(image, k, axes=(0, 1))``, then a left-right flip if ``flip``: ``(k, flip)``.
+_PIL_D4 = {
+    (0, True): Image.Transpose.FLIP_LEFT_RIGHT,
+    (1, False): Image.Transpose.ROTATE_90,
+    (1, True): Image.Transpose.TRANSVERSE,
+    (2, False): Image.Transpose.ROTATE_180,
+    (2, True): Image.Transpose.FLIP_TOP_BOTTOM,
+    (3, False): Image.Transpose.ROTATE_270,
+    (3, True): Image.Transpose.TRANSPOSE,
+}
+
+
+def orient(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """``np.rot90(image, k, axes=(0, 1))``, then mirrored left-right if ``flip``, as a new array: uint8
+    ``(H, W, 3)`` images through Pillow's transpose (~3x faster than numpy's copy of 3-byte pixels in
+    reversed order), anything else through numpy."""
+    if (k, flip) == (0, False):
+        return image.copy()
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return np.asarray(Image.fromarray(image).transpose(_PIL_D4[k, flip]))
+    out = np.rot90(image, k, axes=(0, 1))
+    return out[:, ::-1] if flip else out
 
 
 def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng: np.random.Generator):
@@ -18,15 +42,13 @@ def augment_images(images: np.ndarray, masks: np.ndarray | None, mode: str, rng:
         return images, masks
     if mode not in ORIENTATION_MODES:
         raise ValueError(f"train.augment must be one of {ORIENTATION_MODES}, got {mode!r}")
-    out_i, out_m = images.copy(), None if masks is None else masks.copy()
+    out_i, out_m = np.empty_like(images), None if masks is None else np.empty_like(masks)
     for b in range(len(images)):
         k = int(rng.integers(4)) if mode == "rot90" else 0
         flip = bool(rng.integers(2))
-        img = np.rot90(images[b], k, axes=(0, 1))
-        out_i[b] = img[:, ::-1] if flip else img
+        out_i[b] = orient(images[b], k, flip)
         if masks is not None:
-            m = np.rot90(masks[b], k, axes=(0, 1))
-            out_m[b] = m[:, ::-1] if flip else m
+            out_m[b] = orient(masks[b], k, flip)
     return out_i, out_m
 
 
@@ -54,7 +76,6 @@ def rotated_copies(images: np.ndarray, k: int) -> np.ndarray:
     """
     if k <= 1:
         return images
-    from PIL import Image
 
     out = []
     for img in images:

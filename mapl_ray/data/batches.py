@@ -15,6 +15,7 @@ import torch
 
 from ..config import Config
 from .augment import augment_images, jitter_intensity
+from .foreground import foreground_masks
 from .simulation import AnomalySimulator
 from .train_data import TrainData, normal_rows
 
@@ -52,16 +53,42 @@ class BatchMaker:
         self.n_normal, self.n_sim = t.batch_normal, t.batch_simulated
         self.n_unl = t.batch_unlabeled if data.pool_size else 0
         self.n_anom = t.batch_labeled_anomaly if data.anomalies is not None and len(data.anomalies) else 0
+        self.packed_masks = self._object_masks()
+
+    def _object_masks(self) -> np.ndarray | None:
+        """uint8 ``(rows, H, ceil(W / 8))``: the object mask of every normal-source image (labeled normals,
+        then an in-memory pool), bit-packed along W (``np.packbits``: 1/8 of the memory), computed once here,
+        before loader processes fork, instead of once per simulated anomaly. The masks follow the flips /
+        rotations of ``train.augment`` (the mask commutes with them,
+        :func:`~mapl_ray.data.foreground.foreground_masks`); None where they cannot stand in for the mask of
+        the simulated image: intensity jitter changes the grey levels, or no object mask is used."""
+        if self.sim is None or self.cfg.train.color_jitter > 0 or not self.sim.foreground.use_mask:
+            return None
+        d = self.data
+        parts = [d.normals] + ([d.unlabeled] if d.pool_size and not d.pool_streamed else [])
+        self._mask_width = int(max(p.shape[2] for p in parts))  # all of one size
+        return np.concatenate([np.packbits(foreground_masks(p, self.sim.foreground), axis=-1) for p in parts])
+
+    def object_masks(self, rows: np.ndarray) -> np.ndarray | None:
+        """bool ``(len(rows), H, W)``: the cached object masks of normal-source ``rows``; None without a cache
+        (or for rows it does not hold: a streamed pool's)."""
+        packed, rows = self.packed_masks, np.asarray(rows)
+        if packed is None or (len(rows) and rows.max() >= len(packed)):
+            return None
+        return np.unpackbits(packed[rows], axis=-1, count=self._mask_width).view(bool)
 
     def _stream(self, step: int, per_rank: int, n: int, stream: int) -> np.ndarray:
         start = (step * self.world + self.rank) * per_rank
         return epoch_indices(n, start, per_rank, self.cfg.train.seed, stream)
 
-    def simulate(self, base: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Simulated anomalies from uint8 images ``(B, H, W, 3)``: (images, masks uint8 ``(B, H, W)``)."""
+    def simulate(
+        self, base: np.ndarray, rng: np.random.Generator, object_masks: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Simulated anomalies from uint8 images ``(B, H, W, 3)``: (images, masks uint8 ``(B, H, W)``).
+        ``object_masks``: bool ``(B, H, W)`` foreground of ``base`` if known (else computed per image)."""
         imgs, masks = [], []
-        for img in base:
-            out, mask, _ = self.sim(img, rng)
+        for i, img in enumerate(base):
+            out, mask, _ = self.sim(img, rng, None if object_masks is None else object_masks[i])
             imgs.append(out)
             masks.append(mask)
         return np.stack(imgs), np.stack(masks)
@@ -80,8 +107,8 @@ class BatchMaker:
         rng = np.random.default_rng([self.cfg.train.seed, step, 2])
         rows = np.arange(len(d.normals)) if len(d.normals) >= 16 else self._normal_rows(pool_labels)
         normal_idx = rows[rng.choice(len(rows), size=min(len(rows), 128), replace=False)]
-        base = d.source_images(rows[rng.integers(0, len(rows), size=2 * p.pool_size)])
-        sims, _ = self.simulate(base, rng)
+        base_rows = rows[rng.integers(0, len(rows), size=2 * p.pool_size)]
+        sims, _ = self.simulate(d.source_images(base_rows), rng, self.object_masks(base_rows))
         return {"normal_idx": normal_idx, "sims": sims}
 
     def has_pool(self) -> bool:
@@ -118,11 +145,10 @@ class BatchMaker:
             d.source_images(rows[self._stream(step, self.n_normal, len(rows), 0)]), None, aug, rng
         )
         normal = jitter_intensity(normal, jit, rng)
-        sim_base, _ = augment_images(
-            d.source_images(rows[self._stream(step, self.n_sim, len(rows), 1)]), None, aug, rng
-        )
+        sim_rows = rows[self._stream(step, self.n_sim, len(rows), 1)]
+        sim_base, sim_fg = augment_images(d.source_images(sim_rows), self.object_masks(sim_rows), aug, rng)
         sim_base = jitter_intensity(sim_base, jit, rng)
-        sim_img, sim_mask = self.simulate(sim_base, rng)
+        sim_img, sim_mask = self.simulate(sim_base, rng, sim_fg)
         parts = [(normal, np.zeros(normal.shape[:3], np.uint8), 0, 0), (sim_img, sim_mask, 1, 1)]
         if self.n_unl:
             labels = pool_labels if pool_labels is not None else np.full(d.pool_size, -1, np.int8)

@@ -19,6 +19,7 @@ __all__ = [
     "ForegroundConfig",
     "check_rgb_image",
     "foreground_mask",
+    "foreground_masks",
     "foreground_preset_name",
     "object_pixels",
     "resolve_foreground",
@@ -96,7 +97,7 @@ FOREGROUND_PRESETS: dict[str, ForegroundConfig] = {
 
 
 def rgb_to_grey(image: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma of a uint8 ``[H, W, 3]`` image -> uint8 ``[H, W]``.
+    """ITU-R 601-2 luma of uint8 ``[..., 3]`` images -> uint8 ``[...]``.
 
     Uses Pillow's fixed-point formula ``(19595 R + 38470 G + 7471 B + 2^15) >> 16`` so the
     result equals ``Image.convert("L")`` bit for bit.
@@ -115,18 +116,21 @@ def check_rgb_image(image: Any, what: str = "image") -> None:
 
 def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
     """``n`` binary dilations with the 3x3 cross (as ``scipy.ndimage.binary_dilation`` with
-    ``generate_binary_structure(2, 1)``), via array shifts: ~10x faster than scipy here.
-    Pixels outside the image count as equal to their nearest edge pixel (edge padding), so an
-    object touching the border is not eaten by the following erosion of a closing/opening."""
-    m = np.pad(mask, n, mode="edge")
+    ``generate_binary_structure(2, 1)``) of bool ``(..., H, W)`` masks (each ``(H, W)`` on its own),
+    via array shifts: ~10x faster than scipy here. Pixels outside the image count as equal to their
+    nearest edge pixel (edge padding), so an object touching the border is not eaten by the following
+    erosion of a closing/opening."""
+    if not n:
+        return mask
+    m = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(n, n), (n, n)], mode="edge")
     for _ in range(n):
         d = m.copy()
-        d[1:] |= m[:-1]
-        d[:-1] |= m[1:]
-        d[:, 1:] |= m[:, :-1]
-        d[:, :-1] |= m[:, 1:]
+        d[..., 1:, :] |= m[..., :-1, :]
+        d[..., :-1, :] |= m[..., 1:, :]
+        d[..., :, 1:] |= m[..., :, :-1]
+        d[..., :, :-1] |= m[..., :, 1:]
         m = d
-    return m[n:-n, n:-n] if n else m
+    return m[..., n:-n, n:-n]
 
 
 def _erode(mask: np.ndarray, n: int) -> np.ndarray:
@@ -135,12 +139,15 @@ def _erode(mask: np.ndarray, n: int) -> np.ndarray:
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background regions not 4-connected to the border (= ``binary_fill_holes``),
-    via one ``scipy.ndimage.label`` pass instead of scipy's iterated dilation (~5x faster)."""
-    lab, n = ndi.label(~mask)
+    """Fill background regions not 4-connected to their image's border (= ``binary_fill_holes`` per
+    image) of bool ``(..., H, W)`` masks, via one ``scipy.ndimage.label`` pass instead of scipy's
+    iterated dilation (~5x faster); the structure connects pixels within an image only."""
+    structure = np.zeros((3,) * mask.ndim, dtype=bool)
+    structure[(1,) * (mask.ndim - 2)] = ndi.generate_binary_structure(2, 1)
+    lab, n = ndi.label(~mask, structure=structure)
     if n == 0:
         return mask
-    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    border = np.unique(np.concatenate([lab[..., 0, :], lab[..., -1, :], lab[..., :, 0], lab[..., :, -1]], axis=None))
     keep = np.zeros(n + 1, dtype=bool)
     keep[border] = True
     keep[0] = True  # label 0 = the object itself
@@ -151,6 +158,35 @@ def object_pixels(grey: np.ndarray, threshold: float, inverse: bool) -> np.ndarr
     """The grey-level object rule: bool mask of ``grey <= threshold`` (``inverse``, a dark object) or
     ``grey > threshold``, any shape. Shared by the foreground mask and the pose estimator."""
     return grey <= threshold if inverse else grey > threshold
+
+
+def foreground_masks(images: np.ndarray, cfg: ForegroundConfig, chunk: int = 32) -> np.ndarray:
+    """:func:`foreground_mask` of a stack of images at once, uint8 ``(N, H, W, 3)`` -> bool ``(N, H, W)``
+    (equal to ``foreground_mask`` per image; ``chunk`` images per pass bound the temporaries).
+
+    The mask commutes with flips and 90-degree rotations of the image (pixel-wise threshold, symmetric
+    3x3 cross, edge padding, 4-connectivity to the border), so a cached mask can follow an augmented image.
+
+    Raises:
+        ValueError: ``images`` is not uint8 ``(N, H, W, 3)``.
+    """
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        raise ValueError(f"images must be a uint8 array of shape [N, H, W, 3], got {getattr(images, 'shape', images)}")
+    if len(images):
+        check_rgb_image(images[0], "images[0]")
+    if not cfg.use_mask:
+        return np.ones(images.shape[:3], dtype=bool)
+    out = np.empty(images.shape[:3], dtype=bool)
+    for i in range(0, len(images), chunk):
+        fg = object_pixels(rgb_to_grey(images[i : i + chunk]), cfg.threshold, cfg.inverse)
+        if cfg.open_iterations:
+            fg = _dilate(_erode(fg, cfg.open_iterations), cfg.open_iterations)
+        if cfg.close_iterations:
+            fg = _erode(_dilate(fg, cfg.close_iterations), cfg.close_iterations)
+        if cfg.fill_holes:
+            fg = _fill_holes(fg)
+        out[i : i + chunk] = fg
+    return out
 
 
 def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
@@ -167,16 +203,7 @@ def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
         ValueError: ``image`` is not uint8 ``[H, W, 3]``.
     """
     check_rgb_image(image)
-    if not cfg.use_mask:
-        return np.ones(image.shape[:2], dtype=np.uint8)
-    fg = object_pixels(rgb_to_grey(image), cfg.threshold, cfg.inverse)
-    if cfg.open_iterations:
-        fg = _dilate(_erode(fg, cfg.open_iterations), cfg.open_iterations)
-    if cfg.close_iterations:
-        fg = _erode(_dilate(fg, cfg.close_iterations), cfg.close_iterations)
-    if cfg.fill_holes:
-        fg = _fill_holes(fg)
-    return fg.astype(np.uint8)
+    return foreground_masks(image[None], cfg)[0].astype(np.uint8)
 
 
 #: ``simulation.foreground`` value that asks for no preset: the whole image is foreground unless

@@ -12,20 +12,25 @@ import numpy as np
 __all__ = ["perlin_noise_2d"]
 
 
-def _fade(t: np.ndarray) -> np.ndarray:
-    # Perlin's "improved noise" quintic 6t^5 - 15t^4 + 10t^3 (zero 1st/2nd derivative at 0, 1).
-    return t * t * t * (t * (t * np.float32(6.0) - np.float32(15.0)) + np.float32(10.0))
+def _fade(t: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Perlin's "improved noise" quintic ``6t^5 - 15t^4 + 10t^3`` (zero 1st/2nd derivative at 0, 1),
+    evaluated as ``t*t*t * (t*(t*6 - 15) + 10)`` into ``out`` (a buffer of ``t``'s shape, not ``t``)."""
+    a = t * np.float32(6.0)
+    a -= np.float32(15.0)
+    a *= t
+    a += np.float32(10.0)
+    np.multiply(t, t, out=out)
+    out *= t
+    out *= a
+    return out
 
 
-def _perlin_at(
-    ys: np.ndarray,
-    xs: np.ndarray,
-    shape: tuple[int, int],
-    res: tuple[int, int],
-    rng: np.random.Generator,
-    angle: float,
-) -> np.ndarray:
-    """Perlin noise of an ``shape`` image sampled at pixel rows ``ys`` x columns ``xs``."""
+def lattice_coordinates(
+    ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], res: tuple[int, int], angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice coordinates ``(u, v)`` (new float32 ``(len(ys), len(xs))`` arrays) of pixel rows ``ys`` x
+    columns ``xs`` of an ``shape`` image with ``res`` lattice cells, the pattern rotated by ``angle`` degrees
+    about the image centre (see :func:`perlin_noise_2d`)."""
     h, w = shape
     ry, rx = res
     yy = ys.astype(np.float32)[:, None]
@@ -37,25 +42,60 @@ def _perlin_at(
         dy, dx = yy - cy, xx - cx
         yy, xx = cy + ca * dy - sa * dx, cx + sa * dy + ca * dx
     u, v = np.broadcast_arrays(yy * np.float32(ry / h), xx * np.float32(rx / w))
+    return np.ascontiguousarray(u), np.ascontiguousarray(v)
+
+
+def _perlin_at(
+    ys: np.ndarray,
+    xs: np.ndarray,
+    shape: tuple[int, int],
+    res: tuple[int, int],
+    rng: np.random.Generator,
+    angle: float,
+) -> np.ndarray:
+    """Perlin noise of an ``shape`` image sampled at pixel rows ``ys`` x columns ``xs``.
+
+    Works in place where it can: fresh full-size float32 temporaries cost more than the arithmetic at
+    256 x 256 (each is new memory to fault in); every value is computed by the same float32 operations
+    in the same order as the plain expressions in the comments, so the noise is the same bit for bit.
+    """
+    u, v = lattice_coordinates(ys, xs, shape, res, angle)
     iu, iv = np.floor(u), np.floor(v)
-    fu, fv = u - iu, v - iv
+    fu, fv = u, v
+    fu -= iu  # fu = u - iu
+    fv -= iv
     umin, vmin = iu.min(), iv.min()
     gh, gw = int(iu.max() - umin) + 2, int(iv.max() - vmin) + 2
-    # Flat index of each sample's top-left lattice corner; the lattice only spans the samples.
-    i00 = ((iu - umin) * gw + (iv - vmin)).astype(np.intp)
+    # Flat index of each sample's top-left lattice corner, (iu - umin) * gw + (iv - vmin) (exact small
+    # integers in float32); the lattice only spans the samples.
+    iu -= umin
+    iu *= gw
+    iv -= vmin
+    iu += iv
+    i00 = iu.astype(np.intp)
     theta = rng.uniform(0.0, 2.0 * np.pi, size=gh * gw)
     grad = np.exp(1j * theta).astype(np.complex64)  # unit gradient (x = real, y = imag)
+    gy, gx = np.ascontiguousarray(grad.imag), np.ascontiguousarray(grad.real)
     fu1, fv1 = fu - np.float32(1.0), fv - np.float32(1.0)
-    c = grad[i00]
-    n00 = c.imag * fu + c.real * fv
-    c = grad[i00 + gw]
-    n10 = c.imag * fu1 + c.real * fv
-    c = grad[i00 + 1]
-    n01 = c.imag * fu + c.real * fv1
-    c = grad[i00 + (gw + 1)]
-    n11 = c.imag * fu1 + c.real * fv1
-    t, s = _fade(fu), _fade(fv)
-    # In-place bilinear blend of the 4 corner contributions (saves temporaries).
+
+    def corner(idx: np.ndarray, du: np.ndarray, dv: np.ndarray, buf: np.ndarray) -> np.ndarray:
+        # gradient . offset = gy * du + gx * dv (buf takes the x term)
+        n = np.take(gy, idx)
+        n *= du
+        np.take(gx, idx, out=buf)
+        buf *= dv
+        n += buf
+        return n
+
+    n00 = corner(i00, fu, fv, iv)  # iv is free now
+    i00 += gw
+    n10 = corner(i00, fu1, fv, iv)
+    i00 -= gw - 1
+    n01 = corner(i00, fu, fv1, iv)
+    i00 += gw
+    n11 = corner(i00, fu1, fv1, iv)
+    t, s = _fade(fu, out=fu1), _fade(fv, out=fv1)
+    # In-place bilinear blend of the 4 corner contributions.
     n10 -= n00
     n10 *= t
     n00 += n10
@@ -77,16 +117,18 @@ def _sample_positions(n: int, step: int) -> np.ndarray:
 
 
 def _interp_axis(a: np.ndarray, pos: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """Linear interpolation of samples ``a`` taken at pixel positions ``pos`` to 0..n-1."""
+    """Linear interpolation of samples ``a`` taken at pixel positions ``pos`` to 0..n-1:
+    ``a[k] + (a[k + 1] - a[k]) * wgt``, with the differences taken once on the samples."""
     x = np.arange(n)
     k = np.clip(np.searchsorted(pos, x, side="right") - 1, 0, max(len(pos) - 2, 0))
     if len(pos) == 1:
         return np.repeat(a, n, axis=axis)
     wgt = ((x - pos[k]) / (pos[k + 1] - pos[k])).astype(np.float32)
-    if axis == 0:
-        wgt = wgt[:, None]
-        return a[k] + (a[k + 1] - a[k]) * wgt
-    return a[:, k] + (a[:, k + 1] - a[:, k]) * wgt
+    step = np.diff(a, axis=axis)
+    out = np.take(step, k, axis=axis)
+    out *= wgt[:, None] if axis == 0 else wgt
+    out += np.take(a, k, axis=axis)
+    return out
 
 
 def perlin_noise_2d(

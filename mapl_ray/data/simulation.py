@@ -18,6 +18,7 @@ All randomness comes from the ``numpy.random.Generator`` passed in, so a seed re
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,39 @@ from .layout import LayoutError, find_images
 from .perlin import perlin_noise_2d
 
 __all__ = ["AnomalySimulator", "build_simulator", "photometric_augment", "split_textures"]
+
+
+#: uint8 ``(256, 3)``: every level of each of 3 channels (row k = (k, k, k)), the input of :func:`_lut`.
+_LEVELS_RGB = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+
+
+def _lut(levels: np.ndarray) -> list[int]:
+    """``Image.point`` table of a 3-band image from the mapped levels ``(256, 3)`` (band after band)."""
+    return levels.astype(np.uint8).T.ravel().tolist()
+
+
+# The numeric operations of photometric_augment act on each channel value alone, so each is applied as
+# Pillow lookup tables (``Image.point``, one per channel) holding the formula evaluated on the 256 levels:
+# the same numbers as evaluating it on every pixel, ~10x faster.
+def _gamma(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Per-channel gamma contrast ``255 (x / 255) ** g``, ``g ~ U(0.5, 2)`` per channel (float32)."""
+    g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
+    a = _LEVELS_RGB.astype(np.float32) / 255.0
+    return im.point(_lut(np.clip(255.0 * a**g, 0, 255)))
+
+
+def _brightness(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Brightness ``x * m + c``, ``m ~ U(0.8, 1.2)``, ``c ~ U(-30, 30)`` (float32, clipped, truncated)."""
+    a = _LEVELS_RGB.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
+    return im.point(_lut(np.clip(a, 0, 255)))
+
+
+def _hue_sat(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Hue shift (mod 256) and saturation shift (clipped) by ``U{-50..50}`` each, in Pillow's HSV."""
+    hsv = _LEVELS_RGB.astype(np.int16)  # levels of H, S, V
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
+    return im.convert("HSV").point(_lut(hsv)).convert("RGB")
 
 
 def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
@@ -49,26 +83,11 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
     """
     from PIL import ImageEnhance, ImageOps
 
-    def gamma(im):
-        a = np.asarray(im).astype(np.float32) / 255.0
-        g = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
-        return Image.fromarray(np.clip(255.0 * a**g, 0, 255).astype(np.uint8))
-
-    def brightness(im):
-        a = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-
-    def hue_sat(im):
-        hsv = np.asarray(im.convert("HSV")).astype(np.int16)
-        hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
-        hsv[..., 1] = np.clip(hsv[..., 1] + int(rng.integers(-50, 51)), 0, 255)
-        return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
-
     ops = [
-        gamma,
-        brightness,
+        lambda im: _gamma(im, rng),
+        lambda im: _brightness(im, rng),
         lambda im: ImageEnhance.Sharpness(im).enhance(rng.uniform(0.0, 2.0)),
-        hue_sat,
+        lambda im: _hue_sat(im, rng),
         lambda im: ImageOps.solarize(im, int(rng.integers(32, 129))),
         lambda im: ImageOps.posterize(im, int(rng.integers(1, 9))),
         ImageOps.invert,
@@ -80,6 +99,32 @@ def photometric_augment(image: np.ndarray, rng: np.random.Generator, n_ops: int 
     for i in rng.choice(len(ops), size=min(n_ops, len(ops)), replace=False):
         im = ops[int(i)](im)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _dihedral_offsets(ch: int, cw: int, row: int) -> np.ndarray:
+    """int64 ``(8, ch, cw)``: entry ``2 k + flip`` holds, at each pixel of a ``ch x cw`` cell transformed by
+    ``np.rot90(cell, k)`` then mirrored left-right if ``flip``, the source pixel's offset ``r * row + c`` in an
+    image of ``row`` pixels per line (-1 for the transforms that do not keep a rectangular cell's shape)."""
+    local = np.arange(ch * cw).reshape(ch, cw)
+    out = np.full((8, ch, cw), -1, np.int64)
+    for k in range(4):
+        turned = np.rot90(local, k)
+        if turned.shape != (ch, cw):
+            continue
+        for flip in (0, 1):
+            t = turned[:, ::-1] if flip else turned
+            out[2 * k + flip] = (t // cw) * row + t % cw
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _cell_offsets(g: int, ch: int, cw: int) -> np.ndarray:
+    """int64 ``(g * g,)``: offset of the top-left pixel of each ``ch x cw`` cell of a ``g x g`` grid, row-major."""
+    out = (np.arange(g)[:, None] * (ch * g * cw) + np.arange(g)[None, :] * cw).ravel()
+    out.setflags(write=False)
+    return out
 
 
 def _list_textures(texture_dir: str) -> list[str]:
@@ -207,17 +252,15 @@ class AnomalySimulator:
         work = image
         if (ch * g, cw * g) != (h, w):
             work = np.asarray(Image.fromarray(image).resize((cw * g, ch * g), Image.Resampling.BILINEAR))
-        cells = work.reshape(g, ch, g, cw, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, ch, cw, 3)
-        cells = cells[rng.permutation(g * g)]
         n = g * g
+        perm = rng.permutation(n)
         k = rng.integers(0, 4, size=n) if ch == cw else 2 * rng.integers(0, 2, size=n)
         flip = rng.random(n) < 0.5
-        for kk in (1, 2, 3):
-            sel = k == kk
-            if sel.any():
-                cells[sel] = np.rot90(cells[sel], kk, axes=(1, 2))
-        cells[flip] = cells[flip][:, :, ::-1]
-        out = cells.reshape(g, g, ch, cw, 3).transpose(0, 2, 1, 3, 4).reshape(g * ch, g * cw, 3)
+        # output cell j = source cell perm[j], rotated by k[j] quarter turns, then mirrored if flip[j]: one
+        # gather of pixels through an index map (~3x faster than rotating / flipping copies of the cells)
+        src = _cell_offsets(g, ch, cw)[perm][:, None, None] + _dihedral_offsets(ch, cw, g * cw)[2 * k + flip]
+        idx = src.reshape(g, g, ch, cw).transpose(0, 2, 1, 3).reshape(g * ch, g * cw)
+        out = np.take(np.ascontiguousarray(work).reshape(-1, 3), idx, axis=0)
         if out.shape[:2] != (h, w):
             out = np.asarray(Image.fromarray(out).resize((w, h), Image.Resampling.BILINEAR))
         return out
@@ -230,12 +273,18 @@ class AnomalySimulator:
         return noise, noise > self.perlin_threshold
 
     # -- main -----------------------------------------------------------------------------------
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator, foreground: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Simulate one anomaly on ``image``.
 
         Args:
             image: uint8 ``[H, W, 3]`` RGB normal image (not modified).
             rng: the only source of randomness; equal seeds give equal outputs.
+            foreground: ``image``'s object mask ``[H, W]`` (bool or {0, 1}) when the caller has it
+                (:func:`~mapl_ray.data.foreground.foreground_masks` of the source image, transformed
+                with it); None computes :func:`foreground_mask` with ``self.foreground``. The output is
+                the same either way.
 
         Returns:
             ``(I_a, M, info)``: uint8 ``[H, W, 3]`` anomalous image, bit-identical to ``image``
@@ -247,7 +296,7 @@ class AnomalySimulator:
             was used).
 
         Raises:
-            ValueError: ``image`` is not uint8 ``[H, W, 3]``.
+            ValueError: ``image`` is not uint8 ``[H, W, 3]``, or ``foreground`` is not ``[H, W]``.
             TypeError: ``rng`` is not a ``numpy.random.Generator``.
             ImageReadError: the chosen texture file cannot be decoded.
         """
@@ -257,7 +306,12 @@ class AnomalySimulator:
         hw = (int(image.shape[0]), int(image.shape[1]))
 
         # Eq. 1: M = M_perlin AND M_foreground, redrawing the noise while M is empty.
-        fg = foreground_mask(image, self.foreground).astype(bool)
+        if foreground is None:
+            fg = foreground_mask(image, self.foreground).astype(bool)
+        elif foreground.shape != hw:
+            raise ValueError(f"foreground must have the image's shape {hw}, got {foreground.shape}")
+        else:
+            fg = foreground.astype(bool, copy=False)
         fg_any = bool(fg.any())
         mask = None
         last_pm = None
@@ -290,10 +344,16 @@ class AnomalySimulator:
 
         # Eq. 2, evaluated only on masked pixels so the rest stays bit-identical.
         delta = float(rng.uniform(*self.delta_range))
+        # (pixels gathered by flat index and blended in place: ~5x faster than boolean indexing of 3-byte pixels)
+        px = np.flatnonzero(mask)
+        blended = np.take(np.ascontiguousarray(source).reshape(-1, 3), px, axis=0).astype(np.float32)
+        blended *= delta
+        kept = np.take(image.reshape(-1, 3), px, axis=0).astype(np.float32)
+        kept *= 1.0 - delta
+        blended += kept  # delta * I_n + (1 - delta) * I
+        np.clip(np.rint(blended, out=blended), 0, 255, out=blended)
         out = image.copy()
-        sel = mask
-        blended = delta * source[sel].astype(np.float32) + (1.0 - delta) * image[sel].astype(np.float32)
-        out[sel] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        out.reshape(-1, 3)[px] = blended.astype(np.uint8)
         info = {
             "source": "texture" if use_texture else "structure",
             "delta": delta,

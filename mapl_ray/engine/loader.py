@@ -15,12 +15,33 @@ from ..tensors import to_tensor
 LOADER_TIMEOUT_S = 300  # a loader process that yields nothing for this long raises instead of hanging the job
 
 
+#: Most loader processes beside a GPU by default (:func:`loader_workers`).
+MAX_DEFAULT_LOADER_WORKERS = 8
+
+
 def loader_workers(cfg: Config, device: torch.device) -> int:
     """Loader processes for anomaly simulation: ``train.loader_workers``, or by default 0 on the CPU
-    (compute and simulation share the same cores) and up to 4 beside a GPU."""
+    (compute and simulation share the same cores) and, beside a GPU, one per CPU thread less one for the
+    loop (``torch.get_num_threads()``, which follows a Ray worker's CPUs), at most 8, and with the
+    pseudo-labeler on below ``pseudo.label_lag`` minus the refit overlap (:func:`make_loader`'s bound).
+
+    Why 8 (``bench/simulation_cost.py``'s ``loader_model``: the DataLoader's schedule replayed from the
+    measured cost of a batch and of a refit's pool, ``bench/results/simulation_cost.json``): the 500-step
+    paper run needs ~125 batches/s to take 4 s; a batch costs one process 15-20 ms of CPU on the shared
+    2-core CPU machine, so between refits 4 processes keep up and 8 leave room for the loop and the
+    pseudo-labeler's fit. Most of what remains is the refit steps' pools (``2 pseudo.pool_size`` simulated
+    anomalies made by one process while the loop waits for it, batches being taken in order), which more
+    processes shorten less and less: in the model 8 processes wait about a third less than 4, but 14 only
+    about a sixth less than 8, for more memory and cores.
+    """
     if cfg.train.loader_workers is not None:
         return int(cfg.train.loader_workers)
-    return 0 if device.type == "cpu" else max(0, min(4, torch.get_num_threads() - 1))
+    if device.type == "cpu":
+        return 0
+    n = min(MAX_DEFAULT_LOADER_WORKERS, torch.get_num_threads() - 1)
+    if cfg.pseudo.enabled:
+        n = min(n, cfg.pseudo.label_lag - fit_overlap(cfg.pseudo) - 1)
+    return max(0, n)
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple[torch.Tensor, ...]:
