@@ -96,6 +96,29 @@ def test_loader_worker_processes_draw_the_same_batches_as_the_main_process(small
     assert s2["pseudo"] == s0["pseudo"] and s0["pseudo"]  # the prefetched refit pool is the same pool
 
 
+@needs_data
+def test_a_refit_pool_made_in_parts_by_the_loader_items_is_the_whole_pool(small_root, tmp_path):
+    from mapl_ray.data.batches import POOL_CHUNKS, StepBatches, assemble_pool, pool_chunk_steps
+    from mapl_ray.engine.loop import Trainer
+
+    cfg = tiny_config(small_root, **{"pseudo.pool_size": 5})  # 10 simulated images in 8 parts: some hold none
+    data, _, _ = load_train_data(cfg, prepare_run(cfg, tmp_path / "run"))
+    bm = BatchMaker(cfg, data, build_simulator(cfg))
+    refit = POOL_CHUNKS + 3
+    items = StepBatches(bm, {refit})
+    assert "pool_chunks" not in items[refit - POOL_CHUNKS] and "pool_chunks" not in items[refit + 1]
+    parts = {items[s]["pool_chunks"][refit][0]: items[s]["pool_chunks"][refit][1] for s in pool_chunk_steps(refit)}
+    assert sorted(parts) == list(range(POOL_CHUNKS))
+    whole = bm.pool(refit)
+    pooled = assemble_pool([parts[c] for c in range(POOL_CHUNKS)])
+    assert len(whole["sims"]) == 10 and np.array_equal(pooled["sims"], whole["sims"])
+    assert np.array_equal(pooled["normal_idx"], whole["normal_idx"])
+    # a run resumed inside the window: the parts of the steps before it are made by the loop, the same parts
+    trainer = Trainer(cfg, data, tmp_path / "run")
+    trainer._pool_parts = {refit: {c: parts[c] for c in range(3, POOL_CHUNKS)}}
+    assert np.array_equal(trainer._refit_pool(refit)["sims"], whole["sims"])
+
+
 def test_weighted_losses_equal_the_losses_of_the_selected_samples():
     from mapl_ray.model import segmentation_loss
     from mapl_ray.model.losses import masked_bce

@@ -19,6 +19,21 @@ from .foreground import foreground_masks
 from .simulation import AnomalySimulator
 from .train_data import TrainData, normal_rows
 
+#: a refit's simulated pool is made in this many parts, one in each of the loader items of the steps just
+#: before the refit (:class:`StepBatches`): one part in one loader process made the loop wait for it
+POOL_CHUNKS = 8
+
+
+def assemble_pool(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """:meth:`BatchMaker.pool` from its :meth:`BatchMaker.pool_chunk` parts, in chunk order."""
+    return {"normal_idx": chunks[0]["normal_idx"], "sims": np.concatenate([c["sims"] for c in chunks])}
+
+
+def pool_chunk_steps(refit_step: int) -> range:
+    """The steps whose loader items carry the parts of refit ``refit_step``'s pool: part ``c`` at
+    ``refit_step - POOL_CHUNKS + 1 + c``."""
+    return range(refit_step - POOL_CHUNKS + 1, refit_step + 1)
+
 
 def epoch_indices(n: int, start: int, count: int, seed: int, stream: int) -> np.ndarray:
     """Positions ``start .. start+count`` of an endless stream of seeded permutations of ``range(n)``.
@@ -102,13 +117,23 @@ class BatchMaker:
     def pool(self, step: int, pool_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The reference images of the pseudo-labeler's refit at ``step`` (seeded by ``(seed, step)``,
         equal on every rank): ``normal_idx`` int64 normal-source rows (at most 128; labeled normals
-        while there are 16 or more) and ``sims`` uint8 ``(2 pool_size, H, W, 3)`` simulated anomalies."""
+        while there are 16 or more) and ``sims`` uint8 ``(2 pool_size, H, W, 3)`` simulated anomalies:
+        the :data:`POOL_CHUNKS` parts of :meth:`pool_chunk` put together (:func:`assemble_pool`)."""
+        return assemble_pool([self.pool_chunk(step, c, pool_labels) for c in range(POOL_CHUNKS)])
+
+    def pool_chunk(self, step: int, chunk: int, pool_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Part ``chunk`` (0 .. :data:`POOL_CHUNKS` - 1) of :meth:`pool`: the same ``normal_idx`` and the
+        ``chunk``-th share of the ``sims``, simulated with a generator of its own ``(seed, step, chunk)``, so
+        the parts can be made in different loader processes (:class:`StepBatches`) and give the same pool."""
         d, p = self.data, self.cfg.pseudo
         rng = np.random.default_rng([self.cfg.train.seed, step, 2])
         rows = np.arange(len(d.normals)) if len(d.normals) >= 16 else self._normal_rows(pool_labels)
         normal_idx = rows[rng.choice(len(rows), size=min(len(rows), 128), replace=False)]
-        base_rows = rows[rng.integers(0, len(rows), size=2 * p.pool_size)]
-        sims, _ = self.simulate(d.source_images(base_rows), rng, self.object_masks(base_rows))
+        base_rows = np.array_split(rows[rng.integers(0, len(rows), size=2 * p.pool_size)], POOL_CHUNKS)[chunk]
+        if not len(base_rows):
+            return {"normal_idx": normal_idx, "sims": np.zeros((0, *d.normals.shape[1:]), np.uint8)}
+        sim_rng = np.random.default_rng([self.cfg.train.seed, step, 2, chunk])
+        sims, _ = self.simulate(d.source_images(base_rows), sim_rng, self.object_masks(base_rows))
         return {"normal_idx": normal_idx, "sims": sims}
 
     def has_pool(self) -> bool:
@@ -169,11 +194,13 @@ class BatchMaker:
 class StepBatches(torch.utils.data.Dataset):
     """Training batches as a map-style dataset, for a ``torch.utils.data.DataLoader``.
 
-    Item ``(step, pool_labels)`` is ``BatchMaker(step, pool_labels)`` and, on the pseudo-labeler's
-    refit steps, its :meth:`BatchMaker.pool` under ``"pool"`` (``pool_labels``: the pseudo-labels in
-    force at ``step``, None without a pool; a plain ``step`` means None). Every item depends only on
-    ``(seed, rank, step)`` and those labels, so loader workers can simulate anomalies ahead of the GPU
-    in any order and a resumed run still draws the same batches.
+    Item ``(step, pool_labels)`` is ``BatchMaker(step, pool_labels)`` and, on the :data:`POOL_CHUNKS`
+    steps up to a pseudo-labeler refit step ``r`` (:func:`pool_chunk_steps`), part ``c`` of refit ``r``'s
+    pool under ``"pool_chunks"`` (``{r: (c, BatchMaker.pool_chunk(r, c, pool_labels))}``; the loop puts
+    the parts together, :func:`assemble_pool`): a pool spread over several loader processes, not one
+    (``pool_labels``: the pseudo-labels in force at ``step``, None without a pool; a plain ``step``
+    means None). Every item depends only on ``(seed, rank, step)`` and those labels, so loader workers can
+    simulate anomalies ahead of the GPU in any order and a resumed run still draws the same batches.
     """
 
     def __init__(self, batch_maker: BatchMaker, refit_steps: set[int]):
@@ -185,6 +212,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, item: int | tuple[int, np.ndarray | None]) -> dict[str, Any]:
         step, labels = item if isinstance(item, tuple) else (item, None)
         batch: dict[str, Any] = self.bm(step, labels)
-        if step in self.refit_steps:
-            batch["pool"] = self.bm.pool(step, labels)
+        parts = {r: step - pool_chunk_steps(r).start for r in self.refit_steps if step in pool_chunk_steps(r)}
+        if parts:
+            batch["pool_chunks"] = {r: (c, self.bm.pool_chunk(r, c, labels)) for r, c in parts.items()}
         return batch

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data.batches import BatchMaker
+from ..data.batches import BatchMaker, assemble_pool, pool_chunk_steps
 from ..data.simulation import build_simulator
 from ..data.train_data import TrainData, choose_memory_banks, memory_bank_images, normal_rows
 from ..data.validation import ValidationSet
@@ -114,6 +114,8 @@ class Trainer:
         self.start_step = 0
         self.segment = 0  # train_log.jsonl's segment: 0 for a new run, +1 per resume
         self.refits: list[dict[str, Any]] = []
+        #: parts of upcoming refits' pools brought by loader items: refit step -> {part: pool part}
+        self._pool_parts: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         #: in-loop checkpoints written beside training (:mod:`mapl_ray.engine.checkpoints`)
         self.writer = CheckpointWriter(self.run_dir, on_checkpoint, lockstep=world_size > 1)
         #: host copies of the memory-bank buffers of the last snapshot: key -> (bank, its generation then, copy)
@@ -278,6 +280,16 @@ class Trainer:
             self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
         return stats
 
+    def _refit_pool(self, step: int) -> dict[str, Any]:
+        """The pool of the refit at ``step`` from the parts the loader items brought
+        (:class:`~mapl_ray.data.batches.StepBatches`); a part whose step came before this run's first step (a
+        resumed run) is made here, with the labels that step had."""
+        parts = self._pool_parts.pop(step, {})
+        for chunk, s in enumerate(pool_chunk_steps(step)):
+            if chunk not in parts:
+                parts[chunk] = self.bm.pool_chunk(step, chunk, self.labeler.labels_for(s))
+        return assemble_pool([parts[c] for c in range(len(parts))])
+
     def _validate(self, step: int, end_step: int, net: torch.nn.Module) -> dict[str, Any]:
         """Validation metrics (``validation_*``) every ``eval.validate_every`` steps and at the last step (rank 0)."""
         every = self.cfg.eval.validate_every
@@ -357,6 +369,7 @@ class Trainer:
         net = self._net()
         step_fn = self._step_fn(net)
         graph_step = CudaGraphStep(step_fn, self.optimizer, device) if self.graphed else None
+        from_loader = batches is None  # its items carry the refits' pools in parts (StepBatches)
         n_loader = loader_workers(self.cfg, device) if batches is None else 0
         refit = {s for s in range(self.start_step, end_step) if labeler.is_refit_step(s)}
         if batches is None:
@@ -373,8 +386,12 @@ class Trainer:
             ts = time.perf_counter()
             times["wait"].append(ts - t_ready)
             pool = batch.pop("pool", None)
+            for refit_step, (chunk, part) in batch.pop("pool_chunks", {}).items():
+                self._pool_parts.setdefault(refit_step, {})[chunk] = part
             t_fit = time.perf_counter()
             if labeler.due(step) and labeler.fitted_step != step:
+                if pool is None and from_loader and labeler.is_refit_step(step):
+                    pool = self._refit_pool(step)
                 labeler.start_fit(unwrap(net), step, pool)
                 net.train()
             if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
