@@ -11,9 +11,10 @@ travel through Ray's object store; rank 0 writes ``RUN/checkpoint``).
 Fault tolerance: every ``train.checkpoint_every`` steps (and at the end) rank 0 saves ``RUN/checkpoint`` and
 every rank reports it to Ray Train; with ``train.storage_path`` set (storage apart from the run folder: a
 path every node reads, ``s3://...``) the report carries it as a ``ray.train.Checkpoint``, which Ray Train
-copies there. Without it (the default, Ray Train's state under ``RUN/ray_results``) the report carries no
-checkpoint: a copy inside the run folder would be no safer than ``RUN/checkpoint`` and cost a copy of the
-whole checkpoint (memory banks included, ~220 MiB on screw's preset) per report. With ``train.max_failures``
+copies there. Without it (the default, Ray Train's state under ``RUN/ray_results``) a checkpoint is not
+reported: a copy inside the run folder would be no safer than ``RUN/checkpoint`` and cost a copy of the
+whole checkpoint (memory banks included, ~220 MiB on screw's preset) per report, and a report without one
+only synchronises the workers with Ray Train (both measured on the H200: ``bench/results/train_phases.json``). With ``train.max_failures``
 > 0 Ray Train restarts the workers when one of them, or its node, dies (``FailureConfig``); the new attempt
 finds the last reported checkpoint with ``ray.train.get_checkpoint()`` (if any), installs it as
 ``RUN/checkpoint`` when the run folder's is older, and continues from ``RUN/checkpoint`` exactly as
@@ -108,8 +109,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     def on_checkpoint(step, path):  # every rank reports (a barrier); rank 0 hands over the folder
-        keep = path is not None and config.get("ray_checkpoints", True)
-        ckpt = ray.train.Checkpoint.from_directory(str(path)) if keep else None
+        if not config.get("ray_checkpoints", True):
+            return  # nothing for Ray Train to keep: a report (~0.7 s each on the H200) would only pass the step
+        ckpt = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
         ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=ckpt)
 
     resume, restart = _attempt(config, rank, world)
