@@ -382,8 +382,9 @@ def _add_train_run_args(t) -> None:
     t.add_argument(
         "--storage",
         metavar="PATH|URI",
-        help="where Ray Train keeps its checkpoints (train.storage_path; default RUN/ray_results): a path every "
-        "node reads or s3://... / gs://...",
+        help="where Ray Train keeps copies of the checkpoints (train.storage_path): a path every node reads or "
+        "s3://... / gs://...; default: none are copied (Ray Train's state in RUN/ray_results, a restart continues "
+        "from RUN/checkpoint)",
     )
     t.add_argument(
         "--amp", choices=["auto", "off", "bf16"], help="bf16 autocast: auto (on a GPU, not on the CPU), off or bf16"

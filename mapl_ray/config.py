@@ -167,11 +167,11 @@ class TrainConfig:
     compile: bool = False
     # replay the whole step as a CUDA graph (one GPU, torch memory search, no torch.compile; eager elsewhere)
     cuda_graphs: bool = True
-    checkpoint_every: int = 100  # steps between checkpoints (RUN/checkpoint and, under Ray, a ray.train.Checkpoint)
+    checkpoint_every: int = 100  # steps between checkpoints (RUN/checkpoint; with storage_path a Ray Train copy)
     # Ray Train restarts the workers this many times after a worker or node died, from the last checkpoint
     max_failures: int = 0
-    # where Ray Train keeps its checkpoints and run state (RunConfig.storage_path; a path every node reads or an
-    # s3:// / gs:// URI); "": RUN/ray_results, removed when the job ends
+    # where Ray Train keeps copies of the checkpoints and its run state (RunConfig.storage_path; a path every node
+    # reads or an s3:// / gs:// URI); "": its state in RUN/ray_results (removed when the job ends), no copies
     storage_path: str = ""
     log_every: int = 10
     report_every: int = 0  # steps between ray.train.report calls (0: only the last; each synchronises all workers)
