@@ -29,10 +29,12 @@ def loader_workers(cfg: Config, device: torch.device) -> int:
     measured cost of a batch and of a refit's pool, ``bench/results/simulation_cost.json``): the 500-step
     paper run needs ~125 batches/s to take 4 s; a batch costs one process 15-20 ms of CPU on the shared
     2-core CPU machine, so between refits 4 processes keep up and 8 leave room for the loop and the
-    pseudo-labeler's fit. Most of what remains is the refit steps' pools (``2 pseudo.pool_size`` simulated
-    anomalies made by one process while the loop waits for it, batches being taken in order), which more
-    processes shorten less and less: in the model 8 processes wait about a third less than 4, but 14 only
-    about a sixth less than 8, for more memory and cores.
+    pseudo-labeler's fit. In the model 8 processes wait about a third less than 4, but 14 only about a
+    sixth less than 8, for more memory and cores; what it left was the refit steps' pools (``2
+    pseudo.pool_size`` simulated anomalies made by one process while the loop waited), which are since made
+    in parts by the items of the steps before each refit (:class:`~mapl_ray.data.batches.StepBatches`).
+    On the H200 the 500-step run then waited 0.4-1.3 s for batches with 8 (3.8 s with 4 before;
+    ``bench/results/train_phases.json``).
     """
     if cfg.train.loader_workers is not None:
         return int(cfg.train.loader_workers)
