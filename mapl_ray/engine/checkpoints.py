@@ -3,9 +3,8 @@
 The training thread takes a :class:`~mapl_ray.runfolder.CheckpointSnapshot` (host copies of everything
 the checkpoint holds, so the next step may change the weights), and a background thread writes it to
 ``RUN/checkpoint`` exactly as a synchronous save does (``checkpoint.tmp/`` swapped in,
-:func:`~mapl_ray.runfolder.write_checkpoint`). On the H200 the four in-loop saves of the 500-step screw run
-took 2.8 s of the loop (``train_summary.json`` ``phases_s.checkpoints``), mostly writing the 10 memory
-banks (204 of 223 MiB of ``model.safetensors``).
+:func:`~mapl_ray.runfolder.write_checkpoint`): writing a checkpoint (mostly the memory banks) no longer
+stops training (measured in ``bench/results/checkpoint.json`` and ``train_phases.json``).
 
 A finished checkpoint is handed to ``on_checkpoint`` (Ray Train's report) on the training thread, in the
 order of the steps, on every rank: with one rank at the first step boundary after its write finished;
