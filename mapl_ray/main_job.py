@@ -99,6 +99,26 @@ def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> Split
     return split
 
 
+def _check_storage_path(storage: str) -> None:
+    """Refuse a local ``train.storage_path`` that is, or lies under, a file (Ray Train would fail only once
+    training has started). URIs (``s3://...``) are Ray's to check.
+
+    Raises:
+        ConfigError: naming the file.
+    """
+    if not storage or "://" in storage:
+        return
+    path = Path(storage).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(
+                    f"train.storage_path (--storage) {storage}: {p} is a file; expected a folder (created if "
+                    "missing) that every node reads, or a URI such as s3://bucket/ray"
+                )
+            return
+
+
 def run_train_job(
     cfg: Config,
     run_dir: str | Path,
@@ -118,7 +138,7 @@ def run_train_job(
 
     Raises:
         RunFolderError, LayoutError, ConfigError, WeightsError: bad input, before anything is trained
-            (ConfigError: ``data.stream`` without Ray).
+            (ConfigError: ``data.stream`` without Ray, ``train.storage_path`` a file).
         TrainingFailed: a training worker failed for another reason.
     """
     from .eval.evaluate import calibrate, evaluate_run
@@ -127,6 +147,7 @@ def run_train_job(
     cfg = absolute_paths(cfg)
     if cfg.data.stream and not use_ray:
         raise ConfigError("data.stream (--stream) runs on Ray Data: drop --no-ray")
+    _check_storage_path(cfg.train.storage_path)
     if not resume:
         cfg, foreground = with_resolved_foreground(cfg)
     split = prepare_run(cfg, run_dir, resume)

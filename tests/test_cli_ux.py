@@ -99,6 +99,18 @@ def test_missing_mask_error_names_the_flag(small_root, tmp_path, capsys):
     assert "--no-masks" in err and "data.require_masks: false" in err and "require_masks=False" not in err
 
 
+def test_storage_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for storage in (afile, afile / "under"):
+        run = tmp_path / "run"
+        args = ["train", "--data", str(tmp_path), "--category", "screw", "--out", str(run), "--storage", str(storage)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{afile} is a file" in err and "--storage" in err and "Traceback" not in err
+        assert not run.exists()
+
+
 # 3. Ctrl-C, --resume before the first checkpoint, the log's segments --------------------------------
 @needs_data
 def test_resume_before_the_first_checkpoint_says_rerun_without_resume(small_root, tmp_path, capsys):
