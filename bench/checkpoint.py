@@ -81,10 +81,11 @@ def save_parts(model: torch.nn.Module, run: Path, repeats: int = 3) -> dict[str,
 
 def training_thread_costs(cfg: Config, data, run: Path, device: str, repeats: int = 5) -> dict[str, float] | None:
     """Median seconds the training thread spends on one in-loop checkpoint of a fresh :class:`Trainer` (banks
-    filled, no steps): a synchronous save (``Trainer.save``) against a snapshot handed to the writer thread
+    filled, no steps): a synchronous save (``write_checkpoint`` of ``Trainer.snapshot``) against a snapshot handed to the writer thread
     (``Trainer.snapshot`` + ``CheckpointWriter.submit``; the write itself is waited for outside the timing),
     interleaved in one process so that both see the same load. None for code without the writer."""
     from mapl_ray.engine.loop import Trainer
+    from mapl_ray.runfolder import write_checkpoint
 
     if not hasattr(Trainer, "snapshot"):
         return None
@@ -93,7 +94,7 @@ def training_thread_costs(cfg: Config, data, run: Path, device: str, repeats: in
     sync, beside = [], []
     for step in range(1, repeats + 1):
         t = time.perf_counter()
-        trainer.save(step)
+        write_checkpoint(trainer.run_dir, trainer.snapshot(step))
         sync.append(time.perf_counter() - t)
         t = time.perf_counter()
         trainer.writer.submit(step, trainer.snapshot(step))

@@ -45,7 +45,6 @@ from ..runfolder import (
     read_state,
     snapshot_checkpoint,
     train_log_segment,
-    write_checkpoint,
 )
 from ..tensors import autocast_context, to_tensor
 from .checkpoints import CheckpointWriter
@@ -199,11 +198,6 @@ class Trainer:
         the writer's thread, so a KeyboardInterrupt cannot stop it between its two renames."""
         self.writer.submit(step, self.snapshot(step))
         self.writer.drain()
-
-    def save(self, step: int) -> Path | None:
-        """Rank 0 writes ``RUN/checkpoint`` now (:meth:`snapshot`) and returns it; other ranks return None."""
-        snap = self.snapshot(step)
-        return None if snap is None else write_checkpoint(self.run_dir, snap)
 
     def snapshot(self, step: int) -> CheckpointSnapshot | None:
         """Rank 0: the checkpoint of ``step`` in host memory (the EMA weights when ``train.ema_decay`` > 0, the

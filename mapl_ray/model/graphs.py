@@ -2,8 +2,8 @@
 
 Eagerly, a MAPL forward pass is hundreds of small kernels, each launched from Python: on an H200 the
 launches, not the arithmetic, bound a small batch. A captured graph launches them together. Used by
-inference (:class:`~mapl_ray.inference.Predictor`), the validation passes during training
-(:class:`~mapl_ray.eval.validation.Validator`) and the pseudo-labeler's features at each refit.
+inference (:class:`~mapl_ray.inference.Predictor`) and the pseudo-labeler's features at each refit
+(:meth:`~mapl_ray.pseudo.labeler.PseudoLabeler.features`).
 """
 
 from __future__ import annotations

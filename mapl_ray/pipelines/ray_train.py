@@ -8,14 +8,14 @@ warnings mapl-ray logged on rank 0 come back in the training summary and are log
 On a multi-node cluster the run folder must be on storage every node can read (the decoded images
 travel through Ray's object store; rank 0 writes ``RUN/checkpoint``).
 
-Fault tolerance: every ``train.checkpoint_every`` steps (and at the end) rank 0 saves ``RUN/checkpoint`` and
-every rank reports it to Ray Train; with ``train.storage_path`` set (storage apart from the run folder: a
-path every node reads, ``s3://...``) the report carries it as a ``ray.train.Checkpoint``, which Ray Train
-copies there. Without it (the default, Ray Train's state under ``RUN/ray_results``) a checkpoint is not
-reported: a copy inside the run folder would be no safer than ``RUN/checkpoint`` and cost a copy of the
-whole checkpoint (memory banks included, ~220 MiB on screw's preset) per report, and a report without one
-only synchronises the workers with Ray Train (both measured on the H200: ``bench/results/train_phases.json``). With ``train.max_failures``
-> 0 Ray Train restarts the workers when one of them, or its node, dies (``FailureConfig``); the new attempt
+Fault tolerance: every ``train.checkpoint_every`` steps (and at the end) rank 0 saves ``RUN/checkpoint``.
+With ``train.storage_path`` set (storage apart from the run folder: a path every node reads, ``s3://...``)
+every rank also reports it as a ``ray.train.Checkpoint``, which Ray Train copies there. Without it (the
+default, Ray Train's state under ``RUN/ray_results``) nothing is reported: a copy inside the run folder
+would be no safer than ``RUN/checkpoint`` and cost a copy of the whole checkpoint (memory banks included,
+~220 MiB on screw's preset) per report, and a report without one only synchronises the workers with Ray
+Train (both measured on the H200: ``bench/results/train_phases.json``). With ``train.max_failures`` > 0 Ray
+Train restarts the workers when one of them, or its node, dies (``FailureConfig``); the new attempt
 finds the last reported checkpoint with ``ray.train.get_checkpoint()`` (if any), installs it as
 ``RUN/checkpoint`` when the run folder's is older, and continues from ``RUN/checkpoint`` exactly as
 ``mapl train --resume`` does (:meth:`~mapl_ray.engine.loop.Trainer.resume`). The
@@ -109,8 +109,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     def on_checkpoint(step, path):  # every rank reports (a barrier); rank 0 hands over the folder
-        if not config.get("ray_checkpoints", True):
-            return  # nothing for Ray Train to keep: a report (~0.7 s each on the H200) would only pass the step
         ckpt = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
         ray.train.report({"step": step, "checkpoint_step": step}, checkpoint=ckpt)
 
@@ -140,7 +138,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             progress=config.get("progress", True),
             validation=validation,
             batches=batches,
-            on_checkpoint=on_checkpoint,
+            # without storage of its own, Ray Train gets no checkpoint: a report (~0.7 s each on the H200)
+            # would only pass the step
+            on_checkpoint=on_checkpoint if config["ray_checkpoints"] else None,
             restart=restart,
         )
     finally:

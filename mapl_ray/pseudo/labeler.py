@@ -175,9 +175,11 @@ class PseudoLabeler:
         is padded to full size with copies of its last image (each image's result does not depend on the
         others: eval mode): every refit's batches have one shape, captured once and replayed at later
         refits (the weights change in place; a memory bank refilled with new tensors recaptures)."""
-        graphed = self._graphs.get(name)
-        if graphed is None or self._graph_model is not model:
+        if self._graph_model is not model:  # every graph read the other model's tensors
+            self._graphs.clear()
             self._graph_model = model
+        graphed = self._graphs.get(name)
+        if graphed is None:
             graphed = self._graphs[name] = GraphedForward(
                 lambda x, cache: {"y": self._run(fn, x, cache)}, self.device, self.cuda_graphs
             )
