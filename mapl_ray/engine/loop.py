@@ -346,8 +346,9 @@ class Trainer:
         training, :attr:`writer`) and at the end (synchronously). An exception leaving the loop (Ctrl-C's
         KeyboardInterrupt too) waits for a checkpoint being written, so ``RUN/checkpoint`` is complete.
 
-        ``batches``: the batch dicts of steps ``start_step ..`` (as :class:`~mapl_ray.data.batches.StepBatches`
-        yields them, ``pool`` on refit steps), e.g. from Ray Data; default: :func:`make_loader`."""
+        ``batches``: the batch dicts of steps ``start_step ..`` with the refit's whole pool under ``pool`` on
+        refit steps, e.g. from Ray Data; default: :func:`make_loader`, whose items bring each pool in parts
+        (:class:`~mapl_ray.data.batches.StepBatches`, put together by :meth:`_refit_pool`)."""
         try:
             return self._run(end_step, progress, batches)
         except BaseException:
