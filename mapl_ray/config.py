@@ -115,6 +115,8 @@ class PseudoConfig:
     features: str = "map"
     knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
     knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
+    # images per forward pass of a refit's features (a refit passes the whole pool: larger batches, fewer launches)
+    feature_batch_size: int = 64
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
@@ -354,6 +356,7 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, ", ".join(PSEUDO_FEATURES)),
         ("pseudo.knn_reference", c.pseudo.knn_reference >= 1, ">= 1"),
         ("pseudo.knn_folds", c.pseudo.knn_folds >= 2, ">= 2"),
+        ("pseudo.feature_batch_size", c.pseudo.feature_batch_size >= 1, ">= 1"),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
         ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),
         ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),

@@ -168,7 +168,7 @@ class PseudoLabeler:
 
     @torch.no_grad()
     def _batched(self, images: np.ndarray, model: MAPLModel, name: str, fn) -> torch.Tensor:
-        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` in batches of ``eval.batch_size`` on the device
+        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` in batches of ``pseudo.feature_batch_size`` on the device
         (autocast), the float32 results concatenated on the device.
 
         With CUDA graphs (:class:`~mapl_ray.model.graphs.GraphedForward`, one per ``name``) the last batch
@@ -184,7 +184,7 @@ class PseudoLabeler:
                 lambda x, cache: {"y": self._run(fn, x, cache)}, self.device, self.cuda_graphs
             )
         key = tuple(bank.generation for bank in model.banks)
-        b, out = self.cfg.eval.batch_size, []
+        b, out = self.cfg.pseudo.feature_batch_size, []
         for i in range(0, len(images), b):
             chunk = images[i : i + b]
             n = len(chunk)
