@@ -264,7 +264,9 @@ def test_cuda_graph_training_step_matches_the_eager_step(small_root, tmp_path):
 def test_refit_features_replayed_as_a_cuda_graph_follow_the_weights(small_root, tmp_path):
     from mapl_ray.pseudo.labeler import PseudoLabeler
 
-    cfg = tiny_config(small_root, **{"train.amp": "off", "model.memory_backend": "torch", "pseudo.feature_batch_size": 4})
+    cfg = tiny_config(
+        small_root, **{"train.amp": "off", "model.memory_backend": "torch", "pseudo.feature_batch_size": 4}
+    )
     data, _, _ = load_train_data(cfg, prepare_run(cfg, tmp_path / "run"))
     model = build_model(cfg).cuda().eval()
     model.refresh_memory(torch.rand(3, 3, cfg.data.image_size, cfg.data.image_size, device="cuda"))
