@@ -191,6 +191,10 @@ class EvalConfig:
     # objective does not saturate at 1.0 for every reasonable model (then it could rank nothing)
     validation_delta_max: float = 0.5
     validation_anomalies: float = 0.4  # share of each defect type's labeled anomalies held out for validation
+    # validation canaries: simulated anomalies (validation textures and opacity) hidden in the unlabeled pool,
+    # this share of its size; they reach the normal stream when the pseudo-labeler lets them, so validation sees
+    # what pool contamination does to the detector (mapl_ray.data.validation.add_canaries; 0: none)
+    validation_canaries: float = 0.05
     batch_size: int = 16
     cuda_graphs: bool = True  # replay inference as CUDA graphs on a GPU (torch memory search only)
     tta: str = "rot90"  # test-time augmentation: none | flip | rot90 (8 views, maps averaged; one pass per view)
@@ -453,6 +457,7 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("eval.validate_every", c.eval.validate_every >= 0, ">= 0"),
         ("eval.validation_simulations", c.eval.validation_simulations >= 0, ">= 0"),
         ("eval.validation_anomalies", 0 <= c.eval.validation_anomalies < 1, "in [0, 1)"),
+        ("eval.validation_canaries", 0 <= c.eval.validation_canaries <= 0.5, "in [0, 0.5]"),
         (
             "eval.validation_delta_max",
             c.simulation.delta_min <= c.eval.validation_delta_max <= 1,

@@ -172,6 +172,16 @@ def test_label_quality_without_truth_counts_only():
     assert stats == {"pseudo_pos": 1, "pseudo_neg": 2, "pseudo_unknown": 1}
 
 
+def test_label_quality_reports_the_canaries_apart_from_the_truth():
+    labels = np.array([1, 0, 0, 1, 0, -1], np.int8)
+    truth = np.array([1, 0, 1, -1, -1, -1], np.int8)  # rows 3-5 are canaries: no truth
+    canaries = np.array([0, 0, 0, 1, 1, 1], bool)
+    stats = label_quality(labels, truth, canaries)
+    assert stats["canaries"] == 3 and stats["canary_recall"] == pytest.approx(1 / 3)
+    assert stats["canaries_in_normal_stream"] == 1
+    assert stats["pseudo_label_recall"] == 0.5 and stats["anomalies_in_normal_stream"] == 1  # real anomalies only
+
+
 def test_memory_banks_fill_up_from_pseudo_normal_pool_images():
     banks = choose_memory_banks(3, 5, 2, seed=0, pool_rows=np.array([3, 5, 6, 8, 9, 10, 12]))
     assert set(range(3)) <= set(banks[0]) and len(banks[0]) == 5  # every labeled normal, then pool images
@@ -217,7 +227,37 @@ def test_validation_set_is_labeled_data_only(small_root, tmp_path):
     assert files and not files & test
     assert files <= {r.path for r in split.labeled_normal + split.labeled_anomaly}
     assert int((vset.sources == SOURCE_NORMAL).sum()) == 3 and vset.labels.sum() == len(vset) - 3
-    assert info["validation"]["test_files"] == 0 and data.pool_size == info["unlabeled"] > 0
+    assert info["validation"]["test_files"] == 0 and info["unlabeled"] > 0
+    assert data.pool_size == info["unlabeled"] + len(info["validation_canaries"])
+
+
+@needs_data
+def test_validation_canaries_hide_in_the_pool_and_follow_its_labels(small_root, tmp_path):
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+
+    over = {"data.labeled_normals": 6, "data.pool_anomaly_share": 0.2, "eval.validation_canaries": 0.25}
+    cfg = tiny_config(small_root, **over)
+    split = prepare_run(cfg, tmp_path / "run")
+    data, vset, info = load_train_data(cfg, split)
+    m = info["unlabeled"]
+    n = int(round(0.25 * m))
+    assert n >= 2 and data.pool_size == m + n and data.pool_canaries.sum() == n and data.pool_canaries[m:].all()
+    assert (data.unlabeled_truth[m:] == -1).all() and (data.unlabeled_truth[:m] >= 0).all()  # never counted as truth
+    assert len(info["validation_canaries"]) == n and vset.description["pool_canaries"] == n
+    sources = {r.path: i for i, r in enumerate(split.unlabeled)}
+    for k, name in enumerate(info["validation_canaries"]):  # each canary: its source image with an anomaly in it
+        src = data.unlabeled[sources[name.removesuffix(" (validation canary)")]]
+        changed = (data.unlabeled[m + k] != src).any(-1)
+        assert 0 < changed.mean() < 0.9
+    again, _, _ = load_train_data(cfg, split)  # seeded: a resumed run has the same pool
+    assert np.array_equal(again.unlabeled, data.unlabeled)
+    as_normal = cfg.override({"pseudo.enabled": False})  # pool as normal data: canaries reach the normal stream
+    labeler = PseudoLabeler(as_normal, BatchMaker(as_normal, data, build_simulator(as_normal)), torch.device("cpu"))
+    rows = normal_rows(data, labeler.labels_for(0))
+    assert set(range(len(data.normals) + m, len(data.normals) + m + n)) <= set(rows.tolist())
+    none, _, info0 = load_train_data(cfg.override({"eval.validation_canaries": 0.0}), split)
+    assert none.pool_size == m and not none.pool_canaries.any() and info0["validation_canaries"] == []
 
 
 @needs_data

@@ -16,7 +16,7 @@ from .augment import rotated_copies
 from .io import LoadedImages, load_records
 from .pose import build_pose_estimator
 from .split import Split
-from .validation import ValidationSet, build_validation_set, held_out_anomalies
+from .validation import ValidationSet, add_canaries, build_validation_set, held_out_anomalies
 
 log = logging.getLogger("mapl_ray.data")
 
@@ -36,7 +36,11 @@ class TrainData:
             (used at inference only, ``model.memory_banks - 1`` of them at most).
         unlabeled: the unlabeled pool or None (a :class:`~mapl_ray.data.streams.StreamedPool` when it streams).
         unlabeled_truth: int8 ``(M,)`` true labels of the pool where known (benchmark splits; -1 for a
-            user's images): only for reporting pseudo-label precision and recall, never for training.
+            user's images; -1 for validation canaries): only for reporting pseudo-label precision and
+            recall, never for training.
+        pool_canaries: bool ``(M,)``, the pool's validation canaries
+            (:func:`~mapl_ray.data.validation.add_canaries`), or None: only for reporting how the
+            pseudo-labeler labeled them, never for training.
         anomalies, anomaly_masks: labeled anomalies and their masks (uint8 ``(K, H, W)`` in {0, 1}).
     """
 
@@ -48,6 +52,7 @@ class TrainData:
     anomaly_masks: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
     unlabeled_truth: np.ndarray | None = None
+    pool_canaries: np.ndarray | None = None
 
     @property
     def pool_size(self) -> int:
@@ -256,6 +261,10 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
     pool = None if unl is None or not len(unl.images) else unl.images
     if not len(keep) and pool is None:
         raise ValueError("no labeled normal image and no unlabeled image to train on")
+    canaries, pool_paths = None, []
+    if pool is not None:
+        pool, canaries, pool_paths = add_canaries(cfg, pool, [r.path for r in unl.records])
+        vset.description["pool_canaries"] = int(canaries.sum())
     data = with_memory_banks(
         cfg,
         TrainData(
@@ -264,18 +273,22 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
             unlabeled=pool,
             anomalies=None if anom is None else anom.images[train_anom],
             anomaly_masks=None if anom is None else anom.masks[train_anom],
-            unlabeled_truth=None if pool is None else _pool_truth(split, unl.records),
+            unlabeled_truth=None
+            if pool is None
+            else np.concatenate([_pool_truth(split, unl.records), np.full(int(canaries.sum()), -1, np.int8)]),
+            pool_canaries=canaries,
         ),
     )
     banks = [data.memory_indices, *data.extra_memory_indices]
-    source_paths = [normals.records[i].path for i in keep] + ([] if pool is None else [r.path for r in unl.records])
+    source_paths = [normals.records[i].path for i in keep] + pool_paths
     if pool is not None:
         data.info["source_paths"] = source_paths
     info = {
         "train_normals": int(len(keep)),
         "validation_normals": [normals.records[i].path for i in val_idx],
         "validation": vset.description,
-        "unlabeled": 0 if pool is None else int(len(pool)),
+        "unlabeled": 0 if pool is None else int(len(pool) - canaries.sum()),
+        "validation_canaries": [] if pool is None else [p for p, c in zip(pool_paths, canaries) if c],
         "labeled_anomalies": 0 if anom is None else int(len(train_anom)),
         "memory_samples": int(len(data.memory_indices)),
         # the images of each memory bank (bank 0 trains the network; all are averaged at inference)

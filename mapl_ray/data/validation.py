@@ -7,6 +7,13 @@ made on them with a validation seed, textures held out of training
 when the user gave some (``eval.validation_anomalies`` of each defect type). Its image AUROC is the
 objective every choice of a setting is made on (:mod:`mapl_ray.eval.validation`); its normals set
 the decision threshold.
+
+With an unlabeled pool, *validation canaries* (:func:`add_canaries`) make the objective see what the
+pool does to the detector: simulated anomalies of the validation kind hidden among the pool images. A
+pseudo-labeler that lets them into the normal stream (and the memory banks) teaches the network that
+such anomalies are normal, and the validation anomalies, made the same way, score lower; one that
+labels them anomalous trains the image head on them. Real defects in the pool act the same way, which
+validation could not see otherwise (its anomalies are simulated, the pool's defects are not labeled).
 """
 
 from __future__ import annotations
@@ -119,6 +126,31 @@ def build_validation_set(
         list(normal_paths) + sim_paths + list(anomaly_paths),
         description,
     )
+
+
+def add_canaries(cfg: Config, pool: np.ndarray, paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The pool with validation canaries appended (module docstring): ``round(eval.validation_canaries *
+    M)`` simulated anomalies, each made on a different pool image (seeded choice) with the validation
+    simulator (held-out textures, opacity up to ``eval.validation_delta_max``) and its own seed. The
+    original images stay in the pool.
+
+    Args:
+        cfg: the run's configuration (``eval.validation_canaries``, ``simulation.*``, ``data.seed``).
+        pool: uint8 ``(M, H, W, 3)`` unlabeled images; ``paths``: their files.
+
+    Returns:
+        ``(images (M + C, H, W, 3), canary (M + C,) bool, paths)``: a canary's path names its source image.
+    """
+    n = min(int(round(cfg.eval.validation_canaries * len(pool))), len(pool))
+    canary = np.zeros(len(pool) + n, bool)
+    if not n:
+        return pool, canary, list(paths)
+    rows = np.sort(np.random.default_rng([cfg.data.seed, 37]).choice(len(pool), size=n, replace=False))
+    sim = build_simulator(cfg.override({"simulation.delta_max": cfg.eval.validation_delta_max}), part="validation")
+    rng = np.random.default_rng([cfg.data.seed, 41])
+    made = np.stack([sim(pool[i], rng)[0] for i in rows])
+    canary[len(pool) :] = True
+    return np.concatenate([pool, made]), canary, list(paths) + [f"{paths[i]} (validation canary)" for i in rows]
 
 
 def _simulate(cfg: Config, normals: np.ndarray, paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -57,6 +57,8 @@ def trial_record(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
         "pseudo_label_recall": last.get("pseudo_label_recall"),
         "normal_stream_purity": last.get("normal_stream_purity"),
         "anomalies_in_normal_stream": last.get("anomalies_in_normal_stream"),
+        "canary_recall": last.get("canary_recall"),
+        "canaries_in_normal_stream": last.get("canaries_in_normal_stream"),
         "pseudo_refits": refits,
         "train_wall_s": summary.get("train_wall_s"),
         "pseudo_fit_s": summary.get("pseudo_fit_s"),

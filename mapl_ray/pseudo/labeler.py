@@ -61,19 +61,28 @@ def features_from_output(out: dict[str, torch.Tensor], kind: str) -> torch.Tenso
     return stats if kind == "map" else torch.cat([stats, out["pooled"].float()], 1)
 
 
-def label_quality(labels: np.ndarray, truth: np.ndarray | None) -> dict[str, Any]:
+def label_quality(labels: np.ndarray, truth: np.ndarray | None, canaries: np.ndarray | None = None) -> dict[str, Any]:
     """Counts of pool pseudo-labels and, where the truth is known (benchmark splits), their quality.
 
-    Returns ``pseudo_pos`` / ``pseudo_neg`` / ``pseudo_unknown`` counts and, with truth:
-    ``pseudo_label_precision`` (true anomalies among those labeled 1), ``pseudo_label_recall`` (true
-    anomalies labeled 1), ``normal_stream_purity`` (true normals among those labeled 0) and
-    ``anomalies_in_normal_stream`` (true anomalies labeled 0); None where undefined.
+    Returns ``pseudo_pos`` / ``pseudo_neg`` / ``pseudo_unknown`` counts; with validation canaries
+    (``canaries``, bool ``(M,)``; :func:`~mapl_ray.data.validation.add_canaries`), known on any data:
+    ``canaries``, ``canary_recall`` (share labeled 1) and ``canaries_in_normal_stream`` (labeled 0);
+    with truth (int8 ``(M,)``, -1 unknown; canaries are -1): ``pseudo_label_precision`` (true anomalies
+    among those labeled 1), ``pseudo_label_recall`` (true anomalies labeled 1), ``normal_stream_purity``
+    (true normals among those labeled 0) and ``anomalies_in_normal_stream`` (true anomalies labeled 0);
+    None where undefined.
     """
     stats: dict[str, Any] = {
         "pseudo_pos": int((labels == 1).sum()),
         "pseudo_neg": int((labels == 0).sum()),
         "pseudo_unknown": int((labels == -1).sum()),
     }
+    if canaries is not None and canaries.any():
+        stats.update(
+            canaries=int(canaries.sum()),
+            canary_recall=float((labels[canaries] == 1).mean()),
+            canaries_in_normal_stream=int((labels[canaries] == 0).sum()),
+        )
     if truth is None or not (truth >= 0).any():
         return stats
     known = truth >= 0
@@ -311,7 +320,7 @@ class PseudoLabeler:
         stats = {
             "refit_step": step,
             "refit_unknown": int((raw == -1).sum()),
-            **label_quality(labels, d.unlabeled_truth),
+            **label_quality(labels, d.unlabeled_truth, d.pool_canaries),
         }
         return step, stats
 
