@@ -271,6 +271,7 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
             "pseudo.features": features,
             "data.labeled_normals": 7,
             "data.pool_anomaly_share": 0.2,
+            "eval.validation_canaries": 0.25,  # 2 canaries in the pool of 9
             "train.steps": 8,
             "pseudo.label_lag": 2,
             "eval.validate_every": 4,
@@ -279,8 +280,9 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     metrics = run_train_job(cfg, tmp_path / "run", use_ray=False, progress=False)
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     refits = summary["pseudo_refits"]
-    assert refits and all(r["pseudo_pos"] + r["pseudo_neg"] + r["pseudo_unknown"] == 9 for r in refits)
+    assert refits and all(r["pseudo_pos"] + r["pseudo_neg"] + r["pseudo_unknown"] == 11 for r in refits)
     assert all("pseudo_label_precision" in r for r in refits)  # the pool's truth is known in a benchmark split
+    assert all(r["canaries"] == 2 and 0 <= r["canary_recall"] <= 1 for r in refits)
     phases = summary["phases_s"]  # where the wall time went: the parts add up to the loop's wall time
     assert phases["pseudo"] > 0 and phases["validation"] > 0 and phases["steps"] > 0
     assert min(v for k, v in phases.items() if k != "other") >= 0 and phases["other"] > -0.01
