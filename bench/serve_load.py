@@ -276,14 +276,16 @@ def oversized_upload(url: str, announced: int = 2**30, chunk: int = 1 << 20, tim
 MODEL_DEPLOYMENT = {"two_tier": "Scorer", "single": "Server"}
 
 
-def direct_ingress_urls(app: str, path: str = "/v1/predict") -> list[str]:
+def direct_ingress_urls(app: str, host: str, path: str = "/v1/predict") -> list[str]:
     """The URLs of ``app``'s ingress replicas on the HTTP ports they listen on themselves (Ray Serve's
-    direct ingress; the controller publishes them as target groups, for a load balancer); [] when off."""
+    direct ingress; the controller publishes them as target groups, for a load balancer); [] when off.
+    The ports are taken on ``host`` (the replicas bind ``http_options.host``, 127.0.0.1 here, while the
+    target groups name the node's address)."""
     from ray.serve.context import _get_global_client
 
     details = _get_global_client().get_serve_details()
     return [
-        f"http://{t['ip']}:{t['port']}{path}"
+        f"http://{host}:{t['port']}{path}"
         for g in details.get("target_groups", [])
         if g.get("app_name") == app and str(g.get("protocol")).upper().endswith("HTTP")
         for t in g["targets"]
@@ -640,7 +642,7 @@ def main(argv=None) -> int:
                 save()
         # the batching-on app is deployed now
         if args.direct_ports:  # past Serve's proxy: each client on one ingress replica's own port
-            urls = direct_ingress_urls("bench")
+            urls = direct_ingress_urls("bench", "127.0.0.1")
             lay["direct_ports"] = {"ports": len(urls), "concurrency": {}}
             for c in conc if urls else []:
                 r = asyncio.run(drive(urls, bodies, c, args.requests, args.seconds, timeout_s))
@@ -665,9 +667,9 @@ def main(argv=None) -> int:
             for c in lay["batching_on"]["concurrency"]
         }
     first = entry["layouts"][layouts[0]]  # the results file's top-level numbers (issue 18's schema)
-    for key in ("batching_off", "batching_on", "batched_requests", "batching_gain"):
-        if key in first:
-            entry[key] = first[key]
+    for part in ("batching_off", "batching_on", "batched_requests", "batching_gain"):
+        if part in first:
+            entry[part] = first[part]
     entry["concurrency"] = entry[default_mode]["concurrency"]
     entry["oversized_upload"] = oversized_upload(url)  # 1 GiB announced against the 20 MiB default limit
     print("oversized upload", entry["oversized_upload"], flush=True)

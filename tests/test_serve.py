@@ -574,6 +574,27 @@ def test_padded_batches_give_the_unpadded_answers(trained_run):
     assert all(m is None for _, m in none)
 
 
+def test_memory_banks_setting_scores_with_fewer_banks_under_its_own_version(trained_run):
+    """``memory_banks=1`` serves the first bank of the run's two: the scores of ``Predictor(memory_banks=1)``,
+    a ``model_version`` that says so, and more banks than the run holds refused before any replica starts."""
+    from mapl_ray.data.io import load_image
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.serve import Scorer, build_app
+    from mapl_ray.serving.model_info import model_version
+    from mapl_ray.serving.settings import ServeSettings
+
+    s = ServeSettings(run_dir=str(trained_run), device="cpu", memory_banks=1).resolve(False, 64)
+    scorer = Scorer.func_or_class(s.to_dict())
+    assert scorer.version == model_version(trained_run) + "+banks1" and scorer.info()["memory_banks"] == 1
+    paths = [screw("good", 0), screw("scratch_head", 1)]
+    got = [r["score"] for r, _ in scorer._forward([(load_image(p, 64), str(p), False) for p in paths])]
+    one, full = (Predictor(trained_run, device="cpu", memory_banks=n).predict_paths(paths)[0] for n in (1, None))
+    assert got == pytest.approx([r["score"] for r in one], abs=1e-5)
+    assert got != pytest.approx([r["score"] for r in full], abs=1e-5)  # the setting did change the model
+    with pytest.raises(ValueError, match="memory_banks=3: the run holds 2"):
+        build_app(trained_run, memory_banks=3)
+
+
 def test_serve_config_file_holds_valid_settings(trained_run):
     """serve/config.yaml's application args are all ServeSettings fields with valid values."""
     import yaml
