@@ -14,6 +14,16 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
 * with ``--http-ceiling``: the same load against an echo app (a FastAPI ingress that only reads the
   body), the most Ray Serve's HTTP path carries on this machine; ``stages``: the in-process cost of
   decoding one upload and of one forward pass at batch 1 and 32;
+* with ``--layouts two_tier,single``: all of the above (but the fault test) for each layout of the
+  app (``ServeSettings.layout``), same images, same run, under ``layouts[<layout>]``; the first
+  layout's numbers are also the top-level ``batching_off`` / ``batching_on`` / ``concurrency`` /
+  ``batching_gain``. The single layout runs ``--single-replicas`` replicas, each with
+  1 / that of the GPU and ``--single-cpus`` CPUs;
+* with ``--direct-ports``: the batching-on load again, the clients spread over the HTTP ports the
+  ingress replicas listen on themselves in Ray Serve's direct-ingress mode (what an external load
+  balancer or Serve's HAProxy would do), past Serve's one Python proxy on ``--port``;
+* with ``--memory-banks N``: the model scores with the first N of the run's memory banks (a cost
+  measurement without retraining; ``ServeSettings.memory_banks``), in the stage costs as well;
 * a fault test per ``--fault-replicas`` (default 1 and 2 model replicas): load at concurrency 8, the
   process of one model replica killed with SIGKILL after ``--fault-after`` s; errors seen (by status),
   ``recovery_s`` (kill -> Serve reports the replacement replica running), ``stall_s`` (longest time
@@ -26,6 +36,7 @@ Writes ``--out`` (default bench/results/serve_load.json) under ``machines[<this 
 the other machines' entries.
 
     python bench/serve_load.py --run RUN [--requests 400] [--seconds 30]
+    python bench/serve_load.py --run RUN --layouts two_tier,single --direct-ports --memory-banks 1
     python bench/serve_load.py --data ROOT --category screw --textures DIR [--weights FILE] [--steps 200]
 """
 
@@ -52,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------------------- the client
 async def drive(
-    url: str,
+    url: str | list[str],
     bodies: list[bytes],
     concurrency: int,
     max_requests: int,
@@ -63,6 +74,7 @@ async def drive(
 ) -> dict:
     """``concurrency`` clients POST the images (round robin) until ``max_requests`` were sent or
     ``max_seconds`` passed. Returns the latencies (s) of answered requests, statuses and timing.
+    With a list of URLs, client i sends to ``url[i % len(url)]``.
 
     ``log`` (optional) receives ``(t_sent, t_done, status)`` per request on the ``time.monotonic`` clock.
     """
@@ -74,8 +86,9 @@ async def drive(
     rows: list[tuple[float, float, object]] = []
     conn = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as sess:
+        urls = [url] if isinstance(url, str) else url
 
-        async def client() -> None:
+        async def client(target: str) -> None:
             while True:
                 i = next(counter)
                 if i >= max_requests or time.monotonic() >= stop:
@@ -83,7 +96,7 @@ async def drive(
                 sent = time.monotonic()
                 try:
                     body = bodies[i % len(bodies)]
-                    async with sess.post(url, data=body, headers={"Content-Type": content_type}) as r:
+                    async with sess.post(target, data=body, headers={"Content-Type": content_type}) as r:
                         await r.read()
                         status: object = r.status
                 except asyncio.TimeoutError:
@@ -95,7 +108,7 @@ async def drive(
                 if log is not None:
                     log.append((sent, done, status))
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(urls[i % len(urls)]) for i in range(concurrency)))
     wall = time.monotonic() - t0
     return {"rows": rows, "wall_s": wall, "t0": t0}
 
@@ -259,13 +272,33 @@ def oversized_upload(url: str, announced: int = 2**30, chunk: int = 1 << 20, tim
     }
 
 
-def scorer_pids(app: str) -> list[int]:
+#: The deployment holding the model in each layout (``mapl_ray.pipelines.serve.build_app``).
+MODEL_DEPLOYMENT = {"two_tier": "Scorer", "single": "Server"}
+
+
+def direct_ingress_urls(app: str, host: str, path: str = "/v1/predict") -> list[str]:
+    """The URLs of ``app``'s ingress replicas on the HTTP ports they listen on themselves (Ray Serve's
+    direct ingress; the controller publishes them as target groups, for a load balancer); [] when off.
+    The ports are taken on ``host`` (the replicas bind ``http_options.host``, 127.0.0.1 here, while the
+    target groups name the node's address)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    return [
+        f"http://{host}:{t['port']}{path}"
+        for g in details.get("target_groups", [])
+        if g.get("app_name") == app and str(g.get("protocol")).upper().endswith("HTTP")
+        for t in g["targets"]
+    ]
+
+
+def scorer_pids(app: str, deployment: str = "Scorer") -> list[int]:
     """PIDs of the model replicas of ``app`` (Serve names its replica actors ``SERVE_REPLICA::app#Scorer#id``)."""
     import ray
 
     pids = []
     for a in ray.util.list_named_actors(all_namespaces=True):
-        if f"{app}#Scorer#" in a["name"]:
+        if f"{app}#{deployment}#" in a["name"]:
             actor = ray.get_actor(a["name"], namespace=a["namespace"])
             try:
                 pids.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
@@ -274,16 +307,23 @@ def scorer_pids(app: str) -> list[int]:
     return pids
 
 
-def running_scorers(app: str) -> int:
+def running_scorers(app: str, deployment: str = "Scorer") -> int:
     from ray import serve
 
     a = serve.status().applications.get(app)
-    d = a.deployments.get("Scorer") if a else None
+    d = a.deployments.get(deployment) if a else None
     return int(d.replica_states.get("RUNNING", 0)) if d else 0
 
 
 def fault_test(
-    url: str, bodies: list[bytes], app: str, replicas: int, after_s: float, seconds: float, timeout_s: float
+    url: str,
+    bodies: list[bytes],
+    app: str,
+    replicas: int,
+    after_s: float,
+    seconds: float,
+    timeout_s: float,
+    deployment: str = "Scorer",
 ) -> dict:
     """Load at concurrency 8; SIGKILL one model replica after ``after_s``; see what the clients got."""
     log: list = []
@@ -291,14 +331,14 @@ def fault_test(
 
     def killer() -> None:
         time.sleep(after_s)
-        pids = scorer_pids(app)
+        pids = scorer_pids(app, deployment)
         state["killed_at"] = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
         state["killed_pid"] = pids[0]
         while time.monotonic() - state["killed_at"] < seconds:  # until Serve runs a replacement
             time.sleep(0.2)
-            live = set(scorer_pids(app)) - {pids[0]}  # a replica still starting has no pid to give yet
-            if len(live) >= replicas and running_scorers(app) >= replicas:
+            live = set(scorer_pids(app, deployment)) - {pids[0]}  # a replica still starting has no pid yet
+            if len(live) >= replicas and running_scorers(app, deployment) >= replicas:
                 state["recovered_at"] = time.monotonic()
                 return
 
@@ -373,15 +413,15 @@ def test_images(run: Path, n: int) -> tuple[list[bytes], list[list[int]]]:
     return [Path(p).read_bytes() for p in paths], sizes
 
 
-def stage_costs(run: Path, bodies: list[bytes], batch: int, seconds: float = 3.0) -> dict:
+def stage_costs(run: Path, bodies: list[bytes], batch: int, seconds: float = 3.0, memory_banks=None) -> dict:
     """In-process costs of a request's two halves, without Serve or HTTP: decoding one upload as the
     front does (``decode_upload`` with the run's pose normalisation; median ms over ``bodies``) and one
     ``Predictor.predict_images`` call at batch 1 and ``batch`` (median ms, warm, CUDA graphs where the
-    server uses them)."""
+    server uses them), with the first ``memory_banks`` banks (None: all)."""
     from mapl_ray.data.io import decode_upload
     from mapl_ray.inference import Predictor
 
-    pred = Predictor(run, batch_size=batch)
+    pred = Predictor(run, batch_size=batch, memory_banks=memory_banks)
     size = pred.image_size
 
     def median_ms(fn) -> float:
@@ -458,11 +498,29 @@ def main(argv=None) -> int:
     )
     p.add_argument("--http-ceiling", action="store_true", help="also drive an echo app (Serve without mapl) first")
     p.add_argument("--only-ceiling", action="store_true", help="stop after the stage costs and the echo app")
+    p.add_argument(
+        "--layouts",
+        default="two_tier",
+        help="app layouts measured side by side (ServeSettings.layout): two_tier,single",
+    )
+    p.add_argument("--single-replicas", type=int, help="replicas of the single layout (default: 4 with a GPU, else 1)")
+    p.add_argument(
+        "--single-cpus", type=float, help="CPUs per single-layout replica (default: cores / replicas - 1, at least 1)"
+    )
+    p.add_argument(
+        "--direct-ports",
+        action="store_true",
+        help="also drive the batching-on app on its ingress replicas' own HTTP ports (direct ingress), past the proxy",
+    )
+    p.add_argument("--memory-banks", type=int, help="serve with the first N of the run's memory banks (no retraining)")
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
     from mapl_ray.serving.settings import apply_ray_serve_env
 
+    # direct ingress holds a removed ingress replica open 30 s for a load balancer to notice; there is none
+    # here, and every layout / batching step redeploys the app
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     apply_ray_serve_env()  # what `mapl serve` runs with (a RAY_SERVE_* variable already set wins)
     import ray
     from ray import serve
@@ -491,12 +549,24 @@ def main(argv=None) -> int:
             "cpus_per_replica": args.cpus_per_replica or max(0.5, (os.cpu_count() or 2) / reps),
         }
 
+    layouts = [x for x in args.layouts.split(",") if x]
+    cores = os.cpu_count() or 2
+    single_reps = args.single_replicas or (4 if has_gpu else 1)
+    single_cpus = args.single_cpus or max(1.0, cores // single_reps - 1.0)
+
+    def layout_settings(layout: str, reps: int) -> dict:
+        """``build_app`` settings of ``layout`` with ``reps`` model replicas (two_tier) besides ``common``."""
+        if layout == "single":
+            res = {"gpus_per_replica": 1.0 / single_reps if has_gpu else 0.0, "cpus_per_replica": single_cpus}
+            return {"layout": "single", "num_replicas": single_reps, **res}
+        return {"layout": "two_tier", "num_replicas": reps, "ingress_replicas": fronts, **resources(reps)}
+
     common = {
         "device": "auto",
         "request_timeout_s": args.request_timeout_s,
         "max_queued_requests": 256,
-        "ingress_replicas": fronts,
         "access_log": args.access_log,
+        "memory_banks": args.memory_banks,
     }
     conc = [int(c) for c in args.concurrency.split(",") if c]
     timeout_s = args.request_timeout_s + 15.0
@@ -509,6 +579,7 @@ def main(argv=None) -> int:
             "run_image_size": cfg.data.image_size,
             "encoder": cfg.model.encoder,
             "memory_banks": cfg.model.memory_banks,
+            "memory_banks_served": args.memory_banks or cfg.model.memory_banks,
             "tta": cfg.eval.tta,
             "align": cfg.data.align,
             "category": cfg.data.category,
@@ -543,7 +614,11 @@ def main(argv=None) -> int:
     )
     entry["settings"]["ingress_replicas"] = resolved.ingress_replicas
     entry["settings"]["ray_serve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
-    entry["stages"] = stage_costs(run, bodies, args.batch_on)
+    entry["settings"]["layouts"] = {
+        lay: {k: v for k, v in layout_settings(lay, args.replicas).items() if k != "layout"} for lay in layouts
+    }
+    entry["settings"]["layouts"].get("two_tier", {})["ingress_replicas"] = resolved.ingress_replicas
+    entry["stages"] = stage_costs(run, bodies, args.batch_on, memory_banks=args.memory_banks)
     print("stages", entry["stages"], flush=True)
     save()
     if args.http_ceiling or args.only_ceiling:
@@ -552,42 +627,61 @@ def main(argv=None) -> int:
     if args.only_ceiling:
         serve.shutdown()
         return 0
-    for mode, b in modes.items():
-        deploy(run, "bench", num_replicas=args.replicas, max_batch_size=b, **common, **resources(args.replicas))
-        asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
-        entry[mode] = {"max_batch_size": b, "concurrency": {}}
-        for c in conc:
-            with HealthProbe(f"{base}/healthz") as probe:
-                r = asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s))
-            entry[mode]["concurrency"][str(c)] = {**summarise(r), **probe.result}
-            print(mode, c, entry[mode]["concurrency"][str(c)], flush=True)
-            save()
-    if args.images_per_request > 1:  # stations that send several images per request (multipart)
-        bodies_k, ctype_k = multipart_bodies(bodies, args.images_per_request)
-        entry["batched_requests"] = {"images_per_request": args.images_per_request, "concurrency": {}}
-        asyncio.run(drive(url, bodies_k, 2, 4, 60, timeout_s, content_type=ctype_k))  # warm-up
-        for c in conc:
-            r = asyncio.run(drive(url, bodies_k, c, args.requests, args.seconds, timeout_s, content_type=ctype_k))
-            entry["batched_requests"]["concurrency"][str(c)] = summarise(r, args.images_per_request)
-            print("batched requests", c, entry["batched_requests"]["concurrency"][str(c)], flush=True)
-            save()
+    entry["layouts"] = {}
+    for layout in layouts:
+        lay = entry["layouts"][layout] = {}
+        for mode, b in modes.items():
+            deploy(run, "bench", max_batch_size=b, **common, **layout_settings(layout, args.replicas))
+            asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
+            lay[mode] = {"max_batch_size": b, "concurrency": {}}
+            for c in conc:
+                with HealthProbe(f"{base}/healthz") as probe:
+                    r = asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s))
+                lay[mode]["concurrency"][str(c)] = {**summarise(r), **probe.result}
+                print(layout, mode, c, lay[mode]["concurrency"][str(c)], flush=True)
+                save()
+        # the batching-on app is deployed now
+        if args.direct_ports:  # past Serve's proxy: each client on one ingress replica's own port
+            urls = direct_ingress_urls("bench", "127.0.0.1")
+            lay["direct_ports"] = {"ports": len(urls), "concurrency": {}}
+            for c in conc if urls else []:
+                r = asyncio.run(drive(urls, bodies, c, args.requests, args.seconds, timeout_s))
+                lay["direct_ports"]["concurrency"][str(c)] = summarise(r)
+                print(layout, "direct ports", c, lay["direct_ports"]["concurrency"][str(c)], flush=True)
+                save()
+        if args.images_per_request > 1:  # stations that send several images per request (multipart)
+            bodies_k, ctype_k = multipart_bodies(bodies, args.images_per_request)
+            lay["batched_requests"] = {"images_per_request": args.images_per_request, "concurrency": {}}
+            asyncio.run(drive(url, bodies_k, 2, 4, 60, timeout_s, content_type=ctype_k))  # warm-up
+            for c in conc:
+                r = asyncio.run(drive(url, bodies_k, c, args.requests, args.seconds, timeout_s, content_type=ctype_k))
+                lay["batched_requests"]["concurrency"][str(c)] = summarise(r, args.images_per_request)
+                print(layout, "batched requests", c, lay["batched_requests"]["concurrency"][str(c)], flush=True)
+                save()
+        lay["batching_gain"] = {
+            c: round(
+                lay["batching_on"]["concurrency"][c]["images_per_s"]
+                / max(1e-9, lay["batching_off"]["concurrency"][c]["images_per_s"]),
+                3,
+            )
+            for c in lay["batching_on"]["concurrency"]
+        }
+    first = entry["layouts"][layouts[0]]  # the results file's top-level numbers (issue 18's schema)
+    for part in ("batching_off", "batching_on", "batched_requests", "batching_gain"):
+        if part in first:
+            entry[part] = first[part]
     entry["concurrency"] = entry[default_mode]["concurrency"]
-    entry["batching_gain"] = {
-        c: round(
-            entry["batching_on"]["concurrency"][c]["images_per_s"]
-            / max(1e-9, entry["batching_off"]["concurrency"][c]["images_per_s"]),
-            3,
-        )
-        for c in entry["batching_on"]["concurrency"]
-    }
     entry["oversized_upload"] = oversized_upload(url)  # 1 GiB announced against the 20 MiB default limit
     print("oversized upload", entry["oversized_upload"], flush=True)
     save()
     entry["fault"] = []
     for reps in [int(x) for x in args.fault_replicas.split(",") if x]:
-        deploy(run, "bench", num_replicas=reps, max_batch_size=modes[default_mode], **common, **resources(reps))
+        deploy(run, "bench", max_batch_size=modes[default_mode], **common, **layout_settings(layouts[0], reps))
         asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))
-        entry["fault"].append(fault_test(url, bodies, "bench", reps, args.fault_after, args.fault_seconds, timeout_s))
+        dep = MODEL_DEPLOYMENT[layouts[0]]
+        entry["fault"].append(
+            fault_test(url, bodies, "bench", reps, args.fault_after, args.fault_seconds, timeout_s, dep)
+        )
         print("fault", entry["fault"][-1], flush=True)
         save()
     serve.shutdown()

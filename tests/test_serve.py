@@ -1,9 +1,11 @@
 """The Ray Serve application over real HTTP: scores equal `mapl predict`'s, every bad input is a 4xx JSON
 and the server keeps serving, token auth, queue bound, time limit, replica crash, schema, metrics.
 
-One Ray cluster and one Serve instance for the module, with three applications of the tiny trained run:
+One Ray cluster and one Serve instance per layout (``two_tier``: HTTP fronts and a model deployment;
+``single``: the model replica is the HTTP front), each with three applications of the tiny trained run:
 ``main`` at ``/`` (small limits, batching on), ``strict`` at ``/strict`` (bearer token, a queue of one,
-animated images refused) and ``slow`` at ``/slow`` (a 20 ms scoring time limit).
+animated images refused) and ``slow`` at ``/slow`` (a 20 ms scoring time limit). Every app-level test
+runs against both layouts.
 """
 
 from __future__ import annotations
@@ -55,9 +57,14 @@ def screw(kind: str = "good", i: int = 0) -> Path:
     return sorted((SCREW / "test" / kind).glob("*.png"))[i]
 
 
+@pytest.fixture(scope="module", params=["two_tier", "single"])
+def layout(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def served(trained_run, tmp_path_factory):
-    """(base URL, metrics URL) of the three apps, on one local Ray cluster."""
+def served(layout, trained_run, tmp_path_factory):
+    """(base URL, metrics URL) of the three apps in ``layout``, on one local Ray cluster."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
@@ -71,13 +78,14 @@ def served(trained_run, tmp_path_factory):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = {**MAIN, "layout": layout}
     apps = {
-        "main": (build_app(trained_run, **MAIN), "/"),
+        "main": (build_app(trained_run, **main), "/"),
         "strict": (
             build_app(
                 trained_run,
                 **{
-                    **MAIN,
+                    **main,
                     "token_file": str(token_file),
                     "animated": "refuse",
                     "max_batch_size": 1,
@@ -91,7 +99,7 @@ def served(trained_run, tmp_path_factory):
         "slow": (
             build_app(
                 trained_run,
-                **{**MAIN, "request_timeout_s": 0.02, "max_pixels": 40_000_000, "max_body_bytes": 20 * 2**20},
+                **{**main, "request_timeout_s": 0.02, "max_pixels": 40_000_000, "max_body_bytes": 20 * 2**20},
             ),
             "/slow",
         ),
@@ -491,11 +499,13 @@ def test_prometheus_metrics(served):
 
 
 # ------------------------------------------------------------------------------- replica crash
-def test_killed_model_replica_gives_json_and_serve_restarts_it(served):
+def test_killed_model_replica_gives_json_and_serve_restarts_it(served, layout):
     """Runs last: the strict app's model replica is killed (SIGKILL) while it scores a request."""
     import ray
     import requests
 
+    if layout == "single":
+        pytest.skip("in the single layout the model replica is the HTTP front: its death takes the request")
     base, _ = served
     strict = f"{base}/strict"
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "strict#Scorer#" in a["name"]]
@@ -562,6 +572,27 @@ def test_padded_batches_give_the_unpadded_answers(trained_run):
     assert [r["score"] for r, _ in mixed] == pytest.approx([r["score"] for r, _ in plain], abs=1e-6)
     none = scorer._forward([(img, name, False) for img, name, _ in items])
     assert all(m is None for _, m in none)
+
+
+def test_memory_banks_setting_scores_with_fewer_banks_under_its_own_version(trained_run):
+    """``memory_banks=1`` serves the first bank of the run's two: the scores of ``Predictor(memory_banks=1)``,
+    a ``model_version`` that says so, and more banks than the run holds refused before any replica starts."""
+    from mapl_ray.data.io import load_image
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.serve import Scorer, build_app
+    from mapl_ray.serving.model_info import model_version
+    from mapl_ray.serving.settings import ServeSettings
+
+    s = ServeSettings(run_dir=str(trained_run), device="cpu", memory_banks=1).resolve(False, 64)
+    scorer = Scorer.func_or_class(s.to_dict())
+    assert scorer.version == model_version(trained_run) + "+banks1" and scorer.info()["memory_banks"] == 1
+    paths = [screw("good", 0), screw("scratch_head", 1)]
+    got = [r["score"] for r, _ in scorer._forward([(load_image(p, 64), str(p), False) for p in paths])]
+    one, full = (Predictor(trained_run, device="cpu", memory_banks=n).predict_paths(paths)[0] for n in (1, None))
+    assert got == pytest.approx([r["score"] for r in one], abs=1e-5)
+    assert got != pytest.approx([r["score"] for r in full], abs=1e-5)  # the setting did change the model
+    with pytest.raises(ValueError, match="memory_banks=3: the run holds 2"):
+        build_app(trained_run, memory_banks=3)
 
 
 def test_serve_config_file_holds_valid_settings(trained_run):

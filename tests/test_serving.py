@@ -182,6 +182,9 @@ def test_settings_resolve_batching_by_device_and_validate():
     assert [s.resolve(True, 256, cluster_cpus=c).ingress_replicas for c in (2, 8, 16, 64)] == [2, 4, 8, 8]
     assert s.resolve(False, 256, cluster_cpus=16).ingress_replicas == 1
     assert ServeSettings(run_dir="r", ingress_replicas=3).resolve(True, 256, 16).ingress_replicas == 3
+    # layout=single: the model replicas are the fronts
+    single = ServeSettings.from_args({"run_dir": "r", "layout": "single", "num_replicas": "4"})
+    assert single.resolve(True, 256, cluster_cpus=16).ingress_replicas == 4 and s.layout == "two_tier"
     for bad, match in [
         ({"run_dir": "r", "max_pixels": "many"}, "max_pixels"),
         ({"run_dir": "r", "colour": 1}, "colour"),
@@ -194,6 +197,9 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "cpus_per_replica": "inf"}, "cpus_per_replica must be a finite"),
         ({"run_dir": "r", "request_timeout_s": "nan"}, "request_timeout_s"),
         ({"run_dir": "r", "max_aspect": float("nan")}, "max_aspect"),
+        ({"run_dir": "r", "layout": "one_hop"}, "layout must be one of two_tier, single"),
+        ({"run_dir": "r", "layout": "single", "ingress_replicas": 8}, "do not apply to layout=single"),
+        ({"run_dir": "r", "layout": "single", "ingress_cpus": 1}, "do not apply to layout=single"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)

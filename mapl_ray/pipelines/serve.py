@@ -1,6 +1,6 @@
 """HTTP scoring of a trained run with Ray Serve: a FastAPI front and a model deployment with dynamic batching.
 
-Two deployments make one application (:func:`build_app`):
+In the default layout (``layout=two_tier``), two deployments make one application (:func:`build_app`):
 
 * ``Ingress`` (FastAPI, no model, no GPU): bearer token, bounded body read, content-type dispatch,
   decoding each upload with the limits (:func:`~mapl_ray.data.io.decode_upload`, in worker threads,
@@ -15,6 +15,13 @@ Two deployments make one application (:func:`build_app`):
   each replays a captured CUDA graph) and returns the score record (and the map when asked). The
   forward pass runs in a worker thread, never on the replica's event loop. Its
   ``max_queued_requests`` bounds the wait: a full queue is a 503 with ``Retry-After`` at once.
+
+With ``layout=single`` the application is one deployment, ``Server``: the same ``Ingress`` class (same
+routes, checks, errors and answers) holding the ``Scorer`` class in its own process instead of a handle
+to the deployment. Each replica decodes in its worker threads and batches the images of its concurrent
+requests (``@serve.batch``) itself: no hop between processes; several replicas share a GPU with
+``gpus_per_replica`` < 1. It bounds the images it holds itself (``queue_full``), and a replica that dies
+takes its requests with it (no retry elsewhere). docs/serving.md, "Layouts", compares the two.
 
 Routes: ``POST /v1/predict``, ``GET /healthz``, ``GET /readyz``, ``GET /v1/model``, ``GET /docs``,
 ``GET /openapi.json`` (see docs/serving.md). Metrics (Prometheus, through Ray's metrics agent):
@@ -228,8 +235,8 @@ class Scorer:
 
         s = self.settings = ServeSettings(**settings)
         torch.set_num_threads(s.torch_threads)  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs reserved
-        self.pred = Predictor(s.run_dir, device=s.device, batch_size=s.max_batch_size)
-        self.version = model_version(s.run_dir)
+        self.pred = Predictor(s.run_dir, device=s.device, batch_size=s.max_batch_size, memory_banks=s.memory_banks)
+        self.version = model_version(s.run_dir) + (f"+banks{s.memory_banks}" if s.memory_banks else "")
         # a CUDA-graph predictor captures one graph per batch shape: pad batches to a few sizes
         sizes = {s.max_batch_size} | {2**k for k in range(8) if 2**k < s.max_batch_size}
         self.buckets = sorted(sizes) if self.pred.cuda_graphs else None
@@ -252,7 +259,7 @@ class Scorer:
             "threshold_source": state.get("threshold_source"),
             "metrics": training_metrics(self.settings.run_dir),
             "device": str(self.pred.device),
-            "memory_banks": len(self.pred.model.banks),
+            "memory_banks": self.pred.memory_banks or len(self.pred.model.banks),
             "tta": cfg.eval.tta,
         }
 
@@ -300,11 +307,14 @@ class Scorer:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    """The HTTP front: checks and decodes uploads, forwards the images to the ``Scorer`` deployment and
-    makes each image's answer; holds no model.
+    """The HTTP front: checks and decodes uploads, has the images scored and makes each image's answer.
+
+    In the ``two_tier`` layout it holds no model and forwards the images to the ``Scorer`` deployment
+    (``scorer`` is its handle); in the ``single`` layout (``scorer`` None) it loads the run's model
+    itself (a ``Scorer`` object in this process) and is deployed as ``Server``.
 
     Args:
-        scorer: handle of the ``Scorer`` deployment.
+        scorer: handle of the ``Scorer`` deployment, or None to score in this replica.
         settings: :meth:`ServeSettings.to_dict` after :meth:`ServeSettings.resolve`.
 
     Raises:
@@ -315,6 +325,9 @@ class Ingress:
     def __init__(self, scorer, settings: dict):
         self.s = ServeSettings(**settings)
         self.scorer = scorer
+        # single layout: the model in this process; images held here (decoding, batch queue, forward pass)
+        self.model = Scorer.func_or_class(settings) if scorer is None else None
+        self._held = 0
         token = load_token(self.s.token_env, self.s.token_file)
         if token_digest(token) != self.s.token_sha256:
             source = "token_file" if self.s.token_file else f"${self.s.token_env}"
@@ -328,7 +341,9 @@ class Ingress:
         self.align = build_pose_estimator(cfg)  # uploads are turned as the training images were
         self.limits = self.s.decode_limits()
         self._info: dict | None = None
-        self._app = serve.get_replica_context().app_name
+        ctx = serve.get_replica_context()
+        self._app = ctx.app_name
+        self._model_deployment = "Scorer" if self.model is None else ctx.deployment
 
     @api.get("/healthz", response_model=HealthResponse, summary="liveness: the HTTP front answers")
     async def healthz(self) -> dict:
@@ -367,7 +382,7 @@ class Ingress:
 
     def _scorers_running(self) -> int:
         app = serve.status().applications.get(self._app)
-        dep = app.deployments.get("Scorer") if app is not None else None
+        dep = app.deployments.get(self._model_deployment) if app is not None else None
         return 0 if dep is None else int(dep.replica_states.get("RUNNING", 0))
 
     @api.get(
@@ -377,6 +392,8 @@ class Ingress:
         responses=error_responses(401, 503),
     )
     async def model(self) -> dict:
+        if self._info is None and self.model is not None:
+            self._info = self.model.info()
         if self._info is None:
             try:
                 self._info = await asyncio.wait_for(self._call(self.scorer.info), min(10.0, self.s.request_timeout_s))
@@ -442,11 +459,19 @@ class Ingress:
         return {"results": answers}
 
     async def _score(self, data: bytes, name: str, opts: dict, deadline: float) -> dict:
-        """One upload: decoded here (in a worker thread), scored by a model replica, retried on another
-        (or the restarted) replica when the one holding it dies, until ``deadline``."""
-        from ray.exceptions import RayActorError, RayTaskError
-        from ray.serve.exceptions import BackPressureError
+        """One upload: decoded here (in a worker thread), scored (by a model replica, or in this one in
+        the single layout), and answered."""
+        if self.model is None:
+            return await self._decode_and_score(data, name, opts, deadline)
+        if self._held >= self.s.max_ongoing_requests + self.s.max_queued_requests:
+            raise self._queue_full()
+        self._held += 1
+        try:
+            return await self._decode_and_score(data, name, opts, deadline)
+        finally:
+            self._held -= 1
 
+    async def _decode_and_score(self, data: bytes, name: str, opts: dict, deadline: float) -> dict:
         decode = asyncio.to_thread(decode_upload, data, name, self.image_size, self.align, self.limits)
         try:
             d = await asyncio.wait_for(decode, max(0.0, deadline - time.monotonic()))
@@ -455,26 +480,48 @@ class Ingress:
         except ImageReadError as e:
             raise decode_error(e) from None
         want_map = bool(opts.get("heatmap") or opts.get("regions"))
+        if self.model is not None:
+            try:  # a timeout cancels the image's place in the batch queue
+                out = await asyncio.wait_for(
+                    self.model.predict(d.image, name, want_map), max(0.0, deadline - time.monotonic())
+                )
+            except asyncio.TimeoutError:
+                raise self._timeout(False) from None
+        else:
+            out = await self._remote_predict(d.image, name, want_map, deadline)
+        args = (
+            out["record"],
+            out["map"],
+            d,
+            opts,
+            out["threshold"],
+            out["model_version"],
+            self.s.max_regions,
+            out["q_weight"],
+        )
+        if want_map:  # PNG encoding / region labelling: off the event loop
+            return await asyncio.to_thread(image_result, *args)
+        return image_result(*args)
+
+    async def _remote_predict(self, image: np.ndarray, name: str, want_map: bool, deadline: float) -> dict:
+        """``Scorer.predict`` on a model replica, retried on another (or the restarted) replica when the
+        one holding the image dies, until ``deadline``."""
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import BackPressureError
+
         died = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timeout(died)
-            response = self.scorer.predict.remote(d.image, name, want_map)
+            response = self.scorer.predict.remote(image, name, want_map)
             try:
-                out = await asyncio.wait_for(self._call(response), remaining)
+                return await asyncio.wait_for(self._call(response), remaining)
             except asyncio.TimeoutError:
                 response.cancel()
                 raise self._timeout(died) from None
             except BackPressureError:
-                raise ApiError(
-                    503,
-                    "queue_full",
-                    f"the model queue is full (max_queued_requests="
-                    f"{self.s.max_queued_requests} waiting images); retry after {self.s.retry_after_s:g} s",
-                    limit=("max_queued_requests", None, self.s.max_queued_requests),
-                    headers=self._retry_after(),
-                ) from None
+                raise self._queue_full() from None
             except RayActorError as e:  # the replica died (crash, OOM, killed): Serve starts another
                 died = True
                 logger.warning("model replica died while scoring %r (%s); retrying", name, type(e).__name__)
@@ -489,19 +536,16 @@ class Ingress:
                     f"({type(e.cause).__name__ if getattr(e, 'cause', None) else type(e).__name__}); "
                     "the server log has the traceback",
                 ) from None
-            args = (
-                out["record"],
-                out["map"],
-                d,
-                opts,
-                out["threshold"],
-                out["model_version"],
-                self.s.max_regions,
-                out["q_weight"],
-            )
-            if want_map:  # PNG encoding / region labelling: off the event loop
-                return await asyncio.to_thread(image_result, *args)
-            return image_result(*args)
+
+    def _queue_full(self) -> ApiError:
+        return ApiError(
+            503,
+            "queue_full",
+            f"the model queue is full (max_queued_requests="
+            f"{self.s.max_queued_requests} waiting images); retry after {self.s.retry_after_s:g} s",
+            limit=("max_queued_requests", None, self.s.max_queued_requests),
+            headers=self._retry_after(),
+        )
 
     @staticmethod
     async def _call(response):
@@ -547,7 +591,7 @@ def build_app(run_dir: "str | Path", **settings: Any):
 
     Raises:
         CheckpointError: ``run_dir`` is not a trained run folder (checked here, before any replica starts).
-        ValueError: an unknown or invalid setting, or an unreadable ``token_file``.
+        ValueError: an unknown or invalid setting (``memory_banks`` over the run's), or an unreadable ``token_file``.
     """
     import ray
 
@@ -557,9 +601,21 @@ def build_app(run_dir: "str | Path", **settings: Any):
     s = ServeSettings.from_args({**settings, "run_dir": str(run)})
     res = ray.cluster_resources() if ray.is_initialized() else {}
     has_gpu = res.get("GPU", 0) >= 1
-    s = s.resolve(has_gpu, Config.load_run(run / "config.yaml").data.image_size, int(res.get("CPU", 2)))
+    cfg = Config.load_run(run / "config.yaml")
+    if s.memory_banks is not None and s.memory_banks > cfg.model.memory_banks:
+        raise ValueError(f"serve setting memory_banks={s.memory_banks}: the run holds {cfg.model.memory_banks}")
+    s = s.resolve(has_gpu, cfg.data.image_size, int(res.get("CPU", 2)))
     s.token_sha256 = token_digest(load_token(s.token_env, s.token_file))
     logs = {"enable_access_log": s.access_log}
+    if s.layout == "single":  # the model replicas are the fronts: decoding threads, batching, the model
+        server = Ingress.options(
+            name="Server",
+            num_replicas=s.num_replicas,
+            max_ongoing_requests=1000,  # requests in flight; the images held are bounded in the replica
+            logging_config=logs,
+            ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        )
+        return server.bind(None, s.to_dict())
     scorer = Scorer.options(
         num_replicas=s.num_replicas,
         max_ongoing_requests=s.max_ongoing_requests,

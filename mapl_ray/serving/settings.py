@@ -22,9 +22,13 @@ GPU_BATCH = 32
 CPU_BATCH = 1
 #: Most front replicas chosen by default (each decodes uploads in its own process).
 MAX_AUTO_FRONTS = 8
+#: How the application is laid out (docs/serving.md, "Layouts"): ``two_tier``, HTTP fronts that decode
+#: and a model deployment they call; ``single``, each model replica is its own HTTP front (one hop less).
+LAYOUTS = ("two_tier", "single")
 #: Ray Serve's own settings for the local Ray that ``mapl serve`` starts (not with ``RAY_ADDRESS``: a
 #: cluster's nodes need them in their own environment; a variable already set wins). Ray 2.56+'s
-#: high-throughput mode (user code on the replica's event loop, gRPC between replicas, no separate proxy):
+#: high-throughput mode (user code on the replica's event loop, gRPC between replicas, direct ingress;
+#: port 8000 still goes through one proxy, docs/serving.md "Where a request goes"):
 #: on the H200 it took single-image p50 from 38 to 28 ms and the echo ceiling of Serve's HTTP path
 #: from 188 to 261 images/s at concurrency 32 (bench/results/serve_load.json); every serve test passes in it.
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -46,6 +50,14 @@ class ServeSettings:
 
     Attributes:
         run_dir: run folder written by ``mapl train`` (``config.yaml``, ``checkpoint/``).
+        layout: ``two_tier`` (HTTP front replicas decode the uploads and send the images to the model
+            deployment) or ``single`` (each model replica is an HTTP front: it decodes in its worker
+            threads and batches the images of its concurrent requests itself; no hop between
+            processes, no retry on another replica when it dies). See :data:`LAYOUTS`.
+        memory_banks: score with the first this many of the run's memory banks (each costs decoder work)
+            instead of all of them: a faster, different model whose scores differ from ``mapl predict``'s
+            and whose labels use a threshold fitted with all the banks (``model_version`` says
+            ``+banksN``). For measuring what the banks cost; None (all of them) for production.
         device: ``auto`` (CUDA when the model replica has a GPU), ``cpu`` or ``cuda``.
         num_replicas: model replicas (each loads the model; 2 keep answering while one restarts).
         gpus_per_replica: GPUs per model replica (fractions share one GPU); None: 1 when the Ray
@@ -56,8 +68,10 @@ class ServeSettings:
         ingress_replicas: HTTP front replicas (no model; they parse, check and decode uploads and forward
             the images); None: with GPU model replicas, half the cluster's CPUs between 2 and
             :data:`MAX_AUTO_FRONTS` (decoding is then the CPU work that bounds throughput), else 1.
+            In the ``single`` layout the fronts are the model replicas: ``num_replicas``.
         ingress_cpus: CPUs Ray reserves per front replica (0: fronts are placed without reserving any;
-            on a cluster, 1 spreads the decoding over the nodes' CPUs).
+            on a cluster, 1 spreads the decoding over the nodes' CPUs). Not used by the ``single``
+            layout, whose replicas reserve ``cpus_per_replica``.
         max_batch_size: most images in one forward pass (``@serve.batch``); None: 32 on a GPU, 1 on
             CPU (where batching was slower than one image at a time).
         batch_wait_timeout_s: how long the first image of a batch waits for others: a lone request pays
@@ -69,7 +83,9 @@ class ServeSettings:
             concurrent clients got 3.5 images/s on the busy 2-core test machine, 5.4 with batches of 32,
             where all of them waited in the replica).
         max_queued_requests: images each HTTP front replica lets wait for a model replica; one more
-            is answered 503 with ``Retry-After`` at once (Ray Serve's ``max_queued_requests``).
+            is answered 503 with ``Retry-After`` at once (Ray Serve's ``max_queued_requests``). In the
+            ``single`` layout a replica holds at most ``max_ongoing_requests + max_queued_requests``
+            images (decoding, waiting for a batch, in the forward pass); one more is that 503.
         retry_after_s: the ``Retry-After`` of a 503.
         request_timeout_s: an image not scored within this many seconds of its request's body arriving
             gets 504 (its work is cancelled); a model replica that died meanwhile gives 503.
@@ -95,6 +111,8 @@ class ServeSettings:
     """
 
     run_dir: str
+    layout: str = "two_tier"
+    memory_banks: int | None = None
     device: str = "auto"
     num_replicas: int = 1
     gpus_per_replica: float | None = None
@@ -139,6 +157,7 @@ class ServeSettings:
             "request_timeout_s",
             "body_timeout_s",
             "max_queued_requests",
+            "memory_banks",
         )
         for name in positive:
             v = getattr(self, name)
@@ -160,6 +179,15 @@ class ServeSettings:
             raise ValueError(f"serve setting max_aspect must be >= 1, got {self.max_aspect!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"serve setting device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"serve setting layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "single" and (
+            (self.ingress_replicas is not None and self.ingress_replicas != self.num_replicas) or self.ingress_cpus
+        ):
+            raise ValueError(
+                "serve settings ingress_replicas / ingress_cpus do not apply to layout=single (each model replica "
+                "is its own HTTP front): set num_replicas and cpus_per_replica"
+            )
         if self.animated not in ANIMATED_POLICIES:
             raise ValueError(f"serve setting animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
 
@@ -186,7 +214,9 @@ class ServeSettings:
         if s.gpus_per_replica is None:
             s.gpus_per_replica = 1.0 if cluster_has_gpu and s.device != "cpu" else 0.0
         on_gpu = s.gpus_per_replica > 0 and s.device != "cpu"
-        if s.ingress_replicas is None:
+        if s.layout == "single":
+            s.ingress_replicas = s.num_replicas
+        elif s.ingress_replicas is None:
             s.ingress_replicas = max(2, min(MAX_AUTO_FRONTS, cluster_cpus // 2)) if on_gpu else 1
         if s.max_batch_size is None:
             s.max_batch_size = GPU_BATCH if on_gpu else CPU_BATCH
