@@ -598,21 +598,16 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
 
     Also times it: ``wall_s`` (from the start of the iteration), ``first_batch_s`` (start-up: read, actors,
     model load), ``steady_images_per_s`` (the rows after the first batch over the time after it),
-    ``paths_s`` (reading the source files' paths first), ``wait_s`` (waiting for score rows), ``write_s``
+    ``paths_s`` (reading the source files' paths, after the first batch: the pipeline runs on meanwhile), ``wait_s`` (waiting for score rows), ``write_s``
     (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the iteration's ends).
 
     Raises:
         RuntimeError: a row's path belongs to no pending file, or a path is in two files (not routable).
     """
     bar = _progress(sum(u.rows for u in pending), "score", progress)
-    t_paths = time.perf_counter()
-    unit_paths = [u.paths() for u in pending]
+    unit_paths: list[list[str]] = []
     owner: dict[str, int] = {}
-    for i, paths in enumerate(unit_paths):
-        for p in paths:
-            if owner.setdefault(p, i) != i:
-                raise RuntimeError(f"{p} is in two source files ({pending[owner[p]].name}, {pending[i].name})")
-    paths_s = time.perf_counter() - t_paths
+    paths_s = 0.0
     parts: dict[int, list[pa.Table]] = {}
     got = np.zeros(len(pending), np.int64)
     images = unreadable = first_rows = 0
@@ -627,6 +622,13 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
             break
         if t_first is None:
             t_first, first_rows = time.perf_counter(), batch.num_rows
+            # the source files' paths, read once the first batch is out: Ray Data runs on meanwhile
+            unit_paths = [u.paths() for u in pending]
+            for i, paths in enumerate(unit_paths):
+                for p in paths:
+                    if owner.setdefault(p, i) != i:
+                        raise RuntimeError(f"{p} is in two source files ({pending[owner[p]].name}, {pending[i].name})")
+            paths_s = time.perf_counter() - t_first
         try:
             idx = np.array([owner[p] for p in batch.column("path").to_pylist()], np.int64)
         except KeyError as e:
