@@ -15,7 +15,7 @@
 Writes (merges into) ``bench/results/ray_data.json`` under ``--label`` (default ``cpu`` / ``gpu``).
 
     python bench/ray_data.py [--data-root ../shared/data] [--cpus 1,2] [--sim-images 320]
-        [--score-images 2048] [--pool-times 1,20] [--image-size 256] [--parts simulation,score,memory]
+        [--score-images 2048] [--score-large-images 100000] [--pool-times 1,20] [--image-size 256] [--parts simulation,score,memory]
 """
 
 from __future__ import annotations
@@ -335,8 +335,9 @@ def object_store() -> dict:
 
 def part_score(args, shards: Path, work: Path) -> dict:
     """``mapl score`` over the same Parquet pool with each actor count of ``--score-actors`` (sharing the
-    GPU equally where there is one), side by side; then (``--score-large-images``) once more with the default
-    actor count on a pool that many images large, where the start-up is amortised as in a real batch job;
+    GPU equally where there is one), side by side; after the first count (``--score-large-images``), once with
+    the default actor count on a pool that many images large, where the start-up is amortised as in a real
+    batch job;
     the input pipeline with no model (``pipeline_ceiling``); and the model alone (``Predictor.predict_arrays``
     on in-memory batches, scores only) as the ceiling. Each run records its stages (``score_source``'s
     ``stages_s``: Ray start, planning, actors' torch import / model load / warm-up, first batch in and out)."""
@@ -360,17 +361,16 @@ def part_score(args, shards: Path, work: Path) -> dict:
     pool = pool_of(args.score_images, "score_src")
     on_gpu = torch.cuda.is_available()
     default = SCORE_ACTORS_PER_GPU if on_gpu else 1
-    by_actors = {}
+    by_actors, large = {}, None
     for n in args.score_actors:
         by_actors[str(n)] = _score_once(run, pool, work / f"scores_{n}", args, n)
         print("score", n, "actors per GPU:", json.dumps(by_actors[str(n)]), flush=True)
+        if args.score_large_images and large is None:  # after the first count: the key figures come first
+            big = pool_of(args.score_large_images, "score_src_large")
+            large = _score_once(run, big, work / "scores_large", args, default)
+            print("score large pool:", json.dumps(large), flush=True)
+            shutil.rmtree(big, ignore_errors=True)
     head = by_actors.get(str(default)) or next(iter(by_actors.values()))
-    large = None
-    if args.score_large_images:
-        big = pool_of(args.score_large_images, "score_src_large")
-        large = _score_once(run, big, work / "scores_large", args, default)
-        print("score large pool:", json.dumps(large), flush=True)
-        shutil.rmtree(big, ignore_errors=True)
     ceiling = pipeline_ceiling(pool, args, default * max(1, torch.cuda.device_count()))
     print("score input pipeline alone:", ceiling, flush=True)
     t0 = time.perf_counter()

@@ -348,10 +348,15 @@ class ScoreBatch:
         self._save_timings()
 
     def _save_timings(self) -> None:
-        if self.timings_file is not None:
+        """Best effort: an actor whose node cannot write there (no shared storage) stops keeping them."""
+        if self.timings_file is None:
+            return
+        try:
             tmp = self.timings_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.timings))
             os.replace(tmp, self.timings_file)
+        except OSError:
+            self.timings_file = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..scoring import score_table
