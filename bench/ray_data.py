@@ -15,7 +15,7 @@
 Writes (merges into) ``bench/results/ray_data.json`` under ``--label`` (default ``cpu`` / ``gpu``).
 
     python bench/ray_data.py [--data-root ../shared/data] [--cpus 1,2] [--sim-images 320]
-        [--score-images 2048] [--pool-times 1,20] [--image-size 256] [--parts simulation,score,memory]
+        [--score-images 2048] [--score-large-images 100000] [--pool-times 1,20] [--image-size 256] [--parts simulation,score,memory]
 """
 
 from __future__ import annotations
@@ -84,18 +84,26 @@ def repeat_shards(src: Path, dst: Path, times: int, split: str | None = None, ro
     """``times`` copies of the rows of shard set ``src`` (only ``split`` rows if given) under new paths
     (``<path>#<copy>``), written as shards of ``rows_per_file`` rows with the same spec (small files: one
     Ray Data read task and block each, so the stages get work in parallel): a pool ``times`` as large."""
+    from concurrent.futures import ThreadPoolExecutor
+
     files, spec = open_shard_set(src)
     dst.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        table = pq.read_table(f)
-        if split is not None:
-            table = table.filter(pc.equal(table.column("split"), split))
-        for k in range(times):
-            paths = pa.array([f"{p}#{k}" for p in table.column("path").to_pylist()], pa.string())
-            copy = table.set_column(table.schema.get_field_index("path"), "path", paths).cast(spec.schema())
-            for i in range(0, copy.num_rows, rows_per_file):
-                name = dst / f"{Path(f).stem}-{k:03d}-{i // rows_per_file:03d}.parquet"
-                pq.write_table(copy.slice(i, rows_per_file), name, row_group_size=8, compression="zstd")
+    # files written by threads (pyarrow compresses and writes without the GIL): 100,000 images in seconds
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        jobs = []
+        for f in files:
+            table = pq.read_table(f)
+            if split is not None:
+                table = table.filter(pc.equal(table.column("split"), split))
+            for k in range(times):
+                paths = pa.array([f"{p}#{k}" for p in table.column("path").to_pylist()], pa.string())
+                copy = table.set_column(table.schema.get_field_index("path"), "path", paths).cast(spec.schema())
+                for i in range(0, copy.num_rows, rows_per_file):
+                    name = dst / f"{Path(f).stem}-{k:03d}-{i // rows_per_file:03d}.parquet"
+                    part = copy.slice(i, rows_per_file)
+                    jobs.append(pool.submit(pq.write_table, part, name, row_group_size=8, compression="zstd"))
+        for job in jobs:
+            job.result()
     return dst
 
 
@@ -233,43 +241,138 @@ def throwaway_run(args, work: Path) -> Path:
     return run
 
 
+def _score_once(run: Path, pool: Path, out: Path, args, n: int) -> dict:
+    """One ``score_source`` call with ``n`` actors per GPU (one on a CPU): its rates, stages and GPU use."""
+    import torch
+
+    from mapl_ray.pipelines.ray_data import score_source
+
+    on_gpu = torch.cuda.is_available()
+    with GpuSampler() as gpu:
+        summary = score_source(
+            run,
+            pool,
+            out,
+            batch_size=args.score_batch,
+            actors=n * (torch.cuda.device_count() if on_gpu else 1),
+            gpus_per_actor=(1.0 / n) if on_gpu else 0.0,
+            progress=False,
+        )
+    shutil.rmtree(out, ignore_errors=True)  # the large pool's scores would fill the disk
+    return {
+        "score_images_per_s": round(summary["steady_images_per_s"], 1),
+        "score_images_per_s_end_to_end": round(summary["images"] / summary["total_s"], 1),
+        "score_images_per_s_from_iteration": round(summary["images"] / summary["wall_s"], 1),
+        "images": summary["images"],
+        "total_s": round(summary["total_s"], 2),
+        "wall_s": round(summary["wall_s"], 2),
+        "first_batch_s": round(summary["first_batch_s"], 2),
+        "gpu_utilisation_pct": gpu.mean(),
+        "stages_s": summary["stages_s"],
+    }
+
+
+class _ReadOnly:
+    """The score pipeline's actor without the model: the uint8 batch as ``score_table`` gets it (the read,
+    the object store and the Arrow-to-array step), one row out per image."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from mapl_ray.data.shards import images_from_arrow
+
+        images_from_arrow(batch.column("image"), (self.size, self.size))
+        return batch.select(["path"])
+
+
+def pipeline_ceiling(pool: Path, args, actors: int) -> dict:
+    """images/s of ``mapl score``'s input pipeline (``score_source``'s own read and blocks, the same actor
+    pool, one CPU per actor) with no model: what the data side can feed the GPU."""
+    import ray.data
+
+    from mapl_ray.data.shards import ShardSpec
+    from mapl_ray.pipelines.ray_data import _score_input, _score_units
+
+    spec = ShardSpec.of(args.image_size, None)
+    units, kind = _score_units(str(pool), spec, 0)
+    ds = _score_input(units, kind, spec, None, args.score_batch)  # what score_source reads
+    ds = ds.map_batches(
+        _ReadOnly,
+        fn_constructor_kwargs={"size": args.image_size},
+        batch_size=args.score_batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+    )
+    t0, t_first, n = time.perf_counter(), None, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        t_first = t_first or time.perf_counter()
+        n += batch.num_rows
+    wall = time.perf_counter() - t0
+    return {
+        "images_per_s_end_to_end": round(n / wall, 1),
+        "images_per_s_after_first": round(n / max(time.perf_counter() - t_first, 1e-9), 1),
+        "first_batch_s": round(t_first - t0, 2),
+        "images": n,
+        "actors": actors,
+    }
+
+
+def object_store() -> dict:
+    """Ray's object store size and /dev/shm's: Ray puts the store in /tmp (disk) when /dev/shm is smaller, a
+    warning that gpu_run.sh's filter drops; every image block goes through it."""
+    import ray
+
+    shm = shutil.disk_usage("/dev/shm") if Path("/dev/shm").is_dir() else None
+    size = ray.cluster_resources().get("object_store_memory", 0)
+    return {
+        "object_store_gb": round(size / 2**30, 1),
+        "dev_shm_gb": round(shm.total / 2**30, 1) if shm else None,
+        "on_dev_shm": bool(shm and shm.total >= size),
+    }
+
+
 def part_score(args, shards: Path, work: Path) -> dict:
     """``mapl score`` over the same Parquet pool with each actor count of ``--score-actors`` (sharing the
-    GPU equally where there is one), side by side, and the model alone (``Predictor.predict_arrays`` on
-    in-memory batches, scores only) as the ceiling."""
+    GPU equally where there is one), side by side; after the first count (``--score-large-images``), once with
+    the default actor count on a pool that many images large, where the start-up is amortised as in a real
+    batch job;
+    the input pipeline with no model (``pipeline_ceiling``); and the model alone (``Predictor.predict_arrays``
+    on in-memory batches, scores only) as the ceiling. Each run records its stages (``score_source``'s
+    ``stages_s``: Ray start, planning, actors' torch import / model load / warm-up, first batch in and out)."""
     import time
 
     import torch
 
     from mapl_ray.inference import Predictor
-    from mapl_ray.pipelines.ray_data import ROWS_PER_SHARD, SCORE_ACTORS_PER_GPU, score_source
+    from mapl_ray.pipelines.ray_data import ROWS_PER_SHARD, SCORE_ACTORS_PER_GPU
 
     run = Path(args.run) if args.run else throwaway_run(args, work)
     n_base = sum(pq.ParquetFile(f).metadata.num_rows for f in open_shard_set(shards)[0])
-    times = max(1, -(-args.score_images // n_base))
-    pool = repeat_shards(shards, work / "score_src", times, rows_per_file=ROWS_PER_SHARD)  # as `mapl prepare` writes
+
+    def pool_of(images: int, name: str) -> Path:
+        t0 = time.perf_counter()
+        # shards as `mapl prepare` writes them
+        pool = repeat_shards(shards, work / name, max(1, -(-images // n_base)), rows_per_file=ROWS_PER_SHARD)
+        print(f"score pool {name}: {images} images asked, written in {time.perf_counter() - t0:.1f} s", flush=True)
+        return pool
+
+    pool = pool_of(args.score_images, "score_src")
     on_gpu = torch.cuda.is_available()
-    by_actors = {}
+    default = SCORE_ACTORS_PER_GPU if on_gpu else 1
+    by_actors, large = {}, None
     for n in args.score_actors:
-        with GpuSampler() as gpu:
-            summary = score_source(
-                run,
-                pool,
-                work / f"scores_{n}",
-                batch_size=args.score_batch,
-                actors=n * (torch.cuda.device_count() if on_gpu else 1),
-                gpus_per_actor=(1.0 / n) if on_gpu else 0.0,
-                progress=False,
-            )
-        by_actors[str(n)] = {
-            "score_images_per_s": round(summary["steady_images_per_s"], 1),
-            "score_images_per_s_end_to_end": round(summary["images"] / summary["wall_s"], 1),
-            "images": summary["images"],
-            "wall_s": round(summary["wall_s"], 2),
-            "first_batch_s": round(summary["first_batch_s"], 2),
-            "gpu_utilisation_pct": gpu.mean(),
-        }
-        print("score", n, "actors per GPU:", by_actors[str(n)], flush=True)
+        by_actors[str(n)] = _score_once(run, pool, work / f"scores_{n}", args, n)
+        print("score", n, "actors per GPU:", json.dumps(by_actors[str(n)]), flush=True)
+        if args.score_large_images and large is None:  # after the first count: the key figures come first
+            big = pool_of(args.score_large_images, "score_src_large")
+            large = _score_once(run, big, work / "scores_large", args, default)
+            print("score large pool:", json.dumps(large), flush=True)
+            shutil.rmtree(big, ignore_errors=True)
+    head = by_actors.get(str(default)) or next(iter(by_actors.values()))
+    ceiling = pipeline_ceiling(pool, args, default * max(1, torch.cuda.device_count()))
+    print("score input pipeline alone:", ceiling, flush=True)
     t0 = time.perf_counter()
     pred = Predictor(run, batch_size=args.score_batch)
     load_s = time.perf_counter() - t0
@@ -283,19 +386,31 @@ def part_score(args, shards: Path, work: Path) -> dict:
         pred.predict_arrays(batch, maps=False)
         reps += 1
     model_only = reps * args.score_batch / (time.perf_counter() - t0)
-    default = str(SCORE_ACTORS_PER_GPU if on_gpu else 1)
-    head = by_actors.get(default) or next(iter(by_actors.values()))
-    return {
+    out = {
         **head,
+        "object_store": object_store(),
         "by_actors_per_gpu": by_actors,
+        "input_pipeline_only": ceiling,
         "model_only_images_per_s": round(model_only, 1),
         "model_load_s": round(load_s, 2),
         "model_warm_up_s": round(warm_s, 2),
-        "settings": f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, "
-        f"one memory rotation and bank, tf_efficientnet_lite2); headline = the default "
-        f"{default} actor(s) per GPU (one on a CPU); score_images_per_s = images after the first batch over the "
-        "time after it; model_only = Predictor.predict_arrays(maps=False) on one in-memory uint8 batch, repeated",
     }
+    if large is not None:
+        out["large"] = large
+        out["score_images_per_s_end_to_end_large"] = large["score_images_per_s_end_to_end"]
+    out["settings"] = (
+        f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, one memory "
+        f"rotation and bank, tf_efficientnet_lite2); headline = the default {default} actor(s) per GPU (one on a "
+        f"CPU) on the {head['images']}-image pool (--score-images); 'large' = the same on a pool of "
+        f"{large['images'] if large else 0} images (--score-large-images; the {n_base} real images repeated "
+        "under new names); score_images_per_s_end_to_end = images / score_source's whole call (total_s: listing, "
+        "Ray Data planning, actor start-up, scoring, writing; Ray already started by the bench); "
+        "score_images_per_s = images after the first batch over the time after it; stages_s = score_source's "
+        "breakdown (*_at_s: seconds after the iteration began, [first, last actor]); input_pipeline_only = the "
+        "same read and actor pool without the model; model_only = Predictor.predict_arrays(maps=False) on one "
+        "in-memory uint8 batch, repeated"
+    )
+    return out
 
 
 def part_train(args, shards: Path, work: Path) -> dict:
@@ -443,6 +558,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loop-images", type=int, default=640, help="images of the single-process loop (a prefix)")
     p.add_argument("--score-images", type=int, default=2048)
     p.add_argument("--score-batch", type=int, default=256)
+    p.add_argument(
+        "--score-large-images",
+        type=int,
+        default=0,
+        help="also score a pool of this many images (the shards repeated) with the default actors, e.g. 100000",
+    )
     p.add_argument(
         "--score-actors", default="1,2", type=lambda s: [int(x) for x in s.split(",")], help="actors per GPU compared"
     )

@@ -72,7 +72,9 @@ def score_table(pred: Predictor, rows: pa.Table, maps_dir: str | Path | None = N
     paths, errors = col["path"], col.get("error", [None] * n)
     ok = [i for i, (v, e) in enumerate(zip(rows.column("image").is_valid().to_pylist(), errors)) if v and e is None]
     size = (pred.image_size, pred.image_size)
-    images = images_from_arrow(rows.column("image").take(ok), size) if ok else np.zeros((0, *size, 3), np.uint8)
+    cells = rows.column("image")
+    cells = cells if len(ok) == n else cells.take(ok)  # every row readable (the usual case): no copy here
+    images = images_from_arrow(cells, size) if ok else np.zeros((0, *size, 3), np.uint8)
     res = pred.predict_arrays(images, maps=maps_dir is not None)
     norm = pred.normalise(res["scores"]) if ok else np.zeros(0)
     thr = pred.threshold

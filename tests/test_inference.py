@@ -105,3 +105,21 @@ def test_memory_bank_ensemble_holds_the_listed_normals_and_averages_their_maps(t
     assert not torch.allclose(both["maps"], first["maps"], atol=1e-4)
     with pytest.raises(ValueError, match="memory_banks=3.*holds 2 memory bank"):
         Predictor(trained_run, device="cpu", memory_banks=3)
+
+
+def test_fixed_batch_pads_a_short_chunk_and_drops_the_padding(trained_run):
+    """``fixed_batch`` (``mapl score`` on CUDA: one graph shape) scores a short last chunk padded with zeros
+    to the batch size; the images' own results are those of the unpadded call (set here on a CPU, where
+    the Predictor leaves it off: there is no graph to reuse)."""
+    images = (_test_images(trained_run, n=5).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    pred = Predictor(trained_run, device="cpu", batch_size=3, fixed_batch=True)
+    assert not pred.fixed_batch  # no CUDA graphs on a CPU
+    plain = pred.predict_arrays(images)
+    calls = []
+    pred.predict_tensor = lambda x, f=pred.predict_tensor: calls.append(len(x)) or f(x)
+    pred.fixed_batch = True
+    padded = pred.predict_arrays(images)
+    assert calls == [3, 3]  # 3 + (2 images and 1 of padding)
+    for k in ("maps", "q", "scores"):
+        assert padded[k].shape[0] == 5
+        np.testing.assert_allclose(padded[k], plain[k], atol=1e-5)

@@ -187,6 +187,11 @@ def test_score_equals_predict_and_a_rerun_skips_written_files(ray_local, shards,
         manifest["shards"],
         0,
     )
+    stages = first["stages_s"]  # where the time went, the actors' part from their timing files
+    assert stages["actors"] >= 1 and stages["actor_ready_at_s"][0] <= stages["first_batch_in_at_s"][1]
+    sizes = {int(k): v for k, v in stages["batch_sizes"].items()}  # whole batches but the last
+    assert sum(k * v for k, v in sizes.items()) == manifest["images"] and len(sizes) <= 2
+    assert sizes.get(4, 0) == manifest["images"] // 4 and not (out / ".actor_timings").exists()
     got = _scores(out)
     pred = Predictor(trained_run, device="cpu")
     paths = sorted(got)

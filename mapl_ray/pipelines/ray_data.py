@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -256,6 +257,8 @@ def simulate(ds, cfg: Config, seed: int, concurrency: int | None = None, batch_s
 
 # -- mapl score -----------------------------------------------------------------------------------
 SCORE_RUN_FILE = "score.json"
+#: Folder of ``--out`` where the scoring actors leave their timings while a job runs (removed after).
+ACTOR_TIMINGS_DIR = ".actor_timings"
 #: Images per output file when scoring a folder (a rerun skips the files already written).
 ROWS_PER_SCORE_FILE = 1024
 
@@ -316,21 +319,58 @@ def _decode_in_order(batch: pa.Table, spec: ShardSpec, align: PoseEstimator | No
 
 class ScoreBatch:
     """``map_batches`` callable of ``mapl score``: loads the run's :class:`~mapl_ray.inference.Predictor`
-    once per actor (on the actor's GPU when it has one) and scores batches (:func:`mapl_ray.scoring.score_table`)."""
+    once per actor (on the actor's GPU when it has one), warms it up at the batch size (the CUDA graph is
+    captured while the first blocks are still being read), and scores batches
+    (:func:`mapl_ray.scoring.score_table`).
 
-    def __init__(self, run: str, device: str, batch_size: int, maps_dir: str | None, threads: int):
+    With ``timings_dir``, each actor keeps ``<timings_dir>/actor-<pid>.json`` up to date: wall-clock times
+    (``time.time()``) of its start, torch imported, model loaded, warmed up, first batch in and out, and the
+    batches it scored (count, rows, sizes, seconds busy), which :func:`score_source` reads back.
+    """
+
+    def __init__(
+        self, run: str, device: str, batch_size: int, maps_dir: str | None, threads: int, timings_dir: str | None = None
+    ):
+        t = {"start": time.time()}
         import torch
 
+        t["torch_imported"] = time.time()
         from ..inference import Predictor
 
         torch.set_num_threads(max(1, threads))
-        self.pred = Predictor(run, device=device, batch_size=batch_size)
+        self.pred = Predictor(run, device=device, batch_size=batch_size, fixed_batch=True)
+        t["model_loaded"] = time.time()
+        self.pred.warm_up()
+        t["warmed_up"] = time.time()
         self.maps_dir = maps_dir
+        self.timings = {**t, "batches": 0, "rows": 0, "busy_s": 0.0, "sizes": {}}
+        self.timings_file = Path(timings_dir) / f"actor-{os.getpid()}.json" if timings_dir else None
+        self._save_timings()
+
+    def _save_timings(self) -> None:
+        """Best effort: an actor whose node cannot write there (no shared storage) stops keeping them."""
+        if self.timings_file is None:
+            return
+        try:
+            tmp = self.timings_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.timings))
+            os.replace(tmp, self.timings_file)
+        except OSError:
+            self.timings_file = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..scoring import score_table
 
-        return score_table(self.pred, batch, self.maps_dir)
+        t_in = time.time()
+        out = score_table(self.pred, batch, self.maps_dir)
+        t = self.timings
+        t.setdefault("first_in", t_in)
+        t.setdefault("first_out", time.time())
+        t["batches"], t["rows"] = t["batches"] + 1, t["rows"] + batch.num_rows
+        t["busy_s"] += time.time() - t_in
+        t["sizes"][str(batch.num_rows)] = t["sizes"].get(str(batch.num_rows), 0) + 1
+        self._save_timings()
+        return out
 
 
 def _claim_output(out: Path, run: Path, src: str, names: list[str]) -> None:
@@ -382,6 +422,31 @@ def _actor_resources(actors: int | None, gpus_per_actor: float | None) -> tuple[
     return actors, gpus_per_actor, cpus_per_actor
 
 
+def _score_input(pending: list[_Unit], kind: str, spec: ShardSpec, align: PoseEstimator | None, batch_size: int):
+    """The rows ``mapl score`` feeds its actors: the shards read (or the folder's files decoded, unreadable
+    ones kept with their ``error``), in blocks of exactly ``batch_size`` rows but the last
+    (``repartition(target_num_rows_per_block=..., strict=True)``, a streaming stage). Whole blocks make
+    each actor task one batch, whose rows reach the writer as soon as it is scored (a task's outputs
+    leave together when it ends) and every batch but the last one shape (no partial batch at each shard's
+    end, each a CUDA graph of its own or padding). No ``preserve_order``: :func:`_write_units` routes rows
+    by path, so any actor's batch is written as it comes."""
+    import ray.data
+
+    # read blocks of about one batch of images: every actor gets work early (Ray Data's 128 MiB default
+    # would make a few shards one block)
+    ray.data.DataContext.get_current().target_max_block_size = max(
+        2**20, batch_size * 3 * spec.image_size[0] * spec.image_size[1]
+    )
+    if kind == "parquet":
+        ds = ray.data.read_parquet([u.shard for u in pending]).select_columns(["path", "label", "image", "pose"])
+    else:
+        items = [r for u in pending for r in u.records]
+        ds = ray.data.from_items(items).map_batches(
+            _decode_in_order, batch_format="pyarrow", batch_size=64, fn_kwargs={"spec": spec, "align": align}
+        )
+    return ds.repartition(target_num_rows_per_block=batch_size, strict=True)
+
+
 def score_source(
     run: str | os.PathLike[str],
     src: str | os.PathLike[str],
@@ -408,7 +473,12 @@ def score_source(
         maps: also write each anomaly map as an 8-bit PNG.
 
     Returns:
-        summary: ``images`` scored, ``unreadable``, ``files_written``, ``files_skipped``, the output folder.
+        summary: ``images`` scored, ``unreadable``, ``files_written``, ``files_skipped``, the output folder;
+        ``total_s`` (the whole call), ``wall_s`` / ``first_batch_s`` / ``steady_images_per_s`` (from the start
+        of Ray Data's execution, :func:`_write_units`) and ``stages_s``, where the time went: ``setup_s``
+        (listing, output claim), ``ray_init_s``, ``plan_s`` (building the dataset), ``paths_s``,
+        ``wait_s`` / ``write_s`` (the driver waiting for rows / writing them) and the actors' start-up and
+        work (:func:`_actor_stages`).
 
     Raises:
         CheckpointError: ``run`` is not a trained run folder. LayoutError: ``src`` missing, shards decoded
@@ -420,6 +490,7 @@ def score_source(
     from ..data.pose import build_pose_estimator
     from ..runfolder import load_run_config
 
+    t_call = time.time()
     run, src, out = Path(run), os.fspath(src), Path(out)
     cfg = load_run_config(run)
     align = build_pose_estimator(cfg)
@@ -427,26 +498,23 @@ def score_source(
     units, kind = _score_units(src, spec, rows_per_file)
     _claim_output(out, run, src, [u.name for u in units])
     pending = [u for u in units if not (out / u.name).is_file()]
-    counts = {"images": 0, "unreadable": 0}
+    counts: dict[str, Any] = {"images": 0, "unreadable": 0}
+    stages: dict[str, Any] = {"setup_s": time.time() - t_call}
     if pending:
+        t = time.time()
         init_ray()
         quiet_data_context()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # rows -> output files by count
-        # blocks of about one batch of images: every actor gets work, results stream per batch (Ray Data's
-        # 128 MiB default would make a few shards one block, scored by one actor in one go)
-        ctx.target_max_block_size = max(2**20, batch_size * 3 * cfg.data.image_size**2)
-        if kind == "parquet":
-            ds = ray.data.read_parquet([u.shard for u in pending]).select_columns(["path", "label", "image", "pose"])
-        else:
-            items = [r for u in pending for r in u.records]
-            ds = ray.data.from_items(items).map_batches(
-                _decode_in_order, batch_format="pyarrow", batch_size=64, fn_kwargs={"spec": spec, "align": align}
-            )
+        stages["ray_init_s"] = time.time() - t
+        t = time.time()
+        ds = _score_input(pending, kind, spec, align, batch_size)
+        stages["plan_s"] = time.time() - t
         n_actors, gpus, cpus = _actor_resources(actors, gpus_per_actor)
         maps_dir = out / "maps" if maps else None
         if maps_dir:
             maps_dir.mkdir(exist_ok=True)
+        timings_dir = out / ACTOR_TIMINGS_DIR
+        shutil.rmtree(timings_dir, ignore_errors=True)
+        timings_dir.mkdir()
         scored = ds.map_batches(
             ScoreBatch,
             fn_constructor_kwargs={
@@ -455,6 +523,7 @@ def score_source(
                 "batch_size": batch_size,
                 "maps_dir": str(maps_dir.resolve()) if maps_dir else None,
                 "threads": cpus,
+                "timings_dir": str(timings_dir.resolve()),
             },
             batch_size=batch_size,
             batch_format="pyarrow",
@@ -463,37 +532,108 @@ def score_source(
             num_cpus=cpus,
         )
         counts = _write_units(scored, pending, out, progress)
+        t_iter, t_end = counts.pop("iter_start"), counts.pop("iter_end")
+        stages.update({k: counts.pop(k) for k in ("paths_s", "wait_s", "write_s")})
+        stages.update(_actor_stages(timings_dir, t_iter, t_end))
     summary = {"run": str(run), "source": src, "out": str(out), **counts}
     summary.update(files_written=len(pending), files_skipped=len(units) - len(pending))
+    summary["total_s"] = time.time() - t_call
+    summary["stages_s"] = _rounded(stages)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dict[str, int]:
+def _rounded(value: Any) -> Any:
+    """Floats rounded to 3 decimals, in dicts and lists too."""
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _actor_stages(folder: Path, t_iter: float, t_end: float) -> dict[str, Any]:
+    """Where the scoring actors' time went, from their timing files (:class:`ScoreBatch`; the folder is
+    removed). Moments (``*_at_s``) are seconds after the iteration began, as [earliest, latest] over the
+    actors; durations are the longest actor's; ``actor_busy_fraction`` = time in ``score_table`` over the
+    time from each actor's first batch to the end. Empty when no actor left a file (e.g. on other nodes)."""
+    found = []
+    for f in folder.glob("actor-*.json"):
+        try:
+            found.append(json.loads(f.read_text()))
+        except (OSError, ValueError):  # an actor was writing it when the job ended
+            continue
+    shutil.rmtree(folder, ignore_errors=True)
+    if not found:
+        return {}
+
+    def at(key: str) -> list[float] | None:
+        vals = [r[key] - t_iter for r in found if key in r]
+        return [min(vals), max(vals)] if vals else None
+
+    def longest(a: str, b: str) -> float:
+        return max(r[b] - r[a] for r in found)
+
+    sizes: dict[str, int] = {}
+    for r in found:
+        for k, v in r["sizes"].items():
+            sizes[k] = sizes.get(k, 0) + v
+    active = sum(max(t_end - r["first_in"], 1e-9) for r in found if "first_in" in r)
+    return {
+        "actors": len(found),
+        "actor_start_at_s": at("start"),
+        "torch_import_s": longest("start", "torch_imported"),
+        "model_load_s": longest("torch_imported", "model_loaded"),
+        "warm_up_s": longest("model_loaded", "warmed_up"),
+        "actor_ready_at_s": at("warmed_up"),
+        "first_batch_in_at_s": at("first_in"),
+        "first_batch_out_at_s": at("first_out"),
+        "batches_per_actor": sorted(r["batches"] for r in found),
+        "batch_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+        "actor_busy_fraction": sum(r["busy_s"] for r in found) / active if active else None,
+    }
+
+
+def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dict[str, Any]:
     """Route the stream of score rows to the output files by path, each file written (rows in its source
     order) as soon as all its rows arrived. Routing by path, not by count: with many actors Ray Data
     delivered rows out of order on the H200 although ``preserve_order`` was set.
 
-    Also times it: ``wall_s``, ``first_batch_s`` (start-up: actors, model load) and ``steady_images_per_s``
-    (the rows after the first batch over the time after it).
+    Also times it: ``wall_s`` (from the start of the iteration), ``first_batch_s`` (start-up: read, actors,
+    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it),
+    ``paths_s`` (reading the source files' paths, after the first batch: the pipeline runs on meanwhile), ``wait_s`` (waiting for score rows), ``write_s``
+    (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the iteration's ends).
 
     Raises:
         RuntimeError: a row's path belongs to no pending file, or a path is in two files (not routable).
     """
     bar = _progress(sum(u.rows for u in pending), "score", progress)
-    unit_paths = [u.paths() for u in pending]
+    unit_paths: list[list[str]] = []
     owner: dict[str, int] = {}
-    for i, paths in enumerate(unit_paths):
-        for p in paths:
-            if owner.setdefault(p, i) != i:
-                raise RuntimeError(f"{p} is in two source files ({pending[owner[p]].name}, {pending[i].name})")
+    paths_s = 0.0
     parts: dict[int, list[pa.Table]] = {}
     got = np.zeros(len(pending), np.int64)
     images = unreadable = first_rows = 0
-    t0, t_first = time.perf_counter(), None
-    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+    wait_s = 0.0
+    iter_start, t0, t_first = time.time(), time.perf_counter(), None
+    batches = iter(scored.iter_batches(batch_size=None, batch_format="pyarrow"))
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        wait_s += time.perf_counter() - t_wait
+        if batch is None:
+            break
         if t_first is None:
             t_first, first_rows = time.perf_counter(), batch.num_rows
+            # the source files' paths, read once the first batch is out: Ray Data runs on meanwhile
+            unit_paths = [u.paths() for u in pending]
+            for i, paths in enumerate(unit_paths):
+                for p in paths:
+                    if owner.setdefault(p, i) != i:
+                        raise RuntimeError(f"{p} is in two source files ({pending[owner[p]].name}, {pending[i].name})")
+            paths_s = time.perf_counter() - t_first
         try:
             idx = np.array([owner[p] for p in batch.column("path").to_pylist()], np.int64)
         except KeyError as e:
@@ -523,6 +663,11 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
         "wall_s": wall,
         "first_batch_s": first,
         "steady_images_per_s": steady,
+        "paths_s": paths_s,
+        "wait_s": wait_s,
+        "write_s": wall - wait_s,
+        "iter_start": iter_start,
+        "iter_end": time.time(),
     }
 
 
