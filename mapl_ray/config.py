@@ -21,8 +21,9 @@ import yaml
 ORIENTATION_MODES = ("none", "flip", "rot90")
 
 
-#: pseudo.features values: what the one-class classifiers see (mapl_ray.pseudo.labeler)
-PSEUDO_FEATURES = ("map", "pooled", "both", "knn")
+#: pseudo.features values: what the one-class classifiers see (mapl_ray.pseudo.labeler; "auto": knn with an
+#: unlabeled pool, map without, mapl_ray.pseudo.labeler.feature_kind)
+PSEUDO_FEATURES = ("auto", "map", "pooled", "both", "knn")
 
 
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
@@ -109,10 +110,12 @@ class PseudoConfig:
     num_quantiles: int = 99  # candidate thresholds of partial matching (quantiles of the unlabeled scores)
     min_fraction: float = 0.05  # least share of the unlabeled set on the matched side of a threshold
     refit_every: int = 100  # steps between pseudo-labeler refits
-    # what the one-class classifiers see: "map" (statistics of the network's current anomaly map; ranked first on
-    # validation, bench/results/defaults.json), "pooled" (pooled encoder features and memory differences), "both",
-    # or "knn" (patch nearest-neighbour distances of each image to the other images, mapl_ray.pseudo.patch_knn)
-    features: str = "map"
+    # what the one-class classifiers see: "map" (statistics of the network's current anomaly map), "pooled" (pooled
+    # encoder features and memory differences), "both", "knn" (patch nearest-neighbour distances of each image to
+    # the other images, mapl_ray.pseudo.patch_knn), or "auto": knn with an unlabeled pool (fewer validation canaries
+    # in the normal stream than map on every category of bench/results/semi.json), map without one (knn cannot
+    # filter the simulated images that stand in for a pool)
+    features: str = "auto"
     knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
     knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
     # images per forward pass of a refit's features (a refit passes the whole pool: larger batches, fewer launches)

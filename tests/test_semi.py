@@ -85,6 +85,22 @@ def test_without_labels_the_pool_waits_and_with_pseudo_off_it_is_normal():
     assert len(normal_rows(data, as_normal.labels_for(0))) == len(data.normals) + data.pool_size
 
 
+def test_auto_features_are_knn_with_a_pool_and_map_without():
+    data, _ = pool_data()
+    no_pool = TrainData(normals=data.normals, memory_indices=data.memory_indices)
+    cfg = small_cfg()
+    assert cfg.pseudo.features == "auto"
+    kinds = {
+        name: PseudoLabeler(cfg, BatchMaker(cfg, d, build_simulator(cfg)), torch.device("cpu")).kind
+        for name, d in (("pool", data), ("none", no_pool))
+    }
+    assert kinds == {"pool": "knn", "none": "map"}  # without a pool only map can filter the simulated stand-ins
+    pooled = small_cfg(**{"pseudo.features": "pooled"})
+    assert (
+        PseudoLabeler(pooled, BatchMaker(pooled, data, build_simulator(pooled)), torch.device("cpu")).kind == "pooled"
+    )
+
+
 def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkeypatch):
     data, truth = pool_data(pool_labels=(0, 0, 1, 0, 0, 1, 0, 0))
     data.unlabeled_truth = truth
@@ -153,7 +169,7 @@ def test_a_refit_refills_the_device_parameters_in_place_so_a_captured_step_stays
     ptrs = [t.data_ptr() for t in tensors]
     x = torch.as_tensor(rng.normal(size=(64, 5)) * 3 + 1.5)
     out = {"q": torch.zeros(64), "logits": None, "pooled": x}
-    lab.cfg.pseudo.features = "pooled"  # the batch features are x itself
+    lab.kind = "pooled"  # the batch features are x itself
     assert np.array_equal(lab.predict(out).numpy(), first.predict(x.numpy()))
     lab.use_ensemble(second, 150)
     assert lab.graph_key == key and lab.fitted_step == 150

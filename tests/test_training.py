@@ -279,7 +279,7 @@ def test_refit_features_replayed_as_a_cuda_graph_follow_the_weights(small_root, 
         with torch.no_grad():  # the weights move in place, as an optimizer step moves them
             for p in model.decoder.parameters():
                 p.mul_(1.5)
-    assert graphed._graphs[cfg.pseudo.features].captures == 1 and graphed._graphs[cfg.pseudo.features].failed is None
+    assert graphed._graphs[graphed.kind].captures == 1 and graphed._graphs[graphed.kind].failed is None
 
 
 def test_resumed_run_keeps_the_earlier_training_summary(tmp_path):

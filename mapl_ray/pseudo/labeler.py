@@ -23,7 +23,8 @@ as it trains; ``pooled``, the pooled encoder features and memory differences of 
 image's patch distances to the patches of the other images, labeled and unlabeled
 (:mod:`mapl_ray.pseudo.patch_knn`), which do not depend on the detector the pool trains. With ``knn``
 the batches' simulated images are not pseudo-labeled (they have no such features in the step): none is
-filtered out of the segmentation loss.
+filtered out of the segmentation loss. ``auto`` (the default, :func:`feature_kind`) is ``knn`` with an
+unlabeled pool and ``map`` without one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
 MAP_TOPK = (10, 100)
+
+
+def feature_kind(features: str, has_pool: bool) -> str:
+    """The OCC feature kind a run uses: ``pseudo.features``, with ``auto`` resolved to ``knn`` when the run has
+    an unlabeled pool (in memory or streamed) and to ``map`` when it has none (then the OCCs label the simulated
+    images that stand in for a pool, which only ``map`` can filter in the step). The choice of ``knn`` for pools
+    was made on validation canaries (``docs/method.md``, bench/results/semi.json), not on a test split."""
+    if features == "auto":
+        return "knn" if has_pool else "map"
+    return features
 
 
 def features_from_output(out: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -134,6 +145,8 @@ class PseudoLabeler:
         cuda_graphs: bool = False,
     ):
         self.cfg, self.bm, self.device, self.fit_map = cfg, batch_maker, device, fit_map
+        #: the OCC feature kind in force (:func:`feature_kind`)
+        self.kind = feature_kind(cfg.pseudo.features, bool(batch_maker.data.pool_size))
         self.cuda_graphs = cuda_graphs
         #: the refits' feature passes as CUDA graphs, by feature kind (:meth:`_batched`)
         self._graphs: dict[str, GraphedForward] = {}
@@ -208,7 +221,7 @@ class PseudoLabeler:
 
     def features(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
         """OCC features of uint8 images ``(N, H, W, 3)`` (eval mode, :meth:`_batched`): float32 ``(N, D)``."""
-        kind = self.cfg.pseudo.features
+        kind = self.kind
         if kind == "pooled":
             return self._batched(images, model, kind, model.pooled_features).cpu().numpy()
         return self._batched(images, model, kind, lambda x: features_from_output(model(x), kind)).cpu().numpy()
@@ -276,7 +289,7 @@ class PseudoLabeler:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
         was = model.training
         model.eval()
-        if p.features == "knn":
+        if self.kind == "knn":
             normals, positives, unlabeled = self._knn_features(model, step, pool, pos_images, unl_images, streamed)
         else:
             normals = self.features(model, d.source_images(np.asarray(pool["normal_idx"])))
@@ -354,9 +367,9 @@ class PseudoLabeler:
         """Pseudo-labels int64 ``(B,)`` (1 / 0 / -1) of a batch from its forward output, on its device
         (no host sync); all -1 before the first fit. Reads the ensemble from :attr:`device_params`."""
         n = out["q"].shape[0]
-        if self.device_params is None or self.cfg.pseudo.features == "knn":  # knn: no per-batch features
+        if self.device_params is None or self.kind == "knn":  # knn: no per-batch features
             return torch.full((n,), -1, dtype=torch.long, device=out["q"].device)
-        feats = features_from_output(out, self.cfg.pseudo.features).detach()
+        feats = features_from_output(out, self.kind).detach()
         return self.ensemble.predict_torch(feats, self.device_params)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
