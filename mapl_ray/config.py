@@ -49,6 +49,12 @@ class DataConfig:
     # benchmarking: move test anomalies into the pool until they are this share of it (instead of contamination)
     pool_anomaly_share: float = 0.0
     labeled_anomalies: int = 0  # k labeled anomalies per defect type, taken from test
+    # benchmarking: a validation set of the split's own, drawn first by data.seed alone: this many train/good
+    # images and this many test anomalies per defect type, which neither train nor test, so every setting of a
+    # grid with one seed validates on the same files (0, 0: validation is held out of the labeled training data,
+    # eval.validation_normals / eval.validation_anomalies)
+    split_validation_normals: int = 0
+    split_validation_anomalies: int = 0
     skip_bad_images: bool = False
     require_masks: bool = True  # False: image-label-only data (defect images without masks)
     seed: int = 0
@@ -342,6 +348,8 @@ def _data_checks(c: Config) -> list[tuple[str, bool, str]]:
         ),
         ("data.pool_anomaly_share", 0 <= c.data.pool_anomaly_share < 1, "in [0, 1)"),
         ("data.labeled_anomalies", c.data.labeled_anomalies >= 0, ">= 0"),
+        ("data.split_validation_normals", c.data.split_validation_normals >= 0, ">= 0"),
+        ("data.split_validation_anomalies", c.data.split_validation_anomalies >= 0, ">= 0"),
         ("data.align", c.data.align in ALIGN_MODES, "none or principal_axis"),
         ("data.shards", not c.data.shards or c.data.stream, "only with data.stream = true (--stream)"),
         (

@@ -79,6 +79,8 @@ def check_inputs(cfg: Config, check_test: bool = True) -> Split:
             labeled_anomalies=cfg.data.labeled_anomalies,
             labeled_normals=cfg.data.labeled_normals,
             pool_anomaly_share=cfg.data.pool_anomaly_share,
+            validation_normals=cfg.data.split_validation_normals,
+            validation_anomalies=cfg.data.split_validation_anomalies,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e

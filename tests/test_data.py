@@ -333,6 +333,7 @@ def test_make_split_counts_disjointness_and_hidden_labels(big_index):
         "unlabeled": 10 + 2,
         "labeled_anomaly": 4,
         "test": 10 + 20 - 4 - 2,
+        "validation": 0,
         "test_good": 10,
         "test_anomalous": 14,
         "unlabeled_normal": 10,
@@ -398,6 +399,35 @@ def test_make_split_user_pool_and_json_roundtrip(big_index, tmp_path: Path):
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="s.json"):
         Split.from_json(path)
+
+
+def test_make_split_own_validation_set_is_the_same_for_every_setting_of_a_seed(big_index, tmp_path: Path):
+    kw = dict(validation_normals=4, validation_anomalies=2)
+    clean = make_split(big_index, 5, **kw)
+    pool = make_split(big_index, 5, labeled_normals=10, contamination=0.2, labeled_anomalies=2, **kw)
+    val = [r.path for r in clean.validation]
+    assert val == [r.path for r in pool.validation]
+    assert [r.label for r in clean.validation].count(0) == 4
+    assert sorted(r.defect_type for r in clean.validation if r.label == 1) == ["crack", "crack", "dent", "dent"]
+    assert all(r.mask_path for r in clean.validation if r.label == 1)
+    for s in (clean, pool):
+        assert not set(val) & (_train_paths(s) | {r.path for r in s.test})
+        assert len(_train_paths(s)) + len(s.test) + len(val) == 40 + 30  # every file in one role
+    assert clean.summary()["labeled_normal"] == 36 and pool.summary()["labeled_normal"] == 10
+    assert [r.path for r in make_split(big_index, 6, **kw).validation] != val
+    path = tmp_path / "s.json"
+    pool.to_json(path)
+    assert Split.from_json(path) == pool
+    old = make_split(big_index, 5, labeled_normals=10)
+    old.to_json(path)
+    doc = json.loads(path.read_text())  # as written before the validation list existed
+    del doc["validation"], doc["counts"]["validation"]
+    path.write_text(json.dumps(doc))
+    assert Split.from_json(path) == old
+    with pytest.raises(ValueError, match="validation_anomalies=8 .*'dent' has only 8"):
+        make_split(big_index, 0, validation_anomalies=8)
+    with pytest.raises(ValueError, match="validation_normals=40"):
+        make_split(big_index, 0, validation_normals=40)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
         def predict(self, x):
             return known.copy()
 
+        def scores(self, x):
+            return np.stack([known.astype(np.float64), known.astype(np.float64)])
+
         def torch_params(self, device):
             return [], torch.zeros(0, 1), torch.zeros(0, 1)
 
@@ -198,6 +201,16 @@ def test_label_quality_reports_the_canaries_apart_from_the_truth():
     assert stats["pseudo_label_recall"] == 0.5 and stats["anomalies_in_normal_stream"] == 1  # real anomalies only
 
 
+def test_label_quality_ranks_the_pool_by_the_occ_scores_whatever_the_thresholds():
+    labels = np.zeros(6, np.int8)  # thresholds let everything in
+    truth = np.array([0, 1, 0, 0, 1, -1], np.int8)
+    good = label_quality(labels, truth, scores=np.array([0.1, 0.9, 0.2, 0.3, 0.8, 5.0]))
+    assert good["pseudo_score_auroc"] == 1.0 and good["pseudo_label_recall"] == 0.0
+    bad = label_quality(labels, truth, scores=np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.0]))
+    assert bad["pseudo_score_auroc"] == 0.0
+    assert label_quality(labels, np.zeros(6, np.int8), scores=np.ones(6))["pseudo_score_auroc"] is None
+
+
 def test_memory_banks_fill_up_from_pseudo_normal_pool_images():
     banks = choose_memory_banks(3, 5, 2, seed=0, pool_rows=np.array([3, 5, 6, 8, 9, 10, 12]))
     assert set(range(3)) <= set(banks[0]) and len(banks[0]) == 5  # every labeled normal, then pool images
@@ -245,6 +258,24 @@ def test_validation_set_is_labeled_data_only(small_root, tmp_path):
     assert int((vset.sources == SOURCE_NORMAL).sum()) == 3 and vset.labels.sum() == len(vset) - 3
     assert info["validation"]["test_files"] == 0 and info["unlabeled"] > 0
     assert data.pool_size == info["unlabeled"] + len(info["validation_canaries"])
+
+
+@needs_data
+def test_the_splits_own_validation_set_is_used_whole_and_trains_nowhere(small_root, tmp_path):
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+
+    over = {"data.split_validation_normals": 3, "data.split_validation_anomalies": 1, "data.unlabeled_fraction": 0.3}
+    cfg = tiny_config(small_root, **over)
+    split = prepare_run(cfg, tmp_path / "run")
+    data, vset, info = load_train_data(cfg, split)
+    files = {p.split(" (simulated")[0] for p in vset.paths}
+    assert files == {r.path for r in split.validation}
+    assert int((vset.sources == SOURCE_NORMAL).sum()) == 3
+    assert int((vset.labels == 1).sum()) == len(vset) - 3 and vset.masks[vset.labels == 1].any()
+    assert len(data.normals) == len(split.labeled_normal)  # nothing held out of the training normals
+    assert data.anomalies is None and data.pool_size > 0
+    assert info["validation_normals"] == [r.path for r in split.validation if r.label == 0]
 
 
 @needs_data

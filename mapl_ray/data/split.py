@@ -28,7 +28,7 @@ from .layout import (
 
 __all__ = ["Split", "make_split"]
 
-_LISTS = ("labeled_normal", "unlabeled", "labeled_anomaly", "test")
+_LISTS = ("labeled_normal", "unlabeled", "labeled_anomaly", "test", "validation")
 _TRUE_KEYS = ("unlabeled_true_labels", "unlabeled_true_defect_types", "unlabeled_true_mask_paths")
 
 
@@ -47,6 +47,10 @@ class Split:
             ``defect_type="unknown"`` (no mask) so training code cannot see the truth.
         labeled_anomaly: labeled anomalous training images (label 1, mask kept).
         test: evaluation images (all ``test/good`` plus the anomalies not moved out).
+        validation: the split's own validation images (benchmarking, ``validation_normals`` /
+            ``validation_anomalies`` of :func:`make_split`): train/good images (label 0) and test
+            anomalies (label 1, mask kept) that neither train nor test; empty when validation is held out of
+            the labeled training data instead (:mod:`mapl_ray.data.train_data`).
         seed: the seed passed to :func:`make_split`.
         params: arguments of :func:`make_split` plus, for benchmarking only, the hidden truth of
             the pool, aligned with ``unlabeled``: ``unlabeled_true_labels`` (0/1, or -1 for
@@ -59,6 +63,7 @@ class Split:
     test: list[ImageRecord]
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
+    validation: list[ImageRecord] = field(default_factory=list)
 
     # -- checks -------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -75,10 +80,12 @@ class Split:
             for i, r in enumerate(getattr(self, name)):
                 if not isinstance(r, ImageRecord):
                     raise ValueError(f"Split.{name}[{i}] is a {type(r).__name__}, expected ImageRecord")
+                if name == "validation" and r.label not in (LABEL_NORMAL, LABEL_ANOMALOUS):
+                    raise ValueError(f"Split.validation[{i}] ({r.path!r}) has label {r.label}, expected 0 or 1")
                 if name in expected and r.label != expected[name]:
                     raise ValueError(f"Split.{name}[{i}] ({r.path!r}) has label {r.label}, expected {expected[name]}")
         seen: dict[str, str] = {}
-        for name in ("labeled_normal", "unlabeled", "labeled_anomaly"):
+        for name in ("labeled_normal", "unlabeled", "labeled_anomaly", "validation"):
             for r in getattr(self, name):
                 k = _key(r.path)
                 if k in seen:
@@ -108,6 +115,7 @@ class Split:
             "unlabeled": len(self.unlabeled),
             "labeled_anomaly": len(self.labeled_anomaly),
             "test": len(self.test),
+            "validation": len(self.validation),
             "test_good": sum(r.label == LABEL_NORMAL for r in self.test),
             "test_anomalous": sum(r.label == LABEL_ANOMALOUS for r in self.test),
             "unlabeled_normal": truth.count(LABEL_NORMAL),
@@ -154,6 +162,10 @@ class Split:
                 raise ValueError(f"split file {path!r} is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise ValueError(f"split file {path!r}: expected a JSON object at top level")
+        if "validation" not in doc:  # written before a split held its own validation set
+            doc["validation"] = []
+            if isinstance(doc.get("counts"), dict):
+                doc["counts"] = {**doc["counts"], "validation": 0}
         missing = [k for k in (*_LISTS, "seed", "params") if k not in doc]
         if missing:
             raise ValueError(f"split file {path!r} is missing field(s) {missing}")
@@ -214,11 +226,17 @@ def make_split(
     labeled_anomalies: int = 0,
     labeled_normals: int | None = None,
     pool_anomaly_share: float = 0.0,
+    validation_normals: int = 0,
+    validation_anomalies: int = 0,
 ) -> Split:
     """Build a reproducible semi-supervised split from a category index.
 
     Steps, in this order (each drawing from one ``numpy.random.default_rng(seed)``):
 
+    0. With ``validation_normals`` / ``validation_anomalies``: that many random train/good images and
+       test anomalies of each defect type become the split's ``validation`` set, drawn by their own
+       generator from ``seed`` alone, so every split of a category with one seed (whatever its other
+       arguments) validates on the same files; they take no part in the steps below.
     1. ``round(unlabeled_fraction * len(train_good))`` random train/good images (or all but
        ``labeled_normals`` of them, when given) move to the unlabeled pool; the rest are ``labeled_normal``.
     2. For every defect type, ``labeled_anomalies`` random test images of that type move to
@@ -241,6 +259,8 @@ def make_split(
         labeled_anomalies: k >= 0 labeled anomalies per defect type.
         labeled_normals: keep this many train/good images labeled (overrides ``unlabeled_fraction``).
         pool_anomaly_share: share of anomalies in the pool, in [0, 1) (overrides ``contamination``).
+        validation_normals: train/good images set aside as validation normals (step 0), >= 0.
+        validation_anomalies: test anomalies per defect type set aside for validation (step 0), >= 0.
 
     Returns:
         A validated :class:`Split`.
@@ -253,21 +273,24 @@ def make_split(
             already a train/good or test image; a non-int ``seed``.
     """
     uf, cf, k, user = _check_split_args(seed, unlabeled_fraction, contamination, labeled_anomalies, unlabeled)
-    rng = np.random.default_rng(int(seed))
     train = list(index.train_good)
+    anomalies = [r for r in index.test if r.label == LABEL_ANOMALOUS]
+    validation, train, anomalies = _take_validation(
+        index, train, anomalies, validation_normals, validation_anomalies, seed
+    )
+    rng = np.random.default_rng(int(seed))
     if labeled_normals is not None:
         if not 0 <= int(labeled_normals) <= len(train):
             raise ValueError(f"labeled_normals={labeled_normals}: the category has {len(train)} train/good images")
         uf = (len(train) - int(labeled_normals)) / len(train) if train else 0.0
     test_good = [r for r in index.test if r.label != LABEL_ANOMALOUS]
-    anomalies = [r for r in index.test if r.label == LABEL_ANOMALOUS]
     labeled_normal, pool = _hide_train_good(train, uf, rng, allow_none=labeled_normals is not None or bool(user))
     labeled_anomaly, taken = _take_labeled_anomalies(index, anomalies, k, rng)
     share = _check_fraction("pool_anomaly_share", pool_anomaly_share)
     if share > 0 and anomalies:
         cf = round(share / (1 - share) * len(pool)) / len(anomalies)
     test_anomalies = _contaminate(index, anomalies, taken, cf, k, pool, rng)
-    _check_user_unlabeled(user, train, index.test)
+    _check_user_unlabeled(user, list(index.train_good), index.test)
     pool.extend(user)
     order = rng.permutation(len(pool))
     pool = [pool[i] for i in order.tolist()]
@@ -280,6 +303,8 @@ def make_split(
         "labeled_normals": labeled_normals,
         "pool_anomaly_share": pool_anomaly_share,
         "labeled_anomalies": k,
+        "validation_normals": int(validation_normals),
+        "validation_anomalies": int(validation_anomalies),
         "n_user_unlabeled": len(user),
         "unlabeled_true_labels": [r.label for r in pool],
         "unlabeled_true_defect_types": [r.defect_type for r in pool],
@@ -292,9 +317,44 @@ def make_split(
         test=sorted(test_good + test_anomalies, key=lambda r: r.path),
         seed=int(seed),
         params=params,
+        validation=validation,
     )
     split.validate()
     return split
+
+
+def _take_validation(
+    index: CategoryIndex, train: list[ImageRecord], anomalies: list[ImageRecord], n_normals: int, k: int, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+    """Step 0 of :func:`make_split`: ``(validation records, train/good left, test anomalies left)``."""
+    for name, v in (("validation_normals", n_normals), ("validation_anomalies", k)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if not n_normals and not k:
+        return [], train, anomalies
+    rng = np.random.default_rng([int(seed), 53])
+    if n_normals >= len(train):
+        raise ValueError(
+            f"validation_normals={n_normals} but the category has {len(train)} train/good images; "
+            "at least one must remain"
+        )
+    rows = set(rng.choice(len(train), size=n_normals, replace=False).tolist()) if n_normals else set()
+    picked = [r for i, r in enumerate(train) if i in rows]
+    taken: set[int] = set()
+    for dtype in index.defect_types if k else ():
+        idx = [i for i, r in enumerate(anomalies) if r.defect_type == dtype]
+        if len(idx) <= k:
+            raise ValueError(
+                f"validation_anomalies={k} but defect type {dtype!r} has only {len(idx)} test image(s); "
+                f"need at least {k + 1} so the type stays in test"
+            )
+        taken.update(idx[j] for j in rng.choice(len(idx), size=k, replace=False).tolist())
+    picked += [anomalies[i] for i in sorted(taken)]
+    return (
+        picked,
+        [r for i, r in enumerate(train) if i not in rows],
+        [r for i, r in enumerate(anomalies) if i not in taken],
+    )
 
 
 def _check_split_args(seed, unlabeled_fraction, contamination, labeled_anomalies, unlabeled):

@@ -14,6 +14,7 @@ import numpy as np
 from ..config import Config
 from .augment import rotated_copies
 from .io import LoadedImages, load_records
+from .layout import LABEL_NORMAL
 from .pose import build_pose_estimator
 from .split import Split
 from .validation import ValidationSet, add_canaries, build_validation_set, held_out_anomalies
@@ -195,6 +196,40 @@ def _validation_rows(cfg: Config, n: int) -> np.ndarray:
     return rows
 
 
+def _split_validation_set(cfg: Config, split: Split, align) -> tuple[ValidationSet, list[str]]:
+    """The validation set from ``split.validation`` (its normals, the simulated anomalies made on them, its
+    labeled anomalies with their masks) and the normals' files.
+
+    Raises:
+        ImageReadError: an unreadable validation image (never skipped: the set is the same for every setting).
+        ValueError: the split's validation set holds no normal (the threshold needs their scores).
+    """
+    size = cfg.data.image_size
+    normal_recs = [r for r in split.validation if r.label == LABEL_NORMAL]
+    anom_recs = [r for r in split.validation if r.label != LABEL_NORMAL]
+    if not normal_recs:
+        raise ValueError("the split's validation set holds no normal image (data.split_validation_normals >= 1)")
+    normals = load_records(normal_recs, size, align=align)
+    anom = load_records(anom_recs, size, align=align, with_masks=True) if anom_recs else None
+    paths = [r.path for r in normal_recs]
+    log.info(
+        "validation: the split's own set, %d normals and %d labeled anomalies that train nowhere "
+        "(data.split_validation_normals / data.split_validation_anomalies)",
+        len(normal_recs),
+        len(anom_recs),
+    )
+    vset = build_validation_set(
+        cfg,
+        normals.images,
+        paths,
+        None if anom is None else anom.images,
+        None if anom is None else anom.masks,
+        [r.path for r in anom_recs],
+        [r.path for r in split.test],
+    )
+    return vset, paths
+
+
 def initial_pool_labels(cfg: Config, num_labeled: int, pool_size: int) -> np.ndarray:
     """Pseudo-labels of the pool before the first refit, int8 ``(pool_size,)``: all normal (0) when the
     pseudo-labeler is off (the pool is used as normal data) or when there are fewer than 2 labeled
@@ -239,24 +274,32 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
     }
     normals, unl, anom = loaded["labeled_normal"], loaded["unlabeled"], loaded["labeled_anomaly"]
     presumed = normals is None or not len(normals.images)
-    if presumed:  # all of them validate; training starts from the pool as normal data
-        normals = _presumed_normals(cfg, unl)
-    val_idx = np.arange(len(normals.images)) if presumed else _validation_rows(cfg, len(normals.images))
-    keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
-    held = (
-        held_out_anomalies([r.defect_type for r in anom.records], cfg.eval.validation_anomalies, cfg.data.seed)
-        if anom is not None
-        else np.zeros(0, np.int64)
-    )
-    vset = build_validation_set(
-        cfg,
-        normals.images[val_idx],
-        [normals.records[i].path for i in val_idx],
-        None if anom is None else anom.images[held],
-        None if anom is None else anom.masks[held],
-        [] if anom is None else [anom.records[i].path for i in held],
-        [r.path for r in split.test],
-    )
+    if split.validation:  # the split's own validation set: nothing is held out of the training data
+        vset, val_paths = _split_validation_set(cfg, split, align)
+        keep = np.arange(0 if normals is None else len(normals.images))
+        held = np.zeros(0, np.int64)
+        if presumed:
+            raise ValueError("no labeled normal image to train on besides the split's validation normals")
+    else:
+        if presumed:  # all of them validate; training starts from the pool as normal data
+            normals = _presumed_normals(cfg, unl)
+        val_idx = np.arange(len(normals.images)) if presumed else _validation_rows(cfg, len(normals.images))
+        keep = np.setdiff1d(np.arange(len(normals.images)), val_idx)
+        held = (
+            held_out_anomalies([r.defect_type for r in anom.records], cfg.eval.validation_anomalies, cfg.data.seed)
+            if anom is not None
+            else np.zeros(0, np.int64)
+        )
+        val_paths = [normals.records[i].path for i in val_idx]
+        vset = build_validation_set(
+            cfg,
+            normals.images[val_idx],
+            val_paths,
+            None if anom is None else anom.images[held],
+            None if anom is None else anom.masks[held],
+            [] if anom is None else [anom.records[i].path for i in held],
+            [r.path for r in split.test],
+        )
     train_anom = None if anom is None else np.setdiff1d(np.arange(len(anom.images)), held)
     pool = None if unl is None or not len(unl.images) else unl.images
     if not len(keep) and pool is None:
@@ -285,7 +328,7 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
         data.info["source_paths"] = source_paths
     info = {
         "train_normals": int(len(keep)),
-        "validation_normals": [normals.records[i].path for i in val_idx],
+        "validation_normals": val_paths,
         "validation": vset.description,
         "unlabeled": 0 if pool is None else int(len(pool) - canaries.sum()),
         "validation_canaries": [] if pool is None else [p for p, c in zip(pool_paths, canaries) if c],

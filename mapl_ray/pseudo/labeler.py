@@ -72,7 +72,9 @@ def features_from_output(out: dict[str, torch.Tensor], kind: str) -> torch.Tenso
     return stats if kind == "map" else torch.cat([stats, out["pooled"].float()], 1)
 
 
-def label_quality(labels: np.ndarray, truth: np.ndarray | None, canaries: np.ndarray | None = None) -> dict[str, Any]:
+def label_quality(
+    labels: np.ndarray, truth: np.ndarray | None, canaries: np.ndarray | None = None, scores: np.ndarray | None = None
+) -> dict[str, Any]:
     """Counts of pool pseudo-labels and, where the truth is known (benchmark splits), their quality.
 
     Returns ``pseudo_pos`` / ``pseudo_neg`` / ``pseudo_unknown`` counts; with validation canaries
@@ -80,8 +82,10 @@ def label_quality(labels: np.ndarray, truth: np.ndarray | None, canaries: np.nda
     ``canaries``, ``canary_recall`` (share labeled 1) and ``canaries_in_normal_stream`` (labeled 0);
     with truth (int8 ``(M,)``, -1 unknown; canaries are -1): ``pseudo_label_precision`` (true anomalies
     among those labeled 1), ``pseudo_label_recall`` (true anomalies labeled 1), ``normal_stream_purity``
-    (true normals among those labeled 0) and ``anomalies_in_normal_stream`` (true anomalies labeled 0);
-    None where undefined.
+    (true normals among those labeled 0) and ``anomalies_in_normal_stream`` (true anomalies labeled 0),
+    and with ``scores`` (float ``(M,)``, the OCCs' mean anomaly score of each pool image)
+    ``pseudo_score_auroc``, how well the OCC scores rank the pool's true anomalies above its normals
+    whatever the thresholds (scikit-learn ``roc_auc_score``); None where undefined.
     """
     stats: dict[str, Any] = {
         "pseudo_pos": int((labels == 1).sum()),
@@ -108,6 +112,11 @@ def label_quality(labels: np.ndarray, truth: np.ndarray | None, canaries: np.nda
         normal_stream_purity=share((lab == 0) & (t == 0), lab == 0),
         anomalies_in_normal_stream=int(((lab == 0) & (t == 1)).sum()),
     )
+    if scores is not None:
+        from sklearn.metrics import roc_auc_score
+
+        both = 0 < int(t.sum()) < len(t)
+        stats["pseudo_score_auroc"] = float(roc_auc_score(t, np.asarray(scores)[known])) if both else None
     return stats
 
 
@@ -297,9 +306,12 @@ class PseudoLabeler:
             unlabeled = self.features(model, unl_images)
         model.train(was)
 
-        def fit() -> tuple[OCCEnsemble, np.ndarray]:
+        def fit() -> tuple[OCCEnsemble, np.ndarray, np.ndarray]:
             ens = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives, map_fn=self.fit_map)
-            return ens, ens.predict(unlabeled).astype(np.int8)
+            s = ens.scores(unlabeled)
+            # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
+            z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-12)
+            return ens, ens.predict(unlabeled).astype(np.int8), z.mean(0)
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
@@ -322,7 +334,7 @@ class PseudoLabeler:
             raise RuntimeError("no refit is pending")
         step, streamed, future = self.pending
         self.pending = None
-        ensemble, raw = future.result()
+        ensemble, raw, scores = future.result()
         self.use_ensemble(ensemble, step)
         d, p = self.bm.data, self.cfg.pseudo
         if streamed or not d.pool_size:
@@ -333,7 +345,7 @@ class PseudoLabeler:
         stats = {
             "refit_step": step,
             "refit_unknown": int((raw == -1).sum()),
-            **label_quality(labels, d.unlabeled_truth, d.pool_canaries),
+            **label_quality(labels, d.unlabeled_truth, d.pool_canaries, scores),
         }
         return step, stats
 
