@@ -108,7 +108,9 @@ class ModelConfig:
 @dataclass
 class PseudoConfig:
     enabled: bool = True
-    num_occs: int = 2
+    # K one-class classifiers; 4 let fewer validation canaries into the normal stream than 2 on every category
+    # of bench/results/semi.json (2026-12-04)
+    num_occs: int = 4
     n_components: int = 1
     covariance_type: str = "full"
     pca_dim: int | None = 32

@@ -224,7 +224,11 @@ def test_ensemble_predict_is_consensus_vote(fitted, synthetic):
 @pytest.mark.parametrize("num_occs", [2, 3])
 def test_subsets_disjoint_and_cover(synthetic, num_occs, fitted):
     normal, unlabeled, _, positives = synthetic
-    ens = fitted if num_occs == 2 else OCCEnsemble(OCCConfig(num_occs=num_occs)).fit(normal, unlabeled, positives)
+    ens = (
+        fitted
+        if num_occs == fitted.config.num_occs
+        else OCCEnsemble(OCCConfig(num_occs=num_occs)).fit(normal, unlabeled, positives)
+    )
     subsets = ens.subset_indices
     assert len(subsets) == num_occs
     allidx = np.concatenate(subsets)
