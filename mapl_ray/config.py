@@ -351,7 +351,12 @@ def _data_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("data.pool_anomaly_share", 0 <= c.data.pool_anomaly_share < 1, "in [0, 1)"),
         ("data.labeled_anomalies", c.data.labeled_anomalies >= 0, ">= 0"),
         ("data.split_validation_normals", c.data.split_validation_normals >= 0, ">= 0"),
-        ("data.split_validation_anomalies", c.data.split_validation_anomalies >= 0, ">= 0"),
+        (
+            "data.split_validation_anomalies",
+            c.data.split_validation_anomalies >= 0
+            and (c.data.split_validation_anomalies == 0 or c.data.split_validation_normals >= 1),
+            ">= 0, and 0 unless data.split_validation_normals >= 1 (the threshold needs validation normals)",
+        ),
         ("data.align", c.data.align in ALIGN_MODES, "none or principal_axis"),
         ("data.shards", not c.data.shards or c.data.stream, "only with data.stream = true (--stream)"),
         (

@@ -279,6 +279,19 @@ def test_the_splits_own_validation_set_is_used_whole_and_trains_nowhere(small_ro
 
 
 @needs_data
+def test_with_the_splits_validation_set_and_no_labeled_normal_the_pool_is_the_normal_data(small_root, tmp_path):
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+
+    cfg = tiny_config(small_root, **{"data.labeled_normals": 0, "data.split_validation_normals": 3})
+    split = prepare_run(cfg, tmp_path / "run")
+    data, vset, info = load_train_data(cfg, split)
+    assert len(data.normals) == 0 and data.pool_size == len(split.unlabeled) + len(info["validation_canaries"])
+    assert {p.split(" (simulated")[0] for p in vset.paths} == {r.path for r in split.validation}
+    assert len(data.memory_indices) > 0  # the memory bank comes from the pool, presumed normal at first
+
+
+@needs_data
 def test_validation_canaries_hide_in_the_pool_and_follow_its_labels(small_root, tmp_path):
     from mapl_ray.data.train_data import load_train_data
     from mapl_ray.main_job import prepare_run

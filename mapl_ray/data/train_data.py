@@ -276,10 +276,10 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
     presumed = normals is None or not len(normals.images)
     if split.validation:  # the split's own validation set: nothing is held out of the training data
         vset, val_paths = _split_validation_set(cfg, split, align)
-        keep = np.arange(0 if normals is None else len(normals.images))
+        if presumed:  # training starts from the pool as normal data (pseudo.labeler: fewer than 2 labeled)
+            normals = LoadedImages(np.zeros((0, size, size, 3), np.uint8), None, [])
+        keep = np.arange(len(normals.images))
         held = np.zeros(0, np.int64)
-        if presumed:
-            raise ValueError("no labeled normal image to train on besides the split's validation normals")
     else:
         if presumed:  # all of them validate; training starts from the pool as normal data
             normals = _presumed_normals(cfg, unl)
