@@ -279,7 +279,8 @@ def train_with_ray(
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
     Args:
-        progress: show a progress bar (the driver's, following ``train_log.jsonl``; rank 0's own with ``verbose``).
+        progress: show the progress (the driver's, following ``train_log.jsonl``, :class:`_LogFollower`; a
+            worker's stderr is no terminal and its INFO lines reach no handler, also with ``verbose``).
         verbose: the workers' output and Ray's INFO lines on the console (:func:`init_ray`'s ``quiet`` off).
         stream: a :class:`~mapl_ray.pipelines.ray_data.TrainStream`: the workers take their batches from
             its Ray Data datasets (``ray.train.get_dataset_shard``) instead of drawing them from ``data``.
@@ -310,7 +311,7 @@ def train_with_ray(
             "run_dir": str(run_dir),
             "resume": resume,
             "threads": threads,
-            "progress": progress and verbose,
+            "progress": False,  # the driver shows it (_LogFollower)
             "stream_plan": stream.plan(0, n) if stream else None,
             "stream_start": stream.start if stream else 0,
             "fit_id": uuid.uuid4().hex[:12],  # tells this call's restart markers from earlier ones
@@ -325,7 +326,7 @@ def train_with_ray(
         run_config=run_config(cfg, run_dir),
         **ingest,
     )
-    result = _fit(trainer, run_dir, cfg, resume, progress and not verbose)
+    result = _fit(trainer, run_dir, cfg, resume, progress)
     if result.error:
         raise _worker_error(result.error) from result.error
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
