@@ -794,6 +794,13 @@ class _ConsoleHandler(logging.StreamHandler):
     def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always reads sys.stderr
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            return super().emit(record)
+        with tqdm.tqdm.external_write_mode(file=sys.stderr):  # a line above a progress bar, not through it
+            super().emit(record)
+
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         if record.exc_info:

@@ -24,6 +24,7 @@ from .data.simulation import build_simulator
 from .data.split import Split, make_split
 from .data.train_data import data_summary, load_train_data
 from .model.encoder import WeightsError, build_encoder
+from .pseudo.labeler import report_pool, report_pool_labels
 from .runfolder import (
     DATA_INFO_FILE,
     SPLIT_FILE,
@@ -165,6 +166,7 @@ def run_train_job(
         t0 = time.perf_counter()
         data, validation, data_info = load_train_data(cfg, split)
         load_s = time.perf_counter() - t0
+        report_pool(cfg, data)
         (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
         if use_ray:
             from .pipelines.ray_train import train_with_ray
@@ -175,7 +177,10 @@ def run_train_job(
         _record_final_banks(run_dir, data_info, summary.get("memory_bank_rows"), data)
         summary["data_load_s"] = load_s
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
+    report_pool_labels(summary.get("pseudo_refits") or [], cfg)
+    log.info("calibrating the decision threshold on %d held-out validation images", len(validation))
     calibrate(run_dir, validation)
+    log.info("evaluating on the test split (%d images): metrics, report, heatmaps", len(split.test))
     try:
         training = {k: v for k, v in summary.items() if k != "earlier_segments"}  # train_summary.json keeps them
         return evaluate_run(run_dir, extra_info={"training": training, "data": data_summary(data_info)})

@@ -4,6 +4,7 @@ validation hold-out, CLI help and hints, a quiet console, and the report's decis
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -303,6 +304,7 @@ def test_new_user_run_prints_its_choices(small_root, tmp_path, capsys):
     assert (saved.foreground, saved.use_foreground_mask, saved.foreground_threshold) == ("screw", True, 130)
     # 14 labeled normals: 30% (4) held out, not 16, and the run says so
     assert "validation: 4 of 14 labeled normals held out" in err
+    assert "unlabeled pool" not in err and "pseudo-labels" not in err  # no pool: nothing said about one
     assert len(json.loads((run / "data_info.json").read_text())["validation_normals"]) == 4
 
 
@@ -333,19 +335,123 @@ def test_ray_token_note_is_dropped_but_its_security_warning_kept():
     assert f.filter(record("Token authentication is disabled for this Ray cluster. Anyone with network access"))
 
 
-def test_progress_follows_rank0_log(tmp_path):
+def test_progress_follows_rank0_log(tmp_path, capsys):
+    from mapl_ray.cli import setup_logging
     from mapl_ray.pipelines.ray_train import _LogFollower
 
+    setup_logging("train")
     log = tmp_path / "train_log.jsonl"
     log.write_text(json.dumps({"step": 10, "loss": 0.5}) + "\n")  # an earlier segment's line
+    refit = {"refit_step": 12, "pseudo_pos": 3, "pseudo_neg": 20, "pseudo_unknown": 1}
     with _LogFollower(tmp_path, total=40, initial=10, poll_s=0.05) as follower:
         with log.open("a") as fh:
-            fh.write(json.dumps({"step": 20, "loss": 0.4}) + "\n" + '{"step": 30, "lo')  # the last line half-written
+            fh.write(json.dumps({"step": 20, "loss": 0.4, **refit}) + "\n" + '{"step": 30, "lo')  # half-written
         time.sleep(0.3)
-        assert follower.bar.n == 20
+        assert follower.progress.n == 20
         with log.open("a") as fh:
-            fh.write('ss": 0.3}\n')
-    assert follower.bar.n == 30 and follower.bar.postfix == "loss=0.3000"
+            fh.write('ss": 0.3, "refit_step": 12, "pseudo_pos": 3, "pseudo_neg": 20, "pseudo_unknown": 1}\n')
+    assert follower.progress.n == 30 and follower.progress.loss == 0.3
+    err = capsys.readouterr().err
+    # the refit's line once (later lines repeat its stats); no bar on a captured (non-TTY) stderr
+    assert err.count("pseudo-labels of the refit at step 12: 3 anomalous, 20 normal, 1 unknown of 24") == 1
+    assert "step 20/40 (50%), loss 0.4000" in err and "step 30/40 (75%), loss 0.3000" in err and "\r" not in err
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, capsys):
+    from mapl_ray.cli import setup_logging
+    from mapl_ray.engine.progress import TrainProgress
+
+    setup_logging("train")
+    p = TrainProgress(total=40, initial=0)  # stderr captured: not a TTY
+    for step in range(1, 41):
+        p.update(step, 0.5 if step >= 10 else None)
+    p.phase("saving the final checkpoint")
+    p.close()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "step " in line]
+    assert [line.split("step ")[1].split(" ")[0] for line in lines] == [f"{s}/40" for s in range(4, 41, 4)]
+    assert "step 4/40 (10%), " in err and "step 12/40 (30%), loss 0.5000" in err
+    assert "mapl train: saving the final checkpoint" in err and "\r" not in err and "|" not in err
+
+    term = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    p = TrainProgress(total=40, initial=0)
+    p.update(5, 0.25)
+    p.phase("saving the final checkpoint")
+    logging.getLogger("mapl_ray.pseudo").info("a refit line")  # written above the bar, not into it
+    p.close()
+    out = term.getvalue()
+    assert "\r" in out and "5/40" in out and "loss=0.2500" in out and "train: saving the final checkpoint" in out
+    assert "\rmapl train: a refit line\n" in out and "step 4/40" not in out  # the bar cleared, the line, the bar
+
+
+def test_no_pool_image_labeled_anomalous_is_a_warning(caplog):
+    from mapl_ray.pseudo.labeler import label_quality, report_pool_labels
+
+    cfg = Config()
+    canaries = np.array([False] * 8 + [True, True])
+    truth = np.array([0] * 6 + [1, 1, -1, -1], dtype=np.int8)
+
+    def refit(step, labels):
+        return {"refit_step": step, **label_quality(np.array(labels, dtype=np.int8), truth, canaries)}
+
+    none = refit(100, [0] * 6 + [0, -1, 0, 0])  # no anomalous label, both canaries in the normal stream
+    with caplog.at_level(logging.INFO, logger="mapl_ray.pseudo"):
+        report_pool_labels([refit(50, [0] * 6 + [1, 0, 1, 0]), none], cfg)
+    info, warn = [r for r in caplog.records if r.levelno == logging.INFO], [r for r in caplog.records if r.levelno > 20]
+    assert len(info) == 1 and "pseudo-labels at the end (2 refits, the last at step 100): 0 anomalous, 9 normal" in (
+        info[0].getMessage()
+    )
+    assert "recall 0.00, 2 of 2 in the normal stream" in info[0].getMessage()
+    assert "anomalous per refit: 2, 0" in info[0].getMessage()
+    assert len(warn) == 1 and "no pool image was labeled anomalous at the last refit (step 100)" in warn[0].getMessage()
+    assert "all 2 validation canaries went to the normal stream" in warn[0].getMessage()
+    assert "used as normal data" in warn[0].getMessage() and "--labeled-anomalies" in warn[0].getMessage()
+    for quiet in ([refit(50, [0] * 6 + [1, 0, 0, 0])], [refit(50, [0] * 6 + [0, 0, 0, -1])], []):
+        caplog.clear()  # one labeled anomalous; a canary not in the normal stream; no pool (no refits)
+        with caplog.at_level(logging.INFO, logger="mapl_ray.pseudo"):
+            report_pool_labels(quiet, cfg)
+        assert not [r for r in caplog.records if r.levelno > logging.INFO]
+        assert len(caplog.records) == (1 if quiet else 0)
+
+
+@needs_data
+def test_pool_run_console_tells_the_pool_refits_and_phases_without_a_bar(small_root, tmp_path, capsys):
+    """A redirected console (capsys: not a TTY) as a user reads it: the pool, one line per refit, the end
+    summary, plain progress lines and the phases after the loop; no carriage return."""
+    run = tmp_path / "run"
+    pool = ["--set", "data.labeled_normals=7", "--set", "data.pool_anomaly_share=0.2"]
+    refits = ["--set", "pseudo.warmup_steps=2", "--set", "pseudo.refit_every=3", "--set", "pseudo.pool_size=8"]
+    args = ["train", "--data", str(small_root), "--category", "screw", "--out", str(run), "--no-ray", "--steps", "6"]
+    assert main([*args, *TINY, *pool, *refits, "--set", "eval.validation_canaries=0.25"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    summary = json.loads((run / "train_summary.json").read_text())
+    info = json.loads((run / "data_info.json").read_text())
+    m = info["unlabeled"] + len(info["validation_canaries"])
+    assert f"unlabeled pool: {m} images ({len(info['validation_canaries'])} of them validation canaries" in err
+    assert "OCC features knn (pseudo.features=auto), 2 refits in 6 steps, at step 2 then every 3" in err
+    found = summary["pseudo_refits"]
+    assert [r["refit_step"] for r in found] == [2, 5]
+    for r in found:  # each refit's line says what train_summary.json holds
+        counts = f"{r['pseudo_pos']} anomalous, {r['pseudo_neg']} normal, {r['pseudo_unknown']} unknown of {m}"
+        assert f"mapl train: pseudo-labels of the refit at step {r['refit_step']}: {counts}" in err
+        assert f"recall {r['canary_recall']:.2f}, {r['canaries_in_normal_stream']} of {r['canaries']} in the" in err
+    assert "pseudo-labels at the end (2 refits, the last at step 5)" in err and "vs the split's truth: precision" in err
+    order = [
+        "step 6: validating",
+        "step 6/6 (100%)",
+        "saving the final checkpoint",
+        "pseudo-labels at the end",
+        "calibrating the decision threshold",
+        "evaluating on the test split",
+    ]
+    assert [err.index(s) for s in order] == sorted(err.index(s) for s in order)
 
 
 @pytest.mark.slow

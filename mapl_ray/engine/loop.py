@@ -33,7 +33,7 @@ from ..data.validation import ValidationSet
 from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..model.memory import MemoryBank
-from ..pseudo.labeler import PseudoLabeler
+from ..pseudo.labeler import PseudoLabeler, report_refit
 from ..pseudo.occ import MapFn, OCCEnsemble
 from ..runfolder import (
     TRAIN_LOG_FILE,
@@ -50,6 +50,7 @@ from ..tensors import autocast_context, to_tensor
 from .checkpoints import CheckpointWriter
 from .ema import WeightEMA
 from .loader import batch_to_device, loader_workers, make_loader
+from .progress import TrainProgress
 from .schedule import fast_forward, make_scheduler
 from .step import CudaGraphStep, device_lr, reduce_losses
 
@@ -113,6 +114,8 @@ class Trainer:
         self.start_step = 0
         self.segment = 0  # train_log.jsonl's segment: 0 for a new run, +1 per resume
         self.refits: list[dict[str, Any]] = []
+        #: the console's progress (rank 0, when shown; :meth:`run`)
+        self.progress: TrainProgress | None = None
         #: parts of upcoming refits' pools brought by loader items: refit step -> {part: pool part}
         self._pool_parts: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         #: in-loop checkpoints written beside training (:mod:`mapl_ray.engine.checkpoints`)
@@ -269,7 +272,10 @@ class Trainer:
         normal. Returns ``stats``."""
         if not self.data.pool_size:
             return stats
+        stats = {"refit_step": step, **stats}  # a streamed pool's stats lack it
         self.refits.append(stats)
+        if self.rank == 0:
+            report_refit(stats)
         if len(self.data.normals) < self.cfg.model.memory_samples and step in self.labeler.history:
             self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
         return stats
@@ -289,7 +295,9 @@ class Trainer:
         every = self.cfg.eval.validate_every
         if self.validator is None or not (step + 1 == end_step or (every and (step + 1) % every == 0)):
             return {}
+        self._phase(f"step {step + 1}: validating")
         metrics = self.validator(unwrap(net))
+        self._phase("")
         net.train()
         return {
             f"validation_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -349,17 +357,24 @@ class Trainer:
         ``batches``: the batch dicts of steps ``start_step ..`` with the refit's whole pool under ``pool`` on
         refit steps, e.g. from Ray Data; default: :func:`make_loader`, whose items bring each pool in parts
         (:class:`~mapl_ray.data.batches.StepBatches`, put together by :meth:`_refit_pool`)."""
+        if progress and self.rank == 0:
+            self.progress = TrainProgress(self.cfg.train.steps, self.start_step)
         try:
-            return self._run(end_step, progress, batches)
+            return self._run(end_step, batches)
         except BaseException:
             self.writer.abort()
             raise
         finally:
             self.writer.close()
+            if self.progress is not None:
+                self.progress.close()
 
-    def _run(
-        self, end_step: int, progress: bool, batches: Iterable[dict[str, Any]] | None
-    ) -> tuple[MAPLModel, dict[str, Any]]:
+    def _phase(self, text: str) -> None:
+        """Show what the run does now (:meth:`TrainProgress.phase`); "" ends it. Nothing without progress."""
+        if self.progress is not None:
+            self.progress.phase(text)
+
+    def _run(self, end_step: int, batches: Iterable[dict[str, Any]] | None) -> tuple[MAPLModel, dict[str, Any]]:
         t, labeler, device = self.cfg.train, self.labeler, self.device
         net = self._net()
         step_fn = self._step_fn(net)
@@ -370,7 +385,6 @@ class Trainer:
         if batches is None:
             labels_for = labeler.labels_for if self.data.pool_size else None
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
-        bar = _progress_bar(progress and self.rank == 0, t.steps, self.start_step)
         t0 = time.perf_counter()
         times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0, "validation": 0.0, "log": 0.0, "checkpoint": 0.0}
         last: dict[str, float] = {}
@@ -412,7 +426,8 @@ class Trainer:
             t_log = time.perf_counter()
             times["validation"] += t_log - t_val
             last = self._log(step, end_step, losses, times["step"], {**pseudo_stats, **validation}) or last
-            _update_bar(bar, last)
+            if self.progress is not None:
+                self.progress.update(step + 1, last.get("loss"))
             t_ckpt = time.perf_counter()
             times["log"] += t_ckpt - t_log
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
@@ -422,18 +437,15 @@ class Trainer:
             self.writer.poll()
             t_ready = time.perf_counter()
             times["checkpoint"] += t_ready - t_ckpt
-        return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar)
+        return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step)
 
-    def _finish(self, end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step, bar):
-        """Final save, EMA weights in place, and the training summary."""
-        if bar:
-            bar.close()
+    def _finish(self, end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step):
+        """Final save, EMA weights in place, and the training summary; each phase shown (:meth:`_phase`)."""
         t_ckpt = time.perf_counter()
         self.writer.drain()  # the last in-loop checkpoint, handed over before the final one
         times["checkpoint"] += time.perf_counter() - t_ckpt
-        if (
-            self.labeler.pending is not None
-        ):  # training ended inside a refit's overlap: it is in force for the saved run
+        if self.labeler.pending is not None:  # training ended inside a refit's overlap: in force for the saved run
+            self._phase(f"finishing the refit of step {self.labeler.pending[0]}")
             t_fit = time.perf_counter()
             pseudo_stats = self._after_refit(*self.labeler.finish_fit())
             times["fit"] += time.perf_counter() - t_fit
@@ -449,9 +461,11 @@ class Trainer:
             )
         loop_wall = time.perf_counter() - t0
         if self.data.pool_size and self.labeler.history:  # the ensemble's banks from the final normal stream
+            self._phase("refilling the memory banks from the final normal stream")
             core = unwrap(self.model)
             self.rechoose_banks(self.labeler.history[max(self.labeler.history)], core, training_bank=False)
             self.refresh_banks(core)
+        self._phase("saving the final checkpoint")
         self.checkpoint(end_step)
         wall = time.perf_counter() - t0
         if self.ema is not None:
@@ -518,21 +532,6 @@ def _timing_summary(times: dict[str, Any]) -> dict[str, float]:
         # time spent waiting for batches after the first: > 0 means the loader, not the GPU, set the pace
         "loader_wait_s": float(np.sum(waits[1:])) if waits else math.nan,
     }
-
-
-def _progress_bar(show: bool, total: int, initial: int):
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _update_bar(bar, last: dict[str, float]) -> None:
-    if bar:
-        bar.update(1)
-        if last:
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
 
 
 def train_model(

@@ -925,11 +925,13 @@ def train_streamed(
     """
     import ray
 
+    from ..pseudo.labeler import report_pool
     from .ray_train import train_with_ray
 
     init_ray()
     quiet_data_context()
     data, validation, info, sources = load_streamed_train_data(cfg, split)
+    report_pool(cfg, data)
     total, n = int(ray.cluster_resources().get("CPU", 1)), cfg.train.num_workers
     per_worker = cfg.train.cpus_per_worker or (1 if cfg.train.use_gpu else max(1, total // (2 * n)))
     cfg = cfg.override({"train.cpus_per_worker": per_worker})

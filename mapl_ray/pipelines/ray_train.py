@@ -214,15 +214,20 @@ def _worker_error(err: BaseException) -> BaseException:
 
 
 class _LogFollower:
-    """Driver-side progress bar of a Ray Train run: follows the lines rank 0 appends to
-    ``train_log.jsonl`` (one per ``train.log_every`` steps) from a background thread."""
+    """Driver-side progress of a Ray Train run: follows the lines rank 0 appends to ``train_log.jsonl``
+    (one per ``train.log_every`` steps) from a background thread, into a
+    :class:`~mapl_ray.engine.progress.TrainProgress` and a line per pseudo-labeler refit
+    (:func:`~mapl_ray.pseudo.labeler.report_refit`)."""
 
     def __init__(self, run_dir: Path, total: int, initial: int, poll_s: float = 1.0):
-        from tqdm import tqdm
+        from ..engine.progress import TrainProgress
+        from ..pseudo.labeler import report_refit  # here: its first import (torch) would hold up the thread
 
+        self.report_refit = report_refit
         self.path, self.poll_s = run_dir / TRAIN_LOG_FILE, poll_s
         self.offset = self.path.stat().st_size if self.path.is_file() else 0  # a resumed run's earlier lines
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.progress = TrainProgress(total, initial)
+        self.refit_step: int | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mapl-train-progress", daemon=True)
 
@@ -234,7 +239,7 @@ class _LogFollower:
         self.stop.set()
         self.thread.join()
         self._read()
-        self.bar.close()
+        self.progress.close()
 
     def _run(self) -> None:
         while not self.stop.wait(self.poll_s):
@@ -251,10 +256,14 @@ class _LogFollower:
         for line in complete.decode().splitlines():
             rec = json.loads(line)
             if "event" in rec:  # a restart marker: the steps start again from its step
-                self.bar.write(f"restarted after a failure: continuing from step {rec['step']}")
+                log.warning("restarted after a failure: continuing from step %d", rec["step"])
                 continue
-            self.bar.update(max(0, int(rec["step"]) - self.bar.n))
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if rec.get("refit_step") not in (None, self.refit_step) and "pseudo_pos" in rec:
+                self.refit_step = rec["refit_step"]
+                self.report_refit(rec)
+            self.progress.update(int(rec["step"]), rec["loss"])
+            if self.progress.n == self.progress.total:  # rank 0 is past the loop (its last line)
+                self.progress.phase("saving the final checkpoint")
 
 
 def train_with_ray(
@@ -270,7 +279,8 @@ def train_with_ray(
     """Run training as a Ray Train ``TorchTrainer`` job (``cfg.train.num_workers`` workers, DDP when > 1).
 
     Args:
-        progress: show a progress bar (the driver's, following ``train_log.jsonl``; rank 0's own with ``verbose``).
+        progress: show the progress (the driver's, following ``train_log.jsonl``, :class:`_LogFollower`; a
+            worker's stderr is no terminal and its INFO lines reach no handler, also with ``verbose``).
         verbose: the workers' output and Ray's INFO lines on the console (:func:`init_ray`'s ``quiet`` off).
         stream: a :class:`~mapl_ray.pipelines.ray_data.TrainStream`: the workers take their batches from
             its Ray Data datasets (``ray.train.get_dataset_shard``) instead of drawing them from ``data``.
@@ -301,7 +311,7 @@ def train_with_ray(
             "run_dir": str(run_dir),
             "resume": resume,
             "threads": threads,
-            "progress": progress and verbose,
+            "progress": False,  # the driver shows it (_LogFollower)
             "stream_plan": stream.plan(0, n) if stream else None,
             "stream_start": stream.start if stream else 0,
             "fit_id": uuid.uuid4().hex[:12],  # tells this call's restart markers from earlier ones
@@ -316,7 +326,7 @@ def train_with_ray(
         run_config=run_config(cfg, run_dir),
         **ingest,
     )
-    result = _fit(trainer, run_dir, cfg, resume, progress and not verbose)
+    result = _fit(trainer, run_dir, cfg, resume, progress)
     if result.error:
         raise _worker_error(result.error) from result.error
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

@@ -29,6 +29,7 @@ unlabeled pool and ``map`` without one.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,8 @@ from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
 MAP_TOPK = (10, 100)
+
+log = logging.getLogger("mapl_ray.pseudo")
 
 
 def feature_kind(features: str, has_pool: bool) -> str:
@@ -118,6 +121,104 @@ def label_quality(
         both = 0 < int(t.sum()) < len(t)
         stats["pseudo_score_auroc"] = float(roc_auc_score(t, np.asarray(scores)[known])) if both else None
     return stats
+
+
+def refit_steps_text(cfg: Config) -> str:
+    """``1 refit in 120 steps, at step 50 then every 100`` / ``no refit in 40 steps, the first is at step 50``."""
+    p, steps = cfg.pseudo, cfg.train.steps
+    n = 0 if steps <= p.warmup_steps else (steps - 1 - p.warmup_steps) // p.refit_every + 1
+    if n == 0:
+        return f"no refit in {steps} steps, the first is at step {p.warmup_steps} (pseudo.warmup_steps)"
+    return f"{n} refit{'s' if n > 1 else ''} in {steps} steps, at step {p.warmup_steps} then every {p.refit_every}"
+
+
+def pool_note(cfg: Config, data: TrainData) -> str | None:
+    """The console line on the unlabeled pool at the start of training: its size, its validation canaries,
+    the truth a benchmark split knows, and the pseudo-labeler's OCC feature kind (:func:`feature_kind`) and
+    refits. None without a pool."""
+    m = data.pool_size
+    if not m:
+        return None
+    text = f"unlabeled pool: {m} images"
+    canaries = data.pool_canaries
+    if canaries is not None and canaries.any():
+        text += f" ({int(canaries.sum())} of them validation canaries: simulated anomalies that check the labels)"
+    truth = data.unlabeled_truth
+    if truth is not None and (truth >= 0).any():
+        text += f"; known from the split: {int((truth == 1).sum())} anomalous, {int((truth == 0).sum())} normal"
+    p = cfg.pseudo
+    if not p.enabled:
+        return text + "; pseudo-labeler off (pseudo.enabled=false): the whole pool is normal data"
+    auto = " (pseudo.features=auto)" if p.features == "auto" else ""
+    return f"{text}; pseudo-labeler: OCC features {feature_kind(p.features, True)}{auto}, {refit_steps_text(cfg)}"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def refit_note(stats: dict[str, Any], head: str | None = None) -> str:
+    """One plain line on a refit's pool labels from its :func:`label_quality` dict (with ``refit_step``):
+    the counts, the validation canaries (where there are) and precision / recall (where the truth is known).
+    ``head``: the line's start (default ``pseudo-labels of the refit at step N``)."""
+    pos, neg, unk = stats["pseudo_pos"], stats["pseudo_neg"], stats["pseudo_unknown"]
+    text = head or f"pseudo-labels of the refit at step {stats.get('refit_step', '?')}"
+    text += f": {pos} anomalous, {neg} normal, {unk} unknown of {pos + neg + unk} pool images"
+    if "canaries" in stats:
+        text += (
+            f"; validation canaries: recall {stats['canary_recall']:.2f}, "
+            f"{stats['canaries_in_normal_stream']} of {stats['canaries']} in the normal stream"
+        )
+    if "pseudo_label_recall" in stats:
+        text += (
+            f"; vs the split's truth: precision {_share(stats['pseudo_label_precision'])}, "
+            f"recall {_share(stats['pseudo_label_recall'])}"
+        )
+    return text
+
+
+def report_pool(cfg: Config, data: TrainData) -> None:
+    """Log :func:`pool_note` at the start of training (logger ``mapl_ray.pseudo``, INFO); nothing without a pool."""
+    note = pool_note(cfg, data)
+    if note:
+        log.info("%s", note)
+
+
+def report_refit(stats: dict[str, Any]) -> None:
+    """Log :func:`refit_note` (logger ``mapl_ray.pseudo``, INFO)."""
+    log.info("%s", refit_note(stats))
+
+
+def report_pool_labels(refits: list[dict[str, Any]], cfg: Config) -> None:
+    """At the end of a run with a pool: log the pseudo-labels the run ended with (``refits``: the training
+    summary's ``pseudo_refits``, :func:`label_quality` dicts with ``refit_step``), and warn when the last
+    refit labeled no pool image anomalous while the validation canaries (where there are) all went to the
+    normal stream: the pool was then normal data. Nothing without refits (no pool, none fitted)."""
+    if not refits:
+        return
+    last, n = refits[-1], len(refits)
+    step = last.get("refit_step", "?")
+    note = refit_note(last, f"pseudo-labels at the end ({n} refit{'s' if n > 1 else ''}, the last at step {step})")
+    if n > 1:  # how the anomalous count moved (the last 8 refits)
+        note += (
+            "; anomalous per refit: "
+            + ("..., " if n > 8 else "")
+            + ", ".join(str(r["pseudo_pos"]) for r in refits[-8:])
+        )
+    log.info("%s", note)
+    canaries = last.get("canaries", 0)
+    if last["pseudo_pos"] or last.get("canaries_in_normal_stream", 0) < canaries:
+        return
+    seen = f", and all {canaries} validation canaries went to the normal stream" if canaries else ""
+    log.warning(
+        "no pool image was labeled anomalous at the last refit (step %s)%s: the unlabeled pool was used as normal "
+        "data, and any defects in it were learned as normal. Consider more training steps (--steps; refits come at "
+        "step %d, then every %d) or a few labeled anomalies (--labeled-anomalies K).",
+        step,
+        seen,
+        cfg.pseudo.warmup_steps,
+        cfg.pseudo.refit_every,
+    )
 
 
 def fit_overlap(p: PseudoConfig) -> int:
