@@ -174,6 +174,8 @@ def refit_note(stats: dict[str, Any], head: str | None = None) -> str:
             f"; vs the split's truth: precision {_share(stats['pseudo_label_precision'])}, "
             f"recall {_share(stats['pseudo_label_recall'])}"
         )
+        if stats.get("pseudo_score_auroc") is not None:
+            text += f", its defects ranked by the OCC scores at AUROC {stats['pseudo_score_auroc']:.2f}"
     return text
 
 
