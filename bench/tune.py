@@ -17,7 +17,8 @@ parallel OCC fits save? Three parts, one command:
 configurations of an earlier call's JSON (when one device call cannot hold all three).
 
 Default setting "pool" (bench/semi.py's: 10 labeled normals, the rest of train/good plus test anomalies
-making 10 % of it the unlabeled pool), where the pseudo-labeler decides what trains the detector.
+making 10 % of it the unlabeled pool, and the split's own validation set of 4 of the 10 normals and 2
+labeled anomalies per defect type), where the pseudo-labeler decides what trains the detector.
 Writes bench/results/tune.json (trials, wall_s, default/best validation and test image AUROC,
 best_config, occ_parallel_speedup, pseudo_fit_s_in_run, machine, command, settings).
 
@@ -43,12 +44,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from common import add_grid_arguments, category_base, machine, stats  # noqa: E402
+from semi import POOL  # noqa: E402
 
 from mapl_ray.config import Config  # noqa: E402
 from mapl_ray.pipelines.grid import Trial, run_grid  # noqa: E402
 
 SETTINGS = {
-    "pool": {"data.labeled_normals": 10, "data.pool_anomaly_share": 0.1, "eval.validation_normals": 4},
+    "pool": dict(POOL),
     "clean": {},
 }
 

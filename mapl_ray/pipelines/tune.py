@@ -241,7 +241,8 @@ def tune_search(
             the arguments for them are ignored).
         num_samples: trials; gpus_per_trial / cpus_per_trial: each trial's share (fractional GPUs share one).
         seed: the searcher's seed; max_concurrent: trials at once (0: as many as the resources allow).
-        grace_steps: ASHA's least steps before it may stop a trial (default ``eval.validate_every``).
+        grace_steps: ASHA's least steps before it may stop a trial (default: half of ``train.steps``, at
+            least ``eval.validate_every``).
         callbacks: Ray Tune callbacks (``RunConfig(callbacks=...)``).
         occ_cpus_per_trial: CPUs each trial keeps for Ray tasks fitting its pseudo-labeler's OCCs (one
             OCC each); 0: they fit one after the other in the trial's process, beside training.
@@ -364,7 +365,9 @@ def _new_tuner(cfg, out, trainable, space, num_samples, seed, max_concurrent, gr
     asha = ASHAScheduler(
         time_attr="step",
         max_t=steps,
-        grace_period=min(steps, grace_steps or cfg.eval.validate_every),
+        # half the steps by default: before that, validation ranks trials by noise (screw, 250 steps: every
+        # trial near 0.45 at step 62, before the first refit's labels apply; bench/results/tune.json at 2c29bd1)
+        grace_period=min(steps, grace_steps or max(cfg.eval.validate_every, steps // 2)),
         reduction_factor=2,
     )
     tuner = tune.Tuner(
