@@ -189,6 +189,9 @@ class TrainConfig:
     log_every: int = 10
     report_every: int = 0  # steps between ray.train.report calls (0: only the last; each synchronises all workers)
     seed: int = 0
+    # deterministic GPU kernels where PyTorch has them (mapl_ray.tensors.use_deterministic_kernels): the same
+    # configuration and seed give the same model run after run; slower (docs/tune.md, bench/repeatability.py)
+    deterministic: bool = False
 
 
 @dataclass

@@ -1,9 +1,25 @@
-"""Small torch helpers shared by training and inference: image arrays to tensors, device choice, autocast."""
+"""Small torch helpers shared by training and inference: image arrays to tensors, device choice, autocast,
+deterministic kernels."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+
+
+def use_deterministic_kernels() -> None:
+    """Ask PyTorch for deterministic kernels in this process (``train.deterministic``): cuDNN's deterministic
+    algorithms without benchmarking, ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op
+    with no deterministic CUDA kernel warns once and runs as before, so a run never stops for it) and
+    cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: call this before the
+    first CUDA matrix product). Source: PyTorch's "Reproducibility" notes. Slower on the GPU; no effect on
+    CPU runs, which are repeatable already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -46,7 +46,7 @@ from ..runfolder import (
     snapshot_checkpoint,
     train_log_segment,
 )
-from ..tensors import autocast_context, to_tensor
+from ..tensors import autocast_context, to_tensor, use_deterministic_kernels
 from .checkpoints import CheckpointWriter
 from .ema import WeightEMA
 from .loader import batch_to_device, loader_workers, make_loader
@@ -86,6 +86,8 @@ class Trainer:
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self.wrap_model, self.report, self.on_checkpoint = wrap_model, report, on_checkpoint
         t = cfg.train
+        if t.deterministic:
+            use_deterministic_kernels()
         torch.manual_seed(t.seed)
         self.model = build_model(cfg).to(self.device)
         self.bm = BatchMaker(cfg, data, build_simulator(cfg), rank, world_size)
