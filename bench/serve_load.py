@@ -477,6 +477,12 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=400, help="most requests per step")
     p.add_argument("--seconds", type=float, default=30.0, help="most seconds per step")
     p.add_argument("--batch-on", type=int, default=32, help="max_batch_size of the batching-on runs")
+    p.add_argument(
+        "--batch-waits",
+        default="",
+        help="more batching-on steps, one per batch_wait_timeout_s in this comma list (seconds; mode "
+        "batching_on_wait_<ms>ms), beside batching_on at ServeSettings' default wait",
+    )
     p.add_argument("--replicas", type=int, default=1, help="model replicas of the load steps")
     p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: ServeSettings' auto)")
     p.add_argument("--cpus-per-replica", type=float, help="default: 1 with a GPU, else all cores / replicas")
@@ -571,6 +577,10 @@ def main(argv=None) -> int:
     conc = [int(c) for c in args.concurrency.split(",") if c]
     timeout_s = args.request_timeout_s + 15.0
     modes = {"batching_off": 1, "batching_on": args.batch_on}
+    waits = {"batching_off": None, "batching_on": None}  # None: ServeSettings' batch_wait_timeout_s
+    for w in (float(x) for x in args.batch_waits.split(",") if x):
+        mode = f"batching_on_wait_{w * 1000:g}ms"
+        modes[mode], waits[mode] = args.batch_on, w
     default_mode = "batching_on" if has_gpu else "batching_off"  # what ServeSettings chooses by device
     entry = {
         "machine": minfo,
@@ -631,16 +641,17 @@ def main(argv=None) -> int:
     for layout in layouts:
         lay = entry["layouts"][layout] = {}
         for mode, b in modes.items():
-            deploy(run, "bench", max_batch_size=b, **common, **layout_settings(layout, args.replicas))
+            wait = {} if waits[mode] is None else {"batch_wait_timeout_s": waits[mode]}
+            deploy(run, "bench", max_batch_size=b, **wait, **common, **layout_settings(layout, args.replicas))
             asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
-            lay[mode] = {"max_batch_size": b, "concurrency": {}}
+            lay[mode] = {"max_batch_size": b, **wait, "concurrency": {}}
             for c in conc:
                 with HealthProbe(f"{base}/healthz") as probe:
                     r = asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s))
                 lay[mode]["concurrency"][str(c)] = {**summarise(r), **probe.result}
                 print(layout, mode, c, lay[mode]["concurrency"][str(c)], flush=True)
                 save()
-        # the batching-on app is deployed now
+        # the last batching-on app is deployed now
         if args.direct_ports:  # past Serve's proxy: each client on one ingress replica's own port
             urls = direct_ingress_urls("bench", "127.0.0.1")
             lay["direct_ports"] = {"ports": len(urls), "concurrency": {}}
@@ -679,8 +690,14 @@ def main(argv=None) -> int:
         deploy(run, "bench", max_batch_size=modes[default_mode], **common, **layout_settings(layouts[0], reps))
         asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))
         dep = MODEL_DEPLOYMENT[layouts[0]]
+        # the replicas deployed: the single layout runs --single-replicas whatever reps says, and recovery
+        # means all of them running again (with reps there, the survivors alone counted as recovered)
+        deployed = single_reps if layouts[0] == "single" else reps
         entry["fault"].append(
-            fault_test(url, bodies, "bench", reps, args.fault_after, args.fault_seconds, timeout_s, dep)
+            {
+                "replicas_deployed": deployed,
+                **fault_test(url, bodies, "bench", deployed, args.fault_after, args.fault_seconds, timeout_s, dep),
+            }
         )
         print("fault", entry["fault"][-1], flush=True)
         save()

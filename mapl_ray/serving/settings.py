@@ -75,7 +75,8 @@ class ServeSettings:
         max_batch_size: most images in one forward pass (``@serve.batch``); None: 32 on a GPU, 1 on
             CPU (where batching was slower than one image at a time).
         batch_wait_timeout_s: how long the first image of a batch waits for others: a lone request pays
-            it in full (latency at low load); under load the queue fills a batch at once.
+            it in full (latency at low load). 0 (default): a batch is what queued while the previous
+            batch ran, which beat 0.002 s at every concurrency on the H200 (docs/serving.md).
         max_ongoing_requests: images a model replica holds at once (waiting in its batch queue, in
             the forward pass); None: ``max(32, 2 * max_batch_size)``, so one batch fills while
             one runs and waiting images queue in the replica (first come, first served) rather than in
@@ -121,7 +122,7 @@ class ServeSettings:
     ingress_replicas: int | None = None
     ingress_cpus: float = 0.0
     max_batch_size: int | None = None
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0
     max_ongoing_requests: int | None = None
     max_queued_requests: int = 64
     retry_after_s: float = 1.0
