@@ -390,6 +390,25 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, ca
     assert "\rmapl train: a refit line\n" in out and "step 4/40" not in out  # the bar cleared, the line, the bar
 
 
+def test_image_counts_are_plain_lines_in_a_redirected_log(capsys):
+    from mapl_ray.cli import setup_logging
+    from mapl_ray.engine.progress import CountProgress
+
+    setup_logging("score")
+    p = CountProgress(total=1000, desc="scored")  # stderr captured: not a TTY
+    for _ in range(25):
+        p.update(41)  # 1,025 counted: past the total, as a last partial batch may be
+    p.close()
+    err = capsys.readouterr().err
+    counts = [int(line.split("scored: ")[1].split("/")[0]) for line in err.splitlines() if "scored: " in line]
+    assert counts == [123, 205, 328, 410, 533, 615, 738, 820, 902, 1025]  # each tenth once, the end once
+    assert "scored: 123/1000 img (12%), " in err and " img/s" in err and "\r" not in err
+    q = CountProgress(total=None, desc="shards", interval_s=0.0)  # unknown total: by time
+    q.update(7)
+    q.close()
+    assert "shards: 7 img, " in capsys.readouterr().err
+
+
 def test_no_pool_image_labeled_anomalous_is_a_warning(caplog):
     from mapl_ray.pseudo.labeler import label_quality, report_pool_labels
 

@@ -1,7 +1,9 @@
-"""Training progress on the console: tqdm's bar on a terminal, plain log lines elsewhere.
+"""Progress on the console: tqdm's bar on a terminal, plain log lines elsewhere.
 
-A redirected stderr (``mapl train ... > log 2>&1``) gets no bar, whose frames are carriage returns, but
-one line per tenth of the steps and one per phase (logger ``mapl_ray.progress``, INFO).
+A redirected stderr (``mapl train ... > log 2>&1``, a cluster batch job's log) gets no bar, whose frames
+are carriage returns, but one line per tenth of the work (training steps, :class:`TrainProgress`, with
+one per phase; images of ``mapl prepare`` / ``mapl score``, :class:`CountProgress`) through the logger
+``mapl_ray.progress`` (INFO).
 """
 
 from __future__ import annotations
@@ -65,4 +67,48 @@ class TrainProgress:
         """End the bar (its last frame stays, described as ``train``)."""
         if not self.plain:
             self.bar.set_description("train", refresh=False)
+        self.bar.close()
+
+
+class CountProgress:
+    """Progress of a count of items (``mapl prepare``'s and ``mapl score``'s images): tqdm's bar on a terminal;
+    elsewhere (no TTY: a batch job's log) a plain line ``desc: 2500/25000 img (10%), 850 img/s`` each tenth
+    of ``total``, or each ``interval_s`` seconds when ``total`` is None (logger ``mapl_ray.progress``, INFO).
+    The same ``update(n)`` / ``close()`` calls as a tqdm bar."""
+
+    def __init__(self, total: int | None, desc: str, unit: str = "img", every: float = 0.1, interval_s: float = 30.0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=None)
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self._t0 = self._last = time.perf_counter()
+        self._stride = max(1, math.ceil(total * every)) if total else None
+        self._next = self._stride
+        self._interval = interval_s
+        self._logged = 0  # the count of the last line
+
+    def update(self, n: int) -> None:
+        """``n`` more items are done."""
+        self.bar.update(n)
+        self.n += n
+        if not self.bar.disable:
+            return
+        now = time.perf_counter()
+        due = self.n >= self._next if self._stride else now - self._last >= self._interval
+        if due:
+            if self._stride:
+                self._next = (self.n // self._stride + 1) * self._stride
+            self._last = now
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        self._logged = self.n
+        rate = self.n / max(now - self._t0, 1e-9)
+        of = f"/{self.total} {self.unit} ({100 * self.n // self.total}%)" if self.total else f" {self.unit}"
+        log.info("%s: %d%s, %.0f %s/s", self.desc, self.n, of, rate, self.unit)
+
+    def close(self) -> None:
+        """End the bar; without one, a last line when the count ended between two lines."""
+        if self.bar.disable and self.n != self._logged:
+            self._log(time.perf_counter())
         self.bar.close()

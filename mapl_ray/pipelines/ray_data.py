@@ -82,12 +82,13 @@ class _NoBar:
 
 
 def _progress(total: int | None, desc: str, show: bool):
-    """A tqdm bar of images on stderr (tqdm is imported only when one is shown)."""
+    """The progress of ``total`` images (:class:`~mapl_ray.engine.progress.CountProgress`: a bar on a terminal,
+    plain log lines in a redirected log), or nothing."""
     if not show:
         return _NoBar()
-    from tqdm import tqdm
+    from ..engine.progress import CountProgress
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return CountProgress(total, desc)
 
 
 # -- mapl prepare ---------------------------------------------------------------------------------
