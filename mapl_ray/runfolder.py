@@ -377,7 +377,9 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
 
     Raises:
         RunFolderError: ``run_dir`` is a file; it already holds a run and ``resume`` is False (nothing
-            is overwritten); ``resume`` with no checkpoint yet, or with fewer steps than it has done.
+            is overwritten); ``resume`` with no checkpoint yet, with fewer steps than it has done, or of a
+            run that is finished (all its steps done and ``metrics.json`` written: resuming it would rewrite
+            its checkpoint and threshold for nothing).
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -390,6 +392,12 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
         if steps < done:
             raise RunFolderError(
                 f"cannot resume {run_dir} with train.steps={steps}: the checkpoint is already at step {done}"
+            )
+        if steps == done and (run_dir / "metrics.json").is_file():  # trained and evaluated: resuming redoes the end
+            raise RunFolderError(
+                f"{run_dir} is finished (step {done} of {steps}, evaluated: metrics.json); nothing to resume and "
+                f"nothing was changed. To train it longer: --resume with --steps above {done}; to evaluate it "
+                f"again: mapl evaluate {run_dir}"
             )
         return True
     if saved:

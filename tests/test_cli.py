@@ -165,6 +165,16 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "is not a trained run folder" in capsys.readouterr().err
 
 
+def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path, capsys):
+    run = tmp_path / "finished"
+    shutil.copytree(trained_run, run)
+    before = {p: p.read_bytes() for p in sorted((run / "checkpoint").iterdir()) if p.is_file()}
+    assert main(["train", "--resume", "--out", str(run), "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert "is finished" in err and "nothing was changed" in err and "mapl evaluate" in err
+    assert {p: p.read_bytes() for p in sorted((run / "checkpoint").iterdir()) if p.is_file()} == before
+
+
 def test_missing_mask_and_corrupt_png(small_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(small_root, root)
