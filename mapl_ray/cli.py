@@ -607,9 +607,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_if_unfinished(run: str | Path) -> None:
+    """Log :func:`~mapl_ray.runfolder.unfinished_note` as a warning (an interrupted run scores, but not as
+    a finished one would)."""
+    from .runfolder import unfinished_note
+
+    note = unfinished_note(run)
+    if note:
+        logging.getLogger("mapl_ray.cli").warning("%s", note)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .eval.evaluate import evaluate_run
 
+    warn_if_unfinished(args.run)
     metrics = evaluate_run(args.run, device=args.device)
     print(json.dumps(metrics["overall"]))
     run = Path(args.run)
@@ -666,6 +677,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Predictor
     from .scoring import heatmap_name
 
+    warn_if_unfinished(args.run)
     pred = Predictor(args.run, device=args.device)
     paths = expand_image_args(args.images)
     good, images, poses, failed = [], [], [], {}
@@ -854,6 +866,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from .pipelines.ray_data import score_source
 
+    warn_if_unfinished(args.run)
     summary = score_source(
         args.run,
         args.src,

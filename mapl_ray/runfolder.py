@@ -365,6 +365,29 @@ def load_pseudo(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, A
     return load_np(str(path)), json.loads((path.with_suffix(".json")).read_text())
 
 
+def unfinished_note(run_dir: str | Path) -> str | None:
+    """What a user of a run's scores should know when the run is not finished: it stopped before its last
+    step (``state.json`` step below ``train.steps``), or it has no decision threshold (labels are then
+    null). None for a finished run with a threshold.
+
+    Raises:
+        CheckpointError / ConfigError: ``run_dir`` is not a trained run folder (:func:`read_state`,
+            :func:`load_run_config`).
+    """
+    steps = load_run_config(run_dir).train.steps  # first: its error says best what a run folder is
+    state = read_state(run_dir)
+    step, no_threshold = int(state.get("step", 0)), state.get("threshold") is None
+    if step < steps:
+        return (
+            f"run {run_dir} stopped at step {step} of {steps}"
+            + ("; it has no decision threshold yet, so labels are null" if no_threshold else "")
+            + f": finish it with mapl train --resume --out {run_dir}"
+        )
+    if no_threshold:
+        return f"run {run_dir} has no decision threshold (too few validation normals): scores only, labels are null"
+    return None
+
+
 def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
     """Check that ``run_dir`` may receive a run; returns whether it holds a checkpoint to resume.
 

@@ -175,6 +175,22 @@ def test_resume_of_a_finished_run_changes_nothing(trained_run, tmp_path, capsys)
     assert {p: p.read_bytes() for p in sorted((run / "checkpoint").iterdir()) if p.is_file()} == before
 
 
+def test_scoring_an_unfinished_run_warns(trained_run, tmp_path, capsys):
+    run = tmp_path / "unfinished"
+    shutil.copytree(trained_run, run)
+    state_path = run / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["step"] = 1  # as a run interrupted before its end leaves it
+    state.pop("threshold", None)
+    state_path.write_text(json.dumps(state))
+    image = json.loads((trained_run / "split.json").read_text())["test"][0]["path"]
+    assert main(["predict", str(run), str(image)]) == 0
+    err = capsys.readouterr().err
+    assert f"run {run} stopped at step 1 of" in err and "labels are null" in err and "--resume --out" in err
+    assert main(["predict", str(trained_run), str(image)]) == 0
+    assert "stopped at step" not in capsys.readouterr().err  # a finished run: no warning
+
+
 def test_missing_mask_and_corrupt_png(small_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(small_root, root)
