@@ -14,9 +14,9 @@ is decoded.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +26,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .layout import ImageReadError, ImageRecord, LayoutError
 from .pose import Pose, PoseEstimator
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DecodeLimits",
@@ -542,7 +544,7 @@ def load_records(
         records: images to load; order is preserved.
         size: common output ``(H, W)`` / int; None is allowed only if all images share a size.
         skip_bad: False -> the first unreadable image/mask (in record order) raises; True -> it
-            is dropped with ``warnings.warn`` naming the file and listed in ``skipped``.
+            is dropped with a logged warning naming the file (logger ``mapl_ray.data.io``) and listed in ``skipped``.
         with_masks: also load ``mask_path`` masks (zeros where a record has none).
         threads: worker threads (default 4).
         align: turn each image (and its mask) into its object's canonical pose
@@ -592,9 +594,7 @@ def load_records(
                     if not skip_bad:
                         raise
                     skipped.append((exc.path, exc.reason))
-                    warnings.warn(
-                        f"skipping unreadable file {exc.path!r} (record {rec.path!r}): {exc.reason}", stacklevel=2
-                    )
+                    log.warning("skipping unreadable file %r (record %r): %s", exc.path, rec.path, exc.reason)
                     continue
                 kept_imgs.append(img)
                 if mask is not None:
