@@ -84,7 +84,26 @@ def check_inputs(cfg: Config, check_test: bool = True) -> Split:
             validation_anomalies=cfg.data.split_validation_anomalies,
         )
     except ValueError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(_split_message(str(e))) from e
+
+
+#: make_split's arguments as the configuration names them (its messages name the arguments)
+_SPLIT_FIELDS = {
+    "validation_normals": "data.split_validation_normals",
+    "validation_anomalies": "data.split_validation_anomalies",
+    "labeled_normals": "data.labeled_normals",
+    "labeled_anomalies": "data.labeled_anomalies",
+    "unlabeled_fraction": "data.unlabeled_fraction",
+    "contamination": "data.contamination",
+    "pool_anomaly_share": "data.pool_anomaly_share",
+}
+
+
+def _split_message(text: str) -> str:
+    """A :func:`make_split` message with its arguments named as configuration fields (``data.*``)."""
+    import re
+
+    return re.sub(r"(?<![\w.])(" + "|".join(_SPLIT_FIELDS) + r")\b", lambda m: _SPLIT_FIELDS[m.group(1)], text)
 
 
 def prepare_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> Split:

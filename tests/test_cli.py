@@ -191,6 +191,14 @@ def test_scoring_an_unfinished_run_warns(trained_run, tmp_path, capsys):
     assert "stopped at step" not in capsys.readouterr().err  # a finished run: no warning
 
 
+def test_split_errors_name_the_configuration_field(small_root, tmp_path, capsys):
+    args = _train_args(small_root, tmp_path / "run", "--set", "data.split_validation_normals=1000")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.split_validation_normals=1000 but the category has 14 train/good images" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_mask_and_corrupt_png(small_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(small_root, root)
