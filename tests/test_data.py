@@ -140,6 +140,9 @@ def test_scan_category_missing_pieces_raise_layout_error(tmp_path: Path):
     # a mistyped category names the categories that exist
     with pytest.raises(LayoutError, match=r"widgte.*categories under .*: widget$"):
         scan_category(tmp_path, "widgte")
+    # --data given the category folder itself: say to pass its parent
+    with pytest.raises(LayoutError, match=r"widget' looks like a category folder: pass its parent as --data"):
+        scan_category(cat, "widget")
 
 
 def test_defect_image_without_mask_is_a_layout_error(mvtec: Path):

@@ -281,6 +281,8 @@ def scan_category(
             else []
         )
         hint = f"; categories under {root_abs!r}: {', '.join(found)}" if found else ""
+        if not found and os.path.isdir(os.path.join(root_abs, "train")):  # --data given the category itself
+            hint = f"; {root_abs!r} looks like a category folder: pass its parent as --data"
         raise LayoutError(
             f"category folder {cat_dir!r} does not exist (expected MVTec layout "
             f"<root>/<category>/train/good, test/<type>, ground_truth/<type>){hint}"
