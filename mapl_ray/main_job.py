@@ -21,7 +21,7 @@ from .data.io import check_test_masks
 from .data.layout import LayoutError, scan_category, scan_folder
 from .data.pose import build_pose_estimator
 from .data.simulation import build_simulator
-from .data.split import Split, make_split
+from .data.split import Split, copies_among, make_split
 from .data.train_data import data_summary, load_train_data
 from .model.encoder import WeightsError, build_encoder
 from .pseudo.labeler import report_pool, report_pool_labels
@@ -71,7 +71,7 @@ def check_inputs(cfg: Config, check_test: bool = True) -> Split:
     build_encoder(cfg.model.encoder, cfg.model.weights, cfg.model.pretrained)  # unknown backbone / bad weights
     unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
     try:
-        return make_split(
+        split = make_split(
             index,
             seed=cfg.data.seed,
             unlabeled=unlabeled,
@@ -85,6 +85,26 @@ def check_inputs(cfg: Config, check_test: bool = True) -> Split:
         )
     except ValueError as e:
         raise ConfigError(_split_message(str(e))) from e
+    _warn_copies(split, unlabeled)
+    return split
+
+
+def _warn_copies(split: Split, unlabeled: list | None) -> None:
+    """Warn when user unlabeled images are copies of the category's test, validation or train/good images."""
+    if not unlabeled:
+        return
+    others = {"test": split.test, "validation": split.validation, "train/good": split.labeled_normal}
+    for role, hits in copies_among(unlabeled, others).items():
+        log.warning(
+            "%d unlabeled image(s) are byte-for-byte copies of %s images (e.g. %s = %s)%s",
+            len(hits),
+            role,
+            hits[0][0],
+            hits[0][1],
+            ": the test figures then score images the model saw in training; remove them from the pool"
+            if role == "test"
+            else "",
+        )
 
 
 #: make_split's arguments as the configuration names them (its messages name the arguments)

@@ -358,6 +358,33 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
 
 
 @needs_data
+def test_unlabeled_copies_of_test_images_are_warned_about(small_root, tmp_path, caplog):
+    import shutil
+
+    from mapl_ray.main_job import check_inputs
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    cat = small_root / "screw"
+    test_image = sorted((cat / "test" / "thread_top").glob("*.png"))[0]
+    shutil.copy(test_image, pool / "a.png")  # a copy under another name
+    shutil.copy(sorted((cat / "train" / "good").glob("*.png"))[-1], pool / "b.png")
+    cfg = tiny_config(small_root, **{"data.unlabeled_dir": str(pool)})
+    with caplog.at_level("WARNING", logger="mapl_ray.main"):
+        check_inputs(cfg)
+    text = caplog.text
+    assert "1 unlabeled image(s) are byte-for-byte copies of test images" in text and str(test_image) in text
+    assert "copies of train/good images" in text
+    caplog.clear()
+    (pool / "a.png").unlink()
+    (pool / "b.png").unlink()
+    shutil.copy(test_image, pool / "c.png")
+    (pool / "c.png").write_bytes((pool / "c.png").read_bytes() + b"\0")  # not the same bytes
+    with caplog.at_level("WARNING", logger="mapl_ray.main"):
+        check_inputs(cfg)
+    assert "copies" not in caplog.text
+
+
 def test_training_from_unlabeled_images_alone(small_root, tmp_path, caplog):
     import shutil
 

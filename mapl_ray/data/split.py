@@ -434,6 +434,35 @@ def _contaminate(
     return [anomalies[i] for i in remaining if i not in contam]
 
 
+def copies_among(unlabeled: Sequence[ImageRecord], others: dict[str, Sequence[ImageRecord]]) -> dict[str, list]:
+    """The unlabeled images that are byte-for-byte copies of other images of a split (SHA-256 of the files):
+    ``{role: [(unlabeled path, its copy's path), ...]}`` for each role of ``others`` (e.g. ``test``,
+    ``train/good``) with a copy. A user's pool that holds a test image lets the test figures see an image the
+    model trained on. Files that cannot be read are left to the decoder's error."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(path: str) -> str | None:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            return None
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(8) as ex:
+        pool = dict(zip(ex.map(digest, [r.path for r in unlabeled]), [r.path for r in unlabeled]))
+        pool.pop(None, None)
+        out: dict[str, list] = {}
+        for role, records in others.items():
+            hits = [(pool[h], r.path) for h, r in zip(ex.map(digest, [r.path for r in records]), records) if h in pool]
+            if hits:
+                out[role] = hits
+    return out
+
+
 def _check_user_unlabeled(user: list[ImageRecord], train: list[ImageRecord], test: list[ImageRecord]) -> None:
     """Step 4: a user's unlabeled image may be neither a category image nor listed twice."""
     placed = {_key(r.path): "train/good" for r in train}
