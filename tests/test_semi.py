@@ -120,6 +120,9 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
         def scores(self, x):
             return np.stack([known.astype(np.float64), known.astype(np.float64)])
 
+        def vote(self, scores):
+            return known.copy()
+
         def torch_params(self, device):
             return [], torch.zeros(0, 1), torch.zeros(0, 1)
 
@@ -241,18 +244,27 @@ def test_validation_set_refuses_a_test_file():
         )
 
 
-@needs_data
-def test_validation_set_is_labeled_data_only(small_root, tmp_path):
+def _loaded(small_root, tmp_path, **over):
+    """``(split, data, validation set, info)`` of a new run of ``tiny_config(small_root, **over)``."""
     from mapl_ray.data.train_data import load_train_data
     from mapl_ray.main_job import prepare_run
 
-    cfg = tiny_config(
-        small_root, **{"data.labeled_anomalies": 1, "eval.validation_anomalies": 0.5, "data.unlabeled_fraction": 0.3}
-    )
+    cfg = tiny_config(small_root, **over)
     split = prepare_run(cfg, tmp_path / "run")
-    data, vset, info = load_train_data(cfg, split)
+    return (split, *load_train_data(cfg, split))
+
+
+def _validation_files(vset) -> set[str]:
+    """The files behind a validation set's images (a simulated anomaly names the normal it was made on)."""
+    return {p.split(" (simulated")[0] for p in vset.paths}
+
+
+@needs_data
+def test_validation_set_is_labeled_data_only(small_root, tmp_path):
+    over = {"data.labeled_anomalies": 1, "eval.validation_anomalies": 0.5, "data.unlabeled_fraction": 0.3}
+    split, data, vset, info = _loaded(small_root, tmp_path, **over)
     test = {r.path for r in split.test}
-    files = {p.split(" (simulated")[0] for p in vset.paths}
+    files = _validation_files(vset)
     assert files and not files & test
     assert files <= {r.path for r in split.labeled_normal + split.labeled_anomaly}
     assert int((vset.sources == SOURCE_NORMAL).sum()) == 3 and vset.labels.sum() == len(vset) - 3
@@ -262,15 +274,9 @@ def test_validation_set_is_labeled_data_only(small_root, tmp_path):
 
 @needs_data
 def test_the_splits_own_validation_set_is_used_whole_and_trains_nowhere(small_root, tmp_path):
-    from mapl_ray.data.train_data import load_train_data
-    from mapl_ray.main_job import prepare_run
-
     over = {"data.split_validation_normals": 3, "data.split_validation_anomalies": 1, "data.unlabeled_fraction": 0.3}
-    cfg = tiny_config(small_root, **over)
-    split = prepare_run(cfg, tmp_path / "run")
-    data, vset, info = load_train_data(cfg, split)
-    files = {p.split(" (simulated")[0] for p in vset.paths}
-    assert files == {r.path for r in split.validation}
+    split, data, vset, info = _loaded(small_root, tmp_path, **over)
+    assert _validation_files(vset) == {r.path for r in split.validation}
     assert int((vset.sources == SOURCE_NORMAL).sum()) == 3
     assert int((vset.labels == 1).sum()) == len(vset) - 3 and vset.masks[vset.labels == 1].any()
     assert len(data.normals) == len(split.labeled_normal)  # nothing held out of the training normals
@@ -280,14 +286,10 @@ def test_the_splits_own_validation_set_is_used_whole_and_trains_nowhere(small_ro
 
 @needs_data
 def test_with_the_splits_validation_set_and_no_labeled_normal_the_pool_is_the_normal_data(small_root, tmp_path):
-    from mapl_ray.data.train_data import load_train_data
-    from mapl_ray.main_job import prepare_run
-
-    cfg = tiny_config(small_root, **{"data.labeled_normals": 0, "data.split_validation_normals": 3})
-    split = prepare_run(cfg, tmp_path / "run")
-    data, vset, info = load_train_data(cfg, split)
+    over = {"data.labeled_normals": 0, "data.split_validation_normals": 3}
+    split, data, vset, info = _loaded(small_root, tmp_path, **over)
     assert len(data.normals) == 0 and data.pool_size == len(split.unlabeled) + len(info["validation_canaries"])
-    assert {p.split(" (simulated")[0] for p in vset.paths} == {r.path for r in split.validation}
+    assert _validation_files(vset) == {r.path for r in split.validation}
     assert len(data.memory_indices) > 0  # the memory bank comes from the pool, presumed normal at first
 
 

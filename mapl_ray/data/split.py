@@ -439,18 +439,16 @@ def copies_among(unlabeled: Sequence[ImageRecord], others: dict[str, Sequence[Im
     ``{role: [(unlabeled path, its copy's path), ...]}`` for each role of ``others`` (e.g. ``test``,
     ``train/good``) with a copy. A user's pool that holds a test image lets the test figures see an image the
     model trained on. Files that cannot be read are left to the decoder's error."""
-    import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
+    from .shards import content_hash
+
     def digest(path: str) -> str | None:
-        h = hashlib.sha256()
         try:
             with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+                return content_hash(f.read())
         except OSError:
             return None
-        return h.hexdigest()
 
     with ThreadPoolExecutor(8) as ex:
         pool = dict(zip(ex.map(digest, [r.path for r in unlabeled]), [r.path for r in unlabeled]))

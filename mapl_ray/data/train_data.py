@@ -204,30 +204,28 @@ def _split_validation_set(cfg: Config, split: Split, align) -> tuple[ValidationS
         ImageReadError: an unreadable validation image (never skipped: the set is the same for every setting).
         ValueError: the split's validation set holds no normal (the threshold needs their scores).
     """
-    size = cfg.data.image_size
-    normal_recs = [r for r in split.validation if r.label == LABEL_NORMAL]
-    anom_recs = [r for r in split.validation if r.label != LABEL_NORMAL]
-    if not normal_recs:
+    normal = np.array([r.label == LABEL_NORMAL for r in split.validation])
+    if not normal.any():
         raise ValueError("the split's validation set holds no normal image (data.split_validation_normals >= 1)")
-    normals = load_records(normal_recs, size, align=align)
-    anom = load_records(anom_recs, size, align=align, with_masks=True) if anom_recs else None
-    paths = [r.path for r in normal_recs]
+    loaded = load_records(split.validation, cfg.data.image_size, align=align, with_masks=True)
+    paths = [r.path for r in split.validation]
     log.info(
         "validation: the split's own set, %d normals and %d labeled anomalies that train nowhere "
         "(data.split_validation_normals / data.split_validation_anomalies)",
-        len(normal_recs),
-        len(anom_recs),
+        int(normal.sum()),
+        int((~normal).sum()),
     )
+    anom = ~normal
     vset = build_validation_set(
         cfg,
-        normals.images,
-        paths,
-        None if anom is None else anom.images,
-        None if anom is None else anom.masks,
-        [r.path for r in anom_recs],
+        loaded.images[normal],
+        [p for p, n in zip(paths, normal) if n],
+        loaded.images[anom] if anom.any() else None,
+        loaded.masks[anom] if anom.any() else None,
+        [p for p, n in zip(paths, normal) if not n],
         [r.path for r in split.test],
     )
-    return vset, paths
+    return vset, [p for p, n in zip(paths, normal) if n]
 
 
 def initial_pool_labels(cfg: Config, num_labeled: int, pool_size: int) -> np.ndarray:

@@ -414,7 +414,7 @@ class PseudoLabeler:
             s = ens.scores(unlabeled)
             # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
             z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-12)
-            return ens, ens.predict(unlabeled).astype(np.int8), z.mean(0)
+            return ens, ens.vote(s), z.mean(0)
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")

@@ -469,8 +469,12 @@ class OCCEnsemble:
             RuntimeError: if not fitted.
             ValueError: naming ``x``, as in :meth:`scores`.
         """
-        labels = self._vote(self.scores(x), self.eta_p[:, None], self.eta_n[:, None])
-        return labels.astype(np.int8)
+        return self.vote(self.scores(x))
+
+    def vote(self, scores: np.ndarray) -> np.ndarray:
+        """:meth:`predict` from :meth:`scores`' float ``(K, n)`` (a caller that needs both scores once):
+        int8 ``(n,)`` in {1, 0, -1}."""
+        return self._vote(scores, self.eta_p[:, None], self.eta_n[:, None]).astype(np.int8)
 
     @staticmethod
     def _vote(s, eta_p, eta_n):
