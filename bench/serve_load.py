@@ -14,21 +14,27 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
 * with ``--http-ceiling``: the same load against an echo app (a FastAPI ingress that only reads the
   body), the most Ray Serve's HTTP path carries on this machine; ``stages``: the in-process cost of
   decoding one upload and of one forward pass at batch 1 and 32;
-* with ``--layouts two_tier,single``: all of the above (but the fault test) for each layout of the
-  app (``ServeSettings.layout``), same images, same run, under ``layouts[<layout>]``; the first
-  layout's numbers are also the top-level ``batching_off`` / ``batching_on`` / ``concurrency`` /
-  ``batching_gain``. The single layout runs ``--single-replicas`` replicas, each with
-  1 / that of the GPU and ``--single-cpus`` CPUs;
+* ``--layouts`` (default: ``ServeSettings``' default layout, ``single``; ``two_tier,single`` for both):
+  all of the above (but the fault test) for each layout of the app (``ServeSettings.layout``), same
+  images, same run, under ``layouts[<layout>]``; the first layout's numbers are also the top-level
+  ``batching_off`` / ``batching_on`` / ``concurrency`` / ``batching_gain``. The single layout runs
+  with ``ServeSettings``' auto replicas, GPU share and CPUs (on one GPU with 16 cores: 4 replicas at
+  0.25 GPU and 3 CPUs each) unless ``--single-replicas`` / ``--single-cpus`` say otherwise; what it
+  ran with is in ``settings.layouts.single``;
 * with ``--direct-ports``: the batching-on load again, the clients spread over the HTTP ports the
   ingress replicas listen on themselves in Ray Serve's direct-ingress mode (what an external load
   balancer or Serve's HAProxy would do), past Serve's one Python proxy on ``--port``;
 * with ``--memory-banks N``: the model scores with the first N of the run's memory banks (a cost
   measurement without retraining; ``ServeSettings.memory_banks``), in the stage costs as well;
-* a fault test per ``--fault-replicas`` (default 1 and 2 model replicas): load at concurrency 8, the
-  process of one model replica killed with SIGKILL after ``--fault-after`` s; errors seen (by status),
-  ``recovery_s`` (kill -> Serve reports the replacement replica running), ``stall_s`` (longest time
-  without a successful answer after the kill), the slowest request (no request may hang: every
-  request either answers or hits the client timeout, request_timeout_s + 15 s).
+* a fault test of the first layout (``two_tier``: one per ``--fault-replicas``, default 1 and 2 model
+  replicas; ``single``: one, with the load steps' replicas): load at concurrency 8, the process of one
+  model replica killed with SIGKILL after ``--fault-after`` s; errors seen (by status), from Serve's
+  own replica states (``serve details``, polled every 0.2 s): ``detected_s`` (kill -> Serve no longer
+  lists the killed replica RUNNING) and ``recovery_s`` (kill -> Serve lists as many RUNNING replicas as
+  were deployed, none of them the killed one: the replacement has started and is serving),
+  ``replica_states`` (each change of the deployment's replica states after the kill); ``stall_s``
+  (longest time without a successful answer after the kill), the slowest request (no request may
+  hang: every request either answers or hits the client timeout, request_timeout_s + 15 s).
 
 The images are the run's test split (PNG bytes as on disk), sent raw with ``Content-Type: image/png``.
 Without ``--run`` a run is trained first (the category's preset, ``--steps`` steps, ``--set`` overrides).
@@ -307,12 +313,22 @@ def scorer_pids(app: str, deployment: str = "Scorer") -> list[int]:
     return pids
 
 
-def running_scorers(app: str, deployment: str = "Scorer") -> int:
-    from ray import serve
+def replica_states(app: str, deployment: str = "Scorer") -> list[dict]:
+    """Serve's view of ``app``'s ``deployment`` replicas, as the controller reports them (``serve
+    details``): ``replica_id``, ``state`` (STARTING, RUNNING, STOPPING...) and ``pid`` (None until the
+    replica is ready)."""
+    from ray.serve.context import _get_global_client
 
-    a = serve.status().applications.get(app)
-    d = a.deployments.get(deployment) if a else None
-    return int(d.replica_states.get("RUNNING", 0)) if d else 0
+    apps = _get_global_client().get_serve_details().get("applications", {})
+    dep = apps.get(app, {}).get("deployments", {}).get(deployment, {})
+    return [  # the state arrives as a ReplicaState enum (a str subclass) or its value
+        {
+            "replica_id": r.get("replica_id"),
+            "state": str(getattr(r.get("state"), "value", r.get("state"))),
+            "pid": r.get("pid"),
+        }
+        for r in dep.get("replicas", [])
+    ]
 
 
 def fault_test(
@@ -325,21 +341,43 @@ def fault_test(
     timeout_s: float,
     deployment: str = "Scorer",
 ) -> dict:
-    """Load at concurrency 8; SIGKILL one model replica after ``after_s``; see what the clients got."""
+    """Load at concurrency 8; SIGKILL one running model replica of ``deployment`` after ``after_s`` s; see
+    what the clients got and when Serve had ``replicas`` replicas running again (``recovery_s``, None
+    when not within ``seconds`` s of the kill)."""
     log: list = []
     state: dict = {}
 
     def killer() -> None:
         time.sleep(after_s)
-        pids = scorer_pids(app, deployment)
+        running = [r for r in replica_states(app, deployment) if r["state"] == "RUNNING" and r["pid"]]
+        if running:
+            victim, pid = running[0]["replica_id"], running[0]["pid"]
+        else:  # Serve gave no pid: the replica actors' own
+            victim, pid = None, scorer_pids(app, deployment)[0]
         state["killed_at"] = time.monotonic()
-        os.kill(pids[0], signal.SIGKILL)
-        state["killed_pid"] = pids[0]
+        os.kill(pid, signal.SIGKILL)
+        state["killed_pid"] = pid
+        timeline = state["replica_states"] = []
         while time.monotonic() - state["killed_at"] < seconds:  # until Serve runs a replacement
             time.sleep(0.2)
-            live = set(scorer_pids(app, deployment)) - {pids[0]}  # a replica still starting has no pid yet
-            if len(live) >= replicas and running_scorers(app, deployment) >= replicas:
-                state["recovered_at"] = time.monotonic()
+            now = time.monotonic()
+            try:
+                reps = replica_states(app, deployment)
+            except Exception:  # noqa: BLE001 - the controller busy or restarting: ask again
+                continue
+            counts: dict[str, int] = {}
+            for r in reps:
+                counts[r["state"]] = counts.get(r["state"], 0) + 1
+            if not timeline or timeline[-1][1] != counts:
+                timeline.append((round(now - state["killed_at"], 2), counts))
+            others = [r for r in reps if r["state"] == "RUNNING" and r["replica_id"] != victim and r["pid"] != pid]
+            killed_running = any(
+                r["state"] == "RUNNING" and (r["replica_id"] == victim or r["pid"] == pid) for r in reps
+            )
+            if "detected_at" not in state and not killed_running:
+                state["detected_at"] = now
+            if not killed_running and len(others) >= replicas:
+                state["recovered_at"] = now
                 return
 
     t = threading.Thread(target=killer)
@@ -362,7 +400,10 @@ def fault_test(
         "requests": len(log),
         "errors": errors,
         "errors_total": sum(errors.values()),
+        "detected_s": round(state["detected_at"] - k, 2) if "detected_at" in state else None,
         "recovery_s": round(state["recovered_at"] - k, 2) if "recovered_at" in state else None,
+        "recovery_measured_by": "Serve's replica states (serve details), polled every 0.2 s",
+        "replica_states": [{"t_s": ts, "states": c} for ts, c in state.get("replica_states", [])],
         "stall_s": round(stall, 2) if stall is not None else None,
         "max_latency_s": round(max(lat), 2) if lat else None,
         "client_timeouts": sum(1 for _, _, st in log if st == "client_timeout"),
@@ -465,6 +506,8 @@ def machine_key() -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
+    from mapl_ray.serving.settings import ServeSettings, apply_ray_serve_env  # imports no Ray
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="trained run folder (else one is trained from --data/--category/--textures)")
     p.add_argument("--data"), p.add_argument("--category", default="screw"), p.add_argument("--textures")
@@ -483,11 +526,16 @@ def main(argv=None) -> int:
         help="more batching-on steps, one per batch_wait_timeout_s in this comma list (seconds; mode "
         "batching_on_wait_<ms>ms), beside batching_on at ServeSettings' default wait",
     )
-    p.add_argument("--replicas", type=int, default=1, help="model replicas of the load steps")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas of the two_tier load steps")
     p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: ServeSettings' auto)")
     p.add_argument("--cpus-per-replica", type=float, help="default: 1 with a GPU, else all cores / replicas")
     p.add_argument("--request-timeout-s", type=float, default=30.0)
-    p.add_argument("--fault-replicas", default="1,2", help="model replicas of each fault test ('' skips it)")
+    p.add_argument(
+        "--fault-replicas",
+        default="1,2",
+        help="two_tier first: model replicas of each fault test; single first: any value runs one fault test "
+        "with the load steps' replicas ('' skips it)",
+    )
     p.add_argument("--fault-after", type=float, default=3.0)
     p.add_argument("--fault-seconds", type=float, default=40.0)
     p.add_argument(
@@ -506,12 +554,20 @@ def main(argv=None) -> int:
     p.add_argument("--only-ceiling", action="store_true", help="stop after the stage costs and the echo app")
     p.add_argument(
         "--layouts",
-        default="two_tier",
-        help="app layouts measured side by side (ServeSettings.layout): two_tier,single",
+        default=ServeSettings.layout,
+        help=f"app layouts measured side by side (ServeSettings.layout; default {ServeSettings.layout}): "
+        "two_tier,single",
     )
-    p.add_argument("--single-replicas", type=int, help="replicas of the single layout (default: 4 with a GPU, else 1)")
     p.add_argument(
-        "--single-cpus", type=float, help="CPUs per single-layout replica (default: cores / replicas - 1, at least 1)"
+        "--single-replicas",
+        type=int,
+        help="replicas of the single layout (default: ServeSettings' auto, 4 per GPU sharing it, 1 without a GPU)",
+    )
+    p.add_argument(
+        "--single-cpus",
+        type=float,
+        help="CPUs per single-layout replica (default: ServeSettings' auto, the cores Ray's own processes leave "
+        "split between the replicas, at least 1)",
     )
     p.add_argument(
         "--direct-ports",
@@ -522,17 +578,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
-    from mapl_ray.serving.settings import apply_ray_serve_env
-
     # direct ingress holds a removed ingress replica open 30 s for a load balancer to notice; there is none
     # here, and every layout / batching step redeploys the app
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     apply_ray_serve_env()  # what `mapl serve` runs with (a RAY_SERVE_* variable already set wins)
-    import ray
     from ray import serve
 
     from mapl_ray.config import Config
     from mapl_ray.pipelines.ray_env import init_ray
+    from mapl_ray.pipelines.serve import cluster_shape
 
     run = Path(args.run) if args.run else train_run(args)
     cfg = Config.load_run(run / "config.yaml")
@@ -540,7 +594,8 @@ def main(argv=None) -> int:
     key, minfo = machine_key()
     load_before = os.getloadavg()
     init_ray()
-    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    cluster_gpus, cluster_cpus = cluster_shape()  # what build_app resolves the settings against
+    has_gpu = cluster_gpus >= 1
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     base = f"http://127.0.0.1:{args.port}"
     url = f"{base}/v1/predict"
@@ -556,16 +611,26 @@ def main(argv=None) -> int:
         }
 
     layouts = [x for x in args.layouts.split(",") if x]
-    cores = os.cpu_count() or 2
-    single_reps = args.single_replicas or (4 if has_gpu else 1)
-    single_cpus = args.single_cpus or max(1.0, cores // single_reps - 1.0)
 
     def layout_settings(layout: str, reps: int) -> dict:
-        """``build_app`` settings of ``layout`` with ``reps`` model replicas (two_tier) besides ``common``."""
+        """``build_app`` settings of ``layout`` with ``reps`` model replicas (two_tier) besides ``common``.
+        The single layout's are ``--single-replicas`` / ``--single-cpus`` where given, else ServeSettings'
+        auto values (None here; build_app resolves them)."""
         if layout == "single":
-            res = {"gpus_per_replica": 1.0 / single_reps if has_gpu else 0.0, "cpus_per_replica": single_cpus}
-            return {"layout": "single", "num_replicas": single_reps, **res}
+            given = {
+                "num_replicas": args.single_replicas,
+                "gpus_per_replica": None,
+                "cpus_per_replica": args.single_cpus,
+            }
+            return {"layout": "single", **given}
         return {"layout": "two_tier", "num_replicas": reps, "ingress_replicas": fronts, **resources(reps)}
+
+    def resolved(layout: str, reps: int) -> ServeSettings:
+        """The settings build_app deploys ``layout`` with on this cluster (auto values chosen)."""
+        given = {k: v for k, v in layout_settings(layout, reps).items() if v is not None}
+        return ServeSettings(run_dir=str(run), **given).resolve(
+            has_gpu, cfg.data.image_size, cluster_cpus, cluster_gpus
+        )
 
     common = {
         "device": "auto",
@@ -617,22 +682,21 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2) + "\n")
 
-    from mapl_ray.serving.settings import ServeSettings
-
-    resolved = ServeSettings(run_dir=str(run), ingress_replicas=fronts, **resources(args.replicas)).resolve(
-        has_gpu, cfg.data.image_size, int(ray.cluster_resources().get("CPU", 2))
-    )
-    entry["settings"]["ingress_replicas"] = resolved.ingress_replicas
+    two_tier = resolved("two_tier", args.replicas)  # its fronts also size the echo app
+    entry["settings"]["ingress_replicas"] = two_tier.ingress_replicas
     entry["settings"]["ray_serve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
-    entry["settings"]["layouts"] = {
-        lay: {k: v for k, v in layout_settings(lay, args.replicas).items() if k != "layout"} for lay in layouts
-    }
-    entry["settings"]["layouts"].get("two_tier", {})["ingress_replicas"] = resolved.ingress_replicas
+    entry["settings"]["cluster"] = {"gpus": cluster_gpus, "cpus_of_model_nodes": cluster_cpus}
+    shown = ("num_replicas", "gpus_per_replica", "cpus_per_replica", "torch_threads", "ingress_replicas")
+    entry["settings"]["layouts"] = {}
+    for lay in layouts:  # what each layout runs with, and which of it ServeSettings chose (auto)
+        given, r = layout_settings(lay, args.replicas), resolved(lay, args.replicas)
+        auto = sorted(k for k in shown if k in given and given[k] is None)
+        entry["settings"]["layouts"][lay] = {**{k: getattr(r, k) for k in shown}, "auto": auto}
     entry["stages"] = stage_costs(run, bodies, args.batch_on, memory_banks=args.memory_banks)
     print("stages", entry["stages"], flush=True)
     save()
     if args.http_ceiling or args.only_ceiling:
-        entry["http_ceiling"] = http_ceiling(base, bodies, resolved.ingress_replicas, conc, args, timeout_s)
+        entry["http_ceiling"] = http_ceiling(base, bodies, two_tier.ingress_replicas, conc, args, timeout_s)
         save()
     if args.only_ceiling:
         serve.shutdown()
@@ -686,13 +750,16 @@ def main(argv=None) -> int:
     print("oversized upload", entry["oversized_upload"], flush=True)
     save()
     entry["fault"] = []
-    for reps in [int(x) for x in args.fault_replicas.split(",") if x]:
+    fault_reps = [int(x) for x in args.fault_replicas.split(",") if x]
+    if layouts[0] == "single":  # the load steps' replicas whatever the list says: one test, not one per entry
+        fault_reps = fault_reps[:1]
+    for reps in fault_reps:
         deploy(run, "bench", max_batch_size=modes[default_mode], **common, **layout_settings(layouts[0], reps))
         asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))
         dep = MODEL_DEPLOYMENT[layouts[0]]
-        # the replicas deployed: the single layout runs --single-replicas whatever reps says, and recovery
-        # means all of them running again (with reps there, the survivors alone counted as recovered)
-        deployed = single_reps if layouts[0] == "single" else reps
+        # recovery means all the deployed replicas running again (the single layout's are its own, not
+        # reps; counting reps there, the survivors alone counted as recovered)
+        deployed = resolved(layouts[0], reps).num_replicas
         entry["fault"].append(
             {
                 "replicas_deployed": deployed,

@@ -436,9 +436,16 @@ def _add_run_parsers(sub) -> None:
     )
     sv.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     sv.add_argument(
-        "--replicas", type=int, help="model replicas (each loads the model; 2 keep serving while one restarts)"
+        "--replicas",
+        type=int,
+        help="model replicas (each loads the model; 2 keep serving while one restarts; default: 4 per GPU "
+        "sharing it, 1 without a GPU; docs/serving.md, Settings)",
     )
-    sv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the Ray cluster has a GPU, else 0")
+    sv.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        help="default: each replica's share of a GPU (0.25 for 4 on one GPU), 0 without a GPU",
+    )
     sv.add_argument("--max-batch-size", type=int, help="images per forward pass (default: 32 on a GPU, 1 on CPU)")
     sv.add_argument("--device", help="auto (default), cpu or cuda")
     sv.add_argument(

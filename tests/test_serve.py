@@ -498,6 +498,18 @@ def test_prometheus_metrics(served):
     assert 'route="/v1/predict"' in text and 'kind="not_an_image"' in text
 
 
+def test_replica_count_left_to_auto_on_a_cpu_cluster(served, layout):
+    """The apps leave ``num_replicas`` to auto: on this CPU-only cluster (``ray.init(num_cpus=4)``) each layout
+    runs one model replica, and :func:`cluster_shape` reads the cluster's GPUs and CPUs that resolve uses."""
+    from ray import serve
+
+    from mapl_ray.pipelines.serve import cluster_shape
+
+    assert cluster_shape() == (0, 4)
+    model = "Server" if layout == "single" else "Scorer"
+    assert serve.status().applications["main"].deployments[model].replica_states == {"RUNNING": 1}
+
+
 # ------------------------------------------------------------------------------- replica crash
 def test_killed_model_replica_gives_json_and_serve_restarts_it(served, layout):
     """Runs last: the strict app's model replica is killed (SIGKILL) while it scores a request."""

@@ -164,7 +164,8 @@ def test_encode_map_png_round_trip_at_the_image_size():
 
 # --------------------------------------------------------------------------- settings, token, metrics
 def test_settings_resolve_batching_by_device_and_validate():
-    s = ServeSettings.from_args({"run_dir": "r", "max_batch_size": "auto", "num_replicas": "2"})
+    # layout=two_tier resolves as it did when it was the default
+    s = ServeSettings.from_args({"run_dir": "r", "layout": "two_tier", "max_batch_size": "auto", "num_replicas": "2"})
     cpu, gpu = s.resolve(cluster_has_gpu=False, image_size=256), s.resolve(cluster_has_gpu=True, image_size=256)
     assert (cpu.gpus_per_replica, cpu.max_batch_size) == (0.0, 1) and (gpu.gpus_per_replica, gpu.max_batch_size) == (
         1.0,
@@ -176,15 +177,17 @@ def test_settings_resolve_batching_by_device_and_validate():
         and cpu.num_replicas == 2
     )
     assert s.resolve(True, 256).decode_limits() == DecodeLimits(40_000_000, 32, 4.0, "first")
-    assert ServeSettings(run_dir="r", device="cpu").resolve(True, 64).gpus_per_replica == 0.0
+    assert ServeSettings(run_dir="r", layout="two_tier", device="cpu").resolve(True, 64).gpus_per_replica == 0.0
     assert ServeSettings(run_dir="r", max_batch_size=8).resolve(False, 64).max_batch_size == 8  # explicit wins
     # front replicas decode the uploads: with GPU model replicas, half the CPUs (2..8); on CPU one
     assert [s.resolve(True, 256, cluster_cpus=c).ingress_replicas for c in (2, 8, 16, 64)] == [2, 4, 8, 8]
     assert s.resolve(False, 256, cluster_cpus=16).ingress_replicas == 1
-    assert ServeSettings(run_dir="r", ingress_replicas=3).resolve(True, 256, 16).ingress_replicas == 3
+    assert (
+        ServeSettings(run_dir="r", layout="two_tier", ingress_replicas=3).resolve(True, 256, 16).ingress_replicas == 3
+    )
     # layout=single: the model replicas are the fronts
     single = ServeSettings.from_args({"run_dir": "r", "layout": "single", "num_replicas": "4"})
-    assert single.resolve(True, 256, cluster_cpus=16).ingress_replicas == 4 and s.layout == "two_tier"
+    assert single.resolve(True, 256, cluster_cpus=16).ingress_replicas == 4
     for bad, match in [
         ({"run_dir": "r", "max_pixels": "many"}, "max_pixels"),
         ({"run_dir": "r", "colour": 1}, "colour"),
@@ -200,9 +203,65 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "layout": "one_hop"}, "layout must be one of two_tier, single"),
         ({"run_dir": "r", "layout": "single", "ingress_replicas": 8}, "do not apply to layout=single"),
         ({"run_dir": "r", "layout": "single", "ingress_cpus": 1}, "do not apply to layout=single"),
+        ({"run_dir": "r", "ingress_replicas": 8}, "do not apply to layout=single, the default"),  # no layout given
+        ({"run_dir": "r", "num_replicas": 0}, "num_replicas must be > 0, got 0"),
+        ({"run_dir": "r", "num_replicas": "many"}, "num_replicas must be an int or auto"),
+        ({"run_dir": "r", "cpus_per_replica": -1}, "cpus_per_replica must be >= 0"),
+        ({"run_dir": "r", "gpus_per_replica": "half"}, "gpus_per_replica must be a float or auto"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)
+
+
+def _shape(s: ServeSettings) -> tuple:
+    return s.layout, s.num_replicas, s.gpus_per_replica, s.cpus_per_replica, s.torch_threads, s.ingress_replicas
+
+
+def test_settings_default_to_the_single_layout_sized_from_the_cluster():
+    """``single`` is the default layout; replicas, GPU share and CPUs left to auto come from the cluster's
+    GPUs and CPUs (issue 18): one GPU and 16 CPUs give the H200 runs' 4 replicas at 0.25 GPU and 3 CPUs
+    each, the 2-core CPU machine one replica with 1 CPU; values the user gives are kept."""
+    auto = ServeSettings(run_dir="r")
+    assert (auto.layout, auto.num_replicas, auto.gpus_per_replica, auto.cpus_per_replica) == (
+        "single",
+        None,
+        None,
+        None,
+    )
+    gpu = auto.resolve(cluster_has_gpu=True, image_size=256, cluster_cpus=16, cluster_gpus=1)
+    assert _shape(gpu) == ("single", 4, 0.25, 3.0, 3, 4) and gpu.max_batch_size == 32
+    assert _shape(auto.resolve(True, 256, cluster_cpus=16)) == _shape(gpu)  # cluster_gpus defaults to 1 with a GPU
+    assert 4 * gpu.gpus_per_replica <= 1 and 4 * gpu.cpus_per_replica <= 16 - 2  # fits, 2 CPUs left to Ray
+    # the CPU-only test machine (2 cores): one replica, one CPU, one image at a time
+    cpu = auto.resolve(cluster_has_gpu=False, image_size=256, cluster_cpus=2)
+    assert _shape(cpu) == ("single", 1, 0.0, 1.0, 1, 1) and cpu.max_batch_size == 1
+    assert _shape(auto.resolve(False, 256)) == _shape(cpu)  # build_app without a Ray connection: 2 CPUs assumed
+    # a bigger CPU-only machine: still one replica, with the cores Ray's processes leave (torch threads)
+    assert _shape(auto.resolve(False, 256, cluster_cpus=16)) == ("single", 1, 0.0, 14.0, 14, 1)
+    # device=cpu or gpus_per_replica=0 on a GPU cluster: CPU replicas
+    assert _shape(ServeSettings(run_dir="r", device="cpu").resolve(True, 256, 16, 1))[1:3] == (1, 0.0)
+    assert _shape(ServeSettings(run_dir="r", gpus_per_replica=0).resolve(True, 256, 16, 1))[1:3] == (1, 0.0)
+    # several GPUs: 4 per GPU, each a quarter of one; the CPUs cap the count at one each beyond Ray's 2
+    assert _shape(auto.resolve(True, 256, cluster_cpus=48, cluster_gpus=3)) == ("single", 12, 0.25, 3.0, 3, 12)
+    assert _shape(auto.resolve(True, 256, cluster_cpus=4, cluster_gpus=1)) == ("single", 2, 0.5, 1.0, 1, 2)
+    # explicit values win, and the others follow them
+    two = ServeSettings(run_dir="r", num_replicas=2).resolve(True, 256, 16, 1)
+    assert _shape(two) == ("single", 2, 0.5, 7.0, 7, 2)
+    assert _shape(ServeSettings(run_dir="r", num_replicas=4).resolve(True, 256, 16, 3))[:3] == ("single", 4, 0.5)
+    assert _shape(ServeSettings(run_dir="r", gpus_per_replica=0.5).resolve(True, 256, 16, 1))[:3] == ("single", 2, 0.5)
+    mine = ServeSettings(run_dir="r", num_replicas=3, gpus_per_replica=0.2, cpus_per_replica=1.5, torch_threads=4)
+    assert _shape(mine.resolve(True, 256, 16, 1)) == ("single", 3, 0.2, 1.5, 4, 3)
+    assert ServeSettings(run_dir="r", cpus_per_replica=2).resolve(True, 256, 16, 1).torch_threads == 2
+    # strings from a config file or --set: auto is None
+    from_file = ServeSettings.from_args({"run_dir": "r", "num_replicas": "auto", "cpus_per_replica": "auto"})
+    assert _shape(from_file.resolve(True, 256, 16, 1)) == _shape(gpu)
+    # layout=two_tier keeps its old defaults: one model replica with the GPU and 1 CPU, 2-8 fronts
+    tier = ServeSettings(run_dir="r", layout="two_tier")
+    assert _shape(tier.resolve(True, 256, 16, 1)) == ("two_tier", 1, 1.0, 1.0, 1, 8)
+    assert _shape(tier.resolve(False, 256, 2)) == ("two_tier", 1, 0.0, 1.0, 1, 1)
+    assert _shape(tier.resolve(True, 256, 64, 8)) == ("two_tier", 1, 1.0, 1.0, 1, 8)
+    with pytest.raises(ValueError, match="cluster_cpus >= 0"):
+        auto.resolve(True, 256, cluster_cpus=-1)
 
 
 def test_token_from_file_or_environment(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """HTTP scoring of a trained run with Ray Serve: a FastAPI front and a model deployment with dynamic batching.
 
-In the default layout (``layout=two_tier``), two deployments make one application (:func:`build_app`):
+With ``layout=two_tier``, two deployments make one application (:func:`build_app`):
 
 * ``Ingress`` (FastAPI, no model, no GPU): bearer token, bounded body read, content-type dispatch,
   decoding each upload with the limits (:func:`~mapl_ray.data.io.decode_upload`, in worker threads,
@@ -16,7 +16,7 @@ In the default layout (``layout=two_tier``), two deployments make one applicatio
   forward pass runs in a worker thread, never on the replica's event loop. Its
   ``max_queued_requests`` bounds the wait: a full queue is a 503 with ``Retry-After`` at once.
 
-With ``layout=single`` the application is one deployment, ``Server``: the same ``Ingress`` class (same
+With ``layout=single`` (the default) the application is one deployment, ``Server``: the same ``Ingress`` class (same
 routes, checks, errors and answers) holding the ``Scorer`` class in its own process instead of a handle
 to the deployment. Each replica decodes in its worker threads and batches the images of its concurrent
 requests (``@serve.batch``) itself: no hop between processes; several replicas share a GPU with
@@ -579,32 +579,50 @@ class Ingress:
 
 
 # ------------------------------------------------------------------------------------------ builders
+def cluster_shape() -> tuple[int, int]:
+    """``(gpus, cpus)`` of the connected Ray cluster for :meth:`ServeSettings.resolve`: whole GPUs in the
+    cluster, and the CPUs (logical cores Ray schedules) of the nodes the model replicas would run on,
+    those with a GPU when there is one (a CPU-only node's cores cannot decode for a GPU replica).
+    ``(0, 2)`` without a Ray connection (resolve's defaults: one CPU replica)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0, 2
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    cpus = int(res.get("CPU", 2))
+    if gpus:
+        alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        gpu_node_cpus = int(sum(r.get("CPU", 0) for r in alive if r.get("GPU", 0) > 0))
+        cpus = gpu_node_cpus or cpus
+    return gpus, cpus
+
+
 def build_app(run_dir: "str | Path", **settings: Any):
     """The Serve application for ``run_dir`` (``serve.run(build_app(run))``).
 
     Args:
         run_dir: run folder written by ``mapl train``.
-        **settings: any :class:`~mapl_ray.serving.settings.ServeSettings` field (``num_replicas``,
-            ``gpus_per_replica``, ``max_batch_size``, ``max_body_bytes``...). The GPU share and batching
-            default from the connected Ray cluster (a GPU: 1 GPU per replica, batches of 32; none: CPU,
-            one image at a time).
+        **settings: any :class:`~mapl_ray.serving.settings.ServeSettings` field (``layout``,
+            ``num_replicas``, ``gpus_per_replica``, ``max_batch_size``, ``max_body_bytes``...). Those left
+            out default from the connected Ray cluster (:func:`cluster_shape`,
+            :meth:`~mapl_ray.serving.settings.ServeSettings.resolve`): in the default ``single`` layout
+            on one GPU with 16 CPUs, 4 replicas at 0.25 GPU and 3 CPUs each, batches of up to 32; without
+            a GPU, one replica on the CPUs Ray's own processes leave, one image at a time.
 
     Raises:
         CheckpointError: ``run_dir`` is not a trained run folder (checked here, before any replica starts).
         ValueError: an unknown or invalid setting (``memory_banks`` over the run's), or an unreadable ``token_file``.
     """
-    import ray
-
     from ..runfolder import require_run_folder
 
     run = require_run_folder(run_dir).resolve()
     s = ServeSettings.from_args({**settings, "run_dir": str(run)})
-    res = ray.cluster_resources() if ray.is_initialized() else {}
-    has_gpu = res.get("GPU", 0) >= 1
+    gpus, cpus = cluster_shape()
     cfg = Config.load_run(run / "config.yaml")
     if s.memory_banks is not None and s.memory_banks > cfg.model.memory_banks:
         raise ValueError(f"serve setting memory_banks={s.memory_banks}: the run holds {cfg.model.memory_banks}")
-    s = s.resolve(has_gpu, cfg.data.image_size, int(res.get("CPU", 2)))
+    s = s.resolve(gpus >= 1, cfg.data.image_size, cpus, gpus)
     s.token_sha256 = token_digest(load_token(s.token_env, s.token_file))
     logs = {"enable_access_log": s.access_log}
     if s.layout == "single":  # the model replicas are the fronts: decoding threads, batching, the model

@@ -2,8 +2,9 @@
 
 The same :class:`ServeSettings` comes from ``mapl serve`` flags, from the ``args`` of a Serve config
 file (``serve run serve/config.yaml``; values may be YAML numbers or strings) and from
-:func:`mapl_ray.pipelines.serve.build_app` keywords. Fields left as None are chosen by
-:meth:`ServeSettings.resolve` from the device the model replicas get and from the run's image size.
+:func:`mapl_ray.pipelines.serve.build_app` keywords. Fields left as None (``auto``) are chosen by
+:meth:`ServeSettings.resolve` from the layout, the cluster's GPUs and CPUs, the device the model replicas
+get and the run's image size.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ GPU_BATCH = 32
 CPU_BATCH = 1
 #: Most front replicas chosen by default (each decodes uploads in its own process).
 MAX_AUTO_FRONTS = 8
-#: How the application is laid out (docs/serving.md, "Layouts"): ``two_tier``, HTTP fronts that decode
-#: and a model deployment they call; ``single``, each model replica is its own HTTP front (one hop less).
+#: How the application is laid out (docs/serving.md, "Layouts"): ``single`` (the default), each model
+#: replica is its own HTTP front (one hop less; faster on the H200 at every concurrency measured);
+#: ``two_tier``, HTTP fronts that decode and a model deployment they call.
 LAYOUTS = ("two_tier", "single")
+#: ``single`` layout on GPUs, ``num_replicas`` left to auto: this many replicas share each GPU of the
+#: cluster (``gpus_per_replica`` 1/4 each), the setting the H200 runs of docs/serving.md measured.
+SINGLE_REPLICAS_PER_GPU = 4
+#: CPUs of the model replicas' nodes left to Ray's own processes (HTTP proxy, Serve controller, raylet)
+#: when ``cpus_per_replica`` is chosen for the ``single`` layout; 16 cores and 4 replicas give 3 each.
+RAY_RESERVED_CPUS = 2
 #: Ray Serve's own settings for the local Ray that ``mapl serve`` starts (not with ``RAY_ADDRESS``: a
 #: cluster's nodes need them in their own environment; a variable already set wins). Ray 2.56+'s
 #: high-throughput mode (user code on the replica's event loop, gRPC between replicas, direct ingress;
@@ -50,19 +58,26 @@ class ServeSettings:
 
     Attributes:
         run_dir: run folder written by ``mapl train`` (``config.yaml``, ``checkpoint/``).
-        layout: ``two_tier`` (HTTP front replicas decode the uploads and send the images to the model
-            deployment) or ``single`` (each model replica is an HTTP front: it decodes in its worker
+        layout: ``single`` (default: each model replica is an HTTP front: it decodes in its worker
             threads and batches the images of its concurrent requests itself; no hop between
-            processes, no retry on another replica when it dies). See :data:`LAYOUTS`.
+            processes, no retry on another replica when it dies) or ``two_tier`` (HTTP front replicas
+            decode the uploads and send the images to the model deployment). See :data:`LAYOUTS`.
         memory_banks: score with the first this many of the run's memory banks (each costs decoder work)
             instead of all of them: a faster, different model whose scores differ from ``mapl predict``'s
             and whose labels use a threshold fitted with all the banks (``model_version`` says
             ``+banksN``). For measuring what the banks cost; None (all of them) for production.
         device: ``auto`` (CUDA when the model replica has a GPU), ``cpu`` or ``cuda``.
         num_replicas: model replicas (each loads the model; 2 keep answering while one restarts).
-        gpus_per_replica: GPUs per model replica (fractions share one GPU); None: 1 when the Ray
-            cluster has a GPU and ``device`` is not ``cpu``, else 0.
-        cpus_per_replica: CPUs Ray reserves per model replica.
+            None (auto): ``two_tier``, 1. ``single`` with GPU replicas, :data:`SINGLE_REPLICAS_PER_GPU`
+            per GPU of the cluster (or as many as fit when ``gpus_per_replica`` is given), at most one
+            per CPU left after :data:`RAY_RESERVED_CPUS`; ``single`` on CPU, 1.
+        gpus_per_replica: GPUs per model replica (fractions share one GPU); None (auto): 0 when the
+            cluster has no GPU or ``device`` is ``cpu``; else ``two_tier``, 1, and ``single``, the
+            replicas' share of a GPU, 1 / ceil(num_replicas / GPUs) (4 replicas on one GPU: 0.25).
+        cpus_per_replica: CPUs Ray reserves per model replica (the ``single`` layout's replicas also
+            decode the uploads with them). None (auto): ``two_tier``, 1; ``single``, the CPUs of the
+            replicas' nodes less :data:`RAY_RESERVED_CPUS`, split between the replicas, whole CPUs, at
+            least 1 each (16 CPUs, 4 replicas: 3 each).
         torch_threads: torch intra-op threads in a model replica; None: ``cpus_per_replica`` rounded
             (at least 1; Ray would otherwise leave torch one thread).
         ingress_replicas: HTTP front replicas (no model; they parse, check and decode uploads and forward
@@ -112,12 +127,12 @@ class ServeSettings:
     """
 
     run_dir: str
-    layout: str = "two_tier"
+    layout: str = "single"
     memory_banks: int | None = None
     device: str = "auto"
-    num_replicas: int = 1
+    num_replicas: int | None = None
     gpus_per_replica: float | None = None
-    cpus_per_replica: float = 1.0
+    cpus_per_replica: float | None = None
     torch_threads: int | None = None
     ingress_replicas: int | None = None
     ingress_cpus: float = 0.0
@@ -186,8 +201,9 @@ class ServeSettings:
             (self.ingress_replicas is not None and self.ingress_replicas != self.num_replicas) or self.ingress_cpus
         ):
             raise ValueError(
-                "serve settings ingress_replicas / ingress_cpus do not apply to layout=single (each model replica "
-                "is its own HTTP front): set num_replicas and cpus_per_replica"
+                "serve settings ingress_replicas / ingress_cpus do not apply to layout=single, the default (each "
+                "model replica is its own HTTP front): set num_replicas and cpus_per_replica, or layout=two_tier "
+                f"for separate fronts; got ingress_replicas={self.ingress_replicas!r}, ingress_cpus={self.ingress_cpus!r}"
             )
         if self.animated not in ANIMATED_POLICIES:
             raise ValueError(f"serve setting animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
@@ -207,13 +223,47 @@ class ServeSettings:
             raise ValueError("missing serve setting run_dir (the run folder written by `mapl train`)")
         return cls(**args)
 
-    def resolve(self, cluster_has_gpu: bool, image_size: int, cluster_cpus: int = 2) -> ServeSettings:
-        """A copy with every None default chosen: the GPU share from ``cluster_has_gpu``, batching and the
-        front replicas from whether the model replicas get a GPU (and ``cluster_cpus``), ``min_side``
-        from the run's ``image_size``."""
+    def resolve(
+        self, cluster_has_gpu: bool, image_size: int, cluster_cpus: int = 2, cluster_gpus: int | None = None
+    ) -> ServeSettings:
+        """A copy with every None (auto) setting chosen for a Ray cluster of this shape; values the user
+        set are kept as they are.
+
+        ``two_tier``: 1 model replica with 1 CPU and, with a GPU in the cluster, 1 GPU; front replicas
+        from whether the model replicas get a GPU and ``cluster_cpus`` (as before ``single`` became the
+        default). ``single``: with GPU replicas, :data:`SINGLE_REPLICAS_PER_GPU` replicas per GPU
+        sharing it (1 GPU, 16 CPUs: 4 replicas at 0.25 GPU and 3 CPUs each); on CPU one replica with
+        the CPUs Ray's own processes leave (at least 1). Both: ``torch_threads`` from
+        ``cpus_per_replica``, batching from the device, ``min_side`` from ``image_size``.
+
+        Args:
+            cluster_has_gpu: the cluster has at least one whole GPU.
+            image_size: the run's image side, pixels.
+            cluster_cpus: CPUs (logical cores) of the nodes the model replicas can run on (on a GPU
+                cluster, of its GPU nodes: :func:`mapl_ray.pipelines.serve.cluster_shape`).
+            cluster_gpus: whole GPUs of the cluster when ``cluster_has_gpu`` (None: 1); not read
+                without a GPU.
+
+        Raises:
+            ValueError: ``cluster_cpus`` or ``cluster_gpus`` negative, or ``image_size`` not positive.
+        """
+        if cluster_cpus < 0 or (cluster_gpus is not None and cluster_gpus < 0) or image_size <= 0:
+            raise ValueError(
+                "resolve needs cluster_cpus >= 0, cluster_gpus >= 0 and image_size > 0 (pixels), got "
+                f"cluster_cpus={cluster_cpus!r}, cluster_gpus={cluster_gpus!r}, image_size={image_size!r}"
+            )
         s = dataclasses.replace(self)
-        if s.gpus_per_replica is None:
-            s.gpus_per_replica = 1.0 if cluster_has_gpu and s.device != "cpu" else 0.0
+        gpus = max(1, int(cluster_gpus or 0)) if cluster_has_gpu else 0
+        gpu_available = gpus >= 1 and s.device != "cpu"
+        if s.layout == "single":
+            _resolve_single(s, gpu_available, gpus, cluster_cpus)
+        else:
+            if s.num_replicas is None:
+                s.num_replicas = 1
+            if s.gpus_per_replica is None:
+                s.gpus_per_replica = 1.0 if gpu_available else 0.0
+            if s.cpus_per_replica is None:
+                s.cpus_per_replica = 1.0
         on_gpu = s.gpus_per_replica > 0 and s.device != "cpu"
         if s.layout == "single":
             s.ingress_replicas = s.num_replicas
@@ -254,6 +304,32 @@ class ServeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _resolve_single(s: ServeSettings, gpu_available: bool, gpus: int, cluster_cpus: int) -> None:
+    """The ``single`` layout's replica count, GPU share and CPUs, in place, where ``s`` leaves them None
+    (:meth:`ServeSettings.resolve`; ``gpus`` whole GPUs, ``cluster_cpus`` CPUs of the replicas' nodes)."""
+    on_gpu = gpu_available and (s.gpus_per_replica is None or s.gpus_per_replica > 0)
+    spare = max(1, cluster_cpus - RAY_RESERVED_CPUS)  # CPUs Ray's own processes leave to the replicas
+    if s.num_replicas is None:
+        if not on_gpu:
+            n = 1  # one CPU replica holds all the spare cores (torch threads) instead of splitting them
+        elif s.gpus_per_replica is None:
+            n = SINGLE_REPLICAS_PER_GPU * gpus
+        else:  # as many as the given share fits on the GPUs
+            n = int(gpus / s.gpus_per_replica + 1e-9)
+        s.num_replicas = max(1, min(n, spare))  # each replica decodes: at least one CPU each
+    if s.gpus_per_replica is None:
+        s.gpus_per_replica = _gpu_share(s.num_replicas, gpus) if on_gpu else 0.0
+    if s.cpus_per_replica is None:
+        s.cpus_per_replica = float(max(1, spare // s.num_replicas))
+
+
+def _gpu_share(replicas: int, gpus: int) -> float:
+    """GPUs per replica so that ``replicas`` replicas pack onto ``gpus`` GPUs (fractions of one GPU are
+    per GPU in Ray: 4 replicas on 3 GPUs need 0.5 each, not 0.75), rounded down to Ray's 1e-4 step."""
+    per_gpu = math.ceil(replicas / max(1, gpus))
+    return math.floor(10_000 / per_gpu) / 10_000
 
 
 def _convert(name: str, annotation: str, value: Any) -> Any:
