@@ -8,7 +8,16 @@ from pathlib import Path
 from mapl_ray.eval.accuracy_report import machine, stats
 from mapl_ray.presets import category_preset
 
-__all__ = ["DATASETS", "add_grid_arguments", "category_base", "machine", "spearman", "stats", "val_test_correlation"]
+__all__ = [
+    "DATASETS",
+    "add_grid_arguments",
+    "category_base",
+    "machine",
+    "spearman",
+    "stats",
+    "val_test_correlation",
+    "with_validation_mean",
+]
 
 DATASETS = {"screw": "mvtec_ad", "magnetic_tile": "magnetic_tile", "metal_plate": "mpdd", "leather": "mvtec_ad"}
 
@@ -47,14 +56,25 @@ def spearman(x: list, y: list) -> float | None:
     return float(spearmanr(*zip(*pairs)).statistic)
 
 
-def val_test_correlation(records: list[dict]) -> dict:
-    """Spearman correlation of validation and test image AUROC over all runs and within each category
-    (categories differ in how close their simulated anomalies come to their real defects)."""
+def val_test_correlation(records: list[dict], key: str = "validation_image_auroc") -> dict:
+    """Spearman correlation of a validation figure (``key`` of each record; default the objective, the
+    validation image AUROC) and test image AUROC over all runs and within each category (categories differ
+    in how close their simulated anomalies come to their real defects)."""
     ok = [r for r in records if "error" not in r]
-    out = {"all": spearman([r.get("validation_image_auroc") for r in ok], [r.get("image_auroc") for r in ok])}
+    out = {"all": spearman([r.get(key) for r in ok], [r.get("image_auroc") for r in ok])}
     for cat in sorted({r["category"] for r in ok}):
         rs = [r for r in ok if r["category"] == cat]
-        out[cat] = spearman([r.get("validation_image_auroc") for r in rs], [r.get("image_auroc") for r in rs])
+        out[cat] = spearman([r.get(key) for r in rs], [r.get("image_auroc") for r in rs])
+    return out
+
+
+def with_validation_mean(records: list[dict]) -> list[dict]:
+    """Records with ``validation_mean_image_pixel_auroc``: the mean of validation image and pixel AUROC
+    (objective (iii) of the comparison fixed in docs/results.md before the 2026-12-05 grid)."""
+    out = []
+    for r in records:
+        i, p = r.get("validation_image_auroc"), r.get("validation_pixel_auroc")
+        out.append({**r, "validation_mean_image_pixel_auroc": None if i is None or p is None else (i + p) / 2})
     return out
 
 

@@ -103,6 +103,10 @@ class ModelConfig:
     head_hidden: int = 64
     normalize_intensity: bool = False  # per-image intensity standardisation before the encoder
     head_detach: bool = True  # True: the BCE terms (L_Yl, L_Yu) train the image head only, not the maps
+    # patch bank: a greedy coreset of this many normal patch features, filled at the end of training, whose
+    # nearest-neighbour map is fused with the decoder's (mapl_ray.model.patch_bank; eval.knn_weight); 0: none
+    knn_patches: int = 16384
+    knn_images: int = 256  # at most this many normal images (seeded choice) give the patch bank's candidates
 
 
 @dataclass
@@ -199,6 +203,11 @@ class EvalConfig:
     top_k: int = 100  # image score = mean of the top-k anomaly-map pixels
     q_weight: float | None = None  # image score += q_weight * sigmoid(q); None: chosen on validation
     q_weight_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)  # the candidates validation chooses from
+    # share of the patch bank's map in the fused map (mapl_ray.model.anomaly_map.fuse_maps); None: chosen on
+    # validation from knn_weight_grid (0: the decoder's map alone)
+    knn_weight: float | None = None
+    # 1 (the patch map alone, the trained decoder left out) is not a default candidate: docs/results.md
+    knn_weight_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     validate_every: int = 0  # steps between validation passes during training (0: only at the end)
     validation_simulations: int = 4  # simulated anomalies per validation normal (validation seed, held-out textures)
     # validation anomalies are blended with transparency delta ~ U[simulation.delta_min, this]: subtle ones, so the
@@ -402,6 +411,8 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
 def _model_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
         ("model.memory_samples", c.model.memory_samples >= 1, ">= 1"),
+        ("model.knn_patches", c.model.knn_patches >= 0, ">= 0 (0: no patch bank)"),
+        ("model.knn_images", c.model.knn_images >= 1, ">= 1"),
         ("model.memory_rotations", c.model.memory_rotations >= 1, ">= 1"),
         ("model.memory_banks", c.model.memory_banks >= 1, ">= 1"),
         ("model.memory_backend", c.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),
@@ -474,6 +485,12 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
             "eval.q_weight_grid",
             len(c.eval.q_weight_grid) >= 1 and min(c.eval.q_weight_grid) >= 0,
             "one or more weights >= 0",
+        ),
+        ("eval.knn_weight", c.eval.knn_weight is None or 0 <= c.eval.knn_weight <= 1, "in [0, 1] or null"),
+        (
+            "eval.knn_weight_grid",
+            len(c.eval.knn_weight_grid) >= 1 and min(c.eval.knn_weight_grid) >= 0 and max(c.eval.knn_weight_grid) <= 1,
+            "one or more weights in [0, 1]",
         ),
         ("eval.validate_every", c.eval.validate_every >= 0, ">= 0"),
         ("eval.validation_simulations", c.eval.validation_simulations >= 0, ">= 0"),

@@ -19,7 +19,7 @@ import torch
 from .data.io import load_image
 from .data.pose import Pose, build_pose_estimator
 from .model import build_model, resolve_backend
-from .model.anomaly_map import anomaly_maps, image_scores, tta_views
+from .model.anomaly_map import anomaly_maps, fuse_maps, image_scores, tta_views
 from .model.graphs import GraphedForward
 from .runfolder import load_model_weights, load_run_config, read_state
 from .tensors import resolve_device, to_tensor
@@ -46,6 +46,8 @@ class Predictor:
             (zeros, dropped from the outputs) so that every chunk replays the one graph of the full
             batch: each new shape costs a capture (warm-up passes, cuDNN's choice; about a second at
             256 images). For batch jobs (``mapl score``), not for single-image latency.
+        parts: return the decoder's map (``maps``) and the patch bank's (``knn_maps``) apart, unfused
+            (calibration chooses the fusion from them); scores are then the decoder map's.
 
     Raises:
         CheckpointError / ConfigError: the run folder is incomplete or unreadable (names the file).
@@ -63,6 +65,7 @@ class Predictor:
         tta: str | None = None,
         memory_banks: int | None = None,
         fixed_batch: bool = False,
+        parts: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.cfg = load_run_config(self.run_dir)
@@ -75,6 +78,7 @@ class Predictor:
         #: when decoded (:meth:`load_image`) and maps turned back with :meth:`to_original_frame`.
         self.pose_estimator = build_pose_estimator(self.cfg)
         self.state = read_state(self.run_dir)
+        self.parts = bool(parts)
         self.device = resolve_device(device)
         # all weights (encoder included) come from the checkpoint: no pretrained file needed to serve
         cfg = self.cfg.override({"model.pretrained": False, "model.weights": None})
@@ -121,13 +125,34 @@ class Predictor:
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._graphed(x)
+        # the score's weights are constants of a captured graph: a calibration that changes them drops the graphs
+        fusion = self.fusion
+        key = (self.q_weight, tuple(sorted(fusion.items())) if fusion else None, self.parts)
+        return self._graphed(x, key)
+
+    @property
+    def fusion(self) -> dict[str, float] | None:
+        """The patch bank's share in the map (``state.json`` ``knn_fusion``: ``weight``, ``map_scale``,
+        ``knn_scale``, chosen on validation when the run was calibrated); None: the decoder's map alone."""
+        f = self.state.get("knn_fusion")
+        return f if f and f.get("weight") and self.model.patch_bank.filled else None
 
     def _forward(self, x: torch.Tensor, cache: bool = True) -> dict[str, torch.Tensor]:
+        fusion = self.fusion
         out = anomaly_maps(
-            self.model, x, self.views, self.memory_banks, self.cfg.train.amp, self.cfg.train.channels_last, cache
+            self.model,
+            x,
+            self.views,
+            self.memory_banks,
+            self.cfg.train.amp,
+            self.cfg.train.channels_last,
+            cache,
+            knn=bool(fusion) or self.parts,
         )
-        return {**out, "scores": self.score(out["maps"], out["q"])}
+        if self.parts:  # calibration: the maps apart (the fusion is chosen from them)
+            return {**out, "scores": self.score(out["maps"], out["q"])}
+        maps = fuse_maps(out["maps"], out.get("knn_maps"), fusion)
+        return {"maps": maps, "q": out["q"], "scores": self.score(maps, out["q"])}
 
     @property
     def q_weight(self) -> float:
@@ -138,7 +163,7 @@ class Predictor:
         return float(self.cfg.eval.q_weight or 0.0)
 
     def score(self, maps: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Image score ``(B,)``: top-k mean of each map plus :attr:`q_weight` times ``q``."""
+        """Image score ``(B,)``: top-k mean of each (fused) map plus :attr:`q_weight` times ``q``."""
         return image_scores(maps, q, self.cfg.eval.top_k, self.q_weight)
 
     def predict_arrays(self, images: np.ndarray, maps: bool = True) -> dict[str, np.ndarray]:
@@ -149,9 +174,11 @@ class Predictor:
         alone: a 256x256 batch of 256 maps is 64 MiB to copy back).
 
         Returns numpy ``maps`` ``(N, H, W)`` float32 (absent with ``maps=False``), ``q`` ``(N,)``,
-        ``scores`` ``(N,)``.
+        ``scores`` ``(N,)``; with ``parts`` (and a filled patch bank) also ``knn_maps`` ``(N, H, W)``.
         """
         keys = ("maps", "q", "scores") if maps else ("q", "scores")
+        if self.parts and maps and self.model.patch_bank.filled:
+            keys += ("knn_maps",)
         outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]

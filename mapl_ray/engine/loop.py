@@ -35,6 +35,7 @@ from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..model.memory import MemoryBank
 from ..pseudo.labeler import PseudoLabeler, report_refit
 from ..pseudo.occ import MapFn, OCCEnsemble
+from ..pseudo.patch_knn import patch_embeddings
 from ..runfolder import (
     TRAIN_LOG_FILE,
     CheckpointSnapshot,
@@ -55,6 +56,8 @@ from .schedule import fast_forward, make_scheduler
 from .step import CudaGraphStep, device_lr, reduce_losses
 
 log = logging.getLogger("mapl_ray.train")
+#: the patch bank's coreset is chosen among at most this many times model.knn_patches random patches
+KNN_CANDIDATES = 4
 
 
 def unwrap(model: torch.nn.Module) -> MAPLModel:
@@ -146,6 +149,41 @@ class Trainer:
         self.bank_images = memory_bank_images(self.cfg, d)
         if training_bank:
             self.refresh_banks(core, banks=1)
+
+    @torch.no_grad()
+    def fill_patch_bank(self, core: MAPLModel) -> None:
+        """Fill the patch bank (:class:`~mapl_ray.model.patch_bank.PatchBank`) from the labeled normals (the
+        pool images pseudo-labeled normal only when there is no labeled normal): up to ``model.knn_images``
+        of them (seeded), in 4 quarter turns when the memory bank holds rotations (``model.memory_rotations``
+        > 1), at most :data:`KNN_CANDIDATES` times ``model.knn_patches`` patches drawn at random, then a
+        greedy coreset of ``model.knn_patches`` of them.
+
+        Labeled normals only, because one defect patch in the bank hides every like patch from the
+        nearest-neighbour map, and the pseudo-labeler lets most of a pool's defects into the normal stream
+        (its recall, docs/results.md); the decoder's memory bank, matched image by image, is less exposed."""
+        m, d = self.cfg.model, self.data
+        if len(d.normals):
+            rows = np.arange(len(d.normals))
+        else:
+            labels = self.labeler.history[max(self.labeler.history)] if self.labeler.history else None
+            rows = normal_rows(d, labels)
+        if not len(rows):
+            log.warning("no normal image to fill the patch bank from: the run scores with the decoder's map alone")
+            return
+        if len(rows) > m.knn_images:
+            rows = np.sort(np.random.default_rng([self.cfg.data.seed, 11]).choice(rows, m.knn_images, replace=False))
+        turns = 4 if m.memory_rotations > 1 else 1
+        gen = torch.Generator().manual_seed(int(self.cfg.data.seed))
+        emb = []
+        for i in range(0, len(rows), self.cfg.eval.batch_size):
+            x = to_tensor(d.source_images(rows[i : i + self.cfg.eval.batch_size]), self.device)
+            for k in range(turns):
+                emb.append(patch_embeddings(core.encode(torch.rot90(x, k, dims=(2, 3)) if k else x)))
+        flat = torch.cat(emb).reshape(-1, emb[0].shape[-1])
+        cap = KNN_CANDIDATES * m.knn_patches
+        if flat.shape[0] > cap:
+            flat = flat.index_select(0, torch.randperm(flat.shape[0], generator=gen)[:cap].to(flat.device))
+        core.patch_bank.fill(flat[None], m.knn_patches, gen)
 
     def resume(self) -> None:
         """Continue from ``RUN/checkpoint``: weights, optimizer, LR schedule, step, EMA, pseudo-labeler.
@@ -467,6 +505,9 @@ class Trainer:
             core = unwrap(self.model)
             self.rechoose_banks(self.labeler.history[max(self.labeler.history)], core, training_bank=False)
             self.refresh_banks(core)
+        if self.rank == 0 and self.cfg.model.knn_patches:
+            self._phase("filling the patch bank")
+            self.fill_patch_bank(unwrap(self.model))
         self._phase("saving the final checkpoint")
         self.checkpoint(end_step)
         wall = time.perf_counter() - t0

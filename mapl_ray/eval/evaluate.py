@@ -24,8 +24,9 @@ from .validation import score_validation_set, validation_metrics
 
 
 def calibrate(run_dir: str | Path, validation: ValidationSet | np.ndarray, device: str = "auto") -> dict[str, Any]:
-    """Choose the image head's weight on the validation set, then fit the z-score normalisation and the
-    decision threshold on its normals; update ``state.json``.
+    """Choose the patch bank's share in the map and the image head's weight on the validation set, then fit
+    the z-score normalisation and the decision threshold on its normals (scored as the run will score);
+    update ``state.json``.
 
     Args:
         validation: the run's :class:`~mapl_ray.data.validation.ValidationSet`, or plain uint8 normals
@@ -33,20 +34,23 @@ def calibrate(run_dir: str | Path, validation: ValidationSet | np.ndarray, devic
             normals: no threshold (``predict`` then reports scores without labels).
 
     Returns:
-        the updated state dict (``q_weight``, ``validation`` metrics, ``normalisation``, ``threshold``).
+        the updated state dict (``knn_fusion``, ``q_weight``, ``validation`` metrics, ``normalisation``,
+        ``threshold``).
     """
-    pred = Predictor(run_dir, device=device)
+    pred = Predictor(run_dir, device=device, parts=True)
     state = dict(pred.state)
     cfg = pred.cfg
     vset = validation if isinstance(validation, ValidationSet) else None
     normals = validation.normals if vset is not None else np.asarray(validation)
     if vset is not None and 0 < int(vset.labels.sum()) < len(vset):
-        maps, q = score_validation_set(pred.predict_arrays, vset, pred.batch_size)
+        maps, q, knn_maps = score_validation_set(pred.predict_arrays, vset, pred.batch_size)
+        e = cfg.eval
         state["validation"] = validation_metrics(
-            vset, maps, q, cfg.eval.top_k, cfg.eval.q_weight, cfg.eval.q_weight_grid
+            vset, maps, q, e.top_k, e.q_weight, e.q_weight_grid, knn_maps, e.knn_weight, e.knn_weight_grid
         )
         state["q_weight"] = state["validation"]["q_weight"]
-    pred.state = state
+        state["knn_fusion"] = state["validation"].get("knn_fusion")
+    pred.state, pred.parts = state, False
     if len(normals) >= 2:
         scores = pred.predict_arrays(normals)["scores"]
         state["normalisation"] = fit_normalisation(scores)
@@ -144,6 +148,12 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         # maps averaged over this many memory banks (model.memory_banks; the checkpoint holds them)
         "memory_banks": len(pred.model.banks),
         "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels"
+        + (
+            f" (map: {1 - pred.fusion['weight']:g} decoder + {pred.fusion['weight']:g} patch nearest-neighbour, "
+            "each scaled on the validation normals; weight chosen on validation)"
+            if pred.fusion
+            else ""
+        )
         + (f" + {pred.q_weight:g} * q (weight chosen on validation)" if pred.q_weight else ""),
         "threshold": pred.state.get("threshold_source", "none"),
         "split": split.summary(),

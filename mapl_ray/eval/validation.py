@@ -1,8 +1,8 @@
 """The validation objective: how well a model separates the validation set's anomalies from its normals
 (:mod:`mapl_ray.data.validation`: labeled data and simulated anomalies only, never a test file).
 
-Every choice of a setting is made on it: the image head's weight in the image score
-(:func:`choose_q_weight`), checkpoints and hyperparameters (Ray Tune reports it), the defaults. The
+Every choice of a setting is made on it: the patch bank's share in the anomaly map
+(:func:`choose_knn_fusion`), the image head's weight in the image score (:func:`choose_q_weight`), checkpoints and hyperparameters (Ray Tune reports it), the defaults. The
 objective is the image AUROC of the image score; pixel AUROC over the validation masks and the
 AUROC per anomaly source (simulated, labeled) are reported beside it.
 """
@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config
 from ..data.validation import SOURCE_LABELED_ANOMALY, SOURCE_NORMAL, SOURCE_SIMULATED, ValidationSet
-from ..model.anomaly_map import anomaly_maps, topk_mean, tta_views
+from ..model.anomaly_map import anomaly_maps, fuse_maps, topk_mean, tta_views
 from ..model.network import MAPLModel
 from ..tensors import to_tensor
 from .metrics import image_auroc, pixel_auroc
@@ -41,17 +41,83 @@ def choose_q_weight(
     return best, {f"{w:g}": a for w, a in aurocs.items()}
 
 
+def choose_knn_fusion(
+    labels: np.ndarray,
+    maps: np.ndarray,
+    knn_maps: np.ndarray,
+    top_k: int,
+    weight: float | None,
+    grid: tuple[float, ...],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The patch bank's share ``w`` in the fused map (:func:`~mapl_ray.model.anomaly_map.fuse_maps`) with the
+    highest validation image AUROC of its top-k score (ties: the smallest ``w``), and each candidate's AUROC.
+
+    The scales divide each map by the mean top-k score of the validation normals under it, so that both
+    are about 1 on a normal image and ``w`` weighs like with like.
+
+    Args:
+        labels: int ``(V,)`` 0 / 1 (both present); maps, knn_maps: float ``(V, H, W)`` (decoder, patch bank).
+        top_k: the image score's top-k; weight: a fixed ``w`` (``eval.knn_weight``) or None to choose.
+        grid: candidate weights in [0, 1] (``eval.knn_weight_grid``).
+
+    Returns:
+        ``({"weight", "map_scale", "knn_scale"}, {"<w>": image AUROC})``.
+
+    Raises:
+        ValueError: the labels hold one class only (no AUROC).
+    """
+    normal = labels == 0
+    fusion = {
+        "weight": 0.0,
+        "map_scale": max(float(np.mean(topk_mean(maps[normal], top_k))), 1e-12),
+        "knn_scale": max(float(np.mean(topk_mean(knn_maps[normal], top_k))), 1e-12),
+    }
+    aurocs = {}
+    for w in sorted(set(grid) | ({float(weight)} if weight is not None else set())):
+        fused = fuse_maps(maps, knn_maps, {**fusion, "weight": w})
+        aurocs[float(w)] = image_auroc(labels, np.asarray(topk_mean(fused, top_k), dtype=np.float64))
+    if weight is None:
+        fusion["weight"] = max(aurocs.items(), key=lambda kv: (round(kv[1], 12), -kv[0]))[0]
+    else:
+        fusion["weight"] = float(weight)
+    return fusion, {f"{w:g}": a for w, a in aurocs.items()}
+
+
 def validation_metrics(
-    vset: ValidationSet, maps: np.ndarray, q: np.ndarray, top_k: int, q_weight: float | None, grid: tuple[float, ...]
+    vset: ValidationSet,
+    maps: np.ndarray,
+    q: np.ndarray,
+    top_k: int,
+    q_weight: float | None,
+    grid: tuple[float, ...],
+    knn_maps: np.ndarray | None = None,
+    knn_weight: float | None = None,
+    knn_grid: tuple[float, ...] = (0.0,),
 ) -> dict[str, Any]:
     """The validation objective and its parts from a model's maps ``(V, H, W)`` and head probabilities ``(V,)``.
 
-    ``q_weight`` None chooses it on this set (:func:`choose_q_weight`). Returns ``image_auroc`` (the
-    objective, with the weight used), ``image_auroc_map`` (map score alone), ``q_weight``,
-    ``image_auroc_by_q_weight``, ``pixel_auroc``, ``image_auroc_simulated`` /
-    ``image_auroc_labeled_anomalies`` (each source against the normals, where present), and the counts.
+    With the patch bank's maps ``knn_maps`` ``(V, H, W)``, the fusion of the two maps is chosen first
+    (:func:`choose_knn_fusion`; ``knn_weight`` None chooses ``w`` from ``knn_grid``) and everything below
+    is computed on the fused map. ``q_weight`` None chooses it on this set (:func:`choose_q_weight`).
+    Returns ``image_auroc`` (the objective, with the weights used), ``image_auroc_map`` (map score
+    alone), ``q_weight``, ``image_auroc_by_q_weight``, ``pixel_auroc``, ``image_auroc_simulated`` /
+    ``image_auroc_labeled_anomalies`` (each source against the normals, where present), the counts,
+    and with ``knn_maps`` ``knn_fusion``, ``image_auroc_by_knn_weight`` and ``pixel_auroc_by_knn_weight``.
     """
     labels = vset.labels.astype(np.int64)
+    fusion_out: dict[str, Any] = {}
+    if knn_maps is not None:
+        fusion, by_knn = choose_knn_fusion(labels, maps, knn_maps, top_k, knn_weight, knn_grid)
+        fusion_out = {
+            "knn_fusion": fusion,
+            "knn_weight_chosen_on_validation": knn_weight is None,
+            "image_auroc_by_knn_weight": by_knn,
+            # beside it, not chosen on: how each weight localises the validation anomalies
+            "pixel_auroc_by_knn_weight": {
+                w: pixel_auroc(vset.masks, fuse_maps(maps, knn_maps, {**fusion, "weight": float(w)})) for w in by_knn
+            },
+        }
+        maps = fuse_maps(maps, knn_maps, fusion)
     map_scores = np.asarray(topk_mean(maps, top_k), dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     chosen, by_weight = choose_q_weight(labels, map_scores, q, grid)
@@ -64,6 +130,7 @@ def validation_metrics(
         "q_weight_chosen_on_validation": q_weight is None,
         "image_auroc_by_q_weight": by_weight,
         "pixel_auroc": pixel_auroc(vset.masks, maps),
+        **fusion_out,
     }
     normal = vset.sources == SOURCE_NORMAL
     for name, src in (("simulated", SOURCE_SIMULATED), ("labeled_anomalies", SOURCE_LABELED_ANOMALY)):
@@ -76,15 +143,18 @@ def validation_metrics(
 
 def score_validation_set(
     predict: Callable[[np.ndarray], dict[str, np.ndarray]], vset: ValidationSet, batch_size: int = 16
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(maps (V, H, W), q (V,))`` of the validation images through ``predict`` (uint8 batch -> numpy
-    ``maps`` and ``q``, e.g. :meth:`mapl_ray.inference.Predictor.predict_arrays`)."""
-    maps, q = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(maps (V, H, W), q (V,), knn_maps (V, H, W) or None)`` of the validation images through ``predict``
+    (uint8 batch -> numpy ``maps``, ``q`` and, where it gives them, the patch bank's ``knn_maps``; e.g.
+    :meth:`mapl_ray.inference.Predictor.predict_arrays` of a ``parts=True`` predictor)."""
+    parts: dict[str, list[np.ndarray]] = {"maps": [], "q": [], "knn_maps": []}
     for i in range(0, len(vset), batch_size):
         out = predict(vset.images[i : i + batch_size])
-        maps.append(out["maps"])
-        q.append(out["q"])
-    return np.concatenate(maps), np.concatenate(q)
+        for k in parts:
+            if k in out:
+                parts[k].append(out[k])
+    knn = np.concatenate(parts["knn_maps"]) if parts["knn_maps"] else None
+    return np.concatenate(parts["maps"]), np.concatenate(parts["q"]), knn
 
 
 class Validator:
@@ -114,7 +184,7 @@ class Validator:
             )
             return {k: v.float().cpu().numpy() for k, v in out.items()}
 
-        maps, q = score_validation_set(predict, self.vset, self.cfg.eval.batch_size)
+        maps, q, _ = score_validation_set(predict, self.vset, self.cfg.eval.batch_size)
         model.train(was)
         e = self.cfg.eval
         return validation_metrics(self.vset, maps, q, e.top_k, e.q_weight, e.q_weight_grid)

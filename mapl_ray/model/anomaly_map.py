@@ -96,6 +96,7 @@ def anomaly_maps(
     amp: str = "auto",
     channels_last: bool = False,
     cache: bool = True,
+    knn: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Anomaly maps and head probabilities of images, averaged over the TTA ``views`` and memory banks.
 
@@ -107,9 +108,11 @@ def anomaly_maps(
         amp: ``auto`` / ``off`` / ``bf16`` autocast (:func:`~mapl_ray.tensors.autocast_context`).
         channels_last: keep the stacked views channels-last (CUDA).
         cache: autocast's weight-cast cache (off inside a CUDA-graph capture).
+        knn: also the patch bank's map (when the model's bank is filled), averaged over the same views.
 
     Returns:
-        ``"maps"`` float32 ``(B, H, W)`` in [0, 1] and ``"q"`` float32 ``(B,)``.
+        ``"maps"`` float32 ``(B, H, W)`` in [0, 1] and ``"q"`` float32 ``(B,)``; with ``knn`` and a
+        filled patch bank ``"knn_maps"`` float32 ``(B, H, W)`` (:class:`~mapl_ray.model.patch_bank.PatchBank`).
     """
     b = x.shape[0]
     if len(views) > 1:  # all views in one batch: one forward pass (one CUDA graph)
@@ -117,12 +120,43 @@ def anomaly_maps(
         if x.device.type == "cuda" and channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
     with autocast_context(x.device, amp, cache_enabled=cache):
-        out = model.predict(x, num_banks)
+        out = model.predict(x, num_banks, knn_images=x.shape[0] if knn else 0)
+
+    def view_mean(m: torch.Tensor) -> torch.Tensor:  # each view's map turned back, then their mean
+        return torch.stack([invert_view(m[i * b : (i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
+
     maps, q = out["maps"], out["q"]
+    knn_maps = out["knn_maps"].float() if "knn_maps" in out else None
     if len(views) > 1:
-        maps = torch.stack([invert_view(maps[i * b : (i + 1) * b], k, f) for i, (k, f) in enumerate(views)]).mean(0)
+        maps = view_mean(maps)
         q = q.view(len(views), b).mean(0)
-    return {"maps": maps, "q": q}
+        knn_maps = view_mean(knn_maps) if knn_maps is not None else None
+    return {"maps": maps, "q": q} | ({"knn_maps": knn_maps} if knn_maps is not None else {})
+
+
+def fuse_maps(maps: Any, knn_maps: Any, fusion: dict[str, float] | None):
+    """The fused anomaly map ``(1 - w) maps / s_map + w knn_maps / s_knn`` (``w`` = ``fusion["weight"]``).
+
+    Each map is divided by the mean top-k score of the validation normals under it (``fusion["map_scale"]``,
+    ``fusion["knn_scale"]``, :func:`mapl_ray.eval.validation.choose_knn_fusion`), so that ``w`` weighs two
+    maps of like units: a normal image scores about 1 in either. ``fusion`` None or ``w`` 0: ``maps``
+    unchanged (the decoder's map alone, in its own units).
+
+    Args:
+        maps, knn_maps: ``(N, H, W)`` numpy arrays or torch tensors (``knn_maps`` may be None when ``w`` is 0).
+
+    Raises:
+        ValueError: ``w`` > 0 without ``knn_maps``.
+
+    Source: score fusion of two detectors after normalising each on normal data (as PatchCore's ensemble
+    normalises each member's scores).
+    """
+    w = float(fusion["weight"]) if fusion else 0.0
+    if w == 0:
+        return maps
+    if knn_maps is None:
+        raise ValueError("fusing anomaly maps with a weight > 0 needs the patch bank's maps")
+    return (1.0 - w) / float(fusion["map_scale"]) * maps + w / float(fusion["knn_scale"]) * knn_maps
 
 
 def image_scores(maps: torch.Tensor, q: torch.Tensor, top_k: int, q_weight: float = 0.0) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import Config, ModelConfig
 from .encoder import Encoder, build_encoder
 from .memory import MemoryBank
+from .patch_bank import PatchBank
 
 _DEFAULTS = ModelConfig()  # the constructor's defaults are the configuration's (one set of defaults)
 
@@ -173,6 +174,7 @@ class MAPLModel(nn.Module):
                 p.requires_grad_(False)
         self.memory = MemoryBank(memory_backend)
         self.extra_memory = nn.ModuleList()  # banks 1.. of the memory-bank ensemble (inference only)
+        self.patch_bank = PatchBank()  # normal patch coreset for the fused map (inference only; filled after training)
         c = encoder.channels
         msff_out = [c[1], c[2], c[3]]
         self.msff = MSFF([2 * c[1], 2 * c[2], 2 * c[3]], msff_out, coordinate_attention)
@@ -288,7 +290,7 @@ class MAPLModel(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, images: torch.Tensor, num_banks: int | None = None, bank_batch: int = BANK_BATCH
+        self, images: torch.Tensor, num_banks: int | None = None, bank_batch: int = BANK_BATCH, knn_images: int = 0
     ) -> dict[str, torch.Tensor]:
         """Anomaly probabilities averaged over the memory-bank ensemble (the encoder runs once).
 
@@ -299,11 +301,18 @@ class MAPLModel(nn.Module):
                 time as keep ``B`` x banks within it (at least one bank per pass); a small batch of a
                 many-bank run is then one pass instead of one per bank (:meth:`_heads`).
 
+            knn_images: also the patch bank's map (:meth:`PatchBank.distance_maps`) of the first this many
+                images (all views under test-time augmentation), when the bank is filled.
+
         Returns:
             ``"maps"`` float32 ``(B, H, W)`` in [0, 1] (mean of the per-bank sigmoid maps) and ``"q"``
-            float32 ``(B,)`` (mean of the per-bank head probabilities).
+            float32 ``(B,)`` (mean of the per-bank head probabilities); with ``knn_images`` and a filled
+            patch bank ``"knn_maps"`` float32 ``(knn_images, H, W)``.
         """
         feats = self.encode(images)
+        extra = {}
+        if knn_images and self.patch_bank.filled:
+            extra["knn_maps"] = self.patch_bank.distance_maps([f[:knn_images] for f in feats], images.shape[2:])
         banks = list(self.banks[: num_banks or None])
         b = images.shape[0]
         per_pass = max(1, min(len(banks), bank_batch // max(b, 1)))
@@ -316,7 +325,7 @@ class MAPLModel(nn.Module):
             for j in range(len(group)):  # bank by bank: the same sum as one pass per bank
                 maps = maps + prob_maps[j * b : (j + 1) * b]
                 q = q + prob_q[j * b : (j + 1) * b]
-        return {"maps": maps / len(banks), "q": q / len(banks)}
+        return {"maps": maps / len(banks), "q": q / len(banks), **extra}
 
     @staticmethod
     def _pool(levels: list[torch.Tensor], di: list[torch.Tensor]) -> torch.Tensor:

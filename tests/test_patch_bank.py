@@ -1,0 +1,127 @@
+"""The patch bank: greedy coreset, nearest-normal-patch maps, checkpoint round trip, the fused map and its
+weight chosen on validation, and a trained run scoring with what calibration chose."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mapl_ray.eval.validation import choose_knn_fusion
+from mapl_ray.inference import Predictor
+from mapl_ray.model.anomaly_map import fuse_maps, topk_mean
+from mapl_ray.model.patch_bank import PatchBank, gaussian_blur, greedy_coreset
+from mapl_ray.pseudo.patch_knn import patch_embeddings
+
+
+def _levels(rng: np.random.Generator, b: int) -> list[torch.Tensor]:
+    """Encoder-like maps at strides 2, 4, 8, 16 of 64 px images (channels 3, 4, 5, 6)."""
+    shapes = [(3, 32, 32), (4, 16, 16), (5, 8, 8), (6, 4, 4)]
+    return [torch.from_numpy(rng.standard_normal((b, *s)).astype(np.float32)) for s in shapes]
+
+
+def test_coreset_keeps_rare_patches_that_random_choice_drops():
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(2000, 16, generator=g) * 0.1
+    rare = torch.randn(5, 16, generator=g) * 0.1 + 10.0 * torch.eye(16)[:5]  # five far-off patches
+    patches = torch.cat([common, rare])
+    chosen = set(greedy_coreset(patches, 20, torch.Generator().manual_seed(1)).tolist())
+    assert set(range(2000, 2005)) <= chosen  # each rare patch is the farthest from the rest at some step
+    assert len(chosen) == 20
+    assert greedy_coreset(patches[:7], 20, g).tolist() == list(range(7))  # fewer rows than asked: all
+    with pytest.raises(ValueError, match="size >= 1"):
+        greedy_coreset(patches, 0, g)
+
+
+def test_distance_map_is_zero_on_bank_images_and_high_on_a_foreign_patch():
+    rng = np.random.default_rng(0)
+    levels = _levels(rng, 3)
+    bank = PatchBank()
+    assert not bank.filled
+    with pytest.raises(RuntimeError, match="empty"):
+        bank.distance_maps(levels, (64, 64))
+    bank.fill(patch_embeddings(levels), size=10_000, generator=torch.Generator().manual_seed(0))
+    assert bank.patches.shape == (3 * 64, 5 + 6)  # every patch of 3 images (fewer than asked)
+    same = bank.distance_maps([f[:1] for f in levels], (64, 64))
+    assert same.shape == (1, 64, 64) and float(same.abs().max()) < 1e-3
+    odd = [f[:1].clone() for f in levels]
+    odd[2][..., 2:4, 2:4] += 8.0  # one region unlike any normal patch
+    amap = bank.distance_maps(odd, (64, 64))[0]
+    assert float(amap[16:32, 16:32].mean()) > 10 * float(amap[48:, 48:].mean()) + 0.1
+
+
+def test_gaussian_blur_keeps_mass_and_spreads_a_peak():
+    x = torch.zeros(1, 41, 41)
+    x[0, 20, 20] = 1.0
+    y = gaussian_blur(x, sigma=2.0)
+    assert abs(float(y.sum()) - 1.0) < 1e-4
+    assert float(y[0, 20, 20]) < 0.1 and float(y[0, 20, 22]) > 0.01
+
+
+def test_bank_round_trips_through_a_state_dict_and_old_checkpoints_load_empty():
+    rng = np.random.default_rng(1)
+    bank = PatchBank()
+    bank.fill(patch_embeddings(_levels(rng, 2)), size=50, generator=torch.Generator().manual_seed(0))
+    fresh = PatchBank()
+    fresh.load_state_dict(bank.state_dict(), strict=True)
+    assert torch.equal(fresh.patches, bank.patches)
+    old = PatchBank()
+    old.load_state_dict({}, strict=True)  # a checkpoint written before the patch bank
+    assert not old.filled
+
+
+def test_fuse_maps_scales_each_map_by_its_normals_and_weight_zero_is_the_decoder_map():
+    maps = np.random.default_rng(2).random((4, 8, 8))
+    knn = maps * 10.0
+    assert fuse_maps(maps, None, None) is maps
+    assert fuse_maps(maps, None, {"weight": 0.0, "map_scale": 2.0, "knn_scale": 3.0}) is maps
+    fused = fuse_maps(maps, knn, {"weight": 0.5, "map_scale": 2.0, "knn_scale": 20.0})
+    np.testing.assert_allclose(fused, 0.25 * maps + 0.25 * maps)
+    with pytest.raises(ValueError, match="patch bank"):
+        fuse_maps(maps, None, {"weight": 0.5, "map_scale": 1.0, "knn_scale": 1.0})
+
+
+def test_fusion_weight_is_chosen_by_validation_auroc():
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 6 + [1] * 6)
+    decoder = rng.random((12, 8, 8))  # no signal
+    knn = rng.random((12, 8, 8))
+    knn[6:, 2:4, 2:4] += 3.0  # the patch bank sees the anomalies
+    fusion, by_w = choose_knn_fusion(labels, decoder, knn, 4, None, (0.0, 0.5, 1.0))
+    assert fusion["weight"] > 0 and by_w[f"{fusion['weight']:g}"] == 1.0 and by_w["0"] < 1.0
+    assert fusion["knn_scale"] == pytest.approx(float(np.mean(topk_mean(knn[:6], 4))))
+    # the decoder separates and the patch map is noise: the decoder alone (ties go to the smallest weight)
+    fusion, _ = choose_knn_fusion(labels, knn, decoder, 4, None, (0.0, 0.5))
+    assert fusion["weight"] == 0.0
+    fixed, _ = choose_knn_fusion(labels, decoder, knn, 4, 0.25, (0.0, 0.5))
+    assert fixed["weight"] == 0.25  # eval.knn_weight set: kept
+
+
+def test_trained_run_scores_with_the_fusion_calibration_chose(trained_run):
+    state = json.loads((trained_run / "checkpoint" / "state.json").read_text())
+    fusion = state["knn_fusion"]
+    assert set(fusion) == {"weight", "map_scale", "knn_scale"}
+    by_w = state["validation"]["image_auroc_by_knn_weight"]
+    assert set(by_w) == {"0", "0.25", "0.5", "0.75"}  # eval.knn_weight_grid
+    assert by_w[f"{fusion['weight']:g}"] == max(by_w.values())  # the best on validation
+    assert min(w for w, a in ((float(k), v) for k, v in by_w.items()) if a == max(by_w.values())) == fusion["weight"]
+    images = np.random.default_rng(4).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    parts = Predictor(trained_run, device="cpu", parts=True)
+    assert parts.model.patch_bank.filled
+    raw = parts.predict_arrays(images)
+    pred = Predictor(trained_run, device="cpu")
+    out = pred.predict_arrays(images)
+    # the served map is the fusion of the two maps with the calibrated weights, the score its top-k mean
+    want = fuse_maps(raw["maps"], raw["knn_maps"], pred.fusion) if pred.fusion else raw["maps"]
+    np.testing.assert_allclose(out["maps"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out["scores"], topk_mean(want, pred.cfg.eval.top_k) + pred.q_weight * out["q"], rtol=1e-5, atol=1e-6
+    )
+    # whatever this run chose, a weight > 0 scores the fused map
+    pred.state = {**pred.state, "knn_fusion": {**fusion, "weight": 0.5}}
+    fused = pred.predict_arrays(images)
+    want = fuse_maps(raw["maps"], raw["knn_maps"], pred.state["knn_fusion"])
+    np.testing.assert_allclose(fused["maps"], want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fused["maps"], raw["maps"])
