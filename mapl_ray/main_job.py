@@ -27,6 +27,7 @@ from .model.encoder import WeightsError, build_encoder
 from .pseudo.labeler import report_pool, report_pool_labels
 from .runfolder import (
     DATA_INFO_FILE,
+    POOL_LABELS_FILE,
     SPLIT_FILE,
     open_run_folder,
     read_state,
@@ -216,7 +217,8 @@ def run_train_job(
         _record_final_banks(run_dir, data_info, summary.get("memory_bank_rows"), data)
         summary["data_load_s"] = load_s
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
-    report_pool_labels(summary.get("pseudo_refits") or [], cfg)
+    listed = run_dir / POOL_LABELS_FILE
+    report_pool_labels(summary.get("pseudo_refits") or [], cfg, listed if listed.is_file() else None)
     log.info("calibrating the decision threshold on %d held-out validation images", len(validation))
     calibrate(run_dir, validation)
     log.info("evaluating on the test split (%d images): metrics, report, heatmaps", len(split.test))

@@ -56,6 +56,8 @@ CONFIG_FILE, SPLIT_FILE, DATA_INFO_FILE, SUMMARY_FILE, TRAIN_LOG_FILE = (
     "train_summary.json",
     "train_log.jsonl",
 )
+#: the unlabeled pool's final pseudo-labels, one row per image (mapl_ray.pseudo.labeler.write_pool_labels)
+POOL_LABELS_FILE = "pool_labels.csv"
 
 
 def _scalars_to_floats(obj: Any) -> Any:

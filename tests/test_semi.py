@@ -4,6 +4,7 @@ chosen on validation scores."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -357,6 +358,17 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     assert 0 <= v["image_auroc"] <= 1 and v["q_weight"] in Config().eval.q_weight_grid and v["test_files"] == 0
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["q_weight"] == v["q_weight"]
+    # every pool image (not the canaries) with the label the run ended with, most anomalous first
+    with (tmp_path / "run" / "pool_labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in split["unlabeled"])
+    last = refits[-1]
+    canaries_anomalous = round(last["canary_recall"] * last["canaries"])
+    assert sum(r["pseudo_label"] == "anomalous" for r in rows) == last["pseudo_pos"] - canaries_anomalous
+    assert sum(r["pseudo_label"] == "normal" for r in rows) == last["pseudo_neg"] - last["canaries_in_normal_stream"]
+    scores = [float(r["occ_score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
 
 
 @needs_data

@@ -33,10 +33,11 @@ from ..data.validation import ValidationSet
 from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..model.memory import MemoryBank
-from ..pseudo.labeler import PseudoLabeler, report_refit
+from ..pseudo.labeler import PseudoLabeler, report_refit, write_pool_labels
 from ..pseudo.occ import MapFn, OCCEnsemble
 from ..pseudo.patch_knn import patch_embeddings
 from ..runfolder import (
+    POOL_LABELS_FILE,
     TRAIN_LOG_FILE,
     CheckpointSnapshot,
     last_logged_step,
@@ -149,6 +150,19 @@ class Trainer:
         self.bank_images = memory_bank_images(self.cfg, d)
         if training_bank:
             self.refresh_banks(core, banks=1)
+
+    def write_pool_labels(self) -> None:
+        """Rank 0, a pool held in memory and labeled: ``RUN/pool_labels.csv``, each pool image with the label
+        the run ended with and its OCC score (:func:`~mapl_ray.pseudo.labeler.write_pool_labels`), so a user
+        sees which of their unlabeled images the run took for defects."""
+        d, lab = self.data, self.labeler
+        paths = d.info.get("source_paths") if d.info else None
+        if self.rank != 0 or not d.pool_size or d.pool_streamed or not paths or max(lab.history, default=-1) < 0:
+            return
+        pool_paths = paths[len(d.normals) :]
+        write_pool_labels(
+            self.run_dir / POOL_LABELS_FILE, pool_paths, lab.history[max(lab.history)], lab.pool_scores, d.pool_canaries
+        )
 
     @torch.no_grad()
     def fill_patch_bank(self, core: MAPLModel) -> None:
@@ -510,6 +524,7 @@ class Trainer:
             self.fill_patch_bank(unwrap(self.model))
         self._phase("saving the final checkpoint")
         self.checkpoint(end_step)
+        self.write_pool_labels()
         wall = time.perf_counter() - t0
         if self.ema is not None:
             self.ema.copy_to_params()

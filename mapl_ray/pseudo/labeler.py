@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -191,11 +192,12 @@ def report_refit(stats: dict[str, Any]) -> None:
     log.info("%s", refit_note(stats))
 
 
-def report_pool_labels(refits: list[dict[str, Any]], cfg: Config) -> None:
+def report_pool_labels(refits: list[dict[str, Any]], cfg: Config, listed: Path | None = None) -> None:
     """At the end of a run with a pool: log the pseudo-labels the run ended with (``refits``: the training
     summary's ``pseudo_refits``, :func:`label_quality` dicts with ``refit_step``), and warn when the last
     refit labeled no pool image anomalous while the validation canaries (where there are) all went to the
-    normal stream: the pool was then normal data. Nothing without refits (no pool, none fitted)."""
+    normal stream: the pool was then normal data; ``listed``: the file of every pool image's label
+    (:func:`write_pool_labels`), named in the log. Nothing without refits (no pool, none fitted)."""
     if not refits:
         return
     last, n = refits[-1], len(refits)
@@ -207,6 +209,8 @@ def report_pool_labels(refits: list[dict[str, Any]], cfg: Config) -> None:
             + ("..., " if n > 8 else "")
             + ", ".join(str(r["pseudo_pos"]) for r in refits[-8:])
         )
+    if listed is not None:
+        note += f"; each pool image's label and OCC score, most anomalous first: {listed}"
     log.info("%s", note)
     canaries = last.get("canaries", 0)
     if last["pseudo_pos"] or last.get("canaries_in_normal_stream", 0) < canaries:
@@ -221,6 +225,44 @@ def report_pool_labels(refits: list[dict[str, Any]], cfg: Config) -> None:
         cfg.pseudo.warmup_steps,
         cfg.pseudo.refit_every,
     )
+
+
+POOL_LABEL_NAMES = {1: "anomalous", 0: "normal", -1: "unknown"}
+
+
+def write_pool_labels(
+    path: Path, paths: list[str], labels: np.ndarray, scores: np.ndarray | None, canaries: np.ndarray | None
+) -> int:
+    """Write the pool's final pseudo-labels as CSV, most anomalous first: ``path, pseudo_label`` (anomalous /
+    normal / unknown, paper eqs. 3-6 consensus) ``, occ_score`` (the OCCs' mean anomaly score, each OCC in
+    units of its spread over the pool; empty when unknown in this process, e.g. after a resume before a
+    refit). The validation canaries (simulated images, not the user's) are left out.
+
+    Args:
+        paths: the pool's image paths ``(M,)``; labels: int ``(M,)`` 1 / 0 / -1; scores: float ``(M,)`` or
+            None; canaries: bool ``(M,)`` or None.
+
+    Returns:
+        the number of images written.
+
+    Raises:
+        ValueError: the arrays are not aligned with ``paths``.
+    """
+    import csv
+
+    m = len(paths)
+    if len(labels) != m or (scores is not None and len(scores) != m) or (canaries is not None and len(canaries) != m):
+        raise ValueError(f"pool labels: {m} paths but {len(labels)} labels / scores / canaries of other lengths")
+    keep = np.flatnonzero(~np.asarray(canaries, bool)) if canaries is not None else np.arange(m)
+    order = keep[np.argsort(-np.asarray(scores)[keep], kind="stable")] if scores is not None else keep
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "pseudo_label", "occ_score"])
+        for i in order:
+            w.writerow(
+                [paths[i], POOL_LABEL_NAMES[int(labels[i])], "" if scores is None else f"{float(scores[i]):.6g}"]
+            )
+    return int(len(order))
 
 
 def fit_overlap(p: PseudoConfig) -> int:
@@ -278,6 +320,9 @@ class PseudoLabeler:
         data: TrainData = batch_maker.data
         #: pool pseudo-labels by the step of the refit that made them (-1: before any refit)
         self.history: dict[int, np.ndarray] = {}
+        #: the last refit's OCC anomaly score of each pool image, float ``(M,)`` (None before a refit in
+        #: this process, or with a streamed pool)
+        self.pool_scores: np.ndarray | None = None
         if data.pool_size and not data.pool_streamed:  # a streamed pool is labeled per refit sample only
             self.history[-1] = initial_pool_labels(cfg, len(data.normals), data.pool_size)
 
@@ -445,6 +490,7 @@ class PseudoLabeler:
         labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
         self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}
         self.history[step] = labels
+        self.pool_scores = None if scores is None else np.asarray(scores, dtype=np.float64)
         stats = {
             "refit_step": step,
             "refit_unknown": int((raw == -1).sum()),
