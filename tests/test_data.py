@@ -290,6 +290,15 @@ def test_load_records_skip_bad_counts_and_mask_mismatch_always_raises(mvtec: Pat
     assert out.images.shape == (5, 16, 16, 3)
     assert [s[0] for s in out.skipped] == [str(bad)]
     assert str(bad) not in [r.path for r in out.records]
+    # several bad files: one error names them all (fixed in one go), and it survives pickling (Ray)
+    bad2 = Path(idx.train_good[4].path)
+    bad2.write_bytes(b"not an image")
+    with pytest.raises(ImageReadError) as ei:
+        load_records(idx.train_good, 16)
+    assert ei.value.path == str(bad) and [p for p, _ in ei.value.others] == [str(bad2)]
+    assert bad.name in str(ei.value) and f"1 more unreadable file(s): '{bad2}'" in str(ei.value)
+    again = pickle.loads(pickle.dumps(ei.value))
+    assert again.others == ei.value.others and str(again) == str(ei.value)
 
     mrec = next(r for r in idx.test if r.label == 1)
     _save(Path(mrec.mask_path), _mask(20, 32))

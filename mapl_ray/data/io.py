@@ -543,7 +543,8 @@ def load_records(
     Args:
         records: images to load; order is preserved.
         size: common output ``(H, W)`` / int; None is allowed only if all images share a size.
-        skip_bad: False -> the first unreadable image/mask (in record order) raises; True -> it
+        skip_bad: False -> after every record was tried, an :class:`ImageReadError` names the first
+            unreadable image/mask (in record order) and lists the others (``others``); True -> each
             is dropped with a logged warning naming the file (logger ``mapl_ray.data.io``) and listed in ``skipped``.
         with_masks: also load ``mask_path`` masks (zeros where a record has none).
         threads: worker threads (default 4).
@@ -591,10 +592,9 @@ def load_records(
                 try:
                     img, mask, pose = fut.result()
                 except ImageReadError as exc:
-                    if not skip_bad:
-                        raise
                     skipped.append((exc.path, exc.reason))
-                    log.warning("skipping unreadable file %r (record %r): %s", exc.path, rec.path, exc.reason)
+                    if skip_bad:
+                        log.warning("skipping unreadable file %r (record %r): %s", exc.path, rec.path, exc.reason)
                     continue
                 kept_imgs.append(img)
                 if mask is not None:
@@ -603,7 +603,9 @@ def load_records(
                 poses.append(pose)
         finally:
             for f in futures:
-                f.cancel()  # do not keep decoding after an error
+                f.cancel()  # do not keep decoding after an error that is not a bad file
+    if skipped and not skip_bad:  # every bad file at once, not one per attempt
+        raise ImageReadError(*skipped[0], others=tuple(skipped[1:]))
 
     if hw is None and kept_imgs:
         first = kept_imgs[0].shape

@@ -56,17 +56,29 @@ class ImageReadError(LayoutError):
     Attributes:
         path: the offending file, as given by the caller.
         reason: Pillow's (or the OS's) explanation, ``"<ExceptionType>: <message>"``.
+        others: further unreadable files found in the same batch, ``(path, reason)`` pairs, so that a
+            user fixes them all at once (the message names the first :data:`LISTED_OTHERS` and counts the rest).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    LISTED_OTHERS = 5
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, others: tuple[tuple[str, str], ...] = ()) -> None:
         self.path = os.fspath(path)
         self.reason = reason
-        super().__init__(f"cannot read image {self.path!r}: {reason}")
+        self.others = tuple(others)
+        text = f"cannot read image {self.path!r}: {reason}"
+        if self.others:
+            listed = "; ".join(f"{p!r} ({r})" for p, r in self.others[: self.LISTED_OTHERS])
+            more = len(self.others) - self.LISTED_OTHERS
+            text += f"; and {len(self.others)} more unreadable file(s): {listed}" + (
+                f"; and {more} more" if more > 0 else ""
+            )
+        super().__init__(text)
 
     def __reduce__(self):
-        # Default exception pickling calls cls(message); rebuild from (path, reason) instead so
+        # Default exception pickling calls cls(message); rebuild from (path, reason, others) instead so
         # the error survives transport between processes (Ray tasks, multiprocessing).
-        return (type(self), (self.path, self.reason))
+        return (type(self), (self.path, self.reason, self.others))
 
 
 def is_image_file(name: str) -> bool:
