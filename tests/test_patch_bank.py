@@ -125,3 +125,17 @@ def test_trained_run_scores_with_the_fusion_calibration_chose(trained_run):
     want = fuse_maps(raw["maps"], raw["knn_maps"], pred.state["knn_fusion"])
     np.testing.assert_allclose(fused["maps"], want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(fused["maps"], raw["maps"])
+
+
+def test_a_run_keeps_a_coreset_of_the_size_asked_and_none_when_turned_off(small_root, tmp_path):
+    from conftest import tiny_config
+
+    from mapl_ray.main_job import run_train_job
+
+    cfg = tiny_config(small_root, **{"model.knn_patches": 8, "model.knn_images": 3, "train.steps": 2})
+    run_train_job(cfg, tmp_path / "small", use_ray=False, progress=False)
+    assert Predictor(tmp_path / "small", device="cpu").model.patch_bank.patches.shape[0] == 8
+    run_train_job(cfg.override({"model.knn_patches": 0}), tmp_path / "off", use_ray=False, progress=False)
+    off = Predictor(tmp_path / "off", device="cpu")
+    state = json.loads((tmp_path / "off" / "checkpoint" / "state.json").read_text())
+    assert not off.model.patch_bank.filled and off.fusion is None and "knn_fusion" not in state["validation"]

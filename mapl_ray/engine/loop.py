@@ -169,8 +169,8 @@ class Trainer:
         """Fill the patch bank (:class:`~mapl_ray.model.patch_bank.PatchBank`) from the labeled normals (the
         pool images pseudo-labeled normal only when there is no labeled normal): up to ``model.knn_images``
         of them (seeded), in 4 quarter turns when the memory bank holds rotations (``model.memory_rotations``
-        > 1), at most :data:`KNN_CANDIDATES` times ``model.knn_patches`` patches drawn at random, then a
-        greedy coreset of ``model.knn_patches`` of them.
+        > 1), at most :data:`KNN_CANDIDATES` times ``model.knn_patches`` patches drawn at random (batch by
+        batch, so memory stays near that), then a greedy coreset of ``model.knn_patches`` of them.
 
         Labeled normals only, because one defect patch in the bank hides every like patch from the
         nearest-neighbour map, and the pseudo-labeler lets most of a pool's defects into the normal stream
@@ -188,13 +188,19 @@ class Trainer:
             rows = np.sort(np.random.default_rng([self.cfg.data.seed, 11]).choice(rows, m.knn_images, replace=False))
         turns = 4 if m.memory_rotations > 1 else 1
         gen = torch.Generator().manual_seed(int(self.cfg.data.seed))
-        emb = []
+        cap, keep, emb = KNN_CANDIDATES * m.knn_patches, 1.0, []
         for i in range(0, len(rows), self.cfg.eval.batch_size):
             x = to_tensor(d.source_images(rows[i : i + self.cfg.eval.batch_size]), self.device)
             for k in range(turns):
-                emb.append(patch_embeddings(core.encode(torch.rot90(x, k, dims=(2, 3)) if k else x)))
-        flat = torch.cat(emb).reshape(-1, emb[0].shape[-1])
-        cap = KNN_CANDIDATES * m.knn_patches
+                e = patch_embeddings(core.encode(torch.rot90(x, k, dims=(2, 3)) if k else x))
+                e = e.reshape(-1, e.shape[-1])
+                if not emb:  # the share of all candidate patches kept, so that memory stays near the cap
+                    keep = min(1.0, cap / (len(rows) * turns * (e.shape[0] / len(x))))
+                if keep < 1.0:
+                    n = max(1, round(e.shape[0] * keep))
+                    e = e.index_select(0, torch.randperm(e.shape[0], generator=gen)[:n].to(e.device))
+                emb.append(e)
+        flat = torch.cat(emb)
         if flat.shape[0] > cap:
             flat = flat.index_select(0, torch.randperm(flat.shape[0], generator=gen)[:cap].to(flat.device))
         core.patch_bank.fill(flat[None], m.knn_patches, gen)
