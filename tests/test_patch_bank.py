@@ -72,13 +72,13 @@ def test_bank_round_trips_through_a_state_dict_and_old_checkpoints_load_empty():
     assert not old.filled
 
 
-def test_fuse_maps_scales_each_map_by_its_normals_and_weight_zero_is_the_decoder_map():
+def test_fuse_maps_brings_the_patch_map_into_the_decoder_maps_units_and_weight_zero_is_the_decoder_map():
     maps = np.random.default_rng(2).random((4, 8, 8))
     knn = maps * 10.0
     assert fuse_maps(maps, None, None) is maps
     assert fuse_maps(maps, None, {"weight": 0.0, "map_scale": 2.0, "knn_scale": 3.0}) is maps
-    fused = fuse_maps(maps, knn, {"weight": 0.5, "map_scale": 2.0, "knn_scale": 20.0})
-    np.testing.assert_allclose(fused, 0.25 * maps + 0.25 * maps)
+    fused = fuse_maps(maps, knn, {"weight": 0.5, "map_scale": 2.0, "knn_scale": 30.0})
+    np.testing.assert_allclose(fused, 0.5 * maps + 0.5 * (2.0 / 30.0) * 10.0 * maps)  # knn in the map's units
     with pytest.raises(ValueError, match="patch bank"):
         fuse_maps(maps, None, {"weight": 0.5, "map_scale": 1.0, "knn_scale": 1.0})
 

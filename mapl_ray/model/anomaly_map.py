@@ -135,12 +135,13 @@ def anomaly_maps(
 
 
 def fuse_maps(maps: Any, knn_maps: Any, fusion: dict[str, float] | None):
-    """The fused anomaly map ``(1 - w) maps / s_map + w knn_maps / s_knn`` (``w`` = ``fusion["weight"]``).
+    """The fused anomaly map ``(1 - w) maps + w (s_map / s_knn) knn_maps`` (``w`` = ``fusion["weight"]``).
 
-    Each map is divided by the mean top-k score of the validation normals under it (``fusion["map_scale"]``,
-    ``fusion["knn_scale"]``, :func:`mapl_ray.eval.validation.choose_knn_fusion`), so that ``w`` weighs two
-    maps of like units: a normal image scores about 1 in either. ``fusion`` None or ``w`` 0: ``maps``
-    unchanged (the decoder's map alone, in its own units).
+    ``s_map`` and ``s_knn`` are the mean top-k scores of the validation normals under each map
+    (``fusion["map_scale"]``, ``fusion["knn_scale"]``, :func:`mapl_ray.eval.validation.choose_knn_fusion`):
+    the patch bank's distances are brought into the decoder map's units, so ``w`` weighs two maps of like
+    units and a normal image scores about as before (in [0, 1]); a patch far from every normal one can
+    exceed 1 (heatmap PNGs clip it at 255). ``fusion`` None or ``w`` 0: ``maps`` unchanged.
 
     Args:
         maps, knn_maps: ``(N, H, W)`` numpy arrays or torch tensors (``knn_maps`` may be None when ``w`` is 0).
@@ -156,7 +157,7 @@ def fuse_maps(maps: Any, knn_maps: Any, fusion: dict[str, float] | None):
         return maps
     if knn_maps is None:
         raise ValueError("fusing anomaly maps with a weight > 0 needs the patch bank's maps")
-    return (1.0 - w) / float(fusion["map_scale"]) * maps + w / float(fusion["knn_scale"]) * knn_maps
+    return (1.0 - w) * maps + w * float(fusion["map_scale"]) / float(fusion["knn_scale"]) * knn_maps
 
 
 def image_scores(maps: torch.Tensor, q: torch.Tensor, top_k: int, q_weight: float = 0.0) -> torch.Tensor:
