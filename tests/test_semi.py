@@ -352,6 +352,7 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     parts = sum(v for k, v in phases.items() if k != "final")
     assert parts == pytest.approx(summary["loop_wall_s"], abs=0.01)
     assert phases["final"] == pytest.approx(summary["train_wall_s"] - summary["loop_wall_s"], abs=0.01)
+    assert 0 < summary["patch_bank_s"] <= phases["final"]  # the patch bank is filled after the loop
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "validation_image_auroc" in r] == [4, 8]
     v = metrics["validation"]

@@ -525,9 +525,14 @@ class Trainer:
             core = unwrap(self.model)
             self.rechoose_banks(self.labeler.history[max(self.labeler.history)], core, training_bank=False)
             self.refresh_banks(core)
+        patch_bank_s = 0.0
         if self.rank == 0 and self.cfg.model.knn_patches:
             self._phase("filling the patch bank")
+            t_bank = time.perf_counter()
             self.fill_patch_bank(unwrap(self.model))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            patch_bank_s = time.perf_counter() - t_bank
         self._phase("saving the final checkpoint")
         self.checkpoint(end_step)
         self.write_pool_labels()
@@ -556,6 +561,7 @@ class Trainer:
                 np.asarray(b).tolist() for b in (self.data.memory_indices, *self.data.extra_memory_indices)
             ],
             "memory_backend": model.memory.backend,
+            "patch_bank_s": patch_bank_s,  # filling the patch bank after the loop (part of phases_s' final)
             "pseudo_fit_s": times["fit"],  # the pseudo-labeler on the training path: features, fit start, waits
             "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits and putting them in force
             "cuda_graph_step": self.graphed,
