@@ -980,7 +980,14 @@ def run_command(command: str, args: argparse.Namespace, prog: str | None = None)
     try:
         return HANDLERS[command](args)
     except _known_errors() as e:
-        print(f"{prog or 'mapl ' + command}: error: {e}", file=sys.stderr)
+        from .data.layout import ImageReadError
+
+        hint = (
+            "; rerun with --skip-bad-images to leave unreadable images out (each is then logged)"
+            if isinstance(e, ImageReadError) and command == "train"
+            else ""
+        )
+        print(f"{prog or 'mapl ' + command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout's reader left (`mapl predict ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it

@@ -100,6 +100,22 @@ def test_missing_mask_error_names_the_flag(small_root, tmp_path, capsys):
     assert "--no-masks" in err and "data.require_masks: false" in err and "require_masks=False" not in err
 
 
+@needs_data
+def test_unreadable_pool_images_are_named_together_with_what_to_do(small_root, tmp_path, capsys):
+    pool = tmp_path / "pool" / "sub"
+    pool.mkdir(parents=True)
+    (pool / "empty.png").write_bytes(b"")
+    (pool / "text.png").write_text("not an image")
+    shutil.copy(next((small_root / "screw" / "train" / "good").glob("*.png")), pool.parent / "good.png")
+    args = ["train", "--data", str(small_root), "--category", "screw", "--unlabeled", str(pool.parent)]
+    assert main([*args, "--out", str(tmp_path / "r"), "--no-ray", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "empty.png' (empty file (0 bytes))" in err or "empty.png': empty file (0 bytes)" in err
+    assert "text.png" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert main(["train", "--data", str(pool.parent / "good.png"), "--category", "screw", "--no-ray"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_storage_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

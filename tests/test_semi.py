@@ -417,3 +417,10 @@ def test_training_from_unlabeled_images_alone(small_root, tmp_path, caplog):
     assert info["train_normals"] == 0 and info["unlabeled"] == 14 - 4 and len(info["validation_normals"]) == 4
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["threshold"] is not None and metrics["overall"]["image_auroc"] is not None
+    # with no labeled normal the patch bank is filled from the pool; the pool's labels are listed
+    from mapl_ray.inference import Predictor
+
+    assert Predictor(tmp_path / "run", device="cpu").model.patch_bank.filled
+    with (tmp_path / "run" / "pool_labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 10 and {r["pseudo_label"] for r in rows} <= {"anomalous", "normal", "unknown"}

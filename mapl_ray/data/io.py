@@ -294,7 +294,9 @@ def _open_decoded(path: str, source=None, limits: DecodeLimits | None = None) ->
             path, f"{exc} (Pillow's decompression-bomb limit)", "max_pixels", None, limits.max_pixels
         ) from exc
     except _PIL_ERRORS as exc:
-        if source is None:
+        if source is None and isinstance(exc, UnidentifiedImageError) and os.path.getsize(path) == 0:
+            reason = "empty file (0 bytes)"
+        elif source is None:
             reason = f"{type(exc).__name__}: {exc}"
         elif isinstance(exc, UnidentifiedImageError):
             reason = "not an image in a format Pillow reads"

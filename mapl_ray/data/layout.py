@@ -281,8 +281,9 @@ def scan_category(
     root_abs = os.path.abspath(os.fspath(root))
     cat_dir = os.path.join(root_abs, category)
     if not os.path.isdir(root_abs):
+        what = "is a file, not a folder" if os.path.exists(root_abs) else "does not exist"
         raise LayoutError(
-            f"data root {os.fspath(root)!r} does not exist (resolved to {root_abs!r}; expected the folder "
+            f"data root {os.fspath(root)!r} {what} (resolved to {root_abs!r}; expected the folder "
             f"that holds <category>/train/good, e.g. .../mvtec_ad)"
         )
     if not os.path.isdir(cat_dir):

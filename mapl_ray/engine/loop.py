@@ -157,8 +157,8 @@ class Trainer:
         sees which of their unlabeled images the run took for defects."""
         d, lab = self.data, self.labeler
         paths = d.info.get("source_paths") if d.info else None
-        if self.rank != 0 or not d.pool_size or d.pool_streamed or not paths or max(lab.history, default=-1) < 0:
-            return
+        if self.rank != 0 or not d.pool_size or d.pool_streamed or not paths or not lab.history:
+            return  # (before any refit the labels are the initial ones: unknown, or normal with pseudo-labels off)
         pool_paths = paths[len(d.normals) :]
         write_pool_labels(
             self.run_dir / POOL_LABELS_FILE, pool_paths, lab.history[max(lab.history)], lab.pool_scores, d.pool_canaries

@@ -165,6 +165,8 @@ def refit_note(stats: dict[str, Any], head: str | None = None) -> str:
     pos, neg, unk = stats["pseudo_pos"], stats["pseudo_neg"], stats["pseudo_unknown"]
     text = head or f"pseudo-labels of the refit at step {stats.get('refit_step', '?')}"
     text += f": {pos} anomalous, {neg} normal, {unk} unknown of {pos + neg + unk} pool images"
+    if stats.get("canaries"):
+        text += f" ({stats['canaries']} of them validation canaries, left out of pool_labels.csv)"
     if "canaries" in stats:
         text += (
             f"; validation canaries: recall {stats['canary_recall']:.2f}, "
