@@ -199,8 +199,10 @@ def report_pool_labels(refits: list[dict[str, Any]], cfg: Config, listed: Path |
     summary's ``pseudo_refits``, :func:`label_quality` dicts with ``refit_step``), and warn when the last
     refit labeled no pool image anomalous while the validation canaries (where there are) all went to the
     normal stream: the pool was then normal data; ``listed``: the file of every pool image's label
-    (:func:`write_pool_labels`), named in the log. Nothing without refits (no pool, none fitted)."""
+    (:func:`write_pool_labels`), named in the log. Without refits (no pool, none fitted) only that file."""
     if not refits:
+        if listed is not None:
+            log.info("the pool's images with the labels they started with (no refit ran): %s", listed)
         return
     last, n = refits[-1], len(refits)
     step = last.get("refit_step", "?")
