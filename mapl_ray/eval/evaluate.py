@@ -150,7 +150,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         "image_score": f"mean of top-{cfg.eval.top_k} anomaly-map pixels"
         + (
             f" (map: {1 - pred.fusion['weight']:g} decoder + {pred.fusion['weight']:g} patch nearest-neighbour, "
-            "each scaled on the validation normals; weight chosen on validation)"
+            "the latter in the former's units by the validation normals; weight chosen on validation)"
             if pred.fusion
             else ""
         )
