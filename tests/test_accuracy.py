@@ -104,6 +104,7 @@ def test_gpu_grid_parses_and_expands_to_the_expected_trials():
         ("memseg", "bhad"): 3,
         ("patchcore", "clean"): 15,
         ("patchcore", "bhad"): 3,
+        ("mapl_decoder_map", "clean"): 15,
         ("mapl_5_labeled", "clean"): 9,
         ("mapl_coordinate_attention", "clean"): 3,
         ("mapl_scratch_encoder", "clean"): 3,
@@ -113,6 +114,7 @@ def test_gpu_grid_parses_and_expands_to_the_expected_trials():
     screw = by["mvtec_ad-screw-memseg-bhad-102"]
     assert screw["data"]["root"] == "/bhad/mvtec_ad" and screw["data"]["seed"] == screw["train"]["seed"] == 102
     assert screw["pseudo"]["enabled"] is False and screw["data"]["align"] == "principal_axis"  # screw preset
+    assert by["magnetic_tile-magnetic_tile-mapl_decoder_map-clean-103"]["eval"]["knn_weight"] == 0.0
     assert by["elpv-solar_cell-mapl-clean-101"]["data"]["require_masks"] is False
     scratch = by["mvtec_ad-screw-mapl_scratch_encoder-clean-101"]["model"]
     assert scratch["encoder"] == "mapl" and scratch["weights"] is None and not scratch["freeze_encoder"]
