@@ -203,7 +203,7 @@ class Trainer:
         flat = torch.cat(emb)
         if flat.shape[0] > cap:
             flat = flat.index_select(0, torch.randperm(flat.shape[0], generator=gen)[:cap].to(flat.device))
-        core.patch_bank.fill(flat[None], m.knn_patches, gen)
+        core.patch_bank.fill(flat, m.knn_patches, gen)
 
     def resume(self) -> None:
         """Continue from ``RUN/checkpoint``: weights, optimizer, LR schedule, step, EMA, pseudo-labeler.

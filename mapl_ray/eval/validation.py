@@ -2,8 +2,8 @@
 (:mod:`mapl_ray.data.validation`: labeled data and simulated anomalies only, never a test file).
 
 Every choice of a setting is made on it: the patch bank's share in the anomaly map
-(:func:`choose_knn_fusion`), the image head's weight in the image score (:func:`choose_q_weight`), checkpoints and hyperparameters (Ray Tune reports it), the defaults. The
-objective is the image AUROC of the image score; pixel AUROC over the validation masks and the
+(:func:`choose_knn_fusion`), the image head's weight in the image score (:func:`choose_q_weight`),
+checkpoints and hyperparameters (Ray Tune reports it), the defaults. The objective is the image AUROC of the image score; pixel AUROC over the validation masks and the
 AUROC per anomaly source (simulated, labeled) are reported beside it.
 """
 
@@ -52,8 +52,8 @@ def choose_knn_fusion(
     """The patch bank's share ``w`` in the fused map (:func:`~mapl_ray.model.anomaly_map.fuse_maps`) with the
     highest validation image AUROC of its top-k score (ties: the smallest ``w``), and each candidate's AUROC.
 
-    The scales divide each map by the mean top-k score of the validation normals under it, so that both
-    are about 1 on a normal image and ``w`` weighs like with like.
+    The scales are the mean top-k score of the validation normals under each map; the fusion brings the
+    patch bank's distances into the decoder map's units with them, so ``w`` weighs like with like.
 
     Args:
         labels: int ``(V,)`` 0 / 1 (both present); maps, knn_maps: float ``(V, H, W)`` (decoder, patch bank).

@@ -94,11 +94,11 @@ class PatchBank(nn.Module):
 
     @torch.no_grad()
     def fill(self, embeddings: torch.Tensor, size: int, generator: torch.Generator) -> None:
-        """Keep a greedy coreset (:func:`greedy_coreset`) of ``size`` rows of ``embeddings`` ``(N, P, C)``
-        (the patch features of N normal images).
+        """Keep a greedy coreset (:func:`greedy_coreset`) of ``size`` rows of ``embeddings`` ``(..., C)``
+        (patch features of normal images: ``(N, P, C)`` of N images, or rows already drawn ``(M, C)``).
 
         Raises:
-            ValueError: no image or ``size`` < 1.
+            ValueError: no patch or ``size`` < 1.
         """
         flat = embeddings.reshape(-1, embeddings.shape[-1]).float()
         keep = greedy_coreset(flat, size, generator)
