@@ -24,6 +24,8 @@ ORIENTATION_MODES = ("none", "flip", "rot90")
 #: pseudo.features values: what the one-class classifiers see (mapl_ray.pseudo.labeler; "auto": knn with an
 #: unlabeled pool, map without, mapl_ray.pseudo.labeler.feature_kind)
 PSEUDO_FEATURES = ("auto", "map", "pooled", "both", "knn")
+#: model.knn_source values: which normal images fill the patch bank (mapl_ray.engine.loop.Trainer.fill_patch_bank)
+KNN_SOURCES = ("labeled", "stream")
 
 
 #: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
@@ -107,6 +109,10 @@ class ModelConfig:
     # nearest-neighbour map is fused with the decoder's (mapl_ray.model.patch_bank; eval.knn_weight); 0: none
     knn_patches: int = 16384
     knn_images: int = 256  # at most this many normal images (seeded choice) give the patch bank's candidates
+    # where they come from: "labeled" normals only (pool images pseudo-labeled normal only when there is none),
+    # or the final normal "stream" (labeled normals first, then pool images pseudo-labeled normal, whose
+    # patches farther from the other images than any labeled normal's are dropped: patch_bank.trusted_patch_mask)
+    knn_source: str = "labeled"
 
 
 @dataclass
@@ -413,6 +419,7 @@ def _model_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("model.memory_samples", c.model.memory_samples >= 1, ">= 1"),
         ("model.knn_patches", c.model.knn_patches >= 0, ">= 0 (0: no patch bank)"),
         ("model.knn_images", c.model.knn_images >= 1, ">= 1"),
+        ("model.knn_source", c.model.knn_source in KNN_SOURCES, ", ".join(KNN_SOURCES)),
         ("model.memory_rotations", c.model.memory_rotations >= 1, ">= 1"),
         ("model.memory_banks", c.model.memory_banks >= 1, ">= 1"),
         ("model.memory_backend", c.model.memory_backend in ("auto", "faiss", "torch"), "auto, faiss or torch"),

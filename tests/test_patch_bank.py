@@ -12,7 +12,7 @@ import torch
 from mapl_ray.eval.validation import choose_knn_fusion
 from mapl_ray.inference import Predictor
 from mapl_ray.model.anomaly_map import fuse_maps, topk_mean
-from mapl_ray.model.patch_bank import PatchBank, gaussian_blur, greedy_coreset
+from mapl_ray.model.patch_bank import POOL_PATCH_QUANTILE, PatchBank, gaussian_blur, greedy_coreset, trusted_patch_mask
 from mapl_ray.pseudo.patch_knn import patch_embeddings
 
 
@@ -139,3 +139,58 @@ def test_a_run_keeps_a_coreset_of_the_size_asked_and_none_when_turned_off(small_
     off = Predictor(tmp_path / "off", device="cpu")
     state = json.loads((tmp_path / "off" / "checkpoint" / "state.json").read_text())
     assert not off.model.patch_bank.filled and off.fusion is None and "knn_fusion" not in state["validation"]
+
+
+def test_pool_patches_unlike_every_other_image_are_kept_out_and_labeled_ones_stay():
+    g = torch.Generator().manual_seed(0)
+    per, images = 50, 12  # images 0-3 labeled, 4-11 from the pool; image 9 carries a defect
+    normal = torch.randn(images * per, 8, generator=g) * 0.2
+    owner = torch.arange(images).repeat_interleave(per)
+    trusted = owner < 4
+    defect = (owner == 9) & (torch.arange(images * per) % per < 5)
+    odd = (owner == 2) & (torch.arange(images * per) % per == 0)  # a labeled normal's rare patch
+    patches = normal + 6.0 * defect[:, None].float() + 2.0 * odd[:, None].float()
+    keep, cut = trusted_patch_mask(patches, owner, trusted, 10_000, torch.Generator().manual_seed(1))
+    assert not keep[defect].any()  # every defect patch is out
+    assert keep[trusted].all()  # labeled normals are trusted, the rare patch included
+    assert float(keep[~trusted & ~defect].float().mean()) > 0.95  # the pool's normal patches stay
+    assert 1.0 < cut < 6.0  # the rare labeled patch sets the cut
+    # no labeled patch: the pool's own quantile is the cut
+    keep, cut = trusted_patch_mask(patches, owner, torch.zeros_like(trusted), 10_000, torch.Generator().manual_seed(1))
+    assert not keep[defect].any() and float(keep.float().mean()) == pytest.approx(POOL_PATCH_QUANTILE, abs=0.01)
+    everything, cut = trusted_patch_mask(patches, owner, torch.ones_like(trusted), 10, g)
+    assert everything.all() and cut == float("inf")
+    with pytest.raises(ValueError, match="owner and trusted"):
+        trusted_patch_mask(patches, owner[:-1], trusted, 10, g)
+
+
+def test_a_stream_bank_holds_pool_images_labeled_first_and_never_a_canary(small_root, tmp_path):
+    from conftest import tiny_config
+
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.engine.loop import Trainer
+    from mapl_ray.main_job import prepare_run
+
+    over = {
+        "data.labeled_normals": 4,
+        "data.pool_anomaly_share": 0.2,
+        "eval.validation_canaries": 0.25,
+        "pseudo.enabled": False,  # the pool is normal data: every pool image is in the normal stream
+        "model.knn_source": "stream",
+        "model.knn_images": 9,
+        "model.knn_patches": 64,
+    }
+    cfg = tiny_config(small_root, **over)
+    data, _, _ = load_train_data(cfg, prepare_run(cfg, tmp_path / "run"))
+    n = len(data.normals)
+    trainer = Trainer(cfg, data, tmp_path / "run")
+    rows, labeled = trainer.patch_bank_rows()
+    assert labeled == n and list(rows[:n]) == list(range(n)) and len(rows) == 9
+    assert not data.pool_canaries[rows[n:] - n].any()
+    only_labeled = Trainer(cfg.override({"model.knn_source": "labeled"}), data, tmp_path / "run")
+    assert list(only_labeled.patch_bank_rows()[0]) == list(range(n))
+    odd = rows[n] - n  # one pool image made unlike every other: its patches are kept out of the bank
+    data.unlabeled[odd] = np.random.default_rng(5).integers(0, 255, data.unlabeled[odd].shape, dtype=np.uint8)
+    info = trainer.fill_patch_bank(trainer.model)
+    assert info["images"] == 9 and info["labeled_images"] == n and info["pool_patches"] > 0
+    assert 0 < info["pool_patches_dropped"] < info["pool_patches"] and trainer.model.patch_bank.patches.shape[0] == 64

@@ -33,6 +33,7 @@ from ..data.validation import ValidationSet
 from ..eval.validation import Validator
 from ..model import MAPLModel, build_model, compute_losses, resolve_backend
 from ..model.memory import MemoryBank
+from ..model.patch_bank import trusted_patch_mask
 from ..pseudo.labeler import PseudoLabeler, report_refit, write_pool_labels
 from ..pseudo.occ import MapFn, OCCEnsemble
 from ..pseudo.patch_knn import patch_embeddings
@@ -164,46 +165,83 @@ class Trainer:
             self.run_dir / POOL_LABELS_FILE, pool_paths, lab.history[max(lab.history)], lab.pool_scores, d.pool_canaries
         )
 
-    @torch.no_grad()
-    def fill_patch_bank(self, core: MAPLModel) -> None:
-        """Fill the patch bank (:class:`~mapl_ray.model.patch_bank.PatchBank`) from the labeled normals (the
-        pool images pseudo-labeled normal only when there is no labeled normal): up to ``model.knn_images``
-        of them (seeded), in 4 quarter turns when the memory bank holds rotations (``model.memory_rotations``
-        > 1), at most :data:`KNN_CANDIDATES` times ``model.knn_patches`` patches drawn at random (batch by
-        batch, so memory stays near that), then a greedy coreset of ``model.knn_patches`` of them.
-
-        Labeled normals only, because one defect patch in the bank hides every like patch from the
-        nearest-neighbour map, and the pseudo-labeler lets most of a pool's defects into the normal stream
-        (its recall, docs/results.md); the decoder's memory bank, matched image by image, is less exposed."""
+    def patch_bank_rows(self) -> tuple[np.ndarray, int]:
+        """Normal-source rows that give the patch bank its candidates, and how many of them are labeled
+        normals (they come first): ``model.knn_source`` "labeled" takes the labeled normals (the pool images
+        pseudo-labeled normal when there is none), "stream" the final normal stream; never a validation
+        canary (simulated with the validation textures: in the bank it would flatter the validation
+        score). At most ``model.knn_images`` rows: the labeled ones first, the rest a seeded choice."""
         m, d = self.cfg.model, self.data
-        if len(d.normals):
-            rows = np.arange(len(d.normals))
+        n = len(d.normals)
+        labels = self.labeler.history[max(self.labeler.history)] if self.labeler.history else None
+        if m.knn_source == "labeled" and n:
+            rows = np.arange(n)
         else:
-            labels = self.labeler.history[max(self.labeler.history)] if self.labeler.history else None
             rows = normal_rows(d, labels)
+            if d.pool_canaries is not None:
+                pool = rows >= n
+                rows = rows[~pool | ~d.pool_canaries[np.where(pool, rows - n, 0)]]
+        labeled = rows[rows < n]
+        rng = np.random.default_rng([self.cfg.data.seed, 11])
+        if len(labeled) >= m.knn_images:
+            return np.sort(rng.choice(labeled, m.knn_images, replace=False)), m.knn_images
+        pool = rows[rows >= n]
+        if len(labeled) + len(pool) > m.knn_images:
+            pool = np.sort(rng.choice(pool, m.knn_images - len(labeled), replace=False))
+        return np.concatenate([labeled, pool]), len(labeled)
+
+    @torch.no_grad()
+    def fill_patch_bank(self, core: MAPLModel) -> dict[str, Any]:
+        """Fill the patch bank (:class:`~mapl_ray.model.patch_bank.PatchBank`) from :meth:`patch_bank_rows`,
+        in 4 quarter turns when the memory bank holds rotations (``model.memory_rotations`` > 1): at most
+        :data:`KNN_CANDIDATES` times ``model.knn_patches`` patches drawn at random (batch by batch, so memory
+        stays near that); pool images' patches farther from the other images than any labeled normal's
+        dropped (:func:`~mapl_ray.model.patch_bank.trusted_patch_mask`); then a greedy coreset of
+        ``model.knn_patches`` of them.
+
+        Returns:
+            for the training summary: ``{"images", "labeled_images", "candidates", "pool_patches_dropped",
+            "pool_patch_cut"}`` (empty when no normal image is left).
+        """
+        m, d = self.cfg.model, self.data
+        rows, n_labeled = self.patch_bank_rows()
         if not len(rows):
             log.warning("no normal image to fill the patch bank from: the run scores with the decoder's map alone")
-            return
-        if len(rows) > m.knn_images:
-            rows = np.sort(np.random.default_rng([self.cfg.data.seed, 11]).choice(rows, m.knn_images, replace=False))
+            return {}
         turns = 4 if m.memory_rotations > 1 else 1
         gen = torch.Generator().manual_seed(int(self.cfg.data.seed))
-        cap, keep, emb = KNN_CANDIDATES * m.knn_patches, 1.0, []
+        cap, keep, emb, owner = KNN_CANDIDATES * m.knn_patches, 1.0, [], []
         for i in range(0, len(rows), self.cfg.eval.batch_size):
             x = to_tensor(d.source_images(rows[i : i + self.cfg.eval.batch_size]), self.device)
             for k in range(turns):
                 e = patch_embeddings(core.encode(torch.rot90(x, k, dims=(2, 3)) if k else x))
+                own = torch.arange(i, i + len(x), device=e.device).repeat_interleave(e.shape[1])
                 e = e.reshape(-1, e.shape[-1])
                 if not emb:  # the share of all candidate patches kept, so that memory stays near the cap
                     keep = min(1.0, cap / (len(rows) * turns * (e.shape[0] / len(x))))
                 if keep < 1.0:
-                    n = max(1, round(e.shape[0] * keep))
-                    e = e.index_select(0, torch.randperm(e.shape[0], generator=gen)[:n].to(e.device))
+                    sel = torch.randperm(e.shape[0], generator=gen)[: max(1, round(e.shape[0] * keep))].to(e.device)
+                    e, own = e.index_select(0, sel), own.index_select(0, sel)
                 emb.append(e)
-        flat = torch.cat(emb)
+                owner.append(own)
+        flat, owner = torch.cat(emb), torch.cat(owner)
         if flat.shape[0] > cap:
-            flat = flat.index_select(0, torch.randperm(flat.shape[0], generator=gen)[:cap].to(flat.device))
+            sel = torch.randperm(flat.shape[0], generator=gen)[:cap].to(flat.device)
+            flat, owner = flat.index_select(0, sel), owner.index_select(0, sel)
+        trusted = owner < n_labeled
+        ok, cut = trusted_patch_mask(flat, owner, trusted, m.knn_patches, gen)
+        dropped = int((~ok).sum())
+        if dropped:
+            flat = flat[ok]
         core.patch_bank.fill(flat, m.knn_patches, gen)
+        return {
+            "images": len(rows),
+            "labeled_images": n_labeled,
+            "candidates": int(ok.shape[0]),
+            "pool_patches": int((~trusted).sum()),
+            "pool_patches_dropped": dropped,
+            "pool_patch_cut": None if cut == float("inf") else cut,
+        }
 
     def resume(self) -> None:
         """Continue from ``RUN/checkpoint``: weights, optimizer, LR schedule, step, EMA, pseudo-labeler.
@@ -525,11 +563,11 @@ class Trainer:
             core = unwrap(self.model)
             self.rechoose_banks(self.labeler.history[max(self.labeler.history)], core, training_bank=False)
             self.refresh_banks(core)
-        patch_bank_s = 0.0
+        patch_bank_s, patch_bank = 0.0, {}
         if self.rank == 0 and self.cfg.model.knn_patches:
             self._phase("filling the patch bank")
             t_bank = time.perf_counter()
-            self.fill_patch_bank(unwrap(self.model))
+            patch_bank = self.fill_patch_bank(unwrap(self.model))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             patch_bank_s = time.perf_counter() - t_bank
@@ -561,7 +599,8 @@ class Trainer:
                 np.asarray(b).tolist() for b in (self.data.memory_indices, *self.data.extra_memory_indices)
             ],
             "memory_backend": model.memory.backend,
-            "patch_bank_s": patch_bank_s,  # filling the patch bank after the loop (part of phases_s' final)
+            "patch_bank_s": patch_bank_s,
+            "patch_bank": patch_bank,  # filling the patch bank after the loop (part of phases_s' final)
             "pseudo_fit_s": times["fit"],  # the pseudo-labeler on the training path: features, fit start, waits
             "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits and putting them in force
             "cuda_graph_step": self.graphed,

@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..pseudo.patch_knn import nearest_distances, patch_embeddings
+from ..pseudo.patch_knn import nearest_distances, patch_embeddings, sample_reference
 
 #: Gaussian blur of the upsampled distance map (PatchCore sec. 3.3)
 BLUR_SIGMA = 4.0
 #: coreset selection runs on random projections of this many dimensions (PatchCore's Johnson-Lindenstrauss step)
 PROJECTION_DIM = 128
+#: with no trusted (labeled) patch to set the cut, pool patches above this quantile of their own distances are dropped
+POOL_PATCH_QUANTILE = 0.99
 
 
 @torch.no_grad()
@@ -61,6 +63,65 @@ def greedy_coreset(patches: torch.Tensor, size: int, generator: torch.Generator)
         # ||x - x_c||^2 by one matrix-vector product over the projected rows (memory-bound: one read of x)
         torch.minimum(nearest, (x_sq + x_sq[c]).sub_(torch.mv(x, x[c]), alpha=2.0), out=nearest)
     return chosen
+
+
+@torch.no_grad()
+def trusted_patch_mask(
+    patches: torch.Tensor,
+    owner: torch.Tensor,
+    trusted: torch.Tensor,
+    reference_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float]:
+    """Which candidate patches may enter the bank when some come from unlabeled images: every patch of a
+    trusted (labeled normal) image, and an untrusted one only if it is no farther from the patches of the
+    *other* images than the farthest trusted patch is (without trusted patches: the
+    :data:`POOL_PATCH_QUANTILE` of the untrusted distances).
+
+    The patch-level noise discrimination of SoftPatch (Jiang et al., NeurIPS 2022), with a nearest-neighbour
+    outlier score in place of its LOF: a pool defect is a patch that no other image has, so it is far from
+    them, while a normal pool patch has neighbours among them; the labeled normals say how far normal
+    patches may be. Images are split in two folds and each fold is scored against a reference drawn from
+    the other, so no patch meets itself or its own image.
+
+    Args:
+        patches: float32 ``(N, C)`` candidate patch features.
+        owner: int64 ``(N,)`` image index of each patch (any integers; patches of one image share one).
+        trusted: bool ``(N,)``, True for patches of labeled normals.
+        reference_size: patches drawn from the other fold as each fold's reference (>= 1).
+        generator: CPU generator (fold assignment and reference draws).
+
+    Returns:
+        ``(keep bool (N,) on patches' device, the distance cut)``; all True when every patch is trusted
+        or the candidates come from one image.
+
+    Raises:
+        ValueError: shapes disagree or ``reference_size`` < 1.
+    """
+    n = patches.shape[0]
+    if owner.shape != (n,) or trusted.shape != (n,) or reference_size < 1:
+        raise ValueError(
+            f"trusted_patch_mask: need owner and trusted of shape ({n},) and reference_size >= 1, got "
+            f"{tuple(owner.shape)}, {tuple(trusted.shape)}, {reference_size}"
+        )
+    keep = torch.ones(n, dtype=torch.bool, device=patches.device)
+    images = torch.unique(owner.cpu())
+    if bool(trusted.all()) or len(images) < 2:
+        return keep, float("inf")
+    fold_of_image = torch.randperm(len(images), generator=generator) % 2
+    fold = fold_of_image[torch.searchsorted(images, owner.cpu())].to(patches.device)
+    dist = torch.empty(n, dtype=torch.float32, device=patches.device)
+    for k in (0, 1):
+        inside = fold == k
+        ref = sample_reference(patches[~inside].float(), reference_size, generator)
+        dist[inside] = nearest_distances(patches[inside].float(), ref)
+    trusted = trusted.to(patches.device)
+    if trusted.any():
+        cut = float(dist[trusted].max())
+    else:
+        cut = float(torch.quantile(dist[~trusted], POOL_PATCH_QUANTILE))
+    keep = trusted | (dist <= cut)
+    return keep, cut
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
@@ -140,4 +201,4 @@ class PatchBank(nn.Module):
         )
 
 
-__all__ = ["BLUR_SIGMA", "PatchBank", "gaussian_blur", "greedy_coreset"]
+__all__ = ["BLUR_SIGMA", "POOL_PATCH_QUANTILE", "PatchBank", "gaussian_blur", "greedy_coreset", "trusted_patch_mask"]

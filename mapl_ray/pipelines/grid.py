@@ -68,6 +68,7 @@ def trial_record(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
         "pseudo_refits": refits,
         "train_wall_s": summary.get("train_wall_s"),
         "patch_bank_s": summary.get("patch_bank_s"),
+        "patch_bank": summary.get("patch_bank"),
         "pseudo_fit_s": summary.get("pseudo_fit_s"),
         "pseudo_fit_wait_s": summary.get("pseudo_fit_wait_s"),
         "loader_wait_s": summary.get("loader_wait_s"),
