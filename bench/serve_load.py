@@ -545,6 +545,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
+        "--ingress",
+        default="proxy",
+        choices=("proxy", "haproxy"),
+        help="what listens on --port, as `mapl serve --ingress` (haproxy: RAY_SERVE_ENABLE_HA_PROXY=1)",
+    )
+    p.add_argument(
         "--images-per-request",
         type=int,
         default=1,
@@ -581,7 +587,7 @@ def main(argv=None) -> int:
     # direct ingress holds a removed ingress replica open 30 s for a load balancer to notice; there is none
     # here, and every layout / batching step redeploys the app
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    apply_ray_serve_env()  # what `mapl serve` runs with (a RAY_SERVE_* variable already set wins)
+    apply_ray_serve_env(args.ingress)  # what `mapl serve` runs with (a RAY_SERVE_* variable already set wins)
     from ray import serve
 
     from mapl_ray.config import Config
@@ -685,6 +691,7 @@ def main(argv=None) -> int:
     two_tier = resolved("two_tier", args.replicas)  # its fronts also size the echo app
     entry["settings"]["ingress_replicas"] = two_tier.ingress_replicas
     entry["settings"]["ray_serve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
+    entry["settings"]["ingress"] = args.ingress
     entry["settings"]["cluster"] = {"gpus": cluster_gpus, "cpus_of_model_nodes": cluster_cpus}
     shown = ("num_replicas", "gpus_per_replica", "cpus_per_replica", "torch_threads", "ingress_replicas")
     entry["settings"]["layouts"] = {}

