@@ -200,7 +200,7 @@ class Trainer:
         ``model.knn_patches`` of them.
 
         Returns:
-            for the training summary: ``{"images", "labeled_images", "candidates", "pool_patches_dropped",
+            for the training summary: ``{"images", "labeled_images", "candidates", "pool_patches", "pool_patches_dropped",
             "pool_patch_cut"}`` (empty when no normal image is left).
         """
         m, d = self.cfg.model, self.data
