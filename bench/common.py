@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mapl_ray.eval.accuracy_report import machine, stats
+from mapl_ray.eval.validation import objective
 from mapl_ray.presets import category_preset
 
 __all__ = [
@@ -56,9 +57,9 @@ def spearman(x: list, y: list) -> float | None:
     return float(spearmanr(*zip(*pairs)).statistic)
 
 
-def val_test_correlation(records: list[dict], key: str = "validation_image_auroc") -> dict:
+def val_test_correlation(records: list[dict], key: str = "validation_objective") -> dict:
     """Spearman correlation of a validation figure (``key`` of each record; default the objective, the
-    validation image AUROC) and test image AUROC over all runs and within each category (categories differ
+    mean of validation image and pixel AUROC) and test image AUROC over all runs and within each category (categories differ
     in how close their simulated anomalies come to their real defects)."""
     ok = [r for r in records if "error" not in r]
     out = {"all": spearman([r.get(key) for r in ok], [r.get("image_auroc") for r in ok])}
@@ -69,12 +70,15 @@ def val_test_correlation(records: list[dict], key: str = "validation_image_auroc
 
 
 def with_validation_mean(records: list[dict]) -> list[dict]:
-    """Records with ``validation_mean_image_pixel_auroc``: the mean of validation image and pixel AUROC
-    (objective (iii) of the comparison fixed in docs/results.md before the 2026-12-05 grid)."""
+    """Records with ``validation_mean_image_pixel_auroc`` (the mean of validation image and pixel AUROC:
+    objective (iii) of the comparison fixed in docs/results.md before the 2026-12-05 grid) and, where a
+    record predates it, ``validation_objective`` (:func:`mapl_ray.eval.validation.objective`)."""
     out = []
     for r in records:
         i, p = r.get("validation_image_auroc"), r.get("validation_pixel_auroc")
-        out.append({**r, "validation_mean_image_pixel_auroc": None if i is None or p is None else (i + p) / 2})
+        mean = None if i is None or p is None else (i + p) / 2
+        filled = {"validation_objective": objective(i, p) if i is not None else None}
+        out.append({**filled, **r, "validation_mean_image_pixel_auroc": mean})
     return out
 
 

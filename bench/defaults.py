@@ -1,8 +1,8 @@
 """Re-choose the defaults and category presets on the validation objective alone.
 
 Runs the design choices that matter as variants of each category's run, on choice seeds (never the
-seeds bench/semi.py reports), ranks them by mean validation image AUROC (labeled data and simulated
-anomalies only) and names the winner. Test figures are recorded beside the ranking for the
+seeds bench/semi.py reports), ranks them by the mean validation objective (mean of validation image
+and pixel AUROC, mapl_ray.eval.validation.objective; labeled data and simulated anomalies only) and names the winner. Test figures are recorded beside the ranking for the
 validation-test correlation; nothing is chosen on them. Writes bench/results/defaults.json.
 
 Variants (on the clean split unless named pool_*: the semi-supervision issue's pool setting, where the
@@ -75,7 +75,7 @@ def make_trials(args: argparse.Namespace) -> list[Trial]:
 
 def rank(records: list[dict]) -> dict:
     """Per category: every variant's validation and test statistics, the clean and pool variants ranked
-    by mean validation image AUROC (the choice), and the validation-test Spearman correlation."""
+    by the mean validation objective (the choice), and the validation-test Spearman correlation."""
     out: dict = {}
     ok = [r for r in records if "error" not in r]
     for cat in sorted({r["category"] for r in ok}):
@@ -86,6 +86,7 @@ def rank(records: list[dict]) -> dict:
                 rows[variant] = {
                     k: stats([r.get(k) for r in rs])
                     for k in (
+                        "validation_objective",
                         "validation_image_auroc",
                         "image_auroc",
                         "pixel_auroc",
@@ -94,7 +95,7 @@ def rank(records: list[dict]) -> dict:
                         "pseudo_label_recall",
                     )
                 }
-        by_val = {v: rows[v]["validation_image_auroc"]["mean"] for v in rows if rows[v]["validation_image_auroc"]}
+        by_val = {v: rows[v]["validation_objective"]["mean"] for v in rows if rows[v]["validation_objective"]}
         clean = sorted((v for v in by_val if not v.startswith("pool_")), key=lambda v: -by_val[v])
         pool = sorted((v for v in by_val if v.startswith("pool_")), key=lambda v: -by_val[v])
         out[cat] = {
@@ -118,7 +119,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "machine": machine(),
         "variants": {k: v[0] for k, v in VARIANTS.items()},
-        "judged_on": "validation image AUROC (labeled normals held out, simulated anomalies with held-out "
+        "judged_on": "validation objective, the mean of image and pixel AUROC (labeled normals held out, simulated anomalies with held-out "
         "textures, held-out labeled anomalies); test figures are recorded, not used",
         "runs": [],
     }
@@ -130,7 +131,7 @@ def main() -> None:
         result["ranking"] = rank(result["runs"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        val, test = record.get("validation_image_auroc") or 0, record.get("image_auroc") or 0
+        val, test = record.get("validation_objective") or 0, record.get("image_auroc") or 0
         print(f"{trial.name}: {record.get('error') or f'val {val:.3f} test {test:.3f}'}", flush=True)
 
     run_grid(make_trials(args), args.runs, args.gpus_per_trial, args.cpus_per_trial, on_result=save)

@@ -103,7 +103,7 @@ def compare(args: argparse.Namespace, folder: Path, result: dict, save) -> None:
     def on_result(trial: Trial, record: dict) -> None:
         result["runs"].append(record)
         print(f"{trial.name}: " + (f"error {record['error']}" if "error" in record else
-              f"test {record['image_auroc']:.3f} val {record['validation_image_auroc']} pseudo_fit {record['pseudo_fit_s']:.2f}s"),
+              f"test {record['image_auroc']:.3f} val {record['validation_objective']} pseudo_fit {record['pseudo_fit_s']:.2f}s"),
               flush=True)  # fmt: skip
         save()
 
@@ -112,9 +112,9 @@ def compare(args: argparse.Namespace, folder: Path, result: dict, save) -> None:
     for name in ("default", "best"):
         rs = [r for r in ok if r["config"] == name]
         result[f"{name}_test_image_auroc"] = (stats([r["image_auroc"] for r in rs]) or {}).get("mean")
-        result[f"{name}_validation"] = (stats([r["validation_image_auroc"] for r in rs]) or {}).get("mean")
+        result[f"{name}_validation"] = (stats([r["validation_objective"] for r in rs]) or {}).get("mean")
         result[f"{name}_by_seed"] = {
-            r["seed"]: {"test_image_auroc": r["image_auroc"], "validation": r["validation_image_auroc"]} for r in rs
+            r["seed"]: {"test_image_auroc": r["image_auroc"], "validation": r["validation_objective"]} for r in rs
         }
     fit_run = [r for r in ok if r["config"] == "fit-run"]
     if fit_run:

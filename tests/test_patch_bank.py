@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mapl_ray.eval.validation import choose_knn_fusion
+from mapl_ray.eval.validation import choose_knn_fusion, objective
 from mapl_ray.inference import Predictor
 from mapl_ray.model.anomaly_map import fuse_maps, topk_mean
 from mapl_ray.model.patch_bank import POOL_PATCH_QUANTILE, PatchBank, gaussian_blur, greedy_coreset, trusted_patch_mask
@@ -83,27 +83,50 @@ def test_fuse_maps_brings_the_patch_map_into_the_decoder_maps_units_and_weight_z
         fuse_maps(maps, None, {"weight": 0.5, "map_scale": 1.0, "knn_scale": 1.0})
 
 
-def test_fusion_weight_is_chosen_by_validation_auroc():
+def test_fusion_weight_is_chosen_by_validation_objective():
     rng = np.random.default_rng(3)
     labels = np.array([0] * 6 + [1] * 6)
+    masks = np.zeros((12, 8, 8), np.uint8)
+    masks[6:, 2:4, 2:4] = 1
     decoder = rng.random((12, 8, 8))  # no signal
     knn = rng.random((12, 8, 8))
     knn[6:, 2:4, 2:4] += 3.0  # the patch bank sees the anomalies
-    fusion, by_w = choose_knn_fusion(labels, decoder, knn, 4, None, (0.0, 0.5, 1.0))
-    assert fusion["weight"] > 0 and by_w[f"{fusion['weight']:g}"] == 1.0 and by_w["0"] < 1.0
+    fusion, by_w = choose_knn_fusion(labels, masks, decoder, knn, 4, None, (0.0, 0.5, 1.0))
+    best = f"{fusion['weight']:g}"
+    assert fusion["weight"] > 0 and by_w["image_auroc"][best] == 1.0 and by_w["image_auroc"]["0"] < 1.0
+    assert by_w["objective"][best] == max(by_w["objective"].values())
+    assert by_w["objective"]["0"] == pytest.approx((by_w["image_auroc"]["0"] + by_w["pixel_auroc"]["0"]) / 2)
     assert fusion["knn_scale"] == pytest.approx(float(np.mean(topk_mean(knn[:6], 4))))
     # the decoder separates and the patch map is noise: the decoder alone (ties go to the smallest weight)
-    fusion, _ = choose_knn_fusion(labels, knn, decoder, 4, None, (0.0, 0.5))
+    fusion, _ = choose_knn_fusion(labels, masks, knn, decoder, 4, None, (0.0, 0.5))
     assert fusion["weight"] == 0.0
-    fixed, _ = choose_knn_fusion(labels, decoder, knn, 4, 0.25, (0.0, 0.5))
+    fixed, _ = choose_knn_fusion(labels, masks, decoder, knn, 4, 0.25, (0.0, 0.5))
     assert fixed["weight"] == 0.25  # eval.knn_weight set: kept
+
+
+def test_fusion_weight_prefers_the_map_that_localises_when_both_separate_the_images():
+    rng = np.random.default_rng(5)
+    labels = np.array([0] * 6 + [1] * 6)
+    masks = np.zeros((12, 8, 8), np.uint8)
+    masks[6:, 2:4, 2:4] = 1
+    decoder, knn = rng.random((12, 8, 8)), rng.random((12, 8, 8))
+    decoder[6:, 5:7, 5:7] += 3.0  # separates the images, in the wrong place
+    knn[6:, 2:4, 2:4] += 3.0  # separates them where the defects are
+    fusion, by_w = choose_knn_fusion(labels, masks, decoder, knn, 4, None, (0.0, 1.0))
+    assert by_w["image_auroc"] == {"0": 1.0, "1": 1.0}  # image AUROC alone would keep the decoder (w = 0)
+    assert by_w["pixel_auroc"]["1"] > by_w["pixel_auroc"]["0"] and fusion["weight"] == 1.0
+
+
+def test_objective_is_the_mean_of_image_and_pixel_auroc_or_image_alone_without_defect_pixels():
+    assert objective(0.9, 0.7) == pytest.approx(0.8)
+    assert objective(0.9, None) == 0.9
 
 
 def test_trained_run_scores_with_the_fusion_calibration_chose(trained_run):
     state = json.loads((trained_run / "checkpoint" / "state.json").read_text())
     fusion = state["knn_fusion"]
     assert set(fusion) == {"weight", "map_scale", "knn_scale"}
-    by_w = state["validation"]["image_auroc_by_knn_weight"]
+    by_w = state["validation"]["objective_by_knn_weight"]
     assert set(by_w) == {"0", "0.25", "0.5", "0.75"}  # eval.knn_weight_grid
     assert by_w[f"{fusion['weight']:g}"] == max(by_w.values())  # the best on validation
     assert min(w for w, a in ((float(k), v) for k, v in by_w.items()) if a == max(by_w.values())) == fusion["weight"]

@@ -354,9 +354,10 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     assert phases["final"] == pytest.approx(summary["train_wall_s"] - summary["loop_wall_s"], abs=0.01)
     assert 0 < summary["patch_bank_s"] <= phases["final"]  # the patch bank is filled after the loop
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "validation_image_auroc" in r] == [4, 8]
+    assert [r["step"] for r in log if "validation_objective" in r] == [4, 8]
     v = metrics["validation"]
     assert 0 <= v["image_auroc"] <= 1 and v["q_weight"] in Config().eval.q_weight_grid and v["test_files"] == 0
+    assert v["objective"] == pytest.approx((v["image_auroc"] + v["pixel_auroc"]) / 2)  # docs/results.md rule 1
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["q_weight"] == v["q_weight"]
     # every pool image (not the canaries) with the label the run ended with, most anomalous first

@@ -132,11 +132,11 @@ def test_search_writes_best_yaml_and_trials_without_reading_the_test_split(ray_l
     assert main(tune_args(root, out, space, 2)) == 0
     with (out / "trials.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and all(r["status"] == "finished" and float(r["validation_image_auroc"]) >= 0 for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "finished" and float(r["validation_objective"]) >= 0 for r in rows)
     assert {"pseudo.num_occs", "loss.pseudo_bce_weight", "wall_s"} <= set(rows[0])
     assert (out / "trials.md").read_text().count("| finished |") == 2 and (out / "search.png").stat().st_size > 0
     best = Config.load(out / "best.yaml")
-    top = max(rows, key=lambda r: float(r["validation_image_auroc"]))
+    top = max(rows, key=lambda r: float(r["validation_objective"]))
     assert best.pseudo.num_occs == int(top["pseudo.num_occs"])
     assert best.train.steps == 4 and best.data.image_size == 64  # the base configuration under the search
     # best.yaml trains unchanged (now the test split is back for the evaluation at the end)

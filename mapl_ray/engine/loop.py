@@ -416,7 +416,7 @@ class Trainer:
         do_report = self.report is not None and (
             (t.report_every and (step + 1) % t.report_every == 0)
             or step + 1 == end_step
-            or "validation_image_auroc" in pseudo_stats
+            or "validation_objective" in pseudo_stats
         )
         if not (do_log or do_report):
             return None

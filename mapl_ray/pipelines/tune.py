@@ -40,7 +40,7 @@ from .ray_env import init_ray
 log = logging.getLogger("mapl_ray.tune")
 
 DEFAULT_SEARCH_SPACE = Path(__file__).with_name("search_space.yaml")
-METRIC = "validation_image_auroc"
+METRIC = "validation_objective"
 BASE_FILE, BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE, EXPERIMENT, SETTINGS_FILE = (
     "base.yaml",
     "best.yaml",
@@ -430,7 +430,7 @@ def write_tables(rows: list[dict[str, Any]], keys: list[str], out: Path) -> None
     ranked = sorted(rows, key=lambda r: -(r[METRIC] if r[METRIC] is not None else -math.inf))
     shown = ["trial_id", "status", "steps_run", METRIC, "wall_s", *keys]
     lines = [
-        f"# Search trials ({len(rows)}), by validation image AUROC (`{METRIC}`, last pass)",
+        f"# Search trials ({len(rows)}), by the validation objective (mean of image and pixel AUROC) (`{METRIC}`, last pass)",
         "",
         "| " + " | ".join(shown) + " |",
         "|" + "---|" * len(shown),
@@ -455,11 +455,11 @@ def plot_search(results, rows: list[dict[str, Any]], path: Path) -> None:
             continue
         is_best = row["trial_id"] == best["trial_id"]
         a.plot(df["step"], df[METRIC], color="tab:red" if is_best else "0.6", lw=2 if is_best else 0.8, zorder=is_best)
-    a.set(xlabel="training step", ylabel="validation image AUROC", title="trials (ASHA stops the weak ones)")
+    a.set(xlabel="training step", ylabel="validation objective", title="trials (ASHA stops the weak ones)")
     vals = np.array([r[METRIC] if r[METRIC] is not None else np.nan for r in rows], dtype=float)
     b.scatter(np.arange(len(vals)), vals, c=["tab:blue" if r["status"] == "finished" else "0.6" for r in rows], s=14)
     b.plot(np.arange(len(vals)), np.fmax.accumulate(np.nan_to_num(vals, nan=-np.inf)), color="tab:red", lw=1)
-    b.set(xlabel="trial", ylabel="validation image AUROC (last pass)", title="by trial (blue: ran to the end)")
+    b.set(xlabel="trial", ylabel="validation objective (last pass)", title="by trial (blue: ran to the end)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
