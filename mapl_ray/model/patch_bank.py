@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..pseudo.patch_knn import nearest_distances, patch_embeddings, sample_reference
+from ..pseudo.patch_knn import fold_out_distances, nearest_distances, patch_embeddings
 
 #: Gaussian blur of the upsampled distance map (PatchCore sec. 3.3)
 BLUR_SIGMA = 4.0
@@ -108,13 +108,7 @@ def trusted_patch_mask(
     images = torch.unique(owner.cpu())
     if bool(trusted.all()) or len(images) < 2:
         return keep, float("inf")
-    fold_of_image = torch.randperm(len(images), generator=generator) % 2
-    fold = fold_of_image[torch.searchsorted(images, owner.cpu())].to(patches.device)
-    dist = torch.empty(n, dtype=torch.float32, device=patches.device)
-    for k in (0, 1):
-        inside = fold == k
-        ref = sample_reference(patches[~inside].float(), reference_size, generator)
-        dist[inside] = nearest_distances(patches[inside].float(), ref)
+    dist = fold_out_distances(patches.float(), owner, 2, reference_size, generator)
     trusted = trusted.to(patches.device)
     if trusted.any():
         cut = float(dist[trusted].max())

@@ -67,10 +67,46 @@ def sample_reference(patches: torch.Tensor, size: int, generator: torch.Generato
     return flat.index_select(0, rows.to(flat.device))
 
 
+def fold_out_distances(
+    patches: torch.Tensor, owner: torch.Tensor, folds: int, reference_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Distance of every patch row to a reference drawn from the patches of the images outside its fold,
+    so no patch meets itself or another patch of its own image.
+
+    Args:
+        patches: float32 ``(M, C)`` patch rows of several images.
+        owner: int ``(M,)`` image of each row (any integers; the rows of one image share one).
+        folds: number of folds (2 <= folds <= images); the images are dealt to folds at random.
+        reference_size: patches drawn from the other folds as each fold's reference.
+        generator: CPU generator for the fold assignment and the reference draws.
+
+    Returns:
+        float32 ``(M,)`` on the patches' device (:func:`nearest_distances`).
+
+    Raises:
+        ValueError: ``owner`` not of shape ``(M,)``, or ``folds`` outside [2, images].
+    """
+    if owner.shape != patches.shape[:1]:
+        raise ValueError(f"fold_out_distances: owner of shape {tuple(owner.shape)}, need ({patches.shape[0]},)")
+    images, image_of_row = torch.unique(owner.cpu(), return_inverse=True)
+    if not 2 <= folds <= len(images):
+        raise ValueError(
+            f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {len(images)} images"
+        )
+    fold = (torch.randperm(len(images), generator=generator) % folds)[image_of_row].to(patches.device)
+    out = torch.empty(patches.shape[0], dtype=torch.float32, device=patches.device)
+    for k in range(folds):
+        inside = fold == k
+        ref = sample_reference(patches[~inside], reference_size, generator)
+        out[inside] = nearest_distances(patches[inside], ref)
+    return out
+
+
 def leave_fold_out_distances(
     patches: torch.Tensor, folds: int, reference_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch distances of every image to the patches of the images outside its fold.
+    """Patch distances of every image to the patches of the images outside its fold
+    (:func:`fold_out_distances` with the same number of patches per image).
 
     Args:
         patches: float32 ``(N, P, C)`` (:func:`patch_embeddings` of N images), N >= 2.
@@ -85,17 +121,12 @@ def leave_fold_out_distances(
     Raises:
         ValueError: fewer than 2 images or ``folds`` outside [2, N].
     """
-    n = patches.shape[0]
+    n, p = patches.shape[:2]
     if n < 2 or not 2 <= folds <= n:
         raise ValueError(f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {n} images")
-    fold = torch.randperm(n, generator=generator) % folds
-    out = torch.empty(patches.shape[:2], dtype=torch.float32, device=patches.device)
-    for k in range(folds):
-        inside = (fold == k).to(patches.device)
-        ref = sample_reference(patches[~inside], reference_size, generator)
-        q = patches[inside]
-        out[inside] = nearest_distances(q.reshape(-1, q.shape[-1]), ref).reshape(q.shape[:2])
-    return out, sample_reference(patches, reference_size, generator)
+    owner = torch.arange(n).repeat_interleave(p)
+    out = fold_out_distances(patches.reshape(n * p, -1), owner, folds, reference_size, generator)
+    return out.reshape(n, p), sample_reference(patches, reference_size, generator)
 
 
 def image_statistics(distances: torch.Tensor) -> torch.Tensor:
@@ -106,6 +137,7 @@ def image_statistics(distances: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "STAT_NAMES",
+    "fold_out_distances",
     "image_statistics",
     "leave_fold_out_distances",
     "nearest_distances",
