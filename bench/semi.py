@@ -77,6 +77,11 @@ SETTINGS = {
 STREAM = {"model.knn_source": "stream"}
 for _name in ("pool_as_normal", "mapl_knn_k4", "mapl_knn_k4_5_labeled"):
     SETTINGS[f"{_name}_stream"] = {**SETTINGS[_name], **STREAM}
+#: (c) and (d) with pseudo.normal_gate: a pool image whose farthest patch lies beyond every labeled normal's is
+#: never labeled normal (mapl_ray.pseudo.labeler.normal_gate)
+GATE = {"pseudo.normal_gate": True}
+for _name in ("mapl_knn_k4", "mapl_knn_k4_5_labeled", "mapl_knn_k4_stream", "mapl_knn_k4_5_labeled_stream"):
+    SETTINGS[f"{_name}_gate"] = {**SETTINGS[_name], **GATE}
 #: the settings of the grid whose objective comparison was fixed beforehand (docs/results.md, seeds 110-112)
 OBJECTIVE_SETTINGS = ("clean_k4", "clean_k4_decoder_map", "pool_as_normal", "mapl_knn_k4", "mapl_knn_k4_5_labeled")
 OBJECTIVES = ("validation_image_auroc", "validation_pixel_auroc", "validation_mean_image_pixel_auroc")
@@ -212,6 +217,49 @@ def objective_decision(ok: list[dict]) -> dict:
     return {
         "objective_rule": {"spearman_on_fixed_settings": rho, "chosen_objective": objective},
         "knn_source_rule": source,
+        "normal_gate_rule": gate_decision(ok),
+    }
+
+
+def gate_decision(ok: list[dict]) -> dict | None:
+    """Rule 3, fixed before the grid of seeds 113-115 (docs/results.md): ``pseudo.normal_gate`` becomes the
+    default if, over the pairs of runs (same category, seed and setting, without and with ``_gate``), its
+    mean validation objective is higher and its mean number of validation canaries let into the normal
+    stream is not. Validation figures only; the test figures are reported beside, deciding nothing."""
+    runs = with_validation_mean(ok)
+    by_key = {(r["category"], r["seed"], r["setting"]): r for r in runs}
+    pairs = [
+        (r, by_key[(cat, seed, f"{setting}_gate")])
+        for (cat, seed, setting), r in by_key.items()
+        if (cat, seed, f"{setting}_gate") in by_key
+    ]
+    pairs = [
+        (a, b)
+        for a, b in pairs
+        if a.get("validation_objective") is not None and b.get("validation_objective") is not None
+    ]
+    if not pairs:
+        return None
+
+    def mean(side: int, key: str) -> float | None:
+        vals = [pair[side].get(key) for pair in pairs]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    val_off, val_on = mean(0, "validation_objective"), mean(1, "validation_objective")
+    can_off, can_on = mean(0, "canaries_in_normal_stream"), mean(1, "canaries_in_normal_stream")
+    adopt = val_on > val_off and (can_on is None or can_off is None or can_on <= can_off)
+    return {
+        "pairs": len(pairs),
+        "validation_objective_off": val_off,
+        "validation_objective_gate": val_on,
+        "canaries_in_normal_stream_off": can_off,
+        "canaries_in_normal_stream_gate": can_on,
+        "test_image_auroc_off": mean(0, "image_auroc"),
+        "test_image_auroc_gate": mean(1, "image_auroc"),
+        "anomalies_in_normal_stream_off": mean(0, "anomalies_in_normal_stream"),
+        "anomalies_in_normal_stream_gate": mean(1, "anomalies_in_normal_stream"),
+        "chosen": "gate" if adopt else "no gate",
     }
 
 

@@ -136,6 +136,10 @@ class PseudoConfig:
     features: str = "auto"
     knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
     knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
+    # knn: a pool image whose farthest patch lies farther from the other images' patches than every labeled
+    # normal's farthest patch is never labeled normal (anomalous or unknown only): SoftPatch's patch-level
+    # screening (mapl_ray.model.patch_bank.trusted_patch_mask) at the level of the normal stream
+    normal_gate: bool = False
     # images per forward pass of a refit's features (a refit passes the whole pool: larger batches, fewer launches)
     feature_batch_size: int = 64
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
@@ -396,6 +400,11 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, ", ".join(PSEUDO_FEATURES)),
         ("pseudo.knn_reference", c.pseudo.knn_reference >= 1, ">= 1"),
         ("pseudo.knn_folds", c.pseudo.knn_folds >= 2, ">= 2"),
+        (
+            "pseudo.normal_gate",
+            not c.pseudo.normal_gate or c.pseudo.features in ("knn", "auto"),
+            "false unless pseudo.features is knn or auto (the gate reads the knn features' patch distances)",
+        ),
         ("pseudo.feature_batch_size", c.pseudo.feature_batch_size >= 1, ">= 1"),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
         ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),

@@ -19,7 +19,7 @@ from mapl_ray.data.train_data import TrainData, choose_memory_banks, normal_rows
 from mapl_ray.data.validation import SOURCE_NORMAL, build_validation_set
 from mapl_ray.eval.validation import choose_q_weight
 from mapl_ray.pseudo import labeler as labeler_module
-from mapl_ray.pseudo.labeler import PseudoLabeler, label_quality
+from mapl_ray.pseudo.labeler import PseudoLabeler, label_quality, normal_gate
 from mapl_ray.pseudo.occ import OCCConfig, OCCEnsemble
 
 
@@ -425,3 +425,67 @@ def test_training_from_unlabeled_images_alone(small_root, tmp_path, caplog):
     with (tmp_path / "run" / "pool_labels.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 10 and {r["pseudo_label"] for r in rows} <= {"anomalous", "normal", "unknown"}
+
+
+def test_normal_gate_vetoes_pool_images_whose_farthest_patch_is_beyond_every_labeled_normals():
+    labeled = np.array([[1.0, 0.5, 0.2], [2.0, 0.6, 0.3]])
+    pool = np.array([[1.5, 9.0, 9.0], [2.5, 0.1, 0.1], [2.0, 0.1, 0.1]])
+    veto, cut = normal_gate(labeled, pool)
+    assert cut == 2.0 and veto.tolist() == [False, True, False]  # column 0 (the farthest patch) alone decides
+    none, cut = normal_gate(np.zeros((0, 3)), pool)
+    assert not none.any() and cut == float("inf")
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_gated_pool_images_never_enter_the_normal_stream_whatever_the_occs_vote(monkeypatch, gate):
+    rng = np.random.default_rng(0)
+    normals = rng.integers(90, 110, (6, 32, 32, 3), dtype=np.uint8)
+    pool = rng.integers(90, 110, (8, 32, 32, 3), dtype=np.uint8)
+    pool[[2, 5], 8:16, 8:16] = 255  # a defect no other image has
+    data = TrainData(normals=normals, memory_indices=np.arange(2), unlabeled=pool)
+
+    class AllNormal:  # the OCCs take every pool image for normal
+        def __init__(self, config):
+            pass
+
+        def fit(self, normal, unlabeled, positives, map_fn=None):
+            return self
+
+        def scores(self, x):
+            return np.zeros((2, len(x)))
+
+        def vote(self, scores):
+            return np.zeros(scores.shape[1], np.int8)
+
+        def torch_params(self, device):
+            return [], torch.zeros(0, 1), torch.zeros(0, 1)
+
+    monkeypatch.setattr(labeler_module, "OCCEnsemble", AllNormal)
+    cfg = small_cfg(
+        **{
+            "pseudo.features": "knn",
+            "pseudo.normal_gate": gate,
+            "pseudo.pool_size": 2,
+            "model.encoder": "tf_efficientnet_lite0",
+            "model.pretrained": False,
+            "model.decoder_channels": "16,16,16,16",
+            "model.head_hidden": 8,
+        }
+    )
+    from mapl_ray.model import build_model
+
+    model = build_model(cfg)
+    model.refresh_memory(torch.rand(2, 3, 32, 32))
+    lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu"))
+    stats = lab.fit(model, 50)
+    labels = lab.history[50]
+    if not gate:
+        assert (labels == 0).all() and "gate_vetoed" not in stats
+        return
+    table = lab._knn[0]
+    expected, cut = normal_gate(table[: len(normals)], table[len(normals) :])
+    assert {2, 5} <= set(np.flatnonzero(expected).tolist())  # the defects' patches are beyond the labeled ones'
+    assert expected.sum() < len(pool)  # ... while normal pool images pass
+    assert np.array_equal(labels == -1, expected) and (labels[~expected] == 0).all()
+    assert stats["gate_vetoed"] == int(expected.sum()) and stats["gate_cut"] == cut
+    assert not set(np.flatnonzero(expected) + len(normals)) & set(normal_rows(data, labels).tolist())

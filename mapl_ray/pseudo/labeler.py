@@ -25,6 +25,11 @@ image's patch distances to the patches of the other images, labeled and unlabele
 the batches' simulated images are not pseudo-labeled (they have no such features in the step): none is
 filtered out of the segmentation loss. ``auto`` (the default, :func:`feature_kind`) is ``knn`` with an
 unlabeled pool and ``map`` without one.
+
+With ``knn`` features and ``pseudo.normal_gate``, a pool image whose farthest patch (statistic ``max``)
+lies farther from the other images' patches than the farthest patch of every labeled normal is never
+labeled normal, whatever the OCCs vote (:func:`normal_gate`): a defect is a patch no other image has,
+and the labeled normals say how far a normal patch may be.
 """
 
 from __future__ import annotations
@@ -49,6 +54,26 @@ from .patch_knn import image_statistics, leave_fold_out_distances, nearest_dista
 MAP_TOPK = (10, 100)
 
 log = logging.getLogger("mapl_ray.pseudo")
+
+
+def normal_gate(labeled: np.ndarray, unlabeled: np.ndarray) -> tuple[np.ndarray, float]:
+    """Which pool images may not be labeled normal (``pseudo.normal_gate``): those whose farthest patch
+    distance exceeds the largest one of the labeled normals.
+
+    Args:
+        labeled, unlabeled: float ``(N, S)`` / ``(M, S)`` :func:`~mapl_ray.pseudo.patch_knn.image_statistics`
+            of the labeled normals and the pool (column 0: the farthest patch), scored leave-fold-out.
+
+    Returns:
+        ``(vetoed bool (M,), the cut)``; nothing vetoed (cut inf) without labeled normals.
+
+    Source: SoftPatch (Jiang et al., NeurIPS 2022) screens noisy patches; here the cut is the labeled
+    normals' own maximum, as :func:`mapl_ray.model.patch_bank.trusted_patch_mask` does for the patch bank.
+    """
+    if not len(labeled):
+        return np.zeros(len(unlabeled), dtype=bool), float("inf")
+    cut = float(np.max(labeled[:, 0]))
+    return np.asarray(unlabeled[:, 0] > cut), cut
 
 
 def feature_kind(features: str, has_pool: bool) -> str:
@@ -305,12 +330,17 @@ class PseudoLabeler:
         self.cfg, self.bm, self.device, self.fit_map = cfg, batch_maker, device, fit_map
         #: the OCC feature kind in force (:func:`feature_kind`)
         self.kind = feature_kind(cfg.pseudo.features, bool(batch_maker.data.pool_size))
+        if cfg.pseudo.normal_gate and self.kind != "knn":
+            log.warning("pseudo.normal_gate has no effect without an unlabeled pool (pseudo.features=auto is map then)")
         self.cuda_graphs = cuda_graphs
         #: the refits' feature passes as CUDA graphs, by feature kind (:meth:`_batched`)
         self._graphs: dict[str, GraphedForward] = {}
         self._graph_model: MAPLModel | None = None
         #: the refit in progress: (its step, streamed pool, future of (ensemble, raw pool labels))
         self.pending: tuple[int, bool, Future] | None = None
+        #: pseudo.normal_gate: the pending refit's pool images that may not be labeled normal, and the cut
+        self.pending_veto: np.ndarray | None = None
+        self.gate_cut: float | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
@@ -450,8 +480,11 @@ class PseudoLabeler:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
         was = model.training
         model.eval()
+        veto = None
         if self.kind == "knn":
             normals, positives, unlabeled = self._knn_features(model, step, pool, pos_images, unl_images, streamed)
+            if p.normal_gate:
+                veto, self.gate_cut = normal_gate(self._knn[0][: len(d.normals)], unlabeled)
         else:
             normals = self.features(model, d.source_images(np.asarray(pool["normal_idx"])))
             positives = self.features(model, pos_images)
@@ -463,11 +496,15 @@ class PseudoLabeler:
             s = ens.scores(unlabeled)
             # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
             z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-12)
-            return ens, ens.vote(s), z.mean(0)
+            vote = ens.vote(s)
+            if veto is not None:
+                vote[veto & (vote == 0)] = -1
+            return ens, vote, z.mean(0)
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
         self.pending = (step, streamed, self._executor.submit(fit))
+        self.pending_veto = veto
 
     def fit_due(self, step: int) -> bool:
         """A pending refit takes over at this step: :func:`fit_overlap` steps after it."""
@@ -492,12 +529,16 @@ class PseudoLabeler:
         if streamed or not d.pool_size:
             return step, label_quality(raw, None)
         labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
+        veto = self.pending_veto
+        if veto is not None:  # also over a normal label kept from an earlier refit
+            labels[veto & (labels == 0)] = -1
         self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}
         self.history[step] = labels
         self.pool_scores = None if scores is None else np.asarray(scores, dtype=np.float64)
         stats = {
             "refit_step": step,
             "refit_unknown": int((raw == -1).sum()),
+            **({"gate_vetoed": int(veto.sum()), "gate_cut": self.gate_cut} if veto is not None else {}),
             **label_quality(labels, d.unlabeled_truth, d.pool_canaries, scores),
         }
         return step, stats
