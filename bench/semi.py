@@ -195,7 +195,10 @@ def objective_decision(ok: list[dict]) -> dict:
     rho = {key: val_test_correlation(runs, key) for key in OBJECTIVES}
     image, mean_key = rho["validation_image_auroc"]["all"], rho["validation_mean_image_pixel_auroc"]["all"]
     adopt_mean = mean_key is not None and mean_key >= 0.6 and (image is None or mean_key > image)
-    objective = "validation_mean_image_pixel_auroc" if adopt_mean else "validation_image_auroc"
+    chosen = "validation_mean_image_pixel_auroc" if adopt_mean else "validation_image_auroc"
+    # rule 1 was decided on the 45 runs of seeds 110-112 (docs/results.md) and is in the code since: rule 2
+    # reads the objective the runs report, whatever rule 1 would say on another set of runs
+    objective = "validation_objective"
     by_key = {(r["category"], r["seed"], r["setting"]): r for r in with_validation_mean(ok)}
     pairs = []
     for (cat, seed, setting), r in by_key.items():
@@ -215,7 +218,7 @@ def objective_decision(ok: list[dict]) -> dict:
             "chosen": "stream" if stream > lab else "labeled",
         }
     return {
-        "objective_rule": {"spearman_on_fixed_settings": rho, "chosen_objective": objective},
+        "objective_rule": {"spearman_on_fixed_settings": rho, "chosen_objective_on_these_runs": chosen},
         "knn_source_rule": source,
         "normal_gate_rule": gate_decision(ok),
     }
