@@ -583,6 +583,10 @@ def main(argv=None) -> int:
     p.add_argument("--memory-banks", type=int, help="serve with the first N of the run's memory banks (no retraining)")
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = p.parse_args(argv)
+    try:  # checked before any load runs: a bad value would otherwise surface after the load steps
+        args.fault_replica_counts = [int(x) for x in args.fault_replicas.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--fault-replicas: expected a comma list of integers or '' (none), got {args.fault_replicas!r}")
 
     # direct ingress holds a removed ingress replica open 30 s for a load balancer to notice; there is none
     # here, and every layout / batching step redeploys the app
@@ -757,7 +761,7 @@ def main(argv=None) -> int:
     print("oversized upload", entry["oversized_upload"], flush=True)
     save()
     entry["fault"] = []
-    fault_reps = [int(x) for x in args.fault_replicas.split(",") if x]
+    fault_reps = list(args.fault_replica_counts)
     if layouts[0] == "single":  # the load steps' replicas whatever the list says: one test, not one per entry
         fault_reps = fault_reps[:1]
     for reps in fault_reps:
