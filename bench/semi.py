@@ -190,8 +190,10 @@ def objective_decision(ok: list[dict]) -> dict:
        image AUROC's;
     2. the patch bank's source: ``model.knn_source=stream`` becomes the default if, over the pairs of runs
        (same category, seed and setting (b), (c), (d)) with either source, its mean of that objective is
-       higher. Validation figures only: the test figures are reported beside, not used."""
-    runs = with_validation_mean([r for r in ok if r["setting"] in OBJECTIVE_SETTINGS])
+       higher. Validation figures only: the test figures are reported beside, not used.
+
+    ``ok``: finished runs as :func:`summarise` passes them (through :func:`with_validation_mean`)."""
+    runs = [r for r in ok if r["setting"] in OBJECTIVE_SETTINGS]
     rho = {key: val_test_correlation(runs, key) for key in OBJECTIVES}
     image, mean_key = rho["validation_image_auroc"]["all"], rho["validation_mean_image_pixel_auroc"]["all"]
     adopt_mean = mean_key is not None and mean_key >= 0.6 and (image is None or mean_key > image)
@@ -199,12 +201,7 @@ def objective_decision(ok: list[dict]) -> dict:
     # rule 1 was decided on the 45 runs of seeds 110-112 (docs/results.md) and is in the code since: rule 2
     # reads the objective the runs report, whatever rule 1 would say on another set of runs
     objective = "validation_objective"
-    by_key = {(r["category"], r["seed"], r["setting"]): r for r in with_validation_mean(ok)}
-    pairs = []
-    for (cat, seed, setting), r in by_key.items():
-        other = by_key.get((cat, seed, f"{setting}_stream"))
-        if other is not None and r.get(objective) is not None and other.get(objective) is not None:
-            pairs.append((r, other))
+    pairs = paired_runs(ok, "_stream")
     source = None
     if pairs:
         lab = sum(a[objective] for a, _ in pairs) / len(pairs)
@@ -224,23 +221,25 @@ def objective_decision(ok: list[dict]) -> dict:
     }
 
 
+def paired_runs(ok: list[dict], suffix: str) -> list[tuple[dict, dict]]:
+    """``(run, its twin)`` for every run whose setting + ``suffix`` ran on the same category and seed, both
+    with a validation objective: the pairs a rule compares."""
+    by_key = {(r["category"], r["seed"], r["setting"]): r for r in ok}
+    pairs = [(r, by_key.get((cat, seed, f"{setting}{suffix}"))) for (cat, seed, setting), r in by_key.items()]
+    return [
+        (a, b)
+        for a, b in pairs
+        if b is not None and a.get("validation_objective") is not None and b.get("validation_objective") is not None
+    ]
+
+
 def gate_decision(ok: list[dict]) -> dict | None:
     """Rule 3, fixed before the grid of seeds 113-115 (docs/results.md): ``pseudo.normal_gate`` becomes the
     default if, over the pairs of runs (same category, seed and setting, without and with ``_gate``), its
     mean validation objective is higher and its mean number of validation canaries let into the normal
-    stream is not. Validation figures only; the test figures are reported beside, deciding nothing."""
-    runs = with_validation_mean(ok)
-    by_key = {(r["category"], r["seed"], r["setting"]): r for r in runs}
-    pairs = [
-        (r, by_key[(cat, seed, f"{setting}_gate")])
-        for (cat, seed, setting), r in by_key.items()
-        if (cat, seed, f"{setting}_gate") in by_key
-    ]
-    pairs = [
-        (a, b)
-        for a, b in pairs
-        if a.get("validation_objective") is not None and b.get("validation_objective") is not None
-    ]
+    stream is not. Validation figures only; the test figures are reported beside, deciding nothing.
+    ``ok`` as for :func:`objective_decision`."""
+    pairs = paired_runs(ok, "_gate")
     if not pairs:
         return None
 
@@ -299,13 +298,11 @@ def summarise(records: list[dict]) -> dict:
                 out.setdefault(key, {})[cat] = found
     ok = [r for r in records if "error" not in r]
     out.update(objective_decision(ok))
-    out["spearman_val_test"] = val_test_correlation(with_validation_mean(ok))
+    out["spearman_val_test"] = val_test_correlation(ok)
     # the three candidate objectives compared on the grid of seeds 104-106 (fixed beforehand, docs/results.md)
-    out["spearman_objectives"] = {key: val_test_correlation(with_validation_mean(ok), key) for key in OBJECTIVES}
+    out["spearman_objectives"] = {key: val_test_correlation(ok, key) for key in OBJECTIVES}
     # every setting validates on the same files (SHARED_VALIDATION); the pool settings alone, for comparison
-    out["spearman_val_test_pool_settings"] = val_test_correlation(
-        with_validation_mean([r for r in ok if r["setting"] != "clean"])
-    )
+    out["spearman_val_test_pool_settings"] = val_test_correlation([r for r in ok if r["setting"] != "clean"])
     # do the canaries (labeled) see the contamination that the pool's own defects (unlabeled) bring?
     pool = [r for r in ok if r.get("canaries_in_normal_stream") is not None]
     out["spearman_canaries_vs_pool_anomalies_in_normal_stream"] = spearman(

@@ -52,6 +52,45 @@ def small_cfg(**overrides) -> Config:
     return Config().override(base)
 
 
+def stub_labeler(monkeypatch, data: TrainData, votes: np.ndarray, **overrides) -> tuple[PseudoLabeler, object]:
+    """A :class:`PseudoLabeler` of ``data`` on a tiny untrained model, its OCC ensemble replaced by a stub whose
+    vote is ``votes`` (read at each refit, so a test may change it) and which checks it fits on every pool image."""
+
+    class StubEnsemble:
+        def __init__(self, config):
+            self.config = config
+
+        def fit(self, normal, unlabeled, positives, map_fn=None):
+            assert len(unlabeled) == data.pool_size  # every pool image, no cap
+            return self
+
+        def predict(self, x):
+            return votes.copy()
+
+        def scores(self, x):
+            return np.stack([votes.astype(np.float64), votes.astype(np.float64)])
+
+        def vote(self, scores):
+            return votes.copy()
+
+        def torch_params(self, device):
+            return [], torch.zeros(0, 1), torch.zeros(0, 1)
+
+    from mapl_ray.model import build_model
+
+    monkeypatch.setattr(labeler_module, "OCCEnsemble", StubEnsemble)
+    tiny = {
+        "model.encoder": "tf_efficientnet_lite0",
+        "model.pretrained": False,
+        "model.decoder_channels": "16,16,16,16",
+        "model.head_hidden": 8,
+    }
+    cfg = small_cfg(**tiny, **overrides)
+    model = build_model(cfg)
+    model.refresh_memory(torch.rand(2, 3, 32, 32))
+    return PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu")), model
+
+
 def test_pool_images_land_in_the_stream_their_pseudo_label_says():
     data, labels = pool_data()
     cfg = small_cfg()
@@ -107,44 +146,12 @@ def test_refit_labels_every_pool_image_and_the_labels_apply_after_the_lag(monkey
     data.unlabeled_truth = truth
     known = np.array([0, 0, 1, -1, 0, 0, -1, 0], np.int8)  # what the stub OCC ensemble says
 
-    class StubEnsemble:
-        def __init__(self, config):
-            self.config = config
-
-        def fit(self, normal, unlabeled, positives, map_fn=None):
-            assert len(unlabeled) == data.pool_size  # every pool image, no cap
-            return self
-
-        def predict(self, x):
-            return known.copy()
-
-        def scores(self, x):
-            return np.stack([known.astype(np.float64), known.astype(np.float64)])
-
-        def vote(self, scores):
-            return known.copy()
-
-        def torch_params(self, device):
-            return [], torch.zeros(0, 1), torch.zeros(0, 1)
-
-    monkeypatch.setattr(labeler_module, "OCCEnsemble", StubEnsemble)
-    cfg = small_cfg(
-        **{
-            "pseudo.warmup_steps": 50,
-            "pseudo.label_lag": 20,
-            "pseudo.pool_size": 2,
-            "pseudo.features": "map",
-            "model.encoder": "tf_efficientnet_lite0",
-            "model.pretrained": False,
-            "model.decoder_channels": "16,16,16,16",
-            "model.head_hidden": 8,
-        }
+    lab, model = stub_labeler(
+        monkeypatch,
+        data,
+        known,
+        **{"pseudo.warmup_steps": 50, "pseudo.label_lag": 20, "pseudo.pool_size": 2, "pseudo.features": "map"},
     )
-    from mapl_ray.model import build_model
-
-    model = build_model(cfg)
-    model.refresh_memory(torch.rand(2, 3, 32, 32))
-    lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu"))
     stats = lab.fit(model, 50)
     assert np.array_equal(lab.history[50], known)
     assert (lab.labels_for(69) == -1).all() and np.array_equal(lab.labels_for(70), known)  # lag of 20 steps
@@ -444,39 +451,10 @@ def test_gated_pool_images_never_enter_the_normal_stream_whatever_the_occs_vote(
     pool[[2, 5], 8:16, 8:16] = 255  # a defect no other image has
     data = TrainData(normals=normals, memory_indices=np.arange(2), unlabeled=pool)
 
-    class AllNormal:  # the OCCs take every pool image for normal
-        def __init__(self, config):
-            pass
-
-        def fit(self, normal, unlabeled, positives, map_fn=None):
-            return self
-
-        def scores(self, x):
-            return np.zeros((2, len(x)))
-
-        def vote(self, scores):
-            return np.zeros(scores.shape[1], np.int8)
-
-        def torch_params(self, device):
-            return [], torch.zeros(0, 1), torch.zeros(0, 1)
-
-    monkeypatch.setattr(labeler_module, "OCCEnsemble", AllNormal)
-    cfg = small_cfg(
-        **{
-            "pseudo.features": "knn",
-            "pseudo.normal_gate": gate,
-            "pseudo.pool_size": 2,
-            "model.encoder": "tf_efficientnet_lite0",
-            "model.pretrained": False,
-            "model.decoder_channels": "16,16,16,16",
-            "model.head_hidden": 8,
-        }
+    all_normal = np.zeros(len(pool), np.int8)  # the OCCs take every pool image for normal
+    lab, model = stub_labeler(
+        monkeypatch, data, all_normal, **{"pseudo.features": "knn", "pseudo.normal_gate": gate, "pseudo.pool_size": 2}
     )
-    from mapl_ray.model import build_model
-
-    model = build_model(cfg)
-    model.refresh_memory(torch.rand(2, 3, 32, 32))
-    lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu"))
     stats = lab.fit(model, 50)
     labels = lab.history[50]
     if not gate:

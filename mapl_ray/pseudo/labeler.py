@@ -496,10 +496,7 @@ class PseudoLabeler:
             s = ens.scores(unlabeled)
             # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
             z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-12)
-            vote = ens.vote(s)
-            if veto is not None:
-                vote[veto & (vote == 0)] = -1
-            return ens, vote, z.mean(0)
+            return ens, ens.vote(s), z.mean(0)
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
@@ -524,13 +521,15 @@ class PseudoLabeler:
         step, streamed, future = self.pending
         self.pending = None
         ensemble, raw, scores = future.result()
+        veto = self.pending_veto
+        if veto is not None:  # pseudo.normal_gate: no normal vote for a vetoed image
+            raw[veto & (raw == 0)] = -1
         self.use_ensemble(ensemble, step)
         d, p = self.bm.data, self.cfg.pseudo
         if streamed or not d.pool_size:
             return step, label_quality(raw, None)
         labels = np.where(raw == -1, self.history[max(self.history)], raw).astype(np.int8)
-        veto = self.pending_veto
-        if veto is not None:  # also over a normal label kept from an earlier refit
+        if veto is not None:  # nor a normal label kept from an earlier refit
             labels[veto & (labels == 0)] = -1
         self.history = {s: v for s, v in self.history.items() if s == -1 or s >= step - p.label_lag - p.refit_every}
         self.history[step] = labels

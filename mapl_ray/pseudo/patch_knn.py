@@ -122,8 +122,6 @@ def leave_fold_out_distances(
         ValueError: fewer than 2 images or ``folds`` outside [2, N].
     """
     n, p = patches.shape[:2]
-    if n < 2 or not 2 <= folds <= n:
-        raise ValueError(f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {n} images")
     owner = torch.arange(n).repeat_interleave(p)
     out = fold_out_distances(patches.reshape(n * p, -1), owner, folds, reference_size, generator)
     return out.reshape(n, p), sample_reference(patches, reference_size, generator)
