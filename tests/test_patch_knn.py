@@ -9,10 +9,12 @@ import torch
 from conftest import DATA_ROOT, needs_data
 
 from mapl_ray.pseudo.patch_knn import (
+    STAT_NAMES,
     image_statistics,
     leave_fold_out_distances,
     nearest_distances,
     patch_embeddings,
+    statistics_of,
 )
 
 
@@ -49,6 +51,20 @@ def test_patch_embeddings_shape_and_statistics_order():
     assert emb.shape == (2, 64, 18) and emb.dtype == torch.float32
     stats = image_statistics(torch.tensor([[0.0, 1.0, 3.0, 2.0]]))
     torch.testing.assert_close(stats, torch.tensor([[3.0, 3.0, 1.5]]))
+
+
+def test_statistics_of_ratios_do_not_move_with_the_images_scale():
+    """The ``*_over_median`` statistics are those of the image's own median patch distance: an image whose
+    patches are all twice as far gets the same ratios (its scale-dependent statistics double)."""
+    d = torch.tensor([[1.0, 2.0, 2.0, 2.0, 8.0], [2.0, 4.0, 4.0, 4.0, 16.0]])
+    names = ("max", "median", "max_over_median", "top1pct_over_median")
+    got = statistics_of(d, names)
+    torch.testing.assert_close(got[0], torch.tensor([8.0, 2.0, 4.0, 4.0]))
+    torch.testing.assert_close(got[1, 2:], got[0, 2:])
+    torch.testing.assert_close(got[1, :2], 2 * got[0, :2])
+    assert torch.equal(statistics_of(d, STAT_NAMES), image_statistics(d))
+    with pytest.raises(ValueError, match="unknown patch-distance statistic.*'maximum'"):
+        statistics_of(d, ("maximum",))
 
 
 @needs_data

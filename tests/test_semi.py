@@ -113,6 +113,26 @@ def test_pool_images_land_in_the_stream_their_pseudo_label_says():
     assert {t for t, lab in pool_tags.items() if lab == 1} == {100 + i for i in np.flatnonzero(labels == 1)}
 
 
+def test_the_fit_thread_warms_up_before_the_first_refit_and_its_error_fails_that_refit(monkeypatch):
+    """A real OCC fit runs in the fit thread as the labeler is built (the first fit of a process pays for lazy
+    imports and first calls, not a refit); with pseudo-labels off there is none; a warm-up that failed fails the
+    first refit with its own error instead of being lost."""
+    data, labels = pool_data()
+    lab, model = stub_labeler(monkeypatch, data, labels, **{"pseudo.features": "map", "pseudo.pool_size": 2})
+    assert lab.warm_up is not None and lab.warm_up.result() > 0
+    assert lab.fit(model, 50)["pseudo_pos"] == int((labels == 1).sum())
+    off = small_cfg(**{"pseudo.enabled": False})
+    assert PseudoLabeler(off, BatchMaker(off, data, build_simulator(off)), torch.device("cpu")).warm_up is None
+
+    def broken(config, dim):
+        raise RuntimeError("warm-up failed")
+
+    monkeypatch.setattr(labeler_module, "warm_up_fit", broken)
+    lab, model = stub_labeler(monkeypatch, data, labels, **{"pseudo.features": "map", "pseudo.pool_size": 2})
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        lab.fit(model, 50)
+
+
 def test_without_labels_the_pool_waits_and_with_pseudo_off_it_is_normal():
     data, _ = pool_data()
     waiting = PseudoLabeler(

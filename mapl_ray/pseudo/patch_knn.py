@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.memory import squared_distances
-
 #: image statistics of the patch distances: max, mean of the top 1 % of patches, mean
 STAT_NAMES = ("max", "top1pct", "mean")
 _QUERY_BLOCK = 2048  # query patches per distance GEMM: block x reference floats stay ~128 MB at 16k references
@@ -50,6 +48,10 @@ def nearest_distances(query: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     Returns:
         float32 ``(M,)`` on the query's device.
     """
+    # imported here: mapl_ray.model's patch bank imports this module, so a module-level import of the model
+    # package would make importing this module first circular
+    from ..model.memory import squared_distances
+
     ref_sq = reference.pow(2).sum(1)
     out = []
     for i in range(0, query.shape[0], _QUERY_BLOCK):
@@ -127,18 +129,55 @@ def leave_fold_out_distances(
     return out.reshape(n, p), sample_reference(patches, reference_size, generator)
 
 
+#: named statistics of an image's patch distances: scale-dependent (``max``, ``top1pct``, ``mean``, ``median``)
+#: and scale-free ratios to the image's median patch distance (how far its worst patches stand out of the
+#: image itself, whatever its overall distance to the other images)
+STATISTICS = ("max", "top1pct", "mean", "median", "max_over_median", "top1pct_over_median", "p90_over_median")
+#: the statistic sets compared by bench/occ_features.py (``default`` is :data:`STAT_NAMES`)
+STAT_SETS = {
+    "default": STAT_NAMES,
+    "default_contrast": (*STAT_NAMES, "max_over_median", "top1pct_over_median"),
+    "contrast": ("max_over_median", "top1pct_over_median", "p90_over_median"),
+}
+
+
+def statistics_of(distances: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """Image-level statistics ``names`` (each one of :data:`STATISTICS`) of patch distances ``(N, P)``:
+    float32 ``(N, len(names))`` on their device.
+
+    Raises:
+        ValueError: an unknown statistic name.
+    """
+    unknown = [n for n in names if n not in STATISTICS]
+    if unknown:
+        raise ValueError(f"unknown patch-distance statistic(s) {unknown}; known: {', '.join(STATISTICS)}")
+    d = distances.float()
+    top = d.topk(max(1, d.shape[1] // 100), dim=1).values.mean(1)
+    median = d.median(1).values
+    base = {"max": d.amax(1), "top1pct": top, "mean": d.mean(1), "median": median}
+    eps = 1e-12
+    ratio = {
+        "max_over_median": base["max"] / (median + eps),
+        "top1pct_over_median": top / (median + eps),
+        "p90_over_median": torch.quantile(d, 0.9, dim=1) / (median + eps),
+    }
+    return torch.stack([{**base, **ratio}[n] for n in names], 1)
+
+
 def image_statistics(distances: torch.Tensor) -> torch.Tensor:
     """Image-level statistics of patch distances ``(N, P)``: float32 ``(N, 3)`` (:data:`STAT_NAMES`)."""
-    top = distances.topk(max(1, distances.shape[1] // 100), dim=1).values
-    return torch.stack([distances.amax(1), top.mean(1), distances.mean(1)], 1)
+    return statistics_of(distances, STAT_NAMES)
 
 
 __all__ = [
+    "STATISTICS",
     "STAT_NAMES",
+    "STAT_SETS",
     "fold_out_distances",
     "image_statistics",
     "leave_fold_out_distances",
     "nearest_distances",
     "patch_embeddings",
     "sample_reference",
+    "statistics_of",
 ]
