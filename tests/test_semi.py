@@ -113,26 +113,6 @@ def test_pool_images_land_in_the_stream_their_pseudo_label_says():
     assert {t for t, lab in pool_tags.items() if lab == 1} == {100 + i for i in np.flatnonzero(labels == 1)}
 
 
-def test_the_fit_thread_warms_up_before_the_first_refit_and_its_error_fails_that_refit(monkeypatch):
-    """A real OCC fit runs in the fit thread as the labeler is built (the first fit of a process pays for lazy
-    imports and first calls, not a refit); with pseudo-labels off there is none; a warm-up that failed fails the
-    first refit with its own error instead of being lost."""
-    data, labels = pool_data()
-    lab, model = stub_labeler(monkeypatch, data, labels, **{"pseudo.features": "map", "pseudo.pool_size": 2})
-    assert lab.warm_up is not None and lab.warm_up.result() > 0
-    assert lab.fit(model, 50)["pseudo_pos"] == int((labels == 1).sum())
-    off = small_cfg(**{"pseudo.enabled": False})
-    assert PseudoLabeler(off, BatchMaker(off, data, build_simulator(off)), torch.device("cpu")).warm_up is None
-
-    def broken(config, dim):
-        raise RuntimeError("warm-up failed")
-
-    monkeypatch.setattr(labeler_module, "warm_up_fit", broken)
-    lab, model = stub_labeler(monkeypatch, data, labels, **{"pseudo.features": "map", "pseudo.pool_size": 2})
-    with pytest.raises(RuntimeError, match="warm-up failed"):
-        lab.fit(model, 50)
-
-
 def test_without_labels_the_pool_waits_and_with_pseudo_off_it_is_normal():
     data, _ = pool_data()
     waiting = PseudoLabeler(
@@ -360,6 +340,7 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
         **{
             "pseudo.features": features,
             "data.labeled_normals": 7,
+            "model.memory_samples": 10,  # more than the labeled normals: each refit refills the training bank
             "data.pool_anomaly_share": 0.2,
             "eval.validation_canaries": 0.25,  # 2 canaries in the pool of 9
             "train.steps": 8,
@@ -375,6 +356,8 @@ def test_a_run_with_a_pool_reports_pseudo_labels_and_validation(small_root, tmp_
     assert all(r["canaries"] == 2 and 0 <= r["canary_recall"] <= 1 for r in refits)
     phases = summary["phases_s"]  # where the wall time went: the parts add up to the loop's wall time
     assert phases["pseudo"] > 0 and phases["validation"] > 0 and phases["steps"] > 0
+    assert phases["memory_banks"] > 0  # the refills, timed apart from the pseudo-labeler
+    assert summary["refit_bank_refill_s"] == pytest.approx(phases["memory_banks"], abs=1e-4)
     assert min(v for k, v in phases.items() if k != "other") >= 0 and phases["other"] > -0.01
     parts = sum(v for k, v in phases.items() if k != "final")
     assert parts == pytest.approx(summary["loop_wall_s"], abs=0.01)

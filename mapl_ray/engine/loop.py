@@ -378,6 +378,18 @@ class Trainer:
             self.rechoose_banks(self.labeler.history[step], unwrap(self.model), training_bank=True)
         return stats
 
+    def _put_refit_in_force(self, times: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the pending refit (``times["fit_wait"]``) and put it in force with :meth:`_after_refit`,
+        whose memory-bank refill is timed apart (``times["banks"]``: the encoder's pass over the new bank, not
+        the pseudo-labeler). Returns the refit's statistics."""
+        t_wait = time.perf_counter()
+        done = self.labeler.finish_fit()
+        t_banks = time.perf_counter()
+        times["fit_wait"] += t_banks - t_wait
+        stats = self._after_refit(*done)
+        times["banks"] += time.perf_counter() - t_banks
+        return stats
+
     def _refit_pool(self, step: int) -> dict[str, Any]:
         """The pool of the refit at ``step`` from the parts the loader items brought
         (:class:`~mapl_ray.data.batches.StepBatches`); a part whose step came before this run's first step (a
@@ -484,7 +496,8 @@ class Trainer:
             labels_for = labeler.labels_for if self.data.pool_size else None
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         t0 = time.perf_counter()
-        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0, "validation": 0.0, "log": 0.0, "checkpoint": 0.0}
+        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0, "banks": 0.0}
+        times.update(validation=0.0, log=0.0, checkpoint=0.0)
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
         batch: dict[str, Any] = {}
@@ -502,9 +515,7 @@ class Trainer:
                 labeler.start_fit(unwrap(net), step, pool)
                 net.train()
             if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
-                t_wait = time.perf_counter()
-                pseudo_stats = self._after_refit(*labeler.finish_fit())
-                times["fit_wait"] += time.perf_counter() - t_wait
+                pseudo_stats = self._put_refit_in_force(times)
             times["fit"] += time.perf_counter() - t_fit
             inputs = batch_to_device(batch, device, t.channels_last)
             if graph_step is not None:
@@ -528,13 +539,18 @@ class Trainer:
                 self.progress.update(step + 1, last.get("loss"))
             t_ckpt = time.perf_counter()
             times["log"] += t_ckpt - t_log
+            refit_s = (
+                0.0  # a refit put in force for the checkpoint counts as the pseudo-labeler's, not the checkpoint's
+            )
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
                 if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
-                    pseudo_stats = self._after_refit(*labeler.finish_fit())
+                    pseudo_stats = self._put_refit_in_force(times)
+                    refit_s = time.perf_counter() - t_ckpt
+                    times["fit"] += refit_s
                 self.writer.submit(step + 1, self.snapshot(step + 1))  # written beside the next steps
             self.writer.poll()
             t_ready = time.perf_counter()
-            times["checkpoint"] += t_ready - t_ckpt
+            times["checkpoint"] += t_ready - t_ckpt - refit_s
         return self._finish(end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step)
 
     def _finish(self, end_step, t0, times, last, pseudo_stats, batch, n_loader, graph_step):
@@ -545,9 +561,8 @@ class Trainer:
         if self.labeler.pending is not None:  # training ended inside a refit's overlap: in force for the saved run
             self._phase(f"finishing the refit of step {self.labeler.pending[0]}")
             t_fit = time.perf_counter()
-            pseudo_stats = self._after_refit(*self.labeler.finish_fit())
+            pseudo_stats = self._put_refit_in_force(times)
             times["fit"] += time.perf_counter() - t_fit
-            times["fit_wait"] += time.perf_counter() - t_fit
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
@@ -601,8 +616,11 @@ class Trainer:
             "memory_backend": model.memory.backend,
             "patch_bank_s": patch_bank_s,
             "patch_bank": patch_bank,  # filling the patch bank after the loop (part of phases_s' final)
-            "pseudo_fit_s": times["fit"],  # the pseudo-labeler on the training path: features, fit start, waits
-            "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits and putting them in force
+            # the pseudo-labeler on the training path: features, fit start, waits (the memory-bank refill after a
+            # refit, with fewer labeled normals than model.memory_samples, apart: refit_bank_refill_s)
+            "pseudo_fit_s": times["fit"] - times["banks"],
+            "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits
+            "refit_bank_refill_s": times["banks"],
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,
             "graph_capture_error": graph_step.failed if graph_step else None,
@@ -614,13 +632,15 @@ class Trainer:
 def _phases(times: dict[str, Any], loop_wall: float, wall: float) -> dict[str, float]:
     """Where the training wall time went, in seconds: ``loader_wait`` (batches not ready, the first
     included), ``steps`` (forward, backward, optimizer, EMA, bank refreshes; the first steps' CUDA-graph
-    capture included), ``pseudo`` (the pseudo-labeler on the training path), ``validation``, ``log``
+    capture included), ``pseudo`` (the pseudo-labeler on the training path), ``memory_banks`` (the training
+    bank refilled with pool images after a refit), ``validation``, ``log``
     (metrics and the progress bar), ``checkpoints`` (in the loop), ``other`` (the rest of the loop) and
     ``final`` (after the loop: the last banks and the final save)."""
     out = {
         "loader_wait": float(np.sum(times["wait"])),
         "steps": float(np.sum(times["step"])) - times["fit"],
-        "pseudo": times["fit"],
+        "pseudo": times["fit"] - times["banks"],
+        "memory_banks": times["banks"],
         "validation": times["validation"],
         "log": times["log"],
         "checkpoints": times["checkpoint"],

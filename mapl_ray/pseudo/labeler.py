@@ -49,7 +49,7 @@ from ..model import MAPLModel
 from ..model.graphs import GraphedForward
 from ..tensors import autocast_context, to_tensor
 from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
-from .patch_knn import STAT_NAMES, image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
+from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
 MAP_TOPK = (10, 100)
 
@@ -294,25 +294,6 @@ def write_pool_labels(
     return int(len(order))
 
 
-def warm_up_fit(config: OCCConfig, dim: int) -> float:
-    """Fit and score a small OCC ensemble on seeded random ``dim``-dimensional features in this process and
-    import what a refit's labels need (scikit-learn's metrics): the first fit of a process pays for lazy
-    imports, BLAS thread-pool discovery and first calls, and a refit's fit should not (it holds up
-    training at :meth:`PseudoLabeler.finish_fit`). Returns the seconds it took."""
-    import time
-
-    import sklearn.metrics  # noqa: F401  (label_quality's AUROC, imported at a refit otherwise)
-
-    from . import occ  # the real ensemble, whatever this module's name OCCEnsemble is bound to
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    normal = rng.normal(size=(32, dim))
-    ens = occ.OCCEnsemble(config).fit(normal, rng.normal(size=(64, dim)), rng.normal(2.0, 1.0, size=(16, dim)))
-    ens.vote(ens.scores(normal))
-    return time.perf_counter() - t0
-
-
 def fit_overlap(p: PseudoConfig) -> int:
     """Steps a refit's OCCs fit beside training before the refit is in force: ``p.fit_overlap_steps``, at
     most ``p.refit_every - 1`` (one refit at a time) and ``p.label_lag - 1`` (labels in force before they
@@ -362,12 +343,6 @@ class PseudoLabeler:
         self.gate_cut: float | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
-        #: :func:`warm_up_fit` in the fit thread while the run starts (a refit's fit queues behind it)
-        self.warm_up: Future | None = None
-        if cfg.pseudo.enabled:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
-            dim = len(STAT_NAMES) if self.kind == "knn" else 5  # any width exercises the same code
-            self.warm_up = self._executor.submit(warm_up_fit, self.occ_cfg, dim)
         self.ensemble: OCCEnsemble | None = None
         #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached
         self._knn: tuple[np.ndarray, torch.Tensor] | None = None
@@ -516,11 +491,7 @@ class PseudoLabeler:
             unlabeled = self.features(model, unl_images)
         model.train(was)
 
-        warm = self.warm_up
-
         def fit() -> tuple[OCCEnsemble, np.ndarray, np.ndarray]:
-            if warm is not None:
-                warm.result()  # done (it ran first in this thread); its error, if any, fails the refit here
             ens = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives, map_fn=self.fit_map)
             s = ens.scores(unlabeled)
             # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
