@@ -159,7 +159,7 @@ def part_simulation(args, shards: Path, work: Path) -> dict:
         ds = ds.limit(counts[n]).map_batches(
             _sim_rows, batch_format="pyarrow", fn_kwargs={"size": args.image_size}, batch_size=16
         )
-        ds = simulate(ds.materialize(), cfg, seed=0, concurrency=n, batch_size=8)
+        ds = simulate(ds.materialize(), cfg, seed=0, concurrency=n, batch_size=args.sim_batch)
         t0, t_first, count, first = time.perf_counter(), None, 0, 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if t_first is None:
@@ -189,7 +189,7 @@ def part_simulation(args, shards: Path, work: Path) -> dict:
         f"materialised in the object store before the clock; textures {args.textures}; the actor pool fully started "
         "before the first block (DataContext.wait_for_min_actors_s; actors_ready_s = time to the first batch, "
         "start-up included); Ray rate = images after the first batch over the time after it; "
-        f"ray_wall_s includes the start-up; Ray started with num_cpus={max(args.cpus) + 1} "
+        f"ray_wall_s includes the start-up; {args.sim_batch} images per map_batches call; Ray started with num_cpus={max(args.cpus) + 1} "
         "(one for the read tasks), blocks of 16 images (DataContext.target_max_block_size), RAY_worker_niceness=0 (Ray's default 15 lets the loop, at niceness 0, take "
         "the CPUs from the workers on a shared machine); loop = mean of a run before and one after the Ray runs"
     )
@@ -574,6 +574,7 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="simulation part: at least this many images per actor (N CPUs simulate max(--sim-images, this x N))",
     )
+    p.add_argument("--sim-batch", type=int, default=8, help="simulation part: images per map_batches call")
     p.add_argument("--loop-images", type=int, default=640, help="images of the single-process loop (a prefix)")
     p.add_argument("--score-images", type=int, default=2048)
     p.add_argument("--score-batch", type=int, default=256)

@@ -68,7 +68,8 @@ def check_inputs(cfg: Config, check_test: bool = True) -> Split:
     build_simulator(cfg)  # a missing / empty texture folder
     build_pose_estimator(cfg)  # data.align without an object threshold
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
-        raise WeightsError(f"encoder weights file {cfg.model.weights} does not exist (model.weights / --weights)")
+        what = "is a folder, not a file" if Path(cfg.model.weights).is_dir() else "does not exist"
+        raise WeightsError(f"encoder weights file {cfg.model.weights} {what} (model.weights / --weights)")
     build_encoder(cfg.model.encoder, cfg.model.weights, cfg.model.pretrained)  # unknown backbone / bad weights
     unlabeled = scan_folder(cfg.data.unlabeled_dir) if cfg.data.unlabeled_dir else None
     try:

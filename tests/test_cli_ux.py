@@ -116,6 +116,17 @@ def test_unreadable_pool_images_are_named_together_with_what_to_do(small_root, t
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+@needs_data
+def test_weights_path_that_is_a_folder_says_so(small_root, tmp_path, capsys):
+    run = tmp_path / "r"
+    args = ["train", "--data", str(small_root), "--category", "screw", "--out", str(run), "--no-ray"]
+    assert main([*args, "--weights", str(tmp_path), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"encoder weights file {tmp_path} is a folder, not a file" in err and "Traceback" not in err
+    assert main([*args, "--weights", str(tmp_path / "missing.safetensors"), *TINY]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
+
+
 def test_storage_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
