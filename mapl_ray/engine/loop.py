@@ -496,7 +496,9 @@ class Trainer:
             labels_for = labeler.labels_for if self.data.pool_size else None
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
         t0 = time.perf_counter()
-        times = {"step": [], "wait": [], "fit": 0.0, "fit_wait": 0.0, "banks": 0.0}
+        # fit: the pseudo-labeler's time, "fit_out" the part of it outside the step timer (a refit put in force
+        # for a checkpoint or at the end)
+        times = {"step": [], "wait": [], "fit": 0.0, "fit_out": 0.0, "fit_wait": 0.0, "banks": 0.0}
         times.update(validation=0.0, log=0.0, checkpoint=0.0)
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
@@ -539,14 +541,14 @@ class Trainer:
                 self.progress.update(step + 1, last.get("loss"))
             t_ckpt = time.perf_counter()
             times["log"] += t_ckpt - t_log
-            refit_s = (
-                0.0  # a refit put in force for the checkpoint counts as the pseudo-labeler's, not the checkpoint's
-            )
+            # a refit put in force for the checkpoint counts as the pseudo-labeler's, not the checkpoint's
+            refit_s = 0.0
             if (step + 1) % t.checkpoint_every == 0 and step + 1 < end_step:
                 if labeler.pending is not None:  # in force now, so the checkpoint holds it (also when not resumed)
                     pseudo_stats = self._put_refit_in_force(times)
                     refit_s = time.perf_counter() - t_ckpt
                     times["fit"] += refit_s
+                    times["fit_out"] += refit_s
                 self.writer.submit(step + 1, self.snapshot(step + 1))  # written beside the next steps
             self.writer.poll()
             t_ready = time.perf_counter()
@@ -562,7 +564,9 @@ class Trainer:
             self._phase(f"finishing the refit of step {self.labeler.pending[0]}")
             t_fit = time.perf_counter()
             pseudo_stats = self._put_refit_in_force(times)
-            times["fit"] += time.perf_counter() - t_fit
+            t_fit = time.perf_counter() - t_fit
+            times["fit"] += t_fit
+            times["fit_out"] += t_fit
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
@@ -638,7 +642,7 @@ def _phases(times: dict[str, Any], loop_wall: float, wall: float) -> dict[str, f
     ``final`` (after the loop: the last banks and the final save)."""
     out = {
         "loader_wait": float(np.sum(times["wait"])),
-        "steps": float(np.sum(times["step"])) - times["fit"],
+        "steps": float(np.sum(times["step"])) - (times["fit"] - times["fit_out"]),
         "pseudo": times["fit"] - times["banks"],
         "memory_banks": times["banks"],
         "validation": times["validation"],
