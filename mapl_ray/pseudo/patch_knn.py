@@ -152,16 +152,26 @@ def statistics_of(distances: torch.Tensor, names: tuple[str, ...]) -> torch.Tens
     if unknown:
         raise ValueError(f"unknown patch-distance statistic(s) {unknown}; known: {', '.join(STATISTICS)}")
     d = distances.float()
-    top = d.topk(max(1, d.shape[1] // 100), dim=1).values.mean(1)
-    median = d.median(1).values
-    base = {"max": d.amax(1), "top1pct": top, "mean": d.mean(1), "median": median}
     eps = 1e-12
-    ratio = {
-        "max_over_median": base["max"] / (median + eps),
-        "top1pct_over_median": top / (median + eps),
-        "p90_over_median": torch.quantile(d, 0.9, dim=1) / (median + eps),
-    }
-    return torch.stack([{**base, **ratio}[n] for n in names], 1)
+    done: dict[str, torch.Tensor] = {}
+
+    def stat(name: str) -> torch.Tensor:  # each computed once, and only when asked for (the refits ask for 3)
+        if name not in done:
+            if name == "max":
+                done[name] = d.amax(1)
+            elif name == "top1pct":
+                done[name] = d.topk(max(1, d.shape[1] // 100), dim=1).values.mean(1)
+            elif name == "mean":
+                done[name] = d.mean(1)
+            elif name == "median":
+                done[name] = d.median(1).values
+            elif name == "p90_over_median":
+                done[name] = torch.quantile(d, 0.9, dim=1) / (stat("median") + eps)
+            else:  # max_over_median, top1pct_over_median
+                done[name] = stat(name.split("_over_")[0]) / (stat("median") + eps)
+        return done[name]
+
+    return torch.stack([stat(n) for n in names], 1)
 
 
 def image_statistics(distances: torch.Tensor) -> torch.Tensor:
