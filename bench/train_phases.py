@@ -9,7 +9,8 @@ work; its total is a little longer (no overlap across phases). ``ray``: ``mapl t
 Train (one worker), the user's command, plain. ``plain`` and ``attributed`` run ``mapl train --no-ray
 --gpu`` in this process (the GPU where there is one), so the first of them pays the process's first-use
 costs (CUDA modules loaded on first use, cuDNN plans) and the later ones do not; a mode named twice
-(``--modes plain,plain``) measures both.
+(``--modes plain,plain``) measures both. ``--profile``: the first in-process mode runs under cProfile and the
+JSON gets its functions with the most cumulative and own time (``profile``): where first-use costs go.
 
     python bench/train_phases.py --data .data/mvtec_ad --category screw --textures .data/dtd256 \\
         --weights .data/w/tf_efficientnet_lite2.safetensors [--modes plain,attributed,ray] [--set k=v]
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
 import platform
+import pstats
 import sys
 import tempfile
 import time
@@ -98,6 +101,7 @@ def attributed(calls: dict[str, list[float]]):
         (loop.Trainer, "checkpoint"): (loop.Trainer.checkpoint, "checkpoint"),
         (PseudoLabeler, "start_fit"): (PseudoLabeler.start_fit, "refit_start"),
         (PseudoLabeler, "finish_fit"): (PseudoLabeler.finish_fit, "refit_finish"),
+        (loop.Trainer, "rechoose_banks"): (loop.Trainer.rechoose_banks, "bank_refill"),
         (CudaGraphStep, "__call__"): (CudaGraphStep.__call__, "slow_steps"),
     }
     try:
@@ -109,7 +113,23 @@ def attributed(calls: dict[str, list[float]]):
             setattr(owner, name, fn)
 
 
-def train(args, mode: str, work: Path) -> dict:
+def top_functions(prof: cProfile.Profile, n: int = 45) -> dict[str, list[str]]:
+    """The ``n`` functions with the most cumulative time and the ``n`` with the most own time, one line each
+    (seconds cumulative / own, calls, ``file:line(function)`` with the path cut after site-packages)."""
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        short = file.split("site-packages/")[-1].split("/main/")[-1]
+        rows.append((ct, tt, nc, f"{short}:{line}({fn})"))
+    fmt = lambda r: f"{r[0]:8.3f} {r[1]:8.3f} {r[2]:7d} {r[3]}"  # noqa: E731
+    return {
+        "columns": "cumulative_s own_s calls function",
+        "cumulative": [fmt(r) for r in sorted(rows, reverse=True)[:n]],
+        "own": [fmt(r) for r in sorted(rows, key=lambda r: -r[1])[:n]],
+    }
+
+
+def train(args, mode: str, work: Path, profile: bool = False) -> dict:
     import torch
 
     gpu = torch.cuda.is_available()
@@ -141,12 +161,15 @@ def train(args, mode: str, work: Path) -> dict:
         import mapl_ray.cli as cli
 
         calls: dict[str, list[float]] = {}
+        prof = cProfile.Profile() if profile else None
         with attributed(calls) if mode == "attributed" else contextlib.nullcontext():
-            rc = cli.main(cmd)
+            rc = prof.runcall(cli.main, cmd) if prof else cli.main(cmd)
     job_s = time.perf_counter() - t0
     rec: dict = {"command": "mapl " + " ".join(cmd), "rc": rc, "job_wall_s": round(job_s, 2)}
     if mode == "attributed":
         rec["calls_s"] = calls
+    if prof is not None:
+        rec["profile"] = top_functions(prof)
     summary = out / "train_summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
@@ -164,21 +187,31 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--modes", default="plain,attributed,ray")
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("--profile", action="store_true", help="cProfile the first in-process mode (module docstring)")
     p.add_argument("--out", default=str(HERE / "results" / "train_phases.json"))
     args = p.parse_args()
     res = {
         "machine": machine(),
         "command": "python bench/train_phases.py " + " ".join(sys.argv[1:]),
-        "settings": {"steps": args.steps, "category": args.category, "overrides": args.set, "modes": args.modes},
+        "settings": {
+            "steps": args.steps,
+            "category": args.category,
+            "overrides": args.set,
+            "modes": args.modes,
+            "profile": args.profile,
+        },
         "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="mapl_phases_") as tmp:
         for i, mode in enumerate(args.modes.split(",")):
             key = mode if mode not in res["runs"] else f"{mode}_{i + 1}"  # a mode again: the process is warm now
-            res["runs"][key] = train(args, mode, Path(tmp) / key)
+            first_in_process = mode != "ray" and all(m == "ray" for m in args.modes.split(",")[:i])
+            res["runs"][key] = train(args, mode, Path(tmp) / key, args.profile and first_in_process)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))
-            print(key, json.dumps(res["runs"][key]), flush=True)
+            print(key, json.dumps({k: v for k, v in res["runs"][key].items() if k != "profile"}), flush=True)
+            for line in res["runs"][key].get("profile", {}).get("cumulative", []):
+                print("  ", line, flush=True)
     return 0
 
 
