@@ -4,7 +4,8 @@
 host time between the loop's markers. The step is launched asynchronously, so a phase that waits on the
 GPU (a log line reading the losses, a checkpoint copying weights) is charged with the GPU work queued
 before it. ``attributed``: the same run with ``torch.cuda.synchronize`` at the end of each phase (the
-step, the pseudo-labeler's refit start and finish, validation), so each phase is charged with its own GPU
+step, the pseudo-labeler's refit start and finish with their feature passes and forward-graph captures, the
+memory-bank refills with their parts, validation), so each phase is charged with its own GPU
 work; its total is a little longer (no overlap across phases). ``ray``: ``mapl train --gpu`` through Ray
 Train (one worker), the user's command, plain. ``plain`` and ``attributed`` run ``mapl train --no-ray
 --gpu`` in this process (the GPU where there is one), so the first of them pays the process's first-use
@@ -76,6 +77,9 @@ def attributed(calls: dict[str, list[float]]):
 
     from mapl_ray.engine import loop
     from mapl_ray.engine.step import CudaGraphStep
+    from mapl_ray.model.graphs import GraphedForward
+    from mapl_ray.model.memory import MemoryBank
+    from mapl_ray.model.network import MAPLModel
     from mapl_ray.pseudo.labeler import PseudoLabeler
 
     def sync() -> None:
@@ -102,6 +106,13 @@ def attributed(calls: dict[str, list[float]]):
         (PseudoLabeler, "start_fit"): (PseudoLabeler.start_fit, "refit_start"),
         (PseudoLabeler, "finish_fit"): (PseudoLabeler.finish_fit, "refit_finish"),
         (loop.Trainer, "rechoose_banks"): (loop.Trainer.rechoose_banks, "bank_refill"),
+        # parts of the above (a call inside another is charged to both)
+        (loop, "memory_bank_images"): (loop.memory_bank_images, "bank_images"),
+        (MAPLModel, "refresh_memory"): (MAPLModel.refresh_memory, "refresh_memory"),
+        (MemoryBank, "set"): (MemoryBank.set, "bank_set"),
+        (PseudoLabeler, "_knn_features"): (PseudoLabeler._knn_features, "knn_features"),
+        (PseudoLabeler, "features"): (PseudoLabeler.features, "occ_features"),
+        (GraphedForward, "_capture"): (GraphedForward._capture, "forward_graph_capture"),
         (CudaGraphStep, "__call__"): (CudaGraphStep.__call__, "slow_steps"),
     }
     try:
