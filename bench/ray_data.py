@@ -117,35 +117,42 @@ def _sim_rows(batch: pa.Table, size: int) -> dict:
     return {"image": images, "sample_key": _sample_key(paths), "path": np.array(paths, dtype=object)}
 
 
-_FORKED: dict = {}  # what forked processes of _processes_rate read (inherited, not pickled)
-
-
-def _simulate_from(start_at: float, count: int, offset: int) -> tuple[int, float]:
-    """One forked process of :func:`_processes_rate`: wait for the common start, simulate ``count`` images
-    (the loop's images, cycled, with keys of their own), return the count and the wall-clock end."""
+def _simulate_process(sim, images_file: str, count: int, offset: int, barrier, results) -> None:
+    """One process of :func:`_processes_rate`: load the images, wait for the others, simulate ``count`` images
+    (the loop's images, cycled, with keys of their own), report the count and the wall-clock end."""
     from mapl_ray.data.streams import simulate_samples
 
-    sim, images = _FORKED["sim"], _FORKED["images"]
+    images = np.load(images_file)
     idx = (offset + np.arange(count)) % len(images)
-    while time.time() < start_at:
-        time.sleep(0.001)
-    simulate_samples(sim, images[idx], offset + np.arange(count, dtype=np.int64), seed=0)
-    return count, time.time()
+    batch, keys = images[idx], offset + np.arange(count, dtype=np.int64)
+    barrier.wait()
+    simulate_samples(sim, batch, keys, seed=0)
+    results.put((count, time.time()))
 
 
-def _processes_rate(sim, images: np.ndarray, n: int, total: int) -> float:
-    """Images/s of ``n`` independent forked processes each running the loop on ``total / n`` images, started
-    together: what this host gives n single-threaded simulators without Ray (its CPU clock, caches and memory
-    bandwidth shared), the ceiling the Ray stage is compared with."""
+def _processes_rate(sim, images: np.ndarray, n: int, total: int, work: Path) -> float:
+    """Images/s of ``n`` independent processes (spawned, no Ray) each running the loop on ``total / n`` images,
+    released together by a barrier once all are set up: what this host gives n single-threaded simulators
+    side by side (its CPU clock, caches and memory bandwidth shared), the ceiling the Ray stage is compared with."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    _FORKED.update(sim=sim, images=images)
+    ctx = multiprocessing.get_context("spawn")
+    images_file = work / "process_images.npy"
+    np.save(images_file, images)
     per = -(-total // n)
-    start_at = time.time() + 2.0 + 0.1 * n  # after every process is forked
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
-        done = list(pool.map(_simulate_from, [start_at] * n, [per] * n, [i * per for i in range(n)]))
-    return sum(c for c, _ in done) / (max(t for _, t in done) - start_at)
+    barrier, results = ctx.Barrier(n + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=_simulate_process, args=(sim, str(images_file), per, i * per, barrier, results))
+        for i in range(n)
+    ]
+    for proc in procs:
+        proc.start()
+    barrier.wait(timeout=300)
+    t0 = time.time()
+    done = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(c for c, _ in done) / (max(t for _, t in done) - t0)
 
 
 def part_simulation(args, shards: Path, work: Path) -> dict:
@@ -210,7 +217,7 @@ def part_simulation(args, shards: Path, work: Path) -> dict:
         assert count == counts[n], (count, counts[n])
     loop_ips = (loop_before + loop()[1]) / 2  # before and after the Ray runs: the same load conditions
     out["processes_images_per_s"] = {
-        str(n): round(_processes_rate(sim, rows["image"][:n_loop], n, counts[n]), 2) for n in args.cpus
+        str(n): round(_processes_rate(sim, rows["image"][:n_loop], n, counts[n], work), 2) for n in args.cpus
     }
     out["ray_vs_processes"] = {
         n: round(v / out["processes_images_per_s"][n], 3) for n, v in out["ray_images_per_s"].items()
@@ -229,8 +236,8 @@ def part_simulation(args, shards: Path, work: Path) -> dict:
         f"ray_wall_s includes the start-up; {args.sim_batch} images per map_batches call; Ray started with num_cpus={max(args.cpus) + 1} "
         "(one for the read tasks), blocks of 16 images (DataContext.target_max_block_size), RAY_worker_niceness=0 (Ray's default 15 lets the loop, at niceness 0, take "
         "the CPUs from the workers on a shared machine); loop = mean of a run before and one after the Ray runs; "
-        "processes = N forked processes running the loop side by side without Ray (same image count, started "
-        "together): the host's own ceiling for N single-threaded simulators"
+        "processes = N spawned processes running the loop side by side without Ray (same image count, released "
+        "together by a barrier): the host's own ceiling for N single-threaded simulators"
     )
     return out
 

@@ -140,8 +140,9 @@ class PseudoConfig:
     # normal's farthest patch is never labeled normal (anomalous or unknown only): SoftPatch's patch-level
     # screening (mapl_ray.model.patch_bank.trusted_patch_mask) at the level of the normal stream
     normal_gate: bool = False
-    # images per forward pass of a refit's features (a refit passes the whole pool: larger batches, fewer launches)
-    feature_batch_size: int = 64
+    # images per forward pass of a refit's features; None: the training step's batch, whose convolution plans
+    # the first training steps already built (a new batch shape costs seconds of cuDNN planning in a fresh process)
+    feature_batch_size: int | None = None
     # a refit's pool labels steer batches from this many steps after it on (loader processes prepare
     # batches ahead: a fixed lag keeps batches independent of their number)
     label_lag: int = 20
@@ -405,7 +406,11 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
             not c.pseudo.normal_gate or c.pseudo.features in ("knn", "auto"),
             "false unless pseudo.features is knn or auto (the gate reads the knn features' patch distances)",
         ),
-        ("pseudo.feature_batch_size", c.pseudo.feature_batch_size >= 1, ">= 1"),
+        (
+            "pseudo.feature_batch_size",
+            c.pseudo.feature_batch_size is None or c.pseudo.feature_batch_size >= 1,
+            ">= 1 or null",
+        ),
         ("pseudo.label_lag", c.pseudo.label_lag >= 1, ">= 1"),
         ("pseudo.fit_overlap_steps", c.pseudo.fit_overlap_steps >= 0, ">= 0"),
         ("pseudo.num_occs", c.pseudo.num_occs >= 1, ">= 1"),

@@ -22,7 +22,7 @@ from .model import build_model, resolve_backend
 from .model.anomaly_map import anomaly_maps, fuse_maps, image_scores, tta_views
 from .model.graphs import GraphedForward
 from .runfolder import load_model_weights, load_run_config, read_state
-from .tensors import resolve_device, to_tensor
+from .tensors import pad_rows, resolve_device, to_tensor
 
 
 class Predictor:
@@ -43,9 +43,10 @@ class Predictor:
             ensemble (``model.memory_banks``; each costs one decoder pass). Default: all the
             checkpoint holds.
         fixed_batch: with CUDA graphs, pad a short chunk of :meth:`predict_arrays` to ``batch_size``
-            (zeros, dropped from the outputs) so that every chunk replays the one graph of the full
-            batch: each new shape costs a capture (warm-up passes, cuDNN's choice; about a second at
-            256 images). For batch jobs (``mapl score``), not for single-image latency.
+            (:func:`~mapl_ray.tensors.pad_rows`, dropped from the outputs) so that every chunk replays the
+            one graph of the full batch: each new shape costs a capture and, in a fresh process, cuDNN's
+            planning of every convolution (about 3 s on the H100). For batch jobs (``mapl score``, the
+            calibration and evaluation after training), not for single-image latency.
         parts: return the decoder's map (``maps``) and the patch bank's (``knn_maps``) apart, unfused
             (calibration chooses the fusion from them); scores are then the decoder map's.
 
@@ -183,8 +184,8 @@ class Predictor:
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             n = len(chunk)
-            if self.fixed_batch and n < self.batch_size:  # the full batch's graph, not a new capture
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            if self.fixed_batch:  # the full batch's graph, not a new capture
+                chunk = pad_rows(chunk, self.batch_size)
             res = self.predict_tensor(to_tensor(chunk, self.device))
             for k in outs:
                 outs[k].append(res[k][:n].cpu().numpy())

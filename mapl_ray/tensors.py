@@ -48,6 +48,21 @@ def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "c
     return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def pad_rows(x: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
+    """``x`` (numpy array or tensor, rows first) padded to ``size`` rows with copies of its last row; ``x``
+    itself when it has ``size`` rows or more (or none).
+
+    Eval-mode passes of one input shape share one CUDA graph and one set of cuDNN convolution plans (a new
+    shape costs seconds of planning in a fresh process). Each image's result does not depend on the others
+    (BatchNorm in eval mode), so the caller keeps the first ``len(x)`` rows of the output."""
+    n = len(x)
+    if n >= size or n == 0:
+        return x
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+    return np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+
+
 def autocast_context(device: torch.device, amp: str, cache_enabled: bool = True):
     """bf16 autocast where asked (``amp='bf16'``, or ``auto`` on CUDA); a no-op context otherwise.
 

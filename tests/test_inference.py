@@ -108,8 +108,8 @@ def test_memory_bank_ensemble_holds_the_listed_normals_and_averages_their_maps(t
 
 
 def test_fixed_batch_pads_a_short_chunk_and_drops_the_padding(trained_run):
-    """``fixed_batch`` (``mapl score`` on CUDA: one graph shape) scores a short last chunk padded with zeros
-    to the batch size; the images' own results are those of the unpadded call (set here on a CPU, where
+    """``fixed_batch`` (``mapl score`` on CUDA: one graph shape) scores a short last chunk padded with copies
+    of its last image to the batch size; the images' own results are those of the unpadded call (set here on a CPU, where
     the Predictor leaves it off: there is no graph to reuse)."""
     images = (_test_images(trained_run, n=5).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     pred = Predictor(trained_run, device="cpu", batch_size=3, fixed_batch=True)

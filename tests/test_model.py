@@ -13,6 +13,7 @@ from mapl_ray.model.anomaly_map import image_scores
 from mapl_ray.model.encoder import map_state_dict_by_order
 from mapl_ray.model.losses import compute_losses
 from mapl_ray.model.memory import flatten_levels, resolve_backend
+from mapl_ray.tensors import pad_rows
 
 
 def brute_force_nearest(feats, bank, exclude_self=False):
@@ -109,6 +110,27 @@ def test_memory_bank_matches_current_encoder_after_refresh():
     for lvl, f in zip(model.memory.levels(), fresh):
         assert torch.allclose(lvl, f, atol=1e-6)
     assert model.encoder.training  # refresh restores training mode
+
+
+def test_padded_eval_batches_keep_each_images_result():
+    """pad_rows fills a short batch with copies of its last row; in eval mode the real rows' outputs do not
+    depend on the padding (the premise of giving every eval pass of a run one input shape)."""
+    a = np.arange(6).reshape(3, 2)
+    padded = pad_rows(a, 5)
+    assert padded.shape == (5, 2) and (padded[:3] == a).all() and (padded[3:] == a[-1]).all()
+    assert pad_rows(a, 3) is a and pad_rows(a, 2) is a
+    t = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(pad_rows(t, 4), torch.cat([t, t[-1:]]))
+    torch.manual_seed(0)
+    model = MAPLModel(build_encoder("mapl"), memory_backend="torch")
+    model.refresh_memory(torch.rand(4, 3, 64, 64))
+    model.eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        out, out_padded = model(x), model(pad_rows(x, 8))
+    for k in ("logits", "q", "nearest", "pooled"):
+        assert out_padded[k].shape[0] == 8
+        assert torch.allclose(out[k], out_padded[k][:3], atol=1e-5), k
 
 
 def test_focal_loss_hand_computed():

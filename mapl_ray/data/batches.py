@@ -70,6 +70,12 @@ class BatchMaker:
         self.n_anom = t.batch_labeled_anomaly if data.anomalies is not None and len(data.anomalies) else 0
         self.packed_masks = self._object_masks()
 
+    @property
+    def step_images(self) -> int:
+        """Images in one step's batch on this rank: the batch size the run's eval-mode passes share with the
+        training step (cuDNN builds its convolution plans per input shape, seconds each in a fresh process)."""
+        return self.n_normal + self.n_sim + self.n_unl + self.n_anom
+
     def _object_masks(self) -> np.ndarray | None:
         """uint8 ``(rows, H, ceil(W / 8))``: the object mask of every normal-source image (labeled normals,
         then an in-memory pool), bit-packed along W (``np.packbits``: 1/8 of the memory), computed once here,

@@ -95,6 +95,9 @@ class Trainer:
             use_deterministic_kernels()
         torch.manual_seed(t.seed)
         self.model = build_model(cfg).to(self.device)
+        # channels-last before the first bank fill: every encoder pass in one layout, one set of cuDNN plans
+        if t.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.bm = BatchMaker(cfg, data, build_simulator(cfg), rank, world_size)
         self.bank_images = memory_bank_images(cfg, data)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -117,7 +120,11 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, t.steps, t.warmup_fraction, t.lr, t.min_lr)
         self.labeler = PseudoLabeler(cfg, self.bm, self.device, fit_map, cuda_graphs=self.graphed)
         self.ema = WeightEMA(params, t.ema_decay) if t.ema_decay > 0 else None
-        self.validator = Validator(validation, cfg, self.device) if validation is not None and rank == 0 else None
+        self.validator = (
+            Validator(validation, cfg, self.device, self.bm.step_images)
+            if validation is not None and rank == 0
+            else None
+        )
         self.start_step = 0
         self.segment = 0  # train_log.jsonl's segment: 0 for a new run, +1 per resume
         self.refits: list[dict[str, Any]] = []
@@ -337,10 +344,9 @@ class Trainer:
         return snap
 
     def _net(self) -> torch.nn.Module:
-        """The network as the loop runs it: channels-last on CUDA, wrapped (DDP), compiled when asked."""
+        """The network as the loop runs it (channels-last on CUDA since :meth:`__init__`): wrapped (DDP), compiled
+        when asked."""
         t = self.cfg.train
-        if t.channels_last and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         net = self.wrap_model(self.model) if self.wrap_model else self.model
         if t.compile:
             net = torch.compile(net)

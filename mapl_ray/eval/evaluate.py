@@ -37,7 +37,7 @@ def calibrate(run_dir: str | Path, validation: ValidationSet | np.ndarray, devic
         the updated state dict (``knn_fusion``, ``q_weight``, ``validation`` metrics, ``normalisation``,
         ``threshold``).
     """
-    pred = Predictor(run_dir, device=device, parts=True)
+    pred = Predictor(run_dir, device=device, parts=True, fixed_batch=True)
     state = dict(pred.state)
     cfg = pred.cfg
     vset = validation if isinstance(validation, ValidationSet) else None
@@ -110,7 +110,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto", extra_info: dict[str
         CheckpointError / LayoutError: the run folder or the test images are missing or unreadable.
     """
     run_dir = Path(run_dir)
-    pred = Predictor(run_dir, device=device)
+    pred = Predictor(run_dir, device=device, fixed_batch=True)
     cfg = pred.cfg
     split = Split.from_json(run_dir / SPLIT_FILE)
     t0 = time.perf_counter()

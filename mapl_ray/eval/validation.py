@@ -22,7 +22,7 @@ from ..config import Config
 from ..data.validation import SOURCE_LABELED_ANOMALY, SOURCE_NORMAL, SOURCE_SIMULATED, ValidationSet
 from ..model.anomaly_map import anomaly_maps, fuse_maps, topk_mean, tta_views
 from ..model.network import MAPLModel
-from ..tensors import to_tensor
+from ..tensors import pad_rows, to_tensor
 from .metrics import image_auroc, pixel_auroc
 
 
@@ -191,11 +191,14 @@ class Validator:
     its training memory bank, the run's test-time augmentation. Reports :func:`validation_metrics`.
 
     Args:
-        vset: the run's validation set; cfg: its configuration; device: the model's device.
+        vset: the run's validation set; cfg: its configuration; device: the model's device; batch_size: images
+            per pass (default ``eval.batch_size``; the loop gives its step's batch, whose convolution plans the
+            first steps built), a short last batch padded on CUDA.
     """
 
-    def __init__(self, vset: ValidationSet, cfg: Config, device: torch.device):
+    def __init__(self, vset: ValidationSet, cfg: Config, device: torch.device, batch_size: int | None = None):
         self.vset, self.cfg, self.device = vset, cfg, device
+        self.batch_size = batch_size or cfg.eval.batch_size
         self.views = tta_views(cfg.eval.tta)
         self.usable = len(vset) > 0 and 0 < int(vset.labels.sum()) < len(vset)
 
@@ -208,12 +211,15 @@ class Validator:
         model.eval()
 
         def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+            n = len(images)
+            if self.device.type == "cuda":
+                images = pad_rows(images, self.batch_size)
             out = anomaly_maps(
                 model, to_tensor(images, self.device), self.views, 1, self.cfg.train.amp, self.cfg.train.channels_last
             )
-            return {k: v.float().cpu().numpy() for k, v in out.items()}
+            return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
 
-        maps, q, _ = score_validation_set(predict, self.vset, self.cfg.eval.batch_size)
+        maps, q, _ = score_validation_set(predict, self.vset, self.batch_size)
         model.train(was)
         e = self.cfg.eval
         return validation_metrics(self.vset, maps, q, e.top_k, e.q_weight, e.q_weight_grid)

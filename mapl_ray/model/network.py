@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ModelConfig
+from ..tensors import pad_rows
 from .encoder import Encoder, build_encoder
 from .memory import MemoryBank
 from .patch_bank import PatchBank
@@ -216,7 +217,9 @@ class MAPLModel(nn.Module):
         """Recompute memory bank ``bank`` from ``images`` ``(N, 3, H, W)`` float in [0, 1] with the current encoder.
 
         ``bank`` 0 is the training bank; ``bank == len(banks)`` appends a new ensemble bank. Runs the
-        encoder in eval mode (BatchNorm running statistics) and restores the training mode.
+        encoder in eval mode (BatchNorm running statistics: each image's features do not depend on the others)
+        and restores the training mode; on CUDA a short last batch is padded to ``batch_size``
+        (:func:`~mapl_ray.tensors.pad_rows`: every fill of the run in one input shape).
 
         Raises:
             IndexError: ``bank`` would leave a gap (greater than the number of banks).
@@ -229,9 +232,11 @@ class MAPLModel(nn.Module):
         self.encoder.eval()
         feats = [[] for _ in range(3)]
         for i in range(0, images.shape[0], batch_size):
-            f = self.encoder(self.preprocess(images[i : i + batch_size]))
+            x = images[i : i + batch_size]
+            n = x.shape[0]
+            f = self.encoder(self.preprocess(pad_rows(x, batch_size) if x.is_cuda else x))
             for lvl in range(3):
-                feats[lvl].append(f[lvl + 1].float())
+                feats[lvl].append(f[lvl + 1][:n].float())
         self.encoder.train(was_training and not self.freeze_encoder)
         self.banks[bank].set([torch.cat(x) for x in feats])
 

@@ -47,7 +47,7 @@ from ..data.batches import BatchMaker
 from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
 from ..model.graphs import GraphedForward
-from ..tensors import autocast_context, to_tensor
+from ..tensors import autocast_context, pad_rows, to_tensor
 from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
@@ -381,13 +381,11 @@ class PseudoLabeler:
 
     @torch.no_grad()
     def _batched(self, images: np.ndarray, model: MAPLModel, name: str, fn) -> torch.Tensor:
-        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` in batches of ``pseudo.feature_batch_size`` on the device
-        (autocast), the float32 results concatenated on the device.
+        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` in batches of ``pseudo.feature_batch_size`` (None: the
+        training step's batch, :attr:`BatchMaker.step_images`, whose convolution plans the first steps built) on the device (autocast), the float32 results concatenated on the device.
 
-        With CUDA graphs (:class:`~mapl_ray.model.graphs.GraphedForward`, one per ``name``) the last batch
-        is padded to full size with copies of its last image (each image's result does not depend on the
-        others: eval mode): every refit's batches have one shape, captured once and replayed at later
-        refits (the weights change in place; a memory bank refilled with new tensors recaptures)."""
+        On CUDA the last batch is padded to full size (:func:`~mapl_ray.tensors.pad_rows`): every refit's batches have one shape, captured once (CUDA graphs,
+        :class:`~mapl_ray.model.graphs.GraphedForward`, one per ``name``) and replayed at later refits (the weights change in place; a memory bank refilled with new tensors recaptures)."""
         if self._graph_model is not model:  # every graph read the other model's tensors
             self._graphs.clear()
             self._graph_model = model
@@ -397,12 +395,12 @@ class PseudoLabeler:
                 lambda x, cache: {"y": self._run(fn, x, cache)}, self.device, self.cuda_graphs
             )
         key = tuple(bank.generation for bank in model.banks)
-        b, out = self.cfg.pseudo.feature_batch_size, []
+        b, out = self.cfg.pseudo.feature_batch_size or self.bm.step_images, []
         for i in range(0, len(images), b):
             chunk = images[i : i + b]
             n = len(chunk)
-            if graphed.enabled and n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            if self.device.type == "cuda":
+                chunk = pad_rows(chunk, b)
             out.append(graphed(to_tensor(chunk, self.device), key)["y"][:n])
         return torch.cat(out) if out else torch.zeros((0,), device=self.device)
 
