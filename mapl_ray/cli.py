@@ -583,7 +583,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
                     file=sys.stderr,
                 )
                 resolved = cfg.override(preset).override(overrides)
-    return resolved
+    try:
+        return resolved.validate()
+    except ConfigError as e:  # a value a flag set: name the flag the user typed
+        flags = {f: flag for flag, f in FLAG_FIELDS.items() if getattr(args, flag, None) is not None}
+        if e.field in flags:
+            raise ConfigError(f"--{flags[e.field].replace('_', '-')}: {e}", e.field) from None
+        raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:

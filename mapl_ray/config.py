@@ -35,7 +35,13 @@ PATH_FIELDS = ("data.root", "simulation.texture_dir", "data.unlabeled_dir", "mod
 
 
 class ConfigError(ValueError):
-    """A configuration file or override names an unknown field or holds a value of the wrong type."""
+    """A configuration file or override names an unknown field or holds a value of the wrong type.
+
+    ``field``: the ``section.field`` whose value is not allowed, where one is to blame (None otherwise)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -262,7 +268,7 @@ class Config:
             if not ok:
                 section, field_ = name.split(".")
                 raise ConfigError(
-                    f"{name} = {getattr(getattr(self, section), field_)!r} is not allowed: expected {expected}"
+                    f"{name} = {getattr(getattr(self, section), field_)!r} is not allowed: expected {expected}", name
                 )
         return self
 

@@ -127,6 +127,17 @@ def test_weights_path_that_is_a_folder_says_so(small_root, tmp_path, capsys):
     assert "missing.safetensors does not exist" in capsys.readouterr().err
 
 
+@needs_data
+def test_a_flags_bad_value_names_the_flag(small_root, tmp_path, capsys):
+    args = ["train", "--data", str(small_root), "--category", "screw", "--out", str(tmp_path / "r"), "--no-ray"]
+    assert main([*args, "--steps", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps: train.steps = -5 is not allowed: expected >= 1" in err and "Traceback" not in err
+    assert main([*args, "--set", "train.steps=-5"]) == 2  # set by --set: the field's own name
+    assert "error: train.steps = -5 is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_storage_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
