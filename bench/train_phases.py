@@ -12,6 +12,8 @@ Train (one worker), the user's command, plain. ``plain`` and ``attributed`` run 
 costs (CUDA modules loaded on first use, cuDNN plans) and the later ones do not; a mode named twice
 (``--modes plain,plain``) measures both. ``--profile``: the first in-process mode runs under cProfile and the
 JSON gets its functions with the most cumulative and own time (``profile``): where first-use costs go.
+``--cudnn off``: the in-process modes run with ``torch.backends.cudnn.enabled = False`` (PyTorch's own
+convolution kernels): whether a fresh process's first-use costs are cuDNN's plans.
 
     python bench/train_phases.py --data .data/mvtec_ad --category screw --textures .data/dtd256 \\
         --weights .data/w/tf_efficientnet_lite2.safetensors [--modes plain,attributed,ray] [--set k=v]
@@ -199,8 +201,13 @@ def main() -> int:
     p.add_argument("--modes", default="plain,attributed,ray")
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     p.add_argument("--profile", action="store_true", help="cProfile the first in-process mode (module docstring)")
+    p.add_argument("--cudnn", choices=("on", "off"), default="on", help="cuDNN for the in-process modes")
     p.add_argument("--out", default=str(HERE / "results" / "train_phases.json"))
     args = p.parse_args()
+    if args.cudnn == "off":
+        import torch
+
+        torch.backends.cudnn.enabled = False
     res = {
         "machine": machine(),
         "command": "python bench/train_phases.py " + " ".join(sys.argv[1:]),
@@ -210,6 +217,7 @@ def main() -> int:
             "overrides": args.set,
             "modes": args.modes,
             "profile": args.profile,
+            "cudnn": args.cudnn,
         },
         "runs": {},
     }
