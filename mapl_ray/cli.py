@@ -540,10 +540,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg = Config.load(args.config) if args.config else Config()
         file_keys = config_file_keys(args.config) if args.config else set()
     overrides: dict[str, Any] = {}
+    flag_of: dict[str, str] = {}  # field -> the flag that set it, to name in an error
     for flag, fieldname in FLAG_FIELDS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides[fieldname] = value
+            flag_of[fieldname] = flag
     if args.resume:
         allowed = {
             "train.steps",
@@ -586,9 +588,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     try:
         return resolved.validate()
     except ConfigError as e:  # a value a flag set: name the flag the user typed
-        flags = {f: flag for flag, f in FLAG_FIELDS.items() if getattr(args, flag, None) is not None}
-        if e.field in flags:
-            raise ConfigError(f"--{flags[e.field].replace('_', '-')}: {e}", e.field) from None
+        if e.field in flag_of:
+            raise ConfigError(f"--{flag_of[e.field].replace('_', '-')}: {e}", e.field) from None
         raise
 
 
