@@ -699,6 +699,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Predictor
     from .scoring import heatmap_name
 
+    if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():
+        raise ConfigError(f"--heatmaps {args.heatmaps} is a file: give a folder for the heatmap PNGs")
     warn_if_unfinished(args.run)
     pred = Predictor(args.run, device=args.device)
     paths = expand_image_args(args.images)
@@ -890,6 +892,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     print(json.dumps(manifest))
     out = Path(args.out)
+    if not manifest["images"]:
+        print(
+            f"mapl prepare: error: none of the {manifest['rejected']} files in {args.src} could be read as an "
+            f"image; no shards were written (each file and its reason: {out / 'rejected.jsonl'})",
+            file=sys.stderr,
+        )
+        return 2
     print(
         f"wrote {manifest['images']} images in {manifest['shards']} shards to {out}; "
         f"{manifest['rejected']} unreadable ({out / 'rejected.jsonl'}), "
@@ -916,6 +925,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(json.dumps(summary))
+    if summary["files_written"] and not summary["images"]:
+        print(
+            f"mapl score: error: none of the {summary['unreadable']} files of {args.src} could be read as an image; "
+            f"nothing was scored (each file's reason: the 'error' column of the files in {args.out})",
+            file=sys.stderr,
+        )
+        return 2
     skipped = f"; {summary['files_skipped']} files were already there" if summary["files_skipped"] else ""
     print(
         f"scored {summary['images']} images into {summary['files_written']} files in {args.out}"
@@ -1024,7 +1040,12 @@ def run_command(command: str, args: argparse.Namespace, prog: str | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage line, not mapl's: the flag was meant for that command
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        hint = "; mapl train runs on GPUs with --gpu" if args.command == "train" and "--device" in extra else ""
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return run_command(args.command, args)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
@@ -335,15 +337,36 @@ def read_state(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors`` into ``model`` (strict). Raises CheckpointError on a missing/mismatched file."""
+def check_model_weights(run_dir: str | Path) -> Path:
+    """The run's ``checkpoint/model.safetensors``, after reading its header (not its tensors): a cheap check,
+    before a job starts workers, that the weights can be loaded.
+
+    Raises:
+        CheckpointError: the file is missing, or its header is unreadable (truncated, not safetensors).
+    """
     path = checkpoint_dir(run_dir) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
     try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise CheckpointError(f"{path} holds no tensors: the run's weights are missing")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): copy the run folder again") from e
+    return path
+
+
+def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
+    """Load ``model.safetensors`` into ``model`` (strict).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable (truncated, not safetensors) or holds other tensors.
+    """
+    path = check_model_weights(run_dir)
+    try:
         sd = load_file(str(path))
         model.load_state_dict(sd, strict=True)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot load {path} into the model: {e}") from e
 
 
@@ -352,7 +375,10 @@ def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, s
     path = checkpoint_dir(run_dir) / "optimizer.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: cannot resume training from {run_dir}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path} is not a readable optimizer checkpoint ({e}): cannot resume from it") from e
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob.get("scheduler") is not None:
         scheduler.load_state_dict(blob["scheduler"])
@@ -360,11 +386,18 @@ def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, s
 
 
 def load_pseudo(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """(arrays, meta) of the pseudo-labeler, or None when the run saved none."""
+    """(arrays, meta) of the pseudo-labeler, or None when the run saved none.
+
+    Raises:
+        CheckpointError: the file or its ``.json`` is unreadable.
+    """
     path = checkpoint_dir(run_dir) / "pseudo.safetensors"
     if not path.is_file():
         return None
-    return load_np(str(path)), json.loads((path.with_suffix(".json")).read_text())
+    try:
+        return load_np(str(path)), json.loads((path.with_suffix(".json")).read_text())
+    except (SafetensorError, OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"the pseudo-labeler's checkpoint {path} (or its .json) is unreadable: {e}") from e
 
 
 def unfinished_note(run_dir: str | Path) -> str | None:
@@ -405,6 +438,7 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
             is overwritten); ``resume`` with no checkpoint yet, with fewer steps than it has done, or of a
             run that is finished (all its steps done and ``metrics.json`` written: resuming it would rewrite
             its checkpoint and threshold for nothing).
+        CheckpointError: ``resume`` with model weights or optimizer state missing or unreadable.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -423,6 +457,12 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
                 f"{run_dir} is finished (step {done} of {steps}, evaluated: metrics.json); nothing to resume and "
                 f"nothing was changed. To train it longer: --resume with --steps above {done}; to evaluate it "
                 f"again: mapl evaluate {run_dir}"
+            )
+        # before anything is rewritten (config.yaml takes the new train.steps): a checkpoint it cannot load
+        check_model_weights(run_dir)
+        if not (checkpoint_dir(run_dir) / "optimizer.pt").is_file():
+            raise CheckpointError(
+                f"cannot resume {run_dir}: {checkpoint_dir(run_dir) / 'optimizer.pt'} not found (nothing was changed)"
             )
         return True
     if saved:

@@ -245,3 +245,49 @@ def test_existing_run_folder_is_kept(trained_run, small_root, capsys):
 def test_unknown_config_field(small_root, tmp_path, capsys):
     assert main(_train_args(small_root, tmp_path / "r", "--set", "train.stepz=3")) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_a_truncated_or_missing_checkpoint_is_one_line_naming_the_file(trained_run, tmp_path, capsys):
+    run = tmp_path / "truncated"
+    shutil.copytree(trained_run, run)
+    weights = run / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    image = json.loads((trained_run / "split.json").read_text())["test"][0]["path"]
+    assert main(["predict", str(run), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mapl predict: error: ") and str(weights) in err and "Traceback" not in err
+    # score checks the weights before it starts Ray or writes its output folder
+    src = str(Path(image).parent)
+    assert main(["score", str(run), src, "--out", str(tmp_path / "scores"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mapl score: error: ") and str(weights) in err
+    assert not (tmp_path / "scores").exists()
+
+
+def test_predict_refuses_a_heatmaps_path_that_is_a_file_before_scoring(trained_run, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    image = json.loads((trained_run / "split.json").read_text())["test"][0]["path"]
+    assert main(["predict", str(trained_run), str(image), "--heatmaps", str(target)]) == 2
+    assert f"--heatmaps {target} is a file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_resume_with_unloadable_weights_changes_nothing(trained_run, tmp_path, capsys):
+    run = tmp_path / "broken"
+    shutil.copytree(trained_run, run)
+    (run / "metrics.json").unlink()  # as if stopped before its end, so resuming is allowed
+    (run / "checkpoint" / "model.safetensors").unlink()
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert main(["train", "--resume", "--out", str(run), "--no-ray", "--steps", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors not found" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before  # config.yaml kept
+
+
+def test_a_flag_of_another_command_gets_that_commands_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--data", "x", "--device", "cuda"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "mapl train: error: unrecognized arguments: --device cuda; mapl train runs on GPUs with --gpu" in err

@@ -418,3 +418,36 @@ def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
     _claim_output(tmp_path / "new", run, str(src), [u.name for u in grown])
     with pytest.raises(LayoutError, match="is a file"):
         _claim_output(src / "0.png", run, str(src), [u.name for u in grown])
+
+
+def test_score_of_a_list_with_no_readable_image_says_so(ray_local, trained_run, tmp_path, capsys):
+    from mapl_ray.cli import main
+
+    listing = tmp_path / "notes.txt"
+    listing.write_text("these are\nnot image paths\n")
+    out = tmp_path / "scores"
+    assert main(["score", str(trained_run), str(listing), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 files" in err and "nothing was scored" in err
+    rows = pq.read_table(next(out.glob("*.parquet"))).to_pylist()
+    assert [r["score"] for r in rows] == [None, None] and all(r["error"] for r in rows)
+    assert main(["prepare", str(listing), "--out", str(tmp_path / "shards"), "--quiet"]) == 2
+    assert "none of the 2 files" in capsys.readouterr().err
+
+
+def test_score_on_a_gpu_device_where_the_cluster_has_none_is_one_line(
+    ray_local, trained_run, category, tmp_path, capsys
+):
+    import ray
+
+    from mapl_ray.cli import main
+
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this Ray cluster has a GPU")
+    src, out = str(category / "test"), tmp_path / "scores"
+    assert main(["score", str(trained_run), src, "--out", str(out), "--device", "cuda", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mapl score: error: --device cuda: the Ray cluster has no GPU") and "Traceback" not in err
+    assert not out.exists()
+    assert main(["score", str(trained_run), src, "--out", str(out), "--device", "tpu9", "--quiet"]) == 2
+    assert "--device 'tpu9' is not a device name" in capsys.readouterr().err

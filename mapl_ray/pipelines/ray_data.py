@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.io import load_image, load_mask
 from ..data.layout import LayoutError
 from ..data.pose import PoseEstimator
@@ -374,11 +374,12 @@ class ScoreBatch:
         return out
 
 
-def _claim_output(out: Path, run: Path, src: str, names: list[str]) -> None:
+def _claim_output(out: Path, run: Path, src: str, names: list[str], write: bool = True) -> None:
     """Record which run and source ``out`` holds scores of; refuse a folder holding another run's scores, a
     file, or score files that ``names`` (this source's output files) does not include: a changed folder or
     another ``--rows-per-file`` splits the images into other files, so a rerun would score them again beside
-    the old files and ``out`` would hold every such image twice."""
+    the old files and ``out`` would hold every such image twice. ``write=False``: the checks only (nothing
+    is created), so a job that fails before scoring leaves no folder behind."""
     want = {"run": str(run.resolve()), "source": os.path.abspath(src)}
     path = out / SCORE_RUN_FILE
     if out.exists() and not out.is_dir():
@@ -398,8 +399,9 @@ def _claim_output(out: Path, run: Path, src: str, names: list[str]) -> None:
                 "folder's images or --rows-per-file changed since they were written; rerun with the same "
                 "--rows-per-file, or choose another folder (a new one scores every image once)"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(want, indent=2))
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=2))
 
 
 #: ``mapl score`` actors sharing one GPU by default: 4 scored 3,025 images/s on the H200 against 1,982 with 2 and
@@ -407,14 +409,49 @@ def _claim_output(out: Path, run: Path, src: str, names: list[str]) -> None:
 SCORE_ACTORS_PER_GPU = 4
 
 
-def _actor_resources(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:
+def _score_device(device: str | None) -> bool | None:
+    """What ``mapl score --device`` asks of the actors: True (a CUDA device), False (``cpu``), None (``auto``:
+    a GPU where the cluster has one). The driver checks only the name: the actors' machines, not this
+    one, must have the GPU.
+
+    Raises:
+        ConfigError: not a device name torch knows, or a device type other than cpu and cuda.
+    """
+    import torch
+
+    if device in (None, "auto"):
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r} is not a device name: expected auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: mapl score runs on cpu or cuda devices")
+    return dev.type == "cuda"
+
+
+def _actor_resources(
+    actors: int | None, gpus_per_actor: float | None, want_gpu: bool | None = None, device: str | None = "auto"
+) -> tuple[int, float, int]:
     """(actors, GPUs per actor, CPUs per actor): :data:`SCORE_ACTORS_PER_GPU` actors per GPU where the
     cluster has GPUs (each actor's CPU work, Arrow to array and the score rows, overlaps another's forward
-    pass); on CPUs one actor with all CPUs but one (left to the tasks that read and decode)."""
+    pass); on CPUs one actor with all CPUs but one (left to the tasks that read and decode). ``want_gpu``
+    (:func:`_score_device`): False keeps the actors off the GPUs; True needs one in the cluster.
+
+    Raises:
+        ConfigError: ``want_gpu`` where the Ray cluster has no GPU.
+    """
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
+    if want_gpu and not gpus:
+        raise ConfigError(
+            f"--device {device}: the Ray cluster has no GPU (use --device cpu or auto; on a cluster, "
+            "check that its GPU workers have joined: ray status)"
+        )
+    if want_gpu is False:
+        gpus_per_actor = 0.0
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 / SCORE_ACTORS_PER_GPU if gpus >= 1 else 0.0
     if actors is None:
@@ -489,16 +526,19 @@ def score_source(
     import ray.data
 
     from ..data.pose import build_pose_estimator
-    from ..runfolder import load_run_config
+    from ..runfolder import check_model_weights, load_run_config
 
     t_call = time.time()
     run, src, out = Path(run), os.fspath(src), Path(out)
     cfg = load_run_config(run)
+    check_model_weights(run)  # here, not in each actor: a bad checkpoint is one line, not actor restarts
+    want_gpu = _score_device(device)
     align = build_pose_estimator(cfg)
     spec = ShardSpec.of(cfg.data.image_size, align)
     units, kind = _score_units(src, spec, rows_per_file)
-    _claim_output(out, run, src, [u.name for u in units])
-    pending = [u for u in units if not (out / u.name).is_file()]
+    names = [u.name for u in units]
+    _claim_output(out, run, src, names, write=False)
+    pending = [u for u in units if not (out / u.name).is_file()] if out.is_dir() else units
     counts: dict[str, Any] = {"images": 0, "unreadable": 0}
     stages: dict[str, Any] = {"setup_s": time.time() - t_call}
     if pending:
@@ -506,10 +546,12 @@ def score_source(
         init_ray()
         quiet_data_context()
         stages["ray_init_s"] = time.time() - t
+        n_actors, gpus, cpus = _actor_resources(actors, gpus_per_actor, want_gpu, device)
+    _claim_output(out, run, src, names)
+    if pending:
         t = time.time()
         ds = _score_input(pending, kind, spec, align, batch_size)
         stages["plan_s"] = time.time() - t
-        n_actors, gpus, cpus = _actor_resources(actors, gpus_per_actor)
         maps_dir = out / "maps" if maps else None
         if maps_dir:
             maps_dir.mkdir(exist_ok=True)
