@@ -428,6 +428,23 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, ca
     assert "\rmapl train: a refit line\n" in out and "step 4/40" not in out  # the bar cleared, the line, the bar
 
 
+def test_the_logged_pace_leaves_out_the_start_up_before_the_first_step(monkeypatch, capsys):
+    from mapl_ray.cli import setup_logging
+    from mapl_ray.engine import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    setup_logging("train")
+    p = progress.TrainProgress(total=20, initial=0)
+    clock[0] += 30.0  # data and memory-bank fill before the first step
+    for step in range(1, 5):
+        clock[0] += 0.5
+        p.update(step)
+    p.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "step " in line]
+    assert lines[0].endswith("step 2/20 (10%), 0.50 s/step") and lines[1].endswith("step 4/20 (20%), 0.50 s/step")
+
+
 def test_image_counts_are_plain_lines_in_a_redirected_log(capsys):
     from mapl_ray.cli import setup_logging
     from mapl_ray.engine.progress import CountProgress

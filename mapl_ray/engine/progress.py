@@ -20,7 +20,8 @@ class TrainProgress:
 
     On a terminal: tqdm's bar (``train``, steps, the last loss; :meth:`phase` in its description). Elsewhere
     tqdm draws nothing (its ``disable=None``: off when stderr is not a TTY) and this logs
-    ``step 12/120 (10%), loss 0.1234, 0.52 s/step`` each ``every`` of the steps and each phase.
+    ``step 12/120 (10%), loss 0.1234, 0.52 s/step`` each ``every`` of the steps and each phase; the s/step
+    is the pace since the previous line (from the first step done: start-up is not a step).
     """
 
     def __init__(self, total: int, initial: int = 0, every: float = 0.1):
@@ -28,7 +29,11 @@ class TrainProgress:
 
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=None)
         self.total, self.n, self.loss = total, initial, None
-        self._t0, self._n0 = time.perf_counter(), initial
+        self._n0 = initial
+        # the pace is measured from the first step done on, between log lines: the start-up before it (data,
+        # memory-bank fill) made early lines read several times the real s/step
+        self._t_last: float | None = None
+        self._n_last = initial
         self._stride = max(1, math.ceil(total * every))
         self._next = min((initial // self._stride + 1) * self._stride, total)
 
@@ -42,6 +47,8 @@ class TrainProgress:
         if step > self.n:
             self.bar.update(step - self.n)
             self.n = step
+            if self._t_last is None:
+                self._t_last, self._n_last = time.perf_counter(), self.n
         if loss is not None:
             self.loss = loss
             self.bar.set_postfix(loss=f"{loss:.4f}")
@@ -49,11 +56,12 @@ class TrainProgress:
             self._next = (
                 min((self.n // self._stride + 1) * self._stride, self.total) if self.n < self.total else math.inf
             )
-            rate = (time.perf_counter() - self._t0) / (self.n - self._n0)
+            now = time.perf_counter()
+            done = self.n - self._n_last
+            rate = f", {(now - self._t_last) / done:.2f} s/step" if done and self._t_last is not None else ""
+            self._t_last, self._n_last = now, self.n
             loss_text = f", loss {self.loss:.4f}" if self.loss is not None else ""
-            log.info(
-                "step %d/%d (%d%%)%s, %.2f s/step", self.n, self.total, 100 * self.n // self.total, loss_text, rate
-            )
+            log.info("step %d/%d (%d%%)%s%s", self.n, self.total, 100 * self.n // self.total, loss_text, rate)
 
     def phase(self, text: str) -> None:
         """Say what the run does now between steps (e.g. ``saving the final checkpoint``): the bar's
