@@ -319,7 +319,9 @@ def _score_once(run: Path, pool: Path, out: Path, args, n: int) -> dict:
         )
     shutil.rmtree(out, ignore_errors=True)  # the large pool's scores would fill the disk
     return {
-        "score_images_per_s": round(summary["steady_images_per_s"], 1),
+        "score_images_per_s": None
+        if summary["steady_images_per_s"] is None
+        else round(summary["steady_images_per_s"], 1),
         "score_images_per_s_end_to_end": round(summary["images"] / summary["total_s"], 1),
         "score_images_per_s_from_iteration": round(summary["images"] / summary["wall_s"], 1),
         "images": summary["images"],

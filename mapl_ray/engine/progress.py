@@ -113,7 +113,7 @@ class CountProgress:
         self._logged = self.n
         rate = self.n / max(now - self._t0, 1e-9)
         of = f"/{self.total} {self.unit} ({100 * self.n // self.total}%)" if self.total else f" {self.unit}"
-        log.info("%s: %d%s, %.0f %s/s", self.desc, self.n, of, rate, self.unit)
+        log.info("%s: %d%s, %s %s/s", self.desc, self.n, of, f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}", self.unit)
 
     def close(self) -> None:
         """End the bar; without one, a last line when the count ended between two lines."""

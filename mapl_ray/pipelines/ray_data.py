@@ -645,7 +645,7 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
     delivered rows out of order on the H200 although ``preserve_order`` was set.
 
     Also times it: ``wall_s`` (from the start of the iteration), ``first_batch_s`` (start-up: read, actors,
-    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it),
+    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it; None with one batch),
     ``paths_s`` (reading the source files' paths, after the first batch: the pipeline runs on meanwhile), ``wait_s`` (waiting for score rows), ``write_s``
     (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the iteration's ends).
 
@@ -699,7 +699,8 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
     bar.close()
     wall = time.perf_counter() - t0
     first = (t_first or t0) - t0
-    steady = (images + unreadable - first_rows) / (wall - first) if wall > first else None
+    after = images + unreadable - first_rows  # None with one batch: there is no steady part to time
+    steady = after / (wall - first) if wall > first and after > 0 else None
     return {
         "images": images,
         "unreadable": unreadable,
