@@ -198,6 +198,9 @@ class TrainConfig:
     loader_start_method: str = "auto"  # auto (the platform default: fork on Linux) | fork | forkserver | spawn
     amp: str = "auto"  # auto | off | bf16
     channels_last: bool = True
+    # the encoder's depthwise convolutions on a GPU: "cudnn", or "native" (PyTorch's own kernels: cuDNN >= 9.10
+    # compiles its depthwise engines at run time, seconds per new batch shape in every fresh process)
+    depthwise_kernels: str = "cudnn"
     compile: bool = False
     # replay the whole step as a CUDA graph (one GPU, torch memory search, no torch.compile; eager elsewhere)
     cuda_graphs: bool = True
@@ -469,6 +472,7 @@ def _train_checks(c: Config) -> list[tuple[str, bool, str]]:
             "auto, fork, forkserver or spawn",
         ),
         ("train.amp", c.train.amp in ("auto", "off", "bf16"), "auto, off or bf16"),
+        ("train.depthwise_kernels", c.train.depthwise_kernels in ("cudnn", "native"), "cudnn or native"),
         ("train.augment", c.train.augment in ORIENTATION_MODES, "none, flip or rot90"),
         ("train.ema_decay", 0 <= c.train.ema_decay < 1, "in [0, 1)"),
         ("train.color_jitter", 0 <= c.train.color_jitter < 1, "in [0, 1)"),

@@ -9,6 +9,37 @@ import numpy as np
 import torch
 
 
+def use_native_depthwise(module: torch.nn.Module) -> int:
+    """Run the depthwise convolutions of ``module`` (``nn.Conv2d`` with ``groups == in_channels > 1``, timm's
+    same-padding ones included) on PyTorch's own kernels, cuDNN off for those calls only (forward passes;
+    the frozen encoder has no backward). Why: cuDNN >= 9.10 compiles its depthwise engines at run time (NVRTC),
+    about 1.5 s per new input shape in every fresh process (cudnn-frontend issue #1066). Each module's class
+    is swapped for a subclass, so parameters, state-dict keys and copies (EMA) are unchanged. Returns the
+    number of convolutions switched."""
+    count = 0
+    for mod in module.modules():
+        cls = type(mod)
+        if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels:
+            if not getattr(cls, "_native_depthwise", False):
+                mod.__class__ = _native_class(cls)
+            count += 1
+    return count
+
+
+_NATIVE_CLASSES: dict[type, type] = {}
+
+
+def _native_class(cls: type) -> type:
+    if cls not in _NATIVE_CLASSES:
+
+        def forward(self, x):
+            with torch.backends.cudnn.flags(enabled=False):
+                return cls.forward(self, x)
+
+        _NATIVE_CLASSES[cls] = type(f"Native{cls.__name__}", (cls,), {"forward": forward, "_native_depthwise": True})
+    return _NATIVE_CLASSES[cls]
+
+
 def use_deterministic_kernels() -> None:
     """Ask PyTorch for deterministic kernels in this process (``train.deterministic``): cuDNN's deterministic
     algorithms without benchmarking, ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op

@@ -13,7 +13,7 @@ from mapl_ray.model.anomaly_map import image_scores
 from mapl_ray.model.encoder import map_state_dict_by_order
 from mapl_ray.model.losses import compute_losses
 from mapl_ray.model.memory import flatten_levels, resolve_backend
-from mapl_ray.tensors import pad_rows
+from mapl_ray.tensors import pad_rows, use_native_depthwise
 
 
 def brute_force_nearest(feats, bank, exclude_self=False):
@@ -315,3 +315,32 @@ def test_memory_bank_ensemble_averages_per_bank_maps_and_survives_a_checkpoint(t
     for other_out in by_pass[1:]:
         assert torch.allclose(other_out["maps"], by_pass[0]["maps"], atol=1e-6)
         assert torch.allclose(other_out["q"], by_pass[0]["q"], atol=1e-6)
+
+
+def test_native_depthwise_switches_only_the_depthwise_convolutions_and_keeps_weights_and_outputs():
+    import copy
+
+    from mapl_ray.config import ConfigError
+
+    torch.manual_seed(0)
+    enc = build_encoder("tf_efficientnet_lite2", pretrained=False).eval()
+    depthwise = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels]
+    others = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+    assert depthwise and others
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before = enc(x)
+    keys = list(enc.state_dict())
+    assert use_native_depthwise(enc) == len(depthwise)
+    assert all(type(m).__name__.startswith("Native") for m in depthwise)
+    assert not any(type(m).__name__.startswith("Native") for m in others)
+    assert list(enc.state_dict()) == keys
+    twin = copy.deepcopy(enc)  # the EMA copy: its own weights, the same switched kernels
+    with torch.no_grad():
+        for a, b in zip(before, enc(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # on a CPU cuDNN is not involved: same numbers
+        next(twin.parameters()).mul_(0)
+        assert not torch.equal(twin(x)[0], enc(x)[0])
+    assert use_native_depthwise(enc) == len(depthwise)  # a second call changes nothing
+    with pytest.raises(ConfigError, match="train.depthwise_kernels"):
+        Config().override({"train.depthwise_kernels": "fast"}).validate()

@@ -49,7 +49,7 @@ from ..runfolder import (
     snapshot_checkpoint,
     train_log_segment,
 )
-from ..tensors import autocast_context, to_tensor, use_deterministic_kernels
+from ..tensors import autocast_context, to_tensor, use_deterministic_kernels, use_native_depthwise
 from .checkpoints import CheckpointWriter
 from .ema import WeightEMA
 from .loader import batch_to_device, loader_workers, make_loader
@@ -98,6 +98,8 @@ class Trainer:
         # channels-last before the first bank fill: every encoder pass in one layout, one set of cuDNN plans
         if t.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if t.depthwise_kernels == "native" and self.device.type == "cuda":
+            use_native_depthwise(self.model.encoder)
         self.bm = BatchMaker(cfg, data, build_simulator(cfg), rank, world_size)
         self.bank_images = memory_bank_images(cfg, data)
         params = [p for p in self.model.parameters() if p.requires_grad]
