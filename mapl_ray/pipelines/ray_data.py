@@ -519,9 +519,11 @@ def score_source(
         work (:func:`_actor_stages`).
 
     Raises:
-        CheckpointError: ``run`` is not a trained run folder. LayoutError: ``src`` missing, shards decoded
-        at another size or pose normalisation than the run's, ``out`` a file or holding another run's
-        scores or files this source would not write (another ``rows_per_file``, a changed folder).
+        CheckpointError: ``run`` is not a trained run folder or its weights are unreadable.
+        ConfigError: ``device`` not a device name, or a CUDA device where the Ray cluster has no GPU.
+        LayoutError: ``src`` missing, shards decoded at another size or pose normalisation than the run's,
+            ``out`` a file or holding another run's scores or files this source would not write (another
+            ``rows_per_file``, a changed folder).
     """
     import ray.data
 
