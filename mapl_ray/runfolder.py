@@ -337,6 +337,14 @@ def read_state(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
+def _checkpoint_file(run_dir: str | Path, name: str, why: str = "") -> Path:
+    """``RUN/checkpoint/<name>``. Raises CheckpointError (``<path> not found``, then ``why``) where it is missing."""
+    path = checkpoint_dir(run_dir) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found{why}")
+    return path
+
+
 def check_model_weights(run_dir: str | Path) -> Path:
     """The run's ``checkpoint/model.safetensors``, after reading its header (not its tensors): a cheap check,
     before a job starts workers, that the weights can be loaded.
@@ -344,9 +352,7 @@ def check_model_weights(run_dir: str | Path) -> Path:
     Raises:
         CheckpointError: the file is missing, or its header is unreadable (truncated, not safetensors).
     """
-    path = checkpoint_dir(run_dir) / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found")
+    path = _checkpoint_file(run_dir, "model.safetensors")
     try:
         with safe_open(str(path), framework="pt") as f:
             if not list(f.keys()):
@@ -362,7 +368,7 @@ def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
     Raises:
         CheckpointError: the file is missing, unreadable (truncated, not safetensors) or holds other tensors.
     """
-    path = check_model_weights(run_dir)
+    path = _checkpoint_file(run_dir, "model.safetensors")
     try:
         sd = load_file(str(path))
         model.load_state_dict(sd, strict=True)
@@ -372,9 +378,7 @@ def load_model_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
 
 def load_training_state(run_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore optimizer and scheduler from ``optimizer.pt`` (``weights_only=True``); returns the other entries."""
-    path = checkpoint_dir(run_dir) / "optimizer.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: cannot resume training from {run_dir}")
+    path = _checkpoint_file(run_dir, "optimizer.pt", f": cannot resume training from {run_dir}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
@@ -460,10 +464,7 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
             )
         # before anything is rewritten (config.yaml takes the new train.steps): a checkpoint it cannot load
         check_model_weights(run_dir)
-        if not (checkpoint_dir(run_dir) / "optimizer.pt").is_file():
-            raise CheckpointError(
-                f"cannot resume {run_dir}: {checkpoint_dir(run_dir) / 'optimizer.pt'} not found (nothing was changed)"
-            )
+        _checkpoint_file(run_dir, "optimizer.pt", f": cannot resume training from {run_dir} (nothing was changed)")
         return True
     if saved:
         raise RunFolderError(

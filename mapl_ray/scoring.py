@@ -71,12 +71,10 @@ def score_table(pred: Predictor, rows: pa.Table, maps_dir: str | Path | None = N
     col = {name: rows.column(name).to_pylist() for name in rows.column_names if name != "image"}
     paths, errors = col["path"], col.get("error", [None] * n)
     ok = [i for i, (v, e) in enumerate(zip(rows.column("image").is_valid().to_pylist(), errors)) if v and e is None]
-    size = (pred.image_size, pred.image_size)
-    cells = rows.column("image")
-    # every row readable (the usual case): no copy here; typed indices, as an empty list would be Arrow's null type
-    cells = cells if len(ok) == n else cells.take(pa.array(ok, pa.int64()))
-    images = images_from_arrow(cells, size) if ok else np.zeros((0, *size, 3), np.uint8)
     if ok:
+        cells = rows.column("image")
+        cells = cells if len(ok) == n else cells.take(ok)  # every row readable (the usual case): no copy here
+        images = images_from_arrow(cells, (pred.image_size, pred.image_size))
         res = pred.predict_arrays(images, maps=maps_dir is not None)
         norm = pred.normalise(res["scores"])
     thr = pred.threshold

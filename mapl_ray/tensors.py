@@ -53,6 +53,22 @@ def use_deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """The device a ``--device`` value names, without looking for it on this machine; None for ``auto``.
+
+    Raises:
+        ConfigError: a name torch does not know.
+    """
+    from .config import ConfigError
+
+    if device in (None, "auto"):
+        return None
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r} is not a device name: expected auto, cpu, cuda or cuda:N") from e
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU.
 
@@ -61,12 +77,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """
     from .config import ConfigError
 
-    if device in (None, "auto"):
+    dev = parse_device(device)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r} is not a device name: expected auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
     return dev

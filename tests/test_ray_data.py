@@ -396,7 +396,7 @@ def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
 
     from mapl_ray.data.layout import LayoutError
     from mapl_ray.data.shards import ShardSpec
-    from mapl_ray.pipelines.ray_data import _claim_output, _score_units
+    from mapl_ray.pipelines.ray_data import _check_output, _claim_output, _score_units
 
     src = tmp_path / "images"
     src.mkdir()
@@ -404,20 +404,20 @@ def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
         Image.new("L", (16, 16), i).save(src / f"{i}.png")
     run, out, spec = tmp_path / "run", tmp_path / "scores", ShardSpec.of(SIZE, None)
     units, _ = _score_units(str(src), spec, 3)
-    _claim_output(out, run, str(src), [u.name for u in units])
+    _claim_output(out, _check_output(out, run, str(src), [u.name for u in units]))
     for u in units:  # as a finished job leaves them
         pq.write_table(pa.table({"path": u.paths()}), out / u.name)
-    _claim_output(out, run, str(src), [u.name for u in units])  # the same rerun continues
+    _claim_output(out, _check_output(out, run, str(src), [u.name for u in units]))  # the same rerun continues
     other, _ = _score_units(str(src), spec, 2)
     with pytest.raises(LayoutError, match="rows-per-file"):
-        _claim_output(out, run, str(src), [u.name for u in other])
+        _check_output(out, run, str(src), [u.name for u in other])
     Image.new("L", (16, 16), 9).save(src / "9.png")  # the folder changed
     grown, _ = _score_units(str(src), spec, 3)
     with pytest.raises(LayoutError, match="would not write"):
-        _claim_output(out, run, str(src), [u.name for u in grown])
-    _claim_output(tmp_path / "new", run, str(src), [u.name for u in grown])
+        _check_output(out, run, str(src), [u.name for u in grown])
+    _check_output(tmp_path / "new", run, str(src), [u.name for u in grown])
     with pytest.raises(LayoutError, match="is a file"):
-        _claim_output(src / "0.png", run, str(src), [u.name for u in grown])
+        _check_output(src / "0.png", run, str(src), [u.name for u in grown])
 
 
 def test_score_of_a_list_with_no_readable_image_says_so(ray_local, trained_run, tmp_path, capsys):

@@ -374,12 +374,12 @@ class ScoreBatch:
         return out
 
 
-def _claim_output(out: Path, run: Path, src: str, names: list[str], write: bool = True) -> None:
-    """Record which run and source ``out`` holds scores of; refuse a folder holding another run's scores, a
-    file, or score files that ``names`` (this source's output files) does not include: a changed folder or
-    another ``--rows-per-file`` splits the images into other files, so a rerun would score them again beside
-    the old files and ``out`` would hold every such image twice. ``write=False``: the checks only (nothing
-    is created), so a job that fails before scoring leaves no folder behind."""
+def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str, str]:
+    """Refuse an ``out`` that is a file, holds another run's scores, or holds score files that ``names`` (this
+    source's output files) does not include: a changed folder or another ``--rows-per-file`` splits the
+    images into other files, so a rerun would score them again beside the old files and ``out`` would hold
+    every such image twice. Creates nothing (a job that fails before scoring leaves no folder behind);
+    returns the claim :func:`_claim_output` records."""
     want = {"run": str(run.resolve()), "source": os.path.abspath(src)}
     path = out / SCORE_RUN_FILE
     if out.exists() and not out.is_dir():
@@ -399,9 +399,13 @@ def _claim_output(out: Path, run: Path, src: str, names: list[str], write: bool 
                 "folder's images or --rows-per-file changed since they were written; rerun with the same "
                 "--rows-per-file, or choose another folder (a new one scores every image once)"
             )
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(want, indent=2))
+    return want
+
+
+def _claim_output(out: Path, claim: dict[str, str]) -> None:
+    """Record which run and source ``out`` holds scores of (``claim`` from :func:`_check_output`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SCORE_RUN_FILE).write_text(json.dumps(claim, indent=2))
 
 
 #: ``mapl score`` actors sharing one GPU by default: 4 scored 3,025 images/s on the H200 against 1,982 with 2 and
@@ -417,14 +421,11 @@ def _score_device(device: str | None) -> bool | None:
     Raises:
         ConfigError: not a device name torch knows, or a device type other than cpu and cuda.
     """
-    import torch
+    from ..tensors import parse_device
 
-    if device in (None, "auto"):
+    dev = parse_device(device)
+    if dev is None:
         return None
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r} is not a device name: expected auto, cpu, cuda or cuda:N") from e
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device}: mapl score runs on cpu or cuda devices")
     return dev.type == "cuda"
@@ -538,9 +539,8 @@ def score_source(
     align = build_pose_estimator(cfg)
     spec = ShardSpec.of(cfg.data.image_size, align)
     units, kind = _score_units(src, spec, rows_per_file)
-    names = [u.name for u in units]
-    _claim_output(out, run, src, names, write=False)
-    pending = [u for u in units if not (out / u.name).is_file()] if out.is_dir() else units
+    claim = _check_output(out, run, src, [u.name for u in units])
+    pending = [u for u in units if not (out / u.name).is_file()]
     counts: dict[str, Any] = {"images": 0, "unreadable": 0}
     stages: dict[str, Any] = {"setup_s": time.time() - t_call}
     if pending:
@@ -549,7 +549,7 @@ def score_source(
         quiet_data_context()
         stages["ray_init_s"] = time.time() - t
         n_actors, gpus, cpus = _actor_resources(actors, gpus_per_actor, want_gpu, device)
-    _claim_output(out, run, src, names)
+    _claim_output(out, claim)
     if pending:
         t = time.time()
         ds = _score_input(pending, kind, spec, align, batch_size)
