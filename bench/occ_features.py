@@ -15,7 +15,8 @@ as the pseudo-labeler does, and for each candidate statistic set fits the OCC en
 The test split is never read (the split lists it; no test file is opened) and the pool's truth is not
 used. A candidate is adopted by the rule fixed in ``docs/results.md`` before this ran.
 
-    python bench/occ_features.py --categories screw,magnetic_tile,metal_plate --seeds 201,202,203,204,205
+    python bench/occ_features.py --categories screw,magnetic_tile,metal_plate --seeds 201,202,203,204,205 \
+        [--sets default] [--set data.align=landscape ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def one(category: str, seed: int, args, device: torch.device) -> dict:
         "pseudo.features": "knn",
         "data.seed": seed,
         "train.seed": seed,
+        **args.overrides,
     }
     cfg = Config().override(over)
     split = check_inputs(cfg, check_test=False)
@@ -117,8 +119,10 @@ def main() -> None:
     ap.add_argument("--categories", default="screw,magnetic_tile,metal_plate")
     ap.add_argument("--seeds", default="201,202,203")
     ap.add_argument("--sets", default=",".join(STAT_SETS), type=lambda s: s.split(","))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     ap.add_argument("--out", default=str(HERE / "results" / "occ_features.json"))
     args = ap.parse_args()
+    args.overrides = dict(kv.split("=", 1) for kv in args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0, runs = time.perf_counter(), []
     for category in args.categories.split(","):

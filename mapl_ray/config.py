@@ -28,8 +28,9 @@ PSEUDO_FEATURES = ("auto", "map", "pooled", "both", "knn")
 KNN_SOURCES = ("labeled", "stream")
 
 
-#: data.align values: no pose normalisation, or the object's principal axis (mapl_ray.data.pose).
-ALIGN_MODES = ("none", "principal_axis")
+#: data.align values: no pose normalisation, the object's principal axis, or portrait images turned to
+#: landscape (mapl_ray.data.pose).
+ALIGN_MODES = ("none", "principal_axis", "landscape")
 # the fields that name files or folders (made absolute for Ray workers; URIs in a cluster job's config)
 PATH_FIELDS = ("data.root", "simulation.texture_dir", "data.unlabeled_dir", "model.weights")
 
@@ -68,6 +69,7 @@ class DataConfig:
     seed: int = 0
     # none | principal_axis: turn each image when decoded so its object lies centred and horizontal
     # (mapl_ray.data.pose); pair with train.augment=none, eval.tta=none, model.memory_rotations=1
+    # | landscape: turn portrait images a quarter turn (mixed-orientation crops squashed one way only)
     align: str = "none"
     # stream the unlabeled pool and every batch through Ray Data into the Ray Train workers instead of
     # decoding them in the driver (pools too large for memory; mapl_ray.pipelines.ray_data, docs/data.md)
@@ -389,7 +391,7 @@ def _data_checks(c: Config) -> list[tuple[str, bool, str]]:
             and (c.data.split_validation_anomalies == 0 or c.data.split_validation_normals >= 1),
             ">= 0, and 0 unless data.split_validation_normals >= 1 (the threshold needs validation normals)",
         ),
-        ("data.align", c.data.align in ALIGN_MODES, "none or principal_axis"),
+        ("data.align", c.data.align in ALIGN_MODES, "none, principal_axis or landscape"),
         ("data.shards", not c.data.shards or c.data.stream, "only with data.stream = true (--stream)"),
         (
             "simulation.delta_min",

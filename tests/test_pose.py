@@ -321,3 +321,55 @@ def test_training_images_without_an_object_are_kept_and_reported(tmp_path, caplo
     assert info["no_pose_found"] == [str(blank)]
     assert "no object found in 1 training images" in caplog.text
     assert len(data.normals) + len(val.normals) == 15  # the blank image is still used
+
+
+MAGNETIC_TILE = SCREW.parents[1] / "magnetic_tile" / "magnetic_tile"
+
+
+def test_landscape_turns_portrait_images_only():
+    """data.align=landscape: a portrait image turns a quarter turn counter-clockwise (its top row becomes
+    its left column), a landscape or square one is used as it is."""
+    from mapl_ray.data.pose import LandscapeTurn
+
+    est = build_pose_estimator(Config().override({"data.align": "landscape"}).validate())
+    assert isinstance(est, LandscapeTurn)
+    rng = np.random.default_rng(0)
+    portrait = rng.integers(0, 256, (30, 12, 3), dtype=np.uint8)
+    assert est(Image.fromarray(portrait[:12])) is None and est(Image.fromarray(portrait[:10])) is None
+    pose = est(Image.fromarray(portrait))
+    assert pose.quarter_turn and pose.size == (12, 30)
+    turned = np.asarray(pose.apply(Image.fromarray(portrait)))
+    assert turned.shape == (12, 30, 3)
+    assert np.array_equal(turned, np.rot90(portrait, 1))  # exact: a transpose, no resampling
+    assert np.array_equal(turned[:, 0], portrait[0, ::-1])
+
+
+@pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="magnetic_tile data not found")
+def test_landscape_decodes_real_tiles_with_their_masks_and_maps_come_back():
+    """Real magnetic tiles (portrait, 8-bit grey JPEG) with their defect masks: decode, mask and shard row
+    equal turning then resizing by hand; a map made on the turned image comes back onto the file's frame."""
+    from mapl_ray.data.io import load_mask
+    from mapl_ray.data.shards import ShardSpec, pose_from_json, pose_to_json
+
+    est = build_pose_estimator(Config().override({"data.align": "landscape"}).validate())
+    assert ShardSpec.of(64, est).align == "LandscapeTurn()"  # shards prepared unturned are refused
+    files = sorted((MAGNETIC_TILE / "test" / "blowhole").glob("*.jpg"))
+    portraits = [p for p in files if Image.open(p).height > Image.open(p).width]
+    assert portraits
+    for p in portraits[:3]:
+        img, pose = load_image(p, 64, align=est, return_pose=True)
+        src = Image.open(p).convert("RGB")
+        want = src.transpose(Image.Transpose.ROTATE_90).resize((64, 64), Image.Resampling.BILINEAR)
+        assert np.array_equal(img, np.asarray(want)), p
+        assert pose_from_json(pose_to_json(pose)) == pose
+        mask_path = MAGNETIC_TILE / "ground_truth" / "blowhole" / f"{p.stem}_mask.png"
+        mask = load_mask(mask_path, 64, expected_hw=(src.height, src.width), pose=pose)
+        want_mask = np.asarray(load_mask(mask_path, None)).T[::-1]  # the quarter turn of the file's mask
+        want_mask = np.asarray(Image.fromarray(want_mask).resize((64, 64), Image.Resampling.NEAREST))
+        assert mask.any() and np.array_equal(mask, want_mask), p
+        # the turned image's grey level as a map, turned back, is the unturned decode's grey level
+        amap = img[..., 0].astype(np.float32)
+        back = pose.invert_map(amap)
+        plain = load_image(p, 64)[..., 0].astype(np.float32)
+        assert back.shape == (64, 64) and np.abs(back - plain).mean() < 3.0, p
+        assert np.abs(amap - plain).mean() > 3 * np.abs(back - plain).mean()  # the turn mattered

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .layout import ImageReadError, ImageRecord, LayoutError
-from .pose import Pose, PoseEstimator
+from .pose import Aligner, Pose
 
 log = logging.getLogger(__name__)
 
@@ -315,14 +315,14 @@ def _read_rgb(
     path: str,
     hw: tuple[int, int] | None,
     source=None,
-    align: PoseEstimator | None = None,
+    align: Aligner | None = None,
     limits: DecodeLimits | None = None,
 ) -> tuple[np.ndarray, tuple[int, int], Pose | None, dict]:
     """Decode ``path`` (or ``source``) -> (uint8 ``[H, W, 3]`` resized array, original ``(H, W)``, pose,
     file info of :func:`_open_decoded`).
 
-    With ``align`` the image is turned into its object's canonical pose at its own resolution, before
-    resizing; the pose is None without ``align`` or when no object was found."""
+    With ``align`` the image is turned into its object's canonical pose (or landscape, ``data.align``) at its
+    own resolution, before resizing; the pose is None without ``align`` or when it leaves the image as it is."""
     img, info = _open_decoded(path, source, limits)
     orig_hw = (img.height, img.width)
     pose = None
@@ -344,7 +344,7 @@ def _read_rgb(
 def load_image(
     path: str | os.PathLike[str],
     size: int | tuple[int, int] | None = None,
-    align: PoseEstimator | None = None,
+    align: Aligner | None = None,
     return_pose: bool = False,
 ):
     """Decode an image file to RGB.
@@ -353,7 +353,8 @@ def load_image(
         path: image file (any format Pillow reads).
         size: output size: int ``s`` -> ``(s, s)``, ``(H, W)`` tuple, or None to keep the
             original size. Resized with Pillow BILINEAR.
-        align: turn the image into its object's canonical pose first (:mod:`mapl_ray.data.pose`).
+        align: turn the image first as ``data.align`` asks (:func:`~mapl_ray.data.pose.build_pose_estimator`:
+            the object's canonical pose, or a portrait image to landscape).
         return_pose: also return the :class:`~mapl_ray.data.pose.Pose` applied (None if none was).
 
     Returns:
@@ -374,7 +375,7 @@ def decode_image(
     name: str = "<upload>",
     size: int | tuple[int, int] | None = None,
     return_original_size: bool = False,
-    align: PoseEstimator | None = None,
+    align: Aligner | None = None,
     return_pose: bool = False,
 ):
     """:func:`load_image` for encoded bytes (an HTTP upload): any format Pillow reads, to RGB uint8 ``[H, W, 3]``.
@@ -395,7 +396,7 @@ def decode_upload(
     data: bytes,
     name: str = "<upload>",
     size: int | tuple[int, int] | None = None,
-    align: PoseEstimator | None = None,
+    align: Aligner | None = None,
     limits: DecodeLimits | None = None,
 ) -> DecodedUpload:
     """Decode untrusted encoded bytes (an HTTP upload) as :func:`load_image` decodes a file, refusing
@@ -521,7 +522,7 @@ class LoadedImages:
 
 
 def _load_one(
-    rec: ImageRecord, hw: tuple[int, int] | None, with_masks: bool, align: PoseEstimator | None
+    rec: ImageRecord, hw: tuple[int, int] | None, with_masks: bool, align: Aligner | None
 ) -> tuple[np.ndarray, np.ndarray | None, Pose | None]:
     img, orig_hw, pose, _ = _read_rgb(rec.path, hw, align=align)
     if not with_masks:
@@ -538,7 +539,7 @@ def load_records(
     with_masks: bool = False,
     *,
     threads: int = DEFAULT_THREADS,
-    align: PoseEstimator | None = None,
+    align: Aligner | None = None,
 ) -> LoadedImages:
     """Decode many records in parallel (thread pool; Pillow decodes without the GIL).
 
@@ -550,8 +551,8 @@ def load_records(
             is dropped with a logged warning naming the file (logger ``mapl_ray.data.io``) and listed in ``skipped``.
         with_masks: also load ``mask_path`` masks (zeros where a record has none).
         threads: worker threads (default 4).
-        align: turn each image (and its mask) into its object's canonical pose
-            (:mod:`mapl_ray.data.pose`); the poses are returned in ``poses``.
+        align: turn each image (and its mask) as ``data.align`` asks (:mod:`mapl_ray.data.pose`); the poses
+            are returned in ``poses``.
 
     Returns:
         :class:`LoadedImages`. With no record kept, ``images`` has shape ``[0, H, W, 3]``

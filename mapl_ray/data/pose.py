@@ -10,8 +10,14 @@ turns the image so the object lies horizontal, wider end to the left, with the m
 the image centre (shrinking a part too long for the frame); masks get the same transform, and
 :meth:`Pose.invert_map` brings an anomaly map computed in the aligned frame back onto the original image.
 
+:class:`LandscapeTurn` (``data.align=landscape``) is the simplest pose: a portrait image is turned a
+quarter turn so that every image is at least as wide as it is tall. The network squashes every image to a
+square; images of mixed orientation (MVTec-layout crops such as magnetic tiles, aspect ratios 0.4-2.6) are
+then stretched in one direction only, by at most their aspect ratio, instead of both ways.
+
 This runs when images are decoded, at the file's own resolution, before resizing to the network's
-input size (one interpolation instead of two). Resampling is Pillow's ``Image.transform`` (affine).
+input size (one interpolation instead of two). Resampling is Pillow's ``Image.transform`` (affine) and
+``Image.transpose`` (quarter turns, exact).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from PIL import Image
 from ..config import Config, ConfigError
 from .foreground import object_pixels, resolve_foreground, rgb_to_grey
 
-__all__ = ["Pose", "PoseEstimator"]
+__all__ = ["Aligner", "LandscapeTurn", "Pose", "PoseEstimator"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,9 @@ class Pose:
 
     The transform (a similarity, applied with Pillow's ``Image.transform``) maps an input pixel ``p``
     to ``scale * M(angle) (p - c) + centre``: the middle of the object's extent ``c`` lands on the image
-    centre, and the object turns counter-clockwise by ``angle``.
+    centre, and the object turns counter-clockwise by ``angle``. With :attr:`quarter_turn` the image is
+    first turned 90 degrees counter-clockwise (``Image.Transpose.ROTATE_90``: width and height swap), and
+    the similarity then works on the turned frame.
 
     Attributes:
         cx, cy: middle of the object's extent along and across its axis, as fractions of the image
@@ -50,6 +58,8 @@ class Pose:
             the mirrored margin :meth:`apply` replaces object pixels (mirror images of a part that
             touches the border) by ``fill``.
         fill: RGB median background colour (of the pixels outside the object).
+        quarter_turn: turn the image a quarter turn counter-clockwise before the similarity
+            (:class:`LandscapeTurn`).
     """
 
     cx: float
@@ -60,6 +70,10 @@ class Pose:
     object_threshold: float | None = None
     object_inverse: bool = False
     fill: tuple[int, int, int] = (0, 0, 0)
+    quarter_turn: bool = False
+
+    def _similarity_is_identity(self) -> bool:
+        return self.angle % 360.0 == 0.0 and self.scale == 1.0 and self.cx == 0.5 and self.cy == 0.5
 
     def _matrix(self, w: int, h: int, inverse: bool) -> tuple[float, ...]:
         # Pillow's AFFINE data maps output pixel coordinates to input ones (as Image.rotate builds it).
@@ -75,13 +89,18 @@ class Pose:
     def apply(
         self, img: Image.Image, resample: int = Image.Resampling.BILINEAR, reflect: bool | None = None, fill=0
     ) -> Image.Image:
-        """``img`` (any size, any mode) in the canonical pose, the same size as ``img``.
+        """``img`` (any size, any mode) in the canonical pose, the same size as ``img`` (width and height
+        swapped with :attr:`quarter_turn`).
 
         Where the turned frame reaches past the image, ``reflect`` (default: for RGB images) mirrors the
         image (``numpy.pad`` ``reflect``), with mirrored object pixels replaced by :attr:`fill`;
         otherwise (masks) those pixels get ``fill``. A grey (``"L"``) image with ``reflect=True`` is
         treated as an image too (its fill is :attr:`fill`'s grey level), so that a grey file can be
         turned at one channel: the result equals turning its RGB conversion, converted back."""
+        if self.quarter_turn:
+            img = img.transpose(Image.Transpose.ROTATE_90)
+            if self._similarity_is_identity():
+                return img
         w, h = img.size
         m = self._matrix(w, h, inverse=False)
         if reflect is None:
@@ -124,21 +143,28 @@ class Pose:
     def invert_map(self, amap: np.ndarray) -> np.ndarray:
         """An anomaly map ``[H, W]`` float computed on the aligned image, resampled (bilinear) onto the
         original image's frame at the same size; pixels the aligned frame did not cover get the map's
-        minimum. Returns float32 ``[H, W]``."""
+        minimum. Returns float32 ``[H, W]``. With :attr:`quarter_turn` the map is turned back a quarter
+        turn clockwise; without :attr:`size` a square map keeps its size and another one comes back
+        resized to ``[H, W]``."""
         a = np.asarray(amap, dtype=np.float32)
         h, w = a.shape
         img = Image.fromarray(a, mode="F")
-        size = tuple(self.size) if self.size else (w, h)
-        if size != (w, h):
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        back = img.transform(
-            size,
-            Image.Transform.AFFINE,
-            self._matrix(*size, inverse=True),
-            resample=Image.Resampling.BILINEAR,
-            fillcolor=float(a.min()),
-        )
-        if size != (w, h):
+        size = tuple(self.size) if self.size else (w, h)  # the original image's (W, H)
+        frame = (size[1], size[0]) if self.quarter_turn else size  # the aligned image's (W, H)
+        if frame != (w, h):
+            img = img.resize(frame, Image.Resampling.BILINEAR)
+        back = img
+        if not (self.quarter_turn and self._similarity_is_identity()):
+            back = img.transform(
+                frame,
+                Image.Transform.AFFINE,
+                self._matrix(*frame, inverse=True),
+                resample=Image.Resampling.BILINEAR,
+                fillcolor=float(a.min()),
+            )
+        if self.quarter_turn:
+            back = back.transpose(Image.Transpose.ROTATE_270)
+        if back.size != (w, h):
             back = back.resize((w, h), Image.Resampling.BILINEAR)
         return np.asarray(back, dtype=np.float32)
 
@@ -232,6 +258,27 @@ class PoseEstimator:
         return Pose(mx / w, my / h, angle, scale, img.size, self.threshold, self.inverse, fill)
 
 
+class LandscapeTurn:
+    """``data.align=landscape``: the :class:`Pose` that turns a portrait image (taller than wide) a quarter
+    turn counter-clockwise; None for an image at least as wide as tall (used as it is).
+
+    Same call signature as :class:`PoseEstimator`, so every decoder that takes ``align`` takes it. It reads
+    the image's size only; no pixel is looked at.
+    """
+
+    def __repr__(self) -> str:
+        return "LandscapeTurn()"
+
+    def __call__(self, img: Image.Image) -> Pose | None:
+        """The quarter-turn pose of ``img`` (a Pillow image of any mode) if its height exceeds its width."""
+        w, h = img.size
+        return Pose(0.5, 0.5, 0.0, 1.0, (w, h), quarter_turn=True) if h > w else None
+
+
+#: what ``data.align`` builds (:func:`build_pose_estimator`) and every decoder's ``align`` takes
+Aligner = PoseEstimator | LandscapeTurn
+
+
 def _background_median(rgb: np.ndarray, fg: np.ndarray) -> tuple[int, ...]:
     """Per channel, the median of the uint8 ``rgb`` ``[H, W, C]`` pixels outside the bool mask ``fg``
     (at least one), rounded down: ``int(np.median(rgb[~fg], axis=0))`` exactly, from 256-bin histograms
@@ -248,8 +295,9 @@ def _background_median(rgb: np.ndarray, fg: np.ndarray) -> tuple[int, ...]:
     return tuple(out)
 
 
-def build_pose_estimator(cfg: Config) -> PoseEstimator | None:
-    """The pose estimator ``data.align`` asks for (None for ``"none"``); it finds the object with the
+def build_pose_estimator(cfg: Config) -> Aligner | None:
+    """The pose estimator ``data.align`` asks for: None for ``"none"``, :class:`LandscapeTurn` for
+    ``"landscape"``, and for ``"principal_axis"`` a :class:`PoseEstimator` that finds the object with the
     simulation's threshold (:func:`resolve_foreground`).
 
     Raises:
@@ -258,6 +306,8 @@ def build_pose_estimator(cfg: Config) -> PoseEstimator | None:
     """
     if cfg.data.align == "none":
         return None
+    if cfg.data.align == "landscape":
+        return LandscapeTurn()
     fg = resolve_foreground(cfg)
     if not fg.use_mask and cfg.simulation.foreground_threshold is None:
         raise ConfigError(

@@ -52,7 +52,7 @@ from .layout import (
     scan_category,
     scan_folder,
 )
-from .pose import Pose, PoseEstimator
+from .pose import Aligner, Pose
 
 __all__ = [
     "ShardSpec",
@@ -83,13 +83,13 @@ RECORD_FIELDS = ("path", "split", "defect_type", "label", "mask_path")
 @dataclass(frozen=True)
 class ShardSpec:
     """How a shard set was decoded: ``image_size`` ``(H, W)`` and ``align`` (``"none"`` or the
-    :class:`~mapl_ray.data.pose.PoseEstimator`'s repr). Stored in the Parquet schema's metadata."""
+    estimator's repr, :data:`~mapl_ray.data.pose.Aligner`). Stored in the Parquet schema's metadata."""
 
     image_size: tuple[int, int]
     align: str = "none"
 
     @classmethod
-    def of(cls, image_size: int | tuple[int, int], align: PoseEstimator | None) -> ShardSpec:
+    def of(cls, image_size: int | tuple[int, int], align: Aligner | None) -> ShardSpec:
         """The spec of images decoded at ``image_size`` with pose estimator ``align`` (None: no alignment)."""
         return cls(normalize_size(image_size, "image_size"), "none" if align is None else repr(align))
 
@@ -256,7 +256,7 @@ def pose_from_json(text: str | None) -> Pose | None:
 
 
 def decode_record(
-    record: dict[str, Any], hw: tuple[int, int], align: PoseEstimator | None, data: bytes | None = None
+    record: dict[str, Any], hw: tuple[int, int], align: Aligner | None, data: bytes | None = None
 ) -> dict[str, Any]:
     """One shard row (module docstring) from a source record, decoded with :func:`~mapl_ray.data.io.decode_image`
     and :func:`~mapl_ray.data.io.load_mask` at ``hw`` ``(H, W)``, turned by ``align`` when given.
@@ -298,7 +298,7 @@ def decode_record(
 def decode_batch(
     records: Sequence[dict[str, Any]],
     hw: tuple[int, int],
-    align: PoseEstimator | None,
+    align: Aligner | None,
     data: Sequence[bytes | None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode many records (:func:`decode_record`); one bad file never stops the others.

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from ..config import Config, ConfigError
 from ..data.io import load_image, load_mask
 from ..data.layout import LayoutError
-from ..data.pose import PoseEstimator
+from ..data.pose import Aligner
 from ..data.shards import (
     DUPLICATES_FILE,
     MANIFEST_FILE,
@@ -92,7 +92,7 @@ def _progress(total: int | None, desc: str, show: bool):
 
 
 # -- mapl prepare ---------------------------------------------------------------------------------
-def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: PoseEstimator | None, where: str | None):
+def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner | None, where: str | None):
     """``map_batches`` stage of ``mapl prepare``: decode one batch of source rows, write it as one shard,
     return one status row per image (path, hash, shard, reason; no pixels)."""
     rows_in = batch.to_pylist()
@@ -139,7 +139,7 @@ def prepare_shards(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     image_size: int | tuple[int, int] = 256,
-    align: PoseEstimator | None = None,
+    align: Aligner | None = None,
     rows_per_shard: int = ROWS_PER_SHARD,
     concurrency: int | None = None,
     progress: bool = True,
@@ -295,7 +295,7 @@ def _score_units(src: str, spec: ShardSpec, rows_per_file: int) -> tuple[list[_U
     return units, kind
 
 
-def _decode_in_order(batch: pa.Table, spec: ShardSpec, align: PoseEstimator | None) -> pa.Table:
+def _decode_in_order(batch: pa.Table, spec: ShardSpec, align: Aligner | None) -> pa.Table:
     """``map_batches`` stage of ``mapl score`` on a folder: shard rows in the batch's order, an unreadable
     image kept as a row with its ``error`` (so output files keep one row per source image)."""
     out = []
@@ -461,7 +461,7 @@ def _actor_resources(
     return actors, gpus_per_actor, cpus_per_actor
 
 
-def _score_input(pending: list[_Unit], kind: str, spec: ShardSpec, align: PoseEstimator | None, batch_size: int):
+def _score_input(pending: list[_Unit], kind: str, spec: ShardSpec, align: Aligner | None, batch_size: int):
     """The rows ``mapl score`` feeds its actors: the shards read (or the folder's files decoded, unreadable
     ones kept with their ``error``), in blocks of exactly ``batch_size`` rows but the last
     (``repartition(target_num_rows_per_block=..., strict=True)``, a streaming stage). Whole blocks make
@@ -768,7 +768,7 @@ class StreamRows(SimulateBatch):
     rotate / jitter it, and simulate anomalies on the rows marked ``simulate`` (:class:`SimulateBatch`);
     every sample with its own generator. Adds ``image`` uint8 ``(B, H, W, 3)`` and ``mask`` uint8 ``(B, H, W)``."""
 
-    def __init__(self, cfg: Config, sources: StreamSources, align: PoseEstimator | None):
+    def __init__(self, cfg: Config, sources: StreamSources, align: Aligner | None):
         super().__init__(cfg, cfg.train.seed)
         self.cfg, self.sources, self.align = cfg, sources, align
         self.hw = (cfg.data.image_size, cfg.data.image_size)
