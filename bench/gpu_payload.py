@@ -3,8 +3,9 @@
 The GPU machine has no network, no ``../shared/data``, no Ray and no weights wheels. This writes, into
 folders git ignores (add them to ``.git/info/exclude``):
 
-* ``.data/<dataset>/<category>``: the categories at 256x256, losslessly (PNG, grey where the image is
-  grey; masks resized NEAREST, images BILINEAR, as ``mapl_ray.data.io`` does);
+* ``.data/<dataset>/<category>``: the categories with each image's shorter side at 256 and its aspect ratio
+  kept (256x256 for square images), losslessly (PNG, grey where the image is grey; masks resized NEAREST,
+  images BILINEAR, as ``mapl_ray.data.io`` does);
 * ``.data/dtd256``: the texture set at 256x256 (JPEG quality 92: the full-size set does not fit);
 * ``.data/w/tf_efficientnet_lite2.safetensors``: the ImageNet encoder weights (fp16) for ``--weights``;
 * ``.whl_gpu``: Ray and its missing dependencies for Python 3.12, from the wheels that
@@ -106,18 +107,29 @@ def _drop(name: str) -> bool:
     return name.startswith(("ray/llm/", "ray/rllib/", "ray/dashboard/client/build/"))
 
 
+def payload_hw(path: str) -> tuple[int, int]:
+    """``(H, W)`` the payload stores ``path`` at: its shorter side 256, its aspect ratio kept (a square image
+    256x256), so that what the run's decoder does to the file's shape (squash it, or turn it first with
+    ``data.align=landscape``) happens on the GPU machine as it does here."""
+    with Image.open(path) as im:
+        w, h = im.size
+    k = SIZE / min(w, h)
+    return max(SIZE, round(h * k)), max(SIZE, round(w * k))
+
+
 def copy_category(src: Path, dst: Path, jpeg_quality: int | None = None) -> None:
-    """The category at 256x256: images PNG (lossless) or JPEG at ``jpeg_quality`` (to fit more categories
-    into one call), masks PNG."""
+    """The category with each image's shorter side at 256 (:func:`payload_hw`): images PNG (lossless) or JPEG
+    at ``jpeg_quality`` (to fit more categories into one call), masks PNG at their image's size."""
     for path in find_images(str(src)):
         rel = Path(path).relative_to(src)
         lossy = jpeg_quality and "ground_truth" not in rel.parts
         out = (dst / rel).with_suffix(".jpg" if lossy else ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
+        hw = payload_hw(path)
         if "ground_truth" in rel.parts:
-            Image.fromarray(load_mask(path, SIZE) * 255).save(out)
+            Image.fromarray(load_mask(path, hw) * 255).save(out)
             continue
-        img = load_image(path, SIZE)
+        img = load_image(path, hw)
         grey = bool((img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all())
         pil = Image.fromarray(img[..., 0] if grey else img)
         pil.save(out, quality=jpeg_quality) if lossy else pil.save(out, optimize=True)

@@ -323,6 +323,31 @@ def test_training_images_without_an_object_are_kept_and_reported(tmp_path, caplo
     assert len(data.normals) + len(val.normals) == 15  # the blank image is still used
 
 
+@needs_data
+def test_landscape_training_turns_a_portrait_image_and_warns_of_nothing(tmp_path, caplog):
+    """Under data.align=landscape a square or landscape image has no pose by design: no "no object found"
+    warning; a portrait training image (a grey ramp 40 wide, 64 tall) is decoded turned."""
+    from conftest import copy_small_category
+
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+
+    root = copy_small_category(tmp_path / "data")
+    tall = root / "screw" / "train" / "good" / "tall.png"
+    rows = np.linspace(0, 255, 64)[:, None] * np.ones((1, 40))  # dark at the top, bright at the bottom
+    Image.fromarray(rows.astype(np.uint8)).save(tall)
+    cfg = tiny_config(root, **{"data.align": "landscape"})
+    split = prepare_run(cfg, tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        data, val, info = load_train_data(cfg, split)
+    assert "no object found" not in caplog.text and "no_pose_found" not in info and info["align"] == "landscape"
+    size = cfg.data.image_size
+    turned = Image.open(tall).convert("RGB").transpose(Image.Transpose.ROTATE_90).resize((size, size))
+    got = np.concatenate([data.normals, val.images]).astype(int)
+    # dark on the left, bright on the right once turned: found among the training or validation images
+    assert np.abs(got - np.asarray(turned)).max(axis=(1, 2, 3)).min() <= 1, "the portrait image was not turned"
+
+
 MAGNETIC_TILE = SCREW.parents[1] / "magnetic_tile" / "magnetic_tile"
 
 

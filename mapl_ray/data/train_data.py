@@ -373,10 +373,13 @@ def _pool_truth(split: Split, records) -> np.ndarray:
 
 
 def _note_poses(cfg: Config, info: dict[str, Any], align, loaded: list) -> None:
-    """Under ``data.align``, list (and warn about) training images in which no object was found."""
+    """Under ``data.align=principal_axis``, list (and warn about) training images in which no object was found
+    (under ``landscape`` no pose only means an image already at least as wide as tall)."""
     if align is None:
         return
     info["align"] = cfg.data.align
+    if cfg.data.align != "principal_axis":
+        return
     info["no_pose_found"] = [
         r.path for ld in loaded if ld is not None for r, p in zip(ld.records, ld.poses) if p is None
     ]
