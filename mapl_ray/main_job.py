@@ -202,7 +202,7 @@ def run_train_job(
     else:
         log.info(foreground)
     if cfg.data.stream:
-        summary, validation, data_info = _train_streamed(cfg, split, run_dir, resume, progress)
+        summary, validation, data_info = _train_streamed(cfg, split, run_dir, resume, progress, verbose)
     else:
         t0 = time.perf_counter()
         data, validation, data_info = load_train_data(cfg, split)
@@ -233,14 +233,14 @@ def run_train_job(
         ) from e
 
 
-def _train_streamed(cfg: Config, split: Split, run_dir: Path, resume: bool, progress: bool):
+def _train_streamed(cfg: Config, split: Split, run_dir: Path, resume: bool, progress: bool, verbose: bool):
     """``data.stream``: the pool and the batches stream through Ray Data (``data.shards``: from these
     ``mapl prepare`` folders). Returns (training summary, validation set, data info)."""
     from .pipelines.ray_data import train_streamed
 
     shards = [s.strip() for s in (cfg.data.shards or "").split(",") if s.strip()] or None
     summary, validation, data_info = train_streamed(
-        cfg, split, run_dir, shards=shards, resume=resume, progress=progress
+        cfg, split, run_dir, shards=shards, resume=resume, progress=progress, verbose=verbose
     )
     (run_dir / DATA_INFO_FILE).write_text(json.dumps(data_info, indent=2))
     return summary, validation, data_info

@@ -960,8 +960,12 @@ def train_streamed(
     shards: list[str | os.PathLike[str]] | None = None,
     resume: bool = False,
     progress: bool = True,
+    verbose: bool = False,
 ) -> tuple[dict[str, Any], ValidationSet, dict[str, Any]]:
     """Train with the unlabeled pool (and every batch) streamed through Ray Data into Ray Train workers.
+
+    ``verbose``: Ray's INFO lines and the workers' output on the console (:func:`init_ray`'s ``quiet`` off), as
+    :func:`~mapl_ray.pipelines.ray_train.train_with_ray`.
 
     CPUs: each training worker gets ``train.cpus_per_worker`` (default 1 beside a GPU, else half of the
     CPUs split between the workers); the rest run the data actors (at least one).
@@ -974,7 +978,7 @@ def train_streamed(
     from ..pseudo.labeler import report_pool
     from .ray_train import train_with_ray
 
-    init_ray()
+    init_ray(quiet=not verbose)
     quiet_data_context()
     data, validation, info, sources = load_streamed_train_data(cfg, split)
     report_pool(cfg, data)
@@ -982,5 +986,7 @@ def train_streamed(
     per_worker = cfg.train.cpus_per_worker or (1 if cfg.train.use_gpu else max(1, total // (2 * n)))
     cfg = cfg.override({"train.cpus_per_worker": per_worker})
     stream = train_stream(cfg, sources, run_dir, resume, shards, concurrency=max(1, total - n * per_worker))
-    summary = train_with_ray(cfg, data, validation, run_dir, resume=resume, progress=progress, stream=stream)
+    summary = train_with_ray(
+        cfg, data, validation, run_dir, resume=resume, progress=progress, verbose=verbose, stream=stream
+    )
     return summary, validation, info
