@@ -516,14 +516,24 @@ def _add_data_parsers(sub) -> None:
 
 
 def data_config(path: str | None) -> Config:
-    """The configuration ``--config`` names for the data commands: a YAML file or a run folder's config.yaml."""
+    """The configuration ``--config`` names for the data commands: a YAML file or a run folder's config.yaml,
+    its values checked (:meth:`Config.validate`).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a value is not allowed (the message names ``path``).
+    """
     if not path:
         return Config()
     if Path(path).is_dir():
         from .runfolder import load_run_config
 
-        return load_run_config(path)
-    return Config.load(path)
+        cfg = load_run_config(path)
+    else:
+        cfg = Config.load(path)
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in --config {path})", e.field) from e
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

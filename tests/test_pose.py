@@ -377,7 +377,7 @@ def test_landscape_decodes_real_tiles_with_their_masks_and_maps_come_back():
     from mapl_ray.data.shards import ShardSpec, pose_from_json, pose_to_json
 
     est = build_pose_estimator(Config().override({"data.align": "landscape"}).validate())
-    assert ShardSpec.of(64, est).align == "LandscapeTurn()"  # shards prepared unturned are refused
+    assert ShardSpec.of(64, est).align == "landscape"  # shards prepared unturned are refused
     files = sorted((MAGNETIC_TILE / "test" / "blowhole").glob("*.jpg"))
     portraits = [p for p in files if Image.open(p).height > Image.open(p).width]
     assert portraits

@@ -113,6 +113,11 @@ def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     assert (out["kind"], out["rejected"], out["image_size"]) == ("folder", 1, [32, 32])
     assert main(["prepare", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {align: portrait}\n")
+    assert main(["prepare", str(category / "test"), "--out", str(tmp_path / "u"), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "data.align = 'portrait' is not allowed" in err and str(bad) in err and not (tmp_path / "u").exists()
 
 
 def test_simulation_stage_is_identical_across_workers_and_batch_sizes(ray_local, category):

@@ -267,7 +267,8 @@ class LandscapeTurn:
     """
 
     def __repr__(self) -> str:
-        return "LandscapeTurn()"
+        # the data.align value: shard metadata and messages name the setting a user wrote
+        return "landscape"
 
     def __call__(self, img: Image.Image) -> Pose | None:
         """The quarter-turn pose of ``img`` (a Pillow image of any mode) if its height exceeds its width."""
