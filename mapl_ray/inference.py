@@ -22,7 +22,7 @@ from .model import build_model, resolve_backend
 from .model.anomaly_map import anomaly_maps, fuse_maps, image_scores, tta_views
 from .model.graphs import GraphedForward
 from .runfolder import load_model_weights, load_run_config, read_state
-from .tensors import pad_rows, resolve_device, to_tensor, use_native_depthwise
+from .tensors import pad_rows, resolve_device, to_tensor
 
 
 class Predictor:
@@ -88,10 +88,8 @@ class Predictor:
         self.model.refresh_memory(torch.zeros(1, 3, size, size))  # bank buffers; overwritten below
         load_model_weights(self.run_dir, self.model)
         self.model.to(self.device).eval()
-        if self.device.type == "cuda" and self.cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda" and self.cfg.train.depthwise_kernels == "native":
-            use_native_depthwise(self.model.encoder)
+        if self.device.type == "cuda":
+            self.model.use_cuda_kernels(self.cfg.train.channels_last, self.cfg.train.depthwise_kernels)
         self.batch_size = batch_size or self.cfg.eval.batch_size
         self.image_size = size
         if memory_banks is not None and not 1 <= memory_banks <= len(self.model.banks):

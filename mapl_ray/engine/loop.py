@@ -49,7 +49,7 @@ from ..runfolder import (
     snapshot_checkpoint,
     train_log_segment,
 )
-from ..tensors import autocast_context, to_tensor, use_deterministic_kernels, use_native_depthwise
+from ..tensors import autocast_context, to_tensor, use_deterministic_kernels
 from .checkpoints import CheckpointWriter
 from .ema import WeightEMA
 from .loader import batch_to_device, loader_workers, make_loader
@@ -95,11 +95,8 @@ class Trainer:
             use_deterministic_kernels()
         torch.manual_seed(t.seed)
         self.model = build_model(cfg).to(self.device)
-        # channels-last before the first bank fill: every encoder pass in one layout, one set of cuDNN plans
-        if t.channels_last and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if t.depthwise_kernels == "native" and self.device.type == "cuda":
-            use_native_depthwise(self.model.encoder)
+        if self.device.type == "cuda":  # before the first bank fill
+            self.model.use_cuda_kernels(t.channels_last, t.depthwise_kernels)
         self.bm = BatchMaker(cfg, data, build_simulator(cfg), rank, world_size)
         self.bank_images = memory_bank_images(cfg, data)
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ModelConfig
-from ..tensors import pad_rows
+from ..tensors import pad_rows, use_native_depthwise
 from .encoder import Encoder, build_encoder
 from .memory import MemoryBank
 from .patch_bank import PatchBank
@@ -187,6 +187,16 @@ class MAPLModel(nn.Module):
         if self.freeze_encoder:
             self.encoder.eval()  # frozen BN statistics: the memory bank stays valid
         return self
+
+    def use_cuda_kernels(self, channels_last: bool, depthwise_kernels: str) -> None:
+        """On a CUDA device, the kernel choices of ``train.channels_last`` (the whole model channels-last, in
+        place) and ``train.depthwise_kernels`` (``"native"``: the encoder's depthwise convolutions off cuDNN,
+        :func:`~mapl_ray.tensors.use_native_depthwise`). Call once the model is on its device, before its first
+        forward pass (every pass in one layout, one set of cuDNN plans)."""
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if depthwise_kernels == "native":
+            use_native_depthwise(self.encoder)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Per-image intensity standardisation (when enabled): each image is shifted and scaled to
