@@ -279,7 +279,10 @@ def oversized_upload(url: str, announced: int = 2**30, chunk: int = 1 << 20, tim
 
 
 #: The deployment holding the model in each layout (``mapl_ray.pipelines.serve.build_app``).
-MODEL_DEPLOYMENT = {"two_tier": "Scorer", "single": "Server"}
+MODEL_DEPLOYMENT = {"two_tier": "Scorer", "two_tier_per_image": "Scorer", "single": "Server"}
+#: layouts --layouts takes: ServeSettings.LAYOUTS, and two_tier with one call per image from a front to the
+#: model deployment (front_batch_size=1, the two_tier of before front batching) to compare against
+BENCH_LAYOUTS = tuple(MODEL_DEPLOYMENT)
 
 
 def direct_ingress_urls(app: str, host: str, path: str = "/v1/predict") -> list[str]:
@@ -438,7 +441,11 @@ def train_run(args) -> Path:
 
 
 def test_images(run: Path, n: int) -> tuple[list[bytes], list[list[int]]]:
-    """Up to ``n`` PNG files of the run's test split, as bytes, alternating good and defective."""
+    """Up to ``n`` images of the run's test split as PNG bytes (the file's own bytes when it is a PNG, else
+    re-encoded losslessly: the GPU payload may hold JPEGs, and every load step sends PNG bodies), alternating
+    good and defective."""
+    import io
+
     from PIL import Image
 
     split = json.loads((run / "split.json").read_text())
@@ -447,11 +454,17 @@ def test_images(run: Path, n: int) -> tuple[list[bytes], list[list[int]]]:
     paths = [p for pair in itertools.zip_longest(good, bad) for p in pair if p is not None][:n]
     if not paths:
         raise SystemExit(f"{run}/split.json lists no test images")
-    sizes = []
+    sizes, bodies = [], []
     for p in paths:
         with Image.open(p) as im:
             sizes.append([im.height, im.width])
-    return [Path(p).read_bytes() for p in paths], sizes
+            if im.format == "PNG":
+                bodies.append(Path(p).read_bytes())
+            else:
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                bodies.append(buf.getvalue())
+    return bodies, sizes
 
 
 def stage_costs(run: Path, bodies: list[bytes], batch: int, seconds: float = 3.0, memory_banks=None) -> dict:
@@ -562,7 +575,8 @@ def main(argv=None) -> int:
         "--layouts",
         default=ServeSettings.layout,
         help=f"app layouts measured side by side (ServeSettings.layout; default {ServeSettings.layout}): "
-        "two_tier,single",
+        "two_tier,single; two_tier_per_image is two_tier with one call per image from a front to the model "
+        "(front_batch_size=1)",
     )
     p.add_argument(
         "--single-replicas",
@@ -621,6 +635,9 @@ def main(argv=None) -> int:
         }
 
     layouts = [x for x in args.layouts.split(",") if x]
+    bad = [x for x in layouts if x not in BENCH_LAYOUTS]
+    if bad:
+        p.error(f"--layouts: {', '.join(bad)} not among {', '.join(BENCH_LAYOUTS)}")
 
     def layout_settings(layout: str, reps: int) -> dict:
         """``build_app`` settings of ``layout`` with ``reps`` model replicas (two_tier) besides ``common``.
@@ -633,7 +650,8 @@ def main(argv=None) -> int:
                 "cpus_per_replica": args.single_cpus,
             }
             return {"layout": "single", **given}
-        return {"layout": "two_tier", "num_replicas": reps, "ingress_replicas": fronts, **resources(reps)}
+        per_image = {"front_batch_size": 1} if layout == "two_tier_per_image" else {}
+        return {"layout": "two_tier", "num_replicas": reps, "ingress_replicas": fronts, **per_image, **resources(reps)}
 
     def resolved(layout: str, reps: int) -> ServeSettings:
         """The settings build_app deploys ``layout`` with on this cluster (auto values chosen)."""
@@ -697,7 +715,14 @@ def main(argv=None) -> int:
     entry["settings"]["ray_serve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
     entry["settings"]["ingress"] = args.ingress
     entry["settings"]["cluster"] = {"gpus": cluster_gpus, "cpus_of_model_nodes": cluster_cpus}
-    shown = ("num_replicas", "gpus_per_replica", "cpus_per_replica", "torch_threads", "ingress_replicas")
+    shown = (
+        "num_replicas",
+        "gpus_per_replica",
+        "cpus_per_replica",
+        "torch_threads",
+        "ingress_replicas",
+        "front_batch_size",
+    )
     entry["settings"]["layouts"] = {}
     for lay in layouts:  # what each layout runs with, and which of it ServeSettings chose (auto)
         given, r = layout_settings(lay, args.replicas), resolved(lay, args.replicas)

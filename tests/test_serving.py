@@ -185,6 +185,11 @@ def test_settings_resolve_batching_by_device_and_validate():
     assert (
         ServeSettings(run_dir="r", layout="two_tier", ingress_replicas=3).resolve(True, 256, 16).ingress_replicas == 3
     )
+    # two_tier fronts send their images in batches of the model's size unless told otherwise
+    assert (gpu.front_batch_size, cpu.front_batch_size) == (32, 1)
+    assert ServeSettings(run_dir="r", layout="two_tier", front_batch_size=4).resolve(True, 256).front_batch_size == 4
+    with pytest.raises(ValueError, match="front_batch_size applies to layout=two_tier only"):
+        ServeSettings(run_dir="r", front_batch_size=8)
     # layout=single: the model replicas are the fronts
     single = ServeSettings.from_args({"run_dir": "r", "layout": "single", "num_replicas": "4"})
     assert single.resolve(True, 256, cluster_cpus=16).ingress_replicas == 4
@@ -195,6 +200,7 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "max_aspect": 0.5}, "max_aspect"),
         ({"run_dir": "r", "animated": "loop"}, "animated"),
         ({"run_dir": "r", "request_timeout_s": 0}, "request_timeout_s"),
+        ({"run_dir": "r", "layout": "two_tier", "front_batch_size": 0}, "front_batch_size must be > 0"),
         ({"run_dir": "r", "ingress_cpus": -1}, "ingress_cpus"),
         ({"run_dir": "r", "ingress_cpus": "nan"}, "ingress_cpus must be a number"),  # was a traceback in Ray
         ({"run_dir": "r", "cpus_per_replica": "inf"}, "cpus_per_replica must be a finite"),

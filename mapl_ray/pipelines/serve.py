@@ -283,6 +283,26 @@ class Scorer:
             "model_version": self.version,
         }
 
+    async def predict_many(self, images: np.ndarray, names: list, want_maps: list) -> list:
+        """A front's batch: uint8 ``(N, S, S, 3)`` images, their names and whether each wants its map ->
+        ``N`` answers as :meth:`predict`'s, in order. The images join the same ``@serve.batch`` queue as
+        every other call's, so the images of several fronts share forward passes.
+
+        Raises:
+            ValueError: ``images`` is not uint8 ``(N, S, S, 3)`` or the lists are not ``N`` long (a caller
+                bug, not a user's input).
+        """
+        size = self.pred.image_size
+        n = len(images)
+        if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or len(names) != n or len(want_maps) != n:
+            raise ValueError(
+                f"expected uint8 (N, {size}, {size}, 3) images with N names and N map flags, got {images.dtype} "
+                f"{images.shape}, {len(names)} names, {len(want_maps)} flags"
+            )
+        outs = await asyncio.gather(*(self._score((images[i], names[i], bool(want_maps[i]))) for i in range(n)))
+        facts = {"threshold": self.pred.threshold, "q_weight": self.pred.q_weight, "model_version": self.version}
+        return [{"record": record, "map": amap, **facts} for record, amap in outs]
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
         return await asyncio.to_thread(self._forward, items)
@@ -327,6 +347,12 @@ class Ingress:
         self.scorer = scorer
         # single layout: the model in this process; images held here (decoding, batch queue, forward pass)
         self.model = Scorer.func_or_class(settings) if scorer is None else None
+        # images held here are bounded where they wait in this process: the single layout's batch queue,
+        # or two_tier's front batches (one call per image leaves the bound to Serve's router)
+        self._bounded = scorer is None or self.s.front_batch_size > 1
+        if scorer is not None and self.s.front_batch_size > 1:
+            self._remote_batch.set_max_batch_size(self.s.front_batch_size)
+            self._remote_batch.set_batch_wait_timeout_s(0.0)  # what queued while the previous call ran
         self._held = 0
         token = load_token(self.s.token_env, self.s.token_file)
         if token_digest(token) != self.s.token_sha256:
@@ -461,7 +487,7 @@ class Ingress:
     async def _score(self, data: bytes, name: str, opts: dict, deadline: float) -> dict:
         """One upload: decoded here (in a worker thread), scored (by a model replica, or in this one in
         the single layout), and answered."""
-        if self.model is None:
+        if not self._bounded:
             return await self._decode_and_score(data, name, opts, deadline)
         if self._held >= self.s.max_ongoing_requests + self.s.max_queued_requests:
             raise self._queue_full()
@@ -487,8 +513,10 @@ class Ingress:
                 )
             except asyncio.TimeoutError:
                 raise self._timeout(False) from None
+        elif self.s.front_batch_size > 1:
+            out = await self._remote_batch((d.image, name, want_map, deadline))
         else:
-            out = await self._remote_predict(d.image, name, want_map, deadline)
+            out = await self._remote_predict(self.scorer.predict, (d.image, name, want_map), deadline)
         args = (
             out["record"],
             out["map"],
@@ -503,18 +531,28 @@ class Ingress:
             return await asyncio.to_thread(image_result, *args)
         return image_result(*args)
 
-    async def _remote_predict(self, image: np.ndarray, name: str, want_map: bool, deadline: float) -> dict:
-        """``Scorer.predict`` on a model replica, retried on another (or the restarted) replica when the
-        one holding the image dies, until ``deadline``."""
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=1)  # set in __init__
+    async def _remote_batch(self, items: list) -> list:
+        """two_tier: the images this front decoded meanwhile, ``[(uint8 (S, S, 3), name, want_map,
+        deadline)]``, scored in one call to the model deployment (``Scorer.predict_many``) until the latest
+        of their deadlines (no image is cut before its own)."""
+        images = np.stack([it[0] for it in items])
+        args = (images, [it[1] for it in items], [it[2] for it in items])
+        return await self._remote_predict(self.scorer.predict_many, args, max(it[3] for it in items))
+
+    async def _remote_predict(self, method, args: tuple, deadline: float):
+        """``method.remote(*args)`` (``Scorer.predict`` or ``predict_many``) on a model replica, retried on
+        another (or the restarted) replica when the one holding the images dies, until ``deadline``."""
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import BackPressureError
 
         died = False
+        name = args[1] if isinstance(args[1], str) else ", ".join(args[1])  # for the log and a 500's detail
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timeout(died)
-            response = self.scorer.predict.remote(image, name, want_map)
+            response = method.remote(*args)
             try:
                 return await asyncio.wait_for(self._call(response), remaining)
             except asyncio.TimeoutError:
@@ -532,7 +570,7 @@ class Ingress:
                 raise ApiError(
                     500,
                     "internal",
-                    f"the model replica failed on {name!r} "
+                    f"the model replica failed on {name} "
                     f"({type(e.cause).__name__ if getattr(e, 'cause', None) else type(e).__name__}); "
                     "the server log has the traceback",
                 ) from None
