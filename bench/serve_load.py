@@ -13,10 +13,13 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
   (stations that send several images at once; images/s counts images);
 * with ``--http-ceiling``: the same load against an echo app (a FastAPI ingress that only reads the
   body), the most Ray Serve's HTTP path carries on this machine; ``stages``: the in-process cost of
-  decoding one upload and of one forward pass at batch 1 and 32;
+  decoding one upload and of one forward pass at batch 1 and 32; ``handle_calls``: images/s that Ray
+  Serve carries from one replica to another through a deployment handle, one decoded image per call
+  against 8 and 32 per call (the front -> model hop of two_tier, ``ServeSettings.front_batch_size``);
 * ``--layouts`` (default: ``ServeSettings``' default layout, ``single``; ``two_tier,single`` for both):
   all of the above (but the fault test) for each layout of the app (``ServeSettings.layout``), same
-  images, same run, under ``layouts[<layout>]``; the first layout's numbers are also the top-level
+  images, same run, under ``layouts[<layout>]`` (``two_tier_per_image``: two_tier with one call per image
+  from a front to the model, ``front_batch_size=1``); the first layout's numbers are also the top-level
   ``batching_off`` / ``batching_on`` / ``concurrency`` / ``batching_gain``. The single layout runs
   with ``ServeSettings``' auto replicas, GPU share and CPUs (on one GPU with 16 cores: 4 replicas at
   0.25 GPU and 3 CPUs each) unless ``--single-replicas`` / ``--single-cpus`` say otherwise; what it
@@ -36,7 +39,7 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
   (longest time without a successful answer after the kill), the slowest request (no request may
   hang: every request either answers or hits the client timeout, request_timeout_s + 15 s).
 
-The images are the run's test split (PNG bytes as on disk), sent raw with ``Content-Type: image/png``.
+The images are the run's test split (PNG bytes: the file's own, or re-encoded when it is not a PNG), sent raw with ``Content-Type: image/png``.
 Without ``--run`` a run is trained first (the category's preset, ``--steps`` steps, ``--set`` overrides).
 Writes ``--out`` (default bench/results/serve_load.json) under ``machines[<this machine>]``, keeping
 the other machines' entries.
@@ -228,6 +231,48 @@ def http_ceiling(url_base: str, bodies: list[bytes], fronts: int, conc: list[int
         out[str(c)] = summarise(asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s)))
         print("http ceiling", c, out[str(c)], flush=True)
     serve.delete("echo")
+    return out
+
+
+def handle_calls(size: int, per_call=(1, 8, 32), concurrency: int = 8, seconds: float = 3.0) -> dict:
+    """Ray Serve's cost of carrying decoded images between two deployments, without mapl: a front replica
+    sends uint8 ``(size, size, 3)`` images to a sink replica that answers a small dict per image, one image
+    per call or ``k`` per call (a ``(k, size, size, 3)`` array), ``concurrency`` calls at a time. What
+    two_tier's fronts pay per call to the model deployment (``ServeSettings.front_batch_size``); images/s
+    keyed by images per call."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    class Sink:
+        async def many(self, images, names) -> list:
+            return [{"score": float(im[0, 0, 0]), "name": n} for im, n in zip(images, names)]
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    class Front:
+        def __init__(self, sink):
+            self.sink = sink
+
+        async def run(self, k: int, seconds: float) -> dict:
+            images = np.zeros((k, size, size, 3), np.uint8)
+            done, t_end = [0, 0], time.perf_counter() + seconds
+
+            async def worker():
+                while time.perf_counter() < t_end:
+                    await self.sink.many.remote(images, ["x"] * k)
+                    done[0] += k
+                    done[1] += 1
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall = time.perf_counter() - t0
+            return {"images_per_s": round(done[0] / wall, 1), "calls_per_s": round(done[1] / wall, 1)}
+
+    handle = serve.run(Front.bind(Sink.bind()), name="handle_calls", route_prefix=None)
+    out = {"image_size": size, "concurrency": concurrency, "seconds": seconds, "images_per_call": {}}
+    for k in per_call:
+        handle.run.remote(k, 0.5).result()  # warm-up
+        out["images_per_call"][str(k)] = handle.run.remote(k, seconds).result()
+    serve.delete("handle_calls")
     return out
 
 
@@ -730,6 +775,8 @@ def main(argv=None) -> int:
         entry["settings"]["layouts"][lay] = {**{k: getattr(r, k) for k in shown}, "auto": auto}
     entry["stages"] = stage_costs(run, bodies, args.batch_on, memory_banks=args.memory_banks)
     print("stages", entry["stages"], flush=True)
+    entry["handle_calls"] = handle_calls(cfg.data.image_size)
+    print("handle calls", entry["handle_calls"], flush=True)
     save()
     if args.http_ceiling or args.only_ceiling:
         entry["http_ceiling"] = http_ceiling(base, bodies, two_tier.ingress_replicas, conc, args, timeout_s)

@@ -143,9 +143,9 @@ class ServeSettings:
         front_batch_size: ``two_tier`` only: most images a front replica sends to the model deployment in
             one call (its own ``@serve.batch`` of the images it decoded, what queued while its previous
             call ran); the model replica batches the images of all fronts' calls again into its forward
-            passes. A call between processes costs the model replica more CPU than a small batch costs
-            the GPU (about 7 ms per call of one 256 px image on the 2-core test machine, against 0.4 ms
-            per image in calls of 32), so one call per image bounds the whole application. None (auto):
+            passes. Each call between processes costs CPU on both sides, more than a small batch costs
+            the GPU: one image per call carried 17x fewer images/s than 32 per call on the 2-core test
+            machine (``bench/serve_load.py``, ``handle_calls``; docs/serving.md). None (auto):
             ``max_batch_size``; 1: one call per image.
         max_ongoing_requests: images a model replica holds at once (waiting in its batch queue, in
             the forward pass); None: ``max(32, 2 * max_batch_size)``, so one batch fills while
