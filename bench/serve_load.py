@@ -640,8 +640,26 @@ def main(argv=None) -> int:
         help="also drive the batching-on app on its ingress replicas' own HTTP ports (direct ingress), past the proxy",
     )
     p.add_argument("--memory-banks", type=int, help="serve with the first N of the run's memory banks (no retraining)")
+    p.add_argument(
+        "--only-handle-calls",
+        action="store_true",
+        help="measure handle_calls alone (no run, no HTTP) at --image-size and write it to --out",
+    )
     p.add_argument("--out", default=str(HERE / "results" / "serve_load.json"))
     args = p.parse_args(argv)
+    if args.only_handle_calls:
+        from mapl_ray.pipelines.ray_env import init_ray
+
+        key, minfo = machine_key()
+        init_ray()
+        result = {
+            "machine": {"name": key, **minfo},
+            "command": "python bench/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "handle_calls": handle_calls(args.image_size),
+        }
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["handle_calls"]), f"\nwrote {args.out}")
+        return 0
     try:  # checked before any load runs: a bad value would otherwise surface after the load steps
         args.fault_replica_counts = [int(x) for x in args.fault_replicas.split(",") if x.strip()]
     except ValueError:

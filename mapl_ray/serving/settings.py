@@ -144,8 +144,8 @@ class ServeSettings:
             one call (its own ``@serve.batch`` of the images it decoded, what queued while its previous
             call ran); the model replica batches the images of all fronts' calls again into its forward
             passes. Each call between processes costs CPU on both sides, more than a small batch costs
-            the GPU: one image per call carried 17x fewer images/s than 32 per call on the 2-core test
-            machine (``bench/serve_load.py``, ``handle_calls``; docs/serving.md). None (auto):
+            the GPU: one image per call carried about 20x fewer images/s than 32 per call on the 2-core
+            test machine (``bench/results/serve_handle_calls.json``; docs/serving.md). None (auto):
             ``max_batch_size``; 1: one call per image.
         max_ongoing_requests: images a model replica holds at once (waiting in its batch queue, in
             the forward pass); None: ``max(32, 2 * max_batch_size)``, so one batch fills while
