@@ -285,23 +285,17 @@ class Scorer:
 
     async def predict_many(self, images: np.ndarray, names: list, want_maps: list) -> list:
         """A front's batch: uint8 ``(N, S, S, 3)`` images, their names and whether each wants its map ->
-        ``N`` answers as :meth:`predict`'s, in order. The images join the same ``@serve.batch`` queue as
+        ``N`` answers of :meth:`predict`, in order. The images join the same ``@serve.batch`` queue as
         every other call's, so the images of several fronts share forward passes.
 
         Raises:
-            ValueError: ``images`` is not uint8 ``(N, S, S, 3)`` or the lists are not ``N`` long (a caller
+            ValueError: the lists are not ``N`` long, or an image is not uint8 ``(S, S, 3)`` (a caller
                 bug, not a user's input).
         """
-        size = self.pred.image_size
         n = len(images)
-        if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or len(names) != n or len(want_maps) != n:
-            raise ValueError(
-                f"expected uint8 (N, {size}, {size}, 3) images with N names and N map flags, got {images.dtype} "
-                f"{images.shape}, {len(names)} names, {len(want_maps)} flags"
-            )
-        outs = await asyncio.gather(*(self._score((images[i], names[i], bool(want_maps[i]))) for i in range(n)))
-        facts = {"threshold": self.pred.threshold, "q_weight": self.pred.q_weight, "model_version": self.version}
-        return [{"record": record, "map": amap, **facts} for record, amap in outs]
+        if len(names) != n or len(want_maps) != n:
+            raise ValueError(f"expected {n} names and {n} map flags for {n} images, got {len(names)}, {len(want_maps)}")
+        return list(await asyncio.gather(*(self.predict(images[i], names[i], bool(want_maps[i])) for i in range(n))))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
@@ -347,10 +341,12 @@ class Ingress:
         self.scorer = scorer
         # single layout: the model in this process; images held here (decoding, batch queue, forward pass)
         self.model = Scorer.func_or_class(settings) if scorer is None else None
+        # two_tier: the images this front decoded meanwhile go to the model deployment in one call
+        self._front_batches = scorer is not None and self.s.front_batch_size > 1
         # images held here are bounded where they wait in this process: the single layout's batch queue,
         # or two_tier's front batches (one call per image leaves the bound to Serve's router)
-        self._bounded = scorer is None or self.s.front_batch_size > 1
-        if scorer is not None and self.s.front_batch_size > 1:
+        self._bounded = scorer is None or self._front_batches
+        if self._front_batches:
             self._remote_batch.set_max_batch_size(self.s.front_batch_size)
             self._remote_batch.set_batch_wait_timeout_s(0.0)  # what queued while the previous call ran
         self._held = 0
@@ -513,7 +509,7 @@ class Ingress:
                 )
             except asyncio.TimeoutError:
                 raise self._timeout(False) from None
-        elif self.s.front_batch_size > 1:
+        elif self._front_batches:
             out = await self._remote_batch((d.image, name, want_map, deadline))
         else:
             out = await self._remote_predict(self.scorer.predict, (d.image, name, want_map), deadline)
