@@ -92,6 +92,27 @@ def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "c
     return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def to_host(
+    tensors: dict[str, torch.Tensor], stream: torch.cuda.Stream | None = None
+) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Host copies of ``tensors`` (any shapes and dtypes).
+
+    With ``stream`` (their CUDA stream, current when called) the copies go into pinned memory, queued on it
+    without waiting: the returned event marks them complete (``event.synchronize()`` before reading them; it
+    releases the GIL). Without, they are made now (a device sync on CUDA; CPU tensors are returned as they are)
+    and the event is None.
+    """
+    if stream is None:
+        return {k: v.cpu() for k, v in tensors.items()}, None
+    host = {}
+    for k, v in tensors.items():
+        host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        host[k].copy_(v, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    return host, ready
+
+
 def pad_rows(x: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
     """``x`` (numpy array or tensor, rows first) padded to ``size`` rows with copies of its last row; ``x``
     itself when it has ``size`` rows or more (or none).

@@ -17,6 +17,7 @@ SCREW = DATA_ROOT / "mvtec_ad" / "screw"
 TEXTURES = DATA_ROOT / "dtd_subset" / "images"
 
 needs_data = pytest.mark.skipif(not SCREW.is_dir(), reason=f"real data not found at {SCREW} (set MAPL_DATA)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def pytest_report_header(config):

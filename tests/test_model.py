@@ -12,7 +12,7 @@ from mapl_ray.model import MAPLModel, MemoryBank, WeightsError, build_encoder, f
 from mapl_ray.model.anomaly_map import image_scores
 from mapl_ray.model.encoder import map_state_dict_by_order
 from mapl_ray.model.losses import compute_losses
-from mapl_ray.model.memory import flatten_levels, resolve_backend
+from mapl_ray.model.memory import faiss_available, flatten_levels, resolve_backend
 from mapl_ray.tensors import pad_rows, use_native_depthwise
 
 
@@ -344,3 +344,47 @@ def test_native_depthwise_switches_only_the_depthwise_convolutions_and_keeps_wei
     assert use_native_depthwise(enc) == len(depthwise)  # a second call changes nothing
     with pytest.raises(ConfigError, match="train.depthwise_kernels"):
         Config().override({"train.depthwise_kernels": "fast"}).validate()
+
+
+def test_weight_snapshot_holds_the_weights_of_its_call_in_one_set_of_tensors_until_a_bank_refill():
+    """The refit features read a WeightSnapshot while training moves the live weights (mapl_ray.model.snapshot)."""
+    import copy
+
+    from mapl_ray.model.snapshot import WeightSnapshot
+
+    faiss_ok = faiss_available()[0]
+    torch.manual_seed(0)
+    model = MAPLModel(build_encoder("mapl"), memory_backend="faiss" if faiss_ok else "torch")
+    model.refresh_memory(torch.rand(4, 3, 64, 64))
+    x = torch.rand(3, 3, 64, 64)
+
+    def live_logits() -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            out = model(x)["logits"]
+        model.train()
+        return out
+
+    model.train()
+    before = live_logits()  # (the FAISS search index is built here: the copy must leave it behind)
+    snap = WeightSnapshot()
+    shot = snap.of(model)
+    assert shot is not model and not shot.training and model.training and snap.rebuilds == 1
+    assert not any(p.requires_grad for p in shot.parameters())
+    storage = [t.data_ptr() for t in shot.state_dict().values()]
+    with torch.no_grad():
+        assert torch.equal(shot(x)["logits"], before)
+        for p in model.decoder.parameters():  # a training step moves the live weights in place ...
+            p.mul_(1.5)
+        assert torch.equal(shot(x)["logits"], before)  # ... the snapshot keeps those of its call
+        moved = live_logits()
+        assert not torch.equal(moved, before)
+        assert snap.of(model) is shot and snap.rebuilds == 1  # refreshed in place: same tensors
+        assert [t.data_ptr() for t in shot.state_dict().values()] == storage
+        assert torch.equal(shot(x)["logits"], moved)
+        model.refresh_memory(torch.rand(5, 3, 64, 64))  # a refilled bank (new shapes): a new copy
+        refilled = live_logits()
+        again = snap.of(model)
+        assert again is not shot and snap.rebuilds == 2 and torch.equal(again(x)["logits"], refilled)
+    if faiss_ok:  # a FAISS index cannot be copied: the copy builds its own
+        assert copy.deepcopy(model.memory)._index is None and model.memory._index is not None

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import needs_data, tiny_config
+from conftest import needs_cuda, needs_data, tiny_config
 
 from mapl_ray.config import Config
 from mapl_ray.data.batches import BatchMaker
@@ -463,10 +463,51 @@ def test_gated_pool_images_never_enter_the_normal_stream_whatever_the_occs_vote(
     if not gate:
         assert (labels == 0).all() and "gate_vetoed" not in stats
         return
-    table = lab._knn[0]
+    table = lab._knn[0].cpu().numpy()
     expected, cut = normal_gate(table[: len(normals)], table[len(normals) :])
     assert {2, 5} <= set(np.flatnonzero(expected).tolist())  # the defects' patches are beyond the labeled ones'
     assert expected.sum() < len(pool)  # ... while normal pool images pass
     assert np.array_equal(labels == -1, expected) and (labels[~expected] == 0).all()
     assert stats["gate_vetoed"] == int(expected.sum()) and stats["gate_cut"] == cut
     assert not set(np.flatnonzero(expected) + len(normals)) & set(normal_rows(data, labels).tolist())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_does_before_the_fit_ends(device):
+    """start_fit returns before its features are on the host (on CUDA they run on a stream of their own beside
+    the next steps); the steps that follow move the live weights in place, the features must not see it."""
+    data, _ = pool_data()
+    cfg = small_cfg(
+        **{
+            "model.encoder": "tf_efficientnet_lite0",
+            "model.pretrained": False,
+            "model.decoder_channels": "16,16,16,16",
+            "model.head_hidden": 8,
+            "model.memory_backend": "torch",
+            "pseudo.features": "map",
+            "pseudo.pool_size": 4,
+            "pseudo.num_occs": 1,
+        }
+    )
+    from mapl_ray.model import build_model
+
+    dev = torch.device(device)
+    model = build_model(cfg).to(dev)
+    model.refresh_memory(torch.rand(2, 3, 32, 32, device=dev))
+    model.train()
+
+    def refit(move: bool) -> tuple[np.ndarray, np.ndarray]:
+        lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), dev, cuda_graphs=device == "cuda")
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        lab.start_fit(model, 50)
+        if move:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+        _, stats = lab.finish_fit()
+        model.load_state_dict(saved)
+        assert model.training  # the refit leaves the live model's mode alone
+        return lab.history[50], lab.pool_scores
+
+    still, moved = refit(move=False), refit(move=True)
+    assert np.array_equal(still[0], moved[0]) and np.array_equal(still[1], moved[1])

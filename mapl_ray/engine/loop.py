@@ -520,7 +520,6 @@ class Trainer:
                 if pool is None and from_loader and labeler.is_refit_step(step):
                     pool = self._refit_pool(step)
                 labeler.start_fit(unwrap(net), step, pool)
-                net.train()
             if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
                 pseudo_stats = self._put_refit_in_force(times)
             times["fit"] += time.perf_counter() - t_fit

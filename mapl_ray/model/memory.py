@@ -95,6 +95,13 @@ class MemoryBank(nn.Module):
         self.register_buffer("di_scale", torch.ones(3))
         self.num_levels = 0
 
+    def __getstate__(self) -> dict:
+        """The module's state without its search caches (a FAISS index cannot be copied or pickled; the
+        flattened bank is rebuilt from the levels): a copy (``copy.deepcopy``, a pickle) rebuilds them on first use."""
+        state = super().__getstate__()
+        state.update(_index=None, _index_version=-1, _flat={}, _flat_version=-1)
+        return state
+
     @property
     def generation(self) -> int:
         """Host-side counter that changes whenever the bank's contents change (set, load, broadcast)."""

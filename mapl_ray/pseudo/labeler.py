@@ -9,8 +9,9 @@ whose thresholds land badly cannot empty the normal stream (seen on screw with 6
 refits alternated between 323 and 4 pool images labeled normal). Those labels steer the batches (:class:`~mapl_ray.data.batches.BatchMaker`)
 from ``pseudo.label_lag`` steps after the refit on: a fixed lag, longer than loader processes
 prepare batches ahead, so a batch does not depend on their number, and a resumed run draws the same
-batches. A refit's OCCs fit beside training (:meth:`PseudoLabeler.start_fit`: features now, the fit in a
-thread whose K OCC fits go through ``fit_map``, Ray tasks under Ray): the step goes on with the previous
+batches. A refit's OCCs fit beside training (:meth:`PseudoLabeler.start_fit`: features of the model as it
+is at the refit, on a CUDA stream of their own beside the next steps, then the fit in a thread whose K OCC
+fits go through ``fit_map``, Ray tasks under Ray): the step goes on with the previous
 ensemble and labels, and the new ones take over exactly ``pseudo.fit_overlap_steps`` steps after the refit
 (the step waits there if the fit is not done), so the labels are at most that many steps stale and a run
 does not depend on how fast its fits are. In the step, :meth:`PseudoLabeler.predict` labels the batch's simulated images on the device
@@ -34,6 +35,7 @@ and the labeled normals say how far a normal patch may be.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +49,8 @@ from ..data.batches import BatchMaker
 from ..data.train_data import TrainData, initial_pool_labels
 from ..model import MAPLModel
 from ..model.graphs import GraphedForward
-from ..tensors import autocast_context, pad_rows, to_tensor
+from ..model.snapshot import WeightSnapshot
+from ..tensors import autocast_context, pad_rows, to_host, to_tensor
 from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
@@ -338,14 +341,14 @@ class PseudoLabeler:
         self._graph_model: MAPLModel | None = None
         #: the refit in progress: (its step, streamed pool, future of (ensemble, raw pool labels))
         self.pending: tuple[int, bool, Future] | None = None
-        #: pseudo.normal_gate: the pending refit's pool images that may not be labeled normal, and the cut
-        self.pending_veto: np.ndarray | None = None
-        self.gate_cut: float | None = None
+        #: what the refits' features read (:meth:`start_fit`) and, on CUDA, the stream they run on
+        self._snapshot = WeightSnapshot()
+        self._stream: torch.cuda.Stream | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
-        #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached
-        self._knn: tuple[np.ndarray, torch.Tensor] | None = None
+        #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached on the device
+        self._knn: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fitted_step = -1
         #: the ensemble in force on ``device``, in tensors refilled in place at each refit (a captured
         #: training step reads them); ``params_generation`` counts their re-allocations (new shapes)
@@ -396,6 +399,10 @@ class PseudoLabeler:
             )
         key = tuple(bank.generation for bank in model.banks)
         b, out = self.cfg.pseudo.feature_batch_size or self.bm.step_images, []
+        if self.device.type == "cuda":
+            # one upload: a copy from pageable memory waits for the stream's queued work, so one per batch would
+            # hold this thread until each batch's pass is done (the passes would not run beside training)
+            images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         for i in range(0, len(images), b):
             chunk = images[i : i + b]
             n = len(chunk)
@@ -408,40 +415,49 @@ class PseudoLabeler:
         with autocast_context(self.device, self.cfg.train.amp, cache_enabled=cache):
             return fn(x).float()
 
-    def features(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
-        """OCC features of uint8 images ``(N, H, W, 3)`` (eval mode, :meth:`_batched`): float32 ``(N, D)``."""
+    def _feature_tensor(self, model: MAPLModel, images: np.ndarray) -> torch.Tensor:
+        """OCC features of uint8 images ``(N, H, W, 3)`` (``model`` in eval mode, :meth:`_batched`): float32
+        ``(N, D)`` on the device, queued on the current stream."""
         kind = self.kind
         if kind == "pooled":
-            return self._batched(images, model, kind, model.pooled_features).cpu().numpy()
-        return self._batched(images, model, kind, lambda x: features_from_output(model(x), kind)).cpu().numpy()
+            return self._batched(images, model, kind, model.pooled_features)
+        return self._batched(images, model, kind, lambda x: features_from_output(model(x), kind))
+
+    def features(self, model: MAPLModel, images: np.ndarray) -> np.ndarray:
+        """OCC features of uint8 images ``(N, H, W, 3)`` (``model`` in eval mode): float32 ``(N, D)``."""
+        return self._feature_tensor(model, images).cpu().numpy()
 
     def _patches(self, model: MAPLModel, images: np.ndarray) -> torch.Tensor:
         """:func:`~mapl_ray.pseudo.patch_knn.patch_embeddings` of uint8 images ``(N, H, W, 3)`` on the device."""
         return self._batched(images, model, "patches", lambda x: patch_embeddings(model.encode(x)))
 
     def _knn_features(
-        self, model: MAPLModel, step: int, pool: dict[str, Any], pos_images: np.ndarray, unl: np.ndarray, streamed: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``pseudo.features=knn``: :func:`~mapl_ray.pseudo.patch_knn.image_statistics` ``(., 3)`` of the refit's
-        normals, positives and unlabeled images. The labeled normals and the unlabeled images are scored
-        leave-fold-out against each other's patches (their rows are the normal-source rows of
-        :meth:`BatchMaker.pool`'s ``normal_idx``); positives against patches of all of them. With a frozen
-        encoder and an in-memory pool the table and reference are computed once per run (without a pool the
-        simulated stand-ins change per refit)."""
+        self, model: MAPLModel, step: int, pos_images: np.ndarray, unl: np.ndarray, streamed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pseudo.features=knn``: :func:`~mapl_ray.pseudo.patch_knn.image_statistics` ``(., 3)`` on the device
+        of the normal-source images (labeled normals, then the unlabeled images ``unl``) and of the positives.
+        The labeled normals and the unlabeled images are scored leave-fold-out against each other's patches;
+        positives against patches of all of them. With a frozen encoder and an in-memory pool the table and
+        reference are computed once per run (without a pool the simulated stand-ins change per refit)."""
         d, p = self.bm.data, self.cfg.pseudo
         if self._knn is None or streamed or not model.freeze_encoder or not d.pool_size:
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + (0 if model.freeze_encoder else step))
             patches = self._patches(model, np.concatenate([d.normals, unl]) if len(d.normals) else unl)
             dist, ref = leave_fold_out_distances(patches, min(p.knn_folds, len(patches)), p.knn_reference, gen)
             del patches
-            self._knn = (image_statistics(dist).cpu().numpy(), ref)
+            self._knn = (image_statistics(dist), ref)
         table, ref = self._knn
         pos = self._patches(model, pos_images)
         dist = nearest_distances(pos.reshape(-1, pos.shape[-1]), ref).reshape(pos.shape[:2])
-        normal_idx = np.asarray(pool["normal_idx"])
-        if streamed:  # the table holds the labeled normals and this refit's sample only
-            normal_idx = normal_idx[normal_idx < len(d.normals)]
-        return table[normal_idx], image_statistics(dist).cpu().numpy(), table[len(d.normals) :]
+        return table, image_statistics(dist)
+
+    def _feature_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream of the refits' feature passes (created once), None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> dict[str, Any]:
         """Refit the ensemble and label the pool now (:meth:`start_fit`, then :meth:`finish_fit` waiting
@@ -450,9 +466,14 @@ class PseudoLabeler:
         return self.finish_fit()[1]
 
     def start_fit(self, model: MAPLModel, step: int, pool: dict[str, Any] | None = None) -> None:
-        """Begin the refit of ``step``: the OCC features now (with ``model`` as it is), the ensemble's fit
-        in a background thread (its K OCCs through ``fit_map``); :meth:`finish_fit` puts it in force.
-        Same data and seed on every worker, so every worker gets the same ensemble and labels.
+        """Begin the refit of ``step``: the OCC features of ``model`` as it is now, then the ensemble's fit in
+        a background thread (its K OCCs through ``fit_map``); :meth:`finish_fit` puts it in force. Same data
+        and seed on every worker, so every worker gets the same ensemble and labels.
+
+        The features read a :class:`~mapl_ray.model.snapshot.WeightSnapshot` of ``model`` (``model`` itself
+        is left as it is, in its mode). On CUDA their passes and the copy to the host are queued on a stream
+        of their own and this call returns without waiting for them: they run beside the next training steps,
+        which move the live weights, not the snapshot's; the fit's thread waits for them.
 
         ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader process prepared it ahead; drawn here
         otherwise. A pool with ``unlabeled`` images (a streamed pool, :mod:`mapl_ray.pipelines.ray_data`)
@@ -476,30 +497,45 @@ class PseudoLabeler:
             unl_images = np.asarray(pool["unlabeled"])
         else:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
-        was = model.training
-        model.eval()
-        veto = None
-        if self.kind == "knn":
-            normals, positives, unlabeled = self._knn_features(model, step, pool, pos_images, unl_images, streamed)
-            if p.normal_gate:
-                veto, self.gate_cut = normal_gate(self._knn[0][: len(d.normals)], unlabeled)
-        else:
-            normals = self.features(model, d.source_images(np.asarray(pool["normal_idx"])))
-            positives = self.features(model, pos_images)
-            unlabeled = self.features(model, unl_images)
-        model.train(was)
+        normal_idx = np.asarray(pool["normal_idx"])
+        shadow = self._snapshot.of(model)
+        stream = self._feature_stream()
+        if stream is not None:  # the snapshot's copy, queued on the training stream, comes first
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if self.kind == "knn":
+                table, positives = self._knn_features(shadow, step, pos_images, unl_images, streamed)
+                parts = {"table": table, "positives": positives}
+            else:
+                parts = {
+                    "normals": self._feature_tensor(shadow, d.source_images(normal_idx)),
+                    "positives": self._feature_tensor(shadow, pos_images),
+                    "unlabeled": self._feature_tensor(shadow, unl_images),
+                }
+            host, ready = to_host(parts, stream)
+        n_labeled, gate = len(d.normals), p.normal_gate and self.kind == "knn"
+        if streamed:  # the table holds the labeled normals and this refit's sample only
+            normal_idx = normal_idx[normal_idx < n_labeled]
 
-        def fit() -> tuple[OCCEnsemble, np.ndarray, np.ndarray]:
+        def fit() -> tuple[OCCEnsemble, np.ndarray, np.ndarray, np.ndarray | None, float | None]:
+            if ready is not None:
+                ready.synchronize()
+            arrays = {k: v.numpy() for k, v in host.items()}
+            if "table" in arrays:
+                table = arrays["table"]
+                normals, positives, unlabeled = table[normal_idx], arrays["positives"], table[n_labeled:]
+            else:
+                normals, positives, unlabeled = arrays["normals"], arrays["positives"], arrays["unlabeled"]
+            veto, cut = normal_gate(arrays["table"][:n_labeled], unlabeled) if gate else (None, None)
             ens = OCCEnsemble(self.occ_cfg).fit(normals, unlabeled, positives, map_fn=self.fit_map)
             s = ens.scores(unlabeled)
             # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
             z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-12)
-            return ens, ens.vote(s), z.mean(0)
+            return ens, ens.vote(s), z.mean(0), veto, cut
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
         self.pending = (step, streamed, self._executor.submit(fit))
-        self.pending_veto = veto
 
     def fit_due(self, step: int) -> bool:
         """A pending refit takes over at this step: :func:`fit_overlap` steps after it."""
@@ -518,8 +554,7 @@ class PseudoLabeler:
             raise RuntimeError("no refit is pending")
         step, streamed, future = self.pending
         self.pending = None
-        ensemble, raw, scores = future.result()
-        veto = self.pending_veto
+        ensemble, raw, scores, veto, cut = future.result()
         if veto is not None:  # pseudo.normal_gate: no normal vote for a vetoed image
             raw[veto & (raw == 0)] = -1
         self.use_ensemble(ensemble, step)
@@ -535,7 +570,7 @@ class PseudoLabeler:
         stats = {
             "refit_step": step,
             "refit_unknown": int((raw == -1).sum()),
-            **({"gate_vetoed": int(veto.sum()), "gate_cut": self.gate_cut} if veto is not None else {}),
+            **({"gate_vetoed": int(veto.sum()), "gate_cut": cut} if veto is not None else {}),
             **label_quality(labels, d.unlabeled_truth, d.pool_canaries, scores),
         }
         return step, stats

@@ -1,0 +1,63 @@
+"""A frozen copy of a model's weights that passes beside training read while the optimizer moves the original.
+
+The pseudo-labeler's refit features are computed with the model *as it is at the refit step*
+(:meth:`~mapl_ray.pseudo.labeler.PseudoLabeler.start_fit`). On a CUDA device they run on a stream of their own,
+overlapping the next training steps, so they cannot read the live weights, which those steps update in place:
+they read a :class:`WeightSnapshot`, refreshed at each refit by one fused device copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .network import MAPLModel
+
+
+class WeightSnapshot:
+    """A second instance of a model (eval mode, no gradients) whose tensors follow the original on demand.
+
+    :meth:`of` copies every parameter and buffer of the live model into the snapshot's own tensors
+    (``torch._foreach_copy_``, ordered on the current stream after the work already queued there), so the
+    snapshot keeps one set of storages: a CUDA graph captured on it stays valid from one refit to the next.
+    When the live model's tensors changed shape or a memory bank was refilled (its ``generation``), the
+    snapshot is copied whole again (``copy.deepcopy``; search indexes are rebuilt on first use,
+    :meth:`~mapl_ray.model.memory.MemoryBank.__getstate__`), and :attr:`rebuilds` counts it.
+    """
+
+    def __init__(self) -> None:
+        self.model: MAPLModel | None = None
+        self.rebuilds = 0
+        self._signature: list | None = None
+        self._tensors: list[torch.Tensor] = []
+
+    @staticmethod
+    def _signature_of(model: MAPLModel, state: dict[str, torch.Tensor]) -> list:
+        return [(k, v.shape, v.dtype, v.device) for k, v in state.items()] + [b.generation for b in model.banks]
+
+    @torch.no_grad()
+    def of(self, model: MAPLModel) -> MAPLModel:
+        """The snapshot holding ``model``'s weights, buffers and memory banks as they are now (eval mode).
+
+        Args:
+            model: the live model (unwrapped from DDP), on any device.
+
+        Returns:
+            the snapshot model: the same object from call to call unless a shape or a memory bank changed.
+        """
+        state = model.state_dict()
+        signature = self._signature_of(model, state)
+        if self.model is None or signature != self._signature:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            for param in self.model.parameters():
+                param.grad = None
+            self._tensors = list(self.model.state_dict().values())
+            self._signature = signature
+            self.rebuilds += 1
+        else:
+            torch._foreach_copy_(self._tensors, list(state.values()))
+        return self.model
+
+
+__all__ = ["WeightSnapshot"]
