@@ -339,7 +339,7 @@ class PseudoLabeler:
         #: the refits' feature passes as CUDA graphs, by feature kind (:meth:`_batched`)
         self._graphs: dict[str, GraphedForward] = {}
         self._graph_model: MAPLModel | None = None
-        #: the refit in progress: (its step, streamed pool, future of (ensemble, raw pool labels))
+        #: the refit in progress: (its step, streamed pool, future of the fit's results, :meth:`start_fit`)
         self.pending: tuple[int, bool, Future] | None = None
         #: what the refits' features read (:meth:`start_fit`) and, on CUDA, the stream they run on
         self._snapshot = WeightSnapshot()
@@ -400,9 +400,9 @@ class PseudoLabeler:
         key = tuple(bank.generation for bank in model.banks)
         b, out = self.cfg.pseudo.feature_batch_size or self.bm.step_images, []
         if self.device.type == "cuda":
-            # one upload: a copy from pageable memory waits for the stream's queued work, so one per batch would
-            # hold this thread until each batch's pass is done (the passes would not run beside training)
-            images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+            # one upload from pinned memory: a copy from pageable memory waits for the stream's queued work (the
+            # passes queued before it), which would hold this thread instead of letting them run beside training
+            images = torch.from_numpy(np.ascontiguousarray(images)).pin_memory().to(self.device, non_blocking=True)
         for i in range(0, len(images), b):
             chunk = images[i : i + b]
             n = len(chunk)
