@@ -14,7 +14,11 @@ from mapl_ray.config import Config
 
 DATA_ROOT = Path(os.environ.get("MAPL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SCREW = DATA_ROOT / "mvtec_ad" / "screw"
-TEXTURES = DATA_ROOT / "dtd_subset" / "images"
+# the GPU machine's copy (bench/gpu_payload.py) carries the DTD textures resized, as dtd256
+TEXTURES = next(
+    (t for t in (DATA_ROOT / "dtd_subset" / "images", DATA_ROOT / "dtd256") if t.is_dir()),
+    DATA_ROOT / "dtd_subset" / "images",
+)
 
 needs_data = pytest.mark.skipif(not SCREW.is_dir(), reason=f"real data not found at {SCREW} (set MAPL_DATA)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
