@@ -504,7 +504,7 @@ def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_do
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p))
-        _, stats = lab.finish_fit()
+        lab.finish_fit()
         model.load_state_dict(saved)
         assert model.training  # the refit leaves the live model's mode alone
         return lab.history[50], lab.pool_scores
