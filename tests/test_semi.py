@@ -437,6 +437,22 @@ def test_training_from_unlabeled_images_alone(small_root, tmp_path, caplog):
     assert len(rows) == 10 and {r["pseudo_label"] for r in rows} <= {"anomalous", "normal", "unknown"}
 
 
+@needs_data
+def test_a_pool_of_unreadable_images_skipped_whole_is_said_to_be_gone(small_root, tmp_path, caplog):
+    from mapl_ray.data.train_data import load_train_data
+    from mapl_ray.main_job import prepare_run
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "empty.png").write_bytes(b"")
+    (pool / "text.png").write_text("not an image")
+    cfg = tiny_config(small_root, **{"data.unlabeled_dir": str(pool), "data.skip_bad_images": True})
+    with caplog.at_level("WARNING"):
+        data, _, info = load_train_data(cfg, prepare_run(cfg, tmp_path / "run"))
+    assert data.pool_size == 0 and info["unlabeled"] == 0 and len(info["skipped_images"]) == 2
+    assert "none of the 2 unlabeled images could be read" in caplog.text
+
+
 def test_normal_gate_vetoes_pool_images_whose_farthest_patch_is_beyond_every_labeled_normals():
     labeled = np.array([[1.0, 0.5, 0.2], [2.0, 0.6, 0.3]])
     pool = np.array([[1.5, 9.0, 9.0], [2.5, 0.1, 0.1], [2.0, 0.1, 0.1]])

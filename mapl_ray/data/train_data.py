@@ -300,6 +300,12 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
         )
     train_anom = None if anom is None else np.setdiff1d(np.arange(len(anom.images)), held)
     pool = None if unl is None or not len(unl.images) else unl.images
+    if split.unlabeled and pool is None:  # data.skip_bad_images skipped every one of them
+        log.warning(
+            "none of the %d unlabeled images could be read (data_info.json: skipped_images): training without an "
+            "unlabeled pool",
+            len(split.unlabeled),
+        )
     if not len(keep) and pool is None:
         raise ValueError("no labeled normal image and no unlabeled image to train on")
     canaries, pool_paths = None, []
