@@ -12,18 +12,20 @@ import copy
 
 import torch
 
+from .memory import MemoryBank
 from .network import MAPLModel
 
 
 class WeightSnapshot:
     """A second instance of a model (eval mode, no gradients) whose tensors follow the original on demand.
 
-    :meth:`of` copies every parameter and buffer of the live model into the snapshot's own tensors
-    (``torch._foreach_copy_``, ordered on the current stream after the work already queued there), so the
-    snapshot keeps one set of storages: a CUDA graph captured on it stays valid from one refit to the next.
-    When the live model's tensors changed shape or a memory bank was refilled (its ``generation``), the
-    snapshot is copied whole again (``copy.deepcopy``; search indexes are rebuilt on first use,
-    :meth:`~mapl_ray.model.memory.MemoryBank.__getstate__`), and :attr:`rebuilds` counts it.
+    :meth:`of` copies every parameter and buffer of the live model but the memory banks' into the snapshot's
+    own tensors (``torch._foreach_copy_``, ordered on the current stream after the work already queued there),
+    so the snapshot keeps one set of storages: a CUDA graph captured on it stays valid from one refit to the
+    next. The banks (most of the model's memory) change only with their ``generation``: when one was refilled,
+    or the live model's tensors changed shape, the snapshot is copied whole again (``copy.deepcopy``; search
+    indexes are rebuilt on first use, :meth:`~mapl_ray.model.memory.MemoryBank.__getstate__`), and
+    :attr:`rebuilds` counts it.
     """
 
     def __init__(self) -> None:
@@ -48,15 +50,16 @@ class WeightSnapshot:
         """
         state = model.state_dict()
         signature = self._signature_of(model, state)
+        banks = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MemoryBank))
         if self.model is None or signature != self._signature:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
             for param in self.model.parameters():
                 param.grad = None
-            self._tensors = list(self.model.state_dict().values())
+            self._tensors = [v for k, v in self.model.state_dict().items() if not k.startswith(banks)]
             self._signature = signature
             self.rebuilds += 1
         else:
-            torch._foreach_copy_(self._tensors, list(state.values()))
+            torch._foreach_copy_(self._tensors, [v for k, v in state.items() if not k.startswith(banks)])
         return self.model
 
 
