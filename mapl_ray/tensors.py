@@ -108,7 +108,7 @@ def to_host(
     for k, v in tensors.items():
         host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
         host[k].copy_(v, non_blocking=True)
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event(blocking=True)  # its waiter sleeps instead of spinning on a CPU core
     ready.record(stream)
     return host, ready
 
