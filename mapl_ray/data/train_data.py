@@ -299,13 +299,7 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
             [r.path for r in split.test],
         )
     train_anom = None if anom is None else np.setdiff1d(np.arange(len(anom.images)), held)
-    pool = None if unl is None or not len(unl.images) else unl.images
-    if split.unlabeled and pool is None:  # data.skip_bad_images skipped every one of them
-        log.warning(
-            "none of the %d unlabeled images could be read (data_info.json: skipped_images): training without an "
-            "unlabeled pool",
-            len(split.unlabeled),
-        )
+    pool = _pool_images(split, unl)
     if not len(keep) and pool is None:
         raise ValueError("no labeled normal image and no unlabeled image to train on")
     canaries, pool_paths = None, []
@@ -344,6 +338,19 @@ def load_train_data(cfg: Config, split: Split) -> tuple[TrainData, ValidationSet
     }
     _note_poses(cfg, info, align, [normals, unl, anom])
     return data, vset, info
+
+
+def _pool_images(split: Split, unl: LoadedImages | None) -> np.ndarray | None:
+    """The unlabeled pool's uint8 images ``(M, H, W, 3)``, None without a pool; a warning when the split
+    lists unlabeled images but ``data.skip_bad_images`` skipped every one of them."""
+    pool = None if unl is None or not len(unl.images) else unl.images
+    if split.unlabeled and pool is None:
+        log.warning(
+            "none of the %d unlabeled images could be read (data_info.json: skipped_images): training without an "
+            "unlabeled pool",
+            len(split.unlabeled),
+        )
+    return pool
 
 
 def _presumed_normals(cfg: Config, unl: LoadedImages | None) -> LoadedImages:
