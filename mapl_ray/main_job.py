@@ -182,7 +182,8 @@ def run_train_job(
 
     Raises:
         RunFolderError, LayoutError, ConfigError, WeightsError: bad input, before anything is trained
-            (ConfigError: ``data.stream`` without Ray, ``train.storage_path`` a file).
+            (ConfigError: ``data.stream`` without Ray, ``train.storage_path`` a file, ``train.use_gpu`` on a
+            local Ray with fewer GPUs than workers: before the run folder is written).
         TrainingFailed: a training worker failed for another reason.
     """
     from .eval.evaluate import calibrate, evaluate_run
@@ -192,6 +193,12 @@ def run_train_job(
     if cfg.data.stream and not use_ray:
         raise ConfigError("data.stream (--stream) runs on Ray Data: drop --no-ray")
     _check_storage_path(cfg.train.storage_path)
+    if use_ray and cfg.train.use_gpu:  # before the run folder is written and the data loaded (seconds)
+        from .pipelines.ray_env import init_ray
+        from .pipelines.ray_train import check_gpus
+
+        init_ray(quiet=not verbose)
+        check_gpus(cfg)
     if not resume:
         cfg, foreground = with_resolved_foreground(cfg)
     split = prepare_run(cfg, run_dir, resume)

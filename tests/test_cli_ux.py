@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TEXTURES, TINY_CLI, needs_data, tiny_config
 
 from mapl_ray.cli import build_parser, main
@@ -616,15 +617,29 @@ def test_device_port_and_gpu_mistakes_are_clear_errors(tmp_path, capsys, monkeyp
         resolve_device("gpu0")
     import ray
 
-    from mapl_ray.pipelines.ray_train import _check_gpus
+    from mapl_ray.pipelines.ray_train import check_gpus
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ConfigError, match="local Ray sees 0 GPU"):
-        _check_gpus(Config().override({"train.use_gpu": True}))
-    _check_gpus(Config())  # no GPU asked for: nothing to check
+        check_gpus(Config().override({"train.use_gpu": True}))
+    check_gpus(Config())  # no GPU asked for: nothing to check
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster may autoscale GPU nodes
-    _check_gpus(Config().override({"train.use_gpu": True}))
+    check_gpus(Config().override({"train.use_gpu": True}))
+
+
+@needs_data
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_train_with_gpu_on_a_machine_without_one_stops_before_writing_the_run(
+    small_root, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run = tmp_path / "r"
+    args = ["train", "--data", str(small_root), "--category", "screw", "--out", str(run), "--gpu", *TINY]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "local Ray sees 0 GPU" in err and "Traceback" not in err
+    assert not run.exists()  # refused before the run folder is written and the data loaded
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,7 @@ def _attempt(config: dict[str, Any], rank: int, world: int) -> tuple[bool, dict[
     return config["resume"] or has_checkpoint(run_dir), {"fit": config["fit_id"]}
 
 
-def _check_gpus(cfg: Config) -> None:
+def check_gpus(cfg: Config) -> None:
     """Refuse ``train.use_gpu`` on a local Ray with fewer GPUs than workers: the trainer would wait for them
     forever. A cluster (``RAY_ADDRESS`` set, e.g. inside ``ray job submit``) may autoscale GPU nodes, so it
     is not checked. Raises ConfigError naming what is missing."""
@@ -302,7 +302,7 @@ def train_with_ray(
     n = cfg.train.num_workers
     ingest = {"datasets": stream.datasets(n), "dataset_config": stream.data_config()} if stream else {}
     log_path = run_dir / TRAIN_LOG_FILE
-    _check_gpus(cfg)
+    check_gpus(cfg)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
