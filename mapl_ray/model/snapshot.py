@@ -32,6 +32,7 @@ class WeightSnapshot:
         self.model: MAPLModel | None = None
         self.rebuilds = 0
         self._signature: list | None = None
+        self._keys: list[str] = []  # the state keys copied at each call: all but the memory banks'
         self._tensors: list[torch.Tensor] = []
 
     @staticmethod
@@ -50,16 +51,18 @@ class WeightSnapshot:
         """
         state = model.state_dict()
         signature = self._signature_of(model, state)
-        banks = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MemoryBank))
         if self.model is None or signature != self._signature:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
             for param in self.model.parameters():
                 param.grad = None
-            self._tensors = [v for k, v in self.model.state_dict().items() if not k.startswith(banks)]
+            banks = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MemoryBank))
+            self._keys = [k for k in state if not k.startswith(banks)]
+            copied = self.model.state_dict()
+            self._tensors = [copied[k] for k in self._keys]
             self._signature = signature
             self.rebuilds += 1
-        else:
-            torch._foreach_copy_(self._tensors, [v for k, v in state.items() if not k.startswith(banks)])
+        else:  # the same keys and shapes (the signature)
+            torch._foreach_copy_(self._tensors, [state[k] for k in self._keys])
         return self.model
 
 
