@@ -38,6 +38,25 @@ def pool_data(n_labeled: int = 4, pool_labels=(0, 0, 1, -1, 0, 1, -1, 0)) -> tup
     return data, labels
 
 
+#: an untrained tiny model that runs on 32 px images in well under a second
+TINY_MODEL = {
+    "model.encoder": "tf_efficientnet_lite0",
+    "model.pretrained": False,
+    "model.decoder_channels": "16,16,16,16",
+    "model.head_hidden": 8,
+}
+
+
+def tiny_model(device: torch.device, **overrides):
+    """``(config, model)``: :data:`TINY_MODEL` on 32 px images, its memory bank filled from 2 random images."""
+    from mapl_ray.model import build_model
+
+    cfg = small_cfg(**{**TINY_MODEL, **overrides})
+    model = build_model(cfg).to(device)
+    model.refresh_memory(torch.rand(2, 3, 32, 32, device=device))
+    return cfg, model
+
+
 def small_cfg(**overrides) -> Config:
     base = {
         "data.image_size": 32,
@@ -76,18 +95,8 @@ def stub_labeler(monkeypatch, data: TrainData, votes: np.ndarray, **overrides) -
         def torch_params(self, device):
             return [], torch.zeros(0, 1), torch.zeros(0, 1)
 
-    from mapl_ray.model import build_model
-
     monkeypatch.setattr(labeler_module, "OCCEnsemble", StubEnsemble)
-    tiny = {
-        "model.encoder": "tf_efficientnet_lite0",
-        "model.pretrained": False,
-        "model.decoder_channels": "16,16,16,16",
-        "model.head_hidden": 8,
-    }
-    cfg = small_cfg(**tiny, **overrides)
-    model = build_model(cfg)
-    model.refresh_memory(torch.rand(2, 3, 32, 32))
+    cfg, model = tiny_model(torch.device("cpu"), **overrides)
     return PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), torch.device("cpu")), model
 
 
@@ -493,23 +502,10 @@ def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_do
     """start_fit returns before its features are on the host (on CUDA they run on a stream of their own beside
     the next steps); the steps that follow move the live weights in place, the features must not see it."""
     data, _ = pool_data()
-    cfg = small_cfg(
-        **{
-            "model.encoder": "tf_efficientnet_lite0",
-            "model.pretrained": False,
-            "model.decoder_channels": "16,16,16,16",
-            "model.head_hidden": 8,
-            "model.memory_backend": "torch",
-            "pseudo.features": "map",
-            "pseudo.pool_size": 4,
-            "pseudo.num_occs": 1,
-        }
-    )
-    from mapl_ray.model import build_model
-
     dev = torch.device(device)
-    model = build_model(cfg).to(dev)
-    model.refresh_memory(torch.rand(2, 3, 32, 32, device=dev))
+    cfg, model = tiny_model(
+        dev, **{"model.memory_backend": "torch", "pseudo.features": "map", "pseudo.pool_size": 4, "pseudo.num_occs": 1}
+    )
     model.train()
 
     def refit(move: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -527,3 +523,22 @@ def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_do
 
     still, moved = refit(move=False), refit(move=True)
     assert np.array_equal(still[0], moved[0]) and np.array_equal(still[1], moved[1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_refit_features_are_the_same_whether_the_images_go_up_at_once_or_in_groups(monkeypatch, device):
+    """A large pool goes to the device in bounded uploads (``_UPLOAD_IMAGES``); the features must not change."""
+    data, _ = pool_data(pool_labels=(0,) * 11)
+    dev = torch.device(device)
+    cfg, model = tiny_model(dev, **{"model.memory_backend": "torch", "pseudo.feature_batch_size": 4})
+    model.eval()
+    images = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+
+    def features(group: int) -> np.ndarray:
+        monkeypatch.setattr(labeler_module, "_UPLOAD_IMAGES", group)
+        lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), dev, cuda_graphs=device == "cuda")
+        return lab.features(model, images)
+
+    whole, grouped = features(1024), features(4)
+    assert whole.shape[0] == 11 and np.isfinite(whole).all()
+    np.testing.assert_allclose(grouped, whole, rtol=1e-5, atol=1e-6)

@@ -55,6 +55,8 @@ from .occ import MapFn, OCCConfig, OCCEnsemble, TorchOCCParams
 from .patch_knn import image_statistics, leave_fold_out_distances, nearest_distances, patch_embeddings
 
 MAP_TOPK = (10, 100)
+#: images per upload of a refit's feature pass on CUDA (256 px: 197 KB each)
+_UPLOAD_IMAGES = 1024
 
 log = logging.getLogger("mapl_ray.pseudo")
 
@@ -399,16 +401,21 @@ class PseudoLabeler:
             )
         key = tuple(bank.generation for bank in model.banks)
         b, out = self.cfg.pseudo.feature_batch_size or self.bm.step_images, []
-        if self.device.type == "cuda":
-            # one upload from pinned memory: a copy from pageable memory waits for the stream's queued work (the
-            # passes queued before it), which would hold this thread instead of letting them run beside training
-            images = torch.from_numpy(np.ascontiguousarray(images)).pin_memory().to(self.device, non_blocking=True)
-        for i in range(0, len(images), b):
-            chunk = images[i : i + b]
-            n = len(chunk)
-            if self.device.type == "cuda":
-                chunk = pad_rows(chunk, b)
-            out.append(graphed(to_tensor(chunk, self.device), key)["y"][:n])
+        cuda = self.device.type == "cuda"
+        # on CUDA, uploads of _UPLOAD_IMAGES from pinned memory: a copy from pageable memory waits for the stream's
+        # queued work (the passes before it), which would hold this thread instead of letting them run beside
+        # training; bounded so that a large pool is not on the device all at once
+        group = b * max(1, _UPLOAD_IMAGES // b)
+        for g in range(0, len(images), group):
+            part = images[g : g + group]
+            if cuda:
+                part = torch.from_numpy(np.ascontiguousarray(part)).pin_memory().to(self.device, non_blocking=True)
+            for i in range(0, len(part), b):
+                chunk = part[i : i + b]
+                n = len(chunk)
+                if cuda:
+                    chunk = pad_rows(chunk, b)
+                out.append(graphed(to_tensor(chunk, self.device), key)["y"][:n])
         return torch.cat(out) if out else torch.zeros((0,), device=self.device)
 
     def _run(self, fn, x: torch.Tensor, cache: bool) -> torch.Tensor:
