@@ -51,6 +51,14 @@ def test_inference_does_not_import_the_training_engine():
     assert not [m for m in loaded if m.startswith(("mapl_ray.engine", "mapl_ray.pseudo.labeler"))]
 
 
+def test_inference_does_not_import_the_one_class_classifiers_libraries():
+    """Every scoring actor and Serve replica starts by importing inference: scikit-learn and scipy.stats
+    (the OCCs' and partial matching's) are a second of start-up they do not use."""
+    loaded = modules_loaded_after_import(["mapl_ray.inference"])
+    assert "mapl_ray.pseudo.patch_knn" in loaded  # the patch bank's, through the pseudo package
+    assert not [m for m in loaded if m.split(".")[0] == "sklearn" or m.startswith("scipy.stats")]
+
+
 def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines of a function without its docstring."""
     body = fn.body
