@@ -396,7 +396,8 @@ def test_score_rows_reach_their_files_in_source_order_when_ray_delivers_them_shu
 def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
     """A rerun with another --rows-per-file (or after the folder changed) splits the images into other files:
     scoring them again beside the old files would list every image twice, so it is refused; a plain rerun
-    (the same split) and a new folder are not. An --out that is a file is refused with a message."""
+    (the same split) and a new folder are not. An --out that is a file, or inside the run or the source, is
+    refused with a message."""
     from PIL import Image
 
     from mapl_ray.data.layout import LayoutError
@@ -423,6 +424,10 @@ def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
     _check_output(tmp_path / "new", run, str(src), [u.name for u in grown])
     with pytest.raises(LayoutError, match="is a file"):
         _check_output(src / "0.png", run, str(src), [u.name for u in grown])
+    run.mkdir()  # score files in the run folder, or among the source's images or shards
+    for inside, what in ((run, "the run folder"), (run / "scores", "the run folder"), (src / "out", "the source")):
+        with pytest.raises(LayoutError, match=f"is inside {what}"):
+            _check_output(inside, run, str(src), [u.name for u in grown])
 
 
 def test_score_of_a_list_with_no_readable_image_says_so(ray_local, trained_run, tmp_path, capsys):

@@ -384,6 +384,14 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
     path = out / SCORE_RUN_FILE
     if out.exists() and not out.is_dir():
         raise LayoutError(f"--out {out} is a file: give a folder for the score files")
+    where = out.resolve()
+    for folder, what in ((run.resolve(), "the run folder"), (Path(src).resolve(), "the source folder")):
+        # score files in a run clutter it; in a shards source, the next read would take them for shards
+        if (folder == where or folder in where.parents) and Path(folder).is_dir():
+            raise LayoutError(
+                f"--out {out} is inside {what} {folder}: give the score files a folder of their own "
+                "(nothing was written)"
+            )
     if path.is_file():
         had = json.loads(path.read_text())
         if {k: had.get(k) for k in want} != want:
