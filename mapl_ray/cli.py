@@ -407,7 +407,12 @@ def _add_train_run_args(t) -> None:
 
 
 def _add_run_parsers(sub) -> None:
-    e = sub.add_parser("evaluate", help="(re)compute metrics.json and report.md of a run on its test split")
+    e = sub.add_parser(
+        "evaluate",
+        help="(re)compute metrics.json and report.md of a run on its test split",
+        description="Score a trained run's test split again and rewrite its metrics.json, report.md and "
+        "scores.csv (image and pixel AUROC, AUPRO, F1-max, the decisions at the run's threshold).",
+    )
     e.add_argument("run", help="run folder written by mapl train")
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
@@ -428,7 +433,7 @@ def _add_run_parsers(sub) -> None:
     sv = sub.add_parser(
         "serve", help="serve a trained run over HTTP with Ray Serve (POST /v1/predict; docs/serving.md)"
     )
-    sv.add_argument("run")
+    sv.add_argument("run", help="run folder written by mapl train")
     sv.add_argument(
         "--host",
         default="127.0.0.1",
@@ -603,6 +608,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
         raise
 
 
+def _end_ray_workers() -> None:
+    """End this process's Ray session now: its training workers do not see a Ctrl-C and train on (writing
+    checkpoints) until it ends, so the checkpoint a stop hint names must be read after they are gone (a
+    checkpoint is swapped in whole, so one being written is either complete or absent). A second Ctrl-C
+    during the shutdown leaves the rest of it to the interpreter's exit."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except KeyboardInterrupt:
+        print("mapl train: interrupted again; the checkpoint named below may not be the last", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .main_job import run_train_job
     from .runfolder import stop_hint
@@ -619,6 +638,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet, verbose=args.verbose
         )
     except KeyboardInterrupt:
+        _end_ray_workers()
         print(f"\nmapl train: interrupted; {stop_hint(out)}", file=sys.stderr)
         return 130
     o = metrics["overall"]
@@ -704,6 +724,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """
     import numpy as np
 
+    from .data.io import DecodeLimits
     from .data.layout import ImageReadError
     from .eval.report import decision_text, heatmap_range, map_threshold, save_heatmap_overlay
     from .inference import Predictor
@@ -713,11 +734,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--heatmaps {args.heatmaps} is a file: give a folder for the heatmap PNGs")
     warn_if_unfinished(args.run)
     pred = Predictor(args.run, device=args.device)
+    limits = DecodeLimits.for_model(pred.image_size)  # mapl serve's: an image it refuses gets no score here either
     paths = expand_image_args(args.images)
     good, images, poses, failed = [], [], [], {}
     for path in paths:  # one unreadable file is reported on its own line; the others are still scored
         try:
-            image, pose = pred.load_image(path)
+            image, pose = pred.load_image(path, limits)
             images.append(image)
             poses.append(pose)
             good.append(path)
@@ -810,7 +832,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from .pipelines.ray_env import init_ray
+    from .pipelines.ray_env import init_ray, quiet_serve_reconnect_note
     from .pipelines.serve import build_app
 
     def stop(signum, frame):  # SIGTERM (kill, a job scheduler) stops cleanly like Ctrl-C, also while starting
@@ -822,6 +844,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, stop)  # again: ray.init installs its own SIGTERM handler
         app = build_app(run, **settings)
         serve.start(http_options={"host": args.host, "port": args.port})
+        quiet_serve_reconnect_note()
         serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
         print(
             f"serving {run.name} on http://{args.host}:{args.port}: POST /v1/predict (Content-Type image/png, "

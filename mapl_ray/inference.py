@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.io import load_image
+from .data.io import DecodeLimits, load_image
 from .data.pose import Pose, build_pose_estimator
 from .model import build_model, resolve_backend
 from .model.anomaly_map import anomaly_maps, fuse_maps, image_scores, tta_views
@@ -222,14 +222,16 @@ class Predictor:
         ]
         return records, res.get("maps")
 
-    def load_image(self, path: str | Path) -> tuple[np.ndarray, Pose | None]:
+    def load_image(self, path: str | Path, limits: DecodeLimits | None = None) -> tuple[np.ndarray, Pose | None]:
         """Decode ``path`` as the model expects it: uint8 ``(H, W, 3)`` at the run's size, turned into the
         object's canonical pose when the run uses ``data.align``; and that pose (None if none was applied).
+        ``limits`` (e.g. :meth:`DecodeLimits.for_model`) refuses, on the header, images it does not allow.
 
         Raises:
-            ImageReadError: a file is missing or not a readable image (names the file).
+            ImageReadError: a file is missing or not a readable image, or ``limits`` refused it (an
+                :class:`~mapl_ray.data.io.ImageLimitError`); names the file.
         """
-        return load_image(path, self.image_size, align=self.pose_estimator, return_pose=True)
+        return load_image(path, self.image_size, align=self.pose_estimator, return_pose=True, limits=limits)
 
     @staticmethod
     def to_original_frame(amap: np.ndarray, pose: Pose | None) -> np.ndarray:

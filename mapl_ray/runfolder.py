@@ -171,6 +171,8 @@ def require_run_folder(run_dir: str | Path) -> Path:
         CheckpointError: naming the folder and what is missing.
     """
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise CheckpointError(f"{run} is a file, not a run folder (expected the output folder of `mapl train`)")
     if not run.is_dir():
         raise CheckpointError(
             f"run folder {run} does not exist (expected a folder written by `mapl train --out {run}`)"

@@ -108,6 +108,29 @@ def test_predict_unreadable_image_names_file_and_scores_the_rest(trained_run, tm
     assert "1 of 2 images could not be read" in captured.err and "mapl predict: error" not in captured.err
 
 
+def test_predict_refuses_the_images_mapl_serve_refuses(trained_run, tmp_path, capsys):
+    """A 1x1 or a 4000x10 image squashed to the run's square would get a confident score: predict refuses
+    them with serve's limits (named in the error), and still scores the others."""
+    from PIL import Image
+
+    from mapl_ray.data.io import DecodeLimits
+    from mapl_ray.serving.settings import ServeSettings
+
+    served = ServeSettings(run_dir=str(trained_run)).resolve(False, 64, 2).decode_limits()
+    assert served == DecodeLimits.for_model(64)  # one set of defaults for both
+    tiny, thin = tmp_path / "tiny.png", tmp_path / "thin.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    Image.new("RGB", (4000, 10)).save(thin)
+    good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", str(trained_run), str(tiny), str(thin), str(good), "--heatmaps", str(tmp_path / "h")]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert "min_side=8" in lines[0]["error"] and "score" not in lines[0]
+    assert "max_aspect=4" in lines[1]["error"]
+    assert isinstance(lines[2]["score"], float)
+    assert "2 of 3 images could not be read" in captured.err
+
+
 def test_predict_a_folder_with_an_unreadable_image_scores_the_others(trained_run, tmp_path, capsys):
     """A folder (what a user passes most) with one broken file: every readable image is scored, the broken
     one is named with its reason on stdout and stderr, and the exit status is 0; 2 only when none was read."""
@@ -147,6 +170,9 @@ def test_predict_heatmaps_of_same_named_images_do_not_collide(trained_run, tmp_p
 def test_evaluate_and_predict_need_a_run_folder(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "does not exist (expected a folder written by `mapl train" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert main(["evaluate", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file, not a run folder" in capsys.readouterr().err
     (tmp_path / "half").mkdir()
     assert main(["predict", str(tmp_path / "half"), "x.png"]) == 2
     assert "not a trained run folder: config.yaml, checkpoint/state.json missing" in capsys.readouterr().err

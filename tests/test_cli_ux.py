@@ -374,6 +374,21 @@ def test_ray_token_note_is_dropped_but_its_security_warning_kept():
     assert f.filter(record("Token authentication is disabled for this Ray cluster. Anyone with network access"))
 
 
+def test_serves_reconnect_note_is_dropped_and_its_other_lines_kept(caplog):
+    """mapl serve calls serve.start with --host/--port, then serve.run, which notes that it "connects to the
+    existing Serve app" and applies no new HTTP options: after our own start that reads as --port ignored."""
+    from mapl_ray.pipelines.ray_env import quiet_serve_reconnect_note
+
+    quiet_serve_reconnect_note()
+    quiet_serve_reconnect_note()  # installed once
+    serve_log = logging.getLogger("ray.serve")
+    assert sum(type(f).__name__ == "_DropServeReconnectNote" for f in serve_log.filters) == 1
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        serve_log.info('Connecting to existing Serve app in namespace "serve". New http_options will not be applied.')
+        serve_log.info("Application 'mapl' is ready at http://127.0.0.1:8391/.")
+    assert [r.getMessage()[:11] for r in caplog.records] == ["Application"]
+
+
 def test_progress_follows_rank0_log(tmp_path, capsys):
     from mapl_ray.cli import setup_logging
     from mapl_ray.pipelines.ray_train import _LogFollower
@@ -542,6 +557,7 @@ def test_ray_console_is_quiet_and_ctrl_c_resumes(small_root, tmp_path):
     )
     assert rc == 130 and "interrupted; the last checkpoint is" in err, err
     step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    assert f"(step {step} of 100000)" in err, err  # the workers' last checkpoint, not one before it
     proc = _mapl("train", "--resume", "--out", str(run), "--steps", str(step + 3), **pipes)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err

@@ -143,6 +143,9 @@ def test_scan_category_missing_pieces_raise_layout_error(tmp_path: Path):
     # --data given the category folder itself: say to pass its parent
     with pytest.raises(LayoutError, match=r"widget' looks like a category folder: pass its parent as --data"):
         scan_category(cat, "widget")
+    # ... and a folder of it as the category
+    with pytest.raises(LayoutError, match=r"widget' looks like a category folder: .* and 'widget' as --category"):
+        scan_category(cat, "train")
 
 
 def test_defect_image_without_mask_is_a_layout_error(mvtec: Path):

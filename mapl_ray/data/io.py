@@ -68,6 +68,15 @@ _EXIF_ORIENTATION = 0x0112
 #: EXIF orientations that turn the image by 90 degrees (width and height swap).
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 ANIMATED_POLICIES = ("first", "refuse")
+#: the default limits of images a user sends to a trained model (``mapl serve``, ``mapl predict``)
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_ASPECT = 4.0
+
+
+def default_min_side(image_size: int) -> int:
+    """The default :attr:`DecodeLimits.min_side` for a model of ``image_size`` px: an eighth of it (at least 8),
+    below which an image would be upscaled more than 8x to be scored."""
+    return max(8, int(image_size) // 8)
 
 
 class ImageLimitError(ImageReadError):
@@ -125,6 +134,12 @@ class DecodeLimits:
             raise ValueError(f"DecodeLimits.max_aspect must be a number >= 1 or None, got {self.max_aspect!r}")
         if self.animated not in ANIMATED_POLICIES:
             raise ValueError(f"DecodeLimits.animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
+
+    @classmethod
+    def for_model(cls, image_size: int) -> DecodeLimits:
+        """The default limits for images scored by a model of ``image_size`` px (``mapl serve``'s defaults):
+        :data:`DEFAULT_MAX_PIXELS`, :func:`default_min_side`, :data:`DEFAULT_MAX_ASPECT`, first frame."""
+        return cls(DEFAULT_MAX_PIXELS, default_min_side(image_size), DEFAULT_MAX_ASPECT, "first")
 
     def check(self, name: str, width: int, height: int, frames: int = 1) -> None:
         """Raise :class:`ImageLimitError` (naming ``name`` and the limit) when a ``width`` x ``height``
@@ -346,6 +361,7 @@ def load_image(
     size: int | tuple[int, int] | None = None,
     align: Aligner | None = None,
     return_pose: bool = False,
+    limits: DecodeLimits | None = None,
 ):
     """Decode an image file to RGB.
 
@@ -356,6 +372,8 @@ def load_image(
         align: turn the image first as ``data.align`` asks (:func:`~mapl_ray.data.pose.build_pose_estimator`:
             the object's canonical pose, or a portrait image to landscape).
         return_pose: also return the :class:`~mapl_ray.data.pose.Pose` applied (None if none was).
+        limits: refuse, on the header, an image that breaks these :class:`DecodeLimits` (None: none but
+            Pillow's decompression-bomb limit).
 
     Returns:
         ``uint8`` array ``[H, W, 3]``, RGB (with ``return_pose``: ``(array, pose)``). Grayscale,
@@ -364,9 +382,10 @@ def load_image(
     Raises:
         ImageReadError: missing, unreadable, corrupt or truncated file; the message names the
             path and Pillow's reason, the Pillow exception is chained as ``__cause__``.
+        ImageLimitError: ``limits`` refused the image (an :class:`ImageReadError`; names the limit).
         ValueError: invalid ``size``.
     """
-    image, _, pose, _ = _read_rgb(os.fspath(path), normalize_size(size), align=align)
+    image, _, pose, _ = _read_rgb(os.fspath(path), normalize_size(size), align=align, limits=limits)
     return (image, pose) if return_pose else image
 
 
@@ -597,7 +616,8 @@ def load_records(
                 except ImageReadError as exc:
                     skipped.append((exc.path, exc.reason))
                     if skip_bad:
-                        log.warning("skipping unreadable file %r (record %r): %s", exc.path, rec.path, exc.reason)
+                        of = "" if exc.path == rec.path else f" (the mask of {rec.path!r})"
+                        log.warning("skipping unreadable file %r%s: %s", exc.path, of, exc.reason)
                     continue
                 kept_imgs.append(img)
                 if mask is not None:

@@ -302,9 +302,15 @@ def scan_category(
         )
     train_dir = os.path.join(cat_dir, "train", "good")
     if not os.path.isdir(train_dir) and not allow_empty_train:
+        hint = ""
+        if os.path.isdir(os.path.join(root_abs, "train", "good")):  # --data the category, --category a folder in it
+            hint = (
+                f"; {root_abs!r} looks like a category folder: pass its parent as --data and "
+                f"{os.path.basename(root_abs)!r} as --category"
+            )
         raise LayoutError(
             f"{train_dir!r} is missing: expected a folder of normal training images "
-            "(or pass --unlabeled DIR to train from unlabeled images)"
+            f"(or pass --unlabeled DIR to train from unlabeled images){hint}"
         )
     train_paths = _list_images(train_dir) if os.path.isdir(train_dir) else []
     if not allow_empty_train:
@@ -342,11 +348,12 @@ def find_images(folder: str) -> list[str]:
     return sorted(found)
 
 
-def scan_folder(path: str | os.PathLike[str]) -> list[ImageRecord]:
+def scan_folder(path: str | os.PathLike[str], what: str = "unlabeled image folder") -> list[ImageRecord]:
     """Recursively list a user's unlabeled image folder.
 
     Args:
         path: folder to walk; hidden files and hidden sub-folders are skipped.
+        what: how errors name the folder (``mapl score`` and ``mapl prepare`` read any image folder).
 
     Returns:
         Records with ``label=-1``, ``defect_type="unknown"``, ``mask_path=None``, sorted by
@@ -357,6 +364,6 @@ def scan_folder(path: str | os.PathLike[str]) -> list[ImageRecord]:
     """
     folder = os.path.abspath(os.fspath(path))
     if not os.path.isdir(folder):
-        raise LayoutError(f"unlabeled image folder {folder!r} does not exist or is not a folder")
-    found = _require_images(find_images(folder), f"unlabeled image folder {folder!r}")
+        raise LayoutError(f"{what} {folder!r} does not exist or is not a folder")
+    found = _require_images(find_images(folder), f"{what} {folder!r}")
     return [ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in found]

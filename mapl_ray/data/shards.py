@@ -197,7 +197,7 @@ def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list
             _record(r.path, "test", r.defect_type, r.label, r.mask_path) for r in index.test
         ]
     if kind == "folder":
-        return [_record(r.path, "unlabeled", "unknown", LABEL_UNKNOWN) for r in scan_folder(src)]
+        return [_record(r.path, "unlabeled", "unknown", LABEL_UNKNOWN) for r in scan_folder(src, "image folder")]
     if kind == "list":
         return [_record(p, "list", "unknown", LABEL_UNKNOWN) for p in read_list_file(src)]
     raise LayoutError(f"{os.fspath(src)!r} is a {kind} source, not a folder or list of image files")

@@ -345,8 +345,8 @@ def _take_validation(
         idx = [i for i, r in enumerate(anomalies) if r.defect_type == dtype]
         if len(idx) <= k:
             raise ValueError(
-                f"validation_anomalies={k} but defect type {dtype!r} has only {len(idx)} test image(s); "
-                f"need at least {k + 1} so the type stays in test"
+                f"validation_anomalies={k} but defect type {dtype!r} has only {len(idx)} test image(s), and at "
+                f"least one must stay in the test split: use at most {len(idx) - 1}"
             )
         taken.update(idx[j] for j in rng.choice(len(idx), size=k, replace=False).tolist())
     picked += [anomalies[i] for i in sorted(taken)]
@@ -399,7 +399,7 @@ def _take_labeled_anomalies(index: CategoryIndex, anomalies: list[ImageRecord], 
         if len(idx) <= k:
             raise ValueError(
                 f"labeled_anomalies={k} but defect type {dtype!r} has only {len(idx)} test "
-                f"image(s); need at least {k + 1} so the type stays in test"
+                f"image(s), and at least one must stay in the test split: use at most {len(idx) - 1}"
             )
         pick = rng.choice(len(idx), size=k, replace=False)
         chosen = sorted(idx[j] for j in pick.tolist())

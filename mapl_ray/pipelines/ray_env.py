@@ -39,6 +39,23 @@ class _DropTokenAuthNote(logging.Filter):
 _TOKEN_NOTE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+class _DropServeReconnectNote(logging.Filter):
+    """Drops Serve's note that ``serve.run`` connects to the Serve instance ``serve.start`` just started and
+    applies no new HTTP options: after our own ``serve.start(http_options=...)`` it read as if ``--port``
+    had been ignored."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
+def quiet_serve_reconnect_note() -> None:
+    """Install :class:`_DropServeReconnectNote` on Serve's logger (once), for a command that calls
+    ``serve.start`` with its options and then ``serve.run``."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _DropServeReconnectNote) for f in serve_logger.filters):
+        serve_logger.addFilter(_DropServeReconnectNote())
+
+
 def init_ray(quiet: bool = False, **kwargs) -> None:
     """``ray.init`` unless Ray is already initialised (a caller's own ``ray.init`` is respected).
 

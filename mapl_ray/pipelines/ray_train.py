@@ -263,7 +263,8 @@ class _LogFollower:
                 self.report_refit(rec)
             self.progress.update(int(rec["step"]), rec["loss"])
             if self.progress.n == self.progress.total:  # rank 0 is past the loop (its last line)
-                self.progress.phase("saving the final checkpoint")
+                # what rank 0 does after its last step (engine.loop's _finish), shown there phase by phase
+                self.progress.phase("finishing: the final memory banks, patch bank and checkpoint")
 
 
 def train_with_ray(

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..data.io import ANIMATED_POLICIES, DecodeLimits
+from ..data.io import ANIMATED_POLICIES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeLimits, default_min_side
 
 #: Dynamic batching default on a GPU: one forward pass for up to 32 waiting images.
 GPU_BATCH = 32
@@ -203,9 +203,9 @@ class ServeSettings:
     request_timeout_s: float = 30.0
     body_timeout_s: float = 30.0
     max_body_bytes: int = 20 * 2**20
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int | None = None
-    max_aspect: float = 4.0
+    max_aspect: float = DEFAULT_MAX_ASPECT
     animated: str = "first"
     max_batch_images: int = 32
     max_regions: int = 50
@@ -343,7 +343,7 @@ class ServeSettings:
         if s.torch_threads is None:
             s.torch_threads = max(1, round(s.cpus_per_replica))
         if s.min_side is None:
-            s.min_side = max(8, image_size // 8)
+            s.min_side = default_min_side(image_size)
         return s
 
     def decode_limits(self) -> DecodeLimits:
