@@ -582,30 +582,31 @@ def resolve_config(args: argparse.Namespace) -> Config:
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
     resolved = cfg.override(overrides) if overrides else cfg  # a bad --set fails before the preset is printed
+    note = None  # said once the configuration is valid: a flag's mistake comes first, alone
     if not args.resume:
         category = str(overrides.get("data.category", cfg.data.category))
+        command = getattr(args, "command", "train")
         if not getattr(args, "category_preset", True):
             if category_preset(category):
-                print(
-                    f"mapl {getattr(args, 'command', 'train')}: category {category!r} preset skipped (--no-category-preset)",
-                    file=sys.stderr,
-                )
+                note = f"mapl {command}: category {category!r} preset skipped (--no-category-preset)"
         else:
             preset = category_preset(category, file_keys | set(overrides))
             if preset:
-                print(
-                    f"mapl {getattr(args, 'command', 'train')}: category {category!r} preset: "
+                note = (
+                    f"mapl {command}: category {category!r} preset: "
                     + ", ".join(f"{k}={v}" for k, v in preset.items())
-                    + " (--no-category-preset skips it)",
-                    file=sys.stderr,
+                    + " (--no-category-preset skips it)"
                 )
                 resolved = cfg.override(preset).override(overrides)
     try:
-        return resolved.validate()
+        resolved = resolved.validate()
     except ConfigError as e:  # a value a flag set: name the flag the user typed
         if e.field in flag_of:
             raise ConfigError(f"--{flag_of[e.field].replace('_', '-')}: {e}", e.field) from None
         raise
+    if note:
+        print(note, file=sys.stderr)
+    return resolved
 
 
 def _end_ray_workers() -> None:
