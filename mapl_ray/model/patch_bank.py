@@ -56,12 +56,15 @@ def greedy_coreset(patches: torch.Tensor, size: int, generator: torch.Generator)
     chosen[0] = int(torch.randint(n, (1,), generator=generator))
     x_sq = x.pow(2).sum(1)
     nearest = torch.full((n,), float("inf"), device=x.device)
+    # a CPU BLAS's product is 4x faster over the rows held column by column (MKL, 65536 x 128, 2 cores: 1.3
+    # against 5.4 ms; the same rows chosen, bench/results/coreset_cpu.json); a GPU keeps them as they are
+    rows = x.t().contiguous().t() if x.device.type == "cpu" else x
     for i in range(size):
         if i:
             chosen[i] = nearest.argmax()  # stays on the device: no synchronisation per step
         c = chosen[i]
         # ||x - x_c||^2 by one matrix-vector product over the projected rows (memory-bound: one read of x)
-        torch.minimum(nearest, (x_sq + x_sq[c]).sub_(torch.mv(x, x[c]), alpha=2.0), out=nearest)
+        torch.minimum(nearest, (x_sq + x_sq[c]).sub_(torch.mv(rows, x[c]), alpha=2.0), out=nearest)
     return chosen
 
 
