@@ -75,8 +75,15 @@ def test_bad_files_are_rejected_with_their_reason_and_the_rest_kept(tmp_path):
 def test_spec_mismatch_and_foreign_parquet_are_named(tmp_path):
     rows, _ = decode_batch([{"path": _defect_record()["path"], "label": 1}], (32, 32), None)
     write_shard(rows, tmp_path / "a", ShardSpec.of(32, None))
-    with pytest.raises(LayoutError, match="32x32 with align=none.*needs 64x64"):
+    with pytest.raises(LayoutError, match="32x32 with data.align=none.*needs 64x64"):
         open_shard_set(tmp_path / "a", expect=ShardSpec.of(64, None))
+    from mapl_ray.data.pose import PoseEstimator
+
+    aligned = ShardSpec.of(32, PoseEstimator(threshold=130, inverse=True))  # named as a user writes data.align
+    with pytest.raises(
+        LayoutError, match=r"needs 32x32 with data.align=principal_axis \(object threshold 130, inverse\)"
+    ):
+        open_shard_set(tmp_path / "a", expect=aligned)
     (tmp_path / "b").mkdir()
     pq.write_table(
         pq.read_table(next((tmp_path / "a").glob("*.parquet"))).replace_schema_metadata(None),

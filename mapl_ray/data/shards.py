@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,14 @@ class ShardSpec:
         """The shard schema (module docstring) with this spec in its metadata."""
         meta = {"version": FORMAT_VERSION, "image_size": list(self.image_size), "align": self.align}
         return SHARD_SCHEMA.with_metadata({META_KEY: json.dumps(meta).encode()})
+
+    def align_text(self) -> str:
+        """:attr:`align` as ``data.align`` names it, for messages: ``none``, ``landscape``, or
+        ``principal_axis (object threshold 130, inverse)`` for a pose estimator's repr."""
+        m = re.fullmatch(r"PoseEstimator\(threshold=([^,]+), inverse=(True|False)\)", self.align)
+        if m is None:
+            return self.align
+        return f"principal_axis (object threshold {m[1]}{', inverse' if m[2] == 'True' else ''})"
 
     @classmethod
     def from_schema(cls, schema: pa.Schema, where: str) -> ShardSpec:
@@ -357,8 +366,8 @@ def open_shard_set(folder: str | os.PathLike[str], expect: ShardSpec | None = No
     if expect is not None and spec != expect:
         raise LayoutError(
             f"the shards in {os.fspath(folder)!r} hold images at {spec.image_size[0]}x{spec.image_size[1]} with "
-            f"align={spec.align}, but the run needs {expect.image_size[0]}x{expect.image_size[1]} with "
-            f"align={expect.align}: prepare them again with `mapl prepare SRC --out DIR --config RUN/config.yaml`"
+            f"data.align={spec.align_text()}, but the run needs {expect.image_size[0]}x{expect.image_size[1]} with "
+            f"data.align={expect.align_text()}: prepare them again with `mapl prepare SRC --out DIR --config RUN/config.yaml`"
         )
     return files, spec
 
