@@ -810,9 +810,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     try:  # a bad --set value or token file is a user's mistake: say so before Ray starts
         s = ServeSettings.from_args({**settings, "run_dir": str(run)})
-        load_token(s.token_env, s.token_file)
+        token = load_token(s.token_env, s.token_file)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("mapl_ray.cli").warning(
+            "serving on %s without a token: anyone who reaches this port can use the model; set $%s or "
+            "--token-file (docs/serving.md, Token)",
+            args.host,
+            s.token_env,
+        )
     local = not os.environ.get("RAY_ADDRESS")
     if local:  # a cluster's Serve processes read their own nodes' environment
         try:
@@ -824,7 +831,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "--ingress haproxy: the replicas' own HTTP ports (30000-31000) listen on all interfaces, "
                 "not only %s; %s",
                 args.host,
-                "the token guards them" if s.token_file or os.environ.get(s.token_env) else "set a token or a firewall",
+                "the token guards them" if token else "set a token or a firewall",
             )
     elif args.ingress == "haproxy":
         logging.getLogger("mapl_ray.cli").warning(

@@ -317,3 +317,37 @@ def test_a_flag_of_another_command_gets_that_commands_usage(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "mapl train: error: unrecognized arguments: --device cuda; mapl train runs on GPUs with --gpu" in err
+
+
+def test_serve_on_another_interface_without_a_token_warns_and_a_blank_token_is_refused(
+    trained_run, monkeypatch, caplog, capsys
+):
+    """Checked before Ray starts (init_ray is stopped at once here): a blank $MAPL_SERVE_TOKEN is a
+    mistake, not "no token"; an open bind without a token is said."""
+    import logging
+    import os
+
+    from mapl_ray.pipelines import ray_env
+
+    def no_ray(*a, **k):
+        raise KeyboardInterrupt  # stops cmd_serve where Ray would start, as Ctrl-C does
+
+    monkeypatch.setattr(ray_env, "init_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    saved = dict(os.environ)  # mapl serve sets Ray Serve's variables for the local Ray it starts
+    try:
+        monkeypatch.setenv("MAPL_SERVE_TOKEN", "  ")
+        assert main(["serve", str(trained_run), "--host", "0.0.0.0"]) == 2
+        assert "$MAPL_SERVE_TOKEN is set but empty" in capsys.readouterr().err
+        monkeypatch.delenv("MAPL_SERVE_TOKEN")
+        with caplog.at_level(logging.WARNING, logger="mapl_ray.cli"):
+            assert main(["serve", str(trained_run), "--host", "0.0.0.0"]) == 0
+        assert "serving on 0.0.0.0 without a token" in caplog.text
+        caplog.clear()
+        monkeypatch.setenv("MAPL_SERVE_TOKEN", "s3cret")
+        with caplog.at_level(logging.WARNING, logger="mapl_ray.cli"):
+            assert main(["serve", str(trained_run), "--host", "0.0.0.0"]) == 0
+        assert "without a token" not in caplog.text
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

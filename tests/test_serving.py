@@ -275,6 +275,11 @@ def test_token_from_file_or_environment(tmp_path, monkeypatch):
     assert load_token("MAPL_TEST_TOKEN") is None
     monkeypatch.setenv("MAPL_TEST_TOKEN", " s3cret \n")
     assert load_token("MAPL_TEST_TOKEN") == "s3cret"
+    for blank in ("", "  \n"):  # a secret that did not arrive must not leave the server open
+        monkeypatch.setenv("MAPL_TEST_TOKEN", blank)
+        with pytest.raises(ValueError, match=r"\$MAPL_TEST_TOKEN is set but empty"):
+            load_token("MAPL_TEST_TOKEN")
+    monkeypatch.setenv("MAPL_TEST_TOKEN", "s3cret")
     f = tmp_path / "token"
     f.write_text("from-file\n")
     assert load_token("MAPL_TEST_TOKEN", str(f)) == "from-file"  # the file wins

@@ -21,7 +21,8 @@ def load_token(token_env: str = "MAPL_SERVE_TOKEN", token_file: str | None = Non
     Surrounding whitespace (a trailing newline of the file) is not part of the token.
 
     Raises:
-        ValueError: ``token_file`` is missing, unreadable or empty (names the file).
+        ValueError: ``token_file`` is missing, unreadable or empty (names the file), or ``$token_env`` is set
+            but empty or blank (a secret that did not reach the environment must not open the server).
     """
     if token_file:
         path = Path(token_file)
@@ -32,8 +33,12 @@ def load_token(token_env: str = "MAPL_SERVE_TOKEN", token_file: str | None = Non
         if not token:
             raise ValueError(f"token_file {path} is empty (expected the bearer token)")
         return token
-    token = os.environ.get(token_env, "").strip()
-    return token or None
+    if token_env not in os.environ:
+        return None
+    token = os.environ[token_env].strip()
+    if not token:
+        raise ValueError(f"${token_env} is set but empty: set it to the bearer token, or unset it to serve without one")
+    return token
 
 
 def token_digest(token: str | None) -> str | None:
