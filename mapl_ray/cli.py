@@ -191,7 +191,7 @@ def _add_tune_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
     t.add_argument("--config", metavar="YAML", help="the base configuration every trial starts from")
     t.add_argument("--search-space", metavar="YAML", help="search space (default: the package's, see docs/tune.md)")
-    t.add_argument("--num-samples", type=int, default=32, metavar="N", help="trials (default 32)")
+    t.add_argument("--num-samples", type=_positive_int, default=32, metavar="N", help="trials (default 32)")
     t.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G", help="GPU share per trial (e.g. 0.25)")
     t.add_argument("--cpus-per-trial", type=float, default=2.0, metavar="C", help="CPUs per trial (default 2)")
     t.add_argument(
@@ -487,14 +487,16 @@ def _add_data_parsers(sub) -> None:
     )
     pp.add_argument("src", help="images to prepare: a category folder, an image folder, a list file or Parquet")
     pp.add_argument("--out", required=True, help="new folder for the shards")
-    pp.add_argument("--image-size", type=int, help="stored size in pixels (default: the config's, else 256)")
+    pp.add_argument("--image-size", type=_positive_int, help="stored size in pixels (default: the config's, else 256)")
     pp.add_argument(
         "--config",
         help="a config YAML or a run folder: its data.image_size and pose normalisation (data.align) are used, "
         "so the shards match the run that reads them",
     )
-    pp.add_argument("--rows-per-shard", type=int, default=256, help="images per Parquet file (default 256)")
-    pp.add_argument("--concurrency", type=int, help="decode tasks at once (default: all CPUs of the Ray cluster)")
+    pp.add_argument("--rows-per-shard", type=_positive_int, default=256, help="images per Parquet file (default 256)")
+    pp.add_argument(
+        "--concurrency", type=_positive_int, help="decode tasks at once (default: all CPUs of the Ray cluster)"
+    )
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sc = sub.add_parser(

@@ -669,3 +669,21 @@ def test_score_refuses_a_bad_count_with_a_usage_error(flag, value, tmp_path, cap
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: expected" in err and repr(value) in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prepare", "SRC", "--out", "O", "--image-size", "0"],
+        ["prepare", "SRC", "--out", "O", "--image-size", "-64"],
+        ["prepare", "SRC", "--out", "O", "--rows-per-shard", "0"],
+        ["prepare", "SRC", "--out", "O", "--concurrency", "0"],
+        ["tune", "--data", "D", "--category", "c", "--num-samples", "0"],
+    ],
+)
+def test_prepare_and_tune_refuse_a_count_below_one_with_a_usage_error(args, capsys):
+    """--image-size 0 was taken for "not set"; the others were tracebacks or a search of 1 trial."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(args)
+    assert stop.value.code == 2
+    assert f"argument {args[-2]}: expected an integer >= 1, got {args[-1]!r}" in capsys.readouterr().err

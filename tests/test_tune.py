@@ -78,12 +78,25 @@ def test_default_search_space_holds_the_defaults_and_bad_spaces_are_named(tmp_pa
         ({"pseudo.num_occs": {"int": [1, "x"]}}, "integer bounds"),
         ({"pseudo.num_occs": {"int": ["1", "3"]}}, "integer bounds"),
         ({"train.lr": {"loguniform": ["1e-4", 0.1]}}, "number bounds"),
+        ({"train.lr": {"uniform": [0.001, float("inf")]}}, "finite bounds"),
     ):
         f = tmp_path / "space.yaml"
         f.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=word):
             load_search_space(f)
     assert DEFAULT_SEARCH_SPACE.is_file()
+
+
+def test_a_gpu_share_on_a_local_ray_without_gpus_is_refused_before_the_search_folder_is_written(ray_local, tmp_path):
+    import ray
+
+    from mapl_ray.pipelines.tune import tune_search
+
+    assert ray.cluster_resources().get("GPU", 0) == 0  # the test cluster is CPU only
+    out = tmp_path / "search"
+    with pytest.raises(ConfigError, match="--gpus-per-trial 0.25 but local Ray sees 0 GPU"):
+        tune_search(Config(), out, num_samples=2, gpus_per_trial=0.25)
+    assert not out.exists()
 
 
 def test_refit_overlap_is_bounded_by_the_schedule():

@@ -85,6 +85,8 @@ def load_search_space(path: str | Path | None = None) -> dict[str, dict[str, lis
         numbers = (int,) if kind == "int" else (int, float)
         if kind != "choice" and not all(isinstance(v, numbers) and not isinstance(v, bool) for v in values):
             raise ConfigError(f"{where}: {kind} needs {'integer' if kind == 'int' else 'number'} bounds, got {values}")
+        if kind != "choice" and not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"{where}: {kind} needs finite bounds, got {values}")
         if kind != "choice" and not values[0] < values[1]:
             raise ConfigError(f"{where}: {kind} needs low < high, got {values}")
         if kind == "loguniform" and values[0] <= 0:
@@ -270,13 +272,16 @@ def tune_search(
         "occ_cpus_per_trial": occ_cpus_per_trial,
         "seed": seed,
     }
+    init_ray(quiet=True)
+    if not resume:  # before the search folder is written
+        check_trial_gpus(gpus_per_trial)
     cfg, settings = _open_search(cfg, out, resume, requested)
     space, num_samples = settings["space"], settings["num_samples"]
     gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
     occ_cpus_per_trial = settings["occ_cpus_per_trial"]
+    check_trial_gpus(gpus_per_trial)
     split = Split.from_json(out / SPLIT_FILE)
     data, validation, _ = load_train_data(cfg, split)
-    init_ray(quiet=True)
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -332,6 +337,25 @@ def _write_outputs(results, cfg: Config, space: dict, out: Path, use_gpu: bool, 
         "wall_s": time.perf_counter() - t0,
         "files": {name: str(out / name) for name in (BEST_FILE, TRIALS_CSV, TRIALS_MD, PLOT_FILE)},
     }
+
+
+def check_trial_gpus(gpus_per_trial: float) -> None:
+    """Refuse a GPU share per trial on a local Ray without a GPU of that size: every trial would wait for one
+    forever. A cluster (``RAY_ADDRESS`` set) may autoscale GPU nodes, so it is not checked.
+
+    Raises:
+        ConfigError: naming the share asked for and the GPUs local Ray sees.
+    """
+    import os
+
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_trial > 0 and not os.environ.get("RAY_ADDRESS") and have < gpus_per_trial:
+        raise ConfigError(
+            f"--gpus-per-trial {gpus_per_trial:g} but local Ray sees {have:g} GPU(s): the trials would wait for one "
+            "forever; drop --gpus-per-trial to search on the CPU, or set RAY_ADDRESS to a cluster with GPUs"
+        )
 
 
 def _open_search(cfg: Config | None, out: Path, resume: bool, requested: dict[str, Any]) -> tuple[Config, dict]:
