@@ -626,6 +626,9 @@ def _end_ray_workers() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from .main_job import run_train_job
     from .runfolder import stop_hint
 
@@ -636,6 +639,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     t0 = time.perf_counter()
+
+    def stop(signum, frame):  # SIGTERM (kill, a job scheduler's timeout) stops like Ctrl-C: the resume hint
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         metrics = run_train_job(
             cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet, verbose=args.verbose
@@ -644,6 +653,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         _end_ray_workers()
         print(f"\nmapl train: interrupted; {stop_hint(out)}", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     o = metrics["overall"]
     print(
         json.dumps(

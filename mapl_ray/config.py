@@ -638,7 +638,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix or 'top level'} must be a mapping, got {type(data).__name__}")
+        what = f"section {prefix.rstrip('.')}" if prefix else "the top level"
+        raise ConfigError(f"{source}: {what} must be a mapping of fields, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)

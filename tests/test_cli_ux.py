@@ -180,12 +180,14 @@ def _mapl(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], text=True, **kw)
 
 
-def _interrupt_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> tuple[int, str, str]:
+def _interrupt_when(
+    proc: subprocess.Popen, path: Path, timeout: float = 300, sig: int = signal.SIGINT
+) -> tuple[int, str, str]:
     t0 = time.monotonic()
     while not path.exists() and proc.poll() is None and time.monotonic() - t0 < timeout:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         out, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -201,7 +203,9 @@ def _train_cmd(root: Path, run: Path, steps: int, *extra: str) -> list[str]:
 
 
 @needs_data
-def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(small_root, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(small_root, tmp_path, sig):
+    """Ctrl-C, and SIGTERM as a job scheduler's timeout sends it, stop a run with the resume hint."""
     run = tmp_path / "run"
     ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a runner started in the background has it
     try:
@@ -210,7 +214,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(small_root, tmp_p
         )
     finally:
         signal.signal(signal.SIGINT, ignored)
-    rc, _, err = _interrupt_when(proc, run / "checkpoint" / "state.json")
+    rc, _, err = _interrupt_when(proc, run / "checkpoint" / "state.json", sig=sig)
     assert rc == 130, err
     step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
     assert f"interrupted; the last checkpoint is {run / 'checkpoint'} (step {step} of 100000)" in err
@@ -309,6 +313,13 @@ def test_section_name_typo_in_a_config_file_names_the_nearest_section(typo, sect
 def test_unknown_section_without_a_near_name_lists_the_sections():
     with pytest.raises(ConfigError, match="unknown section.s. 7, zzz; sections are data, simulation, model"):
         Config.from_dict({"zzz": {}, 7: 1})
+
+
+def test_a_section_that_is_not_a_mapping_is_named():
+    with pytest.raises(ConfigError, match="section train must be a mapping of fields, got int"):
+        Config.from_dict({"train": 20})
+    with pytest.raises(ConfigError, match="the top level must be a mapping of fields, got list"):
+        Config.from_dict([1])
 
 
 def test_new_run_needs_data_and_category(capsys):

@@ -14,6 +14,8 @@ Ray's warnings but not its INFO lines or its note that token authentication is o
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 # Loggers that repeat a harmless message many times per run:
 # - Ray Train's placement-group cleaner polls the state API, which needs the dashboard (not started
@@ -81,4 +83,8 @@ def init_ray(quiet: bool = False, **kwargs) -> None:
     if quiet:
         opts["logging_level"] = logging.WARNING  # "Started a local Ray instance." and the like
     opts.update(kwargs)
+    main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(**opts)
+    if callable(term):  # ray.init puts its own SIGTERM handler (a native crash report) over the caller's
+        signal.signal(signal.SIGTERM, term)
