@@ -1037,6 +1037,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("--resume needs --out DIR (the search folder to continue)")
         cfg, out = None, Path(args.out)
+        defaults = vars(build_parser().parse_args(["tune", "--resume", "--out", args.out]))
+        ignored = sorted(k for k, v in vars(args).items() if k in defaults and v != defaults[k])
+        if ignored:
+            logging.getLogger("mapl_ray.cli").warning(
+                "--resume continues the search with the settings it started with; ignored: %s",
+                ", ".join("--" + k.replace("_", "-") for k in ignored),
+            )
     else:
         cfg = resolve_config(argparse.Namespace(**{**vars(args), "resume": False}))
         out = Path(args.out or f"tune/{cfg.data.category or 'search'}-{time.strftime('%Y%m%d-%H%M%S')}")

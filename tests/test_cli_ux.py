@@ -698,3 +698,13 @@ def test_prepare_and_tune_refuse_a_count_below_one_with_a_usage_error(args, caps
         build_parser().parse_args(args)
     assert stop.value.code == 2
     assert f"argument {args[-2]}: expected an integer >= 1, got {args[-1]!r}" in capsys.readouterr().err
+
+
+def test_tune_resume_says_which_flags_it_ignores(tmp_path, caplog, capsys):
+    """A resumed search runs with the settings it started with: flags given beside --resume are named."""
+    with caplog.at_level(logging.WARNING, logger="mapl_ray.cli"):
+        rc = main(
+            ["tune", "--resume", "--out", str(tmp_path / "nothing"), "--num-samples", "3", "--gpus-per-trial", "0"]
+        )
+    assert rc == 2 and "holds no search to resume" in capsys.readouterr().err
+    assert "ignored: --num-samples" in caplog.text and "--gpus-per-trial" not in caplog.text  # 0 is the default

@@ -272,10 +272,13 @@ def tune_search(
         "occ_cpus_per_trial": occ_cpus_per_trial,
         "seed": seed,
     }
-    init_ray(quiet=True)
-    if not resume:  # before the search folder is written
+    if resume:  # a folder that holds no search is refused before Ray starts
+        cfg, settings = _open_search(cfg, out, resume, requested)
+        init_ray(quiet=True)
+    else:  # a GPU share no trial could get is refused before the search folder is written
+        init_ray(quiet=True)
         check_trial_gpus(gpus_per_trial)
-    cfg, settings = _open_search(cfg, out, resume, requested)
+        cfg, settings = _open_search(cfg, out, resume, requested)
     space, num_samples = settings["space"], settings["num_samples"]
     gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
     occ_cpus_per_trial = settings["occ_cpus_per_trial"]
