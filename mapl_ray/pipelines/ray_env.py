@@ -88,3 +88,28 @@ def init_ray(quiet: bool = False, **kwargs) -> None:
     ray.init(**opts)
     if callable(term):  # ray.init puts its own SIGTERM handler (a native crash report) over the caller's
         signal.signal(signal.SIGTERM, term)
+
+
+def require_local_gpus(needed: float, asked: str, otherwise: str) -> None:
+    """Refuse work that needs ``needed`` GPUs on a local Ray that sees fewer: Ray would wait for them forever.
+    A cluster (``RAY_ADDRESS`` set, e.g. inside ``ray job submit``) may autoscale GPU nodes: not checked.
+
+    Args:
+        needed: GPUs one unit of the work needs (a Ray Train job's workers, one Tune trial's share).
+        asked: the flag as the user gave it, for the message (``--gpu asks for 2 GPU worker(s)``).
+        otherwise: what to do instead, for the message.
+
+    Raises:
+        ConfigError: naming what was asked and the GPUs local Ray sees.
+    """
+    import os
+
+    import ray
+
+    from ..config import ConfigError
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if needed > 0 and not os.environ.get("RAY_ADDRESS") and have < needed:
+        raise ConfigError(
+            f"{asked} but local Ray sees {have:g} GPU(s): {otherwise}, or set RAY_ADDRESS to a cluster with GPUs"
+        )

@@ -51,7 +51,7 @@ from ..runfolder import (
     restart_markers,
     write_train_summary,
 )
-from .ray_env import init_ray
+from .ray_env import init_ray, require_local_gpus
 
 log = logging.getLogger("mapl_ray.train")
 
@@ -176,15 +176,12 @@ def _attempt(config: dict[str, Any], rank: int, world: int) -> tuple[bool, dict[
 
 def check_gpus(cfg: Config) -> None:
     """Refuse ``train.use_gpu`` on a local Ray with fewer GPUs than workers: the trainer would wait for them
-    forever. A cluster (``RAY_ADDRESS`` set, e.g. inside ``ray job submit``) may autoscale GPU nodes, so it
-    is not checked. Raises ConfigError naming what is missing."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0)
-    if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS") and have < cfg.train.num_workers:
-        raise ConfigError(
-            f"--gpu asks for {cfg.train.num_workers} GPU worker(s) but local Ray sees {have:g} GPU(s): "
-            "drop --gpu to train on the CPU, or set RAY_ADDRESS to a cluster with GPUs"
+    forever (:func:`~mapl_ray.pipelines.ray_env.require_local_gpus`). Raises ConfigError naming what is missing."""
+    if cfg.train.use_gpu:
+        require_local_gpus(
+            cfg.train.num_workers,
+            f"--gpu asks for {cfg.train.num_workers} GPU worker(s)",
+            "drop --gpu to train on the CPU",
         )
 
 

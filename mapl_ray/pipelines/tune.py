@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import Config, ConfigError, field_names, read_yaml_mapping
 from ..runfolder import SPLIT_FILE
-from .ray_env import init_ray
+from .ray_env import init_ray, require_local_gpus
 
 log = logging.getLogger("mapl_ray.tune")
 
@@ -344,21 +344,10 @@ def _write_outputs(results, cfg: Config, space: dict, out: Path, use_gpu: bool, 
 
 def check_trial_gpus(gpus_per_trial: float) -> None:
     """Refuse a GPU share per trial on a local Ray without a GPU of that size: every trial would wait for one
-    forever. A cluster (``RAY_ADDRESS`` set) may autoscale GPU nodes, so it is not checked.
-
-    Raises:
-        ConfigError: naming the share asked for and the GPUs local Ray sees.
-    """
-    import os
-
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0)
-    if gpus_per_trial > 0 and not os.environ.get("RAY_ADDRESS") and have < gpus_per_trial:
-        raise ConfigError(
-            f"--gpus-per-trial {gpus_per_trial:g} but local Ray sees {have:g} GPU(s): the trials would wait for one "
-            "forever; drop --gpus-per-trial to search on the CPU, or set RAY_ADDRESS to a cluster with GPUs"
-        )
+    forever (:func:`~mapl_ray.pipelines.ray_env.require_local_gpus`). Raises ConfigError."""
+    require_local_gpus(
+        gpus_per_trial, f"--gpus-per-trial {gpus_per_trial:g}", "drop --gpus-per-trial to search on the CPU"
+    )
 
 
 def _open_search(cfg: Config | None, out: Path, resume: bool, requested: dict[str, Any]) -> tuple[Config, dict]:
