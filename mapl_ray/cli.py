@@ -509,7 +509,7 @@ def _add_data_parsers(sub) -> None:
     sc.add_argument("run", help="a trained run folder (mapl train --out)")
     sc.add_argument("src", help="shards from mapl prepare, a folder of images or a text file of image paths")
     sc.add_argument("--out", required=True, help="folder for the score files")
-    sc.add_argument("--maps", action="store_true", help="also write each anomaly map as a PNG under OUT/maps")
+    sc.add_argument("--maps", action="store_true", help="also write each anomaly map as a PNG under OUT/_maps")
     sc.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
     sc.add_argument(
         "--actors", type=_positive_int, help="scoring actors (default: four per GPU, one on a CPU-only cluster)"

@@ -210,6 +210,11 @@ def test_score_equals_predict_and_a_rerun_skips_written_files(ray_local, shards,
         png = np.asarray(Image.open(row["map"]), dtype=np.float64) / 255.0
         assert np.abs(png - amap).max() <= 0.5 / 255 + 1e-5
     assert {row["known_label"] for row in got.values()} == {0, 1}
+    import pandas as pd
+
+    # the claim, summary and maps beside the scores are skipped by Parquet readers: the folder reads as a table
+    assert (out / "_maps").is_dir() and (out / "_summary.json").is_file() and (out / "_score.json").is_file()
+    assert sorted(pd.read_parquet(out)["path"]) == paths
     # a stopped job: one output file missing -> the rerun scores that shard only, to the same values
     written = sorted(out.glob("*.parquet"))
     stamps = {f: f.stat().st_mtime_ns for f in written}
@@ -424,6 +429,11 @@ def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
     _check_output(tmp_path / "new", run, str(src), [u.name for u in grown])
     with pytest.raises(LayoutError, match="is a file"):
         _check_output(src / "0.png", run, str(src), [u.name for u in grown])
+    old = tmp_path / "old_scores"  # a folder written before the claim file was renamed _score.json
+    old.mkdir()
+    (old / "score.json").write_text(json.dumps({"run": "/elsewhere", "source": str(src)}))
+    with pytest.raises(LayoutError, match="holds scores of run /elsewhere"):
+        _check_output(old, run, str(src), [u.name for u in grown])
     run.mkdir()  # score files in the run folder, or among the source's images or shards
     for inside, what in ((run, "the run folder"), (run / "scores", "the run folder"), (src / "out", "the source")):
         with pytest.raises(LayoutError, match=f"is inside {what}"):

@@ -257,7 +257,13 @@ def simulate(ds, cfg: Config, seed: int, concurrency: int | None = None, batch_s
 
 
 # -- mapl score -----------------------------------------------------------------------------------
-SCORE_RUN_FILE = "score.json"
+# ``--out``'s files other than the scores start with "_": Parquet readers (pyarrow, pandas, Ray Data) skip
+# them, so ``pandas.read_parquet(OUT)`` reads the scores alone
+SCORE_RUN_FILE = "_score.json"
+#: the claim file's name before that (an output folder written then is still continued)
+_LEGACY_SCORE_RUN_FILE = "score.json"
+SCORE_SUMMARY_FILE = "_summary.json"
+SCORE_MAPS_DIR = "_maps"
 #: Folder of ``--out`` where the scoring actors leave their timings while a job runs (removed after).
 ACTOR_TIMINGS_DIR = ".actor_timings"
 #: Images per output file when scoring a folder (a rerun skips the files already written).
@@ -382,6 +388,8 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
     returns the claim :func:`_claim_output` records."""
     want = {"run": str(run.resolve()), "source": os.path.abspath(src)}
     path = out / SCORE_RUN_FILE
+    if not path.is_file() and (out / _LEGACY_SCORE_RUN_FILE).is_file():
+        path = out / _LEGACY_SCORE_RUN_FILE
     if out.exists() and not out.is_dir():
         raise LayoutError(f"--out {out} is a file: give a folder for the score files")
     where = out.resolve()
@@ -510,7 +518,7 @@ def score_source(
     file (decoded on the way, the same rows), with a Ray Data actor pool.
 
     Writes ``out/<name>.parquet`` (:data:`mapl_ray.scoring.SCORE_SCHEMA`, one per source shard or per
-    ``rows_per_file`` files), optionally ``out/maps/*.png``, and ``out/summary.json``. Each output file is
+    ``rows_per_file`` files), optionally ``out/_maps/*.png``, and ``out/_summary.json``. Each output file is
     written whole (temporary name, then renamed) once all its rows are scored; a rerun skips the files
     that exist, so a stopped job continues where it was.
 
@@ -562,7 +570,7 @@ def score_source(
         t = time.time()
         ds = _score_input(pending, kind, spec, align, batch_size)
         stages["plan_s"] = time.time() - t
-        maps_dir = out / "maps" if maps else None
+        maps_dir = out / SCORE_MAPS_DIR if maps else None
         if maps_dir:
             maps_dir.mkdir(exist_ok=True)
         timings_dir = out / ACTOR_TIMINGS_DIR
@@ -592,7 +600,7 @@ def score_source(
     summary.update(files_written=len(pending), files_skipped=len(units) - len(pending))
     summary["total_s"] = time.time() - t_call
     summary["stages_s"] = _rounded(stages)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SCORE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
