@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -611,6 +612,27 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return resolved
 
 
+@contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """Inside, SIGTERM (kill, a job scheduler's timeout) raises KeyboardInterrupt on the main thread, so a
+    command stops as on Ctrl-C (``init_ray`` keeps this handler over Ray's own); the previous one after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _end_ray_workers() -> None:
     """End this process's Ray session now: its training workers do not see a Ctrl-C and train on (writing
     checkpoints) until it ends, so the checkpoint a stop hint names must be read after they are gone (a
@@ -626,9 +648,6 @@ def _end_ray_workers() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from .main_job import run_train_job
     from .runfolder import stop_hint
 
@@ -639,23 +658,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else Path("runs") / f"{cfg.data.category or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     t0 = time.perf_counter()
-
-    def stop(signum, frame):  # SIGTERM (kill, a job scheduler's timeout) stops like Ctrl-C: the resume hint
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
-        metrics = run_train_job(
-            cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet, verbose=args.verbose
-        )
+        with _sigterm_stops_like_ctrl_c():  # the resume hint below
+            metrics = run_train_job(
+                cfg, out, resume=args.resume, use_ray=not args.no_ray, progress=not args.quiet, verbose=args.verbose
+            )
     except KeyboardInterrupt:
         _end_ray_workers()
         print(f"\nmapl train: interrupted; {stop_hint(out)}", file=sys.stderr)
         return 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     o = metrics["overall"]
     print(
         json.dumps(
@@ -857,30 +868,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .pipelines.ray_env import init_ray, quiet_serve_reconnect_note
     from .pipelines.serve import build_app
 
-    def stop(signum, frame):  # SIGTERM (kill, a job scheduler) stops cleanly like Ctrl-C, also while starting
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        init_ray()  # RAY_ADDRESS points this at a running cluster
-        signal.signal(signal.SIGTERM, stop)  # again: ray.init installs its own SIGTERM handler
-        app = build_app(run, **settings)
-        serve.start(http_options={"host": args.host, "port": args.port})
-        quiet_serve_reconnect_note()
-        serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
-        print(
-            f"serving {run.name} on http://{args.host}:{args.port}: POST /v1/predict (Content-Type image/png, "
-            "multipart or JSON), GET /healthz /readyz /v1/model /docs; Ctrl-C stops it",
-            file=sys.stderr,
-        )
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if local:  # the local Ray this command started, replicas and all, at once (Serve's own shutdown
-            ray.shutdown()  # waits out a 30 s drain of the fronts in its high-throughput mode)
-        elif ray.is_initialized():
-            serve.shutdown()  # the app leaves the cluster
+    with _sigterm_stops_like_ctrl_c():  # also while starting
+        try:
+            init_ray()  # RAY_ADDRESS points this at a running cluster
+            app = build_app(run, **settings)
+            serve.start(http_options={"host": args.host, "port": args.port})
+            quiet_serve_reconnect_note()
+            serve.run(app, name="mapl", route_prefix="/")  # returns once the replicas are ready
+            print(
+                f"serving {run.name} on http://{args.host}:{args.port}: POST /v1/predict (Content-Type image/png, "
+                "multipart or JSON), GET /healthz /readyz /v1/model /docs; Ctrl-C stops it",
+                file=sys.stderr,
+            )
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if local:  # the local Ray this command started, replicas and all, at once (Serve's own shutdown
+                ray.shutdown()  # waits out a 30 s drain of the fronts in its high-throughput mode)
+            elif ray.is_initialized():
+                serve.shutdown()  # the app leaves the cluster
     return 0
 
 
