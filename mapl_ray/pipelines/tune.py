@@ -272,9 +272,10 @@ def tune_search(
         "occ_cpus_per_trial": occ_cpus_per_trial,
         "seed": seed,
     }
-    if resume:  # a folder that holds no search is refused before Ray starts
+    if resume:  # a folder that holds no search is refused before Ray starts; the saved GPU share is checked
         cfg, settings = _open_search(cfg, out, resume, requested)
         init_ray(quiet=True)
+        check_trial_gpus(settings["gpus_per_trial"])
     else:  # a GPU share no trial could get is refused before the search folder is written
         init_ray(quiet=True)
         check_trial_gpus(gpus_per_trial)
@@ -282,7 +283,6 @@ def tune_search(
     space, num_samples = settings["space"], settings["num_samples"]
     gpus_per_trial, cpus_per_trial = settings["gpus_per_trial"], settings["cpus_per_trial"]
     occ_cpus_per_trial = settings["occ_cpus_per_trial"]
-    check_trial_gpus(gpus_per_trial)
     split = Split.from_json(out / SPLIT_FILE)
     data, validation, _ = load_train_data(cfg, split)
     trainable = tune.with_resources(
