@@ -563,7 +563,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[fieldname] = value
-            flag_of[fieldname] = flag
+            flag_of[fieldname] = "--" + flag.replace("_", "-")
     if args.resume:
         allowed = {
             "train.steps",
@@ -584,6 +584,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
+        flag_of[key.strip()] = f"--set {key.strip()}"
     resolved = cfg.override(overrides) if overrides else cfg  # a bad --set fails before the preset is printed
     note = None  # said once the configuration is valid: a flag's mistake comes first, alone
     if not args.resume:
@@ -603,9 +604,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
                 resolved = cfg.override(preset).override(overrides)
     try:
         resolved = resolved.validate()
-    except ConfigError as e:  # a value a flag set: name the flag the user typed
+    except ConfigError as e:  # name where the value came from: the flag or the file the user wrote
         if e.field in flag_of:
-            raise ConfigError(f"--{flag_of[e.field].replace('_', '-')}: {e}", e.field) from None
+            raise ConfigError(f"{flag_of[e.field]}: {e}", e.field) from None
+        if not args.resume and e.field in file_keys:
+            raise ConfigError(f"{e} (in --config {args.config})", e.field) from None
         raise
     if note:
         print(note, file=sys.stderr)

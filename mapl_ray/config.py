@@ -540,15 +540,38 @@ def _eval_checks(c: Config) -> list[tuple[str, bool, str]]:
 _CHECKS = (_data_checks, _simulation_checks, _pseudo_checks, _model_checks, _train_checks, _eval_checks)
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last silently, so a second ``train:`` section would drop every field of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:  # as written: keys a merge (<<) brings in may be overridden
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKeyError(f"key {key!r} appears twice (lines {first_line[key]} and {line})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml_mapping(text: str, where: str, holds: str = "sections") -> dict[str, Any]:
     """The YAML mapping in ``text`` ({} for an empty text); ``where`` names it in errors (``"config file
-    PATH"``), ``holds`` says what the mapping holds.
+    PATH"``), ``holds`` says what the mapping holds. Parsed by PyYAML's safe loader.
 
     Raises:
-        ConfigError: ``text`` is not valid YAML (the parser's message on one line) or holds no mapping.
+        ConfigError: ``text`` is not valid YAML (the parser's message on one line), repeats a key within
+            one mapping, or holds no mapping.
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"{where}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
     if data is not None and not isinstance(data, dict):

@@ -21,7 +21,7 @@ import torch
 from conftest import TEXTURES, TINY_CLI, needs_data, tiny_config
 
 from mapl_ray.cli import build_parser, main
-from mapl_ray.config import Config, ConfigError
+from mapl_ray.config import Config, ConfigError, parse_yaml_mapping
 from mapl_ray.data.foreground import (
     FOREGROUND_PRESETS,
     ForegroundConfig,
@@ -134,8 +134,24 @@ def test_a_flags_bad_value_names_the_flag(small_root, tmp_path, capsys):
     assert main([*args, "--steps", "-5"]) == 2
     err = capsys.readouterr().err
     assert "--steps: train.steps = -5 is not allowed: expected >= 1" in err and "Traceback" not in err
-    assert main([*args, "--set", "train.steps=-5"]) == 2  # set by --set: the field's own name
-    assert "error: train.steps = -5 is not allowed" in capsys.readouterr().err
+    assert main([*args, "--set", "train.steps=-5"]) == 2
+    assert "error: --set train.steps: train.steps = -5 is not allowed" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 0\n")  # set in the file: the message names the file
+    assert main([*args, "--config", str(config)]) == 2
+    assert f"train.steps = 0 is not allowed: expected >= 1 (in --config {config})" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_file_that_repeats_a_key_is_refused(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 5\nmodel:\n  memory_samples: 3\ntrain:\n  lr: 0.1\n")
+    args = ["train", "--data", str(tmp_path), "--category", "screw", "--out", str(tmp_path / "r"), "--no-ray"]
+    assert main([*args, "--config", str(config)]) == 2  # PyYAML alone keeps the second train: steps lost
+    err = capsys.readouterr().err
+    assert f"config file {config}: key 'train' appears twice (lines 1 and 5)" in err and "Traceback" not in err
+    merged = parse_yaml_mapping("a: &b {steps: 5, lr: 1}\ntrain: {<<: *b, steps: 7}\n", "t")
+    assert merged["train"] == {"steps": 7, "lr": 1}  # a key a merge (<<) brings in may be overridden
     assert not (tmp_path / "r").exists()
 
 
