@@ -1074,6 +1074,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"\nmapl tune: interrupted; `mapl tune --resume --out {out}` continues the search", file=sys.stderr)
         return 130
     print(json.dumps(summary))
+    if summary["errors"]:  # the best is of the trials that ran: say that some did not
+        logging.getLogger("mapl_ray.cli").warning(
+            "%d of %d trials failed (their errors: %s, column error)",
+            summary["errors"],
+            summary["trials"],
+            summary["files"]["trials.csv"],
+        )
     print(f"search folder: {out}  (best.yaml: mapl train --config {out / 'best.yaml'})", file=sys.stderr)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -32,6 +33,8 @@ KNN_SOURCES = ("labeled", "stream")
 #: landscape (mapl_ray.data.pose).
 ALIGN_MODES = ("none", "principal_axis", "landscape")
 # the fields that name files or folders (made absolute for Ray workers; URIs in a cluster job's config)
+#: data.image_size's upper bound (pixels, square)
+MAX_IMAGE_SIZE = 4096
 PATH_FIELDS = ("data.root", "simulation.texture_dir", "data.unlabeled_dir", "model.weights")
 
 
@@ -338,6 +341,19 @@ def field_names() -> list[str]:
     ]
 
 
+def field_type(name: str) -> Any:
+    """The annotated type of the field ``section.field`` (``int``, ``float | None``, ``tuple[int, ...]``...).
+
+    Raises:
+        KeyError: ``name`` is no configuration field.
+    """
+    section, _, leaf = name.partition(".")
+    hints = get_type_hints(Config)
+    if section not in hints:
+        raise KeyError(name)
+    return get_type_hints(hints[section])[leaf]
+
+
 def did_you_mean(name: str, choices: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
     """Up to ``n`` of ``choices`` closest to ``name`` (:func:`difflib.get_close_matches`), best first."""
     return difflib.get_close_matches(name, choices, n=n, cutoff=cutoff)
@@ -374,7 +390,8 @@ def nearest_section(name: str) -> str:
 # value-range checks of Config.validate, one list per section: (field, holds, what is expected)
 def _data_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
-        ("data.image_size", c.data.image_size >= 32, ">= 32 pixels"),
+        # above MAX_IMAGE_SIZE one training batch's activations outgrow a GPU's or a workstation's memory
+        ("data.image_size", 32 <= c.data.image_size <= MAX_IMAGE_SIZE, f"in [32, {MAX_IMAGE_SIZE}] pixels"),
         ("data.unlabeled_fraction", 0 <= c.data.unlabeled_fraction < 1, "in [0, 1)"),
         ("data.contamination", 0 <= c.data.contamination < 1, "in [0, 1)"),
         (
@@ -442,6 +459,12 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
 def _model_checks(c: Config) -> list[tuple[str, bool, str]]:
     return [
         ("model.memory_samples", c.model.memory_samples >= 1, ">= 1"),
+        (
+            "model.decoder_channels",
+            len(c.model.decoder_channels) == 4 and min(c.model.decoder_channels) >= 1,
+            "four widths >= 1 (strides 16, 8, 4, 2)",
+        ),
+        ("model.head_hidden", c.model.head_hidden >= 1, ">= 1"),
         ("model.knn_patches", c.model.knn_patches >= 0, ">= 0 (0: no patch bank)"),
         ("model.knn_images", c.model.knn_images >= 1, ">= 1"),
         ("model.knn_source", c.model.knn_source in KNN_SOURCES, ", ".join(KNN_SOURCES)),
@@ -573,7 +596,8 @@ def parse_yaml_mapping(text: str, where: str, holds: str = "sections") -> dict[s
     except _DuplicateKeyError as e:
         raise ConfigError(f"{where}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
+        detail = " ".join(str(e).replace('in "<unicode string>", ', "").split())  # the text has no file name
+        raise ConfigError(f"{where} is not valid YAML: {detail}") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping of {holds}, got {type(data).__name__}")
     return data or {}
@@ -583,9 +607,12 @@ def read_yaml_mapping(p: Path, what: str = "config file", holds: str = "sections
     """The YAML mapping in ``what`` ``p`` ({} for an empty file; :func:`parse_yaml_mapping`).
 
     Raises:
-        ConfigError: ``p`` does not exist, cannot be read or is not UTF-8 text, is not valid YAML, or
+        ConfigError: ``p`` does not exist or is a folder, cannot be read or is not UTF-8 text, is not valid YAML, or
             holds no mapping.
     """
+    if p.is_dir():
+        hint = f" (a run folder's settings: {p / 'config.yaml'})" if (p / "config.yaml").is_file() else ""
+        raise ConfigError(f"{what} {p} is a folder, expected a YAML file{hint}")
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist")
     try:
@@ -617,12 +644,28 @@ RUN_FIELDS_ADDED: dict[str, Any] = {
 }
 
 
+_EXPECTED = {
+    "<class 'int'>": "an integer",
+    "<class 'float'>": "a finite number",
+    "<class 'bool'>": "true or false",
+    "<class 'str'>": "a string",
+    "tuple[int, ...]": "a list of integers",
+    "tuple[float, ...]": "a list of finite numbers",
+}
+
+
+def _finite(x: float) -> float:
+    if not math.isfinite(x):
+        raise ValueError(x)
+    return x
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     text = str(typ)
     if value is None:
         if "None" in text:
             return None
-        raise ConfigError(f"{where}: None is not allowed (expected {text})")
+        raise ConfigError(f"{where}: null is not allowed (expected {_EXPECTED.get(text, text)})")
     try:
         if typ is bool or text.startswith("bool"):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
@@ -640,21 +683,18 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if typ is float or text.startswith("float"):
-            return float(value)
+            return _finite(float(value))
         if text.startswith("tuple"):
             if isinstance(value, str):
                 value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            item = float if "float" in text else int
-            return tuple(item(v) for v in value)
+            if "float" in text:
+                return tuple(_finite(float(v)) for v in value)
+            return tuple(_coerce(v, int, where) for v in value)
         if typ is str or text.startswith("str"):
             return str(value)
-    except (TypeError, ValueError) as e:
-        expected = {
-            "<class 'int'>": "an integer",
-            "<class 'float'>": "a number",
-            "<class 'bool'>": "true or false",
-            "<class 'str'>": "a string",
-        }.get(text, text)
+    except (TypeError, ValueError, OverflowError) as e:
+        base = text.replace(" | None", "")
+        expected = _EXPECTED.get(base, _EXPECTED.get(f"<class '{base}'>", base)) + (" or null" if base != text else "")
         raise ConfigError(f"{where}: cannot use {value!r} (expected {expected})") from e
     return value
 

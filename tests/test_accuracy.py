@@ -142,6 +142,12 @@ def test_cpu_grid_parses_and_a_category_subset_expands():
         ("seeds: []\ncategories: [a/b]\nrows: {x: {}}\n", "seeds is required"),
         ("categories: [screw]\nseeds: [1]\nrows: {x: {}}\n", "DATASET/CATEGORY"),
         ("- a\n- b\n", "mapping"),
+        ("seeds: [1]\ncategories: [a/b]\nrows: {x: {preset: maybe}}\n", "preset must be true or false"),
+        ("seeds: [1]\ncategories: [a/b]\nrows: {x: {preset: 'false'}}\n", "preset must be true or false"),
+        ("seeds: [1]\ncategories: [a/b]\nimage_level_only: [c/d]\nrows: {x: {}}\n", "image_level_only"),
+        ("seeds: [1]\ncategories: [a/b]\npeer: {bogus: 1}\nrows: {x: {}}\n", "peer: unknown key.*coreset_ratio"),
+        ("seeds: [1]\ncategories: [a/b]\npeer: {num_neighbors: x}\nrows: {x: {}}\n", "peer.num_neighbors"),
+        ("seeds: [1]\ncategories: [a/b]\npeer: {coreset_ratio: 0}\nrows: {x: {}}\n", "peer.coreset_ratio"),
     ],
 )
 def test_bad_grid_files_name_the_file_and_the_fault(tmp_path, text, message):

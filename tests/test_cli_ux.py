@@ -152,6 +152,12 @@ def test_a_config_file_that_repeats_a_key_is_refused(tmp_path, capsys):
     assert f"config file {config}: key 'train' appears twice (lines 1 and 5)" in err and "Traceback" not in err
     merged = parse_yaml_mapping("a: &b {steps: 5, lr: 1}\ntrain: {<<: *b, steps: 7}\n", "t")
     assert merged["train"] == {"steps": 7, "lr": 1}  # a key a merge (<<) brings in may be overridden
+    assert main([*args, "--config", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a folder, expected a YAML file" in capsys.readouterr().err
+    config.write_text("train:\n  steps: [1\n")
+    assert main([*args, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {config} is not valid YAML" in err and "<unicode string>" not in err
     assert not (tmp_path / "r").exists()
 
 

@@ -165,10 +165,22 @@ def test_out_of_range_settings_fail_before_anything_is_written(tmp_path):
         ("eval.top_k", 0),
         ("model.memory_samples", 0),
         ("data.image_size", 8),
+        ("data.image_size", 100_000),  # one batch would not fit any machine's memory
+        ("model.decoder_channels", (96, -1, 48, 32)),
+        ("model.decoder_channels", (96, 64)),
     ):
         cfg = Config().override({"data.root": str(tmp_path), "data.category": "x", field: value})
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             prepare_run(cfg, tmp_path / "run")
+    for field, value, expected in (  # refused as the value is read
+        ("train.lr", "inf", "a finite number"),  # inf passed lr > 0, then NaN scores at the end
+        ("eval.q_weight_grid", [0, float("nan")], "a list of finite numbers"),
+        ("train.steps", None, "null is not allowed \\(expected an integer\\)"),
+        ("pseudo.pca_dim", "x", "an integer or null"),
+        ("model.decoder_channels", [1.5, 2, 3, 4], "a list of integers"),
+    ):
+        with pytest.raises(ConfigError, match=f"{field}: .*{expected}"):
+            Config().override({field: value})
     assert not (tmp_path / "run").exists()
 
 

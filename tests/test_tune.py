@@ -79,11 +79,17 @@ def test_default_search_space_holds_the_defaults_and_bad_spaces_are_named(tmp_pa
         ({"pseudo.num_occs": {"int": ["1", "3"]}}, "integer bounds"),
         ({"train.lr": {"loguniform": ["1e-4", 0.1]}}, "number bounds"),
         ({"train.lr": {"uniform": [0.001, float("inf")]}}, "finite bounds"),
+        ({"pseudo.num_occs": {"uniform": [1, 8]}}, "does not take: use int: \\[low, high\\]"),  # 5.46 OCCs
+        ({"pseudo.covariance_type": {"int": [1, 2]}}, "does not take: use choice"),
+        ({"pseudo": {"num_occs": {"int": [1, 8]}}}, "is a section: write its fields as flat keys"),
+        ({"pseudo.num_occs": {"int": [3, 2]}}, "low <= high"),
     ):
         f = tmp_path / "space.yaml"
         f.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=word):
             load_search_space(f)
+    f.write_text(yaml.safe_dump({"pseudo.num_occs": {"int": [3, 3]}}))  # both bounds included: one value
+    assert load_search_space(f) == {"pseudo.num_occs": {"int": [3, 3]}}
     assert DEFAULT_SEARCH_SPACE.is_file()
 
 

@@ -121,6 +121,9 @@ def load_grid(path: str | Path) -> GridSpec:
     if bad:
         raise _fail(src, f"categories must be DATASET/CATEGORY folders, got {bad}")
     image_level = [str(c) for c in _list(data.get("image_level_only") or [], src, "image_level_only")]
+    bad = [c for c in image_level if c not in categories]
+    if bad:
+        raise _fail(src, f"image_level_only: {bad} are not in the grid's categories {categories}")
     steps = data.get("steps", Config().train.steps)
     if not isinstance(steps, int) or steps < 1:
         raise _fail(src, f"steps must be an integer >= 1, got {steps!r}")
@@ -145,10 +148,32 @@ def load_grid(path: str | Path) -> GridSpec:
         rows=rows,
         image_level_only=image_level,
         corruption=corruption,
-        peer=dict(data.get("peer") or {}),
+        peer=_peer(data.get("peer") or {}, src),
         set=dict(common),
         source=src,
     )
+
+
+def _peer(body: Any, src: str) -> dict[str, Any]:
+    """The ``peer`` mapping, its keys and value types checked against :func:`mapl_ray.peer.run_patchcore`'s
+    keyword arguments (a typo failed every peer trial only once the grid ran)."""
+    import inspect
+
+    from ..peer import run_patchcore
+
+    if not isinstance(body, dict):
+        raise _fail(src, f"peer must be a mapping of run_patchcore's keyword arguments, got {type(body).__name__}")
+    params = {k: v for k, v in inspect.signature(run_patchcore).parameters.items() if k != "config"}
+    unknown = sorted(set(body) - set(params), key=str)
+    if unknown:
+        raise _fail(src, f"peer: unknown key(s) {unknown}; expected some of {sorted(params)}")
+    for key, value in body.items():
+        default = params[key].default
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else (str,)
+        if isinstance(value, bool) or not isinstance(value, kinds) or (isinstance(value, (int, float)) and value <= 0):
+            expected = "a string" if default is None else "a number > 0"
+            raise _fail(src, f"peer.{key}: expected {expected} (default {default!r}), got {value!r}")
+    return dict(body)
 
 
 def _row(name: str, body: dict, categories: list[str], src: str) -> Row:
@@ -176,8 +201,10 @@ def _row(name: str, body: dict, categories: list[str], src: str) -> Row:
         set=dict(body.get("set") or {}),
         categories=row_categories,
         conditions=conds,
-        preset=bool(body.get("preset", True)),
+        preset=body.get("preset", True),
     )
+    if not isinstance(row.preset, bool):  # bool("false") is True: a quoted or misspelt value must not pass
+        raise _fail(src, f"{where}.preset must be true or false, got {row.preset!r}")
     if row.detector not in DETECTORS:
         raise _fail(src, f"{where}.detector is {row.detector!r}; expected one of {list(DETECTORS)}")
     bad = [c for c in row.conditions if c not in CONDITIONS]

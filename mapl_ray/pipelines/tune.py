@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, ConfigError, field_names, read_yaml_mapping
+from ..config import Config, ConfigError, field_names, field_type, nearest_fields, read_yaml_mapping, section_names
 from ..runfolder import SPLIT_FILE
 from .ray_env import init_ray, require_local_gpus
 
@@ -73,8 +73,11 @@ def load_search_space(path: str | Path | None = None) -> dict[str, dict[str, lis
     names = set(field_names())
     for key, spec in space.items():
         where = f"search space {p}: {key}"
+        if key in section_names() and isinstance(spec, dict):
+            example = f"{key}.{next(iter(spec), 'FIELD')}: {{KIND: VALUES}}"
+            raise ConfigError(f"{where} is a section: write its fields as flat keys, e.g. {example}")
         if key not in names:
-            raise ConfigError(f"{where} names no configuration field")
+            raise ConfigError(f"{where} names no configuration field{nearest_fields(key)}")
         if key.startswith("data.") or key.startswith("eval.validation"):
             raise ConfigError(f"{where} cannot be searched: every trial trains and validates on the same data")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
@@ -87,7 +90,15 @@ def load_search_space(path: str | Path | None = None) -> dict[str, dict[str, lis
             raise ConfigError(f"{where}: {kind} needs {'integer' if kind == 'int' else 'number'} bounds, got {values}")
         if kind != "choice" and not all(math.isfinite(v) for v in values):
             raise ConfigError(f"{where}: {kind} needs finite bounds, got {values}")
-        if kind != "choice" and not values[0] < values[1]:
+        typ = str(field_type(key))
+        if kind in ("uniform", "loguniform") and "float" not in typ:
+            use = "int: [low, high]" if "int" in typ else "choice: [...]"
+            raise ConfigError(f"{where}: {kind} draws real numbers, which {key} does not take: use {use}")
+        if kind == "int" and "int" not in typ and "float" not in typ:
+            raise ConfigError(f"{where}: int draws integers, which {key} does not take: use choice: [...]")
+        if kind == "int" and not values[0] <= values[1]:
+            raise ConfigError(f"{where}: int needs low <= high (both included), got {values}")
+        if kind in ("uniform", "loguniform") and not values[0] < values[1]:
             raise ConfigError(f"{where}: {kind} needs low < high, got {values}")
         if kind == "loguniform" and values[0] <= 0:
             raise ConfigError(f"{where}: loguniform needs low > 0, got {values}")
