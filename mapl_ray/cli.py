@@ -486,7 +486,9 @@ def _add_data_parsers(sub) -> None:
         "recursively), a text file of image paths, or Parquet with encoded images. Unreadable files are "
         "skipped and listed in SHARDS/rejected.jsonl; duplicate files in SHARDS/duplicates.jsonl.",
     )
-    pp.add_argument("src", help="images to prepare: a category folder, an image folder, a list file or Parquet")
+    pp.add_argument(
+        "src", help="images to prepare: a category folder, an image folder, a list file, one image or Parquet"
+    )
     pp.add_argument("--out", required=True, help="new folder for the shards")
     pp.add_argument("--image-size", type=_positive_int, help="stored size in pixels (default: the config's, else 256)")
     pp.add_argument(
@@ -503,12 +505,12 @@ def _add_data_parsers(sub) -> None:
     sc = sub.add_parser(
         "score",
         help="score shards or a folder with a trained run: Parquet of scores (Ray Data actor pool)",
-        description="SRC: shards written by `mapl prepare` (with the run's --config) or a folder / list file of "
-        "images. Writes OUT/*.parquet (path, score, normalised_score, q, label, threshold, known_label, map, "
+        description="SRC: shards written by `mapl prepare` (with the run's --config), a folder / list file of "
+        "images, or one image. Writes OUT/*.parquet (path, score, normalised_score, q, label, threshold, known_label, map, "
         "error); a rerun skips the files already written.",
     )
     sc.add_argument("run", help="a trained run folder (mapl train --out)")
-    sc.add_argument("src", help="shards from mapl prepare, a folder of images or a text file of image paths")
+    sc.add_argument("src", help="shards from mapl prepare, a folder of images, a text file of image paths or one image")
     sc.add_argument("--out", required=True, help="folder for the score files")
     sc.add_argument("--maps", action="store_true", help="also write each anomaly map as a PNG under OUT/_maps")
     sc.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
@@ -765,15 +767,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pred = Predictor(args.run, device=args.device)
     limits = DecodeLimits.for_model(pred.image_size)  # mapl serve's: an image it refuses gets no score here either
     paths = expand_image_args(args.images)
-    good, images, poses, failed = [], [], [], {}
+    good, images, poses, failed, warned = [], [], [], {}, {}
     for path in paths:  # one unreadable file is reported on its own line; the others are still scored
         try:
-            image, pose = pred.load_image(path, limits)
-            images.append(image)
-            poses.append(pose)
-            good.append(path)
+            decoded = pred.decode(path, limits)
         except ImageReadError as e:
             failed[path] = str(e)
+            continue
+        images.append(decoded.image)
+        poses.append(decoded.pose)
+        good.append(path)
+        warned[path] = decoded.warnings()  # as mapl serve answers them
     records, maps = pred.predict_images(np.stack(images), good) if images else ([], [])
     images, maps = pred.in_files_frame(good, images, maps, poses)  # heatmaps on the images as they are
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
@@ -790,7 +794,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         title = f"{Path(path).name}  {decision_text(rec['score'], pred.threshold)}"
         save_heatmap_overlay(img, amap, heat, title=title, vmin=vmin, vmax=vmax, threshold=map_thr)
         rec["heatmap"] = str(heat)
-        print(json.dumps(rec))
+        print(json.dumps(rec | ({"warnings": warned[path]} if warned[path] else {})))
     for reason in failed.values():
         print(f"mapl predict: warning: {reason}", file=sys.stderr)
     if len(failed) == len(paths):

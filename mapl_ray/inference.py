@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.io import DecodeLimits, load_image
+from .data.io import DecodedUpload, DecodeLimits, decode_file, load_image
 from .data.pose import Pose, build_pose_estimator
 from .model import build_model, resolve_backend
 from .model.anomaly_map import anomaly_maps, fuse_maps, image_scores, tta_views
@@ -231,7 +231,17 @@ class Predictor:
             ImageReadError: a file is missing or not a readable image, or ``limits`` refused it (an
                 :class:`~mapl_ray.data.io.ImageLimitError`); names the file.
         """
-        return load_image(path, self.image_size, align=self.pose_estimator, return_pose=True, limits=limits)
+        d = self.decode(path, limits)
+        return d.image, d.pose
+
+    def decode(self, path: str | Path, limits: DecodeLimits | None = None) -> DecodedUpload:
+        """:meth:`load_image` that also says what the file was (format, mode, frames, original size:
+        :class:`~mapl_ray.data.io.DecodedUpload`, whose ``warnings()`` ``mapl predict`` prints).
+
+        Raises:
+            ImageReadError: as :meth:`load_image`.
+        """
+        return decode_file(path, self.image_size, self.pose_estimator, limits)
 
     @staticmethod
     def to_original_frame(amap: np.ndarray, pose: Pose | None) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from .data.io import DecodeLimits, ImageLimitError
 from .data.shards import images_from_arrow, pose_from_json
 from .inference import Predictor
 
@@ -52,14 +53,31 @@ def save_map_png(amap: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def _limit_errors(
+    image_size: int, paths: list[str], widths: list[int | None], heights: list[int | None], errors: list[str | None]
+) -> list[str | None]:
+    """``errors`` with, for each readable image whose original size :meth:`DecodeLimits.for_model` refuses,
+    the limit's reason (as ``mapl predict`` and ``mapl serve`` give it)."""
+    limits = DecodeLimits.for_model(image_size)
+    out = list(errors)
+    for i, (w, h) in enumerate(zip(widths, heights)):
+        if out[i] is None and w is not None and h is not None:
+            try:
+                limits.check(paths[i], int(w), int(h))
+            except ImageLimitError as e:
+                out[i] = e.reason
+    return out
+
+
 def score_table(pred: Predictor, rows: pa.Table, maps_dir: str | Path | None = None) -> pa.Table:
     """Score a table of shard rows; returns :data:`SCORE_SCHEMA` rows in the same order.
 
     Args:
         pred: the run's predictor.
         rows: columns ``path``, ``image`` (raw uint8 at the run's size; null for an unreadable image),
-            optional ``label`` (source label), ``pose`` (JSON, turns the map back onto the file's frame)
-            and ``error``.
+            optional ``label`` (source label), ``pose`` (JSON, turns the map back onto the file's frame),
+            ``error``, and ``orig_height`` / ``orig_width`` (the file's size: an image that ``mapl predict``'s
+            limits refuse, :meth:`DecodeLimits.for_model`, gets their reason as its ``error`` and no score).
         maps_dir: write each anomaly map as ``maps_dir/<heatmap_name>`` (:func:`save_map_png`), in the
             file's own frame like ``mapl predict``'s heatmaps.
 
@@ -69,7 +87,9 @@ def score_table(pred: Predictor, rows: pa.Table, maps_dir: str | Path | None = N
     n = rows.num_rows
     # every column but the images as Python values; the images straight from the Arrow buffer
     col = {name: rows.column(name).to_pylist() for name in rows.column_names if name != "image"}
-    paths, errors = col["path"], col.get("error", [None] * n)
+    paths, errors = col["path"], list(col.get("error", [None] * n))
+    if "orig_height" in col and "orig_width" in col:
+        errors = _limit_errors(pred.image_size, paths, col["orig_width"], col["orig_height"], errors)
     ok = [i for i, (v, e) in enumerate(zip(rows.column("image").is_valid().to_pylist(), errors)) if v and e is None]
     if ok:
         cells = rows.column("image")
@@ -79,7 +99,7 @@ def score_table(pred: Predictor, rows: pa.Table, maps_dir: str | Path | None = N
         norm = pred.normalise(res["scores"])
     thr = pred.threshold
     out = {f.name: [None] * n for f in SCORE_SCHEMA}
-    out["path"], out["error"] = paths, list(errors)
+    out["path"], out["error"] = paths, errors
     for j, i in enumerate(ok):
         s = float(res["scores"][j])
         out["score"][i], out["normalised_score"][i], out["q"][i] = s, float(norm[j]), float(res["q"][j])

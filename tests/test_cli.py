@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SCREW, TEXTURES, TINY_CLI, needs_data
 from PIL import Image
@@ -129,6 +130,30 @@ def test_predict_refuses_the_images_mapl_serve_refuses(trained_run, tmp_path, ca
     assert "max_aspect=4" in lines[1]["error"]
     assert isinstance(lines[2]["score"], float)
     assert "2 of 3 images could not be read" in captured.err
+
+
+def test_predict_says_what_mapl_serve_warns_about(trained_run, tmp_path, capsys):
+    """A 16-bit PNG (rescaled) and an animated GIF (first frame scored) carry the warnings mapl serve answers
+    with; a plain image has none. A folder scan finds the GIF as serve accepts it."""
+    from PIL import Image
+
+    from mapl_ray.serving.results import image_result
+
+    deep, anim = tmp_path / "deep.png", tmp_path / "anim.gif"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(deep)
+    frames = [Image.new("RGB", (64, 64), (40 * i, 0, 0)) for i in range(3)]
+    frames[0].save(anim, save_all=True, append_images=frames[1:])
+    good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", str(trained_run), str(tmp_path), str(good), "--heatmaps", str(tmp_path / "h")]) == 0
+    lines = {Path(r["path"]).name: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert lines["deep.png"]["warnings"] == ["I;16 (16-bit) image: rescaled to 8 bits (value / 257), as in training"]
+    assert lines["anim.gif"]["warnings"] == ["animated / multi-frame image (3 frames): only the first frame was scored"]
+    assert "warnings" not in lines[good.name]
+    from mapl_ray.inference import Predictor
+
+    decoded = Predictor(trained_run, device="cpu").decode(anim)  # the same text as the server's answer
+    served = image_result(lines["anim.gif"], None, decoded, {}, threshold=None, version="v", max_regions=1)
+    assert served["warnings"] == lines["anim.gif"]["warnings"]
 
 
 def test_predict_a_folder_with_an_unreadable_image_scores_the_others(trained_run, tmp_path, capsys):

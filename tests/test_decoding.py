@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -86,6 +88,22 @@ def test_decode_limits_refuse_on_the_header_and_name_the_limit():
     # an error crosses process boundaries (Ray) with its fields
     again = pickle.loads(pickle.dumps(e.value))
     assert type(again) is ImageLimitError and again.limit == "max_aspect" and str(again) == str(e.value)
+
+
+def _claiming_size(png: bytes, width: int, height: int) -> bytes:
+    """``png`` with its IHDR chunk rewritten to claim ``width`` x ``height`` (the pixel data stays small)."""
+    ihdr = png[12:29]  # b"IHDR" + width, height, depth, colour, compression, filter, interlace
+    ihdr = ihdr[:4] + struct.pack(">II", width, height) + ihdr[12:]
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
+def test_a_header_past_pillows_own_bomb_limit_is_refused_with_the_pixel_count():
+    """Pillow refuses 50000 x 50000 on opening, before our check sees the size: the error still names the
+    pixels and the limit as ours do, not Pillow's DOS-attack text."""
+    bomb = _claiming_size(encode(Image.new("L", (8, 8))), 50_000, 50_000)
+    with pytest.raises(ImageLimitError, match=r"2,500,000,000 pixels, more than the limit max_pixels=1,000,000") as e:
+        decode_upload(bomb, "bomb.png", limits=DecodeLimits(max_pixels=1_000_000))
+    assert (e.value.limit, e.value.value, e.value.allowed) == ("max_pixels", 2_500_000_000, 1_000_000)
 
 
 def test_animated_image_first_frame_or_refused():

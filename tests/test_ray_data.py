@@ -471,3 +471,40 @@ def test_score_on_a_gpu_device_where_the_cluster_has_none_is_one_line(
     assert not out.exists()
     assert main(["score", str(trained_run), src, "--out", str(out), "--device", "tpu9", "--quiet"]) == 2
     assert "--device 'tpu9' is not a device name" in capsys.readouterr().err
+
+
+def test_score_refuses_what_predict_refuses_from_a_folder_and_from_shards(trained_run, tmp_path):
+    """An image `mapl predict` and `mapl serve` refuse (too small, too elongated) gets no score from `mapl
+    score` either: the folder path decodes under the same limits, the shard path checks the original size."""
+    from PIL import Image
+
+    from mapl_ray.cli import main
+    from mapl_ray.data.shards import ShardSpec
+    from mapl_ray.inference import Predictor
+    from mapl_ray.pipelines.ray_data import _decode_in_order
+    from mapl_ray.scoring import score_table
+
+    pred = Predictor(trained_run, device="cpu")
+    rng = np.random.default_rng(0)
+    files = {"ok.png": (48, 40), "tiny.png": (2, 2), "long.png": (200, 20)}  # (W, H)
+    for name, (w, h) in files.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    paths = [str(tmp_path / n) for n in files]
+    for p in paths[1:]:  # what predict says
+        assert main(["predict", str(trained_run), p]) == 2
+    spec = ShardSpec.of(pred.image_size, None)
+    decoded = _decode_in_order(pa.Table.from_pylist([{"path": p, "label": None} for p in paths]), spec, None)
+    errors = decoded.column("error").to_pylist()
+    assert errors[0] is None and "min_side" in errors[1] and "max_aspect" in errors[2]
+    # shard rows hold every image decoded; their original sizes decide
+    image = np.zeros((pred.image_size, pred.image_size, 3), np.uint8).tobytes()
+    rows = pa.Table.from_pylist(
+        [
+            {"path": p, "image": image, "pose": None, "orig_width": w, "orig_height": h}
+            for p, (w, h) in zip(paths, files.values())
+        ]
+    )
+    scored = score_table(pred, rows).to_pylist()
+    assert scored[0]["score"] is not None and scored[0]["error"] is None
+    assert [r["score"] for r in scored[1:]] == [None, None]
+    assert "min_side" in scored[1]["error"] and "max_aspect" in scored[2]["error"]

@@ -117,6 +117,9 @@ def test_sources_are_recognised(tmp_path):
     lst.write_text(f"# images\n{SCREW / 'train' / 'good' / '000.png'}\n\nrelative.png\n")
     assert source_kind(lst) == "list"
     assert read_list_file(lst) == [str(SCREW / "train" / "good" / "000.png"), str(tmp_path / "relative.png")]
+    one = SCREW / "train" / "good" / "000.png"  # one image: read as itself, not as a list file of paths
+    assert source_kind(one) == "image"
+    assert [r["path"] for r in source_records(one)] == [str(one.resolve())]
     with pytest.raises(LayoutError, match="does not exist"):
         source_kind(tmp_path / "nope")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ __all__ = [
     "decode_upload",
     "LoadedImages",
     "SIXTEEN_BIT_MODES",
+    "decode_file",
     "image_size",
     "load_image",
     "load_mask",
@@ -204,6 +206,16 @@ class DecodedUpload:
     frames: int
     orientation: int
 
+    def warnings(self) -> list[str]:
+        """What a user should know about how the file was read: only the first of several frames, or 16-bit
+        values rescaled to 8 bits (``mapl serve``'s answer and ``mapl predict``'s line carry them)."""
+        out = []
+        if self.frames > 1:
+            out.append(f"animated / multi-frame image ({self.frames} frames): only the first frame was scored")
+        if self.mode in SIXTEEN_BIT_MODES or self.mode == "I":
+            out.append(f"{self.mode} (16-bit) image: rescaled to 8 bits (value / 257), as in training")
+        return out
+
 
 def normalize_size(size: int | tuple[int, int] | None, what: str = "size") -> tuple[int, int] | None:
     """Turn ``size`` (int -> square, ``(H, W)`` tuple, or None) into ``(H, W)`` or None.
@@ -305,9 +317,16 @@ def _open_decoded(path: str, source=None, limits: DecodeLimits | None = None) ->
     except Image.DecompressionBombError as exc:
         if limits is None:
             raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
-        raise ImageLimitError(
-            path, f"{exc} (Pillow's decompression-bomb limit)", "max_pixels", None, limits.max_pixels
-        ) from exc
+        # Pillow refuses the header before the size can be read back; its message holds the pixel count
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else None
+        allowed = limits.max_pixels or Image.MAX_IMAGE_PIXELS * 2
+        reason = (
+            f"{pixels:,} pixels, more than the limit max_pixels={allowed:,}"
+            if pixels
+            else f"{exc} (Pillow's decompression-bomb limit)"
+        )
+        raise ImageLimitError(path, reason, "max_pixels", pixels, allowed) from exc
     except _PIL_ERRORS as exc:
         if source is None and isinstance(exc, UnidentifiedImageError) and os.path.getsize(path) == 0:
             reason = "empty file (0 bytes)"
@@ -396,19 +415,39 @@ def decode_image(
     return_original_size: bool = False,
     align: Aligner | None = None,
     return_pose: bool = False,
+    limits: DecodeLimits | None = None,
 ):
     """:func:`load_image` for encoded bytes (an HTTP upload): any format Pillow reads, to RGB uint8 ``[H, W, 3]``.
 
     With ``return_original_size`` and / or ``return_pose`` returns a tuple: the image, then
-    ``(H, W)`` before resizing, then the pose applied by ``align`` (see :func:`load_image`).
+    ``(H, W)`` before resizing, then the pose applied by ``align`` (see :func:`load_image`). ``limits``:
+    as in :func:`decode_upload`.
 
     Raises:
-        ImageReadError: empty or undecodable data; the message names ``name``.
+        ImageReadError: empty or undecodable data, or ``limits`` refused it; the message names ``name``.
         ValueError: invalid ``size``.
     """
-    d = decode_upload(data, name, size, align=align)
+    d = decode_upload(data, name, size, align=align, limits=limits)
     out = (d.image,) + ((d.original_size,) if return_original_size else ()) + ((d.pose,) if return_pose else ())
     return out if len(out) > 1 else d.image
+
+
+def decode_file(
+    path: str | os.PathLike[str],
+    size: int | tuple[int, int] | None = None,
+    align: Aligner | None = None,
+    limits: DecodeLimits | None = None,
+) -> DecodedUpload:
+    """:func:`load_image` that also says what the file was (:class:`DecodedUpload`: format, mode, frames,
+    EXIF orientation, original size, pose), as :func:`decode_upload` does for bytes.
+
+    Raises:
+        ImageReadError: missing, unreadable, corrupt or truncated file (names the path).
+        ImageLimitError: ``limits`` refused the image.
+        ValueError: invalid ``size``.
+    """
+    image, orig_hw, pose, info = _read_rgb(os.fspath(path), normalize_size(size), align=align, limits=limits)
+    return DecodedUpload(image=image, original_size=orig_hw, pose=pose, **info)
 
 
 def decode_upload(

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Lower-case file extensions (with dot) of formats Pillow decodes; matched case-insensitively.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 log = logging.getLogger("mapl_ray.data")
 

@@ -45,11 +45,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io import decode_image, load_mask, normalize_size
+from .io import DecodeLimits, decode_image, load_mask, normalize_size
 from .layout import (
     LABEL_UNKNOWN,
     ImageReadError,
     LayoutError,
+    is_image_file,
     scan_category,
     scan_folder,
 )
@@ -150,14 +151,15 @@ def content_hash(data: bytes) -> str:
 def source_kind(src: str | os.PathLike[str]) -> str:
     """What ``mapl prepare`` reads from ``src``: ``parquet`` (a .parquet file or a folder of them),
     ``category`` (an MVTec-layout category folder, ``SRC/train/good``), ``folder`` (images, searched
-    recursively) or ``list`` (a text file of image paths).
+    recursively), ``image`` (one image file, by its extension: :data:`IMAGE_EXTENSIONS`) or ``list`` (any
+    other file: a text file of image paths).
 
     Raises:
         LayoutError: ``src`` does not exist.
     """
     p = Path(src)
     if p.is_file():
-        return "parquet" if p.suffix.lower() == ".parquet" else "list"
+        return "parquet" if p.suffix.lower() == ".parquet" else "image" if is_image_file(p.name) else "list"
     if not p.is_dir():
         raise LayoutError(f"source {os.fspath(src)!r} does not exist (expected a folder, a list file or Parquet)")
     if (p / "train" / "good").is_dir():
@@ -209,6 +211,8 @@ def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list
         return [_record(r.path, "unlabeled", "unknown", LABEL_UNKNOWN) for r in scan_folder(src, "image folder")]
     if kind == "list":
         return [_record(p, "list", "unknown", LABEL_UNKNOWN) for p in read_list_file(src)]
+    if kind == "image":
+        return [_record(str(Path(src).resolve()), "list", "unknown", LABEL_UNKNOWN)]
     raise LayoutError(f"{os.fspath(src)!r} is a {kind} source, not a folder or list of image files")
 
 
@@ -265,16 +269,22 @@ def pose_from_json(text: str | None) -> Pose | None:
 
 
 def decode_record(
-    record: dict[str, Any], hw: tuple[int, int], align: Aligner | None, data: bytes | None = None
+    record: dict[str, Any],
+    hw: tuple[int, int],
+    align: Aligner | None,
+    data: bytes | None = None,
+    limits: DecodeLimits | None = None,
 ) -> dict[str, Any]:
     """One shard row (module docstring) from a source record, decoded with :func:`~mapl_ray.data.io.decode_image`
     and :func:`~mapl_ray.data.io.load_mask` at ``hw`` ``(H, W)``, turned by ``align`` when given.
 
     ``data``: the file's bytes when the caller has them (a Parquet source); otherwise ``record["path"]``
-    is read.
+    is read. ``limits``: refuse, on the header, what these :class:`~mapl_ray.data.io.DecodeLimits` do not
+    allow (None: Pillow's decompression-bomb limit only).
 
     Raises:
-        ImageReadError: the file is missing, unreadable or not an image (also its mask).
+        ImageReadError: the file is missing, unreadable or not an image (also its mask), or ``limits``
+            refused it (:class:`~mapl_ray.data.io.ImageLimitError`).
         LayoutError: the mask's size differs from its image's.
     """
     path = record["path"]
@@ -284,7 +294,9 @@ def decode_record(
                 data = fh.read()
         except OSError as e:
             raise ImageReadError(path, f"{type(e).__name__}: {e.strerror or e}") from e
-    image, orig_hw, pose = decode_image(data, path, hw, return_original_size=True, align=align, return_pose=True)
+    image, orig_hw, pose = decode_image(
+        data, path, hw, return_original_size=True, align=align, return_pose=True, limits=limits
+    )
     mask = None
     if record.get("mask_path"):
         mask = load_mask(record["mask_path"], hw, expected_hw=orig_hw, pose=pose).tobytes()
@@ -309,8 +321,9 @@ def decode_batch(
     hw: tuple[int, int],
     align: Aligner | None,
     data: Sequence[bytes | None] | None = None,
+    limits: DecodeLimits | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Decode many records (:func:`decode_record`); one bad file never stops the others.
+    """Decode many records (:func:`decode_record`, with ``limits``); one bad file never stops the others.
 
     Returns:
         (rows of the readable images, in order; ``{"path", "reason"}`` of each image that could not be
@@ -319,7 +332,7 @@ def decode_batch(
     rows, rejected = [], []
     for i, rec in enumerate(records):
         try:
-            rows.append(decode_record(rec, hw, align, None if data is None else data[i]))
+            rows.append(decode_record(rec, hw, align, None if data is None else data[i], limits))
         except LayoutError as e:  # ImageReadError included: the file is reported, the job goes on
             rejected.append({"path": rec["path"], "reason": getattr(e, "reason", str(e))})
     return rows, rejected

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Config, ConfigError
-from ..data.io import load_image, load_mask
+from ..data.io import DecodeLimits, load_image, load_mask
 from ..data.layout import LayoutError
 from ..data.pose import Aligner
 from ..data.shards import (
@@ -303,10 +303,13 @@ def _score_units(src: str, spec: ShardSpec, rows_per_file: int) -> tuple[list[_U
 
 def _decode_in_order(batch: pa.Table, spec: ShardSpec, align: Aligner | None) -> pa.Table:
     """``map_batches`` stage of ``mapl score`` on a folder: shard rows in the batch's order, an unreadable
-    image kept as a row with its ``error`` (so output files keep one row per source image)."""
+    image kept as a row with its ``error`` (so output files keep one row per source image). Images are
+    decoded under ``mapl predict``'s and ``mapl serve``'s limits (:meth:`DecodeLimits.for_model`): what they
+    refuse gets no score here either."""
+    limits = DecodeLimits.for_model(min(spec.image_size))
     out = []
     for rec in batch.to_pylist():
-        rows, rejected = decode_batch([rec], spec.image_size, align)
+        rows, rejected = decode_batch([rec], spec.image_size, align, limits=limits)
         row = rows[0] if rows else {"path": rec["path"], "label": rec["label"], "image": None, "pose": None}
         out.append(
             {k: row[k] for k in ("path", "label", "image", "pose")}
@@ -493,7 +496,8 @@ def _score_input(pending: list[_Unit], kind: str, spec: ShardSpec, align: Aligne
         2**20, batch_size * 3 * spec.image_size[0] * spec.image_size[1]
     )
     if kind == "parquet":
-        ds = ray.data.read_parquet([u.shard for u in pending]).select_columns(["path", "label", "image", "pose"])
+        columns = ["path", "label", "image", "pose", "orig_height", "orig_width"]  # sizes: score_table's limits
+        ds = ray.data.read_parquet([u.shard for u in pending]).select_columns(columns)
     else:
         items = [r for u in pending for r in u.records]
         ds = ray.data.from_items(items).map_batches(

@@ -7,11 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import SIXTEEN_BIT_MODES, DecodedUpload
+from ..data.io import DecodedUpload
 from .maps import defect_regions, encode_map_png
-
-#: Pillow modes the answer warns about as 16-bit (rescaled to 8 bits when decoded): the decoder's, and "I".
-WARN_16_BIT_MODES = SIXTEEN_BIT_MODES | {"I"}
 
 
 def image_result(
@@ -50,11 +47,7 @@ def image_result(
     """
     h, w = decoded.original_size
     label = record["label"]
-    warnings = []
-    if decoded.frames > 1:
-        warnings.append(f"animated / multi-frame image ({decoded.frames} frames): only the first frame was scored")
-    if decoded.mode in WARN_16_BIT_MODES:
-        warnings.append(f"{decoded.mode} (16-bit) image: rescaled to 8 bits (value / 257), as in training")
+    warnings = decoded.warnings()
     out = {
         "name": record["path"],
         "score": record["score"],
