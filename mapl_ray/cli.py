@@ -494,7 +494,13 @@ def _add_data_parsers(sub) -> None:
     pp.add_argument(
         "--config",
         help="a config YAML or a run folder: its data.image_size and pose normalisation (data.align) are used, "
-        "so the shards match the run that reads them",
+        "so the shards match the run that reads them; with a YAML, the category preset as mapl train applies it",
+    )
+    pp.add_argument(
+        "--no-category-preset",
+        dest="category_preset",
+        action="store_false",
+        help="ignore the category's preset (as mapl train --no-category-preset)",
     )
     pp.add_argument("--rows-per-shard", type=_positive_int, default=256, help="images per Parquet file (default 256)")
     pp.add_argument(
@@ -944,11 +950,49 @@ def setup_logging(command: str, verbose: bool = False) -> None:
     logging.getLogger("mapl_ray.train").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def prepare_config(args: argparse.Namespace) -> Config:
+    """``mapl prepare``'s configuration: ``--config`` (:func:`data_config`) and, unless it is a run folder
+    (already resolved), the category preset ``mapl train`` would apply (the category the file names, else
+    SRC's folder name when SRC is a category folder): shards prepared for screw are pose-normalised as a
+    screw run reads them.
+
+    Raises:
+        ConfigError: as :func:`data_config`; ``--image-size`` differs from ``--config``'s data.image_size.
+    """
+    from .data.shards import source_kind
+
+    cfg = data_config(args.config)
+    if args.config and args.image_size and args.image_size != cfg.data.image_size:
+        raise ConfigError(
+            f"--image-size {args.image_size} differs from data.image_size {cfg.data.image_size} of --config "
+            f"{args.config}: the shards would not match the run; give one of them"
+        )
+    if args.config and Path(args.config).is_dir():
+        return cfg
+    category = cfg.data.category
+    if not category and Path(args.src).is_dir() and source_kind(args.src) == "category":
+        category = Path(args.src).resolve().name
+    preset = category_preset(category, config_file_keys(args.config) if args.config else set())
+    if preset and not args.category_preset:
+        print(f"mapl prepare: category {category!r} preset skipped (--no-category-preset)", file=sys.stderr)
+    elif preset:
+        used = {k: v for k, v in preset.items() if k.startswith("data.")}
+        if used:
+            print(
+                f"mapl prepare: category {category!r} preset: "
+                + ", ".join(f"{k}={v}" for k, v in used.items())
+                + " (--no-category-preset skips it)",
+                file=sys.stderr,
+            )
+        cfg = cfg.override({**preset, "data.category": category}).validate()  # the category names its foreground
+    return cfg
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.pose import build_pose_estimator
     from .pipelines.ray_data import prepare_shards
 
-    cfg = data_config(args.config)
+    cfg = prepare_config(args)
     size = args.image_size or cfg.data.image_size
     manifest = prepare_shards(
         args.src,

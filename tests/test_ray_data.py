@@ -120,6 +120,29 @@ def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     assert "data.align = 'portrait' is not allowed" in err and str(bad) in err and not (tmp_path / "u").exists()
 
 
+def test_prepare_pose_normalises_as_mapl_train_would(category, tmp_path):
+    """A screw category (folder name or the config's data.category) gets screw's preset, as mapl train applies
+    it, so `mapl train --stream --shards` reads the shards without a data.align mismatch."""
+    from mapl_ray.cli import build_parser, prepare_config
+    from mapl_ray.config import ConfigError
+    from mapl_ray.data.pose import build_pose_estimator
+    from mapl_ray.data.shards import ShardSpec
+
+    def config(*extra):
+        return prepare_config(build_parser().parse_args(["prepare", str(category), "--out", "x", *extra]))
+
+    cfg = config("--image-size", "32")
+    assert (cfg.data.align, cfg.data.category) == ("principal_axis", "screw")
+    assert config("--no-category-preset").data.align == "none"
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data: {category: screw, image_size: 64, align: none}\n")  # the file's choice wins
+    assert config("--config", str(yaml_file)).data.align == "none"
+    with pytest.raises(ConfigError, match="--image-size 32 differs from data.image_size 64"):
+        config("--config", str(yaml_file), "--image-size", "32")
+    spec = ShardSpec.of(32, build_pose_estimator(cfg))
+    assert spec.align_text().startswith("principal_axis")  # what the manifest says
+
+
 def test_simulation_stage_is_identical_across_workers_and_batch_sizes(ray_local, category):
     from conftest import tiny_config
 

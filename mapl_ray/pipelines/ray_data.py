@@ -185,7 +185,12 @@ def prepare_shards(
         compute=ray.data.TaskPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
     )
     counts = _collect_status(status, out_dir, total, progress)
-    manifest = {"source": os.path.abspath(src), "kind": kind, "image_size": list(spec.image_size), "align": spec.align}
+    manifest = {
+        "source": os.path.abspath(src),
+        "kind": kind,
+        "image_size": list(spec.image_size),
+        "align": spec.align_text(),
+    }
     manifest.update(counts)
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
