@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import needs_data, tiny_config
+
+from mapl_ray.data.layout import ImageReadError
 
 pytestmark = needs_data
 
@@ -63,3 +66,40 @@ def test_worker_errors_are_unwrapped_for_the_cli():
     assert _worker_error(wrapped) is ours
     other = _worker_error(WorkerGroupError({0: ZeroDivisionError("x")}))
     assert isinstance(other, TrainingFailed) and "ValueError: boom" in str(other)
+    # a Ray Data stage's failure arrives as text (UserCodeException): the unreadable file is still named
+    data_stage = RuntimeError(
+        "ray::MapWorker(MapBatches(StreamRows)).submit()\n  File ...\nmapl_ray.data.layout.ImageReadError: "
+        "cannot read image '/pool/zz.png': UnidentifiedImageError: cannot identify image file\n\nUDF failed"
+    )
+    found = _worker_error(WorkerGroupError({0: data_stage}))
+    assert isinstance(found, ImageReadError) and found.path == "/pool/zz.png"
+    assert found.reason == "UnidentifiedImageError: cannot identify image file"
+
+
+def test_a_streamed_pool_skips_an_unreadable_file_only_when_asked(tmp_path):
+    """--skip-bad-images with a pool streamed from a folder: the next readable pool image streams in place
+    of an unreadable one (the same on every worker); without it, the file's error stops the stream."""
+    from conftest import SCREW
+
+    from mapl_ray.data.io import load_image
+    from mapl_ray.data.streams import ROLE_UNLABELED
+    from mapl_ray.pipelines.ray_data import StreamRows, StreamSources
+
+    good = sorted((SCREW / "train" / "good").glob("*.png"))[:2]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    pool = [str(good[0]), str(bad), str(good[1])]
+    sources = StreamSources(([str(good[0])], pool, []), [])
+    role, index = np.full(3, ROLE_UNLABELED), np.arange(3)
+    for skip in (False, True):
+        cfg = tiny_config(SCREW.parent).override({"data.skip_bad_images": skip})
+        rows = StreamRows(cfg, sources, None)
+        size = cfg.data.image_size
+        images, masks = np.zeros((3, size, size, 3), np.uint8), np.zeros((3, size, size), np.uint8)
+        if not skip:
+            with pytest.raises(ImageReadError, match="bad.png"):
+                rows._from_files(role, index, images, masks)
+            continue
+        rows._from_files(role, index, images, masks)
+        np.testing.assert_array_equal(images[1], load_image(good[1], size))  # the next readable one
+        np.testing.assert_array_equal(images[2], images[1])

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..config import Config, ConfigError
 from ..data.io import DecodeLimits, load_image, load_mask
-from ..data.layout import LayoutError
+from ..data.layout import ImageReadError, LayoutError
 from ..data.pose import Aligner
 from ..data.shards import (
     DUPLICATES_FILE,
@@ -47,7 +47,7 @@ from ..data.shards import (
 )
 from ..data.simulation import build_simulator
 from ..data.split import Split
-from ..data.streams import ROLE_ANOMALY, StreamPlan, assemble_steps, augment_samples, simulate_samples
+from ..data.streams import ROLE_ANOMALY, ROLE_UNLABELED, StreamPlan, assemble_steps, augment_samples, simulate_samples
 from ..data.train_data import TrainData
 from ..data.validation import ValidationSet
 from .ray_env import init_ray
@@ -798,6 +798,7 @@ class StreamRows(SimulateBatch):
         self.cfg, self.sources, self.align = cfg, sources, align
         self.hw = (cfg.data.image_size, cfg.data.image_size)
         self._files: dict[str, pq.ParquetFile] = {}
+        self._bad_pool: set[int] = set()  # unreadable pool images met so far (data.skip_bad_images)
 
     def _from_shards(self, role: np.ndarray, index: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         loc = np.stack([self.sources.locations[r][i] for r, i in zip(role, index)])
@@ -813,10 +814,37 @@ class StreamRows(SimulateBatch):
 
     def _from_files(self, role: np.ndarray, index: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         for j, (r, i) in enumerate(zip(role, index)):
-            images[j], pose = load_image(self.sources.paths[r][i], self.hw, align=self.align, return_pose=True)
+            try:
+                images[j], pose = load_image(self.sources.paths[r][i], self.hw, align=self.align, return_pose=True)
+            except ImageReadError:
+                if not (r == ROLE_UNLABELED and self.cfg.data.skip_bad_images):
+                    raise
+                images[j], pose = self._next_readable_pool_image(int(i))
             mask_path = self.sources.mask_paths[i] if r == ROLE_ANOMALY else None
             if mask_path:
                 masks[j] = load_mask(mask_path, self.hw, pose=pose)
+
+    def _next_readable_pool_image(self, i: int):
+        """With ``data.skip_bad_images``: the streamed pool image after ``i`` (cyclically) that decodes, in
+        place of the unreadable image ``i`` (a folder's pool is only read as it streams; the labeled sets were
+        checked when decoded). The same for every worker and batch size. Raises ImageReadError when none does."""
+        pool = self.sources.paths[ROLE_UNLABELED]
+        bad = self._bad_pool
+        if i not in bad:
+            bad.add(i)
+            log.warning(
+                "skipping unreadable pool image %s (data.skip_bad_images): the next readable one streams", pool[i]
+            )
+        for k in range(1, len(pool)):
+            n = (i + k) % len(pool)
+            if n in bad:
+                continue
+            try:
+                return load_image(pool[n], self.hw, align=self.align, return_pose=True)
+            except ImageReadError:
+                bad.add(n)
+                log.warning("skipping unreadable pool image %s (data.skip_bad_images)", pool[n])
+        raise ImageReadError(pool[i], f"no image of the unlabeled pool ({len(pool)} files) could be read")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["role"])

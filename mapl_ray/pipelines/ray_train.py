@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from contextlib import nullcontext
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, parse_resources
-from ..data.layout import LayoutError
+from ..data.layout import ImageReadError, LayoutError
 from ..data.train_data import TrainData
 from ..data.validation import ValidationSet
 from ..model.encoder import WeightsError
@@ -191,18 +192,23 @@ class TrainingFailed(RuntimeError):
 
 def _worker_error(err: BaseException) -> BaseException:
     """The error a training worker raised, unwrapped from Ray's wrappers (for a one-line CLI message)."""
-    seen, stack = set(), [err]
+    seen, stack, seen_errors = set(), [err], []
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        seen_errors.append(e)
         if isinstance(e, (LayoutError, WeightsError, CheckpointError, ConfigError)):
             return e
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(failures.values())
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    for e in seen_errors:  # a Ray Data stage's error reaches the worker as text only (UserCodeException)
+        found = re.search(r"ImageReadError: cannot read image '(.+?)': ([^\n]*)", str(e))
+        if found:
+            return ImageReadError(found[1], found[2])
     last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
     return TrainingFailed(
         f"training failed in a Ray worker: {last} (mapl train --verbose shows the workers' output; Ray's "
