@@ -92,10 +92,17 @@ def test_prepare_from_a_list_file_and_from_parquet(ray_local, category, tmp_path
     # a Parquet of encoded images (Hugging Face layout: image struct with bytes and path)
     src = tmp_path / "src"
     src.mkdir()
-    images = [{"bytes": p.read_bytes(), "path": str(p)} for p in good] + [{"bytes": b"junk", "path": "junk.png"}]
-    pq.write_table(pa.table({"image": images, "label": [0, 0, 0, 1]}), src / "a.parquet")
+    images = [{"bytes": p.read_bytes(), "path": str(p)} for p in good[:2]] + [
+        {"bytes": None, "path": str(good[2])},  # a path and no bytes: the file is read
+        {"bytes": b"junk", "path": "junk.png"},
+        {"bytes": None, "path": None},  # neither: listed, the others go on
+        {"bytes": good[0].read_bytes(), "path": "labelled_five.png"},
+    ]
+    pq.write_table(pa.table({"image": images, "label": [0, 0, 0, 1, 0, 5]}), src / "a.parquet")
     m = prepare_shards(src, tmp_path / "from_parquet", image_size=SIZE, progress=False)
-    assert (m["kind"], m["images"], m["rejected"]) == ("parquet", 3, 1)
+    assert (m["kind"], m["images"], m["rejected"]) == ("parquet", 3, 3)
+    reasons = (tmp_path / "from_parquet" / "rejected.jsonl").read_text()
+    assert "no encoded bytes and no file path" in reasons and "label 5" in reasons and "junk.png" in reasons
     rows = sorted(_all_rows(tmp_path / "from_parquet"), key=lambda r: r["path"])
     assert [r["path"] for r in rows] == [str(p) for p in good]
     np.testing.assert_array_equal(

@@ -225,33 +225,39 @@ def parquet_files(src: str | os.PathLike[str]) -> list[str]:
     return [str(f.resolve()) for f in files]
 
 
-def parquet_source_record(row: dict[str, Any], where: str) -> tuple[dict[str, Any], bytes]:
+def parquet_source_record(row: dict[str, Any], where: str) -> tuple[dict[str, Any], bytes | None]:
     """(record, encoded bytes) of one row of a source Parquet that holds encoded images (PNG, JPEG...).
 
     The image is the ``image`` column: bytes, or a struct with ``bytes`` and ``path`` (the Hugging Face
-    ``datasets`` image layout). ``path``, ``split``, ``defect_type`` and ``label`` columns are used
-    when present; without a path the row is named ``sha256:<hash>``. Masks are not read from Parquet.
+    ``datasets`` image layout; a struct with a path and no bytes names a file, read when decoded: the bytes
+    are then None). ``path``, ``split``, ``defect_type`` and ``label`` (0 normal, 1 anomalous, -1 or null
+    unknown) columns are used when present; without a path the row is named ``sha256:<hash>``. Masks are
+    not read from Parquet.
 
     Raises:
-        LayoutError: the row has no ``image`` bytes (names ``where``).
+        ImageReadError: the row has neither image bytes nor a file path, or a label other than 0, 1, -1
+            (names the row's path, or ``where``): :func:`decode_batch`'s callers list it as rejected.
     """
     image = row.get("image")
     name = row.get("path")
     if isinstance(image, dict):
         name = name or image.get("path")
         image = image.get("bytes")
-    if not isinstance(image, (bytes, bytearray)):
-        raise LayoutError(
-            f"{where}: column 'image' must hold encoded image bytes (or a struct with 'bytes'), got {type(image).__name__}"
-        )
     label = row.get("label")
+    if label is not None and label not in (0, 1, LABEL_UNKNOWN):
+        raise ImageReadError(name or where, f"label {label!r} (expected 0 normal, 1 anomalous, -1 or null unknown)")
+    if not isinstance(image, (bytes, bytearray)) and not name:
+        raise ImageReadError(
+            where, f"a row's 'image' holds no encoded bytes and no file path (got {type(image).__name__})"
+        )
+    data = bytes(image) if isinstance(image, (bytes, bytearray)) else None
     record = _record(
-        name or f"sha256:{content_hash(image)}",
+        name or f"sha256:{content_hash(data)}",
         row.get("split") or "parquet",
         row.get("defect_type") or "unknown",
         LABEL_UNKNOWN if label is None else int(label),
     )
-    return record, bytes(image)
+    return record, data
 
 
 # -- decoding into rows ---------------------------------------------------------------------------

@@ -98,9 +98,15 @@ def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner
     rows_in = batch.to_pylist()
     if where is None:  # file sources: the record names the file to read
         rows, rejected = decode_batch(rows_in, spec.image_size, align)
-    else:  # a source Parquet holds the encoded bytes
-        pairs = [parquet_source_record(r, where) for r in rows_in]
+    else:  # a source Parquet holds the encoded bytes (or a file path, Hugging Face's layout)
+        pairs, refused = [], []
+        for r in rows_in:
+            try:
+                pairs.append(parquet_source_record(r, where))
+            except ImageReadError as e:  # one bad row never stops the job: it is listed with its reason
+                refused.append({"path": e.path, "reason": e.reason})
         rows, rejected = decode_batch([p[0] for p in pairs], spec.image_size, align, [p[1] for p in pairs])
+        rejected += refused
     shard = write_shard(rows, out, spec).name if rows else None
     return pa.table(
         {
