@@ -219,6 +219,8 @@ def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list
 def parquet_files(src: str | os.PathLike[str]) -> list[str]:
     """The ``.parquet`` files of a Parquet source (the file itself, or those directly in the folder), sorted."""
     p = Path(src)
+    if not p.exists():
+        raise LayoutError(f"{os.fspath(src)!r} does not exist (expected a mapl prepare folder or a .parquet file)")
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".parquet")
     if not files:
         raise LayoutError(f"{os.fspath(src)!r} holds no .parquet file")

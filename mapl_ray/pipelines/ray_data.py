@@ -778,7 +778,10 @@ class StreamSources:
         Raises:
             LayoutError: a shard set was decoded otherwise, or holds none of an image of the split.
         """
-        files = [f for folder in folders for f in open_shard_set(folder, expect=spec)[0]]
+        try:
+            files = [f for folder in folders for f in open_shard_set(folder, expect=spec)[0]]
+        except LayoutError as e:  # the folders come from one setting: name it as the user wrote it
+            raise LayoutError(f"--shards (data.shards): {e}") from e
         where: dict[str, tuple[int, int]] = {}
         for fi, f in enumerate(files):
             for row, p in enumerate(pq.read_table(f, columns=["path"]).column("path").to_pylist()):
