@@ -477,12 +477,17 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
 
 def write_train_summary(run_dir: Path, summary: dict[str, Any], resumed: bool) -> None:
     """Write ``train_summary.json``. After ``--resume`` the summaries of the earlier segments are kept
-    under ``earlier_segments`` (oldest first) and ``steps_run_total`` / ``train_wall_s_total`` add them up."""
+    under ``earlier_segments`` (oldest first) and ``steps_run_total`` / ``train_wall_s_total`` add them up.
+    A segment stopped before it wrote its summary (Ctrl-C, SIGTERM, a crash) is counted from the resumed
+    segment's ``start_step``: ``{"steps_run": ..., "interrupted": true}`` (its lines are in train_log.jsonl)."""
     path = run_dir / SUMMARY_FILE
     earlier: list[dict[str, Any]] = []
     if resumed and path.is_file():
         old = json.loads(path.read_text())
         earlier = old.pop("earlier_segments", []) + [{k: v for k, v in old.items() if not k.endswith("_total")}]
+    before = sum(int(s.get("steps_run", 0)) for s in earlier)
+    if resumed and int(summary.get("start_step", before)) > before:
+        earlier.append({"steps_run": int(summary["start_step"]) - before, "interrupted": True})
     segments = earlier + [summary]
     summary["earlier_segments"] = earlier
     summary["steps_run_total"] = sum(int(s.get("steps_run", 0)) for s in segments)

@@ -305,3 +305,12 @@ def test_resumed_run_keeps_the_earlier_training_summary(tmp_path):
     assert s["steps_run_total"] == 45 and s["train_wall_s_total"] == 38.0
     write_train_summary(tmp_path, {"steps_run": 7, "train_wall_s": 1.0}, resumed=False)  # a fresh run starts over
     assert json.loads((tmp_path / "train_summary.json").read_text())["steps_run_total"] == 7
+    # Ctrl-C at step 150 of a fresh run: no summary written; the resumed segment (150 -> 300) counts it
+    (tmp_path / "train_summary.json").unlink()
+    write_train_summary(tmp_path, {"steps_run": 150, "start_step": 150, "train_wall_s": 2.0}, resumed=True)
+    s = json.loads((tmp_path / "train_summary.json").read_text())
+    assert s["earlier_segments"] == [{"steps_run": 150, "interrupted": True}] and s["steps_run_total"] == 300
+    # a later interruption after a finished segment: only the steps no summary holds
+    write_train_summary(tmp_path, {"steps_run": 20, "start_step": 320, "train_wall_s": 1.0}, resumed=True)
+    s = json.loads((tmp_path / "train_summary.json").read_text())
+    assert [e["steps_run"] for e in s["earlier_segments"]] == [150, 150, 20] and s["steps_run_total"] == 340

@@ -607,6 +607,7 @@ class Trainer:
         summary = {
             "train_wall_s": wall,
             "steps_run": steps_run,
+            "start_step": self.start_step,
             "loop_wall_s": loop_wall,
             "world_size": self.world_size,
             "per_worker_batch": per_worker_batch,
