@@ -120,6 +120,12 @@ def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     assert (out["kind"], out["rejected"], out["image_size"]) == ("folder", 1, [32, 32])
     assert main(["prepare", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["prepare", str(category / "test"), "--out", str(tmp_path / "afile" / "s")]) == 2
+    assert f"--out {tmp_path / 'afile' / 's'} cannot be created" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
+    assert "contains no image files" in capsys.readouterr().err and not (tmp_path / "e").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {align: portrait}\n")
     assert main(["prepare", str(category / "test"), "--out", str(tmp_path / "u"), "--config", str(bad)]) == 2

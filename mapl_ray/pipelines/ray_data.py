@@ -179,10 +179,19 @@ def prepare_shards(
         )
     spec = ShardSpec.of(image_size, align)
     kind = source_kind(src)
-    init_ray()
-    quiet_data_context()
-    ds, total, where = _source_dataset(src, kind)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
+    try:  # before Ray starts: an --out that cannot be written is said at once
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LayoutError(f"--out {out_dir} cannot be created: {e.strerror or e}") from e
+    try:
+        init_ray()
+        quiet_data_context()
+        ds, total, where = _source_dataset(src, kind)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # nothing written: leave no empty folder behind
+            out_dir.rmdir()
+        raise
     status = ds.map_batches(
         _decode_and_write,
         batch_size=rows_per_shard,
