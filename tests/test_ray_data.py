@@ -133,6 +133,19 @@ def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     assert "data.align = 'portrait' is not allowed" in err and str(bad) in err and not (tmp_path / "u").exists()
 
 
+def test_prepare_warns_of_defect_images_without_a_mask(ray_local, category, tmp_path, caplog):
+    from mapl_ray.pipelines.ray_data import _source_dataset
+
+    copy = tmp_path / "screw"
+    shutil.copytree(category, copy)
+    mask = sorted((copy / "ground_truth").rglob("*_mask.png"))[0]
+    mask.unlink()
+    with caplog.at_level("WARNING", logger="mapl_ray.data"):
+        _, total, _ = _source_dataset(str(copy), "category")
+    assert total == len([p for p in copy.rglob("*.png") if "ground_truth" not in p.parts])  # the image is kept
+    assert "1 defect images have no mask" in caplog.text and mask.name.replace("_mask", "") in caplog.text
+
+
 def test_prepare_pose_normalises_as_mapl_train_would(category, tmp_path):
     """A screw category (folder name or the config's data.category) gets screw's preset, as mapl train applies
     it, so `mapl train --stream --shards` reads the shards without a data.align mismatch."""

@@ -138,6 +138,14 @@ def _source_dataset(src: str, kind: str):
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         return ray.data.read_parquet(files).select_columns(columns), total, src
     records = source_records(src, kind)
+    unmasked = [r["path"] for r in records if r["label"] == 1 and not r["mask_path"]]
+    if unmasked:  # kept (image-level data is allowed), but mapl train refuses them unless --no-masks
+        log.warning(
+            "%d defect images have no mask under ground_truth/ (kept with mask null; mapl train needs --no-masks "
+            "to use them), e.g. %s",
+            len(unmasked),
+            unmasked[0],
+        )
     return ray.data.from_items(records), len(records), None
 
 
