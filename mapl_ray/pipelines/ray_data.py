@@ -957,9 +957,13 @@ class TrainStream:
         }
 
     def data_config(self):
+        import warnings
+
         from ray.train import DataConfig
 
-        options = DataConfig.default_ingest_options()
+        with warnings.catch_warnings():  # Ray's own default options set a field Ray deprecates (Ray 2.5x)
+            warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+            options = DataConfig.default_ingest_options()
         options.preserve_order = True  # assemble_steps cuts the rows into steps by order
         return DataConfig(datasets_to_split=[], execution_options=options)
 
