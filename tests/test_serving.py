@@ -325,7 +325,10 @@ def test_ray_serve_env_is_set_where_unset_and_a_users_value_wins(monkeypatch):
     got = apply_ray_serve_env()
     assert got["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
-    assert apply_ray_serve_env()["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    got = apply_ray_serve_env()
+    assert got["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # a two_tier front's call of 32 decoded 1024 px images fits one gRPC message (gRPC's default is 4 MiB)
+    assert int(got["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= 32 * 1024 * 1024 * 3
 
 
 def test_regions_default_cut_is_the_map_part_of_the_decision_threshold():

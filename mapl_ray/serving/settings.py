@@ -39,7 +39,13 @@ RAY_RESERVED_CPUS = 2
 #: port 8000 still goes through one proxy, docs/serving.md "Where a request goes"):
 #: on the H200 it took single-image p50 from 38 to 28 ms and the echo ceiling of Serve's HTTP path
 #: from 188 to 261 images/s at concurrency 32 (bench/results/serve_load.json); every serve test passes in it.
-RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+#: In that mode a call between deployments (two_tier's front -> model: up to front_batch_size decoded images,
+#: 6.3 MB for 32 at 256 px) is a gRPC message, which Ray caps at gRPC's 4 MiB by default: the bench's handle
+#: probe failed with RESOURCE_EXHAUSTED on the H100 (2026-12-07); raised to Ray's own cap for its proxy (2 GiB).
+RAY_SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+}
 
 
 #: ``mapl serve --ingress`` values: ``proxy``, Ray Serve's one Python HTTP proxy in front of the replicas
