@@ -1048,7 +1048,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     skipped = f"; {summary['files_skipped']} files were already there" if summary["files_skipped"] else ""
     print(
         f"scored {summary['images']} images into {summary['files_written']} files in {args.out}"
-        f" ({summary['unreadable']} unreadable: see their 'error'){skipped}",
+        f" ({summary['unreadable']} not scored, unreadable or outside the decode limits: see their 'error')"
+        f"{skipped}",
         file=sys.stderr,
     )
     return 0
