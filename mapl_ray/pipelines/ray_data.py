@@ -560,7 +560,8 @@ def score_source(
         maps: also write each anomaly map as an 8-bit PNG.
 
     Returns:
-        summary: ``images`` scored, ``unreadable`` (rows with no score: unreadable, or refused by the decode limits), ``files_written``, ``files_skipped``, the output folder;
+        summary: ``images`` scored, ``unreadable`` (rows with no score: unreadable, or refused by the decode
+        limits), ``files_written``, ``files_skipped``, the output folder;
         ``total_s`` (the whole call), ``wall_s`` / ``first_batch_s`` / ``steady_images_per_s`` (from the start
         of Ray Data's execution, :func:`_write_units`) and ``stages_s``, where the time went: ``setup_s``
         (listing, output claim), ``ray_init_s``, ``plan_s`` (building the dataset), ``paths_s``,
