@@ -597,19 +597,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     note = None  # said once the configuration is valid: a flag's mistake comes first, alone
     if not args.resume:
         category = str(overrides.get("data.category", cfg.data.category))
-        command = getattr(args, "command", "train")
-        if not getattr(args, "category_preset", True):
-            if category_preset(category):
-                note = f"mapl {command}: category {category!r} preset skipped (--no-category-preset)"
-        else:
-            preset = category_preset(category, file_keys | set(overrides))
-            if preset:
-                note = (
-                    f"mapl {command}: category {category!r} preset: "
-                    + ", ".join(f"{k}={v}" for k, v in preset.items())
-                    + " (--no-category-preset skips it)"
-                )
-                resolved = cfg.override(preset).override(overrides)
+        use = getattr(args, "category_preset", True)
+        preset = category_preset(category, file_keys | set(overrides) if use else set())
+        note = preset_note(getattr(args, "command", "train"), category, preset, use)
+        if use and preset:
+            resolved = cfg.override(preset).override(overrides)
     try:
         resolved = resolved.validate()
     except ConfigError as e:  # name where the value came from: the flag or the file the user wrote
@@ -621,6 +613,19 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if note:
         print(note, file=sys.stderr)
     return resolved
+
+
+def preset_note(command: str, category: str, preset: dict[str, Any], used: bool, shown: str = "") -> str | None:
+    """The line ``mapl COMMAND`` prints about ``category``'s preset: the settings it applies (those whose
+    name starts with ``shown``), or that ``--no-category-preset`` skipped it (``used`` false); None when
+    there is nothing to say."""
+    if preset and not used:
+        return f"mapl {command}: category {category!r} preset skipped (--no-category-preset)"
+    settings = {k: v for k, v in preset.items() if k.startswith(shown)}
+    if not settings:
+        return None
+    listed = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return f"mapl {command}: category {category!r} preset: {listed} (--no-category-preset skips it)"
 
 
 @contextmanager
@@ -973,17 +978,10 @@ def prepare_config(args: argparse.Namespace) -> Config:
     if not category and Path(args.src).is_dir() and source_kind(args.src) == "category":
         category = Path(args.src).resolve().name
     preset = category_preset(category, config_file_keys(args.config) if args.config else set())
-    if preset and not args.category_preset:
-        print(f"mapl prepare: category {category!r} preset skipped (--no-category-preset)", file=sys.stderr)
-    elif preset:
-        used = {k: v for k, v in preset.items() if k.startswith("data.")}
-        if used:
-            print(
-                f"mapl prepare: category {category!r} preset: "
-                + ", ".join(f"{k}={v}" for k, v in used.items())
-                + " (--no-category-preset skips it)",
-                file=sys.stderr,
-            )
+    note = preset_note("prepare", category, preset, args.category_preset, shown="data.")  # what shards hold
+    if note:
+        print(note, file=sys.stderr)
+    if preset and args.category_preset:
         cfg = cfg.override({**preset, "data.category": category}).validate()  # the category names its foreground
     return cfg
 
