@@ -404,8 +404,8 @@ def load_image(
         ImageLimitError: ``limits`` refused the image (an :class:`ImageReadError`; names the limit).
         ValueError: invalid ``size``.
     """
-    image, _, pose, _ = _read_rgb(os.fspath(path), normalize_size(size), align=align, limits=limits)
-    return (image, pose) if return_pose else image
+    d = decode_file(path, size, align, limits)
+    return (d.image, d.pose) if return_pose else d.image
 
 
 def decode_image(

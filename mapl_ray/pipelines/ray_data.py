@@ -841,36 +841,28 @@ class StreamRows(SimulateBatch):
 
     def _from_files(self, role: np.ndarray, index: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         for j, (r, i) in enumerate(zip(role, index)):
-            try:
+            if r == ROLE_UNLABELED and self.cfg.data.skip_bad_images:
+                images[j], pose = self._readable_pool_image(int(i))
+            else:
                 images[j], pose = load_image(self.sources.paths[r][i], self.hw, align=self.align, return_pose=True)
-            except ImageReadError:
-                if not (r == ROLE_UNLABELED and self.cfg.data.skip_bad_images):
-                    raise
-                images[j], pose = self._next_readable_pool_image(int(i))
             mask_path = self.sources.mask_paths[i] if r == ROLE_ANOMALY else None
             if mask_path:
                 masks[j] = load_mask(mask_path, self.hw, pose=pose)
 
-    def _next_readable_pool_image(self, i: int):
-        """With ``data.skip_bad_images``: the streamed pool image after ``i`` (cyclically) that decodes, in
-        place of the unreadable image ``i`` (a folder's pool is only read as it streams; the labeled sets were
-        checked when decoded). The same for every worker and batch size. Raises ImageReadError when none does."""
+    def _readable_pool_image(self, i: int):
+        """With ``data.skip_bad_images``: pool image ``i`` or, when it does not decode, the first after it
+        (cyclically) that does (a folder's pool is only read as it streams; the labeled sets were checked when
+        decoded). The same for every worker and batch size. Raises ImageReadError when none does."""
         pool = self.sources.paths[ROLE_UNLABELED]
-        bad = self._bad_pool
-        if i not in bad:
-            bad.add(i)
-            log.warning(
-                "skipping unreadable pool image %s (data.skip_bad_images): the next readable one streams", pool[i]
-            )
-        for k in range(1, len(pool)):
+        for k in range(len(pool)):
             n = (i + k) % len(pool)
-            if n in bad:
+            if n in self._bad_pool:
                 continue
             try:
                 return load_image(pool[n], self.hw, align=self.align, return_pose=True)
             except ImageReadError:
-                bad.add(n)
-                log.warning("skipping unreadable pool image %s (data.skip_bad_images)", pool[n])
+                self._bad_pool.add(n)
+                log.warning("skipping unreadable pool image %s (data.skip_bad_images): the next one streams", pool[n])
         raise ImageReadError(pool[i], f"no image of the unlabeled pool ({len(pool)} files) could be read")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
