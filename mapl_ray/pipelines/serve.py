@@ -51,6 +51,7 @@ from ..data.io import decode_upload
 from ..data.layout import ImageReadError
 from ..data.pose import build_pose_estimator
 from ..serving.auth import check_bearer, load_token, token_digest
+from ..serving.batching import BatchWait
 from ..serving.errors import ApiError, decode_error
 from ..serving.inputs import parse_uploads, read_body
 from ..serving.model_info import model_version, training_metrics
@@ -241,7 +242,7 @@ class Scorer:
         sizes = {s.max_batch_size} | {2**k for k in range(8) if 2**k < s.max_batch_size}
         self.buckets = sorted(sizes) if self.pred.cuda_graphs else None
         self._score.set_max_batch_size(s.max_batch_size)
-        self._score.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self._wait = BatchWait(self._score, s.batch_wait_timeout_s)  # images queued: the next batch collects
         size = self.pred.image_size
         for b in self.buckets or [1]:  # warm-up (and graph capture) before the replica takes requests
             self.pred.predict_images(np.zeros((b, size, size, 3), np.uint8), [""] * b)
@@ -274,7 +275,8 @@ class Scorer:
         size = self.pred.image_size
         if image.dtype != np.uint8 or image.shape != (size, size, 3):
             raise ValueError(f"expected a uint8 ({size}, {size}, 3) image, got {image.dtype} {image.shape}")
-        record, amap = await self._score((image, name, want_map))
+        with self._wait.waiting():
+            record, amap = await self._score((image, name, want_map))
         return {
             "record": record,
             "map": amap,
@@ -299,7 +301,8 @@ class Scorer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)  # set in __init__
     async def _score(self, items: list) -> list:
-        return await asyncio.to_thread(self._forward, items)
+        with self._wait.batch(len(items)):
+            return await asyncio.to_thread(self._forward, items)
 
     def _forward(self, items: list) -> list:
         """Images ``[(uint8 (S, S, 3), name, want_map)]`` -> ``[(record, map (S, S) or None)]`` in one
@@ -348,7 +351,7 @@ class Ingress:
         self._bounded = scorer is None or self._front_batches
         if self._front_batches:
             self._remote_batch.set_max_batch_size(self.s.front_batch_size)
-            self._remote_batch.set_batch_wait_timeout_s(0.0)  # what queued while the previous call ran
+            self._front_wait = BatchWait(self._remote_batch, 0.0)  # images queued: the next call collects
         self._held = 0
         token = load_token(self.s.token_env, self.s.token_file)
         if token_digest(token) != self.s.token_sha256:
@@ -510,7 +513,8 @@ class Ingress:
             except asyncio.TimeoutError:
                 raise self._timeout(False) from None
         elif self._front_batches:
-            out = await self._remote_batch((d.image, name, want_map, deadline))
+            with self._front_wait.waiting():
+                out = await self._remote_batch((d.image, name, want_map, deadline))
         else:
             out = await self._remote_predict(self.scorer.predict, (d.image, name, want_map), deadline)
         args = (
@@ -534,7 +538,8 @@ class Ingress:
         of their deadlines (no image is cut before its own)."""
         images = np.stack([it[0] for it in items])
         args = (images, [it[1] for it in items], [it[2] for it in items])
-        return await self._remote_predict(self.scorer.predict_many, args, max(it[3] for it in items))
+        with self._front_wait.batch(len(items)):
+            return await self._remote_predict(self.scorer.predict_many, args, max(it[3] for it in items))
 
     async def _remote_predict(self, method, args: tuple, deadline: float):
         """``method.remote(*args)`` (``Scorer.predict`` or ``predict_many``) on a model replica, retried on

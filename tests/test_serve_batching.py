@@ -1,0 +1,138 @@
+"""``@serve.batch`` under load with :class:`BatchWait`: Ray Serve's own batcher in a plain event loop
+(no cluster), a batch function that takes a fixed time like a forward pass, clients that send again as
+soon as they are answered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from ray import serve
+
+from mapl_ray.serving.batching import MAX_BUSY_WAIT_S, BatchWait
+
+PASS_S = 0.03  # one "forward pass"
+
+
+@pytest.fixture(autouse=True)
+def _replica_context(monkeypatch):
+    """The batch queue reads its replica's ``max_ongoing_requests`` (for a warning): a stand-in replica."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: ctx)
+
+
+def _model(adaptive: bool):
+    """A fresh class each time: ``@serve.batch`` keeps one queue per decorated function (bound to the
+    event loop it first ran in), as a replica holds one model object."""
+
+    class Model:
+        def __init__(self):
+            self.sizes: list[int] = []
+            self._run.set_max_batch_size(8)
+            self.wait = BatchWait(self._run, 0.0) if adaptive else None
+            if not adaptive:
+                self._run.set_batch_wait_timeout_s(0.0)
+
+        async def call(self, x: int) -> int:
+            if self.wait is None:
+                return await self._run(x)
+            with self.wait.waiting():
+                return await self._run(x)
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=1)
+        async def _run(self, xs: list) -> list:
+            self.sizes.append(len(xs))
+            if self.wait is None:
+                await asyncio.sleep(PASS_S)
+            else:
+                with self.wait.batch(len(xs)):
+                    await asyncio.sleep(PASS_S)
+            return [x * 2 for x in xs]
+
+    return Model()
+
+
+async def _load(model, clients: int, seconds: float) -> int:
+    """``clients`` callers, each sending again when answered, staggered as decoding would; images done."""
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal done
+        await asyncio.sleep(0.002 * i)
+        while time.monotonic() < stop:
+            assert await model.call(i) == 2 * i
+            done += 1
+            await asyncio.sleep(0.001)  # the answer's way back and the next upload
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return done
+
+
+def _run(coro):
+    """``coro`` to completion in a loop of its own; the batch queue's task (in a replica it lives as long
+    as the process) is then cancelled with a time bound (``asyncio.run``'s unbounded wait hung here)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+        loop.close()
+
+
+def _run_load(adaptive: bool) -> tuple:
+    async def main():
+        model = _model(adaptive)
+        return model, await _load(model, 8, 1.0)
+
+    return _run(main())
+
+
+def test_fixed_zero_wait_degenerates_to_batches_of_one_and_batch_wait_restores_them():
+    fixed, n_fixed = _run_load(adaptive=False)
+    steady = fixed.sizes[4:]
+    assert steady and max(steady) <= 2  # Ray 2.60 forms the next batch before the previous one ran
+    adaptive, n_adaptive = _run_load(adaptive=True)
+    steady = adaptive.sizes[4:]
+    assert sum(steady) / len(steady) >= 4  # the next batch collected while one ran
+    assert n_adaptive >= 2 * n_fixed
+
+
+def test_a_lone_call_after_load_does_not_wait():
+    async def main():
+        model = _model(adaptive=True)
+        await _load(model, 8, 0.3)
+        assert model.wait.wait_s == pytest.approx(PASS_S, abs=0.02)  # under load: the last pass's time
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        assert await model.call(3) == 6
+        return time.perf_counter() - t0, model
+
+    lone_s, model = _run(main())
+    assert lone_s < PASS_S + 0.015  # no batch wait added to the pass
+    assert model.sizes[-1] == 1
+
+
+def test_batch_wait_bounds():
+    class Method:
+        def set_batch_wait_timeout_s(self, s):
+            self.s = s
+
+    m = Method()
+    w = BatchWait(m, 0.002)
+    assert m.s == 0.002
+    w.last_s = 5.0
+    assert w.wait_s == MAX_BUSY_WAIT_S
+    w.last_s = 0.0
+    assert w.wait_s == 0.002
+    with pytest.raises(ValueError, match="batch wait"):
+        BatchWait(m, -1.0)
+    with pytest.raises(ValueError, match="batch wait"):
+        BatchWait(m, float("nan"))
