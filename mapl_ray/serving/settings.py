@@ -143,11 +143,11 @@ class ServeSettings:
             layout, whose replicas reserve ``cpus_per_replica``.
         max_batch_size: most images in one forward pass (``@serve.batch``); None: 32 on a GPU, 1 on
             CPU (where batching was slower than one image at a time).
-        batch_wait_timeout_s: how long the first image of a batch waits for others: a lone request pays
-            it in full (latency at low load). 0 (default): a batch is what queued while the previous
-            batch ran, which beat 0.002 s at every concurrency on the H200 (docs/serving.md).
+        batch_wait_timeout_s: how long the first image of a batch waits for others while the replica
+            is idle: a lone request pays it in full. While images wait, the batch collects for the last
+            forward pass's duration instead (:class:`~mapl_ray.serving.batching.BatchWait`).
         front_batch_size: ``two_tier`` only: most images a front replica sends to the model deployment in
-            one call (its own ``@serve.batch`` of the images it decoded, what queued while its previous
+            one call (its own ``@serve.batch`` of the images it decoded, collected while its previous
             call ran); the model replica batches the images of all fronts' calls again into its forward
             passes. Each call between processes costs CPU on both sides, more than a small batch costs
             the GPU: one image per call carried about 20x fewer images/s than 32 per call on the 2-core
