@@ -189,7 +189,9 @@ def train(args, mode: str, work: Path, profile: bool = False) -> dict:
         rec.update({k: s.get(k) for k in KEEP})
     metrics = out / "metrics.json"
     if metrics.is_file():
-        rec["image_auroc"] = json.loads(metrics.read_text())["overall"]["image_auroc"]
+        m = json.loads(metrics.read_text())
+        rec["image_auroc"] = m["overall"]["image_auroc"]
+        rec["validation_objective"] = (m.get("validation") or {}).get("objective")  # what a setting is chosen on
     return rec
 
 
