@@ -484,7 +484,7 @@ def _add_data_parsers(sub) -> None:
         help="decode and resize images into Parquet shards with Ray Data (see docs/data.md)",
         description="SRC: an MVTec-layout category folder (ROOT/CATEGORY), a folder of images (searched "
         "recursively), a text file of image paths, or Parquet with encoded images. Unreadable files are "
-        "skipped and listed in SHARDS/rejected.jsonl; duplicate files in SHARDS/duplicates.jsonl.",
+        "skipped and listed in SHARDS/_rejected.jsonl; duplicate files in SHARDS/_duplicates.jsonl.",
     )
     pp.add_argument(
         "src", help="images to prepare: a category folder, an image folder, a list file, one image or Parquet"
@@ -1006,14 +1006,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not manifest["images"]:
         print(
             f"mapl prepare: error: none of the {manifest['rejected']} files in {args.src} could be read as an "
-            f"image; no shards were written (each file and its reason: {out / 'rejected.jsonl'})",
+            f"image; no shards were written (each file and its reason: {out / '_rejected.jsonl'})",
             file=sys.stderr,
         )
         return 2
     print(
         f"wrote {manifest['images']} images in {manifest['shards']} shards to {out}; "
-        f"{manifest['rejected']} unreadable ({out / 'rejected.jsonl'}), "
-        f"{manifest['duplicates']} duplicates ({out / 'duplicates.jsonl'})",
+        f"{manifest['rejected']} unreadable ({out / '_rejected.jsonl'}), "
+        f"{manifest['duplicates']} duplicates ({out / '_duplicates.jsonl'})",
         file=sys.stderr,
     )
     return 0

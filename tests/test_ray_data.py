@@ -60,12 +60,15 @@ def test_prepare_decodes_every_readable_image_and_lists_the_rest(shards, categor
     out, manifest = shards
     files = sorted(p for p in category.rglob("*.png") if "ground_truth" not in p.parts)
     assert manifest["images"] == len(files) - 1 and manifest["rejected"] == 1 and manifest["duplicates"] == 1
-    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    rejected = [json.loads(line) for line in (out / "_rejected.jsonl").read_text().splitlines()]
     assert [r["path"] for r in rejected] == [str(category / "test" / "good" / "broken.png")] and rejected[0]["reason"]
-    dup = json.loads((out / "duplicates.jsonl").read_text())
+    dup = json.loads((out / "_duplicates.jsonl").read_text())
     assert {dup["path"], dup["same_as"]} == {str(category / "train" / "good" / n) for n in ("000.png", "000_again.png")}
     rows = {r["path"]: r for r in _all_rows(out)}
     assert set(rows) == {str(p) for p in files if p.name != "broken.png"}
+    import pandas as pd  # the side files start with "_": pandas / pyarrow read the folder as Parquet
+
+    assert sorted(pd.read_parquet(out, columns=["path"])["path"]) == sorted(rows)
     for path, row in rows.items():
         np.testing.assert_array_equal(images_from_column([row["image"]], (SIZE, SIZE))[0], load_image(path, SIZE))
         assert row["hash"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -88,7 +91,7 @@ def test_prepare_from_a_list_file_and_from_parquet(ray_local, category, tmp_path
     lst.write_text("\n".join([str(good[0]), "missing.png", str(good[1])]) + "\n")
     m = prepare_shards(lst, tmp_path / "from_list", image_size=SIZE, progress=False)
     assert (m["kind"], m["images"], m["rejected"]) == ("list", 2, 1)
-    assert "missing.png" in (tmp_path / "from_list" / "rejected.jsonl").read_text()
+    assert "missing.png" in (tmp_path / "from_list" / "_rejected.jsonl").read_text()
     # a Parquet of encoded images (Hugging Face layout: image struct with bytes and path)
     src = tmp_path / "src"
     src.mkdir()
@@ -101,7 +104,7 @@ def test_prepare_from_a_list_file_and_from_parquet(ray_local, category, tmp_path
     pq.write_table(pa.table({"image": images, "label": [0, 0, 0, 1, 0, 5]}), src / "a.parquet")
     m = prepare_shards(src, tmp_path / "from_parquet", image_size=SIZE, progress=False)
     assert (m["kind"], m["images"], m["rejected"]) == ("parquet", 3, 3)
-    reasons = (tmp_path / "from_parquet" / "rejected.jsonl").read_text()
+    reasons = (tmp_path / "from_parquet" / "_rejected.jsonl").read_text()
     assert "no encoded bytes and no file path" in reasons and "label 5" in reasons and "junk.png" in reasons
     rows = sorted(_all_rows(tmp_path / "from_parquet"), key=lambda r: r["path"])
     assert [r["path"] for r in rows] == [str(p) for p in good]

@@ -1,7 +1,7 @@
 """Parquet shards of decoded images: what ``mapl prepare`` writes and ``mapl score`` / streamed training read.
 
-A shard set is a folder of Parquet files (pyarrow) plus ``manifest.json``, ``rejected.jsonl`` and
-``duplicates.jsonl``. Each row is one image, decoded and resized once (:mod:`mapl_ray.data.io`'s
+A shard set is a folder of Parquet files (pyarrow) plus ``_manifest.json``, ``_rejected.jsonl`` and
+``_duplicates.jsonl``. Each row is one image, decoded and resized once (:mod:`mapl_ray.data.io`'s
 decoders, pose normalisation included), so readers never touch Pillow again:
 
 =============  ============  =====================================================================
@@ -71,9 +71,9 @@ __all__ = [
 
 META_KEY = b"mapl_ray.shards"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-REJECTED_FILE = "rejected.jsonl"
-DUPLICATES_FILE = "duplicates.jsonl"
+MANIFEST_FILE = "_manifest.json"
+REJECTED_FILE = "_rejected.jsonl"
+DUPLICATES_FILE = "_duplicates.jsonl"
 #: Rows per Parquet row group. Streamed training reads single rows at random (a whole group each);
 #: scoring reads whole files. 8 rows: a random row costs ~4 ms, a sequential one ~0.5 ms (256 x 256).
 ROW_GROUP_ROWS = 8
@@ -450,5 +450,5 @@ def read_rows(
 
 
 def rejected_line(path: str, reason: str) -> str:
-    """A ``rejected.jsonl`` line."""
+    """A ``_rejected.jsonl`` line."""
     return json.dumps({"path": path, "reason": reason})

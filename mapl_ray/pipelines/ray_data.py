@@ -159,8 +159,8 @@ def prepare_shards(
     progress: bool = True,
 ) -> dict[str, Any]:
     """``mapl prepare``: decode and resize every image of ``src`` in parallel (Ray Data tasks) and write
-    Parquet shards (:mod:`mapl_ray.data.shards`) with ``rejected.jsonl``, ``duplicates.jsonl`` and
-    ``manifest.json`` into ``out``.
+    Parquet shards (:mod:`mapl_ray.data.shards`) with ``_rejected.jsonl``, ``_duplicates.jsonl`` and
+    ``_manifest.json`` into ``out``.
 
     Args:
         src: an MVTec-layout category folder, a folder of images (recursive), a list file, or Parquet
@@ -220,7 +220,7 @@ def prepare_shards(
 
 
 def _collect_status(status, out_dir: Path, total: int, progress: bool) -> dict[str, Any]:
-    """Stream the status rows: count images, write ``rejected.jsonl`` and ``duplicates.jsonl`` as they come.
+    """Stream the status rows: count images, write ``_rejected.jsonl`` and ``_duplicates.jsonl`` as they come.
 
     Keeps one hash (and first path) per image to find duplicates: O(images) strings, no pixels."""
     first_by_hash: dict[str, str] = {}
