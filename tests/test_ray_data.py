@@ -444,10 +444,30 @@ def test_score_rows_reach_their_files_in_source_order_when_ray_delivers_them_shu
 
     counts = _write_units(Shuffled(), units, tmp_path, progress=False)
     assert counts["images"] == 6 and counts["unreadable"] == 0
+    assert counts["steady_images_per_s"] is None  # 2 batches after the first: too few to time a rate
     for k, unit in enumerate(units):
         table = pq.read_table(tmp_path / unit.name)
         assert table.column("path").to_pylist() == [f"img{k}_{i}.png" for i in range(3)]
         assert table.column("score").to_pylist() == [float(f"{k}{i}") for i in range(3)]
+
+
+def test_actor_rate_comes_from_the_actors_own_timings(tmp_path):
+    """The actors' rate: rows after each actor's first batch over the time from the first batch out (any
+    actor) to the last; the driver's view of it came in bursts (two batches 0.05 s apart)."""
+    from mapl_ray.pipelines.ray_data import _actor_stages
+
+    t0 = 1000.0
+    common = {"start": t0, "torch_imported": t0 + 1, "model_loaded": t0 + 2, "warmed_up": t0 + 3, "busy_s": 2.0}
+    actors = [
+        {**common, "first_in": t0 + 9, "first_out": t0 + 10, "last_out": t0 + 12, "rows": 12, "first_rows": 4},
+        {**common, "first_in": t0 + 10, "first_out": t0 + 11, "last_out": t0 + 14, "rows": 8, "first_rows": 4},
+    ]
+    for i, a in enumerate(actors):
+        a.update(batches=a["rows"] // 4, sizes={"4": a["rows"] // 4})
+        (tmp_path / f"actor-{i}.json").write_text(json.dumps(a))
+    stages = _actor_stages(tmp_path, t0, t0 + 15)
+    assert stages["actor_images_per_s"] == pytest.approx((8 + 4) / 4.0)
+    assert stages["first_batch_out_at_s"] == [10.0, 11.0] and not tmp_path.exists()
 
 
 def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):

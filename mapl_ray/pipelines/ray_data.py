@@ -404,6 +404,8 @@ class ScoreBatch:
         t = self.timings
         t.setdefault("first_in", t_in)
         t.setdefault("first_out", time.time())
+        t.setdefault("first_rows", batch.num_rows)
+        t["last_out"] = time.time()
         t["batches"], t["rows"] = t["batches"] + 1, t["rows"] + batch.num_rows
         t["busy_s"] += time.time() - t_in
         t["sizes"][str(batch.num_rows)] = t["sizes"].get(str(batch.num_rows), 0) + 1
@@ -675,6 +677,9 @@ def _actor_stages(folder: Path, t_iter: float, t_end: float) -> dict[str, Any]:
         for k, v in r["sizes"].items():
             sizes[k] = sizes.get(k, 0) + v
     active = sum(max(t_end - r["first_in"], 1e-9) for r in found if "first_in" in r)
+    done = [r for r in found if "last_out" in r]
+    after = sum(r["rows"] - r["first_rows"] for r in done)
+    span = max((r["last_out"] for r in done), default=0.0) - min((r["first_out"] for r in done), default=0.0)
     return {
         "actors": len(found),
         "actor_start_at_s": at("start"),
@@ -687,7 +692,13 @@ def _actor_stages(folder: Path, t_iter: float, t_end: float) -> dict[str, Any]:
         "batches_per_actor": sorted(r["batches"] for r in found),
         "batch_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
         "actor_busy_fraction": sum(r["busy_s"] for r in found) / active if active else None,
+        # rows the actors scored after their first batch, over the time from the first batch out to the last
+        "actor_images_per_s": after / span if after > 0 and span > 0 else None,
     }
+
+
+#: batches after the first that the driver must receive before it reports a steady rate (:func:`_write_units`)
+STEADY_MIN_BATCHES = 4
 
 
 def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dict[str, Any]:
@@ -696,9 +707,11 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
     delivered rows out of order on the H200 although ``preserve_order`` was set.
 
     Also times it: ``wall_s`` (from the start of the iteration), ``first_batch_s`` (start-up: read, actors,
-    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it; None with one batch),
+    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it),
     ``paths_s`` (reading the source files' paths, after the first batch: the pipeline runs on meanwhile), ``wait_s`` (waiting for score rows), ``write_s``
-    (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the iteration's ends).
+    (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the iteration's ends). The driver's ``steady_images_per_s`` needs at least
+    :data:`STEADY_MIN_BATCHES` batches after the first (None otherwise): rows reach the driver in bursts,
+    and two batches 0.05 s apart once gave 4,038 images/s for actors that scored 60.
 
     Raises:
         RuntimeError: a row's path belongs to no pending file, or a path is in two files (not routable).
@@ -709,7 +722,7 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
     paths_s = 0.0
     parts: dict[int, list[pa.Table]] = {}
     got = np.zeros(len(pending), np.int64)
-    images = unreadable = first_rows = 0
+    images = unreadable = first_rows = n_batches = 0
     wait_s = 0.0
     iter_start, t0, t_first = time.time(), time.perf_counter(), None
     batches = iter(scored.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -747,11 +760,13 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
             readable = rows.column("error").null_count
             images, unreadable = images + readable, unreadable + rows.num_rows - readable
         bar.update(batch.num_rows)
+        n_batches += 1
     bar.close()
     wall = time.perf_counter() - t0
     first = (t_first or t0) - t0
-    after = images + unreadable - first_rows  # None with one batch: there is no steady part to time
-    steady = after / (wall - first) if wall > first and after > 0 else None
+    after = images + unreadable - first_rows
+    timed = n_batches - 1 >= STEADY_MIN_BATCHES and wall > first and after > 0
+    steady = after / (wall - first) if timed else None
     return {
         "images": images,
         "unreadable": unreadable,
