@@ -87,11 +87,20 @@ def test_prepare_from_a_list_file_and_from_parquet(ray_local, category, tmp_path
     from mapl_ray.pipelines.ray_data import prepare_shards
 
     good = sorted((category / "train" / "good").glob("*.png"))[:3]
+    from PIL import Image
+
+    tiny, sliver = tmp_path / "tiny.png", tmp_path / "sliver.png"  # what mapl score / serve refuse
+    Image.new("RGB", (4, 4)).save(tiny)
+    Image.new("RGB", (1000, 100)).save(sliver)
     lst = tmp_path / "list.txt"
-    lst.write_text("\n".join([str(good[0]), "missing.png", str(good[1])]) + "\n")
+    lst.write_text("\n".join([str(good[0]), "missing.png", str(good[1]), str(tiny), str(sliver)]) + "\n")
     m = prepare_shards(lst, tmp_path / "from_list", image_size=SIZE, progress=False)
-    assert (m["kind"], m["images"], m["rejected"]) == ("list", 2, 1)
-    assert "missing.png" in (tmp_path / "from_list" / "_rejected.jsonl").read_text()
+    assert (m["kind"], m["images"], m["rejected"]) == ("list", 2, 3)
+    rejected = {
+        json.loads(x)["path"]: json.loads(x)["reason"] for x in (tmp_path / "from_list" / "_rejected.jsonl").open()
+    }
+    assert set(rejected) == {str(tmp_path / "missing.png"), str(tiny), str(sliver)}
+    assert "min_side" in rejected[str(tiny)] and "max_aspect" in rejected[str(sliver)]
     # a Parquet of encoded images (Hugging Face layout: image struct with bytes and path)
     src = tmp_path / "src"
     src.mkdir()

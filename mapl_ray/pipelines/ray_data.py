@@ -94,10 +94,13 @@ def _progress(total: int | None, desc: str, show: bool):
 # -- mapl prepare ---------------------------------------------------------------------------------
 def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner | None, where: str | None):
     """``map_batches`` stage of ``mapl prepare``: decode one batch of source rows, write it as one shard,
-    return one status row per image (path, hash, shard, reason; no pixels)."""
+    return one status row per image (path, hash, shard, reason; no pixels). Images that ``mapl score`` and
+    ``mapl serve`` would refuse (:meth:`DecodeLimits.for_model`: decompression bombs, slivers, a side under
+    the minimum) are rejected here, on their header, before any pixel is decoded."""
     rows_in = batch.to_pylist()
+    limits = DecodeLimits.for_model(min(spec.image_size))
     if where is None:  # file sources: the record names the file to read
-        rows, rejected = decode_batch(rows_in, spec.image_size, align)
+        rows, rejected = decode_batch(rows_in, spec.image_size, align, limits=limits)
     else:  # a source Parquet holds the encoded bytes (or a file path, Hugging Face's layout)
         pairs, refused = [], []
         for r in rows_in:
@@ -105,7 +108,7 @@ def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner
                 pairs.append(parquet_source_record(r, where))
             except ImageReadError as e:  # one bad row never stops the job: it is listed with its reason
                 refused.append({"path": e.path, "reason": e.reason})
-        rows, rejected = decode_batch([p[0] for p in pairs], spec.image_size, align, [p[1] for p in pairs])
+        rows, rejected = decode_batch([p[0] for p in pairs], spec.image_size, align, [p[1] for p in pairs], limits)
         rejected += refused
     shard = write_shard(rows, out, spec).name if rows else None
     return pa.table(
