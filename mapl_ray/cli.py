@@ -697,7 +697,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             }
         )
     )
-    print(f"run folder: {out}  (report.md, metrics.json, scores.csv, plots/, heatmaps/, checkpoint/)", file=sys.stderr)
+    listed = [
+        n
+        for n in ("report.md", "metrics.json", "scores.csv", "plots/", "heatmaps/", "checkpoint/")
+        if (out / n).exists()
+    ]
+    print(f"run folder: {out}  ({', '.join(listed)})", file=sys.stderr)  # heatmaps/ only when eval.heatmaps > 0
     return 0
 
 

@@ -478,7 +478,7 @@ def decode_upload(
     import io
 
     if not data:
-        raise ImageReadError(name, "empty body (expected the bytes of an image file)")
+        raise ImageReadError(name, "empty (0 bytes; expected the bytes of an image file)")
     image, orig_hw, pose, info = _read_rgb(name, normalize_size(size), io.BytesIO(data), align=align, limits=limits)
     return DecodedUpload(image=image, original_size=orig_hw, pose=pose, **info)
 
