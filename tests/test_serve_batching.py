@@ -31,10 +31,7 @@ def _model(adaptive: bool):
     class Model:
         def __init__(self):
             self.sizes: list[int] = []
-            self._run.set_max_batch_size(8)
-            self.wait = BatchWait(self._run, 0.0) if adaptive else None
-            if not adaptive:
-                self._run.set_batch_wait_timeout_s(0.0)
+            self.wait = BatchWait(self._run, 0.0) if adaptive else None  # else the decorator's fixed wait of 0
 
         async def call(self, x: int) -> int:
             if self.wait is None:

@@ -405,12 +405,13 @@ class ScoreBatch:
         t_in = time.time()
         out = score_table(self.pred, batch, self.maps_dir)
         t = self.timings
+        t_out = time.time()
         t.setdefault("first_in", t_in)
-        t.setdefault("first_out", time.time())
+        t.setdefault("first_out", t_out)
         t.setdefault("first_rows", batch.num_rows)
-        t["last_out"] = time.time()
+        t["last_out"] = t_out
         t["batches"], t["rows"] = t["batches"] + 1, t["rows"] + batch.num_rows
-        t["busy_s"] += time.time() - t_in
+        t["busy_s"] += t_out - t_in
         t["sizes"][str(batch.num_rows)] = t["sizes"].get(str(batch.num_rows), 0) + 1
         self._save_timings()
         return out
@@ -710,11 +711,12 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
     delivered rows out of order on the H200 although ``preserve_order`` was set.
 
     Also times it: ``wall_s`` (from the start of the iteration), ``first_batch_s`` (start-up: read, actors,
-    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it),
-    ``paths_s`` (reading the source files' paths, after the first batch: the pipeline runs on meanwhile), ``wait_s`` (waiting for score rows), ``write_s``
-    (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the iteration's ends). The driver's ``steady_images_per_s`` needs at least
-    :data:`STEADY_MIN_BATCHES` batches after the first (None otherwise): rows reach the driver in bursts,
-    and two batches 0.05 s apart once gave 4,038 images/s for actors that scored 60.
+    model load), ``steady_images_per_s`` (the rows after the first batch over the time after it; None
+    below :data:`STEADY_MIN_BATCHES` batches after the first: rows reach the driver in bursts, and two
+    batches 0.05 s apart once gave 4,038 images/s for actors that scored 60), ``paths_s`` (reading the
+    source files' paths, after the first batch: the pipeline runs on meanwhile), ``wait_s`` (waiting for
+    score rows), ``write_s`` (routing and writing), ``iter_start`` / ``iter_end`` (``time.time()`` of the
+    iteration's ends).
 
     Raises:
         RuntimeError: a row's path belongs to no pending file, or a path is in two files (not routable).
