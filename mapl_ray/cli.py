@@ -483,8 +483,9 @@ def _add_data_parsers(sub) -> None:
         "prepare",
         help="decode and resize images into Parquet shards with Ray Data (see docs/data.md)",
         description="SRC: an MVTec-layout category folder (ROOT/CATEGORY), a folder of images (searched "
-        "recursively), a text file of image paths, or Parquet with encoded images. Unreadable files are "
-        "skipped and listed in SHARDS/_rejected.jsonl; duplicate files in SHARDS/_duplicates.jsonl.",
+        "recursively), a text file of image paths, or Parquet with encoded images. Unreadable files (and a "
+        "folder's files without an image extension) are skipped and listed in SHARDS/_rejected.jsonl; duplicate "
+        "files in SHARDS/_duplicates.jsonl.",
     )
     pp.add_argument(
         "src", help="images to prepare: a category folder, an image folder, a list file, one image or Parquet"
@@ -1017,7 +1018,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 2
     print(
         f"wrote {manifest['images']} images in {manifest['shards']} shards to {out}; "
-        f"{manifest['rejected']} unreadable ({out / '_rejected.jsonl'}), "
+        f"{manifest['rejected']} rejected ({manifest['no_image_extension']} without an image extension, the "
+        f"others unreadable or refused: {out / '_rejected.jsonl'}), "
         f"{manifest['duplicates']} duplicates ({out / '_duplicates.jsonl'})",
         file=sys.stderr,
     )

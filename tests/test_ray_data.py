@@ -145,6 +145,38 @@ def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     assert "data.align = 'portrait' is not allowed" in err and str(bad) in err and not (tmp_path / "u").exists()
 
 
+def test_prepare_lists_a_folders_files_without_an_image_extension_as_rejected(ray_local, category, tmp_path, capsys):
+    """A folder's files without an image extension are not decoded: each is a _rejected.jsonl line with its
+    extension and the ones expected, counted in the manifest and the summary line; the images are all
+    written, and hidden files and folders stay out of both."""
+    from mapl_ray.cli import main
+    from mapl_ray.data.layout import IMAGE_EXTENSIONS
+
+    src = tmp_path / "pool"
+    shutil.copytree(category / "test" / "good", src / "good")
+    images = sorted(str(p) for p in src.rglob("*.png") if p.name != "broken.png")
+    (src / "notes.txt").write_text("not an image")
+    (src / "good" / "labels.CSV").write_text("a,b\n")
+    (src / "README").write_text("no extension")
+    (src / ".DS_Store").write_bytes(b"\0\0")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "x.txt").write_text("hidden folder")
+    out = tmp_path / "shards"
+    assert main(["prepare", str(src), "--out", str(out), "--image-size", str(SIZE), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    manifest = json.loads(captured.out.strip().splitlines()[-1])
+    assert (manifest["kind"], manifest["images"]) == ("folder", len(images))
+    assert (manifest["rejected"], manifest["no_image_extension"]) == (4, 3)  # + broken.png, unreadable
+    assert "4 rejected (3 without an image extension" in captured.err
+    rejected = {json.loads(x)["path"]: json.loads(x)["reason"] for x in (out / "_rejected.jsonl").open()}
+    expected = "expected one of " + " ".join(sorted(IMAGE_EXTENSIONS))
+    assert rejected[str(src / "notes.txt")] == f"not an image extension (.txt); {expected}"
+    assert rejected[str(src / "good" / "labels.CSV")] == f"not an image extension (.CSV); {expected}"
+    assert rejected[str(src / "README")] == f"no file extension; {expected}"
+    assert set(rejected) == {str(src / n) for n in ("notes.txt", "good/labels.CSV", "README", "good/broken.png")}
+    assert sorted(r["path"] for r in _all_rows(out)) == images
+
+
 def test_prepare_warns_of_defect_images_without_a_mask(ray_local, category, tmp_path, caplog):
     from mapl_ray.pipelines.ray_data import _source_dataset
 

@@ -338,14 +338,32 @@ def _require_images(paths: list[str], where: str) -> list[str]:
     return paths
 
 
-def find_images(folder: str) -> list[str]:
-    """Image files (:data:`IMAGE_EXTENSIONS`) below ``folder``, recursively, hidden entries skipped, sorted."""
+def _visible_files(folder: str) -> list[str]:
+    """Every file below ``folder``, recursively, sorted; hidden files and hidden folders skipped."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         # Prune hidden folders in place so os.walk does not descend into them (.git, .cache...).
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f) and not f.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
     return sorted(found)
+
+
+def find_images(folder: str) -> list[str]:
+    """Image files (:data:`IMAGE_EXTENSIONS`) below ``folder``, recursively, hidden entries skipped, sorted."""
+    return [p for p in _visible_files(folder) if is_image_file(p)]
+
+
+def find_non_images(folder: str) -> list[str]:
+    """The files below ``folder`` that :func:`find_images` leaves out for their extension (hidden entries are
+    skipped by both), recursively, sorted: what ``mapl prepare`` lists as rejected (:func:`not_image_reason`)."""
+    return [p for p in _visible_files(folder) if not is_image_file(p)]
+
+
+def not_image_reason(name: str) -> str:
+    """Why ``name`` (a file name or path) is not taken as an image: its extension, and the ones that are."""
+    ext = os.path.splitext(os.path.basename(name))[1]
+    what = f"not an image extension ({ext})" if ext else "no file extension"
+    return f"{what}; expected one of {' '.join(sorted(IMAGE_EXTENSIONS))}"
 
 
 def scan_folder(path: str | os.PathLike[str], what: str = "unlabeled image folder") -> list[ImageRecord]:

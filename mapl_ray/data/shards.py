@@ -50,7 +50,9 @@ from .layout import (
     LABEL_UNKNOWN,
     ImageReadError,
     LayoutError,
+    find_non_images,
     is_image_file,
+    not_image_reason,
     scan_category,
     scan_folder,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "read_rows",
     "source_kind",
     "source_records",
+    "source_rejected",
     "write_shard",
 ]
 
@@ -214,6 +217,17 @@ def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list
     if kind == "image":
         return [_record(str(Path(src).resolve()), "list", "unknown", LABEL_UNKNOWN)]
     raise LayoutError(f"{os.fspath(src)!r} is a {kind} source, not a folder or list of image files")
+
+
+def source_rejected(src: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, str]]:
+    """``{"path", "reason"}`` of the files of a ``folder`` source (:func:`source_kind`) that
+    :func:`source_records` leaves out for their extension (:func:`~mapl_ray.data.layout.not_image_reason`),
+    sorted by path: ``mapl prepare`` lists them in ``_rejected.jsonl`` beside the unreadable ones. Hidden
+    files and folders are skipped without a word, as they are when images are listed. Other kinds give none: a
+    list file's entries are all decoded (and rejected when not images), a category's folders are MVTec's."""
+    if (kind or source_kind(src)) != "folder":
+        return []
+    return [{"path": p, "reason": not_image_reason(p)} for p in find_non_images(os.path.abspath(os.fspath(src)))]
 
 
 def parquet_files(src: str | os.PathLike[str]) -> list[str]:

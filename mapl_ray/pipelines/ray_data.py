@@ -43,6 +43,7 @@ from ..data.shards import (
     rejected_line,
     source_kind,
     source_records,
+    source_rejected,
     write_shard,
 )
 from ..data.simulation import build_simulator
@@ -176,7 +177,9 @@ def prepare_shards(
         progress: draw a progress bar of images on stderr.
 
     Returns:
-        The manifest: source, kind, spec, ``images`` written, ``rejected``, ``duplicates``, ``shards``.
+        The manifest: source, kind, spec, ``images`` written, ``rejected`` (unreadable or refused images, and
+        the files of a folder without an image extension), ``no_image_extension`` (those files alone),
+        ``duplicates``, ``shards``.
 
     Raises:
         LayoutError: ``src`` missing or empty, ``out`` already holds shards, a source Parquet without images.
@@ -199,6 +202,7 @@ def prepare_shards(
         init_ray()
         quiet_data_context()
         ds, total, where = _source_dataset(src, kind)
+        not_images = source_rejected(src, kind)
     except BaseException:
         if created and not any(out_dir.iterdir()):  # nothing written: leave no empty folder behind
             out_dir.rmdir()
@@ -210,7 +214,7 @@ def prepare_shards(
         fn_kwargs={"out": str(out_dir.resolve()), "spec": spec, "align": align, "where": where},
         compute=ray.data.TaskPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
     )
-    counts = _collect_status(status, out_dir, total, progress)
+    counts = _collect_status(status, out_dir, total, progress, not_images)
     manifest = {
         "source": os.path.abspath(src),
         "kind": kind,
@@ -222,15 +226,21 @@ def prepare_shards(
     return manifest
 
 
-def _collect_status(status, out_dir: Path, total: int, progress: bool) -> dict[str, Any]:
+def _collect_status(
+    status, out_dir: Path, total: int, progress: bool, not_images: list[dict[str, str]]
+) -> dict[str, Any]:
     """Stream the status rows: count images, write ``_rejected.jsonl`` and ``_duplicates.jsonl`` as they come.
+    ``not_images`` (:func:`~mapl_ray.data.shards.source_rejected`: ``{"path", "reason"}`` of files never decoded)
+    open ``_rejected.jsonl`` and count as rejected.
 
     Keeps one hash (and first path) per image to find duplicates: O(images) strings, no pixels."""
     first_by_hash: dict[str, str] = {}
     shards: set[str] = set()
-    n_ok = n_bad = n_dup = 0
+    n_ok = n_dup = 0
+    n_bad = len(not_images)
     bar = _progress(total, "prepare", progress)
     with (out_dir / REJECTED_FILE).open("w") as rej, (out_dir / DUPLICATES_FILE).open("w") as dup:
+        rej.writelines(rejected_line(r["path"], r["reason"]) + "\n" for r in not_images)
         for batch in status.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 if row["reason"] is not None:
@@ -245,7 +255,13 @@ def _collect_status(status, out_dir: Path, total: int, progress: bool) -> dict[s
                     dup.write(json.dumps({"path": row["path"], "same_as": first, "hash": row["hash"]}) + "\n")
             bar.update(batch.num_rows)
     bar.close()
-    return {"images": n_ok, "rejected": n_bad, "duplicates": n_dup, "shards": len(shards)}
+    return {
+        "images": n_ok,
+        "rejected": n_bad,
+        "no_image_extension": len(not_images),
+        "duplicates": n_dup,
+        "shards": len(shards),
+    }
 
 
 # -- anomaly simulation as a stage ----------------------------------------------------------------
