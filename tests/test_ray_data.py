@@ -124,6 +124,35 @@ def test_prepare_from_a_list_file_and_from_parquet(ray_local, category, tmp_path
         prepare_shards(src, tmp_path / "from_parquet", image_size=SIZE, progress=False)
 
 
+def test_prepare_names_the_file_and_row_of_a_rejected_parquet_row(ray_local, category, tmp_path):
+    """A source Parquet's bad row is listed with its file and row index (from 0, across row groups and files);
+    one with no path and no image path is listed as that place alone; the good rows are all written."""
+    from mapl_ray.pipelines.ray_data import prepare_shards
+
+    good = sorted((category / "train" / "good").glob("*.png"))[:4]
+    src = tmp_path / "src"
+    src.mkdir()
+    # a.parquet: good rows only; b.parquet: row groups of 2 rows, the bad rows in the second and third
+    pq.write_table(pa.table({"image": [good[0].read_bytes()], "path": [str(good[0])], "label": [0]}), src / "a.parquet")
+    images = [good[1].read_bytes(), good[2].read_bytes(), good[3].read_bytes(), b"junk", None, good[0].read_bytes()]
+    names = [str(good[1]), "", None, None, "", "five.png"]
+    table = pa.table({"image": images, "path": names, "label": [0, 0, 0, 0, 0, 5]})
+    pq.write_table(table, src / "b.parquet", row_group_size=2)
+    b = str((src / "b.parquet").resolve())
+    m = prepare_shards(src, tmp_path / "out", image_size=SIZE, rows_per_shard=3, progress=False)
+    assert (m["kind"], m["images"], m["rejected"]) == ("parquet", 4, 3)
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "_rejected.jsonl").open()]
+    by_path = {r["path"]: r["reason"] for r in rejected}
+    assert len(by_path) == 3 and f"row 4 of {b}" in by_path  # no bytes, no path: the place is its name
+    assert "no encoded bytes and no file path" in by_path[f"row 4 of {b}"]
+    junk = next(p for p in by_path if p.startswith("sha256:"))  # nameless junk: named by its hash, placed by row
+    assert by_path[junk].endswith(f"(row 3 of {b})")
+    assert "label 5" in by_path["five.png"] and by_path["five.png"].endswith(f"(row 5 of {b})")
+    rows = _all_rows(tmp_path / "out")
+    assert sorted(r["hash"] for r in rows) == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in good)
+    assert sorted(r["path"] for r in rows if not r["path"].startswith("sha256:")) == sorted(map(str, good[:2]))
+
+
 def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     from mapl_ray.cli import main
 

@@ -22,6 +22,7 @@ from mapl_ray.data.shards import (
     pose_from_json,
     read_list_file,
     read_rows,
+    shard_paths,
     source_kind,
     source_records,
     write_shard,
@@ -91,6 +92,31 @@ def test_spec_mismatch_and_foreign_parquet_are_named(tmp_path):
     )
     with pytest.raises(LayoutError, match="not a mapl shard"):
         open_shard_set(tmp_path / "b")
+
+
+def test_a_shard_row_without_a_path_is_named_by_file_and_row(tmp_path):
+    """mapl score routes score rows by path and streamed training finds its images by path: a shard row with a
+    null or empty path is an error naming the file and the row, not a nameless score or a silent miss."""
+    from mapl_ray.pipelines.ray_data import StreamSources
+
+    paths = sorted(str(p) for p in (SCREW / "train" / "good").glob("*.png"))[:4]
+    spec = ShardSpec.of(16, None)
+    rows, _ = decode_batch([{"path": p, "label": 0} for p in paths], (16, 16), None)
+    good = write_shard(rows, tmp_path / "good", spec)
+    assert shard_paths(str(good)) == paths
+    rows[2]["path"], rows[3]["path"] = "", None
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "part-0.parquet"  # written with a nullable path, as another writer may
+    schema = spec.schema().set(0, pa.field("path", pa.string()))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), bad)
+    with pytest.raises(
+        LayoutError, match=rf"shard {bad}: row 2 \(counting from 0\) \(and 1 more row\(s\)\) has no path"
+    ):
+        shard_paths(str(bad))
+    sources = StreamSources(([paths[0]], [], []), [])
+    assert sources.with_shards([tmp_path / "good"], spec).locations[0].tolist() == [[0, 0]]
+    with pytest.raises(LayoutError, match=rf"--shards \(data.shards\): shard {bad}: row 2 "):
+        sources.with_shards([tmp_path / "bad"], spec)
 
 
 def test_read_rows_returns_the_rows_asked_in_order(tmp_path):

@@ -66,6 +66,7 @@ __all__ = [
     "images_from_column",
     "open_shard_set",
     "read_rows",
+    "shard_paths",
     "source_kind",
     "source_records",
     "source_rejected",
@@ -247,8 +248,9 @@ def parquet_source_record(row: dict[str, Any], where: str) -> tuple[dict[str, An
     The image is the ``image`` column: bytes, or a struct with ``bytes`` and ``path`` (the Hugging Face
     ``datasets`` image layout; a struct with a path and no bytes names a file, read when decoded: the bytes
     are then None). ``path``, ``split``, ``defect_type`` and ``label`` (0 normal, 1 anomalous, -1 or null
-    unknown) columns are used when present; without a path the row is named ``sha256:<hash>``. Masks are
-    not read from Parquet.
+    unknown) columns are used when present; without a path (null or empty) the row is named
+    ``sha256:<hash>``. Masks are not read from Parquet. ``where``: the row's place in the source, e.g.
+    ``row 7 of /data/a.parquet``, which names a row that has no name of its own.
 
     Raises:
         ImageReadError: the row has neither image bytes nor a file path, or a label other than 0, 1, -1
@@ -264,7 +266,8 @@ def parquet_source_record(row: dict[str, Any], where: str) -> tuple[dict[str, An
         raise ImageReadError(name or where, f"label {label!r} (expected 0 normal, 1 anomalous, -1 or null unknown)")
     if not isinstance(image, (bytes, bytearray)) and not name:
         raise ImageReadError(
-            where, f"a row's 'image' holds no encoded bytes and no file path (got {type(image).__name__})"
+            where,
+            f"its 'image' holds no encoded bytes and no file path (got {type(image).__name__}), and its 'path' is empty",
         )
     data = bytes(image) if isinstance(image, (bytes, bytearray)) else None
     record = _record(
@@ -405,6 +408,25 @@ def open_shard_set(folder: str | os.PathLike[str], expect: ShardSpec | None = No
             f"data.align={expect.align_text()}: prepare them again with `mapl prepare SRC --out DIR --config RUN/config.yaml`"
         )
     return files, spec
+
+
+def shard_paths(file: str) -> list[str]:
+    """The ``path`` column of one shard file, in row order: the names ``mapl score`` routes its score rows by
+    and streamed training finds its images by.
+
+    Raises:
+        LayoutError: a row's path is null or empty (names the file, the first such row, counted from 0, and
+            how many there are): ``mapl prepare`` names every row, so the file was written otherwise.
+    """
+    paths = pq.read_table(file, columns=["path"]).column("path").to_pylist()
+    bad = [i for i, p in enumerate(paths) if not p]
+    if bad:
+        more = f" (and {len(bad) - 1} more row(s))" if len(bad) > 1 else ""
+        raise LayoutError(
+            f"shard {file}: row {bad[0]} (counting from 0){more} has no path (null or empty); every shard row "
+            "names its image: write shards with `mapl prepare`"
+        )
+    return paths
 
 
 def images_from_column(values: Sequence[bytes], hw: tuple[int, int], channels: int = 3) -> np.ndarray:

@@ -41,6 +41,7 @@ from ..data.shards import (
     parquet_source_record,
     read_rows,
     rejected_line,
+    shard_paths,
     source_kind,
     source_records,
     source_rejected,
@@ -59,6 +60,9 @@ log = logging.getLogger("mapl_ray.data")
 ROWS_PER_SHARD = 256
 #: Columns of a source Parquet that ``mapl prepare`` reads (those present).
 PARQUET_SOURCE_COLUMNS = ("image", "path", "split", "defect_type", "label")
+#: Columns ``mapl prepare`` adds to a source Parquet's rows while it reads them: the file, and the row's index in it
+#: (from 0), which a rejected row's entry names (:func:`_read_row_group`).
+SOURCE_FILE, SOURCE_ROW = "source_file", "source_row"
 
 
 def quiet_data_context() -> None:
@@ -93,24 +97,29 @@ def _progress(total: int | None, desc: str, show: bool):
 
 
 # -- mapl prepare ---------------------------------------------------------------------------------
-def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner | None, where: str | None):
+def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner | None, parquet: bool):
     """``map_batches`` stage of ``mapl prepare``: decode one batch of source rows, write it as one shard,
     return one status row per image (path, hash, shard, reason; no pixels). Images that ``mapl score`` and
     ``mapl serve`` would refuse (:meth:`DecodeLimits.for_model`: decompression bombs, slivers, a side under
-    the minimum) are rejected here, on their header, before any pixel is decoded."""
+    the minimum) are rejected here, on their header, before any pixel is decoded. ``parquet``: the rows are a
+    source Parquet's (:func:`_read_row_group`); a rejected row's reason ends with its file and row index, and a
+    row with no name at all (no path, no image path) is listed as ``row I of FILE``."""
     rows_in = batch.to_pylist()
     limits = DecodeLimits.for_model(min(spec.image_size))
-    if where is None:  # file sources: the record names the file to read
+    if not parquet:  # file sources: the record names the file to read
         rows, rejected = decode_batch(rows_in, spec.image_size, align, limits=limits)
     else:  # a source Parquet holds the encoded bytes (or a file path, Hugging Face's layout)
-        pairs, refused = [], []
+        rows, rejected = [], []
         for r in rows_in:
+            where = f"row {r.pop(SOURCE_ROW)} of {r.pop(SOURCE_FILE)}"
             try:
-                pairs.append(parquet_source_record(r, where))
+                record, data = parquet_source_record(r, where)
             except ImageReadError as e:  # one bad row never stops the job: it is listed with its reason
-                refused.append({"path": e.path, "reason": e.reason})
-        rows, rejected = decode_batch([p[0] for p in pairs], spec.image_size, align, [p[1] for p in pairs], limits)
-        rejected += refused
+                bad = [{"path": e.path, "reason": e.reason}]
+            else:
+                good, bad = decode_batch([record], spec.image_size, align, [data], limits)
+                rows += good
+            rejected += [b if b["path"] == where else {**b, "reason": f"{b['reason']} ({where})"} for b in bad]
     shard = write_shard(rows, out, spec).name if rows else None
     return pa.table(
         {
@@ -125,8 +134,23 @@ def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner
     )
 
 
-def _source_dataset(src: str, kind: str):
-    """(Ray dataset of source rows, number of images, Parquet source name or None)."""
+def _read_row_group(items: pa.Table, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    """``map_batches`` stage of ``mapl prepare`` on a source Parquet: the ``columns`` of each item's row group
+    (``file``, ``row_group``, ``first_row``: the index in the file of the group's first row), ``rows`` at a time
+    (a large group is never read whole), with :data:`SOURCE_FILE` and :data:`SOURCE_ROW` added. Ray Data's
+    Parquet reader keeps neither the file nor the row's index, which a bad row's entry must name."""
+    for item in items.to_pylist():
+        pf, row = pq.ParquetFile(item["file"]), item["first_row"]
+        for batch in pf.iter_batches(batch_size=rows, row_groups=[item["row_group"]], columns=columns):
+            n = batch.num_rows
+            table = pa.Table.from_batches([batch]).append_column(SOURCE_FILE, pa.array([item["file"]] * n, pa.string()))
+            yield table.append_column(SOURCE_ROW, pa.array(range(row, row + n), pa.int64()))
+            row += n
+
+
+def _source_dataset(src: str, kind: str, rows: int = ROWS_PER_SHARD):
+    """(Ray dataset of source rows, number of images, whether they are a source Parquet's rows). A source
+    Parquet is read one row group a task, ``rows`` rows at a time (:func:`_read_row_group`)."""
     import ray.data
 
     if kind == "parquet":
@@ -139,8 +163,16 @@ def _source_dataset(src: str, kind: str):
             raise LayoutError(
                 f"{files[0]} has no 'image' column (expected encoded image bytes); columns: {schema.names}"
             )
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        return ray.data.read_parquet(files).select_columns(columns), total, src
+        groups, total = [], 0
+        for f in files:
+            meta, first = pq.ParquetFile(f).metadata, 0
+            for g in range(meta.num_row_groups):
+                groups.append({"file": f, "row_group": g, "first_row": first})
+                first += meta.row_group(g).num_rows
+            total += meta.num_rows
+        ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
+        read = {"columns": columns, "rows": rows}
+        return ds.map_batches(_read_row_group, batch_size=1, batch_format="pyarrow", fn_kwargs=read), total, True
     records = source_records(src, kind)
     unmasked = [r["path"] for r in records if r["label"] == 1 and not r["mask_path"]]
     if unmasked:  # kept (image-level data is allowed), but mapl train refuses them unless --no-masks
@@ -150,7 +182,7 @@ def _source_dataset(src: str, kind: str):
             len(unmasked),
             unmasked[0],
         )
-    return ray.data.from_items(records), len(records), None
+    return ray.data.from_items(records), len(records), False
 
 
 def prepare_shards(
@@ -201,7 +233,7 @@ def prepare_shards(
     try:
         init_ray()
         quiet_data_context()
-        ds, total, where = _source_dataset(src, kind)
+        ds, total, parquet = _source_dataset(src, kind, rows_per_shard)
         not_images = source_rejected(src, kind)
     except BaseException:
         if created and not any(out_dir.iterdir()):  # nothing written: leave no empty folder behind
@@ -211,7 +243,7 @@ def prepare_shards(
         _decode_and_write,
         batch_size=rows_per_shard,
         batch_format="pyarrow",
-        fn_kwargs={"out": str(out_dir.resolve()), "spec": spec, "align": align, "where": where},
+        fn_kwargs={"out": str(out_dir.resolve()), "spec": spec, "align": align, "parquet": parquet},
         compute=ray.data.TaskPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
     )
     counts = _collect_status(status, out_dir, total, progress, not_images)
@@ -328,7 +360,7 @@ class _Unit:
 
     def paths(self) -> list[str]:
         if self.shard is not None:
-            return pq.read_table(self.shard, columns=["path"]).column("path").to_pylist()
+            return shard_paths(self.shard)
         return [r["path"] for r in self.records]
 
 
@@ -593,7 +625,8 @@ def score_source(
     Raises:
         CheckpointError: ``run`` is not a trained run folder or its weights are unreadable.
         ConfigError: ``device`` not a device name, or a CUDA device where the Ray cluster has no GPU.
-        LayoutError: ``src`` missing, shards decoded at another size or pose normalisation than the run's,
+        LayoutError: ``src`` missing, shards decoded at another size or pose normalisation than the run's or
+            with a row without a path (naming the file and the row),
             ``out`` a file or holding another run's scores or files this source would not write (another
             ``rows_per_file``, a changed folder).
     """
@@ -736,6 +769,7 @@ def _write_units(scored, pending: list[_Unit], out: Path, progress: bool) -> dic
 
     Raises:
         RuntimeError: a row's path belongs to no pending file, or a path is in two files (not routable).
+        LayoutError: a source shard has a row without a path (:func:`~mapl_ray.data.shards.shard_paths`).
     """
     bar = _progress(sum(u.rows for u in pending), "score", progress)
     unit_paths: list[list[str]] = []
@@ -830,15 +864,17 @@ class StreamSources:
         """The same images read from shard sets (``mapl prepare`` outputs decoded with ``spec``).
 
         Raises:
-            LayoutError: a shard set was decoded otherwise, or holds none of an image of the split.
+            LayoutError: a shard set was decoded otherwise, has a row without a path (:func:`shard_paths`), or
+                holds none of an image of the split.
         """
         try:
             files = [f for folder in folders for f in open_shard_set(folder, expect=spec)[0]]
+            names = [shard_paths(f) for f in files]
         except LayoutError as e:  # the folders come from one setting: name it as the user wrote it
             raise LayoutError(f"--shards (data.shards): {e}") from e
         where: dict[str, tuple[int, int]] = {}
-        for fi, f in enumerate(files):
-            for row, p in enumerate(pq.read_table(f, columns=["path"]).column("path").to_pylist()):
+        for fi, paths in enumerate(names):
+            for row, p in enumerate(paths):
                 where.setdefault(p, (fi, row))
         missing = [p for role in self.paths for p in role if p not in where]
         if missing:
