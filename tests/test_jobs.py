@@ -115,3 +115,49 @@ def test_config_uri_gets_the_same_checks_and_messages_as_a_local_file(content, t
     with pytest.raises(ConfigError) as plain:
         read_yaml(str(path))
     assert str(plain.value) == str(local.value)
+
+
+def test_output_that_cannot_be_copied_up_is_kept_and_the_job_fails(tmp_path, capsys):
+    """An output URI that cannot be written (here a path under a regular file) must not cost the job's
+    output: the job exits 1, names the URI, and the local copy survives the scratch folder's cleanup."""
+    from mapl_ray.cli import command_parser
+    from mapl_ray.pipelines.jobs import run_job
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {image_size: 64}\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "blocker").write_text("a file, not a folder")
+
+    def fake_score(command, args, prog):
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "part-0.parquet").write_text("scores")
+        return 0
+
+    target = f"file://{tmp_path}/blocker/scores"
+    argv = [str(run), str(tmp_path / "images"), "--out", target]  # no --scratch: the job's own, removed at the end
+    assert run_job("score", command_parser, fake_score, argv=argv) == 1
+    err = capsys.readouterr().err
+    assert f"could not copy the output to {target}" in err, err
+    kept = Path(err.split("it is kept in ")[1].split()[0])
+    assert (kept / "part-0.parquet").read_text() == "scores"
+
+
+def test_gcs_uris_give_up_after_a_bounded_retry():
+    """pyarrow's GCS client retries for 15 minutes by default (a job with an unreachable bucket looked hung):
+    gs:// URIs get retry_limit_seconds unless they set one, which pyarrow accepts as a URI option."""
+    import pyarrow.fs as pafs
+
+    from mapl_ray.pipelines.jobs import GCS_RETRY_LIMIT_S, with_gcs_retry_limit
+
+    assert with_gcs_retry_limit("gs://bucket/runs/r1") == f"gs://bucket/runs/r1?retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+    assert with_gcs_retry_limit("gs://b/x?retry_limit_seconds=5") == "gs://b/x?retry_limit_seconds=5"
+    assert (
+        with_gcs_retry_limit("gs://b/x?project_id=p")
+        == f"gs://b/x?project_id=p&retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+    )
+    assert with_gcs_retry_limit("s3://b/x") == "s3://b/x" and with_gcs_retry_limit("file:///tmp/x") == "file:///tmp/x"
+    if not hasattr(pafs, "GcsFileSystem"):
+        pytest.skip("this pyarrow has no GCS filesystem")
+    fs, path = pafs.FileSystem.from_uri(with_gcs_retry_limit("gs://bucket/runs/r1"))  # no network call
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "bucket/runs/r1"

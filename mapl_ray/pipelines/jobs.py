@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import yaml
 
@@ -86,8 +87,24 @@ def is_uri(path: Any) -> bool:
     return isinstance(path, str) and "://" in path
 
 
+# pyarrow's GCS client retries a failing call for 15 minutes by default, so an unreachable or unauthorised
+# bucket looked like a hung job; a URI's own retry_limit_seconds wins
+GCS_RETRY_LIMIT_S = 60
+
+
+def with_gcs_retry_limit(uri: str, seconds: float = GCS_RETRY_LIMIT_S) -> str:
+    """``uri`` with ``retry_limit_seconds=seconds`` in its query when it is a ``gs://`` / ``gcs://`` URI that
+    sets none (pyarrow's ``GcsOptions`` URI option); any other URI unchanged."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("gs", "gcs") or "retry_limit_seconds" in parse_qs(parts.query):
+        return uri
+    query = "&".join(q for q in (parts.query, f"retry_limit_seconds={seconds:g}") if q)
+    return urlunsplit(parts._replace(query=query))
+
+
 def filesystem(uri: str):
-    """``(pyarrow filesystem, path inside it)`` of a URI (:meth:`pyarrow.fs.FileSystem.from_uri`).
+    """``(pyarrow filesystem, path inside it)`` of a URI (:meth:`pyarrow.fs.FileSystem.from_uri`); a GCS
+    URI gives up after :data:`GCS_RETRY_LIMIT_S` seconds of failing calls (:func:`with_gcs_retry_limit`).
 
     Raises:
         JobPathError: pyarrow cannot open it (unknown scheme, bad bucket, no credentials), naming the URI.
@@ -96,15 +113,23 @@ def filesystem(uri: str):
     import pyarrow.fs as pafs
 
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return pafs.FileSystem.from_uri(with_gcs_retry_limit(uri))
     except (pa.ArrowException, ValueError, OSError) as e:
         raise JobPathError(f"cannot open {uri}: {e}") from e
 
 
-def _exists(fs, path: str) -> bool:
+def _exists(fs, path: str, uri: str) -> bool:
+    """Whether ``path`` exists on ``fs``.
+
+    Raises:
+        JobPathError: the storage of ``uri`` cannot be reached or read (network, credentials), naming it.
+    """
     import pyarrow.fs as pafs
 
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise JobPathError(f"cannot reach {uri}: {e}") from e
 
 
 def copy_tree(src_fs, src: str, dst_fs, dst: str) -> None:
@@ -128,6 +153,7 @@ class JobPaths:
         self.own_scratch = scratch is None
         self.scratch = Path(scratch or tempfile.mkdtemp(prefix="mapl-job-")).expanduser().resolve()
         self.uploads: list[tuple[Path, str]] = []
+        self.failed_uploads: dict[str, tuple[Path, str]] = {}
 
     def _local(self, kind: str, uri: str) -> Path:
         name = uri.rstrip("/").rsplit("/", 1)[-1] or "root"
@@ -143,11 +169,15 @@ class JobPaths:
 
         fs, path = filesystem(uri)
         src = f"{path.rstrip('/')}/{only}" if only else path
-        if not _exists(fs, src):
+        if not _exists(fs, src, uri):
             raise JobPathError(f"{uri.rstrip('/')}{'/' + only if only else ''} does not exist")
         local = self._local("in", uri)
         if not (local / only if only else local).exists():
-            copy_tree(fs, src, pafs.LocalFileSystem(), str(local / only if only else local))
+            try:
+                copy_tree(fs, src, pafs.LocalFileSystem(), str(local / only if only else local))
+            except OSError as e:
+                shutil.rmtree(local, ignore_errors=True)  # a partial copy would pass for a complete one on a rerun
+                raise JobPathError(f"cannot copy {uri} to {local}: {e}") from e
         return str(local)
 
     def stage_out(self, uri: str) -> str:
@@ -157,26 +187,42 @@ class JobPaths:
 
         fs, path = filesystem(uri)
         local = self._local("out", uri)
-        if _exists(fs, path) and not local.exists():
-            copy_tree(fs, path, pafs.LocalFileSystem(), str(local))
+        if _exists(fs, path, uri) and not local.exists():
+            try:
+                copy_tree(fs, path, pafs.LocalFileSystem(), str(local))
+            except OSError as e:
+                shutil.rmtree(local, ignore_errors=True)
+                raise JobPathError(f"cannot copy {uri} to {local}: {e}") from e
         self.uploads.append((local, uri))
         return str(local)
 
-    def upload(self) -> list[str]:
-        """Copy every staged output that was written to its URI; returns the URIs written."""
+    def upload(self) -> tuple[list[str], dict[str, tuple[Path, str]]]:
+        """Copy every staged output that was written to its URI, each tried even when another fails.
+
+        Returns:
+            ``(URIs written, {URI: (its local folder, why the copy failed)})``; a failed output stays in
+            its local folder (:meth:`cleanup` keeps the scratch folder then).
+        """
+        import pyarrow as pa
         import pyarrow.fs as pafs
 
-        done = []
+        done, failed = [], {}
         for local, uri in self.uploads:
             if local.exists():
-                fs, path = filesystem(uri)
-                copy_tree(pafs.LocalFileSystem(), str(local), fs, path)
+                try:
+                    fs, path = filesystem(uri)
+                    copy_tree(pafs.LocalFileSystem(), str(local), fs, path)
+                except (JobPathError, OSError, pa.ArrowException) as e:
+                    failed[uri] = (local, str(e))
+                    continue
                 done.append(uri)
-        return done
+        self.failed_uploads = failed
+        return done, failed
 
     def cleanup(self) -> None:
-        """Remove a scratch folder this job created (a given ``--scratch`` is kept for reruns)."""
-        if self.own_scratch:
+        """Remove a scratch folder this job created (a given ``--scratch`` is kept for reruns), unless an
+        output in it could not be copied to its URI."""
+        if self.own_scratch and not self.failed_uploads:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -191,7 +237,7 @@ def read_yaml(path: str, holds: str = "sections") -> dict[str, Any]:
         return read_yaml_mapping(Path(path), holds=holds)
     try:
         fs, p = filesystem(path)
-        if not _exists(fs, p):
+        if not _exists(fs, p, path):
             raise ConfigError(f"config file {path} does not exist")
         with fs.open_input_stream(p) as fh:
             text = fh.read().decode()
@@ -306,8 +352,14 @@ def run_job(
     try:
         status = run_command(spec.command, args, prog)
     finally:
-        uploaded = paths.upload()
+        uploaded, failed = paths.upload()
         paths.cleanup()
+        for target, (local, why) in failed.items():
+            print(
+                f"{prog}: error: could not copy the output to {target} ({why}); it is kept in {local}", file=sys.stderr
+            )
+    if failed and not status:
+        status = 1
     for dest, target in where.items():
         if status and target not in uploaded:
             continue  # a job that failed before writing anything
