@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -286,7 +287,7 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the full resolved configuration as YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(dump_yaml(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
@@ -319,7 +320,8 @@ class Config:
         return cfg.override(absent) if absent else cfg
 
     def override(self, dotted: dict[str, Any]) -> Config:
-        """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated)."""
+        """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated). A value
+        may be text, as ``--set section.field=value`` gives it: ``"1e-4"`` for a float field is the number."""
         data = self.to_dict()
         for key, value in dotted.items():
             parts = key.split(".")
@@ -329,7 +331,7 @@ class Config:
             if section not in data or name not in data[section]:
                 raise ConfigError(f"override {key!r} names no configuration field{nearest_fields(key)}")
             data[section][name] = value
-        return Config.from_dict(data, source="overrides")
+        return _build(Config, data, "overrides", from_text=frozenset(dotted))
 
 
 def field_names() -> list[str]:
@@ -583,9 +585,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, resolving plain scalars as :class:`_UniqueKeyLoader` reads them (:func:`dump_yaml`)."""
+
+
+# YAML 1.2 reads 1e-4 as a number; PyYAML follows YAML 1.1, whose floats need a dot (1.0e-4), and reads it as the
+# string '1e-4'. Number fields refuse strings (_coerce), so the exponent form without a dot is a float here too, and
+# the dumper quotes a string of that form (PyYAML's writes it plain, which would come back as a float).
+for _cls in (_UniqueKeyLoader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML text (keys in their order) that :func:`parse_yaml_mapping` reads back unchanged."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 def parse_yaml_mapping(text: str, where: str, holds: str = "sections") -> dict[str, Any]:
     """The YAML mapping in ``text`` ({} for an empty text); ``where`` names it in errors (``"config file
-    PATH"``), ``holds`` says what the mapping holds. Parsed by PyYAML's safe loader.
+    PATH"``), ``holds`` says what the mapping holds. Parsed by PyYAML's safe loader, except that a repeated key
+    is an error and ``1e-4`` is a float, as YAML 1.2 reads it (PyYAML's YAML 1.1 reads the string ``'1e-4'``).
 
     Raises:
         ConfigError: ``text`` is not valid YAML (the parser's message on one line), repeats a key within
@@ -660,13 +681,25 @@ def _finite(x: float) -> float:
     return x
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _coerce(value: Any, typ: Any, where: str, from_text: bool = False) -> Any:
+    """``value`` as the field type ``typ`` (``int``, ``float | None``, ``tuple[float, ...]``...); ``where``
+    names the field in errors. A string for a number (or a list of numbers) is parsed only when ``from_text``
+    (``--set``, where every value is text); from a YAML file, ``"1e-4"`` (quoted) is a mistake to say.
+
+    Raises:
+        ConfigError: ``value`` does not fit ``typ`` (names ``where`` and the type expected).
+    """
     text = str(typ)
     if value is None:
         if "None" in text:
             return None
         raise ConfigError(f"{where}: null is not allowed (expected {_EXPECTED.get(text, text)})")
+    numbers = typ in (int, float) or text.startswith(("int", "float", "tuple"))
+    items = value if isinstance(value, (list, tuple)) else [value]
+    quoted = numbers and not from_text and any(isinstance(v, str) for v in items)
     try:
+        if quoted:
+            raise ValueError(value)
         if typ is bool or text.startswith("bool"):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
                 raise ValueError(value)
@@ -689,17 +722,22 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
             if "float" in text:
                 return tuple(_finite(float(v)) for v in value)
-            return tuple(_coerce(v, int, where) for v in value)
+            return tuple(_coerce(v, int, where, from_text) for v in value)
         if typ is str or text.startswith("str"):
             return str(value)
     except (TypeError, ValueError, OverflowError) as e:
         base = text.replace(" | None", "")
         expected = _EXPECTED.get(base, _EXPECTED.get(f"<class '{base}'>", base)) + (" or null" if base != text else "")
-        raise ConfigError(f"{where}: cannot use {value!r} (expected {expected})") from e
+        hint = ", not text: write it without quotes" if quoted else ""
+        raise ConfigError(f"{where}: cannot use {value!r} (expected {expected}{hint})") from e
     return value
 
 
-def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+def _build(
+    cls: type, data: dict[str, Any], source: str, prefix: str = "", from_text: frozenset[str] = frozenset()
+) -> Any:
+    """An instance of the config dataclass ``cls`` from ``data``; ``source`` and ``prefix`` (``"train."``) name
+    fields in errors; the fields named in ``from_text`` (``section.field``) may be given as text (:func:`_coerce`)."""
     if not isinstance(data, dict):
         what = f"section {prefix.rstrip('.')}" if prefix else "the top level"
         raise ConfigError(f"{source}: {what} must be a mapping of fields, got {type(data).__name__}")
@@ -721,7 +759,7 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
             continue
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, data[name] or {}, source, prefix=f"{prefix}{name}.")
+            kwargs[name] = _build(typ, data[name] or {}, source, f"{prefix}{name}.", from_text)
         else:
-            kwargs[name] = _coerce(data[name], typ, f"{source}: {prefix}{name}")
+            kwargs[name] = _coerce(data[name], typ, f"{source}: {prefix}{name}", f"{prefix}{name}" in from_text)
     return cls(**kwargs)

@@ -161,6 +161,57 @@ def test_a_config_file_that_repeats_a_key_is_refused(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "expected"),
+    [
+        ('train:\n  lr: "1e-4"\n', "train.lr", "a finite number"),
+        ("train:\n  steps: '100'\n", "train.steps", "an integer"),
+        ("eval:\n  q_weight: '0.5'\n", "eval.q_weight", "a finite number or null"),
+        ("eval:\n  q_weight_grid: [0.0, '0.5']\n", "eval.q_weight_grid", "a list of finite numbers"),
+        ("eval:\n  q_weight_grid: '0.0, 0.5'\n", "eval.q_weight_grid", "a list of finite numbers"),
+    ],
+)
+def test_a_quoted_number_in_a_config_file_names_the_field(body, field, expected, tmp_path, capsys):
+    """A YAML string where a number is expected is a one-line error naming the file, the field and the type,
+    not a value quietly parsed (a quoted value is text to YAML; `--set` values are text by nature)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(body)
+    with pytest.raises(ConfigError, match=f"{config}: {field}: cannot use .* \\(expected {expected}, not text"):
+        Config.load(config)
+    args = ["train", "--data", str(tmp_path), "--category", "screw", "--out", str(tmp_path / "r"), "--no-ray"]
+    assert main([*args, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}: cannot use" in err and "write it without quotes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_unquoted_exponents_in_yaml_and_set_values_as_text_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads a dotless 1e-4 as a string; the config loader reads it as YAML 1.2 does, a
+    number, so refusing strings costs no unquoted number. --set values arrive as text and are still parsed."""
+    from mapl_ray.cli import resolve_config
+
+    assert parse_yaml_mapping("a: 1e-4\nb: -2E3\nc: '1e-4'\nd: 1.5\ne: 10\n", "t") == {
+        "a": 1e-4,
+        "b": -2000.0,
+        "c": "1e-4",
+        "d": 1.5,
+        "e": 10,
+    }
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 1e-3\n  min_lr: 1E-5\n  steps: 2e3\n")
+    train = Config.load(config).train
+    assert (train.lr, train.min_lr, train.steps) == (1e-3, 1e-5, 2000) and isinstance(train.steps, int)
+    sets = ["train.lr=2e-3", "train.steps=7", "eval.q_weight=0.5", "eval.q_weight_grid=0.1,0.2"]
+    argv = ["train", "--data", str(tmp_path), "--category", "screw", "--config", str(config), "--no-ray"]
+    cfg = resolve_config(build_parser().parse_args([*argv, *(x for s in sets for x in ("--set", s))]))
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.steps) == (2e-3, 1e-5, 7)
+    assert (cfg.eval.q_weight, cfg.eval.q_weight_grid) == (0.5, (0.1, 0.2))
+    with pytest.raises(ConfigError, match="overrides: train.lr: cannot use 'fast' \\(expected a finite number\\)"):
+        Config().override({"train.lr": "fast"})
+    cfg.override({"data.category": "1e5"}).save(tmp_path / "saved.yaml")  # text that looks like 1e5 stays text
+    assert Config.load(tmp_path / "saved.yaml").to_dict() == cfg.override({"data.category": "1e5"}).to_dict()
+
+
 def test_storage_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

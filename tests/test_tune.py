@@ -77,7 +77,7 @@ def test_default_search_space_holds_the_defaults_and_bad_spaces_are_named(tmp_pa
         ({"train.lr": {"gauss": [0.1, 1]}}, "expected one of"),
         ({"pseudo.num_occs": {"int": [1, "x"]}}, "integer bounds"),
         ({"pseudo.num_occs": {"int": ["1", "3"]}}, "integer bounds"),
-        ({"train.lr": {"loguniform": ["1e-4", 0.1]}}, "number bounds"),
+        ({"train.lr": {"loguniform": ["0.0001", 0.1]}}, "number bounds"),  # quoted: text, not a number
         ({"train.lr": {"uniform": [0.001, float("inf")]}}, "finite bounds"),
         ({"pseudo.num_occs": {"uniform": [1, 8]}}, "does not take: use int: \\[low, high\\]"),  # 5.46 OCCs
         ({"pseudo.covariance_type": {"int": [1, 2]}}, "does not take: use choice"),
@@ -90,6 +90,8 @@ def test_default_search_space_holds_the_defaults_and_bad_spaces_are_named(tmp_pa
             load_search_space(f)
     f.write_text(yaml.safe_dump({"pseudo.num_occs": {"int": [3, 3]}}))  # both bounds included: one value
     assert load_search_space(f) == {"pseudo.num_occs": {"int": [3, 3]}}
+    f.write_text("train.lr: {loguniform: [1e-4, 1e-2]}\n")  # numbers as YAML 1.2 reads them (PyYAML: strings)
+    assert load_search_space(f) == {"train.lr": {"loguniform": [1e-4, 1e-2]}}
     assert DEFAULT_SEARCH_SPACE.is_file()
 
 

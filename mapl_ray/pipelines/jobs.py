@@ -34,9 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-import yaml
-
-from ..config import PATH_FIELDS, ConfigError, parse_yaml_mapping, read_yaml_mapping
+from ..config import PATH_FIELDS, ConfigError, dump_yaml, parse_yaml_mapping, read_yaml_mapping
 
 
 class JobPathError(ValueError):
@@ -295,7 +293,7 @@ def _stage_config_paths(config: str, paths: JobPaths, category: str | None) -> s
         return config
     local = paths.scratch / "config" / Path(config).name
     local.parent.mkdir(parents=True, exist_ok=True)
-    local.write_text(yaml.safe_dump(data, sort_keys=False))
+    local.write_text(dump_yaml(data))
     return str(local)
 
 
