@@ -1016,11 +1016,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    why = [f"{manifest['no_image_extension']} without an image extension"] if manifest["no_image_extension"] else []
+    why += [f"{manifest['listed_again']} listed again"] if manifest["listed_again"] else []
     print(
         f"wrote {manifest['images']} images in {manifest['shards']} shards to {out}; "
-        f"{manifest['rejected']} rejected ({manifest['no_image_extension']} without an image extension, the "
-        f"others unreadable or refused: {out / '_rejected.jsonl'}), "
-        f"{manifest['duplicates']} duplicates ({out / '_duplicates.jsonl'})",
+        f"{manifest['rejected']} rejected ({', '.join([*why, 'the others unreadable or refused'])}: "
+        f"{out / '_rejected.jsonl'}), {manifest['duplicates']} duplicates ({out / '_duplicates.jsonl'})",
         file=sys.stderr,
     )
     return 0

@@ -206,6 +206,25 @@ def test_prepare_lists_a_folders_files_without_an_image_extension_as_rejected(ra
     assert sorted(r["path"] for r in _all_rows(out)) == images
 
 
+def test_prepare_takes_a_path_listed_twice_once(ray_local, category, tmp_path, capsys):
+    """A list file naming one image on two lines gives one shard row (two rows of one path made the path
+    ambiguous for mapl score) and a _rejected.jsonl line naming both line numbers."""
+    from mapl_ray.cli import main
+
+    good = sorted((category / "train" / "good").glob("00[1-3].png"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in [good[0], good[1], good[0], good[2]]) + "\n")
+    out = tmp_path / "shards"
+    assert main(["prepare", str(listing), "--out", str(out), "--image-size", str(SIZE), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    manifest = json.loads(captured.out.strip().splitlines()[-1])
+    assert (manifest["images"], manifest["rejected"], manifest["listed_again"]) == (3, 1, 1)
+    assert "1 rejected (1 listed again" in captured.err
+    assert sorted(r["path"] for r in _all_rows(out)) == sorted(str(p.resolve()) for p in good)
+    (line,) = [json.loads(x) for x in (out / "_rejected.jsonl").open()]
+    assert line["path"] == str(good[0].resolve()) and f"line 3 of {listing}; first on line 1" in line["reason"]
+
+
 def test_prepare_warns_of_defect_images_without_a_mask(ray_local, category, tmp_path, caplog):
     from mapl_ray.pipelines.ray_data import _source_dataset
 

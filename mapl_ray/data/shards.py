@@ -177,18 +177,41 @@ def _record(path: str, split: str, defect_type: str, label: int, mask_path: str 
     return {"path": path, "split": split, "defect_type": defect_type, "label": label, "mask_path": mask_path}
 
 
-def read_list_file(path: str | os.PathLike[str]) -> list[str]:
-    """Image paths of a list file: one per line, relative ones taken from the list file's folder; blank
-    lines and lines starting with ``#`` are skipped. Raises LayoutError when it names no file."""
+def _list_entries(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """``(line number from 1, absolute image path)`` of every entry of a list file (:func:`read_list_file`)."""
     base = Path(path).resolve().parent
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LayoutError(f"cannot read list file {os.fspath(path)!r}: {e}") from e
-    paths = [str((base / s).resolve()) for s in (ln.strip() for ln in lines) if s and not s.startswith("#")]
-    if not paths:
+    entries = [(i, s) for i, s in enumerate((ln.strip() for ln in lines), 1) if s and not s.startswith("#")]
+    if not entries:
         raise LayoutError(f"list file {os.fspath(path)!r} names no image (expected one path per line)")
-    return paths
+    return [(i, str((base / s).resolve())) for i, s in entries]
+
+
+def read_list_file(path: str | os.PathLike[str]) -> list[str]:
+    """Image paths of a list file: one per line, relative ones taken from the list file's folder; blank
+    lines and lines starting with ``#`` are skipped; a path listed again is taken once (the repeats are
+    :func:`source_rejected`'s: two rows of one path would make it ambiguous in the shards).
+
+    Raises:
+        LayoutError: the file cannot be read or names no file.
+    """
+    return list(dict.fromkeys(p for _, p in _list_entries(path)))
+
+
+def _list_repeats(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """``{"path", "reason", "kind": "listed_again"}`` of each entry of a list file that names a path an earlier
+    line named."""
+    first: dict[str, int] = {}
+    out = []
+    for line, p in _list_entries(path):
+        if p in first:
+            reason = f"listed again (line {line} of {os.fspath(path)}; first on line {first[p]})"
+            out.append({"path": p, "reason": reason, "kind": "listed_again"})
+        first.setdefault(p, line)
+    return out
 
 
 def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
@@ -221,14 +244,21 @@ def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list
 
 
 def source_rejected(src: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, str]]:
-    """``{"path", "reason"}`` of the files of a ``folder`` source (:func:`source_kind`) that
-    :func:`source_records` leaves out for their extension (:func:`~mapl_ray.data.layout.not_image_reason`),
-    sorted by path: ``mapl prepare`` lists them in ``_rejected.jsonl`` beside the unreadable ones. Hidden
-    files and folders are skipped without a word, as they are when images are listed. Other kinds give none: a
-    list file's entries are all decoded (and rejected when not images), a category's folders are MVTec's."""
-    if (kind or source_kind(src)) != "folder":
+    """``{"path", "reason", "kind"}`` of what :func:`source_records` leaves out of a source (:func:`source_kind`):
+    ``mapl prepare`` lists them in ``_rejected.jsonl`` beside the unreadable ones. Of a ``folder``, the
+    files without an image extension (kind ``no_image_extension``, :func:`~mapl_ray.data.layout.not_image_reason`),
+    sorted by path (hidden
+    files and folders are skipped without a word, as they are when images are listed); of a ``list`` file,
+    the lines that name a path again (kind ``listed_again``). Other kinds give none: a category's folders are MVTec's."""
+    kind = kind or source_kind(src)
+    if kind == "list":
+        return _list_repeats(src)
+    if kind != "folder":
         return []
-    return [{"path": p, "reason": not_image_reason(p)} for p in find_non_images(os.path.abspath(os.fspath(src)))]
+    return [
+        {"path": p, "reason": not_image_reason(p), "kind": "no_image_extension"}
+        for p in find_non_images(os.path.abspath(os.fspath(src)))
+    ]
 
 
 def parquet_files(src: str | os.PathLike[str]) -> list[str]:

@@ -210,7 +210,8 @@ def prepare_shards(
 
     Returns:
         The manifest: source, kind, spec, ``images`` written, ``rejected`` (unreadable or refused images, and
-        the files of a folder without an image extension), ``no_image_extension`` (those files alone),
+        the files of a folder without an image extension, the repeated lines of a list file),
+        ``no_image_extension`` and ``listed_again`` (those alone),
         ``duplicates``, ``shards``.
 
     Raises:
@@ -262,7 +263,7 @@ def _collect_status(
     status, out_dir: Path, total: int, progress: bool, not_images: list[dict[str, str]]
 ) -> dict[str, Any]:
     """Stream the status rows: count images, write ``_rejected.jsonl`` and ``_duplicates.jsonl`` as they come.
-    ``not_images`` (:func:`~mapl_ray.data.shards.source_rejected`: ``{"path", "reason"}`` of files never decoded)
+    ``not_images`` (:func:`~mapl_ray.data.shards.source_rejected`: ``{"path", "reason", "kind"}`` of files never decoded)
     open ``_rejected.jsonl`` and count as rejected.
 
     Keeps one hash (and first path) per image to find duplicates: O(images) strings, no pixels."""
@@ -290,7 +291,8 @@ def _collect_status(
     return {
         "images": n_ok,
         "rejected": n_bad,
-        "no_image_extension": len(not_images),
+        "no_image_extension": sum(r["kind"] == "no_image_extension" for r in not_images),
+        "listed_again": sum(r["kind"] == "listed_again" for r in not_images),
         "duplicates": n_dup,
         "shards": len(shards),
     }
