@@ -153,6 +153,32 @@ def test_prepare_names_the_file_and_row_of_a_rejected_parquet_row(ray_local, cat
     assert sorted(r["path"] for r in rows if not r["path"].startswith("sha256:")) == sorted(map(str, good[:2]))
 
 
+def test_prepare_reads_each_parquet_files_own_columns(ray_local, category, tmp_path):
+    """Source Parquet files need not share columns: a label only the second file holds is kept (Ray Data's
+    reader took the first file's columns and dropped it), the first file's rows get none; a column of another
+    kind in a later file, or a file without images, is refused naming the files."""
+    from mapl_ray.data.layout import LayoutError
+    from mapl_ray.pipelines.ray_data import prepare_shards
+
+    good = sorted((category / "train" / "good").glob("*.png"))[:3]
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"image": [good[0].read_bytes()], "path": [str(good[0])]}), src / "a.parquet")
+    labeled = pa.table({"image": [p.read_bytes() for p in good[1:]], "path": list(map(str, good[1:])), "label": [0, 1]})
+    pq.write_table(labeled, src / "b.parquet")
+    m = prepare_shards(src, tmp_path / "out", image_size=SIZE, progress=False)
+    assert (m["images"], m["rejected"]) == (3, 0)
+    labels = {r["path"]: r["label"] for r in _all_rows(tmp_path / "out")}
+    assert labels == {str(good[0]): -1, str(good[1]): 0, str(good[2]): 1}
+    pq.write_table(pa.table({"image": [good[0].read_bytes()], "label": ["bad"]}), src / "c.parquet")
+    with pytest.raises(LayoutError, match=r"column 'label' is string in .*c\.parquet but int64 in .*b\.parquet"):
+        prepare_shards(src, tmp_path / "out2", image_size=SIZE, progress=False)
+    (src / "c.parquet").unlink()
+    pq.write_table(pa.table({"path": [str(good[0])]}), src / "d.parquet")
+    with pytest.raises(LayoutError, match=r"d\.parquet has no 'image' column"):
+        prepare_shards(src, tmp_path / "out3", image_size=SIZE, progress=False)
+
+
 def test_cli_prepare_reports_counts(ray_local, category, tmp_path, capsys):
     from mapl_ray.cli import main
 

@@ -134,35 +134,72 @@ def _decode_and_write(batch: pa.Table, out: str, spec: ShardSpec, align: Aligner
     )
 
 
-def _read_row_group(items: pa.Table, columns: list[str], rows: int) -> Iterator[pa.Table]:
-    """``map_batches`` stage of ``mapl prepare`` on a source Parquet: the ``columns`` of each item's row group
-    (``file``, ``row_group``, ``first_row``: the index in the file of the group's first row), ``rows`` at a time
-    (a large group is never read whole), with :data:`SOURCE_FILE` and :data:`SOURCE_ROW` added. Ray Data's
-    Parquet reader keeps neither the file nor the row's index, which a bad row's entry must name."""
+def _read_row_group(items: pa.Table, fields: list[tuple[str, pa.DataType]], rows: int) -> Iterator[pa.Table]:
+    """``map_batches`` stage of ``mapl prepare`` on a source Parquet: the columns ``fields`` (name, type) of each
+    item's row group (``file``, ``row_group``, ``first_row``: the index in the file of the group's first row),
+    ``rows`` at a time (a large group is never read whole), a column the file lacks as nulls, with
+    :data:`SOURCE_FILE` and :data:`SOURCE_ROW` added. Ray Data's Parquet reader keeps neither the file nor the
+    row's index, which a bad row's entry must name, and takes its columns from the first file only."""
     for item in items.to_pylist():
         pf, row = pq.ParquetFile(item["file"]), item["first_row"]
-        for batch in pf.iter_batches(batch_size=rows, row_groups=[item["row_group"]], columns=columns):
+        have = [name for name, _ in fields if name in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=rows, row_groups=[item["row_group"]], columns=have):
             n = batch.num_rows
-            table = pa.Table.from_batches([batch]).append_column(SOURCE_FILE, pa.array([item["file"]] * n, pa.string()))
-            yield table.append_column(SOURCE_ROW, pa.array(range(row, row + n), pa.int64()))
+            cols = {name: batch.column(name).cast(typ) if name in have else pa.nulls(n, typ) for name, typ in fields}
+            cols[SOURCE_FILE] = pa.array([item["file"]] * n, pa.string())
+            cols[SOURCE_ROW] = pa.array(range(row, row + n), pa.int64())
+            yield pa.table(cols)
             row += n
+
+
+def _type_kind(t: pa.DataType) -> str:
+    """What a column's values are, so that int32 and int64, or string and large_string, read alike."""
+    for kind, test in (
+        ("integer", pa.types.is_integer),
+        ("text", pa.types.is_string),
+        ("text", pa.types.is_large_string),
+    ):
+        if test(t):
+            return kind
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "bytes"
+    return str(t)
+
+
+def _parquet_source_fields(files: list[str], src: str) -> list[tuple[str, pa.DataType]]:
+    """The :data:`PARQUET_SOURCE_COLUMNS` that any of a source Parquet's ``files`` holds, with their type (the
+    first file's that has it; every file must hold ``image``).
+
+    Raises:
+        LayoutError: a file holds mapl shards, lacks ``image``, or gives a column a type another file's cannot
+            become (naming both files).
+    """
+    fields: dict[str, tuple[pa.DataType, str]] = {}
+    for f in files:
+        schema = pq.read_schema(f)
+        if (schema.metadata or {}).get(b"mapl_ray.shards"):
+            raise LayoutError(f"{src!r} already holds mapl shards: `mapl score` and training read them as they are")
+        if "image" not in schema.names:
+            raise LayoutError(f"{f} has no 'image' column (expected encoded image bytes); columns: {schema.names}")
+        for name in PARQUET_SOURCE_COLUMNS:
+            if name not in schema.names:
+                continue
+            typ = schema.field(name).type
+            first, where = fields.setdefault(name, (typ, f))
+            if _type_kind(typ) != _type_kind(first):
+                raise LayoutError(f"column {name!r} is {typ} in {f} but {first} in {where}: expected one type")
+    return [(name, fields[name][0]) for name in PARQUET_SOURCE_COLUMNS if name in fields]
 
 
 def _source_dataset(src: str, kind: str, rows: int = ROWS_PER_SHARD):
     """(Ray dataset of source rows, number of images, whether they are a source Parquet's rows). A source
-    Parquet is read one row group a task, ``rows`` rows at a time (:func:`_read_row_group`)."""
+    Parquet is read one row group a task, ``rows`` rows at a time, each file's columns its own
+    (:func:`_read_row_group`)."""
     import ray.data
 
     if kind == "parquet":
         files = parquet_files(src)
-        schema = pq.read_schema(files[0])
-        if (schema.metadata or {}).get(b"mapl_ray.shards"):
-            raise LayoutError(f"{src!r} already holds mapl shards: `mapl score` and training read them as they are")
-        columns = [c for c in PARQUET_SOURCE_COLUMNS if c in schema.names]
-        if "image" not in columns:
-            raise LayoutError(
-                f"{files[0]} has no 'image' column (expected encoded image bytes); columns: {schema.names}"
-            )
+        fields = _parquet_source_fields(files, src)
         groups, total = [], 0
         for f in files:
             meta, first = pq.ParquetFile(f).metadata, 0
@@ -171,7 +208,7 @@ def _source_dataset(src: str, kind: str, rows: int = ROWS_PER_SHARD):
                 first += meta.row_group(g).num_rows
             total += meta.num_rows
         ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
-        read = {"columns": columns, "rows": rows}
+        read = {"fields": fields, "rows": rows}
         return ds.map_batches(_read_row_group, batch_size=1, batch_format="pyarrow", fn_kwargs=read), total, True
     records = source_records(src, kind)
     unmasked = [r["path"] for r in records if r["label"] == 1 and not r["mask_path"]]
