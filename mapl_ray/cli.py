@@ -749,7 +749,7 @@ def expand_image_args(items: list[str]) -> list[str]:
     paths: list[str] = []
     for item in items:
         if Path(item).is_dir():
-            found = find_images(item)
+            found = find_images(item, warn=True)
             if not found:
                 raise LayoutError(
                     f"folder {item} holds no image files (expected extensions {sorted(IMAGE_EXTENSIONS)}); "

@@ -168,14 +168,21 @@ def test_mask_with_other_image_extension_is_found(mvtec: Path):
     assert rec.mask_path == str(gt / "000_mask.bmp")
 
 
-def test_scan_folder_recursive_hidden_skipped_and_errors(tmp_path: Path):
+def test_scan_folder_recursive_hidden_skipped_and_errors(tmp_path: Path, caplog):
     d = tmp_path / "pool"
     _save(d / "b.png", _rgb(1))
     _save(d / "sub" / "a.JPG", _rgb(2))
     _save(d / ".hidden" / "c.png", _rgb(3))
     (d / "x.txt").write_text("x")
-    recs = scan_folder(d)
+    with caplog.at_level("WARNING", logger="mapl_ray.data"):
+        recs = scan_folder(d)
     assert [Path(r.path).relative_to(d).as_posix() for r in recs] == ["b.png", "sub/a.JPG"]
+    # the left-out file is said, the hidden folder's image is not
+    assert [m for m in caplog.messages if "not read" in m] == [
+        f"1 file under {d} not read: no image extension (e.g. x.txt; expected one of "
+        + " ".join(sorted(IMAGE_EXTENSIONS))
+        + ")"
+    ]
     assert all(r.label == -1 and r.defect_type == "unknown" and r.mask_path is None for r in recs)
     with pytest.raises(LayoutError, match="does not exist"):
         scan_folder(tmp_path / "missing")

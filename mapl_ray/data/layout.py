@@ -348,9 +348,23 @@ def _visible_files(folder: str) -> list[str]:
     return sorted(found)
 
 
-def find_images(folder: str) -> list[str]:
-    """Image files (:data:`IMAGE_EXTENSIONS`) below ``folder``, recursively, hidden entries skipped, sorted."""
-    return [p for p in _visible_files(folder) if is_image_file(p)]
+def find_images(folder: str, warn: bool = False) -> list[str]:
+    """Image files (:data:`IMAGE_EXTENSIONS`) below ``folder``, recursively, hidden entries skipped, sorted.
+    ``warn``: log a warning naming how many other files were left out for their extension, and one of them."""
+    files = _visible_files(folder)
+    images = [p for p in files if is_image_file(p)]
+    if warn and len(images) < len(files):
+        other = next(p for p in files if not is_image_file(p))
+        n = len(files) - len(images)
+        log.warning(
+            "%d %s under %s not read: no image extension (e.g. %s; %s)",
+            n,
+            "file" if n == 1 else "files",
+            folder,
+            os.path.relpath(other, folder),
+            not_image_reason(other).split("; ", 1)[1],
+        )
+    return images
 
 
 def find_non_images(folder: str) -> list[str]:
@@ -383,5 +397,5 @@ def scan_folder(path: str | os.PathLike[str], what: str = "unlabeled image folde
     folder = os.path.abspath(os.fspath(path))
     if not os.path.isdir(folder):
         raise LayoutError(f"{what} {folder!r} does not exist or is not a folder")
-    found = _require_images(find_images(folder), f"{what} {folder!r}")
+    found = _require_images(find_images(folder, warn=True), f"{what} {folder!r}")
     return [ImageRecord(p, LABEL_UNKNOWN, "unknown") for p in found]
