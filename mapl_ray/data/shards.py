@@ -244,12 +244,13 @@ def source_records(src: str | os.PathLike[str], kind: str | None = None) -> list
 
 
 def source_rejected(src: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, str]]:
-    """``{"path", "reason", "kind"}`` of what :func:`source_records` leaves out of a source (:func:`source_kind`):
-    ``mapl prepare`` lists them in ``_rejected.jsonl`` beside the unreadable ones. Of a ``folder``, the
-    files without an image extension (kind ``no_image_extension``, :func:`~mapl_ray.data.layout.not_image_reason`),
-    sorted by path (hidden
-    files and folders are skipped without a word, as they are when images are listed); of a ``list`` file,
-    the lines that name a path again (kind ``listed_again``). Other kinds give none: a category's folders are MVTec's."""
+    """``{"path", "reason", "kind"}`` of what :func:`source_records` leaves out of a source
+    (:func:`source_kind`): ``mapl prepare`` lists them in ``_rejected.jsonl`` beside the unreadable ones.
+
+    Of a ``folder``, the files without an image extension (kind ``no_image_extension``,
+    :func:`~mapl_ray.data.layout.not_image_reason`), sorted by path; hidden files and folders are skipped
+    without a word, as they are when images are listed. Of a ``list`` file, the lines that name a path again
+    (kind ``listed_again``). Other kinds give none: a category's folders are MVTec's."""
     kind = kind or source_kind(src)
     if kind == "list":
         return _list_repeats(src)
