@@ -776,10 +776,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.layout import ImageReadError
     from .eval.report import decision_text, heatmap_range, map_threshold, save_heatmap_overlay
     from .inference import Predictor
+    from .runfolder import make_output_dir
     from .scoring import heatmap_name
 
     if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():
         raise ConfigError(f"--heatmaps {args.heatmaps} is a file: give a folder for the heatmap PNGs")
+    if args.heatmaps:  # before any image is scored
+        make_output_dir(args.heatmaps, "--heatmaps folder")
     warn_if_unfinished(args.run)
     pred = Predictor(args.run, device=args.device)
     limits = DecodeLimits.for_model(pred.image_size)  # mapl serve's: an image it refuses gets no score here either
@@ -798,8 +801,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records, maps = pred.predict_images(np.stack(images), good) if images else ([], [])
     images, maps = pred.in_files_frame(good, images, maps, poses)  # heatmaps on the images as they are
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
-    out_dir = Path(args.heatmaps) if args.heatmaps else Path(args.run) / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(args.heatmaps or Path(args.run) / "predictions", "--heatmaps folder")
     map_thr = map_threshold(pred.threshold, pred.q_weight)
     for path in paths:
         if path in failed:

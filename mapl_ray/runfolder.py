@@ -144,6 +144,18 @@ def snapshot_checkpoint(
     return CheckpointSnapshot(sd, training, saved_pseudo, json.dumps(state, indent=2))
 
 
+# the umask, read once at import (setting it is process-wide, so not from the checkpoint writer's thread)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _plain_mode(*paths: Path) -> None:
+    """Give files the mode ``open()`` gives (0666 less the umask): safetensors writes 0600, which kept another
+    user (one running ``mapl serve``) from reading a run's weights."""
+    for p in paths:
+        os.chmod(p, 0o666 & ~_UMASK)
+
+
 def write_checkpoint(run_dir: str | Path, snapshot: CheckpointSnapshot) -> Path:
     """Atomically write ``snapshot`` to ``RUN/checkpoint/`` (see module docstring). Returns the checkpoint folder."""
     final = checkpoint_dir(run_dir)
@@ -152,11 +164,13 @@ def write_checkpoint(run_dir: str | Path, snapshot: CheckpointSnapshot) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(snapshot.model, str(tmp / "model.safetensors"))
+    _plain_mode(tmp / "model.safetensors")
     if snapshot.training is not None:
         torch.save(snapshot.training, tmp / "optimizer.pt")
     if snapshot.pseudo is not None:
         arrays, meta = snapshot.pseudo
         save_np(arrays, str(tmp / "pseudo.safetensors"))
+        _plain_mode(tmp / "pseudo.safetensors")
         (tmp / "pseudo.json").write_text(meta)
     (tmp / "state.json").write_text(snapshot.state)
     _swap_in(tmp, final)
@@ -320,10 +334,28 @@ def _swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def make_output_dir(path: str | Path, what: str) -> Path:
+    """Create the output folder ``path`` (and its parents) if it is not there; ``what`` names it in the error
+    (``"--heatmaps"``, ``"run folder"``).
+
+    Raises:
+        RunFolderError: it cannot be created (a parent is a file, no permission...), naming it and why.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"{what} {path} cannot be created: {e.strerror or e}") from e
+    return path
+
+
 def write_run_start(run_dir: str | Path, cfg: Config, split: Split) -> None:
-    """Create ``run_dir`` with ``config.yaml`` and ``split.json``: what a run is before it trains."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create ``run_dir`` with ``config.yaml`` and ``split.json``: what a run is before it trains.
+
+    Raises:
+        RunFolderError: ``run_dir`` cannot be created (:func:`make_output_dir`).
+    """
+    run_dir = make_output_dir(run_dir, "run folder")
     cfg.save(run_dir / CONFIG_FILE)
     split.to_json(run_dir / SPLIT_FILE)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def test_trained_run_folder_contract(trained_run):
     ):
         assert (trained_run / name).is_file(), name
     assert list((trained_run / "heatmaps").glob("*.png"))
+    # every file with the mode open() gives (safetensors and mkstemp wrote 0600: another user could not serve it)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {
+        p.relative_to(trained_run).as_posix(): p.stat().st_mode & 0o777 for p in trained_run.rglob("*") if p.is_file()
+    }
+    assert {k: oct(m) for k, m in modes.items() if m != 0o666 & ~umask} == {}
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         assert 0.0 <= metrics["overall"][key] <= 1.0
@@ -322,6 +330,19 @@ def test_predict_refuses_a_heatmaps_path_that_is_a_file_before_scoring(trained_r
     assert main(["predict", str(trained_run), str(image), "--heatmaps", str(target)]) == 2
     assert f"--heatmaps {target} is a file" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+def test_output_folders_under_a_file_are_one_line_each(trained_run, small_root, tmp_path, capsys):
+    """An output path whose parent is a regular file: train's --out and predict's --heatmaps say which
+    folder cannot be created and why, exit 2, and the file is kept (a NotADirectoryError traceback before)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    assert main(_train_args(small_root, blocker / "run")) == 2
+    assert f"run folder {blocker / 'run'} cannot be created: Not a directory" in capsys.readouterr().err
+    image = json.loads((trained_run / "split.json").read_text())["test"][0]["path"]
+    assert main(["predict", str(trained_run), str(image), "--heatmaps", str(blocker / "h")]) == 2
+    assert f"--heatmaps folder {blocker / 'h'} cannot be created: Not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "keep me"
 
 
 def test_resume_with_unloadable_weights_changes_nothing(trained_run, tmp_path, capsys):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,9 +135,10 @@ class Split:
         doc.update(seed=self.seed, params=self.params, counts=self.summary())
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json", dir=folder)
+        # open(), not mkstemp: the file gets the umask's mode like the run's other files (mkstemp's is 0600)
+        tmp = os.path.join(folder, f".split-{os.getpid()}-{threading.get_ident()}.json")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1)
             os.replace(tmp, path)
         except BaseException:

@@ -543,8 +543,14 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
 
 
 def _claim_output(out: Path, claim: dict[str, str]) -> None:
-    """Record which run and source ``out`` holds scores of (``claim`` from :func:`_check_output`)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Record which run and source ``out`` holds scores of (``claim`` from :func:`_check_output`).
+
+    Raises:
+        RunFolderError: ``out`` cannot be created (:func:`~mapl_ray.runfolder.make_output_dir`).
+    """
+    from ..runfolder import make_output_dir
+
+    make_output_dir(out, "--out")
     (out / SCORE_RUN_FILE).write_text(json.dumps(claim, indent=2))
 
 
