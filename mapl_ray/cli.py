@@ -83,7 +83,7 @@ TRAIN_USAGE = """mapl train --data ROOT --category NAME [--out RUN] [options]
        mapl train --resume --out RUN [--steps N]"""
 
 TRAIN_EXAMPLES = """examples:
-  # MVTec AD screw with the paper's settings and screw's preset (about 10 minutes on 2 CPU cores)
+  # MVTec AD screw with the paper's settings and screw's preset (about 15 minutes on 2 CPU cores)
   mapl train --data ../shared/data/mvtec_ad --category screw \\
              --textures ../shared/data/dtd_subset/images --out runs/screw
   # a short trial run, then score a folder of images with it
@@ -401,7 +401,7 @@ def _add_train_run_args(t) -> None:
         "normalisation data.align=principal_axis); precedence: preset < --config file < flags and --set",
     )
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no progress bar and no step lines (the phase lines and warnings remain)")
     t.add_argument(
         "--verbose", action="store_true", help="show Ray's own output, the workers' logs and per-step losses"
     )
