@@ -401,7 +401,9 @@ def _add_train_run_args(t) -> None:
         "normalisation data.align=principal_axis); precedence: preset < --config file < flags and --set",
     )
     t.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar and no step lines (the phase lines and warnings remain)")
+    t.add_argument(
+        "--quiet", action="store_true", help="no progress bar and no step lines (the phase lines and warnings remain)"
+    )
     t.add_argument(
         "--verbose", action="store_true", help="show Ray's own output, the workers' logs and per-step losses"
     )
