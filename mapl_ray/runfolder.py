@@ -507,11 +507,30 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
     return False
 
 
+def _logged_wall_s(run_dir: Path, summarised: set[Any]) -> float | None:
+    """Seconds the train_log.jsonl segments that no summary covers (``summarised``: segment numbers) ran up to
+    their last line (``wall_s``), added up; None when none has a line with ``wall_s`` (logs before 2026-12-07)."""
+    log_file = run_dir / TRAIN_LOG_FILE
+    if not log_file.is_file():
+        return None
+    last: dict[int, float] = {}
+    for line in log_file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the stop
+            continue
+        if isinstance(rec, dict) and "wall_s" in rec and rec.get("segment") not in summarised:
+            seg = rec.get("segment")
+            last[seg] = max(last.get(seg, 0.0), float(rec["wall_s"]))
+    return sum(last.values()) if last else None
+
+
 def write_train_summary(run_dir: Path, summary: dict[str, Any], resumed: bool) -> None:
     """Write ``train_summary.json``. After ``--resume`` the summaries of the earlier segments are kept
     under ``earlier_segments`` (oldest first) and ``steps_run_total`` / ``train_wall_s_total`` add them up.
     A segment stopped before it wrote its summary (Ctrl-C, SIGTERM, a crash) is counted from the resumed
-    segment's ``start_step``: ``{"steps_run": ..., "interrupted": true}`` (its lines are in train_log.jsonl)."""
+    segment's ``start_step``: ``{"steps_run": ..., "interrupted": true}``, with ``train_wall_s`` up to its
+    last train_log.jsonl line (:func:`_logged_wall_s`; the time after that line is not known)."""
     path = run_dir / SUMMARY_FILE
     earlier: list[dict[str, Any]] = []
     if resumed and path.is_file():
@@ -519,7 +538,12 @@ def write_train_summary(run_dir: Path, summary: dict[str, Any], resumed: bool) -
         earlier = old.pop("earlier_segments", []) + [{k: v for k, v in old.items() if not k.endswith("_total")}]
     before = sum(int(s.get("steps_run", 0)) for s in earlier)
     if resumed and int(summary.get("start_step", before)) > before:
-        earlier.append({"steps_run": int(summary["start_step"]) - before, "interrupted": True})
+        gap: dict[str, Any] = {"steps_run": int(summary["start_step"]) - before, "interrupted": True}
+        summarised = {s.get("segment") for s in earlier} | {summary.get("segment")}
+        logged = _logged_wall_s(run_dir, summarised)
+        if logged is not None:
+            gap.update(train_wall_s=logged, train_wall_s_until_last_log=True)
+        earlier.append(gap)
     segments = earlier + [summary]
     summary["earlier_segments"] = earlier
     summary["steps_run_total"] = sum(int(s.get("steps_run", 0)) for s in segments)

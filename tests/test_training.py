@@ -314,3 +314,30 @@ def test_resumed_run_keeps_the_earlier_training_summary(tmp_path):
     write_train_summary(tmp_path, {"steps_run": 20, "start_step": 320, "train_wall_s": 1.0}, resumed=True)
     s = json.loads((tmp_path / "train_summary.json").read_text())
     assert [e["steps_run"] for e in s["earlier_segments"]] == [150, 150, 20] and s["steps_run_total"] == 340
+
+
+def test_an_interrupted_segment_counts_its_time_up_to_its_last_log_line(tmp_path):
+    """Ctrl-C at step 100 wrote no summary: the resumed run's total adds the stopped segment's time up to its
+    last train_log.jsonl line (it left it out before), and marks it as that."""
+    from mapl_ray.runfolder import write_train_summary
+
+    lines = [{"step": 50, "wall_s": 40.0, "segment": 0}, {"step": 100, "wall_s": 81.5, "segment": 0}]
+    lines += [{"event": "restart", "segment": 1, "step": 100}, {"step": 150, "wall_s": 30.0, "segment": 1}]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"step": 1')  # a cut line
+    write_train_summary(tmp_path, {"steps_run": 60, "start_step": 100, "train_wall_s": 50.0, "segment": 1}, True)
+    s = json.loads((tmp_path / "train_summary.json").read_text())
+    assert s["earlier_segments"] == [
+        {"steps_run": 100, "interrupted": True, "train_wall_s": 81.5, "train_wall_s_until_last_log": True}
+    ]
+    assert s["steps_run_total"] == 160 and s["train_wall_s_total"] == 131.5
+
+
+def test_report_gives_a_resumed_runs_whole_training_time():
+    from mapl_ray.eval.report import _run_rows
+
+    resumed = {"train_wall_s": 50.0, "steps_run": 60, "train_wall_s_total": 131.5, "steps_run_total": 160}
+    assert dict(_run_rows({"training": resumed}))["training time"] == (
+        "132 s over 160 steps, of which the last segment 50 s (60 steps)"
+    )
+    fresh = {"train_wall_s": 50.0, "steps_run": 60, "train_wall_s_total": 50.0, "steps_run_total": 60}
+    assert dict(_run_rows({"training": fresh}))["training time"] == "50 s (60 steps)"

@@ -442,6 +442,7 @@ class Trainer:
             "step": step + 1,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "step_s": float(np.mean(step_times[-t.log_every :])),
+            "wall_s": round(time.perf_counter() - self._t0, 3),  # of this segment: an interrupted one's time
             "segment": self.segment,
             **last,
             **pseudo_stats,
@@ -500,7 +501,7 @@ class Trainer:
         if batches is None:
             labels_for = labeler.labels_for if self.data.pool_size else None
             batches = make_loader(self.bm, refit, self.start_step, end_step, n_loader, self.cfg, device, labels_for)
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()  # the log lines' wall_s count from here
         # fit: the pseudo-labeler's time, "fit_out" the part of it outside the step timer (a refit put in force
         # for a checkpoint or at the end)
         times = {"step": [], "wait": [], "fit": 0.0, "fit_out": 0.0, "fit_wait": 0.0, "banks": 0.0}
@@ -608,6 +609,7 @@ class Trainer:
             "train_wall_s": wall,
             "steps_run": steps_run,
             "start_step": self.start_step,
+            "segment": self.segment,
             "loop_wall_s": loop_wall,
             "world_size": self.world_size,
             "per_worker_batch": per_worker_batch,

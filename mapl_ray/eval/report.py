@@ -468,7 +468,12 @@ def _run_rows(info: Mapping) -> list[tuple[str, Any]]:
         rows.append((k, v))
     training, data = info.get("training") or {}, info.get("data") or {}
     if isinstance(training.get("train_wall_s"), (int, float)):
-        rows.append(("training time", f"{training['train_wall_s']:.0f} s ({training.get('steps_run', '?')} steps)"))
+        text = f"{training['train_wall_s']:.0f} s ({training.get('steps_run', '?')} steps)"
+        total, steps = training.get("train_wall_s_total"), training.get("steps_run_total")
+        if isinstance(total, (int, float)) and steps not in (None, training.get("steps_run")):
+            # a resumed run: the whole run first (an interrupted segment counts up to its last log line)
+            text = f"{total:.0f} s over {steps} steps, of which the last segment {text}"
+        rows.append(("training time", text))
     if "train_normals" in data:
         rows.append(("training normals", data["train_normals"]))
     if isinstance(data.get("validation"), str):
