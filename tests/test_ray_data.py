@@ -625,6 +625,19 @@ def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):
     for inside, what in ((run, "the run folder"), (run / "scores", "the run folder"), (src / "out", "the source")):
         with pytest.raises(LayoutError, match=f"is inside {what}"):
             _check_output(inside, run, str(src), [u.name for u in grown])
+    # another run's folder, or any folder of other files, is not a score folder (score files went in among them)
+    other_run = tmp_path / "other_run"
+    (other_run / "checkpoint").mkdir(parents=True)
+    (other_run / "config.yaml").write_text("data: {}\n")
+    with pytest.raises(LayoutError, match="is a run folder .*holds no mapl score output"):
+        _check_output(other_run, run, str(src), [u.name for u in grown])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(LayoutError, match=r"is not empty \(todo.txt, ...\)"):
+        _check_output(tmp_path / "notes", run, str(src), [u.name for u in grown])
+    (tmp_path / "hidden_only").mkdir()
+    (tmp_path / "hidden_only" / ".DS_Store").write_bytes(b"")
+    _check_output(tmp_path / "hidden_only", run, str(src), [u.name for u in grown])
 
 
 def test_score_of_a_list_with_no_readable_image_says_so(ray_local, trained_run, tmp_path, capsys):

@@ -505,7 +505,8 @@ class ScoreBatch:
 
 
 def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str, str]:
-    """Refuse an ``out`` that is a file, holds another run's scores, or holds score files that ``names`` (this
+    """Refuse an ``out`` that is a file, is a folder of other files (a run folder...), holds another run's scores,
+    or holds score files that ``names`` (this
     source's output files) does not include: a changed folder or another ``--rows-per-file`` splits the
     images into other files, so a rerun would score them again beside the old files and ``out`` would hold
     every such image twice. Creates nothing (a job that fails before scoring leaves no folder behind);
@@ -523,6 +524,15 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
             raise LayoutError(
                 f"--out {out} is inside {what} {folder}: give the score files a folder of their own "
                 "(nothing was written)"
+            )
+    if out.is_dir() and not path.is_file():
+        # not a score folder: score files among a run's (or anything's) files would be mixed up with them
+        other = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
+        if other:
+            what = "a run folder" if (out / "config.yaml").is_file() and (out / "checkpoint").is_dir() else "not empty"
+            raise LayoutError(
+                f"--out {out} is {what} ({other[0]}, ...) and holds no mapl score output: give the score files a new "
+                "or empty folder (nothing was written)"
             )
     if path.is_file():
         had = json.loads(path.read_text())
