@@ -270,6 +270,10 @@ def test_choose_memory_banks_disjoint_and_bank0_unchanged(caplog):
     with caplog.at_level("WARNING", logger="mapl_ray.model"):
         assert len(choose_memory_banks(100, 30, 4, seed=5)) == 3
     assert "model.memory_banks=4 needs 120 training normals" in caplog.text and "give 3 bank" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mapl_ray.model"):  # chosen again at a refit: not said twice
+        assert len(choose_memory_banks(100, 30, 4, seed=6)) == 3
+    assert "needs 120 training normals" not in caplog.text
     with pytest.raises(ValueError, match="model.memory_banks"):
         choose_memory_banks(100, 30, 0, seed=5)
 

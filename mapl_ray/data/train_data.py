@@ -107,6 +107,9 @@ def choose_memory_indices(num_normals: int, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(num_normals, size=min(n, num_normals), replace=False))
 
 
+_BANK_WARNINGS: set[tuple[int, ...]] = set()  # the too-few-normals warnings already logged in this process
+
+
 def choose_memory_banks(
     num_normals: int, n: int, banks: int, seed: int, pool_rows: np.ndarray | None = None
 ) -> list[np.ndarray]:
@@ -140,7 +143,9 @@ def choose_memory_banks(
         rest = np.zeros(0, np.int64)
     rest = np.concatenate([rest, np.random.default_rng([seed, 10]).permutation(np.setdiff1d(pool_rows, first))])
     extra = min(banks - 1, len(rest) // n)
-    if extra < banks - 1:
+    said = (banks, n, num_normals + len(pool_rows), extra)
+    if extra < banks - 1 and said not in _BANK_WARNINGS:  # banks are chosen again at refits: said once
+        _BANK_WARNINGS.add(said)
         log.warning(
             "model.memory_banks=%d needs %d training normals for banks of model.memory_samples=%d; "
             "%d give %d bank(s), used as such (data_info.json lists them)",
