@@ -154,13 +154,10 @@ def _read_row_group(items: pa.Table, fields: list[tuple[str, pa.DataType]], rows
 
 def _type_kind(t: pa.DataType) -> str:
     """What a column's values are, so that int32 and int64, or string and large_string, read alike."""
-    for kind, test in (
-        ("integer", pa.types.is_integer),
-        ("text", pa.types.is_string),
-        ("text", pa.types.is_large_string),
-    ):
-        if test(t):
-            return kind
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return "bytes"
     return str(t)
@@ -253,6 +250,7 @@ def prepare_shards(
 
     Raises:
         LayoutError: ``src`` missing or empty, ``out`` already holds shards, a source Parquet without images.
+        RunFolderError: ``out`` cannot be created (:func:`~mapl_ray.runfolder.make_output_dir`).
     """
     import ray.data
 
@@ -264,10 +262,9 @@ def prepare_shards(
     spec = ShardSpec.of(image_size, align)
     kind = source_kind(src)
     created = not out_dir.exists()
-    try:  # before Ray starts: an --out that cannot be written is said at once
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LayoutError(f"--out {out_dir} cannot be created: {e.strerror or e}") from e
+    from ..runfolder import make_output_dir
+
+    make_output_dir(out_dir, "--out")  # before Ray starts: an --out that cannot be written is said at once
     try:
         init_ray()
         quiet_data_context()
