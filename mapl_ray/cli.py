@@ -783,8 +783,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():
         raise ConfigError(f"--heatmaps {args.heatmaps} is a file: give a folder for the heatmap PNGs")
-    if args.heatmaps:  # before any image is scored
-        make_output_dir(args.heatmaps, "--heatmaps folder")
+    out_dir = make_output_dir(args.heatmaps, "--heatmaps folder") if args.heatmaps else None  # before scoring
     warn_if_unfinished(args.run)
     pred = Predictor(args.run, device=args.device)
     limits = DecodeLimits.for_model(pred.image_size)  # mapl serve's: an image it refuses gets no score here either
@@ -803,7 +802,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records, maps = pred.predict_images(np.stack(images), good) if images else ([], [])
     images, maps = pred.in_files_frame(good, images, maps, poses)  # heatmaps on the images as they are
     by_path = {r["path"]: (r, img, amap) for r, img, amap in zip(records, images, maps)}
-    out_dir = make_output_dir(args.heatmaps or Path(args.run) / "predictions", "--heatmaps folder")
+    out_dir = out_dir or make_output_dir(Path(args.run) / "predictions", "--heatmaps folder")
     map_thr = map_threshold(pred.threshold, pred.q_weight)
     for path in paths:
         if path in failed:
