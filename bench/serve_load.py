@@ -589,6 +589,12 @@ def main(argv=None) -> int:
         help="more batching-on steps, one per batch_wait_timeout_s in this comma list (seconds; mode "
         "batching_on_wait_<ms>ms), beside batching_on at ServeSettings' default wait",
     )
+    p.add_argument(
+        "--fixed-wait",
+        action="store_true",
+        help="one more batching-on step (mode batching_on_fixed_wait) with adaptive_batch_wait off: Serve's "
+        "fixed batch_wait_timeout_s under load, against BatchWait's in the same run",
+    )
     p.add_argument("--replicas", type=int, default=1, help="model replicas of the two_tier load steps")
     p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: ServeSettings' auto)")
     p.add_argument("--cpus-per-replica", type=float, help="default: 1 with a GPU, else all cores / replicas")
@@ -738,10 +744,12 @@ def main(argv=None) -> int:
     conc = [int(c) for c in args.concurrency.split(",") if c]
     timeout_s = args.request_timeout_s + 15.0
     modes = {"batching_off": 1, "batching_on": args.batch_on}
-    waits = {"batching_off": None, "batching_on": None}  # None: ServeSettings' batch_wait_timeout_s
+    waits = {"batching_off": {}, "batching_on": {}}  # each mode's settings besides ServeSettings' defaults
     for w in (float(x) for x in args.batch_waits.split(",") if x):
         mode = f"batching_on_wait_{w * 1000:g}ms"
-        modes[mode], waits[mode] = args.batch_on, w
+        modes[mode], waits[mode] = args.batch_on, {"batch_wait_timeout_s": w}
+    if args.fixed_wait:
+        modes["batching_on_fixed_wait"], waits["batching_on_fixed_wait"] = args.batch_on, {"adaptive_batch_wait": False}
     default_mode = "batching_on" if has_gpu else "batching_off"  # what ServeSettings chooses by device
     entry = {
         "machine": minfo,
@@ -808,7 +816,7 @@ def main(argv=None) -> int:
     for layout in layouts:
         lay = entry["layouts"][layout] = {}
         for mode, b in modes.items():
-            wait = {} if waits[mode] is None else {"batch_wait_timeout_s": waits[mode]}
+            wait = waits[mode]
             deploy(run, "bench", max_batch_size=b, **wait, **common, **layout_settings(layout, args.replicas))
             asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
             lay[mode] = {"max_batch_size": b, **wait, "concurrency": {}}

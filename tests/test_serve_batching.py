@@ -136,3 +136,17 @@ def test_batch_wait_bounds():
         BatchWait(m, -1.0)
     with pytest.raises(ValueError, match="batch wait"):
         BatchWait(m, float("nan"))
+
+
+def test_fixed_batch_wait_keeps_the_idle_wait_under_load():
+    class Method:
+        def set_batch_wait_timeout_s(self, s):
+            self.s = s
+
+    m = Method()
+    fixed, adaptive = BatchWait(m, 0.001, adaptive=False), BatchWait(Method(), 0.001)
+    for w in (fixed, adaptive):
+        with w.waiting(3), w.batch(1):
+            time.sleep(0.02)
+    assert m.s == 0.001 and fixed.wait_s == 0.001  # others waited, the wait stayed
+    assert adaptive.method.s == adaptive.wait_s > 0.015  # the adaptive one follows the pass

@@ -31,15 +31,17 @@ class BatchWait:
     Args:
         method: the bound ``@serve.batch`` method (anything with ``set_batch_wait_timeout_s(float)``).
         idle_s: the wait with no load (``ServeSettings.batch_wait_timeout_s``), seconds >= 0.
+        adaptive: False keeps ``idle_s`` under load too (Serve's fixed wait;
+            ``ServeSettings.adaptive_batch_wait``).
 
     Raises:
         ValueError: ``idle_s`` negative or not finite.
     """
 
-    def __init__(self, method: Any, idle_s: float):
+    def __init__(self, method: Any, idle_s: float, adaptive: bool = True):
         if not 0.0 <= idle_s < float("inf"):
             raise ValueError(f"batch wait must be a finite number of seconds >= 0, got {idle_s!r}")
-        self.method, self.idle_s = method, float(idle_s)
+        self.method, self.idle_s, self.adaptive = method, float(idle_s), bool(adaptive)
         self.pending = 0  # callers awaiting the method (queued, collecting or in a running batch)
         self.last_s = 0.0  # duration of the last batch
         self.method.set_batch_wait_timeout_s(self.idle_s)
@@ -69,5 +71,8 @@ class BatchWait:
 
     @property
     def wait_s(self) -> float:
-        """The wait under load: the last batch's duration, within ``[idle_s, MAX_BUSY_WAIT_S]``."""
+        """The wait under load: the last batch's duration, within ``[idle_s, MAX_BUSY_WAIT_S]``
+        (``idle_s`` when not adaptive)."""
+        if not self.adaptive:
+            return self.idle_s
         return max(self.idle_s, min(MAX_BUSY_WAIT_S, self.last_s))

@@ -146,6 +146,9 @@ class ServeSettings:
         batch_wait_timeout_s: how long the first image of a batch waits for others while the replica
             is idle: a lone request pays it in full. While images wait, the batch collects for the last
             forward pass's duration instead (:class:`~mapl_ray.serving.batching.BatchWait`).
+        adaptive_batch_wait: True: the wait under load follows the last forward pass (``BatchWait``);
+            False: ``batch_wait_timeout_s`` always, Serve's own behaviour (kept to compare the two:
+            ``bench/serve_load.py --fixed-wait``).
         front_batch_size: ``two_tier`` only: most images a front replica sends to the model deployment in
             one call (its own ``@serve.batch`` of the images it decoded, collected while its previous
             call ran); the model replica batches the images of all fronts' calls again into its forward
@@ -203,6 +206,7 @@ class ServeSettings:
     max_batch_size: int | None = None
     front_batch_size: int | None = None
     batch_wait_timeout_s: float = 0.0
+    adaptive_batch_wait: bool = True
     max_ongoing_requests: int | None = None
     max_queued_requests: int = 64
     retry_after_s: float = 1.0
