@@ -46,6 +46,7 @@ KEEP = (
     "loader_workers",
     "pseudo_fit_s",
     "pseudo_fit_wait_s",
+    "pseudo_fit_parts_s",
     "graph_captures",
     "eager_steps",
     "graph_capture_error",

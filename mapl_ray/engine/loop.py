@@ -505,6 +505,7 @@ class Trainer:
         # fit: the pseudo-labeler's time, "fit_out" the part of it outside the step timer (a refit put in force
         # for a checkpoint or at the end)
         times = {"step": [], "wait": [], "fit": 0.0, "fit_out": 0.0, "fit_wait": 0.0, "banks": 0.0}
+        times.update(fit_pool=0.0, fit_start=0.0)  # parts of "fit": the refit's pool assembled, start_fit
         times.update(validation=0.0, log=0.0, checkpoint=0.0)
         last: dict[str, float] = {}
         pseudo_stats: dict[str, Any] = {}
@@ -520,7 +521,10 @@ class Trainer:
             if labeler.due(step) and labeler.fitted_step != step:
                 if pool is None and from_loader and labeler.is_refit_step(step):
                     pool = self._refit_pool(step)
+                t_start = time.perf_counter()
+                times["fit_pool"] += t_start - t_fit
                 labeler.start_fit(unwrap(net), step, pool)
+                times["fit_start"] += time.perf_counter() - t_start
             if labeler.fit_due(step):  # the refit's OCCs fitted beside the last pseudo.fit_overlap_steps steps
                 pseudo_stats = self._put_refit_in_force(times)
             times["fit"] += time.perf_counter() - t_fit
@@ -631,6 +635,13 @@ class Trainer:
             # refit, with fewer labeled normals than model.memory_samples, apart: refit_bank_refill_s)
             "pseudo_fit_s": times["fit"] - times["banks"],
             "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits
+            # of which the pool assembled from loader parts, and start_fit with its own parts (labeler.start_s)
+            "pseudo_fit_parts_s": {
+                "pool": times["fit_pool"],
+                "start_fit": times["fit_start"],
+                **{f"start_fit.{k}": v for k, v in self.labeler.start_s.items()},
+                "wait": times["fit_wait"],
+            },
             "refit_bank_refill_s": times["banks"],
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,9 @@ class PseudoLabeler:
         self._snapshot = WeightSnapshot()
         self._stream: torch.cuda.Stream | None = None
         self._executor: ThreadPoolExecutor | None = None
+        #: host seconds of :meth:`start_fit`'s parts over the run (pool drawn here, snapshot, feature passes
+        #: queued with their uploads, the fit handed to its thread)
+        self.start_s = {"pool": 0.0, "snapshot": 0.0, "features": 0.0, "submit": 0.0}
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
         #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached on the device
@@ -493,6 +497,7 @@ class PseudoLabeler:
         if self.pending is not None:
             raise RuntimeError(f"refit of step {self.pending[0]} is still pending (finish_fit first)")
         d, p = self.bm.data, self.cfg.pseudo
+        t0 = time.perf_counter()
         if pool is None:
             pool = self.bm.pool(step, self.labels_for(step))
         sims = np.asarray(pool["sims"])
@@ -505,7 +510,9 @@ class PseudoLabeler:
         else:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
         normal_idx = np.asarray(pool["normal_idx"])
+        t1 = time.perf_counter()
         shadow = self._snapshot.of(model)
+        t2 = time.perf_counter()
         stream = self._feature_stream()
         if stream is not None:  # the snapshot's copy, queued on the training stream, comes first
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -520,6 +527,7 @@ class PseudoLabeler:
                     "unlabeled": self._feature_tensor(shadow, unl_images),
                 }
             host, ready = to_host(parts, stream)
+        t3 = time.perf_counter()
         n_labeled, gate = len(d.normals), p.normal_gate and self.kind == "knn"
         if streamed:  # the table holds the labeled normals and this refit's sample only
             normal_idx = normal_idx[normal_idx < n_labeled]
@@ -543,6 +551,8 @@ class PseudoLabeler:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
         self.pending = (step, streamed, self._executor.submit(fit))
+        for k, v in zip(self.start_s, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            self.start_s[k] += v
 
     def fit_due(self, step: int) -> bool:
         """A pending refit takes over at this step: :func:`fit_overlap` steps after it."""
