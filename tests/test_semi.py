@@ -542,3 +542,33 @@ def test_refit_features_are_the_same_whether_the_images_go_up_at_once_or_in_grou
     whole, grouped = features(1024), features(4)
     assert whole.shape[0] == 11 and np.isfinite(whole).all()
     np.testing.assert_allclose(grouped, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_refit_is_the_same_with_the_source_images_gathered_on_the_device(device):
+    """On CUDA a refit gathers the labeled normals and pool images from copies kept on the device for the run
+    (``_resident_sources``) instead of copying them up each time; labels and scores must not change. On CPU the
+    device copy is put in place by hand, so the gather path itself runs here too."""
+    data, _ = pool_data()
+    dev = torch.device(device)
+    cfg, model = tiny_model(
+        dev, **{"model.memory_backend": "torch", "pseudo.features": "map", "pseudo.pool_size": 4, "pseudo.num_occs": 1}
+    )
+    model.eval()
+
+    def refit(resident: bool) -> tuple[PseudoLabeler, tuple[np.ndarray, np.ndarray]]:
+        lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), dev)
+        if device == "cpu" and resident:
+            lab._resident = torch.from_numpy(np.concatenate([data.normals, data.unlabeled]))
+        elif device == "cuda" and not resident:
+            lab._resident_sources = lambda: None
+        lab.history[-1] = (np.arange(data.pool_size) % 2).astype(np.int8)  # normal rows: labeled, every other pool one
+        lab.start_fit(model, 50)
+        lab.finish_fit()
+        return lab, (lab.history[50], lab.pool_scores)
+
+    lab, on_device = refit(resident=True)
+    assert lab._resident is not None and len(lab._resident) == len(data.normals) + data.pool_size
+    _, on_host = refit(resident=False)
+    assert np.array_equal(on_device[0], on_host[0])
+    assert np.allclose(on_device[1], on_host[1], rtol=1e-5, atol=1e-6)

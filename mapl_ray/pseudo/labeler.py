@@ -58,6 +58,9 @@ from .patch_knn import image_statistics, leave_fold_out_distances, nearest_dista
 MAP_TOPK = (10, 100)
 #: images per upload of a refit's feature pass on CUDA (256 px: 197 KB each)
 _UPLOAD_IMAGES = 1024
+#: on CUDA, in-memory labeled normals and pool images up to this many bytes stay on the device for the run,
+#: so a refit gathers them there instead of copying them through pinned host memory each time
+RESIDENT_MAX_BYTES = 2 * 2**30
 
 log = logging.getLogger("mapl_ray.pseudo")
 
@@ -347,6 +350,8 @@ class PseudoLabeler:
         #: what the refits' features read (:meth:`start_fit`) and, on CUDA, the stream they run on
         self._snapshot = WeightSnapshot()
         self._stream: torch.cuda.Stream | None = None
+        #: (labeled normals, in-memory pool) as uint8 device tensors (:meth:`_resident_sources`)
+        self._resident: torch.Tensor | None = None
         self._executor: ThreadPoolExecutor | None = None
         #: host seconds of :meth:`start_fit`'s parts over the run (pool drawn here, snapshot, feature passes
         #: queued with their uploads, the fit handed to its thread)
@@ -389,8 +394,8 @@ class PseudoLabeler:
         return self.history[max(s for s in self.history if s <= step - self.cfg.pseudo.label_lag or s == -1)]
 
     @torch.no_grad()
-    def _batched(self, images: np.ndarray, model: MAPLModel, name: str, fn) -> torch.Tensor:
-        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` in batches of ``pseudo.feature_batch_size`` (None: the
+    def _batched(self, images: np.ndarray | torch.Tensor, model: MAPLModel, name: str, fn) -> torch.Tensor:
+        """``fn(x)`` of uint8 images ``(N, H, W, 3)`` (numpy, or a tensor already on the device) in batches of ``pseudo.feature_batch_size`` (None: the
         training step's batch, :attr:`BatchMaker.step_images`, whose convolution plans the first steps built) on the device (autocast), the float32 results concatenated on the device.
 
         On CUDA the last batch is padded to full size (:func:`~mapl_ray.tensors.pad_rows`): every refit's batches have one shape, captured once (CUDA graphs,
@@ -412,7 +417,7 @@ class PseudoLabeler:
         group = b * max(1, _UPLOAD_IMAGES // b)
         for g in range(0, len(images), group):
             part = images[g : g + group]
-            if cuda:
+            if cuda and not isinstance(part, torch.Tensor):
                 part = torch.from_numpy(np.ascontiguousarray(part)).pin_memory().to(self.device, non_blocking=True)
             for i in range(0, len(part), b):
                 chunk = part[i : i + b]
@@ -426,7 +431,39 @@ class PseudoLabeler:
         with autocast_context(self.device, self.cfg.train.amp, cache_enabled=cache):
             return fn(x).float()
 
-    def _feature_tensor(self, model: MAPLModel, images: np.ndarray) -> torch.Tensor:
+    def _resident_sources(self) -> torch.Tensor | None:
+        """The normal-source images (:meth:`TrainData.source_images`' rows: labeled normals, then the in-memory
+        pool) as one uint8 ``(N, H, W, 3)`` tensor on the device, uploaded at the first call; None off CUDA,
+        with a streamed pool, or when they exceed :data:`RESIDENT_MAX_BYTES`."""
+        d = self.bm.data
+        if self._resident is None:
+            if self.device.type != "cuda" or d.pool_streamed:
+                return None
+            arrays = [d.normals] + ([d.unlabeled] if d.pool_size else [])
+            if sum(a.nbytes for a in arrays) > RESIDENT_MAX_BYTES:
+                return None
+            self._resident = torch.cat([torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays])
+        return self._resident
+
+    def _source_images(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
+        """:meth:`TrainData.source_images` of ``rows``, gathered on the device from :meth:`_resident_sources`
+        where they are there (queued on the current stream; the row index travels through pinned memory, so
+        nothing waits for queued work), else on the host."""
+        sources = self._resident_sources()
+        if sources is None:
+            return self.bm.data.source_images(rows)
+        rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        if sources.is_cuda:
+            rows_t = rows_t.pin_memory().to(sources.device, non_blocking=True)
+        return sources.index_select(0, rows_t)
+
+    def _unlabeled_images(self) -> np.ndarray | torch.Tensor:
+        """The in-memory pool (numpy, or its rows of :meth:`_resident_sources` on the device)."""
+        d = self.bm.data
+        sources = self._resident_sources()
+        return d.unlabeled if sources is None else sources[len(d.normals) :]
+
+    def _feature_tensor(self, model: MAPLModel, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """OCC features of uint8 images ``(N, H, W, 3)`` (``model`` in eval mode, :meth:`_batched`): float32
         ``(N, D)`` on the device, queued on the current stream."""
         kind = self.kind
@@ -522,9 +559,11 @@ class PseudoLabeler:
                 parts = {"table": table, "positives": positives}
             else:
                 parts = {
-                    "normals": self._feature_tensor(shadow, d.source_images(normal_idx)),
+                    "normals": self._feature_tensor(shadow, self._source_images(normal_idx)),
                     "positives": self._feature_tensor(shadow, pos_images),
-                    "unlabeled": self._feature_tensor(shadow, unl_images),
+                    "unlabeled": self._feature_tensor(
+                        shadow, self._unlabeled_images() if d.pool_size and not streamed else unl_images
+                    ),
                 }
             host, ready = to_host(parts, stream)
         t3 = time.perf_counter()
