@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+log = logging.getLogger("mapl_ray.config")
 
 # train.augment and eval.tta: no transform, horizontal flips, or flips and 90-degree rotations (D4)
 ORIENTATION_MODES = ("none", "flip", "rot90")
@@ -302,7 +305,10 @@ class Config:
             ConfigError: the file is missing, is not YAML mapping, or names an unknown field.
         """
         p = Path(path)
-        return cls.from_dict(read_yaml_mapping(p), source=str(p))
+        data = read_yaml_mapping(p)
+        if not data:  # an empty file where tuned settings were expected (a failed write, all lines commented out)
+            log.warning("config file %s sets nothing (empty, or only comments): the defaults are used", p)
+        return cls.from_dict(data, source=str(p))
 
     @classmethod
     def load_run(cls, path: str | Path) -> Config:
@@ -319,9 +325,14 @@ class Config:
         absent = {k: v for k, v in RUN_FIELDS_ADDED.items() if k.split(".")[1] not in (data.get(k.split(".")[0]) or {})}
         return cfg.override(absent) if absent else cfg
 
-    def override(self, dotted: dict[str, Any]) -> Config:
-        """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated). A value
-        may be text, as ``--set section.field=value`` gives it: ``"1e-4"`` for a float field is the number."""
+    def override(self, dotted: dict[str, Any], text: bool = True) -> Config:
+        """Return a copy with ``{"section.field": value}`` overrides applied (values coerced/validated). With
+        ``text`` a value may be text, as ``--set section.field=value`` gives it: ``"1e-4"`` for a float field is
+        the number; without (values read from a YAML file: a grid's ``set``, a search space) it is an error.
+
+        Raises:
+            ConfigError: a key names no field, or a value does not fit its field.
+        """
         data = self.to_dict()
         for key, value in dotted.items():
             parts = key.split(".")
@@ -331,7 +342,7 @@ class Config:
             if section not in data or name not in data[section]:
                 raise ConfigError(f"override {key!r} names no configuration field{nearest_fields(key)}")
             data[section][name] = value
-        return _build(Config, data, "overrides", from_text=frozenset(dotted))
+        return _build(Config, data, "overrides", from_text=frozenset(dotted) if text else frozenset())
 
 
 def field_names() -> list[str]:
@@ -684,7 +695,7 @@ def _finite(x: float) -> float:
 def _coerce(value: Any, typ: Any, where: str, from_text: bool = False) -> Any:
     """``value`` as the field type ``typ`` (``int``, ``float | None``, ``tuple[float, ...]``...); ``where``
     names the field in errors. A string for a number (or a list of numbers) is parsed only when ``from_text``
-    (``--set``, where every value is text); from a YAML file, ``"1e-4"`` (quoted) is a mistake to say.
+    (``--set``, where every value is text); from a YAML file, ``"1e-4"`` or ``"true"`` (quoted) is a mistake to say.
 
     Raises:
         ConfigError: ``value`` does not fit ``typ`` (names ``where`` and the type expected).
@@ -694,9 +705,9 @@ def _coerce(value: Any, typ: Any, where: str, from_text: bool = False) -> Any:
         if "None" in text:
             return None
         raise ConfigError(f"{where}: null is not allowed (expected {_EXPECTED.get(text, text)})")
-    numbers = typ in (int, float) or text.startswith(("int", "float", "tuple"))
+    typed = typ in (int, float, bool) or text.startswith(("int", "float", "tuple", "bool"))
     items = value if isinstance(value, (list, tuple)) else [value]
-    quoted = numbers and not from_text and any(isinstance(v, str) for v in items)
+    quoted = typed and not from_text and any(isinstance(v, str) for v in items)
     try:
         if quoted:
             raise ValueError(value)

@@ -148,6 +148,8 @@ def test_cpu_grid_parses_and_a_category_subset_expands():
         ("seeds: [1]\ncategories: [a/b]\npeer: {bogus: 1}\nrows: {x: {}}\n", "peer: unknown key.*coreset_ratio"),
         ("seeds: [1]\ncategories: [a/b]\npeer: {num_neighbors: x}\nrows: {x: {}}\n", "peer.num_neighbors"),
         ("seeds: [1]\ncategories: [a/b]\npeer: {coreset_ratio: 0}\nrows: {x: {}}\n", "peer.coreset_ratio"),
+        ("seeds: [1]\ncategories: [a/b]\nrows: {x: {set: {train.lr: '1e-4'}}}\n", "train.lr: .*without quotes"),
+        ("seeds: [1]\ncategories: [a/b]\nset: {model.pretrained: 'no'}\nrows: {x: {}}\n", "set: .*without quotes"),
     ],
 )
 def test_bad_grid_files_name_the_file_and_the_fault(tmp_path, text, message):

@@ -169,6 +169,7 @@ def test_a_config_file_that_repeats_a_key_is_refused(tmp_path, capsys):
         ("eval:\n  q_weight: '0.5'\n", "eval.q_weight", "a finite number or null"),
         ("eval:\n  q_weight_grid: [0.0, '0.5']\n", "eval.q_weight_grid", "a list of finite numbers"),
         ("eval:\n  q_weight_grid: '0.0, 0.5'\n", "eval.q_weight_grid", "a list of finite numbers"),
+        ("model:\n  pretrained: 'false'\n", "model.pretrained", "true or false"),
     ],
 )
 def test_a_quoted_number_in_a_config_file_names_the_field(body, field, expected, tmp_path, capsys):
@@ -781,3 +782,19 @@ def test_tune_resume_says_which_flags_it_ignores(tmp_path, caplog, capsys):
         )
     assert rc == 2 and "holds no search to resume" in capsys.readouterr().err
     assert "ignored: --num-samples" in caplog.text and "--gpus-per-trial" not in caplog.text  # 0 is the default
+
+
+def test_a_config_file_that_sets_nothing_is_warned_about(tmp_path, caplog):
+    """An empty --config (or one of comments only) trains the defaults: said, not silent."""
+    config = tmp_path / "best.yaml"
+    for body in ("", "# train:\n#   lr: 0.001\n"):
+        config.write_text(body)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mapl_ray.config"):
+            assert Config.load(config) == Config()
+        assert f"config file {config} sets nothing" in caplog.text
+    config.write_text("train:\n  lr: 0.001\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mapl_ray.config"):
+        assert Config.load(config).train.lr == 0.001
+    assert "sets nothing" not in caplog.text

@@ -83,6 +83,8 @@ def test_default_search_space_holds_the_defaults_and_bad_spaces_are_named(tmp_pa
         ({"pseudo.covariance_type": {"int": [1, 2]}}, "does not take: use choice"),
         ({"pseudo": {"num_occs": {"int": [1, 8]}}}, "is a section: write its fields as flat keys"),
         ({"pseudo.num_occs": {"int": [3, 2]}}, "low <= high"),
+        ({"pseudo.num_occs": {"choice": ["2", 4]}}, "'2' is not a valid value .*without quotes"),
+        ({"model.pretrained": {"choice": ["true", False]}}, "'true' is not a valid value .*without quotes"),
     ):
         f = tmp_path / "space.yaml"
         f.write_text(yaml.safe_dump(bad))

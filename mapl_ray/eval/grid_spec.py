@@ -137,7 +137,7 @@ def load_grid(path: str | Path) -> GridSpec:
     if not isinstance(common, dict):
         raise _fail(src, f"set must be a mapping of section.field to value, got {type(common).__name__}")
     try:
-        Config().override(common).validate()
+        Config().override(common, text=False).validate()
     except ConfigError as e:
         raise _fail(src, f"set: {e}") from e
     rows = [_row(name, body or {}, categories, src) for name, body in data["rows"].items()]
@@ -214,7 +214,7 @@ def _row(name: str, body: dict, categories: list[str], src: str) -> Row:
     if bad:
         raise _fail(src, f"{where}: categories {bad} are not in the grid's categories {categories}")
     try:
-        Config().override(row.set).validate()
+        Config().override(row.set, text=False).validate()
     except ConfigError as e:
         raise _fail(src, f"{where}.set: {e}") from e
     return row

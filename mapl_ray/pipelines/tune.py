@@ -104,7 +104,7 @@ def load_search_space(path: str | Path | None = None) -> dict[str, dict[str, lis
             raise ConfigError(f"{where}: loguniform needs low > 0, got {values}")
         for v in values:  # every choice and both bounds must be values the field accepts
             try:
-                Config().override({key: v}).validate()
+                Config().override({key: v}, text=False).validate()
             except ConfigError as e:
                 raise ConfigError(f"{where}: {v!r} is not a valid value ({e})") from e
     return space
