@@ -439,10 +439,16 @@ class PseudoLabeler:
         if self._resident is None:
             if self.device.type != "cuda" or d.pool_streamed:
                 return None
-            arrays = [d.normals] + ([d.unlabeled] if d.pool_size else [])
-            if sum(a.nbytes for a in arrays) > RESIDENT_MAX_BYTES:
+            arrays = [a for a in (d.normals, d.unlabeled if d.pool_size else None) if a is not None and len(a)]
+            if not arrays or sum(a.nbytes for a in arrays) > RESIDENT_MAX_BYTES:
                 return None
-            self._resident = torch.cat([torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays])
+            shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])  # no labeled normals: the pool's shape
+            out = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            at = 0
+            for a in arrays:  # one device copy, filled part by part (no concatenated host or device temporary)
+                out[at : at + len(a)].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+                at += len(a)
+            self._resident = out
         return self._resident
 
     def _source_images(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
