@@ -395,6 +395,16 @@ class Trainer:
         times["banks"] += time.perf_counter() - t_banks
         return stats
 
+    def _pseudo_parts(self, times: dict[str, Any]) -> dict[str, float]:
+        """Parts of the summary's ``pseudo_fit_s``, seconds: the pools assembled from loader parts, ``start_fit``
+        with its own parts (:attr:`PseudoLabeler.start_s`), and the waits for fits."""
+        return {
+            "pool": times["fit_pool"],
+            "start_fit": times["fit_start"],
+            **{f"start_fit.{k}": v for k, v in self.labeler.start_s.items()},
+            "wait": times["fit_wait"],
+        }
+
     def _refit_pool(self, step: int) -> dict[str, Any]:
         """The pool of the refit at ``step`` from the parts the loader items brought
         (:class:`~mapl_ray.data.batches.StepBatches`); a part whose step came before this run's first step (a
@@ -635,13 +645,7 @@ class Trainer:
             # refit, with fewer labeled normals than model.memory_samples, apart: refit_bank_refill_s)
             "pseudo_fit_s": times["fit"] - times["banks"],
             "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits
-            # of which the pool assembled from loader parts, and start_fit with its own parts (labeler.start_s)
-            "pseudo_fit_parts_s": {
-                "pool": times["fit_pool"],
-                "start_fit": times["fit_start"],
-                **{f"start_fit.{k}": v for k, v in self.labeler.start_s.items()},
-                "wait": times["fit_wait"],
-            },
+            "pseudo_fit_parts_s": self._pseudo_parts(times),
             "refit_bank_refill_s": times["banks"],
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,
