@@ -307,7 +307,9 @@ class Config:
         p = Path(path)
         data = read_yaml_mapping(p)
         if not data:  # an empty file where tuned settings were expected (a failed write, all lines commented out)
-            log.warning("config file %s sets nothing (empty, or only comments): the defaults are used", p)
+            log.warning(
+                "config file %s sets nothing (empty, or only comments): defaults (and any category preset) apply", p
+            )
         return cls.from_dict(data, source=str(p))
 
     @classmethod
@@ -739,9 +741,19 @@ def _coerce(value: Any, typ: Any, where: str, from_text: bool = False) -> Any:
     except (TypeError, ValueError, OverflowError) as e:
         base = text.replace(" | None", "")
         expected = _EXPECTED.get(base, _EXPECTED.get(f"<class '{base}'>", base)) + (" or null" if base != text else "")
-        hint = ", not text: write it without quotes" if quoted else ""
+        hint = ", not text: write it without quotes" if quoted and _parses_as_text(value, typ, where) else ""
         raise ConfigError(f"{where}: cannot use {value!r} (expected {expected}{hint})") from e
     return value
+
+
+def _parses_as_text(value: Any, typ: Any, where: str) -> bool:
+    """Whether ``value``, refused as text from a YAML file, would be right as ``--set`` text (``"1e-4"`` for a
+    float): then it was quoted, and saying so helps; a word like ``fast`` was wrong either way."""
+    try:
+        _coerce(value, typ, where, from_text=True)
+    except ConfigError:
+        return False
+    return True
 
 
 def _build(

@@ -798,3 +798,13 @@ def test_a_config_file_that_sets_nothing_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mapl_ray.config"):
         assert Config.load(config).train.lr == 0.001
     assert "sets nothing" not in caplog.text
+
+
+def test_a_word_where_a_number_belongs_is_not_told_to_drop_quotes(tmp_path):
+    """Only text that would be right unquoted gets the quotes hint; `lr: fast` was wrong either way."""
+    config = tmp_path / "c.yaml"
+    for body, field in (("train:\n  lr: fast\n", "train.lr"), ("model:\n  pretrained: n\n", "model.pretrained")):
+        config.write_text(body)
+        with pytest.raises(ConfigError, match=f"{field}: cannot use") as e:
+            Config.load(config)
+        assert "quotes" not in str(e.value)
