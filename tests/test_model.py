@@ -189,7 +189,9 @@ def test_weights_errors(tmp_path):
         build_encoder("tf_efficientnet_lite0", weights=bad)
     with pytest.raises(WeightsError, match="shape"):
         map_state_dict_by_order({"a": torch.zeros(3)}, {"x": torch.zeros(4)}, "test")
-    with pytest.raises(WeightsError, match="unknown encoder"):
+    with pytest.raises(
+        WeightsError, match="model.encoder: unknown encoder .no_such_backbone. \\(expected .mapl. or a timm model name"
+    ):
         build_encoder("no_such_backbone", pretrained=False)
 
 

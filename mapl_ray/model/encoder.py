@@ -172,7 +172,10 @@ def build_encoder(
     try:
         body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError for unknown names
-        raise WeightsError(f"unknown encoder {name!r}: {e}") from e
+        raise WeightsError(
+            f"model.encoder: unknown encoder {name!r} (expected 'mapl' or a timm model name with features_only "
+            f"support, e.g. tf_efficientnet_lite0): {e}"
+        ) from e
     if pretrained or weights:
         path = Path(weights) if weights else lite_wheel_weights_path(name)
         sd = _read_state_dict(path)
