@@ -808,3 +808,17 @@ def test_a_word_where_a_number_belongs_is_not_told_to_drop_quotes(tmp_path):
         with pytest.raises(ConfigError, match=f"{field}: cannot use") as e:
             Config.load(config)
         assert "quotes" not in str(e.value)
+
+
+def test_a_diverging_run_stops_at_the_first_nan_loss_with_one_line_naming_the_learning_rate(
+    small_root, tmp_path, capsys
+):
+    """A learning rate far too high makes the loss NaN: stopped there with exit 2 and one line naming train.lr,
+    not a traceback from evaluating a model of NaN weights."""
+    out = tmp_path / "r"
+    args = ["train", "--data", str(small_root), "--category", "screw", "--out", str(out), "--no-ray", *TINY]
+    assert main([*args, "--lr", "1e30", "--set", "train.log_every=1", "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mapl train: error: training diverged: the loss is nan at step ")
+    assert "train.lr 1e+30" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (out / "metrics.json").exists()

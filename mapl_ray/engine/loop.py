@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.batches import BatchMaker, assemble_pool, pool_chunk_steps
 from ..data.simulation import build_simulator
 from ..data.train_data import TrainData, choose_memory_banks, memory_bank_images, normal_rows
@@ -65,6 +65,12 @@ KNN_CANDIDATES = 4
 def unwrap(model: torch.nn.Module) -> MAPLModel:
     """The network inside a DDP (or other) wrapper."""
     return model.module if hasattr(model, "module") else model
+
+
+class TrainingDiverged(ConfigError):
+    """The training loss became NaN or infinite (a learning rate too high for the data, most often): a
+    :class:`~mapl_ray.config.ConfigError` naming ``train.lr``, so the CLI says it in one line, also when a Ray
+    Train worker raised it."""
 
 
 class Trainer:
@@ -448,6 +454,12 @@ class Trainer:
         if not (do_log or do_report):
             return None
         last = reduce_losses(losses, self.world_size)  # the same steps on every rank: the all-reduce matches up
+        if not math.isfinite(last["loss"]):  # every rank sees the same reduced loss: all stop together
+            raise TrainingDiverged(
+                f"training diverged: the loss is {last['loss']} at step {step + 1} (train.lr {self.cfg.train.lr:g}); "
+                "lower train.lr (--lr) and train again (this run stopped unfinished)",
+                "train.lr",
+            )
         rec = {
             "step": step + 1,
             "lr": float(self.scheduler.get_last_lr()[0]),
