@@ -175,6 +175,7 @@ def test_response_schema_regions_and_no_paths(served, trained_run):
     assert model.run_id == trained_run.name and model.category == "screw" and model.image_size == 64
     assert model.model_version.startswith("sha256:") and "image_auroc" in model.metrics["overall"]
     assert model.limits["max_pixels"] == MAIN["max_pixels"] and model.limits["min_side"] == 8
+    assert model.limits["adaptive_batch_wait"] is True  # the batching in force can be checked from outside
     texts = [info.text]
     paths = [screw("good", 0), screw("scratch_head", 0), screw("thread_top", 1)]
     for path in paths:
@@ -554,7 +555,7 @@ def test_mapl_serve_refuses_bad_settings_before_starting_ray(trained_run, capsys
     from mapl_ray.cli import main
 
     assert main(["serve", str(trained_run), "--set", "max_pixels=lots"]) == 2
-    assert "max_pixels must be an int" in capsys.readouterr().err
+    assert "max_pixels must be an integer" in capsys.readouterr().err
     assert main(["serve", str(trained_run), "--set", "max_pixel=5"]) == 2
     assert "unknown serve setting(s) max_pixel" in capsys.readouterr().err
     assert main(["serve", str(trained_run), "--token-file", "/nonexistent/token"]) == 2

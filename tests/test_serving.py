@@ -211,9 +211,10 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "layout": "single", "ingress_cpus": 1}, "do not apply to layout=single"),
         ({"run_dir": "r", "ingress_replicas": 8}, "do not apply to layout=single, the default"),  # no layout given
         ({"run_dir": "r", "num_replicas": 0}, "num_replicas must be > 0, got 0"),
-        ({"run_dir": "r", "num_replicas": "many"}, "num_replicas must be an int or auto"),
+        ({"run_dir": "r", "num_replicas": "many"}, "num_replicas must be an integer or auto"),
         ({"run_dir": "r", "cpus_per_replica": -1}, "cpus_per_replica must be >= 0"),
-        ({"run_dir": "r", "gpus_per_replica": "half"}, "gpus_per_replica must be a float or auto"),
+        ({"run_dir": "r", "gpus_per_replica": "half"}, "gpus_per_replica must be a number or auto"),
+        ({"run_dir": "r", "adaptive_batch_wait": "maybe"}, "adaptive_batch_wait must be true or false, got 'maybe'"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)

@@ -363,7 +363,7 @@ class ServeSettings:
         )
 
     def public_limits(self) -> dict[str, Any]:
-        """The limits a client may want to know (``GET /v1/model``)."""
+        """The limits and batching settings a client may want to know (``GET /v1/model``)."""
         keys = (
             "max_body_bytes",
             "max_pixels",
@@ -377,6 +377,7 @@ class ServeSettings:
             "max_batch_size",
             "front_batch_size",
             "batch_wait_timeout_s",
+            "adaptive_batch_wait",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -447,8 +448,8 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
+        what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[base]
         raise ValueError(
-            f"serve setting {name} must be {'an int' if base == 'int' else 'a ' + base}"
-            f"{' or auto' if optional else ''}, got {value!r}"
+            f"serve setting {name} must be {what}{' or auto' if optional else ''}, got {value!r}"
         ) from None
     raise AssertionError(f"unhandled setting type {annotation} of {name}")
