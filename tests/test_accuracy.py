@@ -149,6 +149,9 @@ def test_cpu_grid_parses_and_a_category_subset_expands():
         ("seeds: [1]\ncategories: [a/b]\npeer: {num_neighbors: x}\nrows: {x: {}}\n", "peer.num_neighbors"),
         ("seeds: [1]\ncategories: [a/b]\npeer: {coreset_ratio: 0}\nrows: {x: {}}\n", "peer.coreset_ratio"),
         ("seeds: [1]\ncategories: [a/b]\nrows: {x: {set: {train.lr: '1e-4'}}}\n", "train.lr: .*without quotes"),
+        ("seeds: [1]\ncategories: [a/b]\ncorruption: {noise_std: '12'}\nrows: {x: {}}\n", "noise_std must be a finite"),
+        ("seeds: [1]\ncategories: [a/b]\ncorruption: {seed: '0'}\nrows: {x: {}}\n", "seed must be an integer"),
+        ("seeds: [1]\ncategories: [a/b]\ncorruption: {noise: 3}\nrows: {x: {}}\n", "unknown key.*'noise'.*noise_std"),
         ("seeds: [1]\ncategories: [a/b]\nset: {model.pretrained: 'no'}\nrows: {x: {}}\n", "set: .*without quotes"),
     ],
 )

@@ -21,6 +21,7 @@ reading or on the other files, and the same seed gives the same bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zlib
@@ -54,6 +55,12 @@ class Corruption:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("noise_std", "contrast_min", "contrast_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Corruption.{name} must be a finite number, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Corruption.seed must be an integer, got {self.seed!r}")
         if self.noise_std < 0:
             raise ValueError(f"Corruption.noise_std must be >= 0, got {self.noise_std}")
         if not 0 < self.contrast_min <= self.contrast_max:

@@ -26,6 +26,7 @@ steps, so rows differ only where their ``set`` says.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,15 @@ def load_grid(path: str | Path) -> GridSpec:
     steps = data.get("steps", Config().train.steps)
     if not isinstance(steps, int) or steps < 1:
         raise _fail(src, f"steps must be an integer >= 1, got {steps!r}")
+    given = data.get("corruption") or {}
+    if not isinstance(given, dict):
+        raise _fail(src, f"corruption must be a mapping of its parameters, got {type(given).__name__}")
+    known = [f.name for f in dataclasses.fields(Corruption)]
+    unknown = sorted(set(given) - set(known), key=str)
+    if unknown:
+        raise _fail(src, f"corruption: unknown key(s) {unknown}; expected some of {known}")
     try:
-        corruption = Corruption(**(data.get("corruption") or {}))
+        corruption = Corruption(**given)
     except (TypeError, ValueError) as e:
         raise _fail(src, f"corruption: {e}") from e
     if not isinstance(data["rows"], dict):
