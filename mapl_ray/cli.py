@@ -1075,23 +1075,31 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         return 0
     if not args.grid or not args.data:
         raise GridError("--grid YAML and --data ROOT are required (or --merge FILE)")
-    result = run_benchmark(
-        args.grid,
-        args.data,
-        args.textures,
-        out,
-        md,
-        img,
-        args.runs,
-        weights=args.weights,
-        categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
-        steps=args.steps,
-        gpus_per_trial=args.gpus_per_trial,
-        cpus_per_trial=args.cpus_per_trial,
-        deadline_s=args.deadline_s,
-        bundle=args.bundle,
-        command=" ".join(sys.argv),
-    )
+    started = time.time()
+    try:
+        result = run_benchmark(
+            args.grid,
+            args.data,
+            args.textures,
+            out,
+            md,
+            img,
+            args.runs,
+            weights=args.weights,
+            categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
+            steps=args.steps,
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+            deadline_s=args.deadline_s,
+            bundle=args.bundle,
+            command=" ".join(sys.argv),
+        )
+    except KeyboardInterrupt:  # each finished trial is in `out` already (run_benchmark saves after each)
+        fresh = out.is_file() and out.stat().st_mtime >= started  # not an earlier benchmark's file
+        done = len(json.loads(out.read_text()).get("runs", [])) if fresh else 0
+        then = f"; `mapl benchmark --merge {out} --out {out}` writes the report from them" if done else ""
+        print(f"\nmapl benchmark: interrupted; {done} finished trial(s) in {out}{then}", file=sys.stderr)
+        return 130
     failed = sum("error" in r for r in result["runs"])
     print(f"{len(result['runs'])} trials ({failed} failed) in {result['wall_s']:.0f} s; wrote {out}, {md}")
     return 0

@@ -290,3 +290,26 @@ def test_benchmark_help_shows_the_defaults(capsys):
     for default in ("default benchmark/accuracy.json", "default: --out with .md", "default 2", "default 0"):
         assert default in text
     assert "docs/RESULTS.md" in text  # says that bench/accuracy.py, not mapl benchmark, writes it
+
+
+def test_an_interrupted_benchmark_says_what_finished_and_its_merge_writes_the_report(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the grid: exit 130 and one line naming the finished trials (saved as they finish), not a
+    KeyboardInterrupt traceback; the line's --merge command writes the report from them."""
+    import mapl_ray.pipelines.benchmark as benchmark
+
+    out = tmp_path / "res" / "grid.json"
+    grid = tmp_path / "g.yaml"
+    grid.write_text("seeds: [1]\ncategories: [mvtec_ad/screw]\nrows: {mapl: {}}\n")
+
+    def interrupted(*args, **kwargs):  # two trials saved, then Ctrl-C while waiting for the rest
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = {"mapl": "M", "patchcore": "P"}
+        out.write_text(json.dumps({"runs": _records()[:2], "categories": ["mvtec_ad/screw"], "rows": rows}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "run_benchmark", interrupted)
+    assert main(["benchmark", "--grid", str(grid), "--data", str(tmp_path), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; 2 finished trial(s) in {out}" in err and "Traceback" not in err
+    assert main(["benchmark", "--merge", str(out), "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["runs"]) == 2 and (tmp_path / "res" / "grid.md").is_file()
