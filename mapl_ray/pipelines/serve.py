@@ -242,9 +242,8 @@ class Scorer:
         sizes = {s.max_batch_size} | {2**k for k in range(8) if 2**k < s.max_batch_size}
         self.buckets = sorted(sizes) if self.pred.cuda_graphs else None
         self._score.set_max_batch_size(s.max_batch_size)
-        self._wait = BatchWait(
-            self._score, s.batch_wait_timeout_s, s.adaptive_batch_wait
-        )  # images queued: the next batch collects
+        # images queued: the next batch collects while this one runs
+        self._wait = BatchWait(self._score, s.batch_wait_timeout_s, s.adaptive_batch_wait)
         size = self.pred.image_size
         for b in self.buckets or [1]:  # warm-up (and graph capture) before the replica takes requests
             self.pred.predict_images(np.zeros((b, size, size, 3), np.uint8), [""] * b)
@@ -353,9 +352,8 @@ class Ingress:
         self._bounded = scorer is None or self._front_batches
         if self._front_batches:
             self._remote_batch.set_max_batch_size(self.s.front_batch_size)
-            self._front_wait = BatchWait(
-                self._remote_batch, 0.0, self.s.adaptive_batch_wait
-            )  # images queued: the next call collects
+            # images queued: the next call collects while this one runs
+            self._front_wait = BatchWait(self._remote_batch, 0.0, self.s.adaptive_batch_wait)
         self._held = 0
         token = load_token(self.s.token_env, self.s.token_file)
         if token_digest(token) != self.s.token_sha256:

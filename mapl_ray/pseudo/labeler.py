@@ -350,7 +350,8 @@ class PseudoLabeler:
         #: what the refits' features read (:meth:`start_fit`) and, on CUDA, the stream they run on
         self._snapshot = WeightSnapshot()
         self._stream: torch.cuda.Stream | None = None
-        #: (labeled normals, in-memory pool) as uint8 device tensors (:meth:`_resident_sources`)
+        #: the normal-source images (labeled normals, then the in-memory pool) as one uint8 device tensor
+        #: (:meth:`_resident_sources`)
         self._resident: torch.Tensor | None = None
         self._executor: ThreadPoolExecutor | None = None
         #: host seconds of :meth:`start_fit`'s parts over the run (pool drawn here, snapshot, feature passes
