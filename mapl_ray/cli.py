@@ -1097,8 +1097,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # each finished trial is in `out` already (run_benchmark saves after each)
         fresh = out.is_file() and out.stat().st_mtime >= started  # not an earlier benchmark's file
         done = len(json.loads(out.read_text()).get("runs", [])) if fresh else 0
-        then = f"; `mapl benchmark --merge {out} --out {out}` writes the report from them" if done else ""
-        print(f"\nmapl benchmark: interrupted; {done} finished trial(s) in {out}{then}", file=sys.stderr)
+        said = (
+            f"{done} finished trial(s) in {out}; `mapl benchmark --merge {out} --out {out}` writes the report from them"
+            if done
+            else "no trial had finished (nothing written)"
+        )
+        print(f"\nmapl benchmark: interrupted; {said}", file=sys.stderr)
         return 130
     failed = sum("error" in r for r in result["runs"])
     print(f"{len(result['runs'])} trials ({failed} failed) in {result['wall_s']:.0f} s; wrote {out}, {md}")

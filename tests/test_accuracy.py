@@ -313,3 +313,17 @@ def test_an_interrupted_benchmark_says_what_finished_and_its_merge_writes_the_re
     assert f"interrupted; 2 finished trial(s) in {out}" in err and "Traceback" not in err
     assert main(["benchmark", "--merge", str(out), "--out", str(out)]) == 0
     assert len(json.loads(out.read_text())["runs"]) == 2 and (tmp_path / "res" / "grid.md").is_file()
+
+
+def test_an_interrupted_benchmark_before_any_trial_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    import mapl_ray.pipelines.benchmark as benchmark
+
+    grid, out = tmp_path / "g.yaml", tmp_path / "res" / "grid.json"
+    grid.write_text("seeds: [1]\ncategories: [mvtec_ad/screw]\nrows: {mapl: {}}\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "run_benchmark", interrupted)
+    assert main(["benchmark", "--grid", str(grid), "--data", str(tmp_path), "--out", str(out)]) == 130
+    assert "interrupted; no trial had finished (nothing written)" in capsys.readouterr().err and not out.exists()

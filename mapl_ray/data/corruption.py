@@ -58,14 +58,14 @@ class Corruption:
         for name in ("noise_std", "contrast_min", "contrast_max"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Corruption.{name} must be a finite number, got {v!r}")
+                raise ValueError(f"corruption.{name} must be a finite number, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Corruption.seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"corruption.seed must be an integer, got {self.seed!r}")
         if self.noise_std < 0:
-            raise ValueError(f"Corruption.noise_std must be >= 0, got {self.noise_std}")
+            raise ValueError(f"corruption.noise_std must be >= 0, got {self.noise_std}")
         if not 0 < self.contrast_min <= self.contrast_max:
             raise ValueError(
-                f"Corruption needs 0 < contrast_min <= contrast_max, got {self.contrast_min}, {self.contrast_max}"
+                f"corruption needs 0 < contrast_min <= contrast_max, got {self.contrast_min}, {self.contrast_max}"
             )
 
 
