@@ -38,6 +38,20 @@ from .runfolder import (
 log = logging.getLogger("mapl_ray.main")
 
 
+def validation_parts(validation) -> str:
+    """What a :class:`~mapl_ray.data.validation.ValidationSet` is made of, in words: ``16 normals, 64 simulated
+    anomalies`` (and labeled anomalies where there are some)."""
+    from .data.validation import SOURCE_LABELED_ANOMALY, SOURCE_NORMAL, SOURCE_SIMULATED
+
+    kinds = {
+        SOURCE_NORMAL: "normals",
+        SOURCE_SIMULATED: "simulated anomalies",
+        SOURCE_LABELED_ANOMALY: "labeled anomalies",
+    }
+    counts = [(int((validation.sources == v).sum()), name) for v, name in kinds.items()]
+    return ", ".join(f"{n} {name}" for n, name in counts if n)
+
+
 def absolute_paths(cfg: Config) -> Config:
     """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
     fields = {f: getattr(getattr(cfg, f.split(".")[0]), f.split(".")[1]) for f in PATH_FIELDS}
@@ -227,7 +241,11 @@ def run_train_job(
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)
     listed = run_dir / POOL_LABELS_FILE
     report_pool_labels(summary.get("pseudo_refits") or [], cfg, listed if listed.is_file() else None)
-    log.info("calibrating the decision threshold on %d held-out validation images", len(validation))
+    log.info(
+        "calibrating the decision threshold on %d held-out validation images (%s)",
+        len(validation),
+        validation_parts(validation),
+    )
     calibrate(run_dir, validation)
     log.info("evaluating on the test split (%d images): metrics, report, heatmaps", len(split.test))
     try:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -627,6 +628,8 @@ def test_pool_run_console_tells_the_pool_refits_and_phases_without_a_bar(small_r
         "evaluating on the test split",
     ]
     assert [err.index(s) for s in order] == sorted(err.index(s) for s in order)
+    told = re.search(r"threshold on (\d+) held-out validation images \((\d+) normals, (\d+) simulated anomalies\)", err)
+    assert told and int(told[1]) == int(told[2]) + int(told[3])  # what the validation images are, not just how many
 
 
 @pytest.mark.slow
