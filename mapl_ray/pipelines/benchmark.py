@@ -170,7 +170,9 @@ def run_benchmark(
         result["summary"] = summarise(result["runs"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        figures = "error " + record["error"] if "error" in record else f"image AUROC {record.get('image_auroc')}"
+        auroc = record.get("image_auroc")
+        shown = f"{auroc:.3f}" if isinstance(auroc, float) else auroc
+        figures = "error " + record["error"] if "error" in record else f"image AUROC {shown}"
         print(f"[{result['wall_s']:.0f} s] {trial.name}: {figures}, wall {record.get('wall_s', 0):.0f} s", flush=True)
 
     run_grid(trials, runs_dir, gpus_per_trial, cpus_per_trial, on_result=save, deadline_s=deadline_s)
