@@ -510,15 +510,8 @@ def open_run_folder(run_dir: str | Path, resume: bool, steps: int) -> bool:
 def _logged_wall_s(run_dir: Path, summarised: set[Any]) -> float | None:
     """Seconds the train_log.jsonl segments that no summary covers (``summarised``: segment numbers) ran up to
     their last line (``wall_s``), added up; None when none has a line with ``wall_s`` (logs before 2026-12-07)."""
-    log_file = run_dir / TRAIN_LOG_FILE
-    if not log_file.is_file():
-        return None
     last: dict[int, float] = {}
-    for line in log_file.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the stop
-            continue
+    for rec in _train_log_records(run_dir):  # a line cut short by the stop is left out there
         if isinstance(rec, dict) and "wall_s" in rec and rec.get("segment") not in summarised:
             seg = rec.get("segment")
             last[seg] = max(last.get(seg, 0.0), float(rec["wall_s"]))
