@@ -523,10 +523,13 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
                 "(nothing was written)"
             )
     if out.is_dir() and not path.is_file():
+        from ..runfolder import CONFIG_FILE, checkpoint_dir
+
         # not a score folder: score files among a run's (or anything's) files would be mixed up with them
         other = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
         if other:
-            what = "a run folder" if (out / "config.yaml").is_file() and (out / "checkpoint").is_dir() else "not empty"
+            run_like = (out / CONFIG_FILE).is_file() and checkpoint_dir(out).is_dir()
+            what = "a run folder" if run_like else "not empty"
             raise LayoutError(
                 f"--out {out} is {what} ({other[0]}, ...) and holds no mapl score output: give the score files a new "
                 "or empty folder (nothing was written)"
