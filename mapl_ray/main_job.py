@@ -38,20 +38,6 @@ from .runfolder import (
 log = logging.getLogger("mapl_ray.main")
 
 
-def validation_parts(validation) -> str:
-    """What a :class:`~mapl_ray.data.validation.ValidationSet` is made of, in words: ``16 normals, 64 simulated
-    anomalies`` (and labeled anomalies where there are some)."""
-    from .data.validation import SOURCE_LABELED_ANOMALY, SOURCE_NORMAL, SOURCE_SIMULATED
-
-    kinds = {
-        SOURCE_NORMAL: "normals",
-        SOURCE_SIMULATED: "simulated anomalies",
-        SOURCE_LABELED_ANOMALY: "labeled anomalies",
-    }
-    counts = [(int((validation.sources == v).sum()), name) for v, name in kinds.items()]
-    return ", ".join(f"{n} {name}" for n, name in counts if n)
-
-
 def absolute_paths(cfg: Config) -> Config:
     """The config with data/texture/unlabeled/weights paths made absolute (Ray workers run elsewhere)."""
     fields = {f: getattr(getattr(cfg, f.split(".")[0]), f.split(".")[1]) for f in PATH_FIELDS}
@@ -244,7 +230,7 @@ def run_train_job(
     log.info(
         "calibrating the decision threshold on %d held-out validation images (%s)",
         len(validation),
-        validation_parts(validation),
+        validation.composition(),
     )
     calibrate(run_dir, validation)
     log.info("evaluating on the test split (%d images): metrics, report, heatmaps", len(split.test))

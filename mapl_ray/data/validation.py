@@ -59,6 +59,17 @@ class ValidationSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def composition(self) -> str:
+        """What the set is made of, in words, counted from :attr:`sources`: ``16 normals, 64 simulated
+        anomalies`` (and labeled anomalies where there are some)."""
+        kinds = {
+            SOURCE_NORMAL: "normals",
+            SOURCE_SIMULATED: "simulated anomalies",
+            SOURCE_LABELED_ANOMALY: "labeled anomalies",
+        }
+        counts = [(int((self.sources == v).sum()), name) for v, name in kinds.items()]
+        return ", ".join(f"{n} {name}" for n, name in counts if n)
+
 
 def held_out_anomalies(types: list[str], share: float, seed: int) -> np.ndarray:
     """Rows of the labeled anomalies held out for validation: ``round(share * n)`` of each defect type
