@@ -1,0 +1,282 @@
+"""What one inference forward pass costs on the GPU, by part and by variant, and how four serving
+processes sharing one GPU compare with one (issues 18 and 13).
+
+The weights do not change the cost, so no run is trained: the network is built from the configuration
+(the category's preset: screw's 10 memory banks of 30 images, no TTA, the patch bank of
+``model.knn_patches`` rows), its banks filled from random images and random patch rows. Every variant is
+the :class:`~mapl_ray.inference.Predictor`'s own forward (``anomaly_map.anomaly_maps``, the patch map
+fused at weight 0.5, the image score), bf16 autocast, channels-last, replayed as a CUDA graph
+(:class:`~mapl_ray.model.graphs.GraphedForward`).
+
+* ``parts``: encoder alone, encoder + memory search (``MemoryBank.difference``), the decoder's map with
+  1 / 5 / 10 banks, the patch bank's map alone.
+* ``variants``: the whole pass at each ``--batches`` size: ``base`` (the package as it is); ``fold_bn``
+  (each decoder / MSFF convolution's BatchNorm folded into its weights,
+  ``torch.nn.utils.fusion.fuse_conv_bn_eval``); ``knn_four_pass`` (the patch distances as they were
+  computed before 2026-12-07: the distance matrix built in four passes, not as one ``addmm`` with the
+  reference norms as its bias); each with the largest difference of its image scores from ``base``'s.
+* ``sharing``: ``P`` processes, each with its own model and CUDA graph at batch ``B``, run passes
+  together for ``--share-seconds``: images/s of all of them, against one process (what a Ray Serve
+  replica count per GPU does to the GPU).
+
+    python bench/forward_cost.py [--category screw] [--image-size 256] [--batches 8,32] \\
+        [--sharing 1x32,2x16,4x8,4x32] [--out bench/results/forward_cost.json]
+
+Writes ``--out`` with the machine, the command and the settings. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def build(category: str, size: int, seed: int = 0, device: str = "cuda"):
+    """The category's network on the GPU in eval mode, its memory banks and patch bank filled with random data."""
+    from mapl_ray.config import Config
+    from mapl_ray.model.network import build_model
+    from mapl_ray.presets import category_preset
+
+    cfg = Config().override(
+        {**category_preset(category), "model.pretrained": False, "model.weights": None, "data.image_size": size}
+    )
+    cfg = cfg.validate()
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    dev = torch.device(device)
+    model.to(dev)
+    images = torch.rand(cfg.model.memory_samples, 3, size, size, device=dev)
+    for b in range(cfg.model.memory_banks):
+        model.refresh_memory(images.roll(b, 0), bank=b)
+    with torch.no_grad():
+        c = sum(model.encode(images[:1])[lvl].shape[1] for lvl in (2, 3))
+    model.patch_bank.patches = torch.randn(cfg.model.knn_patches, c, device=dev)
+    model.use_cuda_kernels(cfg.train.channels_last, cfg.train.depthwise_kernels)
+    return cfg, model
+
+
+def fold_bn(model):
+    """A copy of ``model`` with every Conv2d -> BatchNorm2d pair of an ``nn.Sequential`` folded into the
+    convolution (eval mode only)."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model)
+    for mod in model.modules():
+        if isinstance(mod, nn.Sequential):
+            for i in range(len(mod) - 1):
+                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
+                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
+                    mod[i + 1] = nn.Identity()
+    return model
+
+
+def knn_four_pass(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``patch_knn.nearest_distances`` as it was before 2026-12-07: the block x reference distance matrix built
+    as ``||q||^2 + ||b||^2 - 2 q.b`` (``memory.squared_distances``), clamped, then its row minimum."""
+    from mapl_ray.model.memory import squared_distances
+
+    ref_sq = reference.pow(2).sum(1)
+    out = []
+    for i in range(0, query.shape[0], 2048):
+        out.append(squared_distances(query[i : i + 2048], reference, ref_sq).amin(1).sqrt_())
+    return torch.cat(out)
+
+
+def forward_fn(cfg, model, knn_before: bool):
+    from mapl_ray.model import patch_bank
+    from mapl_ray.model.anomaly_map import anomaly_maps, fuse_maps, image_scores
+
+    fusion = {"weight": 0.5, "map_scale": 1.0, "knn_scale": 1.0}
+
+    def fn(x, cache):
+        orig = patch_bank.nearest_distances
+        if knn_before:
+            patch_bank.nearest_distances = knn_four_pass
+        try:
+            out = anomaly_maps(model, x, [(0, False)], None, cfg.train.amp, cfg.train.channels_last, cache, knn=True)
+        finally:
+            patch_bank.nearest_distances = orig
+        maps = fuse_maps(out["maps"], out["knn_maps"], fusion)
+        return {"scores": image_scores(maps, out["q"], cfg.eval.top_k)}
+
+    return fn
+
+
+def time_graphed(fn, x, seconds: float = 2.0) -> float:
+    """Median milliseconds of a replayed pass of ``fn`` on ``x`` (CUDA-graph captured first)."""
+    from mapl_ray.model.graphs import GraphedForward
+
+    g = GraphedForward(fn, x.device, True)
+    g(x)
+    torch.cuda.synchronize()
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t = time.perf_counter()
+        g(x)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return round(1000 * times[len(times) // 2], 3)
+
+
+def part_fns(cfg, model):
+    from mapl_ray.model.anomaly_map import anomaly_maps
+    from mapl_ray.tensors import autocast_context
+
+    def enc(x, cache):
+        with autocast_context(x.device, cfg.train.amp, cache_enabled=cache):
+            return {"f": model.encode(x)[3]}
+
+    def enc_search(x, cache):
+        with autocast_context(x.device, cfg.train.amp, cache_enabled=cache):
+            levels = model.encode(x)[1:4]
+            return {f"di{i}": bank.difference(levels)[0][0] for i, bank in enumerate(model.banks)}
+
+    def banks(n):
+        def fn(x, cache):
+            return anomaly_maps(model, x, [(0, False)], n, cfg.train.amp, cfg.train.channels_last, cache)
+
+        return fn
+
+    def knn(x, cache):
+        with autocast_context(x.device, cfg.train.amp, cache_enabled=cache):
+            feats = model.encode(x)
+            return {"k": model.patch_bank.distance_maps(feats, x.shape[2:])}
+
+    n = len(model.banks)
+    fns = {"encoder": enc, "encoder_memory_search_all_banks": enc_search, "patch_map": knn}
+    for k in sorted({1, max(1, n // 2), n}):
+        fns[f"decoder_map_{k}_banks"] = banks(k)
+    return fns
+
+
+def share_worker(rank: int, category: str, size: int, batch: int, seconds: float, barrier, results) -> None:
+    from mapl_ray.model.graphs import GraphedForward
+
+    cfg, model = build(category, size)
+    g = GraphedForward(forward_fn(cfg, model, False), torch.device("cuda"), True)
+    x = torch.rand(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        g(x)
+    torch.cuda.synchronize()
+    barrier.wait()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        g(x)["scores"].cpu()  # each pass waits for its result, as a serving replica does
+        n += 1
+    results[rank] = (n * batch, time.perf_counter() - t0)
+
+
+def sharing(category: str, size: int, setups: list[tuple[int, int]], seconds: float) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for procs, batch in setups:
+        mgr = ctx.Manager()
+        results, barrier = mgr.dict(), ctx.Barrier(procs)
+        ps = [
+            ctx.Process(target=share_worker, args=(r, category, size, batch, seconds, barrier, results))
+            for r in range(procs)
+        ]
+        for p in ps:
+            p.start()
+        for p in ps:
+            p.join()
+        done = dict(results)
+        images = sum(v[0] for v in done.values())
+        wall = max((v[1] for v in done.values()), default=float("nan"))
+        out[f"{procs}x{batch}"] = {
+            "processes": procs,
+            "batch": batch,
+            "images_per_s": round(images / wall, 1) if done else None,
+            "finished": len(done),
+        }
+        print(f"sharing {procs} processes x batch {batch}: {out[f'{procs}x{batch}']['images_per_s']} images/s")
+        mgr.shutdown()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--category", default="screw")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--sharing", default="1x32,2x16,4x8,4x32", help="PROCESSESxBATCH list ('' skips)")
+    p.add_argument("--share-seconds", type=float, default=6.0)
+    p.add_argument("--out", default=str(HERE / "results" / "forward_cost.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("forward_cost.py needs a CUDA device")
+    torch.backends.cudnn.benchmark = False
+    size = args.image_size
+    cfg, model = build(args.category, size)
+    res: dict = {
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "command": "python bench/forward_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {
+            "category": args.category,
+            "image_size": size,
+            "memory_banks": len(model.banks),
+            "memory_samples": cfg.model.memory_samples,
+            "knn_patches": cfg.model.knn_patches,
+            "amp": cfg.train.amp,
+            "channels_last": cfg.train.channels_last,
+            "timing": "median of replays of one captured CUDA graph, synchronised after each",
+        },
+    }
+    batches = [int(b) for b in args.batches.split(",") if b]
+    x_of = {
+        b: torch.rand(b, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last) for b in batches
+    }
+    res["parts_ms"] = {
+        name: {str(b): time_graphed(fn, x_of[b]) for b in batches} for name, fn in part_fns(cfg, model).items()
+    }
+    print(json.dumps(res["parts_ms"]))
+    folded = fold_bn(model)
+    variants = {"base": (model, False), "fold_bn": (folded, False), "knn_four_pass": (model, True)}
+    res["variants"] = {}
+    for b in batches:
+        ref = None
+        for name, (m, fused) in variants.items():
+            fn = forward_fn(cfg, m, fused)
+            with torch.no_grad():
+                scores = fn(x_of[b], True)["scores"].float()
+            ref = scores if ref is None else ref
+            ms = time_graphed(fn, x_of[b])
+            res["variants"].setdefault(name, {})[str(b)] = {
+                "ms": ms,
+                "images_per_s": round(1000 * b / ms, 1),
+                "max_score_diff_vs_base": float((scores - ref).abs().max()),
+            }
+        print(b, json.dumps({k: v[str(b)] for k, v in res["variants"].items()}))
+    del model, folded
+    torch.cuda.empty_cache()
+    setups = [tuple(int(v) for v in s.split("x")) for s in args.sharing.split(",") if s]
+    if setups:
+        res["sharing"] = sharing(args.category, size, setups, args.share_seconds)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
