@@ -29,6 +29,31 @@ def conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
     )
 
 
+def conv_bn_relu_split(
+    block: nn.Sequential, per_bank: torch.Tensor, shared: torch.Tensor, k: int, shared_first: bool
+) -> torch.Tensor:
+    """``block`` (:func:`conv_bn_relu`) applied to the channel concatenation of ``per_bank`` and ``shared``
+    repeated k times, without building it: a convolution of concatenated channels is the sum of each
+    part's convolution with its slice of the weights, so the part the k memory banks share is convolved once.
+
+    Args:
+        block: ``Sequential(Conv2d(C_p + C_s, C_o), BatchNorm2d, ReLU)``, eval mode.
+        per_bank: ``(k B, C_p, H, W)``, bank-major; shared: ``(B, C_s, H, W)``.
+        shared_first: the concatenation is ``[shared, per_bank]`` (else ``[per_bank, shared]``).
+
+    Returns:
+        ``(k B, C_o, H, W)``: what ``block`` gives on the concatenation, up to rounding.
+    """
+    conv, cs = block[0], shared.shape[1]
+    w_shared, w_bank = (
+        (conv.weight[:, :cs], conv.weight[:, cs:]) if shared_first else (conv.weight[:, -cs:], conv.weight[:, :-cs])
+    )
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(per_bank, w_bank, conv.bias, *args)
+    y.view(k, -1, *y.shape[1:]).add_(F.conv2d(shared, w_shared, None, *args))  # in place: y keeps its layout
+    return block[2:](block[1](y))
+
+
 class CoordinateAttention(nn.Module):
     """Coordinate attention (Hou et al., CVPR 2021), the MSFF option of MemSeg; off by default in MAPL."""
 
@@ -88,8 +113,17 @@ class MSFF(nn.Module):
             conv_bn_relu(out_channels[i + 1], out_channels[i], 1) for i in range(len(out_channels) - 1)
         )
 
-    def forward(self, xs: list[torch.Tensor], attention: list[torch.Tensor]) -> list[torch.Tensor]:
-        ys = [blk(x) for blk, x in zip(self.blocks, xs)]
+    def forward(
+        self, xs: list[torch.Tensor], attention: list[torch.Tensor], shared: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """``shared``: for k stacked memory banks (inference), ``xs`` holds only the DI halves of DI*
+        ``(k B, C_l, H_l, W_l)`` and ``shared`` the features ``f_l`` ``(B, C_l, H_l, W_l)`` common to every
+        bank; each block's first convolution then convolves ``f_l`` once (:func:`conv_bn_relu_split`)."""
+        if shared is None:
+            ys = [blk(x) for blk, x in zip(self.blocks, xs)]
+        else:
+            k = xs[0].shape[0] // shared[0].shape[0]
+            ys = [blk[1](conv_bn_relu_split(blk[0], x, f, k, True)) for blk, x, f in zip(self.blocks, xs, shared)]
         for i in range(len(ys) - 2, -1, -1):
             up = F.interpolate(ys[i + 1], size=ys[i].shape[2:], mode="bilinear", align_corners=False)
             ys[i] = ys[i] + self.lateral[i](up)
@@ -116,10 +150,16 @@ class Decoder(nn.Module):
         return torch.cat([F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False), skip], dim=1)
 
     def forward(self, m: list[torch.Tensor], f0: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """``m`` ``(k B, ...)`` for k stacked memory banks and ``f0`` ``(B, ...)``, the skip features they share
+        (k = 1: one bank): the last stage convolves ``f0`` once (:func:`conv_bn_relu_split`)."""
         x = self.b16(m[2])
         x = self.b8(self._up_cat(x, m[1]))
         x = self.b4(self._up_cat(x, m[0]))
-        x = self.b2(self._up_cat(x, f0))
+        if x.shape[0] == f0.shape[0]:
+            x = self.b2(self._up_cat(x, f0))
+        else:
+            up = F.interpolate(x, size=f0.shape[2:], mode="bilinear", align_corners=False)
+            x = self.b2[1](conv_bn_relu_split(self.b2[0], up, f0, x.shape[0] // f0.shape[0], False))
         return F.interpolate(self.out(x), size=out_size, mode="bilinear", align_corners=False)
 
 
@@ -269,8 +309,10 @@ class MAPLModel(nn.Module):
         """DI against each of ``banks`` (eqs. 7-8), spatial attention (eqs. 9-11), MSFF, decoder and head.
 
         With k banks the MSFF, decoder and head run once on the k copies of the batch stacked bank-major
-        (``(k B, ...)``): one pass of larger kernels instead of k passes of small ones. Eval-mode layers
-        treat every image on its own, so each bank's output is what a pass of its own gives.
+        (``(k B, ...)``): one pass of larger kernels instead of k passes of small ones, in which what the banks
+        share (the features ``f_l`` of DI*, the decoder's skip ``f0``) is convolved once
+        (:func:`conv_bn_relu_split`). Eval-mode layers treat every image on its own, so each bank's output is
+        what a pass of its own gives, up to rounding.
         Returns ``logits`` ``(k B, 1, H, W)``, ``q`` ``(k B,)``, and for the first bank ``nearest`` and ``di``.
         """
         levels = feats[1:4]
@@ -280,16 +322,13 @@ class MAPLModel(nn.Module):
             for bank, (di, _) in zip(banks, per_bank)
         ]
         if len(banks) == 1:
-            di, att, stacked, low = per_bank[0][0], attention[0], levels, feats[0]
-        else:
-            k = len(banks)
-            di = [torch.cat([p[0][lvl] for p in per_bank]) for lvl in range(len(levels))]
-            att = [torch.cat([a[lvl] for a in attention]) for lvl in range(len(levels))]
-            stacked = [f.repeat(k, *([1] * (f.dim() - 1))) for f in levels]
-            low = feats[0].repeat(k, *([1] * (feats[0].dim() - 1)))
-        di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(stacked, di)]  # eq. 8
-        fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in att])
-        logits = self.decoder(fused, low, out_size)
+            di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(levels, per_bank[0][0])]  # eq. 8
+            fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in attention[0]])
+        else:  # DI* = [f, DI] of each bank, f convolved once for all of them (MSFF's shared input)
+            di = [torch.cat([p[0][lvl] for p in per_bank]).to(f.dtype) for lvl, f in enumerate(levels)]
+            att = [torch.cat([a[lvl] for a in attention]).to(di[0].dtype) for lvl in range(len(levels))]
+            fused = self.msff(di, att, shared=levels)
+        logits = self.decoder(fused, feats[0], out_size)
         q = self.head([f.detach() for f in fused] if self.head_detach else fused)
         return {"logits": logits, "q": q, "nearest": per_bank[0][1], "di": per_bank[0][0]}
 
