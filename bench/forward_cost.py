@@ -14,7 +14,10 @@ fused at weight 0.5, the image score), bf16 autocast, channels-last, replayed as
   (each decoder / MSFF convolution's BatchNorm folded into its weights,
   ``torch.nn.utils.fusion.fuse_conv_bn_eval``); ``knn_four_pass`` (the patch distances as they were
   computed before 2026-12-07: the distance matrix built in four passes, not as one ``addmm`` with the
-  reference norms as its bias); each with the largest difference of its image scores from ``base``'s.
+  reference norms as its bias); ``banks_stacked`` (the bank ensemble as it was before 2026-12-07: DI* and
+  the decoder's skip built by repeating the shared features k times, no shared convolutions);
+  ``before_2026_12_07`` (both old forms); each with the largest difference of its image scores from
+  ``base``'s.
 * ``sharing``: ``P`` processes, each with its own model and CUDA graph at batch ``B``, run passes
   together for ``--share-seconds``: images/s of all of them, against one process (what a Ray Serve
   replica count per GPU does to the GPU).
@@ -22,7 +25,8 @@ fused at weight 0.5, the image score), bf16 autocast, channels-last, replayed as
     python bench/forward_cost.py [--category screw] [--image-size 256] [--batches 8,32] \\
         [--sharing 1x32,2x16,4x8,4x32] [--out bench/results/forward_cost.json]
 
-Writes ``--out`` with the machine, the command and the settings. Needs a CUDA device.
+Writes ``--out`` with the machine, the command and the settings. Without a CUDA device every pass runs
+eagerly on the CPU (``--seconds`` per timing, at least ``--least`` passes) and ``sharing`` is skipped.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def build(category: str, size: int, seed: int = 0, device: str = "cuda"):
     with torch.no_grad():
         c = sum(model.encode(images[:1])[lvl].shape[1] for lvl in (2, 3))
     model.patch_bank.patches = torch.randn(cfg.model.knn_patches, c, device=dev)
-    model.use_cuda_kernels(cfg.train.channels_last, cfg.train.depthwise_kernels)
+    if dev.type == "cuda":
+        model.use_cuda_kernels(cfg.train.channels_last, cfg.train.depthwise_kernels)
     return cfg, model
 
 
@@ -93,6 +98,34 @@ def knn_four_pass(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def heads_stacked(self, feats, banks, out_size):
+    """``MAPLModel._heads`` as it was before 2026-12-07: DI* of every bank built as a concatenation with the
+    features repeated k times, the decoder's skip ``f0`` repeated likewise (no shared convolutions)."""
+    from mapl_ray.model.network import spatial_attention
+
+    levels = feats[1:4]
+    per_bank = [bank.difference(levels) for bank in banks]
+    attention = [spatial_attention(list(di), bank.di_scale) for bank, (di, _) in zip(banks, per_bank)]
+    k = len(banks)
+    di = [torch.cat([p[0][lvl] for p in per_bank]) for lvl in range(len(levels))]
+    att = [torch.cat([a[lvl] for a in attention]) for lvl in range(len(levels))]
+    stacked = [f.repeat(k, *([1] * (f.dim() - 1))) for f in levels]
+    low = feats[0].repeat(k, *([1] * (feats[0].dim() - 1)))
+    di_star = [torch.cat([f, d.to(f.dtype)], dim=1) for f, d in zip(stacked, di)]
+    fused = self.msff(di_star, [a.to(di_star[0].dtype) for a in att])
+    logits = self.decoder(fused, low, out_size)
+    return {"logits": logits, "q": self.head(fused), "nearest": per_bank[0][1], "di": per_bank[0][0]}
+
+
+def stacked_copy(model):
+    """A copy of ``model`` whose bank ensemble runs :func:`heads_stacked`."""
+    import types
+
+    model = copy.deepcopy(model)
+    model._heads = types.MethodType(heads_stacked, model)
+    return model
+
+
 def forward_fn(cfg, model, knn_before: bool):
     from mapl_ray.model import patch_bank
     from mapl_ray.model.anomaly_map import anomaly_maps, fuse_maps, image_scores
@@ -113,19 +146,24 @@ def forward_fn(cfg, model, knn_before: bool):
     return fn
 
 
-def time_graphed(fn, x, seconds: float = 2.0) -> float:
-    """Median milliseconds of a replayed pass of ``fn`` on ``x`` (CUDA-graph captured first)."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_graphed(fn, x, seconds: float = 2.0, least: int = 5) -> float:
+    """Median milliseconds of a replayed pass of ``fn`` on ``x`` (CUDA-graph captured first; eager on a CPU)."""
     from mapl_ray.model.graphs import GraphedForward
 
     g = GraphedForward(fn, x.device, True)
     g(x)
-    torch.cuda.synchronize()
+    sync(x.device)
     times = []
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
+    while time.perf_counter() < end or len(times) < least:
         t = time.perf_counter()
         g(x)
-        torch.cuda.synchronize()
+        sync(x.device)
         times.append(time.perf_counter() - t)
     times.sort()
     return round(1000 * times[len(times) // 2], 3)
@@ -216,16 +254,18 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="8,32")
     p.add_argument("--sharing", default="1x32,2x16,4x8,4x32", help="PROCESSESxBATCH list ('' skips)")
     p.add_argument("--share-seconds", type=float, default=6.0)
+    p.add_argument("--seconds", type=float, default=2.0, help="timing of each part / variant and batch")
+    p.add_argument("--least", type=int, default=5, help="passes timed at least")
     p.add_argument("--out", default=str(HERE / "results" / "forward_cost.json"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("forward_cost.py needs a CUDA device")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = False
     size = args.image_size
-    cfg, model = build(args.category, size)
+    cfg, model = build(args.category, size, device=str(device))
     res: dict = {
         "machine": {
-            "gpu": torch.cuda.get_device_name(0),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -244,14 +284,25 @@ def main(argv=None) -> int:
     }
     batches = [int(b) for b in args.batches.split(",") if b]
     x_of = {
-        b: torch.rand(b, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last) for b in batches
+        b: torch.rand(b, 3, size, size, device=device).contiguous(
+            memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        )
+        for b in batches
     }
     res["parts_ms"] = {
-        name: {str(b): time_graphed(fn, x_of[b]) for b in batches} for name, fn in part_fns(cfg, model).items()
+        name: {str(b): time_graphed(fn, x_of[b], args.seconds, args.least) for b in batches}
+        for name, fn in part_fns(cfg, model).items()
     }
     print(json.dumps(res["parts_ms"]))
     folded = fold_bn(model)
-    variants = {"base": (model, False), "fold_bn": (folded, False), "knn_four_pass": (model, True)}
+    stacked = stacked_copy(model)
+    variants = {
+        "base": (model, False),
+        "fold_bn": (folded, False),
+        "knn_four_pass": (model, True),
+        "banks_stacked": (stacked, False),
+        "before_2026_12_07": (stacked, True),
+    }
     res["variants"] = {}
     for b in batches:
         ref = None
@@ -260,17 +311,18 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 scores = fn(x_of[b], True)["scores"].float()
             ref = scores if ref is None else ref
-            ms = time_graphed(fn, x_of[b])
+            ms = time_graphed(fn, x_of[b], args.seconds, args.least)
             res["variants"].setdefault(name, {})[str(b)] = {
                 "ms": ms,
                 "images_per_s": round(1000 * b / ms, 1),
                 "max_score_diff_vs_base": float((scores - ref).abs().max()),
             }
         print(b, json.dumps({k: v[str(b)] for k, v in res["variants"].items()}))
-    del model, folded
-    torch.cuda.empty_cache()
+    del model, folded, stacked
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     setups = [tuple(int(v) for v in s.split("x")) for s in args.sharing.split(",") if s]
-    if setups:
+    if setups and device.type == "cuda":
         res["sharing"] = sharing(args.category, size, setups, args.share_seconds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
