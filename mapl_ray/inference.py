@@ -88,6 +88,7 @@ class Predictor:
         self.model.refresh_memory(torch.zeros(1, 3, size, size))  # bank buffers; overwritten below
         load_model_weights(self.run_dir, self.model)
         self.model.to(self.device).eval()
+        self.model.fold_batchnorm()  # inference only: one pass over each decoder activation fewer
         if self.device.type == "cuda":
             self.model.use_cuda_kernels(self.cfg.train.channels_last, self.cfg.train.depthwise_kernels)
         self.batch_size = batch_size or self.cfg.eval.batch_size

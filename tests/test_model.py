@@ -323,6 +323,34 @@ def test_memory_bank_ensemble_averages_per_bank_maps_and_survives_a_checkpoint(t
         assert torch.allclose(other_out["q"], by_pass[0]["q"], atol=1e-6)
 
 
+def test_folded_batchnorm_gives_the_same_maps_with_one_bank_and_with_shared_bank_convolutions():
+    torch.manual_seed(0)
+    model = MAPLModel(build_encoder("tf_efficientnet_lite0", pretrained=False), memory_backend="torch").eval()
+    g = torch.Generator().manual_seed(1)
+    decoder_bns = [m for p in (model.msff, model.decoder) for m in p.modules() if type(m) is torch.nn.BatchNorm2d]
+    for bn in decoder_bns:  # statistics unlike a fresh layer's, so that folding them changes the weights
+        bn.running_mean.normal_(0, 0.5, generator=g)
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+        bn.weight.data.uniform_(0.5, 1.5, generator=g)
+        bn.bias.data.normal_(0, 0.2, generator=g)
+    normals, x = torch.rand(6, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    model.refresh_memory(normals[:3])
+    model.refresh_memory(normals[3:], bank=1)
+    before = [model.predict(x, num_banks=1), model.predict(x)]
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.fold_batchnorm()
+    model.eval()
+    assert model.fold_batchnorm() == len(decoder_bns)
+    assert not any(type(m) is torch.nn.BatchNorm2d for p in (model.msff, model.decoder) for m in p.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())  # timm's stay
+    assert model.decoder.b2[0][0].bias is not None  # the statistics are in the convolution now
+    after = [model.predict(x, num_banks=1), model.predict(x)]
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b["maps"], a["maps"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b["q"], a["q"], atol=1e-5, rtol=1e-5)
+
+
 def test_native_depthwise_switches_only_the_depthwise_convolutions_and_keeps_weights_and_outputs():
     import copy
 

@@ -37,7 +37,8 @@ def conv_bn_relu_split(
     part's convolution with its slice of the weights, so the part the k memory banks share is convolved once.
 
     Args:
-        block: ``Sequential(Conv2d(C_p + C_s, C_o), BatchNorm2d, ReLU)``, eval mode.
+        block: ``Sequential(Conv2d(C_p + C_s, C_o), BatchNorm2d, ReLU)``, eval mode (the BatchNorm may be
+            folded into the convolution: :meth:`MAPLModel.fold_batchnorm`).
         per_bank: ``(k B, C_p, H, W)``, bank-major; shared: ``(B, C_s, H, W)``.
         shared_first: the concatenation is ``[shared, per_bank]`` (else ``[per_bank, shared]``).
 
@@ -237,6 +238,35 @@ class MAPLModel(nn.Module):
             self.to(memory_format=torch.channels_last)
         if depthwise_kernels == "native":
             use_native_depthwise(self.encoder)
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> int:
+        """Fold each BatchNorm of MSFF and the decoder into the convolution before it, for inference: the
+        eval-mode statistics become that convolution's weights and bias (one pass over each activation
+        fewer). Irreversible: the folded model cannot train. The encoder's BatchNorms (timm's, fused with
+        their activation) stay. Source: ``torch.nn.utils.fusion.fuse_conv_bn_eval``.
+
+        Returns:
+            the number of BatchNorms folded.
+
+        Raises:
+            RuntimeError: the model is in training mode.
+        """
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if self.training:
+            raise RuntimeError("fold_batchnorm: put the model in eval mode first (it is for inference only)")
+        folded = 0
+        for part in (self.msff, self.decoder):
+            for seq in part.modules():
+                if not isinstance(seq, nn.Sequential):
+                    continue
+                for i in range(len(seq) - 1):
+                    if isinstance(seq[i], nn.Conv2d) and type(seq[i + 1]) is nn.BatchNorm2d:
+                        seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+                        seq[i + 1] = nn.Identity()
+                        folded += 1
+        return folded
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Per-image intensity standardisation (when enabled): each image is shifted and scaled to
