@@ -10,14 +10,14 @@ fused at weight 0.5, the image score), bf16 autocast, channels-last, replayed as
 
 * ``parts``: encoder alone, encoder + memory search (``MemoryBank.difference``), the decoder's map with
   1 / 5 / 10 banks, the patch bank's map alone.
-* ``variants``: the whole pass at each ``--batches`` size: ``base`` (the package as it is); ``fold_bn``
-  (each decoder / MSFF convolution's BatchNorm folded into its weights,
-  ``torch.nn.utils.fusion.fuse_conv_bn_eval``); ``knn_four_pass`` (the patch distances as they were
+* ``variants``: the whole pass at each ``--batches`` size: ``base`` (the package as the Predictor runs it:
+  MSFF's and the decoder's BatchNorms folded into their convolutions, ``MAPLModel.fold_batchnorm``);
+  ``batchnorm_unfolded`` (as before 2026-12-07); ``knn_four_pass`` (the patch distances as they were
   computed before 2026-12-07: the distance matrix built in four passes, not as one ``addmm`` with the
   reference norms as its bias); ``banks_stacked`` (the bank ensemble as it was before 2026-12-07: DI* and
   the decoder's skip built by repeating the shared features k times, no shared convolutions);
-  ``before_2026_12_07`` (both old forms); each with the largest difference of its image scores from
-  ``base``'s.
+  ``before_2026_12_07`` (the three old forms); each with the largest difference of its image scores, decoder
+  maps and patch maps from ``base``'s.
 * ``sharing``: ``P`` processes, each with its own model and CUDA graph at batch ``B``, run passes
   together for ``--share-seconds``: images/s of all of them, against one process (what a Ray Serve
   replica count per GPU does to the GPU).
@@ -65,24 +65,16 @@ def build(category: str, size: int, seed: int = 0, device: str = "cuda"):
     with torch.no_grad():
         c = sum(model.encode(images[:1])[lvl].shape[1] for lvl in (2, 3))
     model.patch_bank.patches = torch.randn(cfg.model.knn_patches, c, device=dev)
-    if dev.type == "cuda":
-        model.use_cuda_kernels(cfg.train.channels_last, cfg.train.depthwise_kernels)
     return cfg, model
 
 
-def fold_bn(model):
-    """A copy of ``model`` with every Conv2d -> BatchNorm2d pair of an ``nn.Sequential`` folded into the
-    convolution (eval mode only)."""
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model = copy.deepcopy(model)
-    for mod in model.modules():
-        if isinstance(mod, nn.Sequential):
-            for i in range(len(mod) - 1):
-                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
-                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
-                    mod[i + 1] = nn.Identity()
+def on_device(cfg, model, fold: bool = True):
+    """``model`` as the Predictor runs it: BatchNorms folded (``MAPLModel.fold_batchnorm``; ``fold``), CUDA
+    kernel choices made."""
+    if fold:
+        model.fold_batchnorm()
+    if next(model.parameters()).is_cuda:
+        model.use_cuda_kernels(cfg.train.channels_last, cfg.train.depthwise_kernels)
     return model
 
 
@@ -126,7 +118,7 @@ def stacked_copy(model):
     return model
 
 
-def forward_fn(cfg, model, knn_before: bool):
+def forward_fn(cfg, model, knn_before: bool, parts: bool = False):
     from mapl_ray.model import patch_bank
     from mapl_ray.model.anomaly_map import anomaly_maps, fuse_maps, image_scores
 
@@ -141,7 +133,8 @@ def forward_fn(cfg, model, knn_before: bool):
         finally:
             patch_bank.nearest_distances = orig
         maps = fuse_maps(out["maps"], out["knn_maps"], fusion)
-        return {"scores": image_scores(maps, out["q"], cfg.eval.top_k)}
+        scores = image_scores(maps, out["q"], cfg.eval.top_k)
+        return {"scores": scores, "maps": out["maps"], "knn_maps": out["knn_maps"]} if parts else {"scores": scores}
 
     return fn
 
@@ -204,6 +197,7 @@ def share_worker(rank: int, category: str, size: int, batch: int, seconds: float
     from mapl_ray.model.graphs import GraphedForward
 
     cfg, model = build(category, size)
+    model = on_device(cfg, model)
     g = GraphedForward(forward_fn(cfg, model, False), torch.device("cuda"), True)
     x = torch.rand(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
     for _ in range(3):
@@ -217,11 +211,11 @@ def share_worker(rank: int, category: str, size: int, batch: int, seconds: float
     results[rank] = (n * batch, time.perf_counter() - t0)
 
 
-def sharing(category: str, size: int, setups: list[tuple[int, int]], seconds: float) -> dict:
+def sharing(category: str, size: int, setups: list[tuple[int, int]], seconds: float, out: dict, save) -> None:
+    """Each ``(processes, batch)`` setup into ``out`` (``save()`` after each: a call's time limit keeps what ran)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    out = {}
     for procs, batch in setups:
         mgr = ctx.Manager()
         results, barrier = mgr.dict(), ctx.Barrier(procs)
@@ -244,7 +238,7 @@ def sharing(category: str, size: int, setups: list[tuple[int, int]], seconds: fl
         }
         print(f"sharing {procs} processes x batch {batch}: {out[f'{procs}x{batch}']['images_per_s']} images/s")
         mgr.shutdown()
-    return out
+        save()
 
 
 def main(argv=None) -> int:
@@ -262,6 +256,8 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = False
     size = args.image_size
     cfg, model = build(args.category, size, device=str(device))
+    unfolded = on_device(cfg, copy.deepcopy(model), fold=False)
+    model = on_device(cfg, model)
     res: dict = {
         "machine": {
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
@@ -282,6 +278,11 @@ def main(argv=None) -> int:
             "timing": "median of replays of one captured CUDA graph, synchronised after each",
         },
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each section: a call cut short by its time limit keeps what it measured
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
     batches = [int(b) for b in args.batches.split(",") if b]
     x_of = {
         b: torch.rand(b, 3, size, size, device=device).contiguous(
@@ -294,14 +295,14 @@ def main(argv=None) -> int:
         for name, fn in part_fns(cfg, model).items()
     }
     print(json.dumps(res["parts_ms"]))
-    folded = fold_bn(model)
+    save()
     stacked = stacked_copy(model)
     variants = {
         "base": (model, False),
-        "fold_bn": (folded, False),
+        "batchnorm_unfolded": (unfolded, False),
         "knn_four_pass": (model, True),
         "banks_stacked": (stacked, False),
-        "before_2026_12_07": (stacked, True),
+        "before_2026_12_07": (stacked_copy(unfolded), True),
     }
     res["variants"] = {}
     for b in batches:
@@ -309,23 +310,25 @@ def main(argv=None) -> int:
         for name, (m, fused) in variants.items():
             fn = forward_fn(cfg, m, fused)
             with torch.no_grad():
-                scores = fn(x_of[b], True)["scores"].float()
-            ref = scores if ref is None else ref
+                out = forward_fn(cfg, m, fused, parts=True)(x_of[b], True)
+            ref = out if ref is None else ref
             ms = time_graphed(fn, x_of[b], args.seconds, args.least)
             res["variants"].setdefault(name, {})[str(b)] = {
                 "ms": ms,
                 "images_per_s": round(1000 * b / ms, 1),
-                "max_score_diff_vs_base": float((scores - ref).abs().max()),
+                **{f"max_{k}_diff_vs_base": float((out[k].float() - ref[k].float()).abs().max()) for k in out},
             }
         print(b, json.dumps({k: v[str(b)] for k, v in res["variants"].items()}))
-    del model, folded, stacked
+        save()
+    del model, unfolded, stacked, variants
     if device.type == "cuda":
         torch.cuda.empty_cache()
     setups = [tuple(int(v) for v in s.split("x")) for s in args.sharing.split(",") if s]
     if setups and device.type == "cuda":
-        res["sharing"] = sharing(args.category, size, setups, args.share_seconds)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        res["sharing"] = {}
+        sharing(args.category, size, setups, args.share_seconds, res["sharing"], save)
+    res["complete"] = True
+    save()
     print(f"wrote {args.out}")
     return 0
 
