@@ -590,6 +590,11 @@ def main(argv=None) -> int:
         "batching_on_wait_<ms>ms), beside batching_on at ServeSettings' default wait",
     )
     p.add_argument(
+        "--skip-batching-off",
+        action="store_true",
+        help="no batching-off steps (no batching_gain): the default settings alone, when the call's time is short",
+    )
+    p.add_argument(
         "--fixed-wait",
         action="store_true",
         help="one more batching-on step (mode batching_on_fixed_wait) with adaptive_batch_wait off: Serve's "
@@ -743,7 +748,9 @@ def main(argv=None) -> int:
     }
     conc = [int(c) for c in args.concurrency.split(",") if c]
     timeout_s = args.request_timeout_s + 15.0
-    modes = {"batching_off": 1, "batching_on": args.batch_on}
+    modes = (
+        {"batching_on": args.batch_on} if args.skip_batching_off else {"batching_off": 1, "batching_on": args.batch_on}
+    )
     waits = {"batching_off": {}, "batching_on": {}}  # each mode's settings besides ServeSettings' defaults
     for w in (float(x) for x in args.batch_waits.split(",") if x):
         mode = f"batching_on_wait_{w * 1000:g}ms"
@@ -844,14 +851,18 @@ def main(argv=None) -> int:
                 lay["batched_requests"]["concurrency"][str(c)] = summarise(r, args.images_per_request)
                 print(layout, "batched requests", c, lay["batched_requests"]["concurrency"][str(c)], flush=True)
                 save()
-        lay["batching_gain"] = {
-            c: round(
-                lay["batching_on"]["concurrency"][c]["images_per_s"]
-                / max(1e-9, lay["batching_off"]["concurrency"][c]["images_per_s"]),
-                3,
-            )
-            for c in lay["batching_on"]["concurrency"]
-        }
+        lay["batching_gain"] = (
+            {}
+            if args.skip_batching_off
+            else {
+                c: round(
+                    lay["batching_on"]["concurrency"][c]["images_per_s"]
+                    / max(1e-9, lay["batching_off"]["concurrency"][c]["images_per_s"]),
+                    3,
+                )
+                for c in lay["batching_on"]["concurrency"]
+            }
+        )
     first = entry["layouts"][layouts[0]]  # the results file's top-level numbers (issue 18's schema)
     for part in ("batching_off", "batching_on", "batched_requests", "batching_gain"):
         if part in first:
@@ -882,10 +893,14 @@ def main(argv=None) -> int:
     # last: its handle routes in an event loop that ends with it (RAY_SERVE_THROUGHPUT_OPTIMIZED)
     entry["handle_calls"] = handle_calls(cfg.data.image_size)
     print("handle calls", entry["handle_calls"], flush=True)
-    serve.shutdown()
     entry["complete"] = True
     save()
     print(f"wrote {out} [{key}]")
+    # not serve.shutdown(): it shuts the cached handles down through the measurement's event loop, which has
+    # ended (RuntimeError: Event loop is closed, H100 2026-12-07); the apps end with this process's local Ray
+    import ray
+
+    ray.shutdown()
     return 0
 
 
