@@ -758,6 +758,8 @@ def main(argv=None) -> int:
     if args.fixed_wait:
         modes["batching_on_fixed_wait"], waits["batching_on_fixed_wait"] = args.batch_on, {"adaptive_batch_wait": False}
     default_mode = "batching_on" if has_gpu else "batching_off"  # what ServeSettings chooses by device
+    if default_mode not in modes:  # --skip-batching-off without a GPU: the one mode measured
+        default_mode = "batching_on"
     entry = {
         "machine": minfo,
         "command": "python bench/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
