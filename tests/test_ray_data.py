@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -583,6 +584,32 @@ def test_actor_rate_comes_from_the_actors_own_timings(tmp_path):
     stages = _actor_stages(tmp_path, t0, t0 + 15)
     assert stages["actor_images_per_s"] == pytest.approx((8 + 4) / 4.0)
     assert stages["first_batch_out_at_s"] == [10.0, 11.0] and not tmp_path.exists()
+
+
+def test_score_refuses_to_continue_an_out_of_an_earlier_model_of_the_same_run(tmp_path):
+    """A resumed or retrained run has a new model version: continuing its old --out would keep the old model's
+    scores and threshold in the files already written, so it is refused; the same version continues, and a
+    folder claimed before versions were recorded continues and records the version."""
+    from PIL import Image
+
+    from mapl_ray.data.layout import LayoutError
+    from mapl_ray.data.shards import ShardSpec
+    from mapl_ray.pipelines.ray_data import SCORE_RUN_FILE, _check_output, _claim_output, _score_units
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.new("L", (16, 16), 1).save(src / "0.png")
+    run, out = tmp_path / "run", tmp_path / "scores"
+    names = [u.name for u in _score_units(str(src), ShardSpec.of(SIZE, None), 3)[0]]
+    _claim_output(out, _check_output(out, run, str(src), names, "sha256:aaaa"))
+    assert json.loads((out / SCORE_RUN_FILE).read_text())["model_version"] == "sha256:aaaa"
+    _claim_output(out, _check_output(out, run, str(src), names, "sha256:aaaa"))
+    with pytest.raises(LayoutError, match=r"earlier model of run .*sha256:aaaa.*sha256:bbbb now.*nothing was written"):
+        _check_output(out, run, str(src), names, "sha256:bbbb")
+    legacy = {"run": str(run.resolve()), "source": os.path.abspath(src)}
+    (out / SCORE_RUN_FILE).write_text(json.dumps(legacy))
+    _claim_output(out, _check_output(out, run, str(src), names, "sha256:bbbb"))
+    assert json.loads((out / SCORE_RUN_FILE).read_text()) == {**legacy, "model_version": "sha256:bbbb"}
 
 
 def test_score_refuses_an_out_that_a_rerun_would_fill_with_duplicates(tmp_path):

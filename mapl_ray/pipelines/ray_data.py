@@ -501,9 +501,11 @@ class ScoreBatch:
         return out
 
 
-def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str, str]:
+def _check_output(out: Path, run: Path, src: str, names: list[str], version: str | None = None) -> dict[str, str]:
     """Refuse an ``out`` that is a file, is a folder of other files (a run folder...), holds another run's scores,
-    or holds score files that ``names`` (this
+    holds scores of an earlier model of this run (``version``: the run's
+    :func:`~mapl_ray.serving.model_info.model_version` now; a resumed or retrained run has a new one, and its files
+    already there would keep the old scores and threshold), or holds score files that ``names`` (this
     source's output files) does not include: a changed folder or another ``--rows-per-file`` splits the
     images into other files, so a rerun would score them again beside the old files and ``out`` would hold
     every such image twice. Creates nothing (a job that fails before scoring leaves no folder behind);
@@ -541,6 +543,12 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
                 f"--out {out} holds scores of run {had.get('run')} on {had.get('source')}: choose another folder "
                 "(a rerun with the same run and source continues it)"
             )
+        if version and had.get("model_version") not in (None, version):
+            raise LayoutError(
+                f"--out {out} holds scores of an earlier model of run {run} ({had['model_version']}; its checkpoint "
+                f"is {version} now: trained or resumed since): give the new scores another folder, or delete {out} "
+                "to score every image again (nothing was written)"
+            )
         expected = set(names)
         stale = sorted(f.name for f in out.glob("*.parquet") if f.name not in expected)
         if stale:
@@ -549,11 +557,11 @@ def _check_output(out: Path, run: Path, src: str, names: list[str]) -> dict[str,
                 "folder's images or --rows-per-file changed since they were written; rerun with the same "
                 "--rows-per-file, or choose another folder (a new one scores every image once)"
             )
-    return want
+    return {**want, "model_version": version} if version else want
 
 
 def _claim_output(out: Path, claim: dict[str, str]) -> None:
-    """Record which run and source ``out`` holds scores of (``claim`` from :func:`_check_output`).
+    """Record which run, source and model version ``out`` holds scores of (``claim`` from :func:`_check_output`).
 
     Raises:
         RunFolderError: ``out`` cannot be created (:func:`~mapl_ray.runfolder.make_output_dir`).
@@ -689,6 +697,7 @@ def score_source(
 
     from ..data.pose import build_pose_estimator
     from ..runfolder import check_model_weights, load_run_config
+    from ..serving.model_info import model_version
 
     t_call = time.time()
     run, src, out = Path(run), os.fspath(src), Path(out)
@@ -698,7 +707,7 @@ def score_source(
     align = build_pose_estimator(cfg)
     spec = ShardSpec.of(cfg.data.image_size, align)
     units, kind = _score_units(src, spec, rows_per_file)
-    claim = _check_output(out, run, src, [u.name for u in units])
+    claim = _check_output(out, run, src, [u.name for u in units], model_version(run))
     pending = [u for u in units if not (out / u.name).is_file()]
     counts: dict[str, Any] = {"images": 0, "unreadable": 0}
     stages: dict[str, Any] = {"setup_s": time.time() - t_call}
