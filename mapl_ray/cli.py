@@ -425,8 +425,9 @@ def _add_run_parsers(sub) -> None:
         description="Score images with a trained run: one JSON line per image on stdout (path, score, "
         "normalised_score, q, label = the decision at the run's threshold, heatmap).",
         epilog='An image that cannot be read gets a line {"path": ..., "error": reason} on stdout and a '
-        "warning on stderr; the other images are still scored. Exit status: 0 when at least one image was "
-        "scored, 2 when none could be read or on a usage mistake (no run folder, an empty folder).",
+        "warning on stderr; the other images are still scored. Exit status: 0 when every image was scored, 1 "
+        "when some could not be read, 2 when none could be read or on a usage mistake (no run folder, an empty "
+        "folder).",
     )
     pr.add_argument("run", help="run folder written by mapl train")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, recursively)")
@@ -766,7 +767,7 @@ def expand_image_args(items: list[str]) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     """``mapl predict``: one JSON line per image on stdout, in the order given; an unreadable image gets
     ``{"path", "error"}`` there and a warning on stderr, and the others are still scored. Returns 0 when
-    at least one image was scored, 2 when none could be read.
+    every image was scored, 1 when some could not be read, 2 when none could be read.
 
     Raises:
         RunFolderError / CheckpointError: ``args.run`` is not a trained run folder. LayoutError: a folder
@@ -825,9 +826,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(
             f"mapl predict: warning: {len(failed)} of {len(paths)} images could not be read (their 'error' lines "
-            f"above); the other {len(paths) - len(failed)} were scored",
+            f"above); the other {len(paths) - len(failed)} were scored (exit status 1)",
             file=sys.stderr,
         )
+        return 1  # a script sees that some images have no score (2: none could be read, or a usage error)
     return 0
 
 

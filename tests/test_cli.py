@@ -108,7 +108,7 @@ def test_predict_unreadable_image_names_file_and_scores_the_rest(trained_run, tm
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
-    assert main(["predict", str(trained_run), str(bad), str(good), "--heatmaps", str(tmp_path / "h")]) == 0
+    assert main(["predict", str(trained_run), str(bad), str(good), "--heatmaps", str(tmp_path / "h")]) == 1
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert lines[0]["path"] == str(bad) and str(bad) in lines[0]["error"] and "score" not in lines[0]
@@ -131,7 +131,7 @@ def test_predict_refuses_the_images_mapl_serve_refuses(trained_run, tmp_path, ca
     Image.new("RGB", (1, 1)).save(tiny)
     Image.new("RGB", (4000, 10)).save(thin)
     good = sorted((SCREW / "test" / "good").glob("*.png"))[0]
-    assert main(["predict", str(trained_run), str(tiny), str(thin), str(good), "--heatmaps", str(tmp_path / "h")]) == 0
+    assert main(["predict", str(trained_run), str(tiny), str(thin), str(good), "--heatmaps", str(tmp_path / "h")]) == 1
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert "min_side=8" in lines[0]["error"] and "score" not in lines[0]
@@ -166,14 +166,15 @@ def test_predict_says_what_mapl_serve_warns_about(trained_run, tmp_path, capsys)
 
 def test_predict_a_folder_with_an_unreadable_image_scores_the_others(trained_run, tmp_path, capsys):
     """A folder (what a user passes most) with one broken file: every readable image is scored, the broken
-    one is named with its reason on stdout and stderr, and the exit status is 0; 2 only when none was read."""
+    one is named with its reason on stdout and stderr, and the exit status is 1 (0 only when every image was
+    scored, 2 when none was read)."""
     folder = tmp_path / "images"
     folder.mkdir()
     goods = sorted((SCREW / "test" / "good").glob("*.png"))[:2]
     for f in goods:
         shutil.copy(f, folder / f.name)
     (folder / "001_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    assert main(["predict", str(trained_run), str(folder), "--heatmaps", str(tmp_path / "h")]) == 0
+    assert main(["predict", str(trained_run), str(folder), "--heatmaps", str(tmp_path / "h")]) == 1
     captured = capsys.readouterr()
     lines = {Path(r["path"]).name: r for r in map(json.loads, captured.out.splitlines())}
     assert sorted(lines) == sorted([*(f.name for f in goods), "001_broken.png"])
