@@ -131,12 +131,12 @@ def _json_uploads(body: bytes, max_images: int) -> list[Upload]:
         req = BatchRequest.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = ".".join(str(p) for p in first["loc"])
         kind, status = ("bad_json", 400) if first["type"] == "json_invalid" else ("invalid_request", 422)
         raise ApiError(
             status,
             kind,
-            f"JSON body: {where}: {first['msg']} (expected "
+            f"JSON body: {where + ': ' if where else ''}{first['msg']} (expected "
             '{"images": [{"data": "<base64 of an image file>", "name": "optional"}]})',
         ) from None
     _check_count(len(req.images), max_images)
