@@ -603,7 +603,8 @@ class Trainer:
         if self.rank == 0 and self.cfg.pseudo.enabled and self.labeler.ensemble is None:
             log.warning(
                 "the pseudo-labeler was never fitted: training stopped at step %d, before pseudo.warmup_steps = %d; "
-                "the run has no pseudo-labeler state and L_Yu was not used",
+                "the run has no pseudo-labeler state and L_Yu (the loss on pseudo-labeled unlabeled images) was "
+                "not used",
                 end_step,
                 self.cfg.pseudo.warmup_steps,
             )
