@@ -20,28 +20,6 @@ from typing import Any
 MAX_BUSY_WAIT_S = 0.1
 
 
-def graph_buckets(max_batch: int) -> list[int]:
-    """The batch sizes a CUDA-graph predictor captures for serving; a batch is padded to the next one.
-
-    Powers of 2 and 1.5 times powers of 2 below ``max_batch``, then ``max_batch`` itself: a padded pass is
-    at most 1.5 times the batch (with powers of 2 alone, a batch of 9 ran as 16 and one of 17 as 32, GPU
-    work for padding rows under load, when batches are mostly 4-12 images).
-
-    Args:
-        max_batch: the largest batch, >= 1.
-
-    Returns:
-        ascending sizes, e.g. ``[1, 2, 3, 4, 6, 8, 12, 16, 24, 32]`` for 32.
-
-    Raises:
-        ValueError: ``max_batch`` < 1.
-    """
-    if max_batch < 1:
-        raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
-    steps = {s for k in range(max_batch.bit_length()) for s in (2**k, 3 * 2 ** (k - 1) if k else 1)}
-    return sorted({s for s in steps if s < max_batch} | {max_batch})
-
-
 class BatchWait:
     """The batch wait of one ``@serve.batch`` method of one replica, in place of a fixed one.
 
