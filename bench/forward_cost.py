@@ -8,8 +8,8 @@ the :class:`~mapl_ray.inference.Predictor`'s own forward (``anomaly_map.anomaly_
 fused at weight 0.5, the image score), bf16 autocast, channels-last, replayed as a CUDA graph
 (:class:`~mapl_ray.model.graphs.GraphedForward`).
 
-* ``parts``: encoder alone, encoder + memory search (``MemoryBank.difference``), the decoder's map with
-  1 / 5 / 10 banks, the patch bank's map alone.
+* ``parts``, each from the images (the encoder included): the encoder alone, the memory search of every bank
+  (``MemoryBank.difference``), the decoder's map with 1 / 5 / 10 banks, the patch bank's map.
 * ``variants``: the whole pass at each ``--batches`` size: ``base`` (the package as the Predictor runs it:
   MSFF's and the decoder's BatchNorms folded into their convolutions, ``MAPLModel.fold_batchnorm``);
   ``batchnorm_unfolded`` (as before 2026-12-07); ``knn_four_pass`` (the patch distances as they were
