@@ -27,6 +27,9 @@ real HTTP client (aiohttp, bounded in requests and seconds per step) and measure
 * with ``--direct-ports``: the batching-on load again, the clients spread over the HTTP ports the
   ingress replicas listen on themselves in Ray Serve's direct-ingress mode (what an external load
   balancer or Serve's HAProxy would do), past Serve's one Python proxy on ``--port``;
+* with ``--graph-batch-sizes pow2,fine,...``: one more batching-on step per entry, with that
+  ``ServeSettings.graph_batch_sizes`` (the CUDA-graph batch sizes a batch is padded to), and each step's
+  ``deploy_s`` (deploy until ready: replicas started, graphs captured);
 * with ``--memory-banks N``: the model scores with the first N of the run's memory banks (a cost
   measurement without retraining; ``ServeSettings.memory_banks``), in the stage costs as well;
 * a fault test of the first layout (``two_tier``: one per ``--fault-replicas``, default 1 and 2 model
@@ -600,6 +603,12 @@ def main(argv=None) -> int:
         help="one more batching-on step (mode batching_on_fixed_wait) with adaptive_batch_wait off: Serve's "
         "fixed batch_wait_timeout_s under load, against BatchWait's in the same run",
     )
+    p.add_argument(
+        "--graph-batch-sizes",
+        default="",
+        help="more batching-on steps, one per entry (pow2 / fine, repeatable: pow2,fine,pow2), with that "
+        "ServeSettings.graph_batch_sizes (modes batching_on_<kind>, batching_on_<kind>_2, ...), beside batching_on",
+    )
     p.add_argument("--replicas", type=int, default=1, help="model replicas of the two_tier load steps")
     p.add_argument("--ingress-replicas", type=int, help="HTTP front replicas (default: ServeSettings' auto)")
     p.add_argument("--cpus-per-replica", type=float, help="default: 1 with a GPU, else all cores / replicas")
@@ -757,6 +766,10 @@ def main(argv=None) -> int:
         modes[mode], waits[mode] = args.batch_on, {"batch_wait_timeout_s": w}
     if args.fixed_wait:
         modes["batching_on_fixed_wait"], waits["batching_on_fixed_wait"] = args.batch_on, {"adaptive_batch_wait": False}
+    for kind in (x for x in args.graph_batch_sizes.split(",") if x):
+        mode = f"batching_on_{kind}"
+        mode = next(m for n in range(1, 99) if (m := mode + (f"_{n}" if n > 1 else "")) not in modes)
+        modes[mode], waits[mode] = args.batch_on, {"graph_batch_sizes": kind}
     default_mode = "batching_on" if has_gpu else "batching_off"  # what ServeSettings chooses by device
     if default_mode not in modes:  # --skip-batching-off without a GPU: the one mode measured
         default_mode = "batching_on"
@@ -826,9 +839,11 @@ def main(argv=None) -> int:
         lay = entry["layouts"][layout] = {}
         for mode, b in modes.items():
             wait = waits[mode]
+            t_deploy = time.perf_counter()
             deploy(run, "bench", max_batch_size=b, **wait, **common, **layout_settings(layout, args.replicas))
+            deploy_s = round(time.perf_counter() - t_deploy, 2)  # replicas started, graphs captured, ready
             asyncio.run(drive(url, bodies, 2, 2 * len(bodies), 60, timeout_s))  # warm-up
-            lay[mode] = {"max_batch_size": b, **wait, "concurrency": {}}
+            lay[mode] = {"max_batch_size": b, **wait, "deploy_s": deploy_s, "concurrency": {}}
             for c in conc:
                 with HealthProbe(f"{base}/healthz") as probe:
                     r = asyncio.run(drive(url, bodies, c, args.requests, args.seconds, timeout_s))

@@ -49,6 +49,7 @@ class Predictor:
             calibration and evaluation after training), not for single-image latency.
         parts: return the decoder's map (``maps``) and the patch bank's (``knn_maps``) apart, unfused
             (calibration chooses the fusion from them); scores are then the decoder map's.
+        max_graphs: batch shapes captured at most (default :attr:`MAX_GRAPHS`); other shapes run eagerly.
 
     Raises:
         CheckpointError / ConfigError: the run folder is incomplete or unreadable (names the file).
@@ -67,6 +68,7 @@ class Predictor:
         memory_banks: int | None = None,
         fixed_batch: bool = False,
         parts: bool = False,
+        max_graphs: int | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.cfg = load_run_config(self.run_dir)
@@ -104,7 +106,7 @@ class Predictor:
         want = self.cfg.eval.cuda_graphs if cuda_graphs is None else cuda_graphs
         # a FAISS search copies to the host: it cannot be captured
         self.cuda_graphs = bool(want and self.device.type == "cuda" and mem.backend == "torch")
-        self._graphed = GraphedForward(self._forward, self.device, self.cuda_graphs, self.MAX_GRAPHS)
+        self._graphed = GraphedForward(self._forward, self.device, self.cuda_graphs, max_graphs or self.MAX_GRAPHS)
         self.fixed_batch = bool(fixed_batch and self.cuda_graphs)
 
     def warm_up(self) -> None:

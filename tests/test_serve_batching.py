@@ -150,3 +150,21 @@ def test_fixed_batch_wait_keeps_the_idle_wait_under_load():
             time.sleep(0.02)
     assert m.s == 0.001 and fixed.wait_s == 0.001  # others waited, the wait stayed
     assert adaptive.method.s == adaptive.wait_s > 0.015  # the adaptive one follows the pass
+
+
+def test_graph_buckets_pad_a_batch_to_the_next_size_and_end_at_the_largest():
+    from mapl_ray.serving.batching import graph_buckets
+
+    assert graph_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert graph_buckets(32, "fine") == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    assert graph_buckets(1, "fine") == [1] and graph_buckets(20, "fine")[-2:] == [16, 20]
+    for largest in (1, 5, 20, 32, 64):
+        for kind, most in (("pow2", 2.0), ("fine", 1.5)):
+            sizes = graph_buckets(largest, kind)
+            assert sizes == sorted(set(sizes)) and sizes[-1] == largest
+            for n in range(1, largest + 1):  # the size a batch of n is padded to
+                assert n <= next(b for b in sizes if b >= n) < most * n
+    with pytest.raises(ValueError, match="max_batch"):
+        graph_buckets(0)
+    with pytest.raises(ValueError, match="graph_batch_sizes.*pow2, fine.*'tiny'"):
+        graph_buckets(8, "tiny")

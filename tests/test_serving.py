@@ -215,6 +215,7 @@ def test_settings_resolve_batching_by_device_and_validate():
         ({"run_dir": "r", "cpus_per_replica": -1}, "cpus_per_replica must be >= 0"),
         ({"run_dir": "r", "gpus_per_replica": "half"}, "gpus_per_replica must be a number or auto"),
         ({"run_dir": "r", "adaptive_batch_wait": "maybe"}, "adaptive_batch_wait must be true or false, got 'maybe'"),
+        ({"run_dir": "r", "graph_batch_sizes": "all"}, "graph_batch_sizes must be one of pow2, fine, got 'all'"),
     ]:
         with pytest.raises(ValueError, match=match):
             ServeSettings.from_args(bad)

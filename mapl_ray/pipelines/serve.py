@@ -51,7 +51,7 @@ from ..data.io import decode_upload
 from ..data.layout import ImageReadError
 from ..data.pose import build_pose_estimator
 from ..serving.auth import check_bearer, load_token, token_digest
-from ..serving.batching import BatchWait
+from ..serving.batching import BatchWait, graph_buckets
 from ..serving.errors import ApiError, decode_error
 from ..serving.inputs import parse_uploads, read_body
 from ..serving.model_info import model_version, training_metrics
@@ -236,11 +236,17 @@ class Scorer:
 
         s = self.settings = ServeSettings(**settings)
         torch.set_num_threads(s.torch_threads)  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs reserved
-        self.pred = Predictor(s.run_dir, device=s.device, batch_size=s.max_batch_size, memory_banks=s.memory_banks)
-        self.version = model_version(s.run_dir) + (f"+banks{s.memory_banks}" if s.memory_banks else "")
         # a CUDA-graph predictor captures one graph per batch shape: pad batches to a few sizes
-        sizes = {s.max_batch_size} | {2**k for k in range(8) if 2**k < s.max_batch_size}
-        self.buckets = sorted(sizes) if self.pred.cuda_graphs else None
+        sizes = graph_buckets(s.max_batch_size, s.graph_batch_sizes)
+        self.pred = Predictor(
+            s.run_dir,
+            device=s.device,
+            batch_size=s.max_batch_size,
+            memory_banks=s.memory_banks,
+            max_graphs=len(sizes),
+        )
+        self.version = model_version(s.run_dir) + (f"+banks{s.memory_banks}" if s.memory_banks else "")
+        self.buckets = sizes if self.pred.cuda_graphs else None
         self._score.set_max_batch_size(s.max_batch_size)
         # images queued: the next batch collects while this one runs
         self._wait = BatchWait(self._score, s.batch_wait_timeout_s, s.adaptive_batch_wait)

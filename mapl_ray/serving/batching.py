@@ -19,6 +19,36 @@ from typing import Any
 #: the longest a batch collects under load (seconds), whatever the last pass took
 MAX_BUSY_WAIT_S = 0.1
 
+#: ``ServeSettings.graph_batch_sizes`` values: the batch sizes a CUDA-graph replica captures
+GRAPH_BATCH_SIZES = ("pow2", "fine")
+
+
+def graph_buckets(max_batch: int, kind: str = "pow2") -> list[int]:
+    """The batch sizes a CUDA-graph predictor captures for serving; a batch is padded to the next one.
+
+    ``pow2``: powers of 2 below ``max_batch``, then ``max_batch`` (a batch of 9 runs as a pass of 16).
+    ``fine``: also 1.5 times powers of 2 (3, 6, 12, 24, ...), so a padded pass is at most 1.5 times its
+    batch, at the cost of more graphs to capture when a replica starts.
+
+    Args:
+        max_batch: the largest batch, >= 1.
+        kind: ``pow2`` or ``fine`` (:data:`GRAPH_BATCH_SIZES`).
+
+    Returns:
+        ascending sizes: ``[1, 2, 4, 8, 16, 32]`` / ``[1, 2, 3, 4, 6, 8, 12, 16, 24, 32]`` for 32.
+
+    Raises:
+        ValueError: ``max_batch`` < 1 or an unknown ``kind``.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+    if kind not in GRAPH_BATCH_SIZES:
+        raise ValueError(f"graph_batch_sizes: expected one of {', '.join(GRAPH_BATCH_SIZES)}, got {kind!r}")
+    steps = {2**k for k in range(max_batch.bit_length())}
+    if kind == "fine":
+        steps |= {3 * 2 ** (k - 1) for k in range(1, max_batch.bit_length())}
+    return sorted({s for s in steps if s < max_batch} | {max_batch})
+
 
 class BatchWait:
     """The batch wait of one ``@serve.batch`` method of one replica, in place of a fixed one.

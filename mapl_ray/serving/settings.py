@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..data.io import ANIMATED_POLICIES, DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeLimits, default_min_side
+from .batching import GRAPH_BATCH_SIZES
 
 #: Dynamic batching default on a GPU: one forward pass for up to 32 waiting images.
 GPU_BATCH = 32
@@ -146,6 +147,10 @@ class ServeSettings:
         batch_wait_timeout_s: how long the first image of a batch waits for others while the replica
             is idle: a lone request pays it in full. While images wait, the batch collects for the last
             forward pass's duration instead (:class:`~mapl_ray.serving.batching.BatchWait`).
+        graph_batch_sizes: the batch sizes a model replica with CUDA graphs captures at start; a batch is
+            padded to the next one (:func:`~mapl_ray.serving.batching.graph_buckets`). ``pow2``: 1, 2, 4,
+            ..., ``max_batch_size``; ``fine``: also 3, 6, 12, 24, ... (a pass at most 1.5 times its batch:
+            less GPU work for padding under load, more graphs to capture when a replica starts).
         adaptive_batch_wait: True: the wait under load follows the last forward pass (``BatchWait``);
             False: ``batch_wait_timeout_s`` always, Serve's own behaviour (kept to compare the two:
             ``bench/serve_load.py --fixed-wait``).
@@ -207,6 +212,7 @@ class ServeSettings:
     front_batch_size: int | None = None
     batch_wait_timeout_s: float = 0.0
     adaptive_batch_wait: bool = True
+    graph_batch_sizes: str = "pow2"
     max_ongoing_requests: int | None = None
     max_queued_requests: int = 64
     retry_after_s: float = 1.0
@@ -279,6 +285,11 @@ class ServeSettings:
             raise ValueError(
                 "serve setting front_batch_size applies to layout=two_tier only (in the default single layout "
                 f"the model replica batches its own requests: max_batch_size); got {self.front_batch_size!r}"
+            )
+        if self.graph_batch_sizes not in GRAPH_BATCH_SIZES:
+            raise ValueError(
+                f"serve setting graph_batch_sizes must be one of {', '.join(GRAPH_BATCH_SIZES)}, "
+                f"got {self.graph_batch_sizes!r}"
             )
         if self.animated not in ANIMATED_POLICIES:
             raise ValueError(f"serve setting animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
@@ -378,6 +389,7 @@ class ServeSettings:
             "front_batch_size",
             "batch_wait_timeout_s",
             "adaptive_batch_wait",
+            "graph_batch_sizes",
         )
         return {k: getattr(self, k) for k in keys}
 
