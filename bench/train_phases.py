@@ -18,6 +18,7 @@ convolution kernels): whether a fresh process's first-use costs are cuDNN's plan
     python bench/train_phases.py --data .data/mvtec_ad --category screw --textures .data/dtd256 \\
         --weights .data/w/tf_efficientnet_lite2.safetensors [--modes plain,attributed,ray] [--set k=v]
 
+``--keep DIR`` keeps the run folders (``DIR/<mode>/``: e.g. a run to serve next in the same device call).
 Writes ``bench/results/train_phases.json`` (``--out``): per mode the summary's timings, phases, graph
 captures and image AUROC, with the machine, command and settings.
 """
@@ -205,6 +206,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     p.add_argument("--profile", action="store_true", help="cProfile the first in-process mode (module docstring)")
     p.add_argument("--cudnn", choices=("on", "off"), default="on", help="cuDNN for the in-process modes")
+    p.add_argument("--keep", help="write the run folders under this folder and keep them (default: a temporary one)")
     p.add_argument("--out", default=str(HERE / "results" / "train_phases.json"))
     args = p.parse_args()
     if args.cudnn == "off":
@@ -224,7 +226,8 @@ def main() -> int:
         },
         "runs": {},
     }
-    with tempfile.TemporaryDirectory(prefix="mapl_phases_") as tmp:
+    keep = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="mapl_phases_")
+    with keep as tmp:
         for i, mode in enumerate(args.modes.split(",")):
             key = mode if mode not in res["runs"] else f"{mode}_{i + 1}"  # a mode again: the process is warm now
             first_in_process = mode != "ray" and all(m == "ray" for m in args.modes.split(",")[:i])

@@ -236,3 +236,4 @@ def test_a_refit_is_in_force_exactly_the_overlap_after_it(small_root, tmp_path):
     inner = sum(v for k, v in parts.items() if k.startswith("start_fit."))
     assert 0 < inner <= parts["start_fit"] and parts["start_fit"] >= parts["start_fit.features"] > 0
     assert parts["pool"] + parts["start_fit"] + parts["wait"] <= summary["pseudo_fit_s"] + 1e-6
+    assert parts["thread.occ"] > 0 and parts["thread.features"] >= 0  # the fits' own thread, off the path

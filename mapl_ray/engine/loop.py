@@ -403,12 +403,15 @@ class Trainer:
 
     def _pseudo_parts(self, times: dict[str, Any]) -> dict[str, float]:
         """Parts of the summary's ``pseudo_fit_s``, seconds: the pools assembled from loader parts, ``start_fit``
-        with its own parts (:attr:`PseudoLabeler.start_s`), and the waits for fits."""
+        with its own parts (:attr:`PseudoLabeler.start_s`), and the waits for fits; beside them, off the
+        training path, the fits' own thread (``thread.features``: waiting for the feature passes,
+        ``thread.occ``: the OCC fit and vote; :attr:`PseudoLabeler.thread_s`)."""
         return {
             "pool": times["fit_pool"],
             "start_fit": times["fit_start"],
             **{f"start_fit.{k}": v for k, v in self.labeler.start_s.items()},
             "wait": times["fit_wait"],
+            **{f"thread.{k}": v for k, v in self.labeler.thread_s.items()},
         }
 
     def _refit_pool(self, step: int) -> dict[str, Any]:

@@ -357,6 +357,10 @@ class PseudoLabeler:
         #: host seconds of :meth:`start_fit`'s parts over the run (pool drawn here, snapshot, feature passes
         #: queued with their uploads, the fit handed to its thread)
         self.start_s = {"pool": 0.0, "snapshot": 0.0, "features": 0.0, "submit": 0.0}
+        #: seconds of the fits' own thread over the run, beside the training loop: waiting for the feature
+        #: passes to reach the host, then the OCC ensemble's fit and vote (what decides whether a fit is done
+        #: by its take-over step)
+        self.thread_s = {"features": 0.0, "occ": 0.0}
         self.occ_cfg = OCCConfig.from_config(cfg.pseudo, cfg.train.seed)
         self.ensemble: OCCEnsemble | None = None
         #: pseudo.features=knn: (image statistics of the normals and the pool, reference patches), cached on the device
@@ -578,9 +582,11 @@ class PseudoLabeler:
         if streamed:  # the table holds the labeled normals and this refit's sample only
             normal_idx = normal_idx[normal_idx < n_labeled]
 
-        def fit() -> tuple[OCCEnsemble, np.ndarray, np.ndarray, np.ndarray | None, float | None]:
+        def fit() -> tuple[OCCEnsemble, np.ndarray, np.ndarray, np.ndarray | None, float | None, tuple]:
+            t_in = time.perf_counter()
             if ready is not None:
                 ready.synchronize()
+            t_ready = time.perf_counter()
             arrays = {k: v.numpy() for k, v in host.items()}
             if "table" in arrays:
                 table = arrays["table"]
@@ -592,7 +598,8 @@ class PseudoLabeler:
             s = ens.scores(unlabeled)
             # each OCC's scores in units of its own spread over the pool, so the mean weighs them alike
             z = (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-12)
-            return ens, ens.vote(s), z.mean(0), veto, cut
+            votes = ens.vote(s)
+            return ens, votes, z.mean(0), veto, cut, (t_ready - t_in, time.perf_counter() - t_ready)
 
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapl-occ-fit")
@@ -617,7 +624,9 @@ class PseudoLabeler:
             raise RuntimeError("no refit is pending")
         step, streamed, future = self.pending
         self.pending = None
-        ensemble, raw, scores, veto, cut = future.result()
+        ensemble, raw, scores, veto, cut, thread_s = future.result()
+        for k, v in zip(self.thread_s, thread_s):
+            self.thread_s[k] += v
         if veto is not None:  # pseudo.normal_gate: no normal vote for a vetoed image
             raw[veto & (raw == 0)] = -1
         self.use_ensemble(ensemble, step)
