@@ -10,13 +10,17 @@ as the pseudo-labeler does, and for each candidate statistic set fits the OCC en
 
 * ``val_auroc``: the ensemble's mean score (each OCC in units of its spread over the pool, as the labeler
   averages them) ranking the held-out real anomalies above the held-out normals (scikit-learn);
-* ``val_anomalies_labeled_1``: share of held-out real anomalies the consensus would label anomalous.
+* ``val_anomalies_labeled_1`` / ``_0``: share of held-out real anomalies the consensus would label anomalous /
+  normal (normal: let into the normal stream);
+* with ``--refines``: the same for each ``pseudo.knn_refine`` value (rule 6 of ``docs/results.md``);
+* ``pool_rank_auroc``, ``pool_defects_labeled_0``, ``pool_normals_labeled_0``: how the OCCs rank and label the
+  pool's own defects and normals, from the pool's truth (test images): reported, never used by a rule.
 
-The test split is never read (the split lists it; no test file is opened) and the pool's truth is not
-used. A candidate is adopted by the rule fixed in ``docs/results.md`` before this ran.
+The test split is never read (the split lists it; no test file is opened) beyond the test anomalies the
+pool setting moves into the pool, whose truth is reported beside and decides nothing. A candidate is adopted by the rule fixed in ``docs/results.md`` before this ran.
 
     python bench/occ_features.py --categories screw,magnetic_tile,metal_plate --seeds 201,202,203,204,205 \
-        [--sets default] [--set data.align=landscape ...] [--out FILE]
+        [--sets default] [--refines 0,0.1,0.2] [--set data.align=landscape ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -78,35 +82,46 @@ def one(category: str, seed: int, args, device: torch.device) -> dict:
     model = build_model(cfg).to(device).eval()
     p = cfg.pseudo
     source = np.concatenate([data.normals, data.unlabeled])
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003)
-    dist, ref = leave_fold_out_distances(patches_of(model, source, device), p.knn_folds, p.knn_reference, gen)
+    n = len(data.normals)
+    source_patches = patches_of(model, source, device)
     sim = build_simulator(cfg)
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(data.normals), p.pool_size)
     sims, _ = simulate_samples(sim, data.normals[rows], np.arange(p.pool_size) + 10**9, seed)
     pos = patches_of(model, sims, device)
-    pos_dist = nearest_distances(pos.reshape(-1, pos.shape[-1]), ref).reshape(pos.shape[:2])
     keep = np.isin(vset.sources, (SOURCE_NORMAL, SOURCE_LABELED_ANOMALY))
     val = patches_of(model, vset.images[keep], device)
-    val_dist = nearest_distances(val.reshape(-1, val.shape[-1]), ref).reshape(val.shape[:2])
     val_y = (vset.sources[keep] == SOURCE_LABELED_ANOMALY).astype(int)
-    n = len(data.normals)
+    truth = data.unlabeled_truth  # the pool's truth (test images): reported, decides nothing
     from sklearn.metrics import roc_auc_score
 
     out = {"category": category, "seed": seed, "labeled_normals": n, "pool": len(data.unlabeled),
            "validation_normals": int((val_y == 0).sum()), "validation_anomalies": int(val_y.sum()), "sets": {}}  # fmt: skip
-    for name in args.sets:
-        f = lambda d: statistics_of(d, STAT_SETS[name]).cpu().numpy()  # noqa: E731
-        table, positives, v = f(dist), f(pos_dist), f(val_dist)
-        ens = OCCEnsemble(OCCConfig.from_config(p, seed)).fit(table[:n], table[n:], positives)
-        s_pool, s_val = ens.scores(table[n:]), ens.scores(v)
-        z = (s_val - s_pool.mean(1, keepdims=True)) / (s_pool.std(1, keepdims=True) + 1e-12)
-        votes = ens.vote(s_val)
-        out["sets"][name] = {
-            "val_auroc": float(roc_auc_score(val_y, z.mean(0))),
-            "val_anomalies_labeled_1": float((votes[val_y == 1] == 1).mean()),
-            "val_normals_labeled_0": float((votes[val_y == 0] == 0).mean()),
-        }
+    for refine in args.refines:
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003)
+        dist, ref = leave_fold_out_distances(source_patches, p.knn_folds, p.knn_reference, gen, refine, n)
+        pos_dist = nearest_distances(pos.reshape(-1, pos.shape[-1]), ref).reshape(pos.shape[:2])
+        val_dist = nearest_distances(val.reshape(-1, val.shape[-1]), ref).reshape(val.shape[:2])
+        for name in args.sets:
+            f = lambda d: statistics_of(d, STAT_SETS[name]).cpu().numpy()  # noqa: E731
+            table, positives, v = f(dist), f(pos_dist), f(val_dist)
+            ens = OCCEnsemble(OCCConfig.from_config(p, seed)).fit(table[:n], table[n:], positives)
+            s_pool, s_val = ens.scores(table[n:]), ens.scores(v)
+            z = (s_val - s_pool.mean(1, keepdims=True)) / (s_pool.std(1, keepdims=True) + 1e-12)
+            votes, pool_votes = ens.vote(s_val), ens.vote(s_pool)
+            rec = {
+                "val_auroc": float(roc_auc_score(val_y, z.mean(0))),
+                "val_anomalies_labeled_1": float((votes[val_y == 1] == 1).mean()),
+                "val_anomalies_labeled_0": float((votes[val_y == 1] == 0).mean()),
+                "val_normals_labeled_0": float((votes[val_y == 0] == 0).mean()),
+            }
+            if truth is not None and (truth == 1).any() and (truth == 0).any():
+                z_pool = (s_pool - s_pool.mean(1, keepdims=True)) / (s_pool.std(1, keepdims=True) + 1e-12)
+                known = truth >= 0
+                rec["pool_rank_auroc"] = float(roc_auc_score(truth[known], z_pool.mean(0)[known]))
+                rec["pool_defects_labeled_0"] = float((pool_votes[truth == 1] == 0).mean())
+                rec["pool_normals_labeled_0"] = float((pool_votes[truth == 0] == 0).mean())
+            out["sets"][name if refine == 0 else f"{name}@refine{refine:g}"] = rec
     return out
 
 
@@ -119,6 +134,12 @@ def main() -> None:
     ap.add_argument("--categories", default="screw,magnetic_tile,metal_plate")
     ap.add_argument("--seeds", default="201,202,203")
     ap.add_argument("--sets", default=",".join(STAT_SETS), type=lambda s: s.split(","))
+    ap.add_argument(
+        "--refines",
+        default="0",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="pseudo.knn_refine values (docs/results.md rule 6); sets other than 0 are named SET@refineR",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     ap.add_argument("--out", default=str(HERE / "results" / "occ_features.json"))
     args = ap.parse_args()
@@ -132,7 +153,7 @@ def main() -> None:
     summary = {
         c: {
             name: {k: stats([r["sets"][name][k] for r in runs if r["category"] == c]) for k in runs[0]["sets"][name]}
-            for name in args.sets
+            for name in runs[0]["sets"]
         }
         for c in args.categories.split(",")
     }

@@ -151,6 +151,7 @@ class PseudoConfig:
     features: str = "auto"
     knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
     knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
+    knn_refine: float = 0.0  # knn: share of pool images scoring highest in a first pass left out of the references
     # knn: a pool image whose farthest patch lies farther from the other images' patches than every labeled
     # normal's farthest patch is never labeled normal (anomalous or unknown only): SoftPatch's patch-level
     # screening (mapl_ray.model.patch_bank.trusted_patch_mask) at the level of the normal stream
@@ -444,6 +445,7 @@ def _pseudo_checks(c: Config) -> list[tuple[str, bool, str]]:
         ("pseudo.features", c.pseudo.features in PSEUDO_FEATURES, ", ".join(PSEUDO_FEATURES)),
         ("pseudo.knn_reference", c.pseudo.knn_reference >= 1, ">= 1"),
         ("pseudo.knn_folds", c.pseudo.knn_folds >= 2, ">= 2"),
+        ("pseudo.knn_refine", 0.0 <= c.pseudo.knn_refine < 1.0, "a share in [0, 1)"),
         (
             "pseudo.normal_gate",
             not c.pseudo.normal_gate or c.pseudo.features in ("knn", "auto"),

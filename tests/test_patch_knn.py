@@ -40,6 +40,32 @@ def test_leave_fold_out_scores_each_image_against_the_other_folds_only():
     assert ref.shape == (80, 4)  # every patch when the reference size exceeds them
 
 
+def test_refined_reference_leaves_the_highest_scoring_pool_images_out():
+    """pseudo.knn_refine (docs/results.md rule 6): a defect hidden by a like one in another pool image scores as
+    normal in one pass; once the image scoring highest in that pass (which also has a defect of its own) is left
+    out of the references, the hidden defect stands out. The labeled normals (the first ``keep_first``) are
+    never left out, however they score."""
+    g = torch.Generator().manual_seed(0)
+    n, p, c = 12, 16, 6
+    patches = 0.05 * torch.randn(n, p, c, generator=g)
+    patches[0, 0] = 9.0  # a labeled normal with an odd patch: the highest score, kept all the same
+    patches[5, 3], patches[5, 4] = 4.0, -4.0  # pool image 5: two defects, one of them unique
+    patches[7, 3] = 4.0  # pool image 7: the like of image 5's first one
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    one_pass, ref1 = leave_fold_out_distances(patches, n, 10_000, gen())  # leave-one-out: 5 and 7 see each other
+    refined, ref2 = leave_fold_out_distances(patches, n, 10_000, gen(), refine=1 / (n - 2), keep_first=2)
+    assert float(one_pass[7, 3]) < 0.5 < 5.0 < float(one_pass[5, 4])  # 7 hidden by 5, whose other defect shows
+    assert float(refined[7, 3]) > 5.0  # image 5 left out of every reference: nothing like it is left
+    assert float(refined[[1, 2, 3]].max()) < 0.5  # plain images stay close to the others
+    assert ref1.shape == (n * p, c) and ref2.shape == ((n - 1) * p, c)  # image 5 left out of it too
+    assert bool((ref2 == 9.0).all(1).any()) and not bool((ref2 == -4.0).all(1).any())
+    # 0 is the one-pass computation, draw for draw
+    torch.testing.assert_close(leave_fold_out_distances(patches, 3, 50, gen(), refine=0.0)[0],
+                               leave_fold_out_distances(patches, 3, 50, gen())[0])  # fmt: skip
+    with pytest.raises(ValueError, match="refine"):
+        leave_fold_out_distances(patches, 2, 50, gen(), refine=1.0)
+
+
 def test_leave_fold_out_refuses_too_few_images():
     with pytest.raises(ValueError, match="2 <= folds <= images"):
         leave_fold_out_distances(torch.zeros(1, 4, 3), 2, 10, torch.Generator())
@@ -88,3 +114,12 @@ def test_knn_statistics_rank_real_pool_defects_above_normals():
     dist, _ = leave_fold_out_distances(patches, 2, 4096, torch.Generator().manual_seed(0))
     score = image_statistics(dist)[:, 0].numpy()
     assert roc_auc_score([0] * len(good) + [1] * len(bad), score) >= 0.85
+
+
+def test_knn_refine_outside_a_share_is_refused_naming_the_field():
+    from mapl_ray.config import Config, ConfigError
+
+    assert Config().override({"pseudo.knn_refine": 0.2}).validate().pseudo.knn_refine == 0.2
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"pseudo.knn_refine = .* expected a share in \[0, 1\)"):
+            Config().override({"pseudo.knn_refine": bad}).validate()

@@ -502,7 +502,9 @@ class PseudoLabeler:
         if self._knn is None or streamed or not model.freeze_encoder or not d.pool_size:
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + (0 if model.freeze_encoder else step))
             patches = self._patches(model, np.concatenate([d.normals, unl]) if len(d.normals) else unl)
-            dist, ref = leave_fold_out_distances(patches, min(p.knn_folds, len(patches)), p.knn_reference, gen)
+            dist, ref = leave_fold_out_distances(
+                patches, min(p.knn_folds, len(patches)), p.knn_reference, gen, p.knn_refine, len(d.normals)
+            )
             del patches
             self._knn = (image_statistics(dist), ref)
         table, ref = self._knn

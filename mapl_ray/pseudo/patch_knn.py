@@ -71,7 +71,12 @@ def sample_reference(patches: torch.Tensor, size: int, generator: torch.Generato
 
 
 def fold_out_distances(
-    patches: torch.Tensor, owner: torch.Tensor, folds: int, reference_size: int, generator: torch.Generator
+    patches: torch.Tensor,
+    owner: torch.Tensor,
+    folds: int,
+    reference_size: int,
+    generator: torch.Generator,
+    usable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distance of every patch row to a reference drawn from the patches of the images outside its fold,
     so no patch meets itself or another patch of its own image.
@@ -82,12 +87,14 @@ def fold_out_distances(
         folds: number of folds (2 <= folds <= images); the images are dealt to folds at random.
         reference_size: patches drawn from the other folds as each fold's reference.
         generator: CPU generator for the fold assignment and the reference draws.
+        usable: bool ``(M,)``, rows that may enter a reference (None: all); every row is scored.
 
     Returns:
         float32 ``(M,)`` on the patches' device (:func:`nearest_distances`).
 
     Raises:
-        ValueError: ``owner`` not of shape ``(M,)``, or ``folds`` outside [2, images].
+        ValueError: ``owner`` or ``usable`` not of shape ``(M,)``, ``folds`` outside [2, images], or a fold
+            with no usable row outside it.
     """
     if owner.shape != patches.shape[:1]:
         raise ValueError(f"fold_out_distances: owner of shape {tuple(owner.shape)}, need ({patches.shape[0]},)")
@@ -98,36 +105,67 @@ def fold_out_distances(
         )
     fold = (torch.randperm(len(images), generator=generator) % folds)[image_of_row].to(patches.device)
     out = torch.empty(patches.shape[0], dtype=torch.float32, device=patches.device)
+    if usable is not None and usable.shape != patches.shape[:1]:
+        raise ValueError(f"fold_out_distances: usable of shape {tuple(usable.shape)}, need ({patches.shape[0]},)")
     for k in range(folds):
         inside = fold == k
-        ref = sample_reference(patches[~inside], reference_size, generator)
+        allowed = ~inside if usable is None else ~inside & usable.to(patches.device)
+        if not bool(allowed.any()):
+            raise ValueError(f"fold_out_distances: fold {k} has no usable reference row outside it")
+        ref = sample_reference(patches[allowed], reference_size, generator)
         out[inside] = nearest_distances(patches[inside], ref)
     return out
 
 
 def leave_fold_out_distances(
-    patches: torch.Tensor, folds: int, reference_size: int, generator: torch.Generator
+    patches: torch.Tensor,
+    folds: int,
+    reference_size: int,
+    generator: torch.Generator,
+    refine: float = 0.0,
+    keep_first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch distances of every image to the patches of the images outside its fold
     (:func:`fold_out_distances` with the same number of patches per image).
+
+    With ``refine`` > 0 (data refinement, as SPADE refines its one-class training data; ``pseudo.knn_refine``),
+    a first pass scores every image (mean of its top 1 % patch distances); the ``refine`` share of the
+    images after the first ``keep_first`` (the labeled normals) that score highest is then left out of every
+    reference, and all images are scored again against references of the others. A defect repeated in
+    the pool then no longer finds its like in the reference.
 
     Args:
         patches: float32 ``(N, P, C)`` (:func:`patch_embeddings` of N images), N >= 2.
         folds: number of folds (2 <= folds <= N); image ``i`` is in fold ``perm[i] % folds``.
         reference_size: patches drawn from the other folds as each fold's reference.
         generator: CPU generator for the fold assignment and the reference draws.
+        refine: share in [0, 1) of the images after ``keep_first`` left out of the references (0: one pass).
+        keep_first: images never left out (the labeled normals come first).
 
     Returns:
-        ``(distances float32 (N, P), a reference of all N images' patches (reference_size, C))``; the
-        second scores images outside the set (:func:`nearest_distances`).
+        ``(distances float32 (N, P), a reference of the N images' patches (reference_size, C))``, the
+        images left out by ``refine`` excepted; the second scores images outside the set
+        (:func:`nearest_distances`).
 
     Raises:
-        ValueError: fewer than 2 images or ``folds`` outside [2, N].
+        ValueError: fewer than 2 images, ``folds`` outside [2, N], ``refine`` outside [0, 1), or a fold
+            left without a usable reference image.
     """
+    if not 0.0 <= refine < 1.0:
+        raise ValueError(f"refine: expected a share in [0, 1), got {refine}")
     n, p = patches.shape[:2]
     owner = torch.arange(n).repeat_interleave(p)
-    out = fold_out_distances(patches.reshape(n * p, -1), owner, folds, reference_size, generator)
-    return out.reshape(n, p), sample_reference(patches, reference_size, generator)
+    flat = patches.reshape(n * p, -1)
+    out = fold_out_distances(flat, owner, folds, reference_size, generator).reshape(n, p)
+    drop = int(round(refine * (n - keep_first)))
+    if drop == 0:
+        return out, sample_reference(patches, reference_size, generator)
+    score = statistics_of(out, ("top1pct",))[:, 0].cpu()
+    left_out = keep_first + torch.argsort(score[keep_first:], descending=True, stable=True)[:drop]
+    usable = torch.ones(n, dtype=torch.bool)
+    usable[left_out] = False
+    out = fold_out_distances(flat, owner, folds, reference_size, generator, usable=usable[owner]).reshape(n, p)
+    return out, sample_reference(patches[usable.to(patches.device)], reference_size, generator)
 
 
 #: named statistics of an image's patch distances: scale-dependent (``max``, ``top1pct``, ``mean``, ``median``)
