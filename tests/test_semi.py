@@ -497,32 +497,43 @@ def test_gated_pool_images_never_enter_the_normal_stream_whatever_the_occs_vote(
     assert not set(np.flatnonzero(expected) + len(normals)) & set(normal_rows(data, labels).tolist())
 
 
+@pytest.mark.parametrize("features", ["map", "knn"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_does_before_the_fit_ends(device):
+def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_does_before_the_fit_ends(
+    device, features
+):
     """start_fit returns before its features are on the host (on CUDA they run on a stream of their own beside
-    the next steps); the steps that follow move the live weights in place, the features must not see it."""
+    the next steps); the steps that follow move the live weights in place, the features must not see it.
+    ``map`` features read a snapshot of the weights; ``knn`` features read the frozen encoder alone, which
+    training never moves, so they read the live model and no snapshot is made."""
     data, _ = pool_data()
     dev = torch.device(device)
     cfg, model = tiny_model(
-        dev, **{"model.memory_backend": "torch", "pseudo.features": "map", "pseudo.pool_size": 4, "pseudo.num_occs": 1}
+        dev,
+        **{"model.memory_backend": "torch", "pseudo.features": features, "pseudo.pool_size": 4, "pseudo.num_occs": 1},
     )
+    assert model.freeze_encoder and not any(p.requires_grad for p in model.encoder.parameters())
     model.train()
+    snapshots = []
 
     def refit(move: bool) -> tuple[np.ndarray, np.ndarray]:
         lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), dev, cuda_graphs=device == "cuda")
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         lab.start_fit(model, 50)
-        if move:
+        if move:  # what training steps move: the parameters with gradients
             with torch.no_grad():
                 for p in model.parameters():
-                    p.add_(torch.randn_like(p))
+                    if p.requires_grad:
+                        p.add_(torch.randn_like(p))
         lab.finish_fit()
         model.load_state_dict(saved)
         assert model.training  # the refit leaves the live model's mode alone
+        snapshots.append(lab._snapshot.rebuilds)
         return lab.history[50], lab.pool_scores
 
     still, moved = refit(move=False), refit(move=True)
     assert np.array_equal(still[0], moved[0]) and np.array_equal(still[1], moved[1])
+    assert snapshots == ([1, 1] if features == "map" else [0, 0])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

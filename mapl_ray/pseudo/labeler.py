@@ -532,7 +532,8 @@ class PseudoLabeler:
         and seed on every worker, so every worker gets the same ensemble and labels.
 
         The features read a :class:`~mapl_ray.model.snapshot.WeightSnapshot` of ``model`` (``model`` itself
-        is left as it is, in its mode). On CUDA their passes and the copy to the host are queued on a stream
+        is left as it is, in its mode), except ``knn`` features of a frozen encoder, which read the live
+        model: training never moves a frozen encoder's weights. On CUDA their passes and the copy to the host are queued on a stream
         of their own and this call returns without waiting for them: they run beside the next training steps,
         which move the live weights, not the snapshot's; the fit's thread waits for them.
 
@@ -561,7 +562,9 @@ class PseudoLabeler:
             unl_images = d.unlabeled if d.pool_size else sims[p.pool_size :]
         normal_idx = np.asarray(pool["normal_idx"])
         t1 = time.perf_counter()
-        shadow = self._snapshot.of(model)
+        # knn features read the frozen encoder alone, which training never changes (eval mode, no gradients):
+        # the live model serves them as it is; other features read the weights of this step, so a snapshot
+        shadow = model if self.kind == "knn" and model.freeze_encoder else self._snapshot.of(model)
         t2 = time.perf_counter()
         stream = self._feature_stream()
         if stream is not None:  # the snapshot's copy, queued on the training stream, comes first
