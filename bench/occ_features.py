@@ -12,7 +12,8 @@ as the pseudo-labeler does, and for each candidate statistic set fits the OCC en
   averages them) ranking the held-out real anomalies above the held-out normals (scikit-learn);
 * ``val_anomalies_labeled_1`` / ``_0``: share of held-out real anomalies the consensus would label anomalous /
   normal (normal: let into the normal stream);
-* with ``--refines``: the same for each ``pseudo.knn_refine`` value (rule 6 of ``docs/results.md``);
+* with ``--refines`` / ``--references``: the same for each ``pseudo.knn_refine`` / ``pseudo.knn_reference_from``
+  value (rules 6 and 7 of ``docs/results.md``);
 * ``pool_rank_auroc``, ``pool_defects_labeled_0``, ``pool_normals_labeled_0``: how the OCCs rank and label the
   pool's own defects and normals, from the pool's truth (test images): reported, never used by a rule.
 
@@ -20,7 +21,7 @@ The test split is never read (the split lists it; no test file is opened) beyond
 pool setting moves into the pool, whose truth is reported beside and decides nothing. A candidate is adopted by the rule fixed in ``docs/results.md`` before this ran.
 
     python bench/occ_features.py --categories screw,magnetic_tile,metal_plate --seeds 201,202,203,204,205 \
-        [--sets default] [--refines 0,0.1,0.2] [--set data.align=landscape ...] [--out FILE]
+        [--sets default] [--refines 0,0.1,0.2] [--references all,labeled,labeled_closest] [--set data.align=landscape ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ def one(category: str, seed: int, args, device: torch.device) -> dict:
 
     out = {"category": category, "seed": seed, "labeled_normals": n, "pool": len(data.unlabeled),
            "validation_normals": int((val_y == 0).sum()), "validation_anomalies": int(val_y.sum()), "sets": {}}  # fmt: skip
-    for refine in args.refines:
+    variants = [(r, "all") for r in args.refines] + [(0.0, src) for src in args.references if src != "all"]
+    for refine, source_of_ref in variants:
         gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003)
-        dist, ref = leave_fold_out_distances(source_patches, p.knn_folds, p.knn_reference, gen, refine, n)
+        dist, ref = leave_fold_out_distances(
+            source_patches, p.knn_folds, p.knn_reference, gen, refine, n, source_of_ref
+        )
         pos_dist = nearest_distances(pos.reshape(-1, pos.shape[-1]), ref).reshape(pos.shape[:2])
         val_dist = nearest_distances(val.reshape(-1, val.shape[-1]), ref).reshape(val.shape[:2])
         for name in args.sets:
@@ -121,7 +125,8 @@ def one(category: str, seed: int, args, device: torch.device) -> dict:
                 rec["pool_rank_auroc"] = float(roc_auc_score(truth[known], z_pool.mean(0)[known]))
                 rec["pool_defects_labeled_0"] = float((pool_votes[truth == 1] == 0).mean())
                 rec["pool_normals_labeled_0"] = float((pool_votes[truth == 0] == 0).mean())
-            out["sets"][name if refine == 0 else f"{name}@refine{refine:g}"] = rec
+            tag = f"@refine{refine:g}" if refine else f"@{source_of_ref}" if source_of_ref != "all" else ""
+            out["sets"][name + tag] = rec
     return out
 
 
@@ -139,6 +144,12 @@ def main() -> None:
         default="0",
         type=lambda s: [float(x) for x in s.split(",")],
         help="pseudo.knn_refine values (docs/results.md rule 6); sets other than 0 are named SET@refineR",
+    )
+    ap.add_argument(
+        "--references",
+        default="all",
+        type=lambda s: s.split(","),
+        help="pseudo.knn_reference_from values (docs/results.md rule 7); sets other than all are named SET@SOURCE",
     )
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     ap.add_argument("--out", default=str(HERE / "results" / "occ_features.json"))

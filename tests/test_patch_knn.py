@@ -66,6 +66,36 @@ def test_refined_reference_leaves_the_highest_scoring_pool_images_out():
         leave_fold_out_distances(patches, 2, 50, gen(), refine=1.0)
 
 
+def test_references_from_labeled_normals_leave_no_pool_image_to_hide_a_like_defect():
+    """pseudo.knn_reference_from (docs/results.md rule 7): a defect repeated in three pool images hides itself
+    in a leave-one-out reference over all images; a reference of the labeled normals (first ``keep_first``),
+    alone or with the pool half closest to them, has nothing like it."""
+    g = torch.Generator().manual_seed(0)
+    n, p, c, labeled = 14, 16, 6, 4
+    patches = 0.05 * torch.randn(n, p, c, generator=g)
+    for i in (6, 8, 11):
+        patches[i, 3] = 4.0  # the same defect in three pool images
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    hidden, _ = leave_fold_out_distances(patches, n, 10_000, gen(), keep_first=labeled)
+    alone, ref = leave_fold_out_distances(patches, n, 10_000, gen(), keep_first=labeled, reference_from="labeled")
+    closest, ref2 = leave_fold_out_distances(
+        patches, 2, 10_000, gen(), keep_first=labeled, reference_from="labeled_closest"
+    )
+    assert float(hidden[[6, 8, 11], 3].max()) < 0.5
+    assert float(alone[[6, 8, 11], 3].min()) > 5.0 and float(closest[[6, 8, 11], 3].min()) > 5.0
+    assert ref.shape == (labeled * p, c) and ref2.shape == ((labeled + (n - labeled) // 2) * p, c)
+    assert not bool((ref2 == 4.0).all(1).any())  # the defect images are not among the closest half
+    for i in range(labeled):  # a labeled normal is scored against the other labeled normals only
+        others = torch.cat([patches[j] for j in range(labeled) if j != i])
+        expected = torch.cdist(patches[i].double(), others.double()).amin(1).float()
+        torch.testing.assert_close(alone[i], expected, atol=3e-3, rtol=1e-3)
+    # fewer than 2 labeled normals: the references come from all images, as by default
+    torch.testing.assert_close(leave_fold_out_distances(patches, 3, 50, gen(), keep_first=1, reference_from="labeled")[0],
+                               leave_fold_out_distances(patches, 3, 50, gen(), keep_first=1)[0])  # fmt: skip
+    with pytest.raises(ValueError, match="reference_from"):
+        leave_fold_out_distances(patches, 2, 50, gen(), reference_from="pool")
+
+
 def test_leave_fold_out_refuses_too_few_images():
     with pytest.raises(ValueError, match="2 <= folds <= images"):
         leave_fold_out_distances(torch.zeros(1, 4, 3), 2, 10, torch.Generator())
@@ -116,10 +146,12 @@ def test_knn_statistics_rank_real_pool_defects_above_normals():
     assert roc_auc_score([0] * len(good) + [1] * len(bad), score) >= 0.85
 
 
-def test_knn_refine_outside_a_share_is_refused_naming_the_field():
+def test_knn_refine_and_reference_source_outside_their_values_are_refused_naming_the_field():
     from mapl_ray.config import Config, ConfigError
 
     assert Config().override({"pseudo.knn_refine": 0.2}).validate().pseudo.knn_refine == 0.2
+    with pytest.raises(ConfigError, match="pseudo.knn_reference_from = 'pool'.*expected all, labeled, labeled_closest"):
+        Config().override({"pseudo.knn_reference_from": "pool"}).validate()
     for bad in (1.0, -0.1):
         with pytest.raises(ConfigError, match=r"pseudo.knn_refine = .* expected a share in \[0, 1\)"):
             Config().override({"pseudo.knn_refine": bad}).validate()

@@ -503,7 +503,13 @@ class PseudoLabeler:
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + (0 if model.freeze_encoder else step))
             patches = self._patches(model, np.concatenate([d.normals, unl]) if len(d.normals) else unl)
             dist, ref = leave_fold_out_distances(
-                patches, min(p.knn_folds, len(patches)), p.knn_reference, gen, p.knn_refine, len(d.normals)
+                patches,
+                min(p.knn_folds, len(patches)),
+                p.knn_reference,
+                gen,
+                p.knn_refine,
+                len(d.normals),
+                p.knn_reference_from,
             )
             del patches
             self._knn = (image_statistics(dist), ref)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import KNN_REFERENCE_SOURCES
+
 #: image statistics of the patch distances: max, mean of the top 1 % of patches, mean
 STAT_NAMES = ("max", "top1pct", "mean")
 _QUERY_BLOCK = 2048  # query patches per distance GEMM: block x reference floats stay ~128 MB at 16k references
@@ -117,6 +119,10 @@ def fold_out_distances(
     return out
 
 
+#: ``pseudo.knn_reference_from`` values (:func:`leave_fold_out_distances` ``reference_from``)
+REFERENCE_SOURCES = KNN_REFERENCE_SOURCES
+
+
 def leave_fold_out_distances(
     patches: torch.Tensor,
     folds: int,
@@ -124,6 +130,7 @@ def leave_fold_out_distances(
     generator: torch.Generator,
     refine: float = 0.0,
     keep_first: int = 0,
+    reference_from: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch distances of every image to the patches of the images outside its fold
     (:func:`fold_out_distances` with the same number of patches per image).
@@ -134,6 +141,13 @@ def leave_fold_out_distances(
     reference, and all images are scored again against references of the others. A defect repeated in
     the pool then no longer finds its like in the reference.
 
+    ``reference_from`` (``pseudo.knn_reference_from``, docs/results.md rule 7) says what the references are
+    drawn from: ``all`` the images (as above); ``labeled`` the first ``keep_first`` alone (the labeled
+    normals: the others are scored against all of them, they against each other, leave-one-out), so that no
+    pool image can hide a like defect; ``labeled_closest`` that first, then a second pass, leave-fold-out,
+    whose references hold the labeled normals and the half of the other images closest to them (mean of the
+    top 1 % patch distances). With ``keep_first`` < 2 every choice is ``all``.
+
     Args:
         patches: float32 ``(N, P, C)`` (:func:`patch_embeddings` of N images), N >= 2.
         folds: number of folds (2 <= folds <= N); image ``i`` is in fold ``perm[i] % folds``.
@@ -141,6 +155,7 @@ def leave_fold_out_distances(
         generator: CPU generator for the fold assignment and the reference draws.
         refine: share in [0, 1) of the images after ``keep_first`` left out of the references (0: one pass).
         keep_first: images never left out (the labeled normals come first).
+        reference_from: one of :data:`REFERENCE_SOURCES`.
 
     Returns:
         ``(distances float32 (N, P), a reference of the N images' patches (reference_size, C))``, the
@@ -148,14 +163,18 @@ def leave_fold_out_distances(
         (:func:`nearest_distances`).
 
     Raises:
-        ValueError: fewer than 2 images, ``folds`` outside [2, N], ``refine`` outside [0, 1), or a fold
-            left without a usable reference image.
+        ValueError: fewer than 2 images, ``folds`` outside [2, N], ``refine`` outside [0, 1), an unknown
+            ``reference_from``, or a fold left without a usable reference image.
     """
     if not 0.0 <= refine < 1.0:
         raise ValueError(f"refine: expected a share in [0, 1), got {refine}")
+    if reference_from not in REFERENCE_SOURCES:
+        raise ValueError(f"reference_from: expected one of {', '.join(REFERENCE_SOURCES)}, got {reference_from!r}")
     n, p = patches.shape[:2]
     owner = torch.arange(n).repeat_interleave(p)
     flat = patches.reshape(n * p, -1)
+    if reference_from != "all" and keep_first >= 2:
+        return _from_labeled(patches, flat, owner, keep_first, folds, reference_size, generator, reference_from)
     out = fold_out_distances(flat, owner, folds, reference_size, generator).reshape(n, p)
     drop = int(round(refine * (n - keep_first)))
     if drop == 0:
@@ -164,6 +183,36 @@ def leave_fold_out_distances(
     left_out = keep_first + torch.argsort(score[keep_first:], descending=True, stable=True)[:drop]
     usable = torch.ones(n, dtype=torch.bool)
     usable[left_out] = False
+    out = fold_out_distances(flat, owner, folds, reference_size, generator, usable=usable[owner]).reshape(n, p)
+    return out, sample_reference(patches[usable.to(patches.device)], reference_size, generator)
+
+
+def _from_labeled(
+    patches: torch.Tensor,
+    flat: torch.Tensor,
+    owner: torch.Tensor,
+    labeled: int,
+    folds: int,
+    reference_size: int,
+    generator: torch.Generator,
+    reference_from: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`leave_fold_out_distances` with ``reference_from`` ``labeled`` / ``labeled_closest``; ``labeled``
+    (>= 2) images come first."""
+    n, p = patches.shape[:2]
+    rows = labeled * p
+    out = torch.empty(n * p, dtype=torch.float32, device=patches.device)
+    out[:rows] = fold_out_distances(flat[:rows], owner[:rows], labeled, reference_size, generator)  # one out
+    ref = sample_reference(patches[:labeled], reference_size, generator)
+    out[rows:] = nearest_distances(flat[rows:], ref)
+    out = out.reshape(n, p)
+    if reference_from == "labeled" or n - labeled < 2:
+        return out, ref
+    score = statistics_of(out[labeled:], ("top1pct",))[:, 0].cpu()
+    closest = labeled + torch.argsort(score, stable=True)[: (n - labeled) // 2]
+    usable = torch.zeros(n, dtype=torch.bool)
+    usable[:labeled] = True
+    usable[closest] = True
     out = fold_out_distances(flat, owner, folds, reference_size, generator, usable=usable[owner]).reshape(n, p)
     return out, sample_reference(patches[usable.to(patches.device)], reference_size, generator)
 
@@ -219,6 +268,7 @@ def image_statistics(distances: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "REFERENCE_SOURCES",
     "STATISTICS",
     "STAT_NAMES",
     "STAT_SETS",
