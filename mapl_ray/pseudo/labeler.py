@@ -539,9 +539,10 @@ class PseudoLabeler:
 
         The features read a :class:`~mapl_ray.model.snapshot.WeightSnapshot` of ``model`` (``model`` itself
         is left as it is, in its mode), except ``knn`` features of a frozen encoder, which read the live
-        model: training never moves a frozen encoder's weights. On CUDA their passes and the copy to the host are queued on a stream
-        of their own and this call returns without waiting for them: they run beside the next training steps,
-        which move the live weights, not the snapshot's; the fit's thread waits for them.
+        model: training never moves a frozen encoder's weights. On CUDA their passes and the copy to the host
+        are queued on a stream of their own and this call returns without waiting for them: they run beside
+        the next training steps, which move the live weights, not the snapshot's; the fit's thread waits for
+        them.
 
         ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader process prepared it ahead; drawn here
         otherwise. A pool with ``unlabeled`` images (a streamed pool, :mod:`mapl_ray.pipelines.ray_data`)
