@@ -59,6 +59,14 @@ def test_refined_reference_leaves_the_highest_scoring_pool_images_out():
     assert float(refined[[1, 2, 3]].max()) < 0.5  # plain images stay close to the others
     assert ref1.shape == (n * p, c) and ref2.shape == ((n - 1) * p, c)  # image 5 left out of it too
     assert bool((ref2 == 9.0).all(1).any()) and not bool((ref2 == -4.0).all(1).any())
+    # the second pass keeps the first's folds, so its references only lose rows: no patch comes out closer
+    patches[9, 2] = -4.0  # twins in pool images 9 and 10, whichever folds they fall in
+    patches[10, 2] = -4.0
+    for seed in range(6):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        first = leave_fold_out_distances(patches, 2, 10_000, g1)[0]
+        second = leave_fold_out_distances(patches, 2, 10_000, g2, refine=0.3, keep_first=2)[0]
+        assert bool((second >= first - 3e-3).all())
     # 0 is the one-pass computation, draw for draw
     torch.testing.assert_close(leave_fold_out_distances(patches, 3, 50, gen(), refine=0.0)[0],
                                leave_fold_out_distances(patches, 3, 50, gen())[0])  # fmt: skip

@@ -79,6 +79,7 @@ def fold_out_distances(
     reference_size: int,
     generator: torch.Generator,
     usable: torch.Tensor | None = None,
+    image_folds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distance of every patch row to a reference drawn from the patches of the images outside its fold,
     so no patch meets itself or another patch of its own image.
@@ -90,6 +91,8 @@ def fold_out_distances(
         reference_size: patches drawn from the other folds as each fold's reference.
         generator: CPU generator for the fold assignment and the reference draws.
         usable: bool ``(M,)``, rows that may enter a reference (None: all); every row is scored.
+        image_folds: int ``(images,)``, the fold of each image (in the order of ``torch.unique(owner)``) as
+            an earlier pass dealt them; None: dealt here from ``generator``.
 
     Returns:
         float32 ``(M,)`` on the patches' device (:func:`nearest_distances`).
@@ -105,7 +108,9 @@ def fold_out_distances(
         raise ValueError(
             f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {len(images)} images"
         )
-    fold = (torch.randperm(len(images), generator=generator) % folds)[image_of_row].to(patches.device)
+    if image_folds is None:
+        image_folds = torch.randperm(len(images), generator=generator) % folds
+    fold = image_folds.cpu()[image_of_row].to(patches.device)
     out = torch.empty(patches.shape[0], dtype=torch.float32, device=patches.device)
     if usable is not None and usable.shape != patches.shape[:1]:
         raise ValueError(f"fold_out_distances: usable of shape {tuple(usable.shape)}, need ({patches.shape[0]},)")
@@ -138,7 +143,7 @@ def leave_fold_out_distances(
     With ``refine`` > 0 (data refinement, as SPADE refines its one-class training data; ``pseudo.knn_refine``),
     a first pass scores every image (mean of its top 1 % patch distances); the ``refine`` share of the
     images after the first ``keep_first`` (the labeled normals) that score highest is then left out of every
-    reference, and all images are scored again against references of the others. A defect repeated in
+    reference, and all images are scored again, in the same folds, against references of the others. A defect repeated in
     the pool then no longer finds its like in the reference.
 
     ``reference_from`` (``pseudo.knn_reference_from``, docs/results.md rule 7) says what the references are
@@ -175,7 +180,10 @@ def leave_fold_out_distances(
     flat = patches.reshape(n * p, -1)
     if reference_from != "all" and keep_first >= 2:
         return _from_labeled(patches, flat, owner, keep_first, folds, reference_size, generator, reference_from)
-    out = fold_out_distances(flat, owner, folds, reference_size, generator).reshape(n, p)
+    if not 2 <= folds <= n:
+        raise ValueError(f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {n} images")
+    image_folds = torch.randperm(n, generator=generator) % folds  # both passes keep these folds
+    out = fold_out_distances(flat, owner, folds, reference_size, generator, image_folds=image_folds).reshape(n, p)
     drop = int(round(refine * (n - keep_first)))
     if drop == 0:
         return out, sample_reference(patches, reference_size, generator)
@@ -183,7 +191,10 @@ def leave_fold_out_distances(
     left_out = keep_first + torch.argsort(score[keep_first:], descending=True, stable=True)[:drop]
     usable = torch.ones(n, dtype=torch.bool)
     usable[left_out] = False
-    out = fold_out_distances(flat, owner, folds, reference_size, generator, usable=usable[owner]).reshape(n, p)
+    # the first pass's folds: each image's reference can only lose rows, so no patch comes out closer
+    out = fold_out_distances(
+        flat, owner, folds, reference_size, generator, usable=usable[owner], image_folds=image_folds
+    ).reshape(n, p)
     return out, sample_reference(patches[usable.to(patches.device)], reference_size, generator)
 
 
