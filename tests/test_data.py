@@ -251,6 +251,9 @@ def test_corrupt_and_missing_files_raise_image_read_error(tmp_path: Path):
         assert ei.value.path == str(bad)
         assert bad.name in str(ei.value)
         assert isinstance(ei.value, LayoutError)
+    with pytest.raises(ImageReadError) as ei:  # the reason says what the file is, once, not Pillow's class name
+        load_image(junk, 16)
+    assert str(ei.value) == f"cannot read image '{junk}': not an image in a format Pillow reads"
     with pytest.raises(ImageReadError) as ei:
         load_image(trunc)
     assert ei.value.__cause__ is not None  # Pillow's exception chained

@@ -69,11 +69,11 @@ def test_worker_errors_are_unwrapped_for_the_cli():
     # a Ray Data stage's failure arrives as text (UserCodeException): the unreadable file is still named
     data_stage = RuntimeError(
         "ray::MapWorker(MapBatches(StreamRows)).submit()\n  File ...\nmapl_ray.data.layout.ImageReadError: "
-        "cannot read image '/pool/zz.png': UnidentifiedImageError: cannot identify image file\n\nUDF failed"
+        "cannot read image '/pool/zz.png': not an image in a format Pillow reads\n\nUDF failed"
     )
     found = _worker_error(WorkerGroupError({0: data_stage}))
     assert isinstance(found, ImageReadError) and found.path == "/pool/zz.png"
-    assert found.reason == "UnidentifiedImageError: cannot identify image file"
+    assert found.reason == "not an image in a format Pillow reads"
 
 
 def test_a_streamed_pool_skips_an_unreadable_file_only_when_asked(tmp_path):

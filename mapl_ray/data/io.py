@@ -330,10 +330,10 @@ def _open_decoded(path: str, source=None, limits: DecodeLimits | None = None) ->
     except _PIL_ERRORS as exc:
         if source is None and isinstance(exc, UnidentifiedImageError) and os.path.getsize(path) == 0:
             reason = "empty file (0 bytes)"
+        elif isinstance(exc, UnidentifiedImageError):  # the path is in the message already: say what it means
+            reason = "not an image in a format Pillow reads"
         elif source is None:
             reason = f"{type(exc).__name__}: {exc}"
-        elif isinstance(exc, UnidentifiedImageError):
-            reason = "not an image in a format Pillow reads"
         else:
             reason = f"{type(exc).__name__}: {str(exc).replace(repr(source), 'the data')}"
         raise ImageReadError(path, reason) from exc
