@@ -819,14 +819,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for reason in failed.values():
         print(f"mapl predict: warning: {reason}", file=sys.stderr)
     if len(failed) == len(paths):
-        print(
-            f"mapl predict: error: none of the {len(paths)} images could be read; nothing was scored", file=sys.stderr
-        )
+        what = "the image could not be read" if len(paths) == 1 else f"none of the {len(paths)} images could be read"
+        print(f"mapl predict: error: {what}; nothing was scored", file=sys.stderr)
         return 2
     if failed:
+        scored = len(paths) - len(failed)
         print(
-            f"mapl predict: warning: {len(failed)} of {len(paths)} images could not be read (their 'error' lines "
-            f"above); the other {len(paths) - len(failed)} were scored (exit status 1)",
+            f"mapl predict: warning: {len(failed)} of {len(paths)} images could not be read (their 'error' "
+            f"line{'s' if len(failed) > 1 else ''} above); the other {scored} "
+            f"{'were' if scored > 1 else 'was'} scored (exit status 1)",
             file=sys.stderr,
         )
         return 1  # a script sees that some images have no score (2: none could be read, or a usage error)

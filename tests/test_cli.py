@@ -181,6 +181,7 @@ def test_predict_a_folder_with_an_unreadable_image_scores_the_others(trained_run
     assert all(isinstance(lines[f.name]["score"], float) for f in goods)
     reason = lines["001_broken.png"]["error"]
     assert "001_broken.png" in reason and reason in captured.err
+    assert f"1 of {len(goods) + 1} images could not be read (their 'error' line above)" in captured.err
     (folder / goods[0].name).write_bytes(b"not an image")
     (folder / goods[1].name).unlink()
     assert main(["predict", str(trained_run), str(folder), "--heatmaps", str(tmp_path / "h")]) == 2

@@ -254,6 +254,8 @@ def test_corrupt_and_missing_files_raise_image_read_error(tmp_path: Path):
     with pytest.raises(ImageReadError) as ei:  # the reason says what the file is, once, not Pillow's class name
         load_image(junk, 16)
     assert str(ei.value) == f"cannot read image '{junk}': not an image in a format Pillow reads"
+    with pytest.raises(ImageReadError, match=r"missing.png': no such file$"):
+        load_image(tmp_path / "missing.png", 16)
     with pytest.raises(ImageReadError) as ei:
         load_image(trunc)
     assert ei.value.__cause__ is not None  # Pillow's exception chained

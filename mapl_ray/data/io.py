@@ -332,6 +332,8 @@ def _open_decoded(path: str, source=None, limits: DecodeLimits | None = None) ->
             reason = "empty file (0 bytes)"
         elif isinstance(exc, UnidentifiedImageError):  # the path is in the message already: say what it means
             reason = "not an image in a format Pillow reads"
+        elif isinstance(exc, FileNotFoundError):
+            reason = "no such file"
         elif source is None:
             reason = f"{type(exc).__name__}: {exc}"
         else:

@@ -292,7 +292,9 @@ class ServeSettings:
                 f"got {self.graph_batch_sizes!r}"
             )
         if self.animated not in ANIMATED_POLICIES:
-            raise ValueError(f"serve setting animated must be one of {ANIMATED_POLICIES}, got {self.animated!r}")
+            raise ValueError(
+                f"serve setting animated must be one of {', '.join(ANIMATED_POLICIES)}, got {self.animated!r}"
+            )
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeSettings:
