@@ -153,7 +153,7 @@ class PseudoConfig:
     features: str = "auto"
     knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
     knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
-    knn_refine: float = 0.0  # knn: share of pool images scoring highest in a first pass left out of the references
+    knn_refine: float = 0.1  # knn: share of pool images scoring highest in a first pass left out of the references
     knn_reference_from: str = (
         "all"  # knn: references from all images, the labeled normals, or them + the closest pool half
     )
