@@ -857,17 +857,21 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from .runfolder import require_run_folder
+    from .runfolder import CheckpointError, require_run_folder
     from .serving.auth import load_token
     from .serving.settings import ServeSettings, apply_ray_serve_env
 
-    run = require_run_folder(args.run)
     settings = serve_settings(args)
     try:  # a bad --set value or token file is a user's mistake: say so before Ray starts
-        s = ServeSettings.from_args({**settings, "run_dir": str(run)})
+        s = ServeSettings.from_args({**settings, "run_dir": str(args.run)})
         token = load_token(s.token_env, s.token_file)
     except ValueError as e:
+        try:  # and a bad run folder too, in the same message: one mistake need not hide another
+            require_run_folder(args.run)
+        except CheckpointError as run_error:
+            raise ConfigError(f"{e}; and {run_error}") from e
         raise ConfigError(str(e)) from e
+    run = require_run_folder(args.run)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("mapl_ray.cli").warning(
             "serving on %s without a token: anyone who reaches this port can use the model; set $%s or "

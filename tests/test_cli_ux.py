@@ -714,6 +714,10 @@ def test_device_port_and_gpu_mistakes_are_clear_errors(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:
         main(["serve", str(tmp_path), "--port", "99999"])
     assert e.value.code == 2 and "port number 1-65535" in capsys.readouterr().err
+    # a bad --set value and a missing run folder, both named in one message (neither hides the other)
+    assert main(["serve", str(tmp_path / "nowhere"), "--set", "graph_batch_sizes=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "graph_batch_sizes must be one of pow2, fine, got 'bogus'" in err and "nowhere does not exist" in err
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
