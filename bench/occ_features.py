@@ -18,10 +18,12 @@ as the pseudo-labeler does, and for each candidate statistic set fits the OCC en
   pool's own defects and normals, from the pool's truth (test images): reported, never used by a rule.
 
 The test split is never read (the split lists it; no test file is opened) beyond the test anomalies the
-pool setting moves into the pool, whose truth is reported beside and decides nothing. A candidate is adopted by the rule fixed in ``docs/results.md`` before this ran.
+pool setting moves into the pool, whose truth is reported beside and decides nothing. A candidate is
+adopted by the rule fixed in ``docs/results.md`` before this ran.
 
     python bench/occ_features.py --categories screw,magnetic_tile,metal_plate --seeds 201,202,203,204,205 \
-        [--sets default] [--refines 0,0.1,0.2] [--references all,labeled,labeled_closest] [--set data.align=landscape ...] [--out FILE]
+        [--sets default] [--refines 0,0.1,0.2] [--references all,labeled,labeled_closest] \\
+        [--set data.align=landscape ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def one(category: str, seed: int, args, device: torch.device) -> dict:
             table, positives, v = f(dist), f(pos_dist), f(val_dist)
             ens = OCCEnsemble(OCCConfig.from_config(p, seed)).fit(table[:n], table[n:], positives)
             s_pool, s_val = ens.scores(table[n:]), ens.scores(v)
-            z = (s_val - s_pool.mean(1, keepdims=True)) / (s_pool.std(1, keepdims=True) + 1e-12)
+            mu, sd = s_pool.mean(1, keepdims=True), s_pool.std(1, keepdims=True) + 1e-12  # as the labeler's
+            z = (s_val - mu) / sd
             votes, pool_votes = ens.vote(s_val), ens.vote(s_pool)
             rec = {
                 "val_auroc": float(roc_auc_score(val_y, z.mean(0))),
@@ -120,9 +123,8 @@ def one(category: str, seed: int, args, device: torch.device) -> dict:
                 "val_normals_labeled_0": float((votes[val_y == 0] == 0).mean()),
             }
             if truth is not None and (truth == 1).any() and (truth == 0).any():
-                z_pool = (s_pool - s_pool.mean(1, keepdims=True)) / (s_pool.std(1, keepdims=True) + 1e-12)
                 known = truth >= 0
-                rec["pool_rank_auroc"] = float(roc_auc_score(truth[known], z_pool.mean(0)[known]))
+                rec["pool_rank_auroc"] = float(roc_auc_score(truth[known], ((s_pool - mu) / sd).mean(0)[known]))
                 rec["pool_defects_labeled_0"] = float((pool_votes[truth == 1] == 0).mean())
                 rec["pool_normals_labeled_0"] = float((pool_votes[truth == 0] == 0).mean())
             tag = f"@refine{refine:g}" if refine else f"@{source_of_ref}" if source_of_ref != "all" else ""

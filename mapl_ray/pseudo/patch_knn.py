@@ -104,12 +104,8 @@ def fold_out_distances(
     if owner.shape != patches.shape[:1]:
         raise ValueError(f"fold_out_distances: owner of shape {tuple(owner.shape)}, need ({patches.shape[0]},)")
     images, image_of_row = torch.unique(owner.cpu(), return_inverse=True)
-    if not 2 <= folds <= len(images):
-        raise ValueError(
-            f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {len(images)} images"
-        )
     if image_folds is None:
-        image_folds = torch.randperm(len(images), generator=generator) % folds
+        image_folds = _deal_folds(len(images), folds, generator)
     fold = image_folds.cpu()[image_of_row].to(patches.device)
     out = torch.empty(patches.shape[0], dtype=torch.float32, device=patches.device)
     if usable is not None and usable.shape != patches.shape[:1]:
@@ -124,8 +120,22 @@ def fold_out_distances(
     return out
 
 
-#: ``pseudo.knn_reference_from`` values (:func:`leave_fold_out_distances` ``reference_from``)
-REFERENCE_SOURCES = KNN_REFERENCE_SOURCES
+def _deal_folds(images: int, folds: int, generator: torch.Generator) -> torch.Tensor:
+    """The fold of each of ``images`` images, int64 ``(images,)``, dealt at random from ``generator``.
+
+    Raises:
+        ValueError: ``folds`` outside [2, images].
+    """
+    if not 2 <= folds <= images:
+        raise ValueError(
+            f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {images} images"
+        )
+    return torch.randperm(images, generator=generator) % folds
+
+
+def _ranking_scores(distances: torch.Tensor) -> torch.Tensor:
+    """What a pass ranks images by: the mean of each image's top 1 % patch distances, float32 ``(N,)`` on the CPU."""
+    return statistics_of(distances, ("top1pct",))[:, 0].cpu()
 
 
 def leave_fold_out_distances(
@@ -143,8 +153,8 @@ def leave_fold_out_distances(
     With ``refine`` > 0 (data refinement, as SPADE refines its one-class training data; ``pseudo.knn_refine``),
     a first pass scores every image (mean of its top 1 % patch distances); the ``refine`` share of the
     images after the first ``keep_first`` (the labeled normals) that score highest is then left out of every
-    reference, and all images are scored again, in the same folds, against references of the others. A defect repeated in
-    the pool then no longer finds its like in the reference.
+    reference, and all images are scored again, in the same folds, against references of the others. A defect
+    hidden by a like one in an image that stands out then no longer finds its like in the reference.
 
     ``reference_from`` (``pseudo.knn_reference_from``, docs/results.md rule 7) says what the references are
     drawn from: ``all`` the images (as above); ``labeled`` the first ``keep_first`` alone (the labeled
@@ -160,7 +170,7 @@ def leave_fold_out_distances(
         generator: CPU generator for the fold assignment and the reference draws.
         refine: share in [0, 1) of the images after ``keep_first`` left out of the references (0: one pass).
         keep_first: images never left out (the labeled normals come first).
-        reference_from: one of :data:`REFERENCE_SOURCES`.
+        reference_from: one of :data:`~mapl_ray.config.KNN_REFERENCE_SOURCES`.
 
     Returns:
         ``(distances float32 (N, P), a reference of the N images' patches (reference_size, C))``, the
@@ -173,22 +183,19 @@ def leave_fold_out_distances(
     """
     if not 0.0 <= refine < 1.0:
         raise ValueError(f"refine: expected a share in [0, 1), got {refine}")
-    if reference_from not in REFERENCE_SOURCES:
-        raise ValueError(f"reference_from: expected one of {', '.join(REFERENCE_SOURCES)}, got {reference_from!r}")
+    if reference_from not in KNN_REFERENCE_SOURCES:
+        raise ValueError(f"reference_from: expected one of {', '.join(KNN_REFERENCE_SOURCES)}, got {reference_from!r}")
     n, p = patches.shape[:2]
     owner = torch.arange(n).repeat_interleave(p)
     flat = patches.reshape(n * p, -1)
     if reference_from != "all" and keep_first >= 2:
         return _from_labeled(patches, flat, owner, keep_first, folds, reference_size, generator, reference_from)
-    if not 2 <= folds <= n:
-        raise ValueError(f"leave-fold-out patch distances need 2 <= folds <= images, got {folds} folds of {n} images")
-    image_folds = torch.randperm(n, generator=generator) % folds  # both passes keep these folds
+    image_folds = _deal_folds(n, folds, generator)  # both passes keep these folds
     out = fold_out_distances(flat, owner, folds, reference_size, generator, image_folds=image_folds).reshape(n, p)
     drop = int(round(refine * (n - keep_first)))
     if drop == 0:
         return out, sample_reference(patches, reference_size, generator)
-    score = statistics_of(out, ("top1pct",))[:, 0].cpu()
-    left_out = keep_first + torch.argsort(score[keep_first:], descending=True, stable=True)[:drop]
+    left_out = keep_first + torch.argsort(_ranking_scores(out[keep_first:]), descending=True, stable=True)[:drop]
     usable = torch.ones(n, dtype=torch.bool)
     usable[left_out] = False
     # the first pass's folds: each image's reference can only lose rows, so no patch comes out closer
@@ -219,8 +226,7 @@ def _from_labeled(
     out = out.reshape(n, p)
     if reference_from == "labeled" or n - labeled < 2:
         return out, ref
-    score = statistics_of(out[labeled:], ("top1pct",))[:, 0].cpu()
-    closest = labeled + torch.argsort(score, stable=True)[: (n - labeled) // 2]
+    closest = labeled + torch.argsort(_ranking_scores(out[labeled:]), stable=True)[: (n - labeled) // 2]
     usable = torch.zeros(n, dtype=torch.bool)
     usable[:labeled] = True
     usable[closest] = True
@@ -279,7 +285,6 @@ def image_statistics(distances: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "REFERENCE_SOURCES",
     "STATISTICS",
     "STAT_NAMES",
     "STAT_SETS",
