@@ -275,7 +275,9 @@ class GpuSampler:
 
 def throwaway_run(args, work: Path) -> Path:
     """A run folder trained for 2 steps (random-init encoder: the scoring cost is the architecture's), with
-    the screw-preset inference settings the H200 figures use (no TTA, one memory rotation)."""
+    the screw-preset inference settings the H200 figures use (no TTA, one memory rotation) and the patch
+    bank's weight in the map fixed at ``--knn-weight`` (left to a 2-step run's calibration it is arbitrary, and
+    with 0 the patch map is not computed at all, which changes the scoring cost)."""
     from mapl_ray.data.train_data import load_train_data
     from mapl_ray.eval.evaluate import calibrate
     from mapl_ray.main_job import prepare_run, train_in_process
@@ -289,6 +291,7 @@ def throwaway_run(args, work: Path) -> Path:
             "train.augment": "none",
             "train.steps": 2,
             "pseudo.enabled": False,
+            "eval.knn_weight": args.knn_weight,
             "train.use_gpu": bool(machine()["gpus"]),
         },
     )
@@ -455,13 +458,16 @@ def part_score(args, shards: Path, work: Path) -> dict:
         "model_only_images_per_s": round(model_only, 1),
         "model_load_s": round(load_s, 2),
         "model_warm_up_s": round(warm_s, 2),
+        # what the scored model computes: the patch bank's map only where its weight is > 0
+        "knn_fusion": pred.fusion,
     }
     if large is not None:
         out["large"] = large
         out["score_images_per_s_end_to_end_large"] = large["score_images_per_s_end_to_end"]
     out["settings"] = (
         f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, one memory "
-        f"rotation and bank, tf_efficientnet_lite2); headline = the default {default} actor(s) per GPU (one on a "
+        f"rotation and bank, tf_efficientnet_lite2, the patch bank's weight in the map fixed at "
+        f"{args.knn_weight} unless --run is given: knn_fusion); headline = the default {default} actor(s) per GPU (one on a "
         f"CPU) on the {head['images']}-image pool (--score-images); 'large' = the same on a pool of "
         f"{large['images'] if large else 0} images (--score-large-images; the {n_base} real images repeated "
         "under new names); score_images_per_s_end_to_end = images / score_source's whole call (total_s: listing, "
@@ -636,6 +642,13 @@ def parse_args() -> argparse.Namespace:
         "--score-actors", default="1,2", type=lambda s: [int(x) for x in s.split(",")], help="actors per GPU compared"
     )
     p.add_argument("--run", help="score with this run folder (default: a 2-step throwaway run)")
+    p.add_argument(
+        "--knn-weight",
+        type=float,
+        default=0.5,
+        help="the throwaway run's eval.knn_weight: > 0 scores with the patch bank's map, as trained runs mostly "
+        "do (validation's mean choice was 0.25-0.75 on each category of bench/results/semi.json), 0 without it",
+    )
     p.add_argument("--pool-times", default="1,20", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--rss-steps", type=int, default=6)
     p.add_argument("--rss-encoder", default="tf_efficientnet_lite0")
