@@ -104,6 +104,26 @@ def test_references_from_labeled_normals_leave_no_pool_image_to_hide_a_like_defe
         leave_fold_out_distances(patches, 2, 50, gen(), reference_from="pool")
 
 
+def test_matched_labeled_reference_scores_every_image_against_as_many_labeled_normals():
+    """pseudo.knn_reference_from=labeled_matched (docs/results.md rule 8): each labeled normal meets the others
+    (leave-one-out) and each pool image all labeled normals but one, dealt evenly; a pool image copying
+    labeled normal j is at distance 0 unless j is the one it does not meet."""
+    g = torch.Generator().manual_seed(0)
+    labeled, copies, p, c = 3, 30, 8, 5
+    normals = torch.randn(labeled, p, c, generator=g)
+    patches = torch.cat([normals, normals[0:1].repeat(copies, 1, 1)])  # the pool: copies of labeled normal 0
+    dist, ref = leave_fold_out_distances(
+        patches, 2, 10_000, torch.Generator().manual_seed(1), keep_first=labeled, reference_from="labeled_matched"
+    )
+    pool_far = dist[labeled:].amax(1) > 0.1
+    assert int(pool_far.sum()) == copies // labeled  # exactly the copies dealt to normal 0's own fold
+    for i in range(labeled):  # a labeled normal is scored against the other labeled normals only
+        others = torch.cat([normals[j] for j in range(labeled) if j != i])
+        expected = torch.cdist(normals[i].double(), others.double()).amin(1).float()
+        torch.testing.assert_close(dist[i], expected, atol=3e-3, rtol=1e-3)
+    assert ref.shape == ((labeled - 1) * p, c)  # images outside the set meet labeled - 1 normals too
+
+
 def test_leave_fold_out_refuses_too_few_images():
     with pytest.raises(ValueError, match="2 <= folds <= images"):
         leave_fold_out_distances(torch.zeros(1, 4, 3), 2, 10, torch.Generator())
@@ -158,7 +178,9 @@ def test_knn_refine_and_reference_source_outside_their_values_are_refused_naming
     from mapl_ray.config import Config, ConfigError
 
     assert Config().override({"pseudo.knn_refine": 0.2}).validate().pseudo.knn_refine == 0.2
-    with pytest.raises(ConfigError, match="pseudo.knn_reference_from = 'pool'.*expected all, labeled, labeled_closest"):
+    with pytest.raises(
+        ConfigError, match="pseudo.knn_reference_from = 'pool'.*expected all, labeled, labeled_closest, labeled_matched"
+    ):
         Config().override({"pseudo.knn_reference_from": "pool"}).validate()
     for bad in (1.0, -0.1):
         with pytest.raises(ConfigError, match=r"pseudo.knn_refine = .* expected a share in \[0, 1\)"):

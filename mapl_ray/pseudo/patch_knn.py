@@ -161,7 +161,10 @@ def leave_fold_out_distances(
     normals: the others are scored against all of them, they against each other, leave-one-out), so that no
     pool image can hide a like defect; ``labeled_closest`` that first, then a second pass, leave-fold-out,
     whose references hold the labeled normals and the half of the other images closest to them (mean of the
-    top 1 % patch distances). With ``keep_first`` < 2 every choice is ``all``.
+    top 1 % patch distances); ``labeled_matched`` the labeled normals, each image against as many of them
+    (all but one) so that pool and labeled scores are on one scale (with ``labeled`` a labeled normal meets one
+    normal fewer than a pool image does, so its distances run larger, docs/results.md rule 8). With
+    ``keep_first`` < 2 every choice is ``all``.
 
     Args:
         patches: float32 ``(N, P, C)`` (:func:`patch_embeddings` of N images), N >= 2.
@@ -215,9 +218,21 @@ def _from_labeled(
     generator: torch.Generator,
     reference_from: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`leave_fold_out_distances` with ``reference_from`` ``labeled`` / ``labeled_closest``; ``labeled``
-    (>= 2) images come first."""
+    """:func:`leave_fold_out_distances` with ``reference_from`` ``labeled`` / ``labeled_closest`` /
+    ``labeled_matched``; ``labeled`` (>= 2) images come first."""
     n, p = patches.shape[:2]
+    if reference_from == "labeled_matched":
+        # labeled normal j alone in fold j (leave-one-out); each pool image in one of those folds, dealt evenly,
+        # so it too is scored against labeled - 1 normals
+        image_folds = torch.cat([torch.arange(labeled), torch.randperm(n - labeled, generator=generator) % labeled])
+        usable = torch.zeros(n, dtype=torch.bool)
+        usable[:labeled] = True
+        out = fold_out_distances(
+            flat, owner, labeled, reference_size, generator, usable=usable[owner], image_folds=image_folds
+        ).reshape(n, p)
+        # images outside the set (positives, validation) meet labeled - 1 normals as well
+        keep = torch.randperm(labeled, generator=generator)[: labeled - 1].sort().values
+        return out, sample_reference(patches[keep.to(patches.device)], reference_size, generator)
     rows = labeled * p
     out = torch.empty(n * p, dtype=torch.float32, device=patches.device)
     out[:rows] = fold_out_distances(flat[:rows], owner[:rows], labeled, reference_size, generator)  # one out
