@@ -7,22 +7,26 @@
 #   bash bench/gpu_run.sh serve_load.py --data .data/mvtec_ad --textures .data/dtd256 --weights .data/w/... [...]
 # carry: .pack (bench/gpu_payload.py --pack .pack: site.tar.xz, data.tar.xz, w.tar.xz), or .whl_gpu and .pack
 # without a site tarball, or .data/dtd256, .data/w and the .data/<dataset> folders the bench reads.
+# PACK=DIR reads another pack folder (e.g. PACK=.pack3 for a second payload carried beside the first).
 set -o pipefail
-# .pack/*.tar.xz but site.tar.xz: bench/gpu_payload.py's .data folders packed to fit one call's 64 MiB
+pack=${PACK:-.pack}
+# $pack/*.tar.xz but site.tar.xz: bench/gpu_payload.py's .data folders packed to fit one call's 64 MiB
 #   (tar cf - -C .data mvtec_ad mpdd magnetic_tile dtd256 | xz -9 > .pack/data.tar.xz; likewise w.tar.xz)
 # (both steps are skipped when an earlier bench of the same call did them)
-if [ ! -f .data/.unpacked ]; then
+# (a warm machine keeps .data between calls: unpack again when the pack differs, by names and sizes)
+sig=$(ls -l "$pack"/*.tar.xz 2>/dev/null | awk '{print $5, $9}')
+if [ ! -f .data/.unpacked ] || [ "$(cat .data/.unpacked)" != "$sig" ]; then
   mkdir -p .data
-  for f in .pack/*.tar.xz; do
+  for f in "$pack"/*.tar.xz; do
     [ "$(basename "$f")" = site.tar.xz ] && continue
     [ -f "$f" ] && { tar xJf "$f" -C .data || exit 1; }
   done
-  touch .data/.unpacked
+  echo "$sig" > .data/.unpacked
 fi
-# .pack/site.tar.xz: Ray and the peer (anomalib) already installed for Python 3.12; else the .whl_gpu wheels
+# $pack/site.tar.xz: Ray and the peer (anomalib) already installed for Python 3.12; else the .whl_gpu wheels
 if [ ! -d /tmp/site/ray ]; then
-  if [ -f .pack/site.tar.xz ]; then
-    mkdir -p /tmp/site && tar xJf .pack/site.tar.xz -C /tmp/site || exit 1
+  if [ -f "$pack/site.tar.xz" ]; then
+    mkdir -p /tmp/site && tar xJf "$pack/site.tar.xz" -C /tmp/site || exit 1
   else
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl_gpu/*.whl || exit 1

@@ -1061,14 +1061,20 @@ def cmd_score(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    skipped = f"; {summary['files_skipped']} files were already there" if summary["files_skipped"] else ""
+    skipped = f"; {_count(summary['files_skipped'], 'file')} already there" if summary["files_skipped"] else ""
+    # a batch job over a line's images: unreadable ones are listed and counted, the job succeeds (exit 0)
     print(
-        f"scored {summary['images']} images into {summary['files_written']} files in {args.out}"
+        f"scored {_count(summary['images'], 'image')} into {_count(summary['files_written'], 'file')} in {args.out}"
         f" ({summary['unreadable']} not scored, unreadable or outside the decode limits: see their 'error')"
         f"{skipped}",
         file=sys.stderr,
     )
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 image"``, ``"3 images"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
