@@ -467,8 +467,8 @@ def part_score(args, shards: Path, work: Path) -> dict:
     out["settings"] = (
         f"{args.image_size}x{args.image_size}, batch {args.score_batch}, run {run} (eval.tta=none, one memory "
         f"rotation and bank, tf_efficientnet_lite2, the patch bank's weight in the map fixed at "
-        f"{args.knn_weight} unless --run is given: knn_fusion); headline = the default {default} actor(s) per GPU (one on a "
-        f"CPU) on the {head['images']}-image pool (--score-images); 'large' = the same on a pool of "
+        f"{args.knn_weight} unless --run is given: knn_fusion); headline = the default {default} actor(s) per "
+        f"GPU (one on a CPU) on the {head['images']}-image pool (--score-images); 'large' = the same on a pool of "
         f"{large['images'] if large else 0} images (--score-large-images; the {n_base} real images repeated "
         "under new names); score_images_per_s_end_to_end = images / score_source's whole call (total_s: listing, "
         "Ray Data planning, actor start-up, scoring, writing; Ray already started by the bench); "

@@ -154,9 +154,7 @@ class PseudoConfig:
     knn_reference: int = 16384  # knn: reference patches drawn per fold (exact search; cost ~ pool patches x this)
     knn_folds: int = 2  # knn: images are scored against the patches of the images outside their fold
     knn_refine: float = 0.1  # knn: share of pool images scoring highest in a first pass left out of the references
-    knn_reference_from: str = (
-        "all"  # knn: all images, the labeled normals (as many for every image), or + closest pool half
-    )
+    knn_reference_from: str = "all"  # knn: what the patch references come from (KNN_REFERENCE_SOURCES; rules 7-8)
     # knn: a pool image whose farthest patch lies farther from the other images' patches than every labeled
     # normal's farthest patch is never labeled normal (anomalous or unknown only): SoftPatch's patch-level
     # screening (mapl_ray.model.patch_bank.trusted_patch_mask) at the level of the normal stream

@@ -162,9 +162,8 @@ def leave_fold_out_distances(
     pool image can hide a like defect; ``labeled_closest`` that first, then a second pass, leave-fold-out,
     whose references hold the labeled normals and the half of the other images closest to them (mean of the
     top 1 % patch distances); ``labeled_matched`` the labeled normals, each image against as many of them
-    (all but one) so that pool and labeled scores are on one scale (with ``labeled`` a labeled normal meets one
-    normal fewer than a pool image does, so its distances run larger, docs/results.md rule 8). With
-    ``keep_first`` < 2 every choice is ``all``.
+    (all but one; with ``labeled`` a labeled normal meets one normal fewer than a pool image does). Rules 7
+    and 8 of docs/results.md kept ``all`` as the default. With ``keep_first`` < 2 every choice is ``all``.
 
     Args:
         patches: float32 ``(N, P, C)`` (:func:`patch_embeddings` of N images), N >= 2.
