@@ -48,6 +48,7 @@ KEEP = (
     "pseudo_fit_s",
     "pseudo_fit_wait_s",
     "pseudo_fit_parts_s",
+    "pseudo_snapshot_rebuilds",
     "graph_captures",
     "eager_steps",
     "graph_capture_error",

@@ -404,6 +404,8 @@ def test_weight_snapshot_holds_the_weights_of_its_call_in_one_set_of_tensors_unt
     snap = WeightSnapshot()
     shot = snap.of(model)
     assert shot is not model and not shot.training and model.training and snap.rebuilds == 1
+    first_copy_s = snap.rebuild_s
+    assert first_copy_s > 0
     assert not any(p.requires_grad for p in shot.parameters())
     storage = [t.data_ptr() for t in shot.state_dict().values()]
     with torch.no_grad():
@@ -414,11 +416,13 @@ def test_weight_snapshot_holds_the_weights_of_its_call_in_one_set_of_tensors_unt
         moved = live_logits()
         assert not torch.equal(moved, before)
         assert snap.of(model) is shot and snap.rebuilds == 1  # refreshed in place: same tensors
+        assert snap.rebuild_s == first_copy_s  # only whole copies are timed as rebuilds
         assert [t.data_ptr() for t in shot.state_dict().values()] == storage
         assert torch.equal(shot(x)["logits"], moved)
         model.refresh_memory(torch.rand(5, 3, 64, 64))  # a refilled bank (new shapes): a new copy
         refilled = live_logits()
         again = snap.of(model)
         assert again is not shot and snap.rebuilds == 2 and torch.equal(again(x)["logits"], refilled)
+        assert snap.rebuild_s > first_copy_s
     if faiss_ok:  # a FAISS index cannot be copied: the copy builds its own
         assert copy.deepcopy(model.memory)._index is None and model.memory._index is not None

@@ -233,7 +233,10 @@ def test_a_refit_is_in_force_exactly_the_overlap_after_it(small_root, tmp_path):
     assert first[0] == 5  # logged after step index 4: the refit of step 2 took over there, not before
     assert summary["pseudo_fit_s"] > 0
     parts = summary["pseudo_fit_parts_s"]  # what the pseudo-labeler's time on the training path is made of
-    inner = sum(v for k, v in parts.items() if k.startswith("start_fit."))
+    inner = sum(v for k, v in parts.items() if k.startswith("start_fit.") and k.count(".") == 1)
     assert 0 < inner <= parts["start_fit"] and parts["start_fit"] >= parts["start_fit.features"] > 0
+    # whole-model snapshot copies are a part of the snapshot's time, and timed exactly when they happen
+    assert 0 <= parts["start_fit.snapshot.rebuild"] <= parts["start_fit.snapshot"]
+    assert (summary["pseudo_snapshot_rebuilds"] > 0) == (parts["start_fit.snapshot.rebuild"] > 0)
     assert parts["pool"] + parts["start_fit"] + parts["wait"] <= summary["pseudo_fit_s"] + 1e-6
     assert parts["thread.occ"] > 0 and parts["thread.features"] >= 0  # the fits' own thread, off the path

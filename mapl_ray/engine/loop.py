@@ -405,11 +405,14 @@ class Trainer:
         """Parts of the summary's ``pseudo_fit_s``, seconds: the pools assembled from loader parts, ``start_fit``
         with its own parts (:attr:`PseudoLabeler.start_s`), and the waits for fits; beside them, off the
         training path, the fits' own thread (``thread.features``: waiting for the feature passes,
-        ``thread.occ``: the OCC fit and vote; :attr:`PseudoLabeler.thread_s`)."""
+        ``thread.occ``: the OCC fit and vote; :attr:`PseudoLabeler.thread_s`). ``start_fit.snapshot.rebuild``:
+        the part of ``start_fit.snapshot`` spent copying the whole model (a memory bank refilled, or the first
+        refit; :class:`~mapl_ray.model.snapshot.WeightSnapshot`), the rest being in-place weight copies."""
         return {
             "pool": times["fit_pool"],
             "start_fit": times["fit_start"],
             **{f"start_fit.{k}": v for k, v in self.labeler.start_s.items()},
+            "start_fit.snapshot.rebuild": self.labeler.snapshot_rebuild_s,
             "wait": times["fit_wait"],
             **{f"thread.{k}": v for k, v in self.labeler.thread_s.items()},
         }
@@ -662,6 +665,7 @@ class Trainer:
             "pseudo_fit_s": times["fit"] - times["banks"],
             "pseudo_fit_wait_s": times["fit_wait"],  # of which waiting for fits
             "pseudo_fit_parts_s": self._pseudo_parts(times),
+            "pseudo_snapshot_rebuilds": self.labeler.snapshot_rebuilds,
             "refit_bank_refill_s": times["banks"],
             "cuda_graph_step": self.graphed,
             "graph_captures": graph_step.captures if graph_step else 0,

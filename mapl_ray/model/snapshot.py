@@ -9,6 +9,7 @@ they read a :class:`WeightSnapshot`, refreshed at each refit by one fused device
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -25,12 +26,13 @@ class WeightSnapshot:
     next. The banks (most of the model's memory) change only with their ``generation``: when one was refilled,
     or the live model's tensors changed shape, the snapshot is copied whole again (``copy.deepcopy``; search
     indexes are rebuilt on first use, :meth:`~mapl_ray.model.memory.MemoryBank.__getstate__`), and
-    :attr:`rebuilds` counts it.
+    :attr:`rebuilds` counts it and :attr:`rebuild_s` sums its host seconds.
     """
 
     def __init__(self) -> None:
         self.model: MAPLModel | None = None
         self.rebuilds = 0
+        self.rebuild_s = 0.0
         self._signature: list | None = None
         self._keys: list[str] = []  # the state keys copied at each call: all but the memory banks'
         self._tensors: list[torch.Tensor] = []
@@ -52,6 +54,7 @@ class WeightSnapshot:
         state = model.state_dict()
         signature = self._signature_of(model, state)
         if self.model is None or signature != self._signature:
+            t0 = time.perf_counter()
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
             for param in self.model.parameters():
                 param.grad = None
@@ -61,6 +64,7 @@ class WeightSnapshot:
             self._tensors = [copied[k] for k in self._keys]
             self._signature = signature
             self.rebuilds += 1
+            self.rebuild_s += time.perf_counter() - t0
         else:  # the same keys and shapes (the signature)
             torch._foreach_copy_(self._tensors, [state[k] for k in self._keys])
         return self.model

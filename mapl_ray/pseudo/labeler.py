@@ -619,6 +619,17 @@ class PseudoLabeler:
         for k, v in zip(self.start_s, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
             self.start_s[k] += v
 
+    @property
+    def snapshot_rebuilds(self) -> int:
+        """Whole-model copies of the weight snapshot over the run (the first refit's, and one after each memory
+        bank refill): :attr:`~mapl_ray.model.snapshot.WeightSnapshot.rebuilds`."""
+        return self._snapshot.rebuilds
+
+    @property
+    def snapshot_rebuild_s(self) -> float:
+        """Host seconds of those copies, part of ``start_s["snapshot"]``."""
+        return self._snapshot.rebuild_s
+
     def fit_due(self, step: int) -> bool:
         """A pending refit takes over at this step: :func:`fit_overlap` steps after it."""
         if self.pending is None:
