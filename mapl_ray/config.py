@@ -171,6 +171,10 @@ class PseudoConfig:
     # the fit is. At most refit_every - 1 and label_lag - 1 take effect (pseudo.labeler.fit_overlap); 0: the
     # step waits for the fit (docs/tune.md)
     fit_overlap_steps: int = 10
+    # map / pooled features read a weight snapshot on a stream of their own, beside the next steps; false: the live
+    # model's weights, queued in the training stream before the next step (no copy; the passes no longer overlap
+    # the steps). Same features either way (docs/tune.md)
+    feature_snapshot: bool = True
     warmup_steps: int = 50  # no pseudo-labels before this step
     pool_size: int = 64  # simulated anomalies drawn to stand in for positives at each refit
     filter_simulations: bool = True  # simulated images pseudo-labeled 0 leave the segmentation loss

@@ -497,20 +497,29 @@ def test_gated_pool_images_never_enter_the_normal_stream_whatever_the_occs_vote(
     assert not set(np.flatnonzero(expected) + len(normals)) & set(normal_rows(data, labels).tolist())
 
 
-@pytest.mark.parametrize("features", ["map", "knn"])
+@pytest.mark.parametrize(
+    ("features", "snapshot"), [("map", True), ("map", False), ("knn", True)], ids=["map", "map_in_step", "knn"]
+)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_does_before_the_fit_ends(
-    device, features
+    device, features, snapshot
 ):
     """start_fit returns before its features are on the host (on CUDA they run on a stream of their own beside
     the next steps); the steps that follow move the live weights in place, the features must not see it.
-    ``map`` features read a snapshot of the weights; ``knn`` features read the frozen encoder alone, which
+    ``map`` features read a snapshot of the weights, or with ``pseudo.feature_snapshot`` false the live model,
+    their passes queued ahead of the next steps' work; ``knn`` features read the frozen encoder alone, which
     training never moves, so they read the live model and no snapshot is made."""
     data, _ = pool_data()
     dev = torch.device(device)
     cfg, model = tiny_model(
         dev,
-        **{"model.memory_backend": "torch", "pseudo.features": features, "pseudo.pool_size": 4, "pseudo.num_occs": 1},
+        **{
+            "model.memory_backend": "torch",
+            "pseudo.features": features,
+            "pseudo.pool_size": 4,
+            "pseudo.num_occs": 1,
+            "pseudo.feature_snapshot": snapshot,
+        },
     )
     assert model.freeze_encoder and not any(p.requires_grad for p in model.encoder.parameters())
     model.train()
@@ -533,7 +542,27 @@ def test_refit_features_are_those_of_the_model_at_the_refit_whatever_training_do
 
     still, moved = refit(move=False), refit(move=True)
     assert np.array_equal(still[0], moved[0]) and np.array_equal(still[1], moved[1])
-    assert snapshots == ([1, 1] if features == "map" else [0, 0])
+    assert snapshots == ([1, 1] if features == "map" and snapshot else [0, 0])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_refit_labels_are_the_same_with_the_live_model_as_with_its_snapshot(device):
+    """pseudo.feature_snapshot false reads the live weights (no copy) instead of a snapshot of them: the same
+    features, so the same pool labels and scores."""
+    data, _ = pool_data()
+    dev = torch.device(device)
+    results = []
+    for snapshot in (True, False):
+        torch.manual_seed(0)  # the same weights and memory bank for both
+        over = {"model.memory_backend": "torch", "pseudo.features": "map", "pseudo.pool_size": 4}
+        cfg, model = tiny_model(dev, **over, **{"pseudo.feature_snapshot": snapshot})
+        model.train()
+        lab = PseudoLabeler(cfg, BatchMaker(cfg, data, build_simulator(cfg)), dev, cuda_graphs=device == "cuda")
+        lab.fit(model, 50)
+        assert model.training and lab.snapshot_rebuilds == int(snapshot)
+        results.append((lab.history[50], lab.pool_scores))
+    assert np.array_equal(results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

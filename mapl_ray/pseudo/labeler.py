@@ -542,7 +542,9 @@ class PseudoLabeler:
         model: training never moves a frozen encoder's weights. On CUDA their passes and the copy to the host
         are queued on a stream of their own and this call returns without waiting for them: they run beside
         the next training steps, which move the live weights, not the snapshot's; the fit's thread waits for
-        them.
+        them. With ``pseudo.feature_snapshot`` false the other features read the live ``model`` too (in eval
+        mode while they are queued, its mode restored after): their passes go into the training stream ahead
+        of the next step, so they see this step's weights without a copy, and do not overlap the steps.
 
         ``pool``: :meth:`BatchMaker.pool` of ``step`` when a loader process prepared it ahead; drawn here
         otherwise. A pool with ``unlabeled`` images (a streamed pool, :mod:`mapl_ray.pipelines.ray_data`)
@@ -570,25 +572,36 @@ class PseudoLabeler:
         normal_idx = np.asarray(pool["normal_idx"])
         t1 = time.perf_counter()
         # knn features read the frozen encoder alone, which training never changes (eval mode, no gradients):
-        # the live model serves them as it is; other features read the weights of this step, so a snapshot
-        shadow = model if self.kind == "knn" and model.freeze_encoder else self._snapshot.of(model)
+        # the live model serves them as it is; other features read the weights of this step: a snapshot, or
+        # (pseudo.feature_snapshot false) the live model itself, its passes queued before the next step's
+        live = self.kind == "knn" and model.freeze_encoder
+        in_step_order = not live and not p.feature_snapshot
+        shadow = model if live or in_step_order else self._snapshot.of(model)
         t2 = time.perf_counter()
-        stream = self._feature_stream()
-        if stream is not None:  # the snapshot's copy, queued on the training stream, comes first
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device) if in_step_order and cuda else self._feature_stream()
+        if stream is not None and not in_step_order:  # the snapshot's copy, queued on the training stream, comes first
             stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if self.kind == "knn":
-                table, positives = self._knn_features(shadow, step, pos_images, unl_images, streamed)
-                parts = {"table": table, "positives": positives}
-            else:
-                parts = {
-                    "normals": self._feature_tensor(shadow, self._source_images(normal_idx)),
-                    "positives": self._feature_tensor(shadow, pos_images),
-                    "unlabeled": self._feature_tensor(
-                        shadow, self._unlabeled_images() if d.pool_size and not streamed else unl_images
-                    ),
-                }
-            host, ready = to_host(parts, stream)
+        was_training = model.training
+        if in_step_order:
+            model.eval()
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if self.kind == "knn":
+                    table, positives = self._knn_features(shadow, step, pos_images, unl_images, streamed)
+                    parts = {"table": table, "positives": positives}
+                else:
+                    parts = {
+                        "normals": self._feature_tensor(shadow, self._source_images(normal_idx)),
+                        "positives": self._feature_tensor(shadow, pos_images),
+                        "unlabeled": self._feature_tensor(
+                            shadow, self._unlabeled_images() if d.pool_size and not streamed else unl_images
+                        ),
+                    }
+                host, ready = to_host(parts, stream)
+        finally:
+            if in_step_order:
+                model.train(was_training)
         t3 = time.perf_counter()
         n_labeled, gate = len(d.normals), p.normal_gate and self.kind == "knn"
         if streamed:  # the table holds the labeled normals and this refit's sample only
