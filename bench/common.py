@@ -33,7 +33,18 @@ def category_base(
     preset: bool = True,
 ) -> dict:
     """Overrides of a run on ``category``: its data, the textures, the steps, loader processes for the
-    trial's CPUs, the encoder weights file where given, and the category preset unless ``preset`` is False."""
+    trial's CPUs, the encoder weights file where given, and the category preset unless ``preset`` is False.
+
+    Raises:
+        SystemExit: the category's folder is not under ``data_root``, before any trial starts (every trial
+            of it would fail at once, on the GPU machine after its device time had begun).
+    """
+    folder = Path(data_root) / DATASETS[category] / category
+    if not folder.is_dir():
+        raise SystemExit(
+            f"{category}: no folder {folder} (expected the MVTec-layout category under --data-root {data_root}; "
+            "on the GPU machine, the pack that holds it must be carried and unpacked)"
+        )
     base = {
         "data.root": str(Path(data_root) / DATASETS[category]),
         "data.category": category,
