@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mapl_ray.data.layout import LayoutError, scan_category
 from mapl_ray.eval.accuracy_report import machine, stats
 from mapl_ray.eval.validation import objective
 from mapl_ray.presets import category_preset
@@ -36,17 +37,17 @@ def category_base(
     trial's CPUs, the encoder weights file where given, and the category preset unless ``preset`` is False.
 
     Raises:
-        SystemExit: the category's folder is not under ``data_root``, before any trial starts (every trial
-            of it would fail at once, on the GPU machine after its device time had begun).
+        SystemExit: the category is not in MVTec layout under ``data_root``
+            (:func:`mapl_ray.data.layout.scan_category`'s message), before any trial starts (every trial of it
+            would fail at once, on the GPU machine after its device time had begun).
     """
-    folder = Path(data_root) / DATASETS[category] / category
-    if not folder.is_dir():
-        raise SystemExit(
-            f"{category}: no folder {folder} (expected the MVTec-layout category under --data-root {data_root}; "
-            "on the GPU machine, the pack that holds it must be carried and unpacked)"
-        )
+    root = Path(data_root) / DATASETS[category]
+    try:  # lists files only; masks are the trials' concern (image-label-only sets have none)
+        scan_category(root, category, require_masks=False)
+    except LayoutError as e:
+        raise SystemExit(f"{category}: {e} (on the GPU machine, the pack that holds it must be carried)") from e
     base = {
-        "data.root": str(Path(data_root) / DATASETS[category]),
+        "data.root": str(root),
         "data.category": category,
         "simulation.texture_dir": textures,
         "train.steps": steps,
